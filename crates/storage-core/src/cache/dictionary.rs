@@ -1,0 +1,237 @@
+//! A cache of dictionaries that may be known only in part.
+//!
+//! Made for state groups: the state of a group is a map (type, state_key) ->
+//! event id. A reader asking for a few keys fetches only those, and the cache
+//! remembers which keys it has asked about (present or absent) without claiming
+//! to hold the whole map; a reader that fetched the whole map stores it as *full*.
+//! A later request is answered from the cache when the entry is full or covers
+//! every key it asks for.
+
+use super::LruCache;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+
+/// What the cache knows of one dictionary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DictionaryEntry<DK: Hash + Eq, DV> {
+    /// `value` is the whole dictionary.
+    pub full: bool,
+    /// Keys fetched and found absent (only meaningful when not full).
+    pub known_absent: HashSet<DK>,
+    /// The known part of the dictionary.
+    pub value: HashMap<DK, DV>,
+}
+
+impl<DK: Hash + Eq, DV> DictionaryEntry<DK, DV> {
+    fn empty() -> Self {
+        DictionaryEntry {
+            full: false,
+            known_absent: HashSet::new(),
+            value: HashMap::new(),
+        }
+    }
+
+    /// Whether the entry can say, for `key`, either its value or that it is absent.
+    pub fn knows(&self, key: &DK) -> bool {
+        self.full || self.value.contains_key(key) || self.known_absent.contains(key)
+    }
+
+    fn size(&self) -> usize {
+        (self.value.len() + self.known_absent.len()).max(1)
+    }
+}
+
+/// An LRU cache of [`DictionaryEntry`]s, bounded by the total number of dictionary
+/// keys held (as Synapse sizes its state-group caches).
+pub struct DictionaryCache<K: Hash + Eq, DK: Hash + Eq, DV> {
+    cache: LruCache<K, DictionaryEntry<DK, DV>>,
+}
+
+impl<K: Hash + Eq, DK: Hash + Eq, DV> std::fmt::Debug for DictionaryCache<K, DK, DV> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DictionaryCache")
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl<K, DK, DV> DictionaryCache<K, DK, DV>
+where
+    K: Hash + Eq + Clone,
+    DK: Hash + Eq + Clone,
+    DV: Clone,
+{
+    pub fn new(name: &str, max_keys: usize) -> Self {
+        DictionaryCache {
+            cache: LruCache::with_sizer(name, max_keys, DictionaryEntry::size),
+        }
+    }
+
+    pub fn stats(&self) -> &crate::metrics::CacheStats {
+        self.cache.stats()
+    }
+
+    /// The current sequence; pass it to [`update`](Self::update).
+    pub fn sequence(&self) -> u64 {
+        self.cache.sequence()
+    }
+
+    /// What is known of `key`'s dictionary: everything, or only `dict_keys` when
+    /// given. A miss is an empty, not-full entry.
+    pub fn get(&self, key: &K, dict_keys: Option<&[DK]>) -> DictionaryEntry<DK, DV> {
+        let Some(entry) = self.cache.get(key) else {
+            return DictionaryEntry::empty();
+        };
+        match dict_keys {
+            None => entry,
+            Some(keys) => DictionaryEntry {
+                full: entry.full,
+                known_absent: keys
+                    .iter()
+                    .filter(|k| entry.known_absent.contains(k))
+                    .cloned()
+                    .collect(),
+                value: keys
+                    .iter()
+                    .filter_map(|k| entry.value.get(k).map(|v| (k.clone(), v.clone())))
+                    .collect(),
+            },
+        }
+    }
+
+    /// Records what a reader fetched at `sequence`: the whole dictionary when
+    /// `fetched_keys` is `None`, otherwise the values found for `fetched_keys`
+    /// (keys among them missing from `value` are recorded as absent). Dropped if
+    /// the cache was invalidated since `sequence`.
+    pub fn update(
+        &self,
+        sequence: u64,
+        key: K,
+        value: HashMap<DK, DV>,
+        fetched_keys: Option<&[DK]>,
+    ) {
+        if self.cache.sequence() != sequence {
+            return;
+        }
+        let entry = match fetched_keys {
+            None => DictionaryEntry {
+                full: true,
+                known_absent: HashSet::new(),
+                value,
+            },
+            Some(fetched) => {
+                let mut entry = self.cache.peek(&key).unwrap_or_else(DictionaryEntry::empty);
+                if entry.full {
+                    return;
+                }
+                for k in fetched {
+                    if !value.contains_key(k) {
+                        entry.known_absent.insert(k.clone());
+                    }
+                }
+                entry.value.extend(value);
+                entry
+            }
+        };
+        self.cache.insert_at(sequence, key, entry);
+    }
+
+    pub fn invalidate(&self, key: &K) {
+        self.cache.invalidate(key);
+    }
+
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HashMap<&'static str, &'static str> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn miss_is_empty_and_not_full() {
+        let c: DictionaryCache<&str, &str, &str> = DictionaryCache::new("test_dict_miss", 10);
+        let e = c.get(&"key", None);
+        assert!(!e.full && e.value.is_empty() && e.known_absent.is_empty());
+    }
+
+    #[test]
+    fn full_update_hits_whole_and_partial() {
+        let c = DictionaryCache::new("test_dict_full", 10);
+        let v = map(&[("test", "a"), ("test2", "b"), ("test3", "c")]);
+        c.update(c.sequence(), "key", v.clone(), None);
+        let e = c.get(&"key", None);
+        assert!(e.full);
+        assert_eq!(e.value, v);
+        assert_eq!(
+            c.get(&"key", Some(&["test2"])).value,
+            map(&[("test2", "b")])
+        );
+        // A key the full dictionary lacks is simply not there.
+        assert_eq!(c.get(&"key", Some(&["nope"])).value, map(&[]));
+    }
+
+    #[test]
+    fn partial_updates_merge_and_record_absence() {
+        let c = DictionaryCache::new("test_dict_multi", 10);
+        c.update(c.sequence(), "key", map(&[("test", "1")]), Some(&["test"]));
+        c.update(
+            c.sequence(),
+            "key",
+            map(&[("test2", "2")]),
+            Some(&["test2", "gone"]),
+        );
+        let e = c.get(&"key", None);
+        assert!(!e.full);
+        assert_eq!(e.value, map(&[("test", "1"), ("test2", "2")]));
+        assert_eq!(e.known_absent, ["gone"].into_iter().collect());
+        assert!(e.knows(&"gone") && e.knows(&"test") && !e.knows(&"other"));
+    }
+
+    #[test]
+    fn stale_sequence_is_ignored() {
+        let c = DictionaryCache::new("test_dict_seq", 10);
+        let seq = c.sequence();
+        c.invalidate(&"key");
+        c.update(seq, "key", map(&[("a", "b")]), None);
+        assert!(!c.get(&"key", None).full);
+    }
+
+    #[test]
+    fn partial_update_does_not_degrade_a_full_entry() {
+        let c = DictionaryCache::new("test_dict_keep_full", 10);
+        c.update(c.sequence(), "key", map(&[("a", "1"), ("b", "2")]), None);
+        c.update(c.sequence(), "key", map(&[]), Some(&["zzz"]));
+        let e = c.get(&"key", None);
+        assert!(e.full);
+        assert_eq!(e.value.len(), 2);
+    }
+
+    #[test]
+    fn bounded_by_number_of_keys() {
+        let c = DictionaryCache::new("test_dict_bound", 4);
+        c.update(
+            c.sequence(),
+            1,
+            map(&[("a", "1"), ("b", "2"), ("c", "3")]),
+            None,
+        );
+        c.update(c.sequence(), 2, map(&[("a", "1"), ("b", "2")]), None);
+        // 5 keys > 4: the least recently used dictionary goes.
+        assert!(!c.get(&1, None).full);
+        assert!(c.get(&2, None).full);
+    }
+}

@@ -1,0 +1,153 @@
+//! Where the database is and how to open it.
+
+use crate::error::{Error, ErrorKind, Result};
+use std::path::PathBuf;
+
+/// The default database when none is given: an SQLite file under `./data/`.
+pub const DEFAULT_SQLITE_PATH: &str = "data/homeserver.db";
+
+/// A parsed database location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite:PATH` (also `sqlite://PATH`).
+    Sqlite(PathBuf),
+    /// `postgres://...` or `postgresql://...`, passed to libpq as it is.
+    Postgres(String),
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<Self> {
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                return Err(invalid(url, "no file path after `sqlite:`"));
+            }
+            Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(url.to_owned()))
+        } else {
+            Err(invalid(
+                url,
+                "expected `sqlite:PATH`, `postgres://...` or `postgresql://...`",
+            ))
+        }
+    }
+
+    /// The URL with any password replaced, for logs and error messages.
+    pub fn redacted(&self) -> String {
+        match self {
+            DatabaseUrl::Sqlite(p) => format!("sqlite:{}", p.display()),
+            DatabaseUrl::Postgres(u) => redact_password(u),
+        }
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+fn invalid(url: &str, reason: &str) -> Error {
+    Error::new(ErrorKind::InvalidUrl {
+        url: redact_password(url),
+        reason: reason.to_owned(),
+    })
+}
+
+fn redact_password(url: &str) -> String {
+    // scheme://user:password@host -> scheme://user:***@host
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &authority[..colon],
+            &url[scheme_end + 3 + at..]
+        ),
+        _ => url.to_owned(),
+    }
+}
+
+/// What a process may do with the database it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The main process: applies pending migrations, checks sequences, writes.
+    Writer,
+    /// A replica worker: writes, but never migrates; refuses a schema it does not match.
+    Replica,
+    /// Reads only, runs no migration and checks nothing: works on a Synapse database.
+    ReadOnly,
+}
+
+/// How to open a [`crate::Database`].
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: DatabaseUrl,
+    pub mode: OpenMode,
+    /// Connections in the pool. SQLite ignores values above a handful: it has one writer.
+    pub pool_size: u32,
+    /// How long SQLite waits for a lock held by another process before failing.
+    pub busy_timeout_ms: u32,
+}
+
+impl DatabaseConfig {
+    pub fn new(url: DatabaseUrl, mode: OpenMode) -> Self {
+        let pool_size = match url {
+            DatabaseUrl::Sqlite(_) => 4,
+            DatabaseUrl::Postgres(_) => 10,
+        };
+        DatabaseConfig {
+            url,
+            mode,
+            pool_size,
+            busy_timeout_ms: 5_000,
+        }
+    }
+
+    pub fn parse(url: &str, mode: OpenMode) -> Result<Self> {
+        Ok(Self::new(DatabaseUrl::parse(url)?, mode))
+    }
+
+    pub fn with_pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_schemes() {
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:data/x.db").unwrap(),
+            DatabaseUrl::Sqlite("data/x.db".into())
+        );
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:///tmp/x.db").unwrap(),
+            DatabaseUrl::Sqlite("/tmp/x.db".into())
+        );
+        assert!(matches!(
+            DatabaseUrl::parse("postgresql://u@h/db").unwrap(),
+            DatabaseUrl::Postgres(_)
+        ));
+        let err = DatabaseUrl::parse("mysql://x").unwrap_err();
+        assert!(err.to_string().contains("mysql://x"), "{err}");
+        assert!(DatabaseUrl::parse("sqlite:").is_err());
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        let url = DatabaseUrl::parse("postgres://alice:s3cret@db:5432/hs").unwrap();
+        assert_eq!(url.redacted(), "postgres://alice:***@db:5432/hs");
+        let url = DatabaseUrl::parse("postgres://alice@db/hs").unwrap();
+        assert_eq!(url.redacted(), "postgres://alice@db/hs");
+    }
+}

@@ -1,0 +1,265 @@
+//! The database handle: a pool of connections to one engine, and
+//! `run_interaction`, the only way storage code touches the database.
+
+use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
+use crate::conn::{Conn, ConnManager};
+use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
+use crate::error::{Error, Result, ResultExt};
+use crate::metrics;
+use crate::transaction::Transaction;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How many times a transaction is retried after a retryable failure (so at most
+/// `1 + MAX_RETRIES` attempts).
+pub const MAX_RETRIES: u32 = 5;
+
+/// A pool of connections to one database, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Database {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: Arc<dyn Engine>,
+    pool: r2d2::Pool<ConnManager>,
+    mode: OpenMode,
+}
+
+impl Database {
+    /// Opens the database. A [`OpenMode::Writer`] applies pending migrations
+    /// (refusing a schema newer than this binary); a [`OpenMode::Replica`] checks
+    /// that the schema is exactly this binary's; [`OpenMode::ReadOnly`] checks and
+    /// changes nothing.
+    pub fn open(config: DatabaseConfig) -> Result<Self> {
+        let url = config.url.redacted();
+        Self::open_inner(config).with_context(|| format!("opening database {url}"))
+    }
+
+    /// Opens `url` as a writer with default settings.
+    pub fn open_url(url: &str) -> Result<Self> {
+        Self::open(DatabaseConfig::parse(url, OpenMode::Writer)?)
+    }
+
+    fn open_inner(config: DatabaseConfig) -> Result<Self> {
+        let engine: Arc<dyn Engine> = engine::for_config(&config).into();
+        // One connection made here, outside the pool, reports the real reason a
+        // database cannot be opened; the pool would only time out.
+        drop(engine.connect()?);
+        let pool = r2d2::Pool::builder()
+            .max_size(config.pool_size)
+            .min_idle(Some(1))
+            // Broken connections are detected on return instead (`has_broken`):
+            // a test query on every checkout costs a round trip per transaction.
+            .test_on_check_out(false)
+            .connection_timeout(Duration::from_secs(30))
+            .error_handler(Box::new(PoolErrorLogger))
+            .build_unchecked(ConnManager {
+                engine: engine.clone(),
+            });
+        let db = Database {
+            inner: Arc::new(Inner {
+                engine,
+                pool,
+                mode: config.mode,
+            }),
+        };
+        match config.mode {
+            OpenMode::Writer => {
+                let applied = db.with_connection(|engine, conn| engine.migrate(conn))?;
+                for version in &applied {
+                    log::info!("applied migration {version} to {}", db.url());
+                }
+            }
+            OpenMode::Replica => db.with_connection(|engine, conn| engine.check_schema(conn))?,
+            OpenMode::ReadOnly => {}
+        }
+        Ok(db)
+    }
+
+    pub fn engine(&self) -> &dyn Engine {
+        &*self.inner.engine
+    }
+
+    pub fn url(&self) -> &DatabaseUrl {
+        self.inner.engine.url()
+    }
+
+    pub fn mode(&self) -> OpenMode {
+        self.inner.mode
+    }
+
+    /// Runs `f` on a pooled connection outside any transaction managed here
+    /// (migrations, checks, LISTEN). Prefer [`run_interaction`](Self::run_interaction).
+    pub fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&dyn Engine, &mut Conn) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.inner.pool.get()?;
+        f(&*self.inner.engine, &mut conn)
+    }
+
+    /// Runs `f` in a read-write transaction and returns its value; see
+    /// [`run_interaction_with`](Self::run_interaction_with).
+    pub fn run_interaction<T>(
+        &self,
+        desc: &str,
+        f: impl FnMut(&mut Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.run_interaction_with(desc, TxnOptions::default(), f)
+    }
+
+    /// Runs `f` in a read-only transaction (on SQLite it runs beside the writer).
+    pub fn run_read<T>(
+        &self,
+        desc: &str,
+        f: impl FnMut(&mut Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.run_interaction_with(desc, TxnOptions::read_only(), f)
+    }
+
+    /// Runs `f` inside a transaction and returns its value.
+    ///
+    /// A failure the engine deems retryable (serialization failure or deadlock on
+    /// PostgreSQL, a busy database on SQLite) rolls the attempt back and runs `f`
+    /// again, up to [`MAX_RETRIES`] times. After the commit, the committed attempt's
+    /// `call_after` callbacks run in order on this thread; each attempt that rolled
+    /// back runs its own `call_on_exception` callbacks. The error of the last attempt
+    /// is returned with `desc` as context and the backtrace of where it arose.
+    pub fn run_interaction_with<T>(
+        &self,
+        desc: &str,
+        options: TxnOptions,
+        mut f: impl FnMut(&mut Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let start = Instant::now();
+        let mut conn = self.inner.pool.get().with_context(|| desc.to_owned())?;
+        let engine = &*self.inner.engine;
+        let mut attempt = 1;
+        loop {
+            match run_attempt(engine, &mut conn, desc, &options, attempt, &mut f) {
+                Ok((value, after)) => {
+                    metrics::global().record_txn(
+                        desc,
+                        true,
+                        u64::from(attempt - 1),
+                        start.elapsed(),
+                    );
+                    for callback in after {
+                        callback();
+                    }
+                    return Ok(value);
+                }
+                Err((error, on_exception)) => {
+                    for callback in on_exception {
+                        callback();
+                    }
+                    let retryable = error
+                        .database_error()
+                        .is_some_and(|e| engine.is_retryable(e));
+                    if retryable && attempt <= MAX_RETRIES {
+                        log::warn!("{desc}: attempt {attempt} failed, retrying: {error}");
+                        std::thread::sleep(backoff(attempt));
+                        attempt += 1;
+                        continue;
+                    }
+                    metrics::global().record_txn(
+                        desc,
+                        false,
+                        u64::from(attempt - 1),
+                        start.elapsed(),
+                    );
+                    let context = if attempt > 1 {
+                        format!("{desc} (after {attempt} attempts)")
+                    } else {
+                        desc.to_owned()
+                    };
+                    return Err(error.context(context));
+                }
+            }
+        }
+    }
+
+    /// Moves `sequence` past the highest id of its table if a port or a restore
+    /// left it behind, logging a warning with both values. Writers call this at
+    /// start-up for every sequence they allocate from.
+    pub fn sync_sequence(&self, sequence: &Sequence) -> Result<Option<SequenceRepair>> {
+        let repair = self
+            .with_connection(|engine, conn| engine.sync_sequence(conn, sequence))
+            .with_context(|| format!("checking sequence {}", sequence.name))?;
+        if let Some(r) = &repair {
+            log::warn!(
+                "sequence {} was behind its table {}: it had handed out up to {} but the \
+                 highest id is {}; moved it forward so new ids start at {}",
+                r.sequence,
+                sequence.table,
+                r.was,
+                r.max_id,
+                r.max_id + 1
+            );
+        }
+        Ok(repair)
+    }
+}
+
+type AttemptResult<T> =
+    std::result::Result<(T, Vec<Box<dyn FnOnce()>>), (Error, Vec<Box<dyn FnOnce()>>)>;
+
+fn run_attempt<T>(
+    engine: &dyn Engine,
+    conn: &mut Conn,
+    desc: &str,
+    options: &TxnOptions,
+    attempt: u32,
+    f: &mut impl FnMut(&mut Transaction<'_>) -> Result<T>,
+) -> AttemptResult<T> {
+    let guard = match engine.begin(conn, options) {
+        Ok(guard) => guard,
+        Err(e) => {
+            return Err((
+                Error::from(e).context("beginning the transaction"),
+                Vec::new(),
+            ))
+        }
+    };
+    let mut txn = Transaction::new(conn, engine, desc, attempt);
+    let outcome = f(&mut txn);
+    let callbacks = txn.into_callbacks();
+    let result = match outcome {
+        Ok(value) => match conn.commit() {
+            Ok(()) => Ok((value, callbacks.after)),
+            Err(e) => {
+                rollback(conn, desc);
+                Err((Error::from(e).context("committing"), callbacks.on_exception))
+            }
+        },
+        Err(e) => {
+            rollback(conn, desc);
+            Err((e, callbacks.on_exception))
+        }
+    };
+    drop(guard);
+    result
+}
+
+fn rollback(conn: &mut Conn, desc: &str) {
+    if conn.in_transaction() {
+        if let Err(e) = conn.rollback() {
+            log::warn!("{desc}: rollback failed (the connection will be discarded if broken): {e}");
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(5u64 << attempt.min(6))
+}
+
+#[derive(Debug)]
+struct PoolErrorLogger;
+
+impl r2d2::HandleError<Error> for PoolErrorLogger {
+    fn handle_error(&self, error: Error) {
+        log::error!("connection pool: {error}");
+    }
+}

@@ -1,0 +1,129 @@
+//! Behaviour that differs between SQLite and PostgreSQL, behind one trait.
+//!
+//! Everything above storage-core asks the engine (through [`crate::Transaction`] or
+//! [`crate::Database`]) rather than checking which engine it runs on: connection
+//! settings, how a transaction begins, which errors are worth a retry, id
+//! generation for sequences, table locks, migrations. Each engine has one
+//! implementation, named after it.
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresEngine;
+pub use sqlite::SqliteEngine;
+
+use crate::config::{DatabaseConfig, DatabaseUrl};
+use crate::conn::Conn;
+use crate::error::Result;
+use std::sync::MutexGuard;
+
+/// Transaction isolation on PostgreSQL. SQLite transactions are always serializable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    ReadCommitted,
+    /// Synapse's default, and ours: a consistent snapshot; conflicting writes fail
+    /// with a serialization error and are retried.
+    #[default]
+    RepeatableRead,
+    Serializable,
+}
+
+/// How a transaction is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TxnOptions {
+    /// Reads only: on SQLite it does not take the writer lock, so it runs beside a
+    /// writer; on PostgreSQL the server refuses writes.
+    pub read_only: bool,
+    pub isolation: Isolation,
+}
+
+impl TxnOptions {
+    pub fn read_only() -> Self {
+        TxnOptions {
+            read_only: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn serializable() -> Self {
+        TxnOptions {
+            isolation: Isolation::Serializable,
+            ..Default::default()
+        }
+    }
+}
+
+/// A source of unique ids: a PostgreSQL sequence, or on SQLite an in-process counter
+/// seeded from the highest id in the table it numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sequence {
+    /// The PostgreSQL sequence's name.
+    pub name: &'static str,
+    /// The table whose ids it hands out, and the id column.
+    pub table: &'static str,
+    pub column: &'static str,
+}
+
+/// A sequence found behind its table's highest id, and moved past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceRepair {
+    pub sequence: &'static str,
+    /// The last value the sequence had handed out.
+    pub was: i64,
+    /// The table's highest id, which the sequence now continues after.
+    pub max_id: i64,
+}
+
+/// Held for the length of a transaction where the engine serialises writers.
+pub type WriterGuard<'e> = Option<MutexGuard<'e, ()>>;
+
+/// One implementation per database engine.
+pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// "sqlite" or "postgres", for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    fn url(&self) -> &DatabaseUrl;
+
+    /// Whether several processes may write to one database (replica workers need it).
+    fn supports_multiple_processes(&self) -> bool;
+
+    /// Opens a new connection with this engine's per-connection settings applied.
+    fn connect(&self) -> Result<Conn>;
+
+    /// Begins a transaction. The guard, if any, must be held until it has ended.
+    fn begin<'e>(
+        &'e self,
+        conn: &mut Conn,
+        options: &TxnOptions,
+    ) -> diesel::QueryResult<WriterGuard<'e>>;
+
+    /// Whether running the transaction again may succeed: a serialization failure
+    /// or deadlock on PostgreSQL, a busy or locked database on SQLite.
+    fn is_retryable(&self, error: &diesel::result::Error) -> bool;
+
+    /// `n` new ids from `sequence`, ascending, inside the caller's transaction.
+    fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
+
+    /// Moves `sequence` past the highest id in its table if it is behind, and says
+    /// so; `None` when it was in order (or the engine has no sequences to fall behind).
+    fn sync_sequence(&self, conn: &mut Conn, sequence: &Sequence)
+        -> Result<Option<SequenceRepair>>;
+
+    /// Locks `table` against other writers until the transaction ends.
+    fn lock_table(&self, conn: &mut Conn, table: &str) -> Result<()>;
+
+    /// Applies pending migrations; returns the versions applied. Refuses a schema
+    /// newer than this binary.
+    fn migrate(&self, conn: &mut Conn) -> Result<Vec<String>>;
+
+    /// Checks, without changing anything, that the schema is exactly this binary's.
+    fn check_schema(&self, conn: &mut Conn) -> Result<()>;
+}
+
+/// The engine for a configuration.
+pub fn for_config(config: &DatabaseConfig) -> Box<dyn Engine> {
+    match &config.url {
+        DatabaseUrl::Sqlite(_) => Box::new(SqliteEngine::new(config.clone())),
+        DatabaseUrl::Postgres(_) => Box::new(PostgresEngine::new(config.clone())),
+    }
+}

@@ -1,0 +1,175 @@
+//! PostgreSQL, for scale and for replica workers.
+
+use super::{Engine, Isolation, Sequence, SequenceRepair, TxnOptions, WriterGuard};
+use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
+use crate::conn::Conn;
+use crate::error::{Result, ResultExt};
+use crate::migrations;
+use diesel::connection::SimpleConnection;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{BigInt, Bool, Text};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+
+/// Key of the advisory lock that serialises migrations between processes that
+/// start at the same time.
+const MIGRATION_LOCK_KEY: i64 = 0x6873_6d69_6772; // "hsmigr"
+
+#[derive(Debug)]
+pub struct PostgresEngine {
+    config: DatabaseConfig,
+    url: String,
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(QueryableByName)]
+struct SequenceState {
+    #[diesel(sql_type = BigInt)]
+    last_value: i64,
+    #[diesel(sql_type = Bool)]
+    is_called: bool,
+}
+
+impl PostgresEngine {
+    pub fn new(config: DatabaseConfig) -> Self {
+        let url = match &config.url {
+            DatabaseUrl::Postgres(u) => u.clone(),
+            DatabaseUrl::Sqlite(_) => unreachable!("PostgresEngine built for an SQLite URL"),
+        };
+        PostgresEngine { config, url }
+    }
+}
+
+impl Engine for PostgresEngine {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn url(&self) -> &DatabaseUrl {
+        &self.config.url
+    }
+
+    fn supports_multiple_processes(&self) -> bool {
+        true
+    }
+
+    fn connect(&self) -> Result<Conn> {
+        let mut c = PgConnection::establish(&self.url)
+            .with_context(|| format!("connecting to {}", self.config.url.redacted()))?;
+        if self.config.mode == OpenMode::ReadOnly {
+            c.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                .context("making the session read-only")?;
+        }
+        Ok(Conn::Postgres(c))
+    }
+
+    fn begin<'e>(
+        &'e self,
+        conn: &mut Conn,
+        options: &TxnOptions,
+    ) -> diesel::QueryResult<WriterGuard<'e>> {
+        let isolation = match options.isolation {
+            Isolation::ReadCommitted => "READ COMMITTED",
+            Isolation::RepeatableRead => "REPEATABLE READ",
+            Isolation::Serializable => "SERIALIZABLE",
+        };
+        let access = if options.read_only { " READ ONLY" } else { "" };
+        conn.begin_with(&format!("BEGIN ISOLATION LEVEL {isolation}{access}"))?;
+        Ok(None)
+    }
+
+    fn is_retryable(&self, error: &DieselError) -> bool {
+        // 40001 has its own diesel kind. 40P01 (deadlock_detected) arrives as Unknown;
+        // its message is recognised in English, the language our clusters run in.
+        match error {
+            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+            DieselError::DatabaseError(_, info) => info.message().contains("deadlock detected"),
+            _ => false,
+        }
+    }
+
+    fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        let rows: Vec<Id> =
+            diesel::sql_query("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)")
+                .bind::<Text, _>(sequence.name)
+                .bind::<BigInt, _>(n as i64)
+                .load(conn.postgres()?)
+                .with_context(|| format!("allocating {n} ids from {}", sequence.name))?;
+        let mut ids: Vec<i64> = rows.into_iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    fn sync_sequence(
+        &self,
+        conn: &mut Conn,
+        sequence: &Sequence,
+    ) -> Result<Option<SequenceRepair>> {
+        let c = conn.postgres()?;
+        let state: SequenceState = diesel::sql_query(format!(
+            "SELECT last_value, is_called FROM {}",
+            sequence.name
+        ))
+        .get_result(c)
+        .with_context(|| format!("reading sequence {}", sequence.name))?;
+        // Before the first nextval, last_value is the value the next call returns.
+        let handed_out = if state.is_called {
+            state.last_value
+        } else {
+            state.last_value - 1
+        };
+        let max: Id = diesel::sql_query(format!(
+            "SELECT COALESCE(MAX({}), 0) AS id FROM {}",
+            sequence.column, sequence.table
+        ))
+        .get_result(c)
+        .with_context(|| format!("reading the highest id of {}", sequence.table))?;
+        if max.id <= handed_out {
+            return Ok(None);
+        }
+        // GREATEST: another process may have advanced it since we read it.
+        diesel::sql_query(format!(
+            "SELECT setval($1::regclass, GREATEST((SELECT last_value FROM {}), $2)) AS id",
+            sequence.name
+        ))
+        .bind::<Text, _>(sequence.name)
+        .bind::<BigInt, _>(max.id)
+        .get_result::<Id>(c)
+        .with_context(|| format!("moving sequence {} forward", sequence.name))?;
+        Ok(Some(SequenceRepair {
+            sequence: sequence.name,
+            was: handed_out,
+            max_id: max.id,
+        }))
+    }
+
+    fn lock_table(&self, conn: &mut Conn, table: &str) -> Result<()> {
+        conn.postgres()?
+            .batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
+            .with_context(|| format!("locking table {table}"))
+    }
+
+    fn migrate(&self, conn: &mut Conn) -> Result<Vec<String>> {
+        let c = conn.postgres()?;
+        diesel::sql_query("SELECT pg_advisory_lock($1)")
+            .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+            .execute(c)
+            .context("taking the migration lock")?;
+        let result = migrations::run(c, migrations::POSTGRES);
+        let unlock = diesel::sql_query("SELECT pg_advisory_unlock($1)")
+            .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+            .execute(c)
+            .context("releasing the migration lock");
+        let applied = result?;
+        unlock?;
+        Ok(applied)
+    }
+
+    fn check_schema(&self, conn: &mut Conn) -> Result<()> {
+        migrations::check(conn.postgres()?, migrations::POSTGRES)
+    }
+}

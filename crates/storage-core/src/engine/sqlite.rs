@@ -1,0 +1,198 @@
+//! The embedded default: one SQLite file, WAL, one writer at a time.
+
+use super::{Engine, Sequence, SequenceRepair, TxnOptions, WriterGuard};
+use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
+use crate::conn::Conn;
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::migrations;
+use diesel::connection::SimpleConnection;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::BigInt;
+use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// SQLite through the bundled library.
+///
+/// Writers are serialised inside the process by a lock held for the whole
+/// transaction, and the transaction begins IMMEDIATE so that it holds SQLite's write
+/// lock from the start: two writers never discover each other halfway through, which
+/// SQLite reports as "database is locked" without waiting. Readers use deferred
+/// transactions and run beside the writer thanks to WAL.
+#[derive(Debug)]
+pub struct SqliteEngine {
+    config: DatabaseConfig,
+    path: PathBuf,
+    writer: Mutex<()>,
+    /// Next-id counters per sequence, seeded from `max(id)` on first use.
+    counters: Mutex<HashMap<&'static str, i64>>,
+}
+
+#[derive(QueryableByName)]
+struct MaxId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+impl SqliteEngine {
+    pub fn new(config: DatabaseConfig) -> Self {
+        let path = match &config.url {
+            DatabaseUrl::Sqlite(p) => p.clone(),
+            DatabaseUrl::Postgres(_) => unreachable!("SqliteEngine built for a PostgreSQL URL"),
+        };
+        SqliteEngine {
+            config,
+            path,
+            writer: Mutex::new(()),
+            counters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.config.mode == OpenMode::ReadOnly
+    }
+
+    /// The string handed to sqlite3_open_v2: the plain path for writers (created if
+    /// missing, with its folder), a `file:` URI with `mode=ro` for read-only opens,
+    /// which must not create anything.
+    fn open_target(&self) -> Result<String> {
+        let path = &self.path;
+        let display = path.display();
+        if self.read_only() {
+            if !path.exists() {
+                return Err(Error::not_found(format!("no SQLite database at {display}")));
+            }
+            return Ok(format!("file:{}?mode=ro", uri_escape(path)));
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating the folder of {display}"))?;
+        }
+        let s = path
+            .to_str()
+            .ok_or_else(|| Error::invalid_argument(format!("path {display} is not UTF-8")))?;
+        if s.starts_with("file:") {
+            // Would be read as a URI; make it an unambiguous relative path.
+            return Ok(format!("./{s}"));
+        }
+        Ok(s.to_owned())
+    }
+}
+
+fn uri_escape(path: &Path) -> String {
+    let mut out = String::new();
+    for ch in path.to_string_lossy().chars() {
+        match ch {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3f"),
+            '#' => out.push_str("%23"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl Engine for SqliteEngine {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn url(&self) -> &DatabaseUrl {
+        &self.config.url
+    }
+
+    fn supports_multiple_processes(&self) -> bool {
+        false
+    }
+
+    fn connect(&self) -> Result<Conn> {
+        let target = self.open_target()?;
+        let mut c = SqliteConnection::establish(&target)
+            .with_context(|| format!("opening SQLite database {}", self.path.display()))?;
+        let mut pragmas = format!(
+            "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON;",
+            self.config.busy_timeout_ms
+        );
+        if !self.read_only() {
+            pragmas.push_str(" PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;");
+        }
+        c.batch_execute(&pragmas)
+            .with_context(|| format!("configuring SQLite database {}", self.path.display()))?;
+        Ok(Conn::Sqlite(c))
+    }
+
+    fn begin<'e>(
+        &'e self,
+        conn: &mut Conn,
+        options: &TxnOptions,
+    ) -> diesel::QueryResult<WriterGuard<'e>> {
+        if options.read_only {
+            conn.begin_with("BEGIN DEFERRED")?;
+            return Ok(None);
+        }
+        // A poisoned lock only means another writer panicked; the database itself
+        // rolled that transaction back, so the lock is still good to take.
+        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        conn.begin_with("BEGIN IMMEDIATE")?;
+        Ok(Some(guard))
+    }
+
+    fn is_retryable(&self, error: &DieselError) -> bool {
+        // diesel reports SQLITE_BUSY and SQLITE_LOCKED as Unknown; their messages are
+        // fixed strings in SQLite itself ("database is locked", "database table is
+        // locked"), not localised.
+        match error {
+            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+            DieselError::DatabaseError(_, info) => info.message().contains("is locked"),
+            _ => false,
+        }
+    }
+
+    fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let last = match counters.get(sequence.name) {
+            Some(last) => *last,
+            None => {
+                let sql = format!(
+                    "SELECT COALESCE(MAX({}), 0) AS id FROM {}",
+                    sequence.column, sequence.table
+                );
+                let row: MaxId = diesel::sql_query(sql)
+                    .get_result(conn.sqlite()?)
+                    .with_context(|| format!("seeding the id counter for {}", sequence.table))?;
+                row.id
+            }
+        };
+        let ids: Vec<i64> = (last + 1..=last + n as i64).collect();
+        counters.insert(sequence.name, last + n as i64);
+        Ok(ids)
+    }
+
+    fn sync_sequence(
+        &self,
+        _conn: &mut Conn,
+        _sequence: &Sequence,
+    ) -> Result<Option<SequenceRepair>> {
+        // The counter is seeded from max(id) on first use: it cannot fall behind.
+        Ok(None)
+    }
+
+    fn lock_table(&self, _conn: &mut Conn, _table: &str) -> Result<()> {
+        // A write transaction already holds the whole database (BEGIN IMMEDIATE).
+        Ok(())
+    }
+
+    fn migrate(&self, conn: &mut Conn) -> Result<Vec<String>> {
+        if self.read_only() {
+            return Err(Error::new(ErrorKind::Migration(
+                "a read-only database is never migrated".into(),
+            )));
+        }
+        migrations::run(conn.sqlite()?, migrations::SQLITE)
+    }
+
+    fn check_schema(&self, conn: &mut Conn) -> Result<()> {
+        migrations::check(conn.sqlite()?, migrations::SQLITE)
+    }
+}

@@ -1,0 +1,192 @@
+//! The one error type of the storage layer.
+//!
+//! Every error records where it was created (a backtrace, captured eagerly because
+//! storage errors are rare and a missing backtrace costs far more in an incident
+//! than the capture costs here) and a chain of context strings, outermost first,
+//! naming the operation, the room or event, and the cause.
+
+use std::backtrace::Backtrace;
+use std::fmt;
+
+/// Result with the storage [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, without the context of where.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The database answered with an error (constraint, serialization failure, ...).
+    #[error("database error: {0}")]
+    Database(#[source] diesel::result::Error),
+    /// A connection could not be established.
+    #[error("could not connect: {0}")]
+    Connection(#[source] diesel::ConnectionError),
+    /// No connection could be taken from the pool.
+    #[error("connection pool: {0}")]
+    Pool(#[source] r2d2::Error),
+    /// The URL does not name a database we can open.
+    #[error("invalid database URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// Applying or reading migrations failed.
+    #[error("migrations: {0}")]
+    Migration(String),
+    /// The database was migrated by a newer binary than this one.
+    #[error(
+        "the database schema is newer than this binary: it has migrations {unknown:?} that \
+         this build does not know; run a build at least as new as the one that wrote it"
+    )]
+    SchemaTooNew { unknown: Vec<String> },
+    /// The database was not migrated far enough for a process that does not migrate.
+    #[error(
+        "the database schema is older than this binary: migrations {missing:?} are not applied; \
+         start the main process once to migrate it"
+    )]
+    SchemaTooOld { missing: Vec<String> },
+    /// A caller passed arguments that cannot be right.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Something asked for does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The stored data contradicts an invariant.
+    #[error("inconsistent data: {0}")]
+    Corrupt(String),
+    /// I/O outside the database (files, directories).
+    #[error("i/o: {0}")]
+    Io(#[source] std::io::Error),
+    /// Anything else, described in words.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A storage error: its kind, the context it passed through, and where it happened.
+/// Boxed, so that results stay one pointer wide on the happy path.
+pub struct Error(Box<Inner>);
+
+struct Inner {
+    kind: ErrorKind,
+    context: Vec<String>,
+    backtrace: Backtrace,
+}
+
+impl Error {
+    /// A new error of `kind`, capturing the backtrace of the caller.
+    pub fn new(kind: ErrorKind) -> Self {
+        Error(Box::new(Inner {
+            kind,
+            context: Vec::new(),
+            backtrace: Backtrace::force_capture(),
+        }))
+    }
+
+    pub fn invalid_argument(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument(msg.into()))
+    }
+
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound(msg.into()))
+    }
+
+    pub fn corrupt(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt(msg.into()))
+    }
+
+    pub fn other(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Other(msg.into()))
+    }
+
+    /// Adds an outer layer of context ("while doing X").
+    pub fn context(mut self, ctx: impl Into<String>) -> Self {
+        self.0.context.insert(0, ctx.into());
+        self
+    }
+
+    pub fn kind(&self) -> &ErrorKind {
+        &self.0.kind
+    }
+
+    /// The diesel error underneath, if the database produced this error.
+    pub fn database_error(&self) -> Option<&diesel::result::Error> {
+        match &self.0.kind {
+            ErrorKind::Database(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self.0.kind, ErrorKind::NotFound(_))
+    }
+
+    /// Where the error was created.
+    pub fn backtrace(&self) -> &Backtrace {
+        &self.0.backtrace
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for ctx in &self.0.context {
+            write!(f, "{ctx}: ")?;
+        }
+        write!(f, "{}", self.0.kind)
+    }
+}
+
+impl fmt::Debug for Error {
+    /// Display plus the backtrace: what `main` returning an error prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}\n\nbacktrace:\n{}", self.0.backtrace)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0.kind)
+    }
+}
+
+impl From<ErrorKind> for Error {
+    fn from(kind: ErrorKind) -> Self {
+        Error::new(kind)
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(e: diesel::result::Error) -> Self {
+        Error::new(ErrorKind::Database(e))
+    }
+}
+
+impl From<diesel::ConnectionError> for Error {
+    fn from(e: diesel::ConnectionError) -> Self {
+        Error::new(ErrorKind::Connection(e))
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(e: r2d2::Error) -> Self {
+        Error::new(ErrorKind::Pool(e))
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::new(ErrorKind::Io(e))
+    }
+}
+
+/// `.context(...)` on results, for errors that convert into [`Error`].
+pub trait ResultExt<T> {
+    fn context(self, ctx: impl Into<String>) -> Result<T>;
+    fn with_context<S: Into<String>>(self, ctx: impl FnOnce() -> S) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
+    fn context(self, ctx: impl Into<String>) -> Result<T> {
+        self.map_err(|e| e.into().context(ctx))
+    }
+
+    fn with_context<S: Into<String>>(self, ctx: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| e.into().context(ctx()))
+    }
+}

@@ -1,0 +1,32 @@
+//! The foundation of the storage layer: a [`Database`] over diesel and r2d2 on
+//! SQLite (embedded default) or PostgreSQL, transactions whose `call_after` hooks
+//! fire only on commit, retries, per-engine behaviour ([`engine`]), migrations,
+//! caches ([`cache`]), metrics and log context.
+//!
+//! Nothing here knows about rooms or events; the crates above own their tables
+//! and queries and reach the database only through [`Database::run_interaction`].
+
+pub mod cache;
+pub mod config;
+mod conn;
+mod database;
+pub mod engine;
+mod error;
+pub mod log_context;
+pub mod logging;
+pub mod metrics;
+mod migrations;
+#[doc(hidden)]
+pub mod testing;
+mod transaction;
+
+pub use config::{DatabaseConfig, DatabaseUrl, OpenMode};
+pub use conn::Conn;
+pub use database::{Database, MAX_RETRIES};
+pub use engine::{Engine, Isolation, Sequence, SequenceRepair, TxnOptions};
+pub use error::{Error, ErrorKind, Result, ResultExt};
+pub use log_context::LogContext;
+pub use transaction::Transaction;
+
+/// Re-exported so that crates above write queries against the same diesel.
+pub use diesel;

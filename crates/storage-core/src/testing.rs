@@ -1,0 +1,189 @@
+//! Throwaway databases for tests, on both engines.
+//!
+//! SQLite tests use a real file in a fresh temporary folder. PostgreSQL tests create
+//! a fresh database on the server named by `HS_TEST_POSTGRES_URL` (set by
+//! `cargo xtask test`, which starts that server) and drop it afterwards. Without
+//! that variable, PostgreSQL tests are skipped with a note, except under CI, where
+//! a skipped engine would hide a failure and so fails the test.
+
+use crate::config::{DatabaseConfig, OpenMode};
+use crate::database::Database;
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The variable holding the URL of a PostgreSQL maintenance database for tests.
+pub const POSTGRES_URL_VAR: &str = "HS_TEST_POSTGRES_URL";
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Replaces the database name in a PostgreSQL URL (`scheme://auth@host/DB?params`).
+pub fn postgres_url_with_database(url: &str, database: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let host_part = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    format!("{host_part}/{database}{query}")
+}
+
+/// One throwaway database, removed when dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    url: String,
+    engine: &'static str,
+    cleanup: Cleanup,
+}
+
+#[derive(Debug)]
+enum Cleanup {
+    Dir(PathBuf),
+    Postgres { admin_url: String, name: String },
+}
+
+impl TestDb {
+    /// A new SQLite file in a new temporary folder.
+    pub fn sqlite() -> TestDb {
+        let dir = std::env::temp_dir().join(unique_name("hs-test"));
+        std::fs::create_dir_all(&dir).expect("creating a temporary folder");
+        let path = dir.join("test.db");
+        TestDb {
+            url: format!("sqlite:{}", path.display()),
+            engine: "sqlite",
+            cleanup: Cleanup::Dir(dir),
+        }
+    }
+
+    /// A new, empty PostgreSQL database, or `None` when no test server is configured.
+    pub fn postgres() -> Option<TestDb> {
+        let Ok(admin_url) = std::env::var(POSTGRES_URL_VAR) else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{POSTGRES_URL_VAR} is not set under CI: run the tests with `cargo xtask test`"
+            );
+            eprintln!("note: {POSTGRES_URL_VAR} not set, PostgreSQL half skipped (use `cargo xtask test`)");
+            return None;
+        };
+        let name = unique_name("hs_test");
+        let mut admin = PgConnection::establish(&admin_url)
+            .unwrap_or_else(|e| panic!("connecting to the test server {admin_url}: {e}"));
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+        Some(TestDb {
+            url: postgres_url_with_database(&admin_url, &name),
+            engine: "postgres",
+            cleanup: Cleanup::Postgres { admin_url, name },
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// "sqlite" or "postgres".
+    pub fn engine(&self) -> &'static str {
+        self.engine
+    }
+
+    /// Opens the database as a writer (applying migrations).
+    pub fn open(&self) -> Database {
+        self.open_mode(OpenMode::Writer)
+    }
+
+    pub fn open_mode(&self, mode: OpenMode) -> Database {
+        self.try_open(mode)
+            .unwrap_or_else(|e| panic!("opening {}: {e:?}", self.url))
+    }
+
+    pub fn try_open(&self, mode: OpenMode) -> crate::Result<Database> {
+        Database::open(DatabaseConfig::parse(&self.url, mode)?)
+    }
+
+    /// A raw connection outside our pool, e.g. to look from "another process".
+    pub fn raw_connection(&self) -> crate::Conn {
+        let config = DatabaseConfig::parse(&self.url, OpenMode::Writer).expect("test URL");
+        crate::engine::for_config(&config)
+            .connect()
+            .expect("raw test connection")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        match &self.cleanup {
+            Cleanup::Dir(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::Postgres { admin_url, name } => {
+                if let Ok(mut admin) = PgConnection::establish(admin_url) {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+                }
+            }
+        }
+    }
+}
+
+/// Declares each listed `fn name(db: &TestDb)` as two tests, `sqlite::name` and
+/// `postgres::name`, so that every storage test runs on both engines.
+#[macro_export]
+macro_rules! engine_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&$crate::testing::TestDb::sqlite());
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(db) = $crate::testing::TestDb::postgres() {
+                        super::$name(&db);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_database_names() {
+        assert_eq!(
+            postgres_url_with_database("postgres://postgres@/postgres?host=/tmp/x", "t1"),
+            "postgres://postgres@/t1?host=/tmp/x"
+        );
+        assert_eq!(
+            postgres_url_with_database("postgresql://u:p@127.0.0.1:5432/postgres", "t2"),
+            "postgresql://u:p@127.0.0.1:5432/t2"
+        );
+        assert_eq!(
+            postgres_url_with_database("postgres://u@host", "t3"),
+            "postgres://u@host/t3"
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! The transaction handed to the closure of [`crate::Database::run_interaction`].
+
+use crate::conn::Conn;
+use crate::engine::{Engine, Sequence};
+use crate::error::Result;
+
+type Callback = Box<dyn FnOnce() + 'static>;
+
+/// One attempt at a transaction: its connection, and the callbacks it registered.
+///
+/// Callbacks belong to the attempt that registered them. When the attempt commits,
+/// its `call_after` callbacks run (in registration order) and its exception
+/// callbacks are dropped. When it rolls back, its exception callbacks run and its
+/// after-callbacks are dropped, whether or not the transaction is retried: a
+/// prefill computed by an attempt that rolled back may describe rows that never
+/// existed, while an exception callback undoes an in-memory effect of that very
+/// attempt (a reserved position, say) that must not leak into the retry.
+pub struct Transaction<'a> {
+    conn: &'a mut Conn,
+    engine: &'a dyn crate::engine::Engine,
+    desc: &'a str,
+    attempt: u32,
+    after: Vec<Callback>,
+    on_exception: Vec<Callback>,
+}
+
+impl std::fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("desc", &self.desc)
+            .field("attempt", &self.attempt)
+            .field("engine", &self.engine.name())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Callbacks {
+    pub(crate) after: Vec<Callback>,
+    pub(crate) on_exception: Vec<Callback>,
+}
+
+impl<'a> Transaction<'a> {
+    pub(crate) fn new(
+        conn: &'a mut Conn,
+        engine: &'a dyn Engine,
+        desc: &'a str,
+        attempt: u32,
+    ) -> Self {
+        Transaction {
+            conn,
+            engine,
+            desc,
+            attempt,
+            after: Vec::new(),
+            on_exception: Vec::new(),
+        }
+    }
+
+    pub(crate) fn into_callbacks(self) -> Callbacks {
+        Callbacks {
+            after: self.after,
+            on_exception: self.on_exception,
+        }
+    }
+
+    /// The connection, for queries: `with_conn!(txn.conn(), |c| ...)`.
+    pub fn conn(&mut self) -> &mut Conn {
+        self.conn
+    }
+
+    pub fn engine(&self) -> &dyn Engine {
+        self.engine
+    }
+
+    /// The description given to `run_interaction` (used in logs and metrics).
+    pub fn desc(&self) -> &str {
+        self.desc
+    }
+
+    /// 1 for the first attempt, 2 for the first retry, ...
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Runs `f` once this attempt has committed. Never runs otherwise.
+    pub fn call_after(&mut self, f: impl FnOnce() + 'static) {
+        self.after.push(Box::new(f));
+    }
+
+    /// Runs `f` once this attempt has rolled back or failed. Never runs on commit.
+    pub fn call_on_exception(&mut self, f: impl FnOnce() + 'static) {
+        self.on_exception.push(Box::new(f));
+    }
+
+    /// `n` new ids from `sequence`, ascending.
+    pub fn next_ids(&mut self, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        self.engine.next_ids(self.conn, sequence, n)
+    }
+
+    /// One new id from `sequence`.
+    pub fn next_id(&mut self, sequence: &Sequence) -> Result<i64> {
+        let ids = self.next_ids(sequence, 1)?;
+        Ok(ids[0])
+    }
+
+    /// Locks `table` against other writers until this transaction ends.
+    pub fn lock_table(&mut self, table: &str) -> Result<()> {
+        self.engine.lock_table(self.conn, table)
+    }
+}

@@ -1,0 +1,313 @@
+//! run_interaction: commit hooks, exception hooks, retries. Each test runs on
+//! SQLite and on PostgreSQL.
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{BigInt, Text};
+use diesel::{QueryableByName, RunQueryDsl};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use storage_core::cache::LruCache;
+use storage_core::testing::TestDb;
+use storage_core::{with_conn, Conn, Database, Error, Transaction, TxnOptions};
+
+storage_core::engine_tests!(
+    call_after_runs_only_after_commit,
+    call_after_sees_committed_data_from_another_connection,
+    call_on_exception_runs_on_failure_only,
+    retried_attempt_callbacks_never_run,
+    persistent_retryable_failure_gives_up_with_context,
+    non_retryable_error_is_not_retried,
+    concurrent_serializable_conflict_retries_once,
+);
+
+#[derive(QueryableByName)]
+struct Value {
+    #[diesel(sql_type = BigInt)]
+    v: i64,
+}
+
+fn setup(t: &TestDb) -> Database {
+    let db = t.open();
+    db.run_interaction("create_test_table", |txn| {
+        txn.conn()
+            .batch_execute("CREATE TABLE core_test_kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL)")
+    })
+    .expect("creating the test table");
+    db
+}
+
+fn insert(txn: &mut Transaction<'_>, k: &str, v: i64) -> storage_core::Result<()> {
+    with_conn!(txn.conn(), |c| diesel::sql_query(
+        "INSERT INTO core_test_kv (k, v) VALUES ($1, $2)"
+    )
+    .bind::<Text, _>(k)
+    .bind::<BigInt, _>(v)
+    .execute(c))?;
+    Ok(())
+}
+
+fn read_on(conn: &mut Conn, k: &str) -> Option<i64> {
+    let rows: Vec<Value> = with_conn!(conn, |c| diesel::sql_query(
+        "SELECT v FROM core_test_kv WHERE k = $1"
+    )
+    .bind::<Text, _>(k)
+    .load(c))
+    .expect("reading the test table");
+    rows.first().map(|r| r.v)
+}
+
+fn read(db: &Database, k: &str) -> Option<i64> {
+    db.run_read("read_test_table", |txn| Ok(read_on(txn.conn(), k)))
+        .unwrap()
+}
+
+/// An error as the database reports a serialization failure (SQLSTATE 40001).
+fn serialization_failure() -> Error {
+    DieselError::DatabaseError(
+        DatabaseErrorKind::SerializationFailure,
+        Box::new("could not serialize access (injected)".to_string()),
+    )
+    .into()
+}
+
+fn call_after_runs_only_after_commit(t: &TestDb) {
+    let db = setup(t);
+    let cache: Arc<LruCache<String, i64>> = Arc::new(LruCache::new("test_prefill", 10));
+
+    // A transaction that fails after registering a prefill: the prefill never lands.
+    let result: storage_core::Result<()> = db.run_interaction("failing_prefill", |txn| {
+        insert(txn, "k1", 1)?;
+        let c = cache.clone();
+        txn.call_after(move || c.insert("k1".into(), 1));
+        Err(Error::other("the caller changed its mind"))
+    });
+    assert!(result.is_err());
+    assert_eq!(cache.peek(&"k1".to_string()), None);
+    assert_eq!(
+        read(&db, "k1"),
+        None,
+        "the failed transaction's row is gone"
+    );
+
+    // The same prefill in a transaction that commits lands after the commit, not
+    // while the transaction is still open.
+    db.run_interaction("committing_prefill", |txn| {
+        insert(txn, "k2", 2)?;
+        let c = cache.clone();
+        txn.call_after(move || c.insert("k2".into(), 2));
+        assert_eq!(cache.peek(&"k2".to_string()), None, "not before commit");
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(cache.peek(&"k2".to_string()), Some(2));
+}
+
+fn call_after_sees_committed_data_from_another_connection(t: &TestDb) {
+    let db = setup(t);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    // The callback runs on this thread; a second connection outside the pool stands
+    // for another process looking at the database.
+    let other = Arc::new(Mutex::new(t.raw_connection()));
+    db.run_interaction("visible_to_others", |txn| {
+        insert(txn, "k", 42)?;
+        let (seen, other) = (seen.clone(), other.clone());
+        txn.call_after(move || {
+            let v = read_on(&mut other.lock().unwrap(), "k");
+            seen.lock().unwrap().push(v);
+        });
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![Some(42)]);
+}
+
+fn call_on_exception_runs_on_failure_only(t: &TestDb) {
+    let db = setup(t);
+    let after = Arc::new(AtomicU32::new(0));
+    let exception = Arc::new(AtomicU32::new(0));
+    let register = |txn: &mut Transaction<'_>| {
+        let (a, e) = (after.clone(), exception.clone());
+        txn.call_after(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        });
+        txn.call_on_exception(move || {
+            e.fetch_add(1, Ordering::SeqCst);
+        });
+    };
+
+    db.run_interaction("succeeds", |txn| {
+        register(txn);
+        insert(txn, "ok", 1)
+    })
+    .unwrap();
+    assert_eq!(after.load(Ordering::SeqCst), 1);
+    assert_eq!(exception.load(Ordering::SeqCst), 0);
+
+    let err = db
+        .run_interaction("fails", |txn| {
+            register(txn);
+            insert(txn, "ok", 2) // duplicate key: not retryable
+        })
+        .unwrap_err();
+    assert!(err.to_string().starts_with("fails: "), "{err}");
+    assert_eq!(after.load(Ordering::SeqCst), 1);
+    assert_eq!(exception.load(Ordering::SeqCst), 1);
+}
+
+fn retried_attempt_callbacks_never_run(t: &TestDb) {
+    let db = setup(t);
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let exceptions = Arc::new(Mutex::new(Vec::new()));
+    let value = db
+        .run_interaction("retry_once", |txn| {
+            let attempt = txn.attempt();
+            insert(txn, &format!("attempt-{attempt}"), i64::from(attempt))?;
+            let r = ran.clone();
+            txn.call_after(move || r.lock().unwrap().push(attempt));
+            let e = exceptions.clone();
+            txn.call_on_exception(move || e.lock().unwrap().push(attempt));
+            if attempt == 1 {
+                return Err(serialization_failure());
+            }
+            Ok(attempt)
+        })
+        .unwrap();
+    assert_eq!(value, 2);
+    assert_eq!(
+        *ran.lock().unwrap(),
+        vec![2],
+        "only the committed attempt's callback"
+    );
+    assert_eq!(
+        *exceptions.lock().unwrap(),
+        vec![1],
+        "the rolled-back attempt cleans up"
+    );
+    assert_eq!(read(&db, "attempt-1"), None, "attempt 1 was rolled back");
+    assert_eq!(read(&db, "attempt-2"), Some(2));
+}
+
+fn persistent_retryable_failure_gives_up_with_context(t: &TestDb) {
+    let db = setup(t);
+    let attempts = AtomicU32::new(0);
+    let after = Arc::new(AtomicU32::new(0));
+    let err = db
+        .run_interaction("always_conflicts", |txn| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            let a = after.clone();
+            txn.call_after(move || {
+                a.fetch_add(1, Ordering::SeqCst);
+            });
+            Err::<(), _>(serialization_failure())
+        })
+        .unwrap_err();
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1 + storage_core::MAX_RETRIES
+    );
+    assert_eq!(after.load(Ordering::SeqCst), 0);
+    let text = err.to_string();
+    assert!(
+        text.contains("always_conflicts (after 6 attempts)"),
+        "{text}"
+    );
+    assert!(text.contains("could not serialize access"), "{text}");
+    // The backtrace points into this test, where the error was made.
+    let backtrace = err.backtrace().to_string();
+    assert!(backtrace.contains("serialization_failure"), "{backtrace}");
+}
+
+fn non_retryable_error_is_not_retried(t: &TestDb) {
+    let db = setup(t);
+    let attempts = AtomicU32::new(0);
+    db.run_interaction("seed", |txn| insert(txn, "dup", 1))
+        .unwrap();
+    let err = db
+        .run_interaction("duplicate_insert", |txn| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            insert(txn, "dup", 2)
+        })
+        .unwrap_err();
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        err.database_error(),
+        Some(DieselError::DatabaseError(
+            DatabaseErrorKind::UniqueViolation,
+            _
+        ))
+    ));
+    assert_eq!(read(&db, "dup"), Some(1));
+}
+
+/// Two transactions that each read what the other writes. On PostgreSQL both run
+/// SERIALIZABLE and the server aborts one with 40001 for real; on SQLite the
+/// writer lock serialises them, so the conflict is injected into the first
+/// attempt of one of them. Either way: the conflicting attempt's callbacks never
+/// run, each transaction's committed attempt runs its callbacks exactly once.
+fn concurrent_serializable_conflict_retries_once(t: &TestDb) {
+    let db = setup(t);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let postgres = t.engine() == "postgres";
+    let barrier = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|who| {
+            let (db, log, barrier) = (db.clone(), log.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                db.run_interaction_with("write_skew", TxnOptions::serializable(), |txn| {
+                    let attempt = txn.attempt();
+                    let count: Value = with_conn!(txn.conn(), |c| diesel::sql_query(
+                        "SELECT COUNT(*) AS v FROM core_test_kv"
+                    )
+                    .get_result(c))?;
+                    if postgres && attempt == 1 {
+                        // Both have read before either writes.
+                        barrier.wait();
+                    }
+                    insert(txn, &format!("{who}-{}", count.v), count.v)?;
+                    if !postgres && who == "a" && attempt == 1 {
+                        return Err(serialization_failure());
+                    }
+                    let log = log.clone();
+                    txn.call_after(move || log.lock().unwrap().push((who, attempt)));
+                    Ok(attempt)
+                })
+            })
+        })
+        .collect();
+    let attempts: Vec<u32> = threads
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap()
+                .expect("both transactions commit eventually")
+        })
+        .collect();
+    assert_eq!(
+        attempts.iter().filter(|a| **a == 1).count(),
+        1,
+        "{attempts:?}"
+    );
+    assert_eq!(
+        attempts.iter().filter(|a| **a == 2).count(),
+        1,
+        "{attempts:?}"
+    );
+    let mut log = log.lock().unwrap().clone();
+    log.sort();
+    let expected: Vec<(&str, u32)> = vec![("a", attempts[0]), ("b", attempts[1])];
+    assert_eq!(
+        log, expected,
+        "one callback per transaction, from its committed attempt"
+    );
+    // The loser saw the winner's row when it retried.
+    let rows: Value = db
+        .run_read("count", |txn| {
+            Ok(with_conn!(txn.conn(), |c| diesel::sql_query(
+                "SELECT COUNT(*) AS v FROM core_test_kv WHERE k IN ('a-0', 'b-0', 'a-1', 'b-1')"
+            )
+            .get_result(c))?)
+        })
+        .unwrap();
+    assert_eq!(rows.v, 2);
+}

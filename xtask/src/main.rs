@@ -1,0 +1,143 @@
+//! Developer workflows, in Rust rather than shell scripts:
+//!
+//! - `cargo xtask test [-- CARGO-TEST-ARGS]`: format check, clippy with warnings as
+//!   errors, then the whole test suite on SQLite and on a throwaway PostgreSQL
+//!   cluster started here and removed afterwards (also when the run fails).
+//! - `cargo xtask bench [NAME]`: the benchmarks (release build), on both engines.
+//! - `cargo xtask postgres`: start a throwaway cluster, print its URL, keep it
+//!   running until Enter is pressed (for running single tests by hand).
+
+mod postgres;
+
+use std::process::{Command, ExitCode};
+
+/// The variable through which tests and benchmarks find the PostgreSQL server.
+const POSTGRES_URL_VAR: &str = "HS_TEST_POSTGRES_URL";
+
+/// Benchmarks: name, the package holding it, its bench target.
+const BENCHES: &[(&str, &str, &str)] = &[("state", "storage-state", "state")];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("postgres") => hold_postgres(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask test [-- CARGO-TEST-ARGS]\n       \
+                 cargo xtask bench [{}]\n       cargo xtask postgres",
+                BENCHES.iter().map(|b| b.0).collect::<Vec<_>>().join("|")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Runs a command, failing with its description when it fails.
+fn run(what: &str, cmd: &mut Command) -> Result {
+    eprintln!("xtask: {what}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: could not start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what}: failed ({status})"))
+    }
+}
+
+fn test(args: &[String]) -> Result {
+    let extra: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    postgres::ensure_libpq()?;
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy (warnings are errors)",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    // Build before starting the server so that it does not idle through compilation.
+    run(
+        "building the tests",
+        cargo().args(["test", "--workspace", "--locked", "--no-run"]),
+    )?;
+    let cluster = postgres::Cluster::start()?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--locked"])
+        .args(&extra)
+        .env(POSTGRES_URL_VAR, cluster.url("postgres"));
+    let outcome = run("cargo test (SQLite and PostgreSQL)", &mut cmd);
+    drop(cluster);
+    outcome
+}
+
+fn bench(args: &[String]) -> Result {
+    let selected: Vec<&(&str, &str, &str)> = match args.first() {
+        None => BENCHES.iter().collect(),
+        Some(name) => {
+            let found: Vec<_> = BENCHES.iter().filter(|b| b.0 == name).collect();
+            if found.is_empty() {
+                return Err(format!(
+                    "unknown benchmark {name:?}; known: {}",
+                    BENCHES.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            found
+        }
+    };
+    postgres::ensure_libpq()?;
+    for (name, package, target) in &selected {
+        run(
+            &format!("building benchmark {name}"),
+            cargo().args([
+                "bench", "--locked", "-p", package, "--bench", target, "--no-run",
+            ]),
+        )?;
+    }
+    let cluster = postgres::Cluster::start()?;
+    let mut outcome = Ok(());
+    for (name, package, target) in selected {
+        let mut cmd = cargo();
+        cmd.args(["bench", "--locked", "-p", package, "--bench", target])
+            .env(POSTGRES_URL_VAR, cluster.url("postgres"));
+        outcome = run(&format!("benchmark {name}"), &mut cmd);
+        if outcome.is_err() {
+            break;
+        }
+    }
+    drop(cluster);
+    outcome
+}
+
+fn hold_postgres() -> Result {
+    let cluster = postgres::Cluster::start()?;
+    println!("{POSTGRES_URL_VAR}={}", cluster.url("postgres"));
+    println!("press Enter to stop the cluster");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(cluster);
+    Ok(())
+}
