@@ -120,6 +120,32 @@ impl DatabaseConfig {
     }
 }
 
+/// What every store is built from besides the database handle, so that stores
+/// compose the same way in the main process and in replica workers.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Multiplies every cache's default size.
+    pub cache_factor: f64,
+    /// The name of this process among the main process and its workers.
+    pub instance_name: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            cache_factor: 1.0,
+            instance_name: "main".to_owned(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// A cache's size: its default scaled by the cache factor, at least 1.
+    pub fn cache_size(&self, default: usize) -> usize {
+        ((default as f64 * self.cache_factor) as usize).max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

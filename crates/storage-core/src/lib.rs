@@ -20,7 +20,7 @@ mod migrations;
 pub mod testing;
 mod transaction;
 
-pub use config::{DatabaseConfig, DatabaseUrl, OpenMode};
+pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};
 pub use engine::{Engine, Isolation, Sequence, SequenceRepair, TxnOptions};

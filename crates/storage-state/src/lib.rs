@@ -1,1 +1,23 @@
-//! Placeholder until its issue lands.
+//! State groups: the room state at every event, stored as Synapse stores it.
+//!
+//! A state group is an immutable map (type, state_key) -> event id. Most groups
+//! are stored as a delta against a prev group (an edge in `state_group_edges`
+//! plus the changed rows); every so often, and always at the start of a chain, a
+//! group is a full snapshot. Reads walk the chain down to the snapshot and keep
+//! the newest value per slot. Two dictionary caches (members, everything else)
+//! answer most reads without the database.
+
+mod caches;
+mod filter;
+mod read;
+pub mod schema;
+mod sql;
+mod store;
+mod types;
+mod write;
+
+pub use caches::{Delta, StateCaches};
+pub use filter::StateFilter;
+pub use store::{CacheKind, StateGroupStore, StateStore};
+pub use types::{key, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
+pub use write::{NewStateGroup, STATE_GROUP_SEQUENCE};

@@ -10,6 +10,7 @@
 use super::LruCache;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::sync::Arc;
 
 /// What the cache knows of one dictionary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +45,7 @@ impl<DK: Hash + Eq, DV> DictionaryEntry<DK, DV> {
 /// An LRU cache of [`DictionaryEntry`]s, bounded by the total number of dictionary
 /// keys held (as Synapse sizes its state-group caches).
 pub struct DictionaryCache<K: Hash + Eq, DK: Hash + Eq, DV> {
-    cache: LruCache<K, DictionaryEntry<DK, DV>>,
+    cache: LruCache<K, Arc<DictionaryEntry<DK, DV>>>,
 }
 
 impl<K: Hash + Eq, DK: Hash + Eq, DV> std::fmt::Debug for DictionaryCache<K, DK, DV> {
@@ -63,7 +64,7 @@ where
 {
     pub fn new(name: &str, max_keys: usize) -> Self {
         DictionaryCache {
-            cache: LruCache::with_sizer(name, max_keys, DictionaryEntry::size),
+            cache: LruCache::with_sizer(name, max_keys, |e| e.size()),
         }
     }
 
@@ -76,26 +77,28 @@ where
         self.cache.sequence()
     }
 
-    /// What is known of `key`'s dictionary: everything, or only `dict_keys` when
-    /// given. A miss is an empty, not-full entry.
-    pub fn get(&self, key: &K, dict_keys: Option<&[DK]>) -> DictionaryEntry<DK, DV> {
-        let Some(entry) = self.cache.get(key) else {
-            return DictionaryEntry::empty();
-        };
-        match dict_keys {
-            None => entry,
-            Some(keys) => DictionaryEntry {
-                full: entry.full,
-                known_absent: keys
-                    .iter()
-                    .filter(|k| entry.known_absent.contains(k))
-                    .cloned()
-                    .collect(),
-                value: keys
-                    .iter()
-                    .filter_map(|k| entry.value.get(k).map(|v| (k.clone(), v.clone())))
-                    .collect(),
-            },
+    /// What is known of `key`'s dictionary, shared (no copy); a miss is an empty,
+    /// not-full entry. Counts a hit when anything is known.
+    pub fn get(&self, key: &K) -> Arc<DictionaryEntry<DK, DV>> {
+        self.cache
+            .get(key)
+            .unwrap_or_else(|| Arc::new(DictionaryEntry::empty()))
+    }
+
+    /// What is known of `dict_keys` in `key`'s dictionary.
+    pub fn get_keys(&self, key: &K, dict_keys: &[DK]) -> DictionaryEntry<DK, DV> {
+        let entry = self.get(key);
+        DictionaryEntry {
+            full: entry.full,
+            known_absent: dict_keys
+                .iter()
+                .filter(|k| entry.known_absent.contains(k))
+                .cloned()
+                .collect(),
+            value: dict_keys
+                .iter()
+                .filter_map(|k| entry.value.get(k).map(|v| (k.clone(), v.clone())))
+                .collect(),
         }
     }
 
@@ -120,7 +123,10 @@ where
                 value,
             },
             Some(fetched) => {
-                let mut entry = self.cache.peek(&key).unwrap_or_else(DictionaryEntry::empty);
+                let mut entry = self
+                    .cache
+                    .peek(&key)
+                    .map_or_else(DictionaryEntry::empty, Arc::unwrap_or_clone);
                 if entry.full {
                     return;
                 }
@@ -133,7 +139,7 @@ where
                 entry
             }
         };
-        self.cache.insert_at(sequence, key, entry);
+        self.cache.insert_at(sequence, key, Arc::new(entry));
     }
 
     pub fn invalidate(&self, key: &K) {
@@ -164,7 +170,7 @@ mod tests {
     #[test]
     fn miss_is_empty_and_not_full() {
         let c: DictionaryCache<&str, &str, &str> = DictionaryCache::new("test_dict_miss", 10);
-        let e = c.get(&"key", None);
+        let e = c.get(&"key");
         assert!(!e.full && e.value.is_empty() && e.known_absent.is_empty());
     }
 
@@ -173,15 +179,14 @@ mod tests {
         let c = DictionaryCache::new("test_dict_full", 10);
         let v = map(&[("test", "a"), ("test2", "b"), ("test3", "c")]);
         c.update(c.sequence(), "key", v.clone(), None);
-        let e = c.get(&"key", None);
+        let e = c.get(&"key");
         assert!(e.full);
         assert_eq!(e.value, v);
-        assert_eq!(
-            c.get(&"key", Some(&["test2"])).value,
-            map(&[("test2", "b")])
-        );
+        let e = c.get_keys(&"key", &["test2"]);
+        assert!(e.full);
+        assert_eq!(e.value, map(&[("test2", "b")]));
         // A key the full dictionary lacks is simply not there.
-        assert_eq!(c.get(&"key", Some(&["nope"])).value, map(&[]));
+        assert_eq!(c.get_keys(&"key", &["nope"]).value, map(&[]));
     }
 
     #[test]
@@ -194,7 +199,7 @@ mod tests {
             map(&[("test2", "2")]),
             Some(&["test2", "gone"]),
         );
-        let e = c.get(&"key", None);
+        let e = c.get(&"key");
         assert!(!e.full);
         assert_eq!(e.value, map(&[("test", "1"), ("test2", "2")]));
         assert_eq!(e.known_absent, ["gone"].into_iter().collect());
@@ -207,7 +212,7 @@ mod tests {
         let seq = c.sequence();
         c.invalidate(&"key");
         c.update(seq, "key", map(&[("a", "b")]), None);
-        assert!(!c.get(&"key", None).full);
+        assert!(!c.get(&"key").full);
     }
 
     #[test]
@@ -215,7 +220,7 @@ mod tests {
         let c = DictionaryCache::new("test_dict_keep_full", 10);
         c.update(c.sequence(), "key", map(&[("a", "1"), ("b", "2")]), None);
         c.update(c.sequence(), "key", map(&[]), Some(&["zzz"]));
-        let e = c.get(&"key", None);
+        let e = c.get(&"key");
         assert!(e.full);
         assert_eq!(e.value.len(), 2);
     }
@@ -231,7 +236,7 @@ mod tests {
         );
         c.update(c.sequence(), 2, map(&[("a", "1"), ("b", "2")]), None);
         // 5 keys > 4: the least recently used dictionary goes.
-        assert!(!c.get(&1, None).full);
-        assert!(c.get(&2, None).full);
+        assert!(!c.get(&1).full);
+        assert!(c.get(&2).full);
     }
 }

@@ -87,6 +87,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Whether several processes may write to one database (replica workers need it).
     fn supports_multiple_processes(&self) -> bool;
 
+    /// Whether a statement costs little more than a function call (an in-process
+    /// database), so that a client-side loop of small queries can beat one big
+    /// query when it can stop early.
+    fn round_trips_are_cheap(&self) -> bool;
+
     /// Opens a new connection with this engine's per-connection settings applied.
     fn connect(&self) -> Result<Conn>;
 

@@ -57,6 +57,10 @@ impl Engine for PostgresEngine {
         true
     }
 
+    fn round_trips_are_cheap(&self) -> bool {
+        false
+    }
+
     fn connect(&self) -> Result<Conn> {
         let mut c = PgConnection::establish(&self.url)
             .with_context(|| format!("connecting to {}", self.config.url.redacted()))?;

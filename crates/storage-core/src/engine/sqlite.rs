@@ -106,6 +106,10 @@ impl Engine for SqliteEngine {
         false
     }
 
+    fn round_trips_are_cheap(&self) -> bool {
+        true
+    }
+
     fn connect(&self) -> Result<Conn> {
         let target = self.open_target()?;
         let mut c = SqliteConnection::establish(&target)

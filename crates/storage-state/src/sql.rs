@@ -1,0 +1,237 @@
+//! The raw SQL of the state read path, in one place.
+//!
+//! diesel's DSL cannot say `WITH RECURSIVE`, and a [`StateFilter`] becomes a
+//! clause with a varying number of parameters, shared by the recursive walk and
+//! the per-hop walk. Values are always bound, never written into the SQL. The
+//! `$n` placeholders work on both engines: PostgreSQL numbers its parameters that
+//! way, and SQLite numbers named parameters in order of first appearance, which is
+//! ascending here.
+
+use crate::filter::StateFilter;
+use crate::types::StateGroup;
+use diesel::sql_types::{BigInt, Text};
+use diesel::{QueryableByName, RunQueryDsl};
+use storage_core::{with_conn, Conn, Result};
+
+/// A value to bind, in placeholder order.
+#[derive(Debug, Clone)]
+pub(crate) enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// The SQL text and its binds, built up in placeholder order.
+#[derive(Debug, Default)]
+pub(crate) struct Statement {
+    pub(crate) sql: String,
+    pub(crate) binds: Vec<Bind>,
+}
+
+impl Statement {
+    fn placeholder(&mut self, bind: Bind) -> String {
+        self.binds.push(bind);
+        format!("${}", self.binds.len())
+    }
+
+    fn placeholders(&mut self, binds: impl IntoIterator<Item = Bind>) -> String {
+        binds
+            .into_iter()
+            .map(|b| self.placeholder(b))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Appends ` AND (filter)` for `filter` over columns `prefix.type` and
+    /// `prefix.state_key`; nothing for the full filter.
+    fn push_filter(&mut self, filter: &StateFilter, prefix: &str) {
+        if filter.is_full() {
+            return;
+        }
+        let mut clauses = Vec::new();
+        for (event_type, keys) in filter.types() {
+            match keys {
+                // Every placeholder made must appear in the SQL, in order.
+                Some(keys) if keys.is_empty() => {}
+                None => {
+                    let t = self.placeholder(Bind::Text(event_type.clone()));
+                    clauses.push(format!("{prefix}.type = {t}"));
+                }
+                Some(keys) => {
+                    let t = self.placeholder(Bind::Text(event_type.clone()));
+                    let ks = self.placeholders(keys.iter().cloned().map(Bind::Text));
+                    clauses.push(format!(
+                        "({prefix}.type = {t} AND {prefix}.state_key IN ({ks}))"
+                    ));
+                }
+            }
+        }
+        if filter.include_others() {
+            let ts = self.placeholders(filter.types().keys().cloned().map(Bind::Text));
+            clauses.push(format!("{prefix}.type NOT IN ({ts})"));
+        }
+        if clauses.is_empty() {
+            self.sql.push_str(" AND 1 = 2");
+        } else {
+            self.sql
+                .push_str(&format!(" AND ({})", clauses.join(" OR ")));
+        }
+    }
+
+    fn load<R>(self, conn: &mut Conn) -> Result<Vec<R>>
+    where
+        R: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
+    {
+        let Statement { sql, binds } = self;
+        let rows = with_conn!(conn, |c| {
+            let mut q = diesel::sql_query(sql).into_boxed();
+            for b in binds {
+                q = match b {
+                    Bind::Int(i) => q.bind::<BigInt, _>(i),
+                    Bind::Text(s) => q.bind::<Text, _>(s),
+                };
+            }
+            q.load::<R>(c)
+        })?;
+        Ok(rows)
+    }
+}
+
+/// One state row found on the chain below `root`.
+#[derive(QueryableByName, Debug)]
+pub(crate) struct ChainRow {
+    #[diesel(sql_type = BigInt)]
+    pub(crate) root: i64,
+    #[diesel(sql_type = BigInt)]
+    pub(crate) state_group: i64,
+    #[diesel(sql_type = Text)]
+    #[diesel(column_name = type_)]
+    pub(crate) event_type: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) state_key: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) event_id: String,
+}
+
+/// The recursive walk: for each of `groups`, every row matching `filter` on its
+/// chain down to the snapshot, tagged with the group it came from. The caller keeps,
+/// per slot, the row of the highest group (a prev group always has the smaller id).
+/// The walk only follows edges downwards, so corrupt data cannot make it loop.
+pub(crate) fn chain_rows(
+    conn: &mut Conn,
+    groups: &[StateGroup],
+    filter: &StateFilter,
+) -> Result<Vec<ChainRow>> {
+    let mut st = Statement::default();
+    let seeds = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
+    st.sql = format!(
+        "WITH RECURSIVE chain(root, state_group) AS ( \
+             SELECT id, id FROM state_groups WHERE id IN ({seeds}) \
+             UNION ALL \
+             SELECT c.root, e.prev_state_group FROM state_group_edges e \
+             JOIN chain c ON e.state_group = c.state_group \
+             WHERE e.prev_state_group < c.state_group \
+         ) \
+         SELECT c.root AS root, s.state_group AS state_group, s.type AS type_, \
+                s.state_key AS state_key, s.event_id AS event_id \
+         FROM chain c JOIN state_groups_state s ON s.state_group = c.state_group \
+         WHERE 1 = 1"
+    );
+    st.push_filter(filter, "s");
+    st.load(conn)
+}
+
+#[derive(QueryableByName, Debug)]
+pub(crate) struct SlotRow {
+    #[diesel(sql_type = Text)]
+    #[diesel(column_name = type_)]
+    pub(crate) event_type: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) state_key: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) event_id: String,
+}
+
+/// One hop of the per-hop walk: the rows of `group` itself matching `filter`.
+pub(crate) fn group_rows(
+    conn: &mut Conn,
+    group: StateGroup,
+    filter: &StateFilter,
+) -> Result<Vec<SlotRow>> {
+    let mut st = Statement::default();
+    let g = st.placeholder(Bind::Int(group));
+    st.sql = format!(
+        "SELECT s.type AS type_, s.state_key AS state_key, s.event_id AS event_id \
+         FROM state_groups_state s WHERE s.state_group = {g}"
+    );
+    st.push_filter(filter, "s");
+    st.load(conn)
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// How many groups the chain starting at `group` holds, the group itself
+/// included, counting no further than `limit`. 0 when the group does not exist.
+pub(crate) fn chain_length(conn: &mut Conn, group: StateGroup, limit: usize) -> Result<usize> {
+    let mut st = Statement::default();
+    let g = st.placeholder(Bind::Int(group));
+    let l = st.placeholder(Bind::Int(limit as i64));
+    st.sql = format!(
+        "WITH RECURSIVE chain(state_group) AS ( \
+             SELECT id FROM state_groups WHERE id = {g} \
+             UNION ALL \
+             SELECT e.prev_state_group FROM state_group_edges e \
+             JOIN chain c ON e.state_group = c.state_group \
+             WHERE e.prev_state_group < c.state_group \
+         ) \
+         SELECT COUNT(*) AS n FROM (SELECT state_group FROM chain LIMIT {l}) AS limited"
+    );
+    let rows: Vec<Count> = st.load(conn)?;
+    Ok(rows.first().map_or(0, |r| r.n as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::MEMBER;
+
+    fn clause(filter: &StateFilter) -> (String, usize) {
+        let mut st = Statement::default();
+        st.push_filter(filter, "s");
+        (st.sql, st.binds.len())
+    }
+
+    #[test]
+    fn filter_clauses() {
+        assert_eq!(clause(&StateFilter::all()), (String::new(), 0));
+        assert_eq!(clause(&StateFilter::none()), (" AND 1 = 2".into(), 0));
+        assert_eq!(
+            clause(&StateFilter::from_types([("m.room.create", Some(""))])),
+            (" AND ((s.type = $1 AND s.state_key IN ($2)))".into(), 2)
+        );
+        assert_eq!(
+            clause(&StateFilter::from_types([("m.room.name", None)])),
+            (" AND (s.type = $1)".into(), 1)
+        );
+        assert_eq!(
+            clause(&StateFilter::from_lazy_load_member_list(["@a"])),
+            (
+                " AND ((s.type = $1 AND s.state_key IN ($2)) OR s.type NOT IN ($3))".into(),
+                3
+            )
+        );
+        let everything_but_members = StateFilter::new(
+            [(MEMBER.to_owned(), Some(Default::default()))]
+                .into_iter()
+                .collect(),
+            true,
+        );
+        assert_eq!(
+            clause(&everything_but_members),
+            (" AND (s.type NOT IN ($1))".into(), 1)
+        );
+    }
+}

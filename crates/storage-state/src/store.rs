@@ -1,0 +1,334 @@
+//! The state store: the read-side trait, implemented once, that the main process
+//! and replica workers both use.
+
+use crate::caches::{Delta, StateCaches};
+use crate::filter::StateFilter;
+use crate::read;
+use crate::schema::{
+    current_state_events, event_to_state_groups, state_group_edges, state_groups,
+    state_groups_state,
+};
+use crate::types::{StateGroup, StateMap};
+use crate::write::{self, NewStateGroup, STATE_GROUP_SEQUENCE};
+use diesel::prelude::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use storage_core::{with_conn, Database, Error, OpenMode, Result, StoreConfig, Transaction};
+
+/// Event ids per lookup statement.
+const EVENT_BATCH: usize = 500;
+
+/// State-group persistence and reads. `store_state_group` is here, on the read
+/// side, because any process that resolves state (a replica worker too) stores
+/// the result itself; ids come from the engine's shared generator.
+pub trait StateGroupStore {
+    /// Stores a state group and returns its id: a delta with an edge to
+    /// `prev_group` when given and its chain is shorter than
+    /// [`MAX_STATE_DELTA_HOPS`](crate::MAX_STATE_DELTA_HOPS), otherwise a full
+    /// snapshot. The new group's caches are prefilled once committed.
+    fn store_state_group(
+        &self,
+        event_id: &str,
+        room_id: &str,
+        prev_group: Option<StateGroup>,
+        delta_ids: Option<&StateMap>,
+        current_state_ids: Option<&StateMap>,
+    ) -> Result<StateGroup>;
+
+    /// The group's prev group and its delta against it; `None` for a snapshot.
+    fn get_state_group_delta(&self, group: StateGroup) -> Result<Delta>;
+
+    /// The state of each group under `filter`. Unknown groups are an error.
+    fn get_state_for_groups(
+        &self,
+        groups: &[StateGroup],
+        filter: &StateFilter,
+    ) -> Result<HashMap<StateGroup, StateMap>>;
+
+    /// The group holding the state after each event; events without one (unknown,
+    /// or outliers) are absent from the answer.
+    fn get_state_group_for_events(&self, event_ids: &[&str])
+        -> Result<HashMap<String, StateGroup>>;
+
+    /// The state after `event_id` under `filter`. An unknown or outlier event is
+    /// a not-found error.
+    fn get_state_for_event(&self, event_id: &str, filter: &StateFilter) -> Result<StateMap>;
+
+    /// The room's current state (`current_state_events`).
+    fn get_current_state_ids(&self, room_id: &str) -> Result<Arc<StateMap>>;
+
+    /// The room a state group belongs to, if the group exists.
+    fn get_state_group_room(&self, group: StateGroup) -> Result<Option<String>>;
+
+    /// Whether any state group of the room exists.
+    fn room_has_state(&self, room_id: &str) -> Result<bool>;
+}
+
+/// The two dictionary caches of group state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    /// `m.room.member` state.
+    Members,
+    /// Everything else.
+    NonMembers,
+}
+
+/// The one implementation of [`StateGroupStore`], cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    db: Database,
+    caches: Arc<StateCaches>,
+}
+
+impl StateStore {
+    /// Built from the same parameters as every store. A writer first moves
+    /// `state_group_id_seq` past the highest group if it is behind.
+    pub fn new(db: Database, config: &StoreConfig) -> Result<Self> {
+        if db.mode() == OpenMode::Writer {
+            db.sync_sequence(&STATE_GROUP_SEQUENCE)?;
+        }
+        Ok(StateStore {
+            db,
+            caches: Arc::new(StateCaches::new(config)),
+        })
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn caches(&self) -> &StateCaches {
+        &self.caches
+    }
+
+    /// [`StateGroupStore::store_state_group`] inside a caller's transaction, so that
+    /// a batch of events stores its groups and the events together.
+    pub fn store_state_group_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        new: &NewStateGroup<'_>,
+    ) -> Result<StateGroup> {
+        write::store_txn(txn, &self.caches, new)
+    }
+
+    /// Records the state group after each event (`event_to_state_groups`) inside a
+    /// caller's transaction; the mappings are cached once committed.
+    pub fn store_event_state_groups_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        mappings: &[(&str, StateGroup)],
+    ) -> Result<()> {
+        for chunk in mappings.chunks(EVENT_BATCH) {
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|(e, g)| {
+                    (
+                        event_to_state_groups::event_id.eq(*e),
+                        event_to_state_groups::state_group.eq(*g),
+                    )
+                })
+                .collect();
+            with_conn!(txn.conn(), |c| diesel::insert_into(
+                event_to_state_groups::table
+            )
+            .values(&rows)
+            .execute(c))?;
+        }
+        let caches = self.caches.clone();
+        let seq = caches.event_groups.sequence();
+        let owned: Vec<(String, StateGroup)> = mappings
+            .iter()
+            .map(|(e, g)| ((*e).to_owned(), *g))
+            .collect();
+        txn.call_after(move || {
+            for (e, g) in owned {
+                caches.event_groups.insert_at(seq, e, g);
+            }
+        });
+        Ok(())
+    }
+
+    /// What one of the two state caches alone can answer for `group` under
+    /// `filter`, and whether that is all the filter asks for (no database access).
+    pub fn state_from_cache(
+        &self,
+        cache: CacheKind,
+        group: StateGroup,
+        filter: &StateFilter,
+    ) -> (StateMap, bool) {
+        let cache = match cache {
+            CacheKind::Members => &self.caches.members,
+            CacheKind::NonMembers => &self.caches.non_members,
+        };
+        read::from_cache(cache, group, filter)
+    }
+
+    /// Forgets the cached current state of `room_id`; writers call it (through
+    /// `call_after`) when a commit changed it.
+    pub fn invalidate_current_state(&self, room_id: &str) {
+        self.caches.current_state.invalidate(&room_id.to_owned());
+    }
+
+    /// Forgets the cached group of `event_id` (needed only when an outlier gains
+    /// state).
+    pub fn invalidate_event_group(&self, event_id: &str) {
+        self.caches.event_groups.invalidate(&event_id.to_owned());
+    }
+}
+
+impl StateGroupStore for StateStore {
+    fn store_state_group(
+        &self,
+        event_id: &str,
+        room_id: &str,
+        prev_group: Option<StateGroup>,
+        delta_ids: Option<&StateMap>,
+        current_state_ids: Option<&StateMap>,
+    ) -> Result<StateGroup> {
+        let new = NewStateGroup {
+            event_id,
+            room_id,
+            prev_group,
+            delta_ids,
+            current_state_ids,
+        };
+        new.validate()?;
+        self.db.run_interaction("store_state_group", |txn| {
+            self.store_state_group_txn(txn, &new)
+        })
+    }
+
+    fn get_state_group_delta(&self, group: StateGroup) -> Result<Delta> {
+        if let Some(delta) = self.caches.deltas.get(&group) {
+            return Ok(delta);
+        }
+        let seq = self.caches.deltas.sequence();
+        let delta = self.db.run_read("get_state_group_delta", |txn| {
+            let prev: Option<i64> = with_conn!(txn.conn(), |c| state_group_edges::table
+                .select(state_group_edges::prev_state_group)
+                .filter(state_group_edges::state_group.eq(group))
+                .first::<i64>(c)
+                .optional())?;
+            let Some(prev) = prev else {
+                return Ok(None);
+            };
+            let rows: Vec<(String, String, String)> =
+                with_conn!(txn.conn(), |c| state_groups_state::table
+                    .select((
+                        state_groups_state::type_,
+                        state_groups_state::state_key,
+                        state_groups_state::event_id,
+                    ))
+                    .filter(state_groups_state::state_group.eq(group))
+                    .load(c))?;
+            let delta: StateMap = rows.into_iter().map(|(t, k, e)| ((t, k), e)).collect();
+            Ok(Some((prev, Arc::new(delta))))
+        })?;
+        self.caches.deltas.insert_at(seq, group, delta.clone());
+        Ok(delta)
+    }
+
+    fn get_state_for_groups(
+        &self,
+        groups: &[StateGroup],
+        filter: &StateFilter,
+    ) -> Result<HashMap<StateGroup, StateMap>> {
+        read::state_for_groups(&self.caches, &self.db, groups, filter)
+    }
+
+    fn get_state_group_for_events(
+        &self,
+        event_ids: &[&str],
+    ) -> Result<HashMap<String, StateGroup>> {
+        let mut found = HashMap::with_capacity(event_ids.len());
+        let mut missing = Vec::new();
+        for &e in event_ids {
+            match self.caches.event_groups.get(&e.to_owned()) {
+                Some(g) => {
+                    found.insert(e.to_owned(), g);
+                }
+                None => missing.push(e),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let seq = self.caches.event_groups.sequence();
+        let rows = self.db.run_read("get_state_group_for_events", |txn| {
+            let mut rows = Vec::with_capacity(missing.len());
+            for chunk in missing.chunks(EVENT_BATCH) {
+                rows.extend(with_conn!(txn.conn(), |c| event_to_state_groups::table
+                    .select((
+                        event_to_state_groups::event_id,
+                        event_to_state_groups::state_group
+                    ))
+                    .filter(event_to_state_groups::event_id.eq_any(chunk))
+                    .load::<(String, i64)>(c))?);
+            }
+            Ok(rows)
+        })?;
+        for (event_id, group) in rows {
+            self.caches
+                .event_groups
+                .insert_at(seq, event_id.clone(), group);
+            found.insert(event_id, group);
+        }
+        Ok(found)
+    }
+
+    fn get_state_for_event(&self, event_id: &str, filter: &StateFilter) -> Result<StateMap> {
+        let group = self
+            .get_state_group_for_events(&[event_id])?
+            .remove(event_id)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "no state group for unknown or outlier event {event_id}"
+                ))
+            })?;
+        let mut states = self.get_state_for_groups(&[group], filter)?;
+        Ok(states.remove(&group).unwrap_or_default())
+    }
+
+    fn get_current_state_ids(&self, room_id: &str) -> Result<Arc<StateMap>> {
+        let key = room_id.to_owned();
+        if let Some(state) = self.caches.current_state.get(&key) {
+            return Ok(state);
+        }
+        let seq = self.caches.current_state.sequence();
+        let rows: Vec<(String, String, String)> =
+            self.db.run_read("get_current_state_ids", |txn| {
+                Ok(with_conn!(txn.conn(), |c| current_state_events::table
+                    .select((
+                        current_state_events::type_,
+                        current_state_events::state_key,
+                        current_state_events::event_id,
+                    ))
+                    .filter(current_state_events::room_id.eq(room_id))
+                    .load(c))?)
+            })?;
+        let state: Arc<StateMap> =
+            Arc::new(rows.into_iter().map(|(t, k, e)| ((t, k), e)).collect());
+        self.caches.current_state.insert_at(seq, key, state.clone());
+        Ok(state)
+    }
+
+    fn get_state_group_room(&self, group: StateGroup) -> Result<Option<String>> {
+        self.db.run_read("get_state_group_room", |txn| {
+            Ok(with_conn!(txn.conn(), |c| state_groups::table
+                .select(state_groups::room_id)
+                .find(group)
+                .first::<String>(c)
+                .optional())?)
+        })
+    }
+
+    fn room_has_state(&self, room_id: &str) -> Result<bool> {
+        self.db.run_read("room_has_state", |txn| {
+            let n: i64 = with_conn!(txn.conn(), |c| state_groups::table
+                .filter(state_groups::room_id.eq(room_id))
+                .count()
+                .get_result(c))?;
+            Ok(n > 0)
+        })
+    }
+}
