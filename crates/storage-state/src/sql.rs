@@ -41,40 +41,56 @@ impl Statement {
             .join(", ")
     }
 
-    /// Appends ` AND (filter)` for `filter` over columns `prefix.type` and
-    /// `prefix.state_key`; nothing for the full filter.
-    fn push_filter(&mut self, filter: &StateFilter, prefix: &str) {
+    /// The conditions, one per arm of a `UNION ALL`, that together select what
+    /// `filter` wants from rows aliased `s`; `[""]` (one arm, no condition) for the
+    /// full filter, none for the empty one. One arm per event type, rather than
+    /// one condition joined by OR, because SQLite without statistics turns an OR
+    /// across types into a scan of every row of the group (measured: 0.75 ms
+    /// against 0.065 ms for two slots beside a 10,000-member snapshot), while each
+    /// arm is an index seek on `(state_group, type, state_key)`.
+    fn filter_arms(&mut self, filter: &StateFilter) -> Vec<String> {
         if filter.is_full() {
-            return;
+            return vec![String::new()];
         }
-        let mut clauses = Vec::new();
+        let mut arms = Vec::new();
         for (event_type, keys) in filter.types() {
             match keys {
                 // Every placeholder made must appear in the SQL, in order.
                 Some(keys) if keys.is_empty() => {}
                 None => {
                     let t = self.placeholder(Bind::Text(event_type.clone()));
-                    clauses.push(format!("{prefix}.type = {t}"));
+                    arms.push(format!("s.type = {t}"));
                 }
                 Some(keys) => {
                     let t = self.placeholder(Bind::Text(event_type.clone()));
                     let ks = self.placeholders(keys.iter().cloned().map(Bind::Text));
-                    clauses.push(format!(
-                        "({prefix}.type = {t} AND {prefix}.state_key IN ({ks}))"
-                    ));
+                    arms.push(format!("s.type = {t} AND s.state_key IN ({ks})"));
                 }
             }
         }
         if filter.include_others() {
             let ts = self.placeholders(filter.types().keys().cloned().map(Bind::Text));
-            clauses.push(format!("{prefix}.type NOT IN ({ts})"));
+            arms.push(format!("s.type NOT IN ({ts})"));
         }
-        if clauses.is_empty() {
-            self.sql.push_str(" AND 1 = 2");
-        } else {
-            self.sql
-                .push_str(&format!(" AND ({})", clauses.join(" OR ")));
-        }
+        arms
+    }
+
+    /// `select` once per arm of `filter`, joined by UNION ALL. `select` ends in a
+    /// WHERE clause that each arm extends with AND.
+    fn push_arms(&mut self, filter: &StateFilter, select: &str) -> bool {
+        let arms = self.filter_arms(filter);
+        let sql: Vec<String> = arms
+            .iter()
+            .map(|cond| {
+                if cond.is_empty() {
+                    select.to_owned()
+                } else {
+                    format!("{select} AND {cond}")
+                }
+            })
+            .collect();
+        self.sql.push_str(&sql.join(" UNION ALL "));
+        !arms.is_empty()
     }
 
     fn load<R>(self, conn: &mut Conn) -> Result<Vec<R>>
@@ -130,13 +146,14 @@ pub(crate) fn chain_rows(
              SELECT c.root, e.prev_state_group FROM state_group_edges e \
              JOIN chain c ON e.state_group = c.state_group \
              WHERE e.prev_state_group < c.state_group \
-         ) \
-         SELECT c.root AS root, s.state_group AS state_group, s.type AS type_, \
-                s.state_key AS state_key, s.event_id AS event_id \
-         FROM chain c JOIN state_groups_state s ON s.state_group = c.state_group \
-         WHERE 1 = 1"
+         ) "
     );
-    st.push_filter(filter, "s");
+    let select = "SELECT c.root AS root, s.state_group AS state_group, s.type AS type_, \
+                  s.state_key AS state_key, s.event_id AS event_id \
+                  FROM chain c JOIN state_groups_state s ON s.state_group = c.state_group WHERE 1 = 1";
+    if !st.push_arms(filter, select) {
+        return Ok(Vec::new());
+    }
     st.load(conn)
 }
 
@@ -159,11 +176,13 @@ pub(crate) fn group_rows(
 ) -> Result<Vec<SlotRow>> {
     let mut st = Statement::default();
     let g = st.placeholder(Bind::Int(group));
-    st.sql = format!(
+    let select = format!(
         "SELECT s.type AS type_, s.state_key AS state_key, s.event_id AS event_id \
          FROM state_groups_state s WHERE s.state_group = {g}"
     );
-    st.push_filter(filter, "s");
+    if !st.push_arms(filter, &select) {
+        return Ok(Vec::new());
+    }
     st.load(conn)
 }
 
@@ -198,29 +217,32 @@ mod tests {
     use super::*;
     use crate::types::MEMBER;
 
-    fn clause(filter: &StateFilter) -> (String, usize) {
+    fn arms(filter: &StateFilter) -> (Vec<String>, usize) {
         let mut st = Statement::default();
-        st.push_filter(filter, "s");
-        (st.sql, st.binds.len())
+        let arms = st.filter_arms(filter);
+        (arms, st.binds.len())
     }
 
     #[test]
-    fn filter_clauses() {
-        assert_eq!(clause(&StateFilter::all()), (String::new(), 0));
-        assert_eq!(clause(&StateFilter::none()), (" AND 1 = 2".into(), 0));
+    fn filter_arms() {
+        assert_eq!(arms(&StateFilter::all()), (vec![String::new()], 0));
+        assert_eq!(arms(&StateFilter::none()), (vec![], 0));
         assert_eq!(
-            clause(&StateFilter::from_types([("m.room.create", Some(""))])),
-            (" AND ((s.type = $1 AND s.state_key IN ($2)))".into(), 2)
+            arms(&StateFilter::from_types([("m.room.create", Some(""))])),
+            (vec!["s.type = $1 AND s.state_key IN ($2)".to_owned()], 2)
         );
         assert_eq!(
-            clause(&StateFilter::from_types([("m.room.name", None)])),
-            (" AND (s.type = $1)".into(), 1)
+            arms(&StateFilter::from_types([("m.room.name", None)])),
+            (vec!["s.type = $1".to_owned()], 1)
         );
         assert_eq!(
-            clause(&StateFilter::from_lazy_load_member_list(["@a"])),
+            arms(&StateFilter::from_lazy_load_member_list(["@a", "@b"])),
             (
-                " AND ((s.type = $1 AND s.state_key IN ($2)) OR s.type NOT IN ($3))".into(),
-                3
+                vec![
+                    "s.type = $1 AND s.state_key IN ($2, $3)".to_owned(),
+                    "s.type NOT IN ($4)".to_owned()
+                ],
+                4
             )
         );
         let everything_but_members = StateFilter::new(
@@ -230,8 +252,20 @@ mod tests {
             true,
         );
         assert_eq!(
-            clause(&everything_but_members),
-            (" AND (s.type NOT IN ($1))".into(), 1)
+            arms(&everything_but_members),
+            (vec!["s.type NOT IN ($1)".to_owned()], 1)
+        );
+    }
+
+    #[test]
+    fn arms_join_with_union_all() {
+        let mut st = Statement::default();
+        let filter = StateFilter::from_types([("a", Some("")), ("b", None)]);
+        assert!(st.push_arms(&filter, "SELECT x FROM s WHERE 1 = 1"));
+        assert_eq!(
+            st.sql,
+            "SELECT x FROM s WHERE 1 = 1 AND s.type = $1 AND s.state_key IN ($2) UNION ALL \
+             SELECT x FROM s WHERE 1 = 1 AND s.type = $3"
         );
     }
 }

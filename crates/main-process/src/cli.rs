@@ -1,0 +1,72 @@
+//! Command-line parsing and dispatch, and how failures become exit statuses.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use storage_core::config::DEFAULT_SQLITE_PATH;
+use storage_core::LogContext;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hs-main",
+    version,
+    about = "Matrix room-state storage engine: main process"
+)]
+struct Cli {
+    /// `sqlite:PATH` or `postgres://...` (also `postgresql://`). Default: an SQLite
+    /// file under ./data/.
+    #[arg(long, env = "HS_DATABASE", global = true)]
+    database: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the state of a room as JSON: its current state, or the state after
+    /// an event. Never writes to the database.
+    State {
+        room_id: String,
+        /// The state after this event (including it, if it is a state event).
+        #[arg(long = "at")]
+        at: Option<String>,
+    },
+}
+
+/// A failure with the exit status it calls for.
+#[derive(Debug)]
+pub enum Failure {
+    /// The room or event asked about does not exist: status 2.
+    NotFound(String),
+    /// Anything else: status 1.
+    Error(storage_core::Error),
+}
+
+impl From<storage_core::Error> for Failure {
+    fn from(e: storage_core::Error) -> Self {
+        Failure::Error(e)
+    }
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let database = cli
+        .database
+        .unwrap_or_else(|| format!("sqlite:{DEFAULT_SQLITE_PATH}"));
+    let outcome = match cli.command {
+        Command::State { room_id, at } => LogContext::new("state")
+            .scope(|| crate::state_cmd::run(&database, &room_id, at.as_deref())),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::NotFound(msg)) => {
+            eprintln!("hs-main: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Error(e)) => {
+            eprintln!("hs-main: {e}");
+            log::debug!("{e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
