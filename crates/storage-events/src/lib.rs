@@ -1,1 +1,16 @@
-//! Placeholder until its issue lands.
+//! Events: the PDUs themselves, their place in the room DAG (edges, forward
+//! extremities), their place in the stream (`stream_ordering`), rejections, and
+//! the one-transaction write of a persistence batch.
+//!
+//! Everything is computed before it reaches this crate (state groups by
+//! event-context, extremities and current-state changes by the persistence
+//! loop); a batch transaction only writes.
+
+mod extremities;
+pub mod schema;
+mod store;
+mod types;
+
+pub use extremities::new_forward_extremities;
+pub use store::{EventStore, EventsStore, StoredEvent, EVENTS_STREAM_SEQUENCE};
+pub use types::{CurrentStateDelta, EventToPersist, PersistedBatch, RoomBatch};

@@ -8,7 +8,7 @@ use crate::schema::{
     current_state_events, event_to_state_groups, state_group_edges, state_groups,
     state_groups_state,
 };
-use crate::types::{StateGroup, StateMap};
+use crate::types::{StateGroup, StateKey, StateMap};
 use crate::write::{self, NewStateGroup, STATE_GROUP_SEQUENCE};
 use diesel::prelude::*;
 use std::collections::HashMap;
@@ -145,6 +145,50 @@ impl StateStore {
                 caches.event_groups.insert_at(seq, e, g);
             }
         });
+        Ok(())
+    }
+
+    /// Applies a change to `current_state_events` inside a caller's transaction:
+    /// `removed` slots are deleted, `added` ones inserted or replaced (the
+    /// event id and, for members, the membership). The room's cached current
+    /// state is dropped once committed.
+    pub fn update_current_state_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        room_id: &str,
+        removed: &[StateKey],
+        added: &[(StateKey, String, Option<String>)],
+    ) -> Result<()> {
+        use current_state_events as cse;
+        for (t, k) in removed.iter().chain(added.iter().map(|(key, _, _)| key)) {
+            with_conn!(txn.conn(), |c| diesel::delete(
+                cse::table
+                    .filter(cse::room_id.eq(room_id))
+                    .filter(cse::type_.eq(t))
+                    .filter(cse::state_key.eq(k))
+            )
+            .execute(c))?;
+        }
+        for chunk in added.chunks(EVENT_BATCH) {
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|((t, k), e, m)| {
+                    (
+                        cse::event_id.eq(e.as_str()),
+                        cse::room_id.eq(room_id),
+                        cse::type_.eq(t.as_str()),
+                        cse::state_key.eq(k.as_str()),
+                        cse::membership.eq(m.as_deref()),
+                    )
+                })
+                .collect();
+            with_conn!(txn.conn(), |c| diesel::insert_into(cse::table)
+                .values(&rows)
+                .execute(c))?;
+        }
+        let caches = self.caches.clone();
+        let room = room_id.to_owned();
+        txn.call_after(move || caches.current_state.invalidate(&room));
         Ok(())
     }
 

@@ -1,0 +1,79 @@
+//! What the persistence path hands to storage, and what it gets back.
+//!
+//! Plain data: the event parsed elsewhere (event-context, above this crate), its
+//! state groups computed, and the current-state change worked out by the
+//! persistence loop, so the transaction only writes.
+
+use std::collections::HashMap;
+use storage_state::{StateGroup, StateKey};
+
+/// One event ready to be written.
+#[derive(Debug, Clone)]
+pub struct EventToPersist {
+    pub event_id: String,
+    pub room_id: String,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    pub prev_events: Vec<String>,
+    pub auth_events: Vec<String>,
+    /// The PDU as received (stored in `event_json.json`).
+    pub json: String,
+    /// Synapse's event format version: 1 (v1/v2 rooms), 2 (v3), 3 (v4 and later).
+    pub format_version: i32,
+    /// Set for a create event: the room's version, stored in `rooms`.
+    pub room_version: Option<String>,
+    /// Known, but without a place in the room DAG: no state.
+    pub outlier: bool,
+    /// Why the event failed its auth rules, if it did.
+    pub rejected: Option<String>,
+    /// The group holding the state after the event (the state before it, for a
+    /// rejected event); `None` for outliers.
+    pub state_group: Option<StateGroup>,
+    /// `content.membership` of a member event.
+    pub membership: Option<String>,
+}
+
+impl EventToPersist {
+    pub fn is_state(&self) -> bool {
+        self.state_key.is_some()
+    }
+}
+
+/// A change to a room's current state, against what `current_state_events` holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CurrentStateDelta {
+    /// Slots that no longer have any event.
+    pub removed: Vec<StateKey>,
+    /// Slots added or replaced: the event id and, for members, the membership.
+    pub added: Vec<(StateKey, String, Option<String>)>,
+}
+
+impl CurrentStateDelta {
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.added.is_empty()
+    }
+}
+
+/// One room's part of a batch.
+#[derive(Debug, Clone)]
+pub struct RoomBatch {
+    pub room_id: String,
+    pub events: Vec<EventToPersist>,
+    /// The room's forward extremities after the batch.
+    pub new_extremities: Vec<String>,
+    pub current_state: CurrentStateDelta,
+}
+
+/// What a committed batch was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PersistedBatch {
+    /// Stream position of each event written by this batch.
+    pub positions: HashMap<String, i64>,
+    /// Events of the batch that were already stored, and skipped.
+    pub skipped: Vec<String>,
+    /// The highest committed stream position once the batch committed.
+    pub max_stream_ordering: i64,
+}

@@ -1,0 +1,340 @@
+//! Writing batches of events. Each test runs on SQLite and PostgreSQL.
+
+use diesel::prelude::*;
+use std::collections::HashSet;
+use storage_core::testing::TestDb;
+use storage_core::{with_conn, StoreConfig};
+use storage_events::schema::{event_edges, event_forward_extremities, events, rejections};
+use storage_events::{
+    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore, RoomBatch,
+};
+use storage_state::schema::event_to_state_groups as etsg;
+use storage_state::{key, StateFilter, StateGroupStore, StateMap, StateStore};
+
+storage_core::engine_tests!(
+    batch_is_written_whole_with_increasing_positions,
+    stored_events_are_skipped,
+    outliers_get_no_state_and_rejections_are_recorded,
+    failed_batch_leaves_nothing,
+);
+
+const ROOM: &str = "!room:test";
+
+fn stores(t: &TestDb) -> EventsStore {
+    let db = t.open();
+    let state = StateStore::new(db.clone(), &StoreConfig::default()).unwrap();
+    EventsStore::new(db, state, &StoreConfig::default()).unwrap()
+}
+
+fn event(
+    id: &str,
+    prevs: &[&str],
+    state: Option<(&str, &str)>,
+    group: Option<i64>,
+) -> EventToPersist {
+    EventToPersist {
+        event_id: id.into(),
+        room_id: ROOM.into(),
+        event_type: state.map_or("m.room.message", |s| s.0).into(),
+        state_key: state.map(|s| s.1.to_owned()),
+        sender: "@alice:test".into(),
+        depth: prevs.len() as i64 + 1,
+        origin_server_ts: 1_700_000_000_000,
+        prev_events: prevs.iter().map(|p| p.to_string()).collect(),
+        auth_events: vec![],
+        json: format!(r#"{{"type":"x","id":"{id}"}}"#),
+        format_version: 3,
+        room_version: (state.map(|s| s.0) == Some("m.room.create")).then(|| "10".to_owned()),
+        outlier: false,
+        rejected: None,
+        state_group: group,
+        membership: None,
+    }
+}
+
+fn batch(
+    store: &EventsStore,
+    events: Vec<EventToPersist>,
+    added: &[(&str, &str, &str)],
+) -> RoomBatch {
+    let current = store.get_forward_extremities(ROOM).unwrap();
+    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let referenced = store.events_referenced_as_prev(&ids).unwrap();
+    RoomBatch {
+        room_id: ROOM.into(),
+        new_extremities: new_forward_extremities(&current, &events, &referenced),
+        events,
+        current_state: CurrentStateDelta {
+            removed: vec![],
+            added: added
+                .iter()
+                .map(|(t, k, e)| (key(t, k), e.to_string(), None))
+                .collect(),
+        },
+    }
+}
+
+fn count(t: &TestDb, table: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut raw = t.raw_connection();
+    with_conn!(&mut raw, |c| diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM {table}"
+    ))
+    .get_result::<N>(c))
+    .unwrap()
+    .n
+}
+
+fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
+    let store = stores(t);
+    let create_state = StateMap::from([(key("m.room.create", ""), "$create".to_owned())]);
+    let g1 = store
+        .state()
+        .store_state_group("$create", ROOM, None, None, Some(&create_state))
+        .unwrap();
+    let first = store
+        .persist_batch(&batch(
+            &store,
+            vec![event("$create", &[], Some(("m.room.create", "")), Some(g1))],
+            &[("m.room.create", "", "$create")],
+        ))
+        .unwrap();
+    assert_eq!(first.positions.len(), 1);
+    assert_eq!(store.get_room_version(ROOM).unwrap().as_deref(), Some("10"));
+
+    let g2 = store
+        .state()
+        .store_state_group(
+            "$name",
+            ROOM,
+            Some(g1),
+            Some(&StateMap::from([(
+                key("m.room.name", ""),
+                "$name".to_owned(),
+            )])),
+            None,
+        )
+        .unwrap();
+    let second = store
+        .persist_batch(&batch(
+            &store,
+            vec![
+                event("$msg", &["$create"], None, Some(g1)),
+                event("$name", &["$msg"], Some(("m.room.name", "")), Some(g2)),
+                event("$msg2", &["$name"], None, Some(g2)),
+            ],
+            &[("m.room.name", "", "$name")],
+        ))
+        .unwrap();
+    let p = |id: &str| second.positions[id];
+    assert!(
+        first.positions["$create"] < p("$msg") && p("$msg") < p("$name") && p("$name") < p("$msg2")
+    );
+    assert_eq!(second.max_stream_ordering, p("$msg2"));
+    assert_eq!(store.max_stream_ordering(), p("$msg2"));
+    assert_eq!(
+        store.get_forward_extremities(ROOM).unwrap(),
+        vec!["$msg2".to_owned()]
+    );
+    assert_eq!(count(t, "events"), 4);
+    assert_eq!(count(t, "event_json"), 4);
+    assert_eq!(count(t, "event_edges"), 3);
+    assert_eq!(
+        *store.state().get_current_state_ids(ROOM).unwrap(),
+        StateMap::from([
+            (key("m.room.create", ""), "$create".into()),
+            (key("m.room.name", ""), "$name".into())
+        ])
+    );
+    assert_eq!(
+        store
+            .state()
+            .get_state_for_event("$msg2", &StateFilter::all())
+            .unwrap(),
+        StateMap::from([
+            (key("m.room.create", ""), "$create".into()),
+            (key("m.room.name", ""), "$name".into())
+        ])
+    );
+    let stored = store.get_events(&["$name"]).unwrap();
+    assert_eq!(stored["$name"].json, r#"{"type":"x","id":"$name"}"#);
+    assert_eq!(stored["$name"].stream_ordering, p("$name"));
+    // A fresh store reads the committed position back.
+    let again = EventsStore::new(
+        store.database().clone(),
+        store.state().clone(),
+        &StoreConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(again.max_stream_ordering(), p("$msg2"));
+}
+
+fn stored_events_are_skipped(t: &TestDb) {
+    let store = stores(t);
+    let g1 = store
+        .state()
+        .store_state_group(
+            "$create",
+            ROOM,
+            None,
+            None,
+            Some(&StateMap::from([(
+                key("m.room.create", ""),
+                "$create".to_owned(),
+            )])),
+        )
+        .unwrap();
+    let events = vec![
+        event("$create", &[], Some(("m.room.create", "")), Some(g1)),
+        event("$m1", &["$create"], None, Some(g1)),
+    ];
+    let first = store
+        .persist_batch(&batch(
+            &store,
+            events.clone(),
+            &[("m.room.create", "", "$create")],
+        ))
+        .unwrap();
+    let mut again = events;
+    again.push(event("$m2", &["$m1"], None, Some(g1)));
+    let second = store.persist_batch(&batch(&store, again, &[])).unwrap();
+    assert_eq!(second.skipped, vec!["$create".to_owned(), "$m1".to_owned()]);
+    assert_eq!(second.positions.keys().collect::<Vec<_>>(), vec!["$m2"]);
+    assert!(second.positions["$m2"] > first.max_stream_ordering);
+    assert_eq!(count(t, "events"), 3);
+    assert_eq!(
+        store.have_events(&["$create", "$m2", "$nope"]).unwrap(),
+        HashSet::from(["$create".to_owned(), "$m2".to_owned()])
+    );
+}
+
+fn outliers_get_no_state_and_rejections_are_recorded(t: &TestDb) {
+    let store = stores(t);
+    let g1 = store
+        .state()
+        .store_state_group(
+            "$create",
+            ROOM,
+            None,
+            None,
+            Some(&StateMap::from([(
+                key("m.room.create", ""),
+                "$create".to_owned(),
+            )])),
+        )
+        .unwrap();
+    let mut outlier = event(
+        "$outlier",
+        &["$elsewhere"],
+        Some(("m.room.member", "@x:test")),
+        None,
+    );
+    outlier.outlier = true;
+    let mut rejected = event(
+        "$rejected",
+        &["$create"],
+        Some(("m.room.name", "")),
+        Some(g1),
+    );
+    rejected.rejected = Some("sender is not in the room".into());
+    let b = batch(
+        &store,
+        vec![
+            event("$create", &[], Some(("m.room.create", "")), Some(g1)),
+            outlier,
+            rejected,
+        ],
+        &[("m.room.create", "", "$create")],
+    );
+    assert_eq!(b.new_extremities, vec!["$create".to_owned()]);
+    store.persist_batch(&b).unwrap();
+    let mut raw = t.raw_connection();
+    let mapped: Vec<(String, i64)> = with_conn!(&mut raw, |c| etsg::table
+        .select((etsg::event_id, etsg::state_group))
+        .order(etsg::event_id)
+        .load(c))
+    .unwrap();
+    // The outlier has no mapping; the rejected event maps to the state before it.
+    assert_eq!(
+        mapped,
+        vec![("$create".to_owned(), g1), ("$rejected".to_owned(), g1)]
+    );
+    let reason: String = with_conn!(&mut raw, |c| rejections::table
+        .select(rejections::reason)
+        .first(c))
+    .unwrap();
+    assert_eq!(reason, "sender is not in the room");
+    let flags: Vec<(String, bool, Option<String>)> = with_conn!(&mut raw, |c| events::table
+        .select((events::event_id, events::outlier, events::rejection_reason))
+        .order(events::stream_ordering)
+        .load(c))
+    .unwrap();
+    assert_eq!(flags[1], ("$outlier".to_owned(), true, None));
+    assert_eq!(flags[2].2.as_deref(), Some("sender is not in the room"));
+    let edges: i64 = with_conn!(&mut raw, |c| event_edges::table.count().get_result(c)).unwrap();
+    assert_eq!(edges, 1, "outliers have no place in the DAG");
+    let extremities: Vec<String> = with_conn!(&mut raw, |c| event_forward_extremities::table
+        .select(event_forward_extremities::event_id)
+        .load(c))
+    .unwrap();
+    assert_eq!(extremities, vec!["$create".to_owned()]);
+}
+
+/// A batch whose write fails part-way (a row that violates a constraint) leaves
+/// none of its rows behind, and the stream position does not move.
+fn failed_batch_leaves_nothing(t: &TestDb) {
+    let store = stores(t);
+    let g1 = store
+        .state()
+        .store_state_group(
+            "$create",
+            ROOM,
+            None,
+            None,
+            Some(&StateMap::from([(
+                key("m.room.create", ""),
+                "$create".to_owned(),
+            )])),
+        )
+        .unwrap();
+    store
+        .persist_batch(&batch(
+            &store,
+            vec![event("$create", &[], Some(("m.room.create", "")), Some(g1))],
+            &[("m.room.create", "", "$create")],
+        ))
+        .unwrap();
+    let before = store.max_stream_ordering();
+    // The current-state change names an event id that is already the value of
+    // another slot: current_state_events.event_id is unique, so the write fails
+    // after the events rows went in.
+    let mut b = batch(
+        &store,
+        vec![
+            event("$m1", &["$create"], None, Some(g1)),
+            event("$m2", &["$m1"], None, Some(g1)),
+        ],
+        &[],
+    );
+    b.current_state
+        .added
+        .push((key("m.other", ""), "$create".into(), None));
+    let err = store.persist_batch(&b).unwrap_err();
+    assert!(err.to_string().starts_with("persist_events"), "{err}");
+    assert_eq!(count(t, "events"), 1);
+    assert_eq!(count(t, "event_json"), 1);
+    assert_eq!(count(t, "event_to_state_groups"), 1);
+    assert_eq!(
+        store.get_forward_extremities(ROOM).unwrap(),
+        vec!["$create".to_owned()]
+    );
+    assert_eq!(
+        store.max_stream_ordering(),
+        before,
+        "the position moves only on commit"
+    );
+}
