@@ -1,0 +1,6 @@
+//! The main process: the persistence queue and its loops, the command line, and
+//! (later) the HTTP API. The binary `hs-main` is a thin shell over this library.
+
+pub mod cli;
+pub mod queue;
+pub mod state_cmd;

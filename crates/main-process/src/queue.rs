@@ -1,0 +1,195 @@
+//! The persistence queue: events for a room wait here until that room's loop
+//! writes them in a batch.
+//!
+//! Per room, at most one loop runs at a time, on a thread of its own under its
+//! own log context (never the context of the request that happened to start
+//! it); rooms proceed in parallel. A call to [`PersistenceQueue::enqueue`] that
+//! finds the room's last waiting item with room to spare joins it, so that
+//! callers arriving while a batch is being written share the next one. Every
+//! caller of an item gets the same outcome: the batch's stream positions, or
+//! its error (shared, with the backtrace of where it happened). An error that
+//! reached no caller is logged as unhandled; one that reached a caller is theirs.
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use storage_core::{log_context, metrics, Error};
+use storage_events::{EventToPersist, PersistedBatch};
+
+/// What every caller of a batch receives.
+pub type BatchOutcome = Result<Arc<PersistedBatch>, Arc<Error>>;
+
+/// Writes one room's batch; the queue calls it from the room's loop.
+pub type PersistFn =
+    dyn Fn(&str, &[EventToPersist]) -> storage_core::Result<PersistedBatch> + Send + Sync;
+
+/// A caller's claim on the outcome of the batch its events went into.
+#[derive(Debug)]
+pub struct Handle {
+    rx: Receiver<BatchOutcome>,
+}
+
+impl Handle {
+    /// Waits for the batch to be written (or to fail).
+    pub fn wait(self) -> BatchOutcome {
+        self.rx
+            .recv()
+            .unwrap_or_else(|_| Err(Arc::new(loop_gone())))
+    }
+
+    /// Waits at most `timeout`; `None` if the batch is still pending.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<BatchOutcome> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(outcome) => Some(outcome),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Err(Arc::new(loop_gone()))),
+        }
+    }
+}
+
+fn loop_gone() -> Error {
+    Error::other("the persistence loop stopped without an outcome for this batch")
+}
+
+struct Item {
+    events: Vec<EventToPersist>,
+    waiters: Vec<Sender<BatchOutcome>>,
+}
+
+struct Inner {
+    /// Waiting items per room; a room is present exactly while its loop runs.
+    rooms: Mutex<HashMap<String, VecDeque<Item>>>,
+    persist: Box<PersistFn>,
+    max_batch: usize,
+    depth: AtomicUsize,
+}
+
+/// See the module documentation. Cheap to clone.
+#[derive(Clone)]
+pub struct PersistenceQueue {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PersistenceQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistenceQueue")
+            .field("max_batch", &self.inner.max_batch)
+            .field("depth", &self.depth())
+            .finish()
+    }
+}
+
+impl PersistenceQueue {
+    /// A queue that writes batches of at most `max_batch` events (a single
+    /// caller's events are never split) with `persist`.
+    pub fn new(max_batch: usize, persist: Box<PersistFn>) -> Self {
+        PersistenceQueue {
+            inner: Arc::new(Inner {
+                rooms: Mutex::new(HashMap::new()),
+                persist,
+                max_batch: max_batch.max(1),
+                depth: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Events waiting to be written, over all rooms.
+    pub fn depth(&self) -> usize {
+        self.inner.depth.load(Ordering::SeqCst)
+    }
+
+    /// Queues `events` (all of one room) and returns the handle to wait on.
+    pub fn enqueue(&self, room_id: &str, events: Vec<EventToPersist>) -> Handle {
+        let (tx, rx) = bounded(1);
+        let n = events.len();
+        let start_loop = {
+            let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            let start_loop = !rooms.contains_key(room_id);
+            let queue = rooms.entry(room_id.to_owned()).or_default();
+            match queue.back_mut() {
+                Some(last) if last.events.len() + n <= self.inner.max_batch => {
+                    last.events.extend(events);
+                    last.waiters.push(tx);
+                }
+                _ => queue.push_back(Item {
+                    events,
+                    waiters: vec![tx],
+                }),
+            }
+            start_loop
+        };
+        self.inner.depth.fetch_add(n, Ordering::SeqCst);
+        self.publish_depth();
+        if start_loop {
+            let inner = self.inner.clone();
+            let room = room_id.to_owned();
+            log_context::spawn(format!("persistence loop {room_id}"), move || {
+                run_loop(&inner, &room)
+            });
+        }
+        Handle { rx }
+    }
+
+    fn publish_depth(&self) {
+        metrics::global().set_gauge(
+            "hs_persistence_queue_depth",
+            "Events waiting in the persistence queue",
+            self.depth() as f64,
+        );
+    }
+}
+
+/// Drains one room's queue, item by item, until it is empty.
+fn run_loop(inner: &Inner, room_id: &str) {
+    loop {
+        let item = {
+            let mut rooms = inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            let next = rooms.get_mut(room_id).and_then(VecDeque::pop_front);
+            if next.is_none() {
+                // Under the same lock as `enqueue`: a later caller starts a new loop.
+                rooms.remove(room_id);
+                return;
+            }
+            next
+        };
+        let Some(Item { events, waiters }) = item else {
+            return;
+        };
+        let outcome: BatchOutcome = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            (inner.persist)(room_id, &events)
+        })) {
+            Ok(Ok(batch)) => Ok(Arc::new(batch)),
+            Ok(Err(e)) => Err(Arc::new(
+                e.context(format!("persisting {} events in {room_id}", events.len())),
+            )),
+            Err(_) => Err(Arc::new(Error::other(format!(
+                "persisting {} events in {room_id}: the persister panicked",
+                events.len()
+            )))),
+        };
+        inner.depth.fetch_sub(events.len(), Ordering::SeqCst);
+        metrics::global().set_gauge(
+            "hs_persistence_queue_depth",
+            "Events waiting in the persistence queue",
+            inner.depth.load(Ordering::SeqCst) as f64,
+        );
+        let delivered = waiters
+            .iter()
+            .filter(|w| w.send(outcome.clone()).is_ok())
+            .count();
+        match &outcome {
+            Ok(batch) => log::debug!(
+                "persisted {} events in {room_id} (up to stream position {})",
+                batch.positions.len(),
+                batch.max_stream_ordering
+            ),
+            Err(e) if delivered == 0 => {
+                log::error!("unhandled persistence failure, no caller was waiting: {e:?}")
+            }
+            Err(e) => log::debug!("persistence failure delivered to {delivered} callers: {e}"),
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! The persistence queue: shared batches, shared errors, independent rooms,
+//! abandoned callers, log context, and commit order of stream positions.
+
+use main_process::queue::{BatchOutcome, PersistenceQueue};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+use storage_core::testing::TestDb;
+use storage_core::{logging, Error, LogContext, StoreConfig};
+use storage_events::{
+    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    PersistedBatch, RoomBatch,
+};
+use storage_state::{key, StateGroupStore, StateMap, StateStore};
+
+fn event(room: &str, id: &str, group: Option<i64>) -> EventToPersist {
+    EventToPersist {
+        event_id: id.into(),
+        room_id: room.into(),
+        event_type: "m.room.message".into(),
+        state_key: None,
+        sender: "@a:test".into(),
+        depth: 1,
+        origin_server_ts: 0,
+        prev_events: vec![],
+        auth_events: vec![],
+        json: "{}".into(),
+        format_version: 3,
+        room_version: None,
+        outlier: false,
+        rejected: None,
+        state_group: group,
+        membership: None,
+    }
+}
+
+fn ok_batch(events: &[EventToPersist]) -> PersistedBatch {
+    PersistedBatch {
+        positions: events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.event_id.clone(), i as i64))
+            .collect(),
+        skipped: vec![],
+        max_stream_ordering: events.len() as i64,
+    }
+}
+
+/// A persister that blocks its first call until released, recording what it got.
+struct Gate {
+    calls: Mutex<Vec<Vec<String>>>,
+    entered: Barrier,
+    release: Barrier,
+}
+
+fn gated_queue() -> (PersistenceQueue, Arc<Gate>) {
+    let gate = Arc::new(Gate {
+        calls: Mutex::new(Vec::new()),
+        entered: Barrier::new(2),
+        release: Barrier::new(2),
+    });
+    let g = gate.clone();
+    let queue = PersistenceQueue::new(
+        100,
+        Box::new(move |_room, events| {
+            let first = {
+                let mut calls = g.calls.lock().unwrap();
+                calls.push(events.iter().map(|e| e.event_id.clone()).collect());
+                calls.len() == 1
+            };
+            if first {
+                g.entered.wait();
+                g.release.wait();
+            }
+            if events.iter().any(|e| e.event_id.starts_with("$bad")) {
+                return Err(Error::other("injected failure"));
+            }
+            Ok(ok_batch(events))
+        }),
+    );
+    (queue, gate)
+}
+
+#[test]
+fn callers_arriving_during_a_batch_share_the_next_one() {
+    let (queue, gate) = gated_queue();
+    let h1 = queue.enqueue("!r", vec![event("!r", "$1", Some(1))]);
+    gate.entered.wait(); // the loop is writing $1
+    let h2 = queue.enqueue("!r", vec![event("!r", "$2", Some(1))]);
+    let h3 = queue.enqueue(
+        "!r",
+        vec![event("!r", "$3", Some(1)), event("!r", "$4", Some(1))],
+    );
+    assert_eq!(queue.depth(), 4);
+    gate.release.wait();
+    let (r1, r2, r3) = (h1.wait().unwrap(), h2.wait().unwrap(), h3.wait().unwrap());
+    assert!(
+        Arc::ptr_eq(&r2, &r3),
+        "one batch, one outcome for both callers"
+    );
+    assert!(!Arc::ptr_eq(&r1, &r2));
+    assert_eq!(r3.positions.len(), 3);
+    assert_eq!(
+        *gate.calls.lock().unwrap(),
+        vec![vec!["$1"], vec!["$2", "$3", "$4"]]
+    );
+    assert_eq!(queue.depth(), 0);
+}
+
+#[test]
+fn a_failing_batch_fails_every_caller_and_the_loop_goes_on() {
+    let (queue, gate) = gated_queue();
+    let h1 = queue.enqueue("!r", vec![event("!r", "$1", Some(1))]);
+    gate.entered.wait();
+    let bad_a = queue.enqueue("!r", vec![event("!r", "$bad-a", Some(1))]);
+    let bad_b = queue.enqueue("!r", vec![event("!r", "$b", Some(1))]);
+    gate.release.wait();
+    h1.wait().unwrap();
+    let (ea, eb) = (bad_a.wait().unwrap_err(), bad_b.wait().unwrap_err());
+    assert!(Arc::ptr_eq(&ea, &eb), "the same error for everyone");
+    assert!(ea.to_string().contains("injected failure"), "{ea}");
+    assert!(ea.to_string().contains("persisting 2 events in !r"), "{ea}");
+    assert!(
+        format!("{:?}", ea.backtrace()).contains("queue"),
+        "backtrace from where it happened"
+    );
+    // The loop continues with later items.
+    let later = queue.enqueue("!r", vec![event("!r", "$later", Some(1))]);
+    assert_eq!(later.wait().unwrap().positions.len(), 1);
+}
+
+#[test]
+fn rooms_do_not_wait_for_each_other() {
+    let (queue, gate) = gated_queue();
+    let blocked = queue.enqueue("!slow", vec![event("!slow", "$s", Some(1))]);
+    gate.entered.wait();
+    // !slow's loop is stuck in its persister; !fast still gets through.
+    let fast = queue.enqueue("!fast", vec![event("!fast", "$f", Some(1))]);
+    assert!(fast
+        .wait_timeout(Duration::from_secs(10))
+        .expect("not blocked")
+        .is_ok());
+    assert!(blocked.wait_timeout(Duration::from_millis(10)).is_none());
+    gate.release.wait();
+    assert!(blocked.wait().is_ok());
+}
+
+#[test]
+fn a_caller_that_stops_waiting_does_not_block_the_loop_and_errors_are_logged_once() {
+    let capture = logging::capture();
+    let (queue, gate) = gated_queue();
+    let h1 = queue.enqueue("!gone", vec![event("!gone", "$1", Some(1))]);
+    gate.entered.wait();
+    drop(queue.enqueue("!gone", vec![event("!gone", "$bad-unwatched", Some(1))]));
+    gate.release.wait();
+    h1.wait().unwrap();
+    let after = queue.enqueue("!gone", vec![event("!gone", "$bad-watched", Some(1))]);
+    assert!(after.wait().is_err());
+    let lines = capture.lines();
+    let unhandled: Vec<_> = lines
+        .iter()
+        .filter(|l| l.level == log::Level::Error && l.message.contains("in !gone"))
+        .collect();
+    assert_eq!(
+        unhandled.len(),
+        1,
+        "only the unwatched failure is unhandled: {unhandled:?}"
+    );
+    assert!(unhandled[0].message.contains("no caller was waiting"));
+}
+
+#[test]
+fn the_loop_runs_in_its_own_log_context() {
+    let capture = logging::capture();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let queue = PersistenceQueue::new(
+        10,
+        Box::new(move |room, events| {
+            log::info!("writing {} events of {room} (context check)", events.len());
+            s.lock()
+                .unwrap()
+                .push(storage_core::log_context::current_name());
+            Ok(ok_batch(events))
+        }),
+    );
+    LogContext::new("request-42").scope(|| {
+        queue
+            .enqueue("!ctx", vec![event("!ctx", "$1", Some(1))])
+            .wait()
+            .unwrap();
+    });
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["persistence loop !ctx".to_owned()]
+    );
+    let line = capture
+        .lines()
+        .into_iter()
+        .find(|l| l.message.contains("(context check)"))
+        .expect("the persister's line was logged");
+    assert_eq!(line.context, "persistence loop !ctx");
+}
+
+#[test]
+fn a_panicking_persister_fails_its_callers() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let queue = PersistenceQueue::new(
+        10,
+        Box::new(move |_, events| {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("persister bug");
+            }
+            Ok(ok_batch(events))
+        }),
+    );
+    let err = queue
+        .enqueue("!p", vec![event("!p", "$1", None)])
+        .wait()
+        .unwrap_err();
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert!(queue
+        .enqueue("!p", vec![event("!p", "$2", None)])
+        .wait()
+        .is_ok());
+}
+
+// With real storage, on both engines.
+
+storage_core::engine_tests!(
+    failed_batch_leaves_no_event_behind,
+    stream_positions_follow_commit_order
+);
+
+fn real_queue(store: &EventsStore) -> PersistenceQueue {
+    let store = store.clone();
+    PersistenceQueue::new(
+        50,
+        Box::new(move |room, events| {
+            let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+            let current = store.get_forward_extremities(room)?;
+            let referenced = store.events_referenced_as_prev(&ids)?;
+            let mut batch = RoomBatch {
+                room_id: room.to_owned(),
+                new_extremities: new_forward_extremities(&current, events, &referenced),
+                events: events.to_vec(),
+                current_state: CurrentStateDelta::default(),
+            };
+            if events.iter().any(|e| e.event_id.starts_with("$bad")) {
+                // current_state_events.event_id is unique: this write fails inside
+                // the transaction, after the events went in.
+                batch
+                    .current_state
+                    .added
+                    .push((key("a", ""), "$dup".into(), None));
+                batch
+                    .current_state
+                    .added
+                    .push((key("b", ""), "$dup".into(), None));
+            }
+            store.persist_batch(&batch)
+        }),
+    )
+}
+
+fn stores(t: &TestDb) -> (EventsStore, i64) {
+    let db = t.open();
+    let state = StateStore::new(db.clone(), &StoreConfig::default()).unwrap();
+    let group = state
+        .store_state_group(
+            "$create",
+            "!r",
+            None,
+            None,
+            Some(&StateMap::from([(
+                key("m.room.create", ""),
+                "$create".to_owned(),
+            )])),
+        )
+        .unwrap();
+    (
+        EventsStore::new(db, state, &StoreConfig::default()).unwrap(),
+        group,
+    )
+}
+
+fn failed_batch_leaves_no_event_behind(t: &TestDb) {
+    let (store, g) = stores(t);
+    let queue = real_queue(&store);
+    let handles: Vec<_> = ["$ok1", "$bad", "$ok2"]
+        .iter()
+        .map(|id| {
+            (
+                id.to_string(),
+                queue.enqueue("!r", vec![event("!r", id, Some(g))]),
+            )
+        })
+        .collect();
+    let outcomes: HashMap<String, BatchOutcome> =
+        handles.into_iter().map(|(id, h)| (id, h.wait())).collect();
+    // $bad may share a batch with its neighbours; whoever shared it failed with it.
+    let failed: Vec<&String> = outcomes
+        .iter()
+        .filter(|(_, o)| o.is_err())
+        .map(|(id, _)| id)
+        .collect();
+    assert!(failed.contains(&&"$bad".to_owned()));
+    let stored = store.have_events(&["$ok1", "$bad", "$ok2"]).unwrap();
+    for (id, outcome) in &outcomes {
+        assert_eq!(
+            stored.contains(id),
+            outcome.is_ok(),
+            "{id}: stored iff its batch committed"
+        );
+    }
+}
+
+fn stream_positions_follow_commit_order(t: &TestDb) {
+    let (store, g) = stores(t);
+    let queue = real_queue(&store);
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..4)
+        .map(|r| {
+            let (queue, committed) = (queue.clone(), committed.clone());
+            std::thread::spawn(move || {
+                let room = format!("!room{r}");
+                for i in 0..10 {
+                    let events = (0..3)
+                        .map(|j| event(&room, &format!("$r{r}-{i}-{j}"), Some(g)))
+                        .collect();
+                    let batch = queue.enqueue(&room, events).wait().unwrap();
+                    let mut positions: Vec<i64> = batch.positions.values().copied().collect();
+                    positions.sort();
+                    committed.lock().unwrap().push(positions);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut batches = committed.lock().unwrap().clone();
+    batches.sort();
+    batches.dedup();
+    // Batches never interleave: every position of one batch is below every
+    // position of the batch committed after it.
+    for pair in batches.windows(2) {
+        assert!(pair[0].last() < pair[1].first(), "{pair:?}");
+    }
+    let all: usize = batches.iter().map(Vec::len).sum();
+    assert_eq!(all, 120);
+    assert_eq!(
+        store.max_stream_ordering(),
+        *batches.last().unwrap().last().unwrap()
+    );
+}
