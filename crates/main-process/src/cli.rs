@@ -23,6 +23,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create the database if needed, apply pending migrations, check the id
+    /// sequences, and print what it found. What the main process does at start-up.
+    Migrate,
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
     State {
@@ -54,6 +57,7 @@ pub fn run() -> ExitCode {
         .database
         .unwrap_or_else(|| format!("sqlite:{DEFAULT_SQLITE_PATH}"));
     let outcome = match cli.command {
+        Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
         Command::State { room_id, at } => LogContext::new("state")
             .scope(|| crate::state_cmd::run(&database, &room_id, at.as_deref())),
     };

@@ -2,5 +2,6 @@
 //! (later) the HTTP API. The binary `hs-main` is a thin shell over this library.
 
 pub mod cli;
+pub mod migrate_cmd;
 pub mod queue;
 pub mod state_cmd;

@@ -1,0 +1,22 @@
+//! `hs-main migrate`: open the database as the main process does at start-up
+//! (creating an SQLite file and its folder if needed, applying pending
+//! migrations, moving lagging id sequences forward) and report.
+
+use crate::cli::Failure;
+use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
+use storage_events::{EventStore, EventsStore};
+use storage_state::StateStore;
+
+pub fn run(database: &str) -> Result<(), Failure> {
+    let db = Database::open(DatabaseConfig::parse(database, OpenMode::Writer)?)?;
+    let config = StoreConfig::default();
+    let state = StateStore::new(db.clone(), &config)?;
+    let events = EventsStore::new(db.clone(), state, &config)?;
+    println!(
+        "database {} ({}) is migrated and ready; stream position {}",
+        db.url(),
+        db.engine().name(),
+        events.max_stream_ordering()
+    );
+    Ok(())
+}
