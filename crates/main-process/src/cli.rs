@@ -26,6 +26,17 @@ enum Command {
     /// Create the database if needed, apply pending migrations, check the id
     /// sequences, and print what it found. What the main process does at start-up.
     Migrate,
+    /// A read-only report on a database (ours or Synapse's): rooms, events, state
+    /// groups, snapshots and deltas, chain lengths, the rooms using the most state
+    /// rows, and the health of the state group id sequence.
+    Inspect {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// How many of the rooms with the most state rows to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
     State {
@@ -57,6 +68,9 @@ pub fn run() -> ExitCode {
         .database
         .unwrap_or_else(|| format!("sqlite:{DEFAULT_SQLITE_PATH}"));
     let outcome = match cli.command {
+        Command::Inspect { json, top } => {
+            LogContext::new("inspect").scope(|| crate::inspect_cmd::run(&database, json, top))
+        }
         Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
         Command::State { room_id, at } => LogContext::new("state")
             .scope(|| crate::state_cmd::run(&database, &room_id, at.as_deref())),

@@ -2,6 +2,8 @@
 //! (later) the HTTP API. The binary `hs-main` is a thin shell over this library.
 
 pub mod cli;
+pub mod inspect_cmd;
 pub mod migrate_cmd;
+pub mod persist;
 pub mod queue;
 pub mod state_cmd;

@@ -23,7 +23,7 @@ mod transaction;
 pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};
-pub use engine::{Engine, Isolation, Sequence, SequenceRepair, TxnOptions};
+pub use engine::{Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TxnOptions};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use log_context::LogContext;
 pub use transaction::Transaction;

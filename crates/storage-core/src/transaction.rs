@@ -103,6 +103,14 @@ impl<'a> Transaction<'a> {
         Ok(ids[0])
     }
 
+    /// `sequence` next to the highest id of its table, changing nothing.
+    pub fn inspect_sequence(
+        &mut self,
+        sequence: &Sequence,
+    ) -> Result<crate::engine::SequenceHealth> {
+        self.engine.inspect_sequence(self.conn, sequence)
+    }
+
     /// Locks `table` against other writers until this transaction ends.
     pub fn lock_table(&mut self, table: &str) -> Result<()> {
         self.engine.lock_table(self.conn, table)

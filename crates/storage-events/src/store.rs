@@ -91,6 +91,15 @@ impl EventsStore {
         &self.state
     }
 
+    /// How many rooms and events are stored.
+    pub fn totals(&self) -> Result<(i64, i64)> {
+        self.db.run_read("event_totals", |txn| {
+            let rooms: i64 = with_conn!(txn.conn(), |c| rooms::table.count().get_result(c))?;
+            let events: i64 = with_conn!(txn.conn(), |c| events::table.count().get_result(c))?;
+            Ok((rooms, events))
+        })
+    }
+
     /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).
     pub fn persist_batch(&self, batch: &RoomBatch) -> Result<PersistedBatch> {
         self.db

@@ -10,6 +10,7 @@
 mod caches;
 mod filter;
 mod read;
+mod report;
 pub mod schema;
 mod sql;
 mod store;
@@ -18,6 +19,7 @@ mod write;
 
 pub use caches::{Delta, StateCaches};
 pub use filter::StateFilter;
+pub use report::{state_report, StateReport};
 pub use store::{CacheKind, StateGroupStore, StateStore};
 pub use types::{key, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 pub use write::{NewStateGroup, STATE_GROUP_SEQUENCE};

@@ -212,6 +212,38 @@ pub(crate) fn chain_length(conn: &mut Conn, group: StateGroup, limit: usize) -> 
     Ok(rows.first().map_or(0, |r| r.n as usize))
 }
 
+#[derive(QueryableByName, Debug)]
+pub(crate) struct ChainStats {
+    #[diesel(sql_type = BigInt)]
+    pub(crate) longest: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    pub(crate) average: f64,
+}
+
+/// The longest chain and the average chain length over all groups, where a
+/// group's chain length counts the groups from it down to its snapshot.
+pub(crate) fn chain_stats(conn: &mut Conn) -> Result<ChainStats> {
+    let st = Statement {
+        sql: "WITH RECURSIVE depth(state_group, n) AS ( \
+                  SELECT g.id, 1 FROM state_groups g WHERE NOT EXISTS \
+                      (SELECT 1 FROM state_group_edges e WHERE e.state_group = g.id) \
+                  UNION ALL \
+                  SELECT e.state_group, d.n + 1 FROM state_group_edges e \
+                  JOIN depth d ON e.prev_state_group = d.state_group \
+                  WHERE e.state_group > d.state_group \
+              ) \
+              SELECT CAST(COALESCE(MAX(n), 0) AS BIGINT) AS longest, \
+                     CAST(COALESCE(AVG(n), 0) AS DOUBLE PRECISION) AS average FROM depth"
+            .to_owned(),
+        binds: Vec::new(),
+    };
+    let mut rows: Vec<ChainStats> = st.load(conn)?;
+    Ok(rows.pop().unwrap_or(ChainStats {
+        longest: 0,
+        average: 0.0,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

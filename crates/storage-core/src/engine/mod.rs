@@ -74,6 +74,23 @@ pub struct SequenceRepair {
     pub max_id: i64,
 }
 
+/// A sequence next to the highest id of its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceHealth {
+    pub sequence: &'static str,
+    /// The last value handed out; `None` where the engine has no sequence (SQLite
+    /// counts from the table itself and cannot fall behind).
+    pub handed_out: Option<i64>,
+    pub max_id: i64,
+}
+
+impl SequenceHealth {
+    /// Whether the next id could collide with an existing one.
+    pub fn is_behind(&self) -> bool {
+        self.handed_out.is_some_and(|h| h < self.max_id)
+    }
+}
+
 /// Held for the length of a transaction where the engine serialises writers.
 pub type WriterGuard<'e> = Option<MutexGuard<'e, ()>>;
 
@@ -108,6 +125,9 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// `n` new ids from `sequence`, ascending, inside the caller's transaction.
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
+
+    /// Reads `sequence` and the highest id of its table, changing nothing.
+    fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth>;
 
     /// Moves `sequence` past the highest id in its table if it is behind, and says
     /// so; `None` when it was in order (or the engine has no sequences to fall behind).

@@ -1,6 +1,6 @@
 //! PostgreSQL, for scale and for replica workers.
 
-use super::{Engine, Isolation, Sequence, SequenceRepair, TxnOptions, WriterGuard};
+use super::{Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TxnOptions, WriterGuard};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::Conn;
 use crate::error::{Result, ResultExt};
@@ -108,11 +108,7 @@ impl Engine for PostgresEngine {
         Ok(ids)
     }
 
-    fn sync_sequence(
-        &self,
-        conn: &mut Conn,
-        sequence: &Sequence,
-    ) -> Result<Option<SequenceRepair>> {
+    fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
         let c = conn.postgres()?;
         let state: SequenceState = diesel::sql_query(format!(
             "SELECT last_value, is_called FROM {}",
@@ -132,7 +128,21 @@ impl Engine for PostgresEngine {
         ))
         .get_result(c)
         .with_context(|| format!("reading the highest id of {}", sequence.table))?;
-        if max.id <= handed_out {
+        Ok(SequenceHealth {
+            sequence: sequence.name,
+            handed_out: Some(handed_out),
+            max_id: max.id,
+        })
+    }
+
+    fn sync_sequence(
+        &self,
+        conn: &mut Conn,
+        sequence: &Sequence,
+    ) -> Result<Option<SequenceRepair>> {
+        let health = self.inspect_sequence(conn, sequence)?;
+        let handed_out = health.handed_out.unwrap_or_default();
+        if health.max_id <= handed_out {
             return Ok(None);
         }
         // GREATEST: another process may have advanced it since we read it.
@@ -141,13 +151,13 @@ impl Engine for PostgresEngine {
             sequence.name
         ))
         .bind::<Text, _>(sequence.name)
-        .bind::<BigInt, _>(max.id)
-        .get_result::<Id>(c)
+        .bind::<BigInt, _>(health.max_id)
+        .get_result::<Id>(conn.postgres()?)
         .with_context(|| format!("moving sequence {} forward", sequence.name))?;
         Ok(Some(SequenceRepair {
             sequence: sequence.name,
             was: handed_out,
-            max_id: max.id,
+            max_id: health.max_id,
         }))
     }
 

@@ -1,6 +1,6 @@
 //! The embedded default: one SQLite file, WAL, one writer at a time.
 
-use super::{Engine, Sequence, SequenceRepair, TxnOptions, WriterGuard};
+use super::{Engine, Sequence, SequenceHealth, SequenceRepair, TxnOptions, WriterGuard};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::Conn;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -171,6 +171,21 @@ impl Engine for SqliteEngine {
         let ids: Vec<i64> = (last + 1..=last + n as i64).collect();
         counters.insert(sequence.name, last + n as i64);
         Ok(ids)
+    }
+
+    fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
+        let sql = format!(
+            "SELECT COALESCE(MAX({}), 0) AS id FROM {}",
+            sequence.column, sequence.table
+        );
+        let row: MaxId = diesel::sql_query(sql)
+            .get_result(conn.sqlite()?)
+            .with_context(|| format!("reading the highest id of {}", sequence.table))?;
+        Ok(SequenceHealth {
+            sequence: sequence.name,
+            handed_out: None,
+            max_id: row.id,
+        })
     }
 
     fn sync_sequence(

@@ -1,0 +1,160 @@
+//! What a room's persistence loop does with a batch: work out the room's new
+//! forward extremities and the change of its current state, then write it all
+//! in one transaction.
+//!
+//! Only the main process persists, and only one loop per room runs at a time,
+//! so reading the extremities and current state before the transaction races
+//! with no other writer of that room.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use storage_core::Result;
+use storage_events::{
+    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    PersistedBatch, RoomBatch,
+};
+use storage_state::{StateFilter, StateGroup, StateGroupStore, StateMap, MEMBER};
+
+/// Resolves the state of a room whose forward extremities have different state.
+pub trait ExtremityResolver: Send + Sync {
+    /// The state resolved from `groups` (two or more) of `room_id`.
+    fn resolve_groups(&self, room_id: &str, groups: &[StateGroup]) -> Result<StateMap>;
+}
+
+/// Persists batches for the queue.
+#[derive(Clone)]
+pub struct RoomPersister {
+    events: EventsStore,
+    resolver: Arc<dyn ExtremityResolver>,
+}
+
+impl std::fmt::Debug for RoomPersister {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomPersister").finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct MemberContent {
+    content: Membership,
+}
+
+#[derive(serde::Deserialize)]
+struct Membership {
+    membership: Option<String>,
+}
+
+impl RoomPersister {
+    pub fn new(events: EventsStore, resolver: Arc<dyn ExtremityResolver>) -> Self {
+        RoomPersister { events, resolver }
+    }
+
+    /// Writes `batch` (events of `room_id`) with the extremities and current
+    /// state it leads to.
+    pub fn persist(&self, room_id: &str, batch: &[EventToPersist]) -> Result<PersistedBatch> {
+        let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
+        let current = self.events.get_forward_extremities(room_id)?;
+        let referenced = self.events.events_referenced_as_prev(&ids)?;
+        let new_extremities = new_forward_extremities(&current, batch, &referenced);
+        let current_state = if new_extremities == current {
+            CurrentStateDelta::default()
+        } else {
+            self.current_state_delta(room_id, batch, &new_extremities)?
+        };
+        self.events.persist_batch(&RoomBatch {
+            room_id: room_id.to_owned(),
+            events: batch.to_vec(),
+            new_extremities,
+            current_state,
+        })
+    }
+
+    fn current_state_delta(
+        &self,
+        room_id: &str,
+        batch: &[EventToPersist],
+        extremities: &[String],
+    ) -> Result<CurrentStateDelta> {
+        let in_batch: HashMap<&str, &EventToPersist> =
+            batch.iter().map(|e| (e.event_id.as_str(), e)).collect();
+        let stored_ids: Vec<&str> = extremities
+            .iter()
+            .map(String::as_str)
+            .filter(|e| !in_batch.contains_key(e))
+            .collect();
+        let stored_groups = self
+            .events
+            .state()
+            .get_state_group_for_events(&stored_ids)?;
+        let groups: BTreeSet<StateGroup> = extremities
+            .iter()
+            .filter_map(|e| match in_batch.get(e.as_str()) {
+                Some(ev) => ev.state_group,
+                None => stored_groups.get(e).copied(),
+            })
+            .collect();
+        let groups: Vec<StateGroup> = groups.into_iter().collect();
+        let new_state = match groups.as_slice() {
+            [] => return Ok(CurrentStateDelta::default()),
+            [group] => self
+                .events
+                .state()
+                .get_state_for_groups(&[*group], &StateFilter::all())?
+                .remove(group)
+                .unwrap_or_default(),
+            several => self.resolver.resolve_groups(room_id, several)?,
+        };
+        let old_state = self.events.state().get_current_state_ids(room_id)?;
+        let removed = old_state
+            .keys()
+            .filter(|k| !new_state.contains_key(*k))
+            .cloned()
+            .collect();
+        let changed: Vec<(&(String, String), &String)> = new_state
+            .iter()
+            .filter(|(k, v)| old_state.get(*k) != Some(*v))
+            .collect();
+        let memberships = self.memberships(&in_batch, &changed)?;
+        let added = changed
+            .into_iter()
+            .map(|(k, e)| (k.clone(), e.clone(), memberships.get(e.as_str()).cloned()))
+            .collect();
+        Ok(CurrentStateDelta { removed, added })
+    }
+
+    /// `content.membership` of the member events among `changed`.
+    fn memberships<'a>(
+        &self,
+        in_batch: &HashMap<&str, &EventToPersist>,
+        changed: &[(&(String, String), &'a String)],
+    ) -> Result<HashMap<&'a str, String>> {
+        let mut found = HashMap::new();
+        let mut to_load = Vec::new();
+        for ((t, _), e) in changed {
+            if t != MEMBER {
+                continue;
+            }
+            match in_batch.get(e.as_str()) {
+                Some(ev) => {
+                    if let Some(m) = &ev.membership {
+                        found.insert(e.as_str(), m.clone());
+                    }
+                }
+                None => to_load.push(e.as_str()),
+            }
+        }
+        if !to_load.is_empty() {
+            let stored = self.events.get_events(&to_load)?;
+            for id in to_load {
+                let membership = stored
+                    .get(id)
+                    .and_then(|s| serde_json::from_str::<MemberContent>(&s.json).ok())
+                    .and_then(|m| m.content.membership);
+                if let Some(m) = membership {
+                    found.insert(id, m);
+                }
+            }
+        }
+        Ok(found)
+    }
+}
