@@ -37,6 +37,25 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// Copy every table to another database (typically SQLite to PostgreSQL),
+    /// resumable, then set its sequences past the copied ids and check the copy.
+    Port {
+        /// The database to copy from (default: the --database one).
+        #[arg(long)]
+        from: Option<String>,
+        /// The database to copy into, migrated to this binary's schema.
+        #[arg(long)]
+        to: String,
+        /// Continue an interrupted port into a target that already holds data.
+        #[arg(long)]
+        resume: bool,
+        /// Distinct key values copied per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: i64,
+        /// Events whose state is compared on both sides at the end.
+        #[arg(long, default_value_t = 100)]
+        sample: usize,
+    },
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
     State {
@@ -70,6 +89,22 @@ pub fn run() -> ExitCode {
     let outcome = match cli.command {
         Command::Inspect { json, top } => {
             LogContext::new("inspect").scope(|| crate::inspect_cmd::run(&database, json, top))
+        }
+        Command::Port {
+            from,
+            to,
+            resume,
+            batch_size,
+            sample,
+        } => {
+            let options = crate::port::PortOptions {
+                from: from.unwrap_or_else(|| database.clone()),
+                to,
+                resume,
+                batch: batch_size.max(1),
+                sample,
+            };
+            LogContext::new("port").scope(|| crate::port::run(&options))
         }
         Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
         Command::State { room_id, at } => LogContext::new("state")

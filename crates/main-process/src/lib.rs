@@ -5,5 +5,6 @@ pub mod cli;
 pub mod inspect_cmd;
 pub mod migrate_cmd;
 pub mod persist;
+pub mod port;
 pub mod queue;
 pub mod state_cmd;

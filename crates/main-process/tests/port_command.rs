@@ -1,0 +1,269 @@
+//! `hs-main port` from SQLite to PostgreSQL: a complete copy, sequences moved past
+//! the copied ids, a non-empty target refused unless resuming, and a port killed
+//! half-way and resumed ending like an uninterrupted one. Needs both engines.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use storage_core::testing::TestDb;
+use storage_core::{with_conn, Conn, StoreConfig};
+use storage_events::{
+    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore, RoomBatch,
+};
+use storage_state::{key, StateGroupStore, StateMap, StateStore};
+
+const ROOM: &str = "!port:test";
+
+/// A room with a create event, 40 member joins (each a state group, deltas and
+/// a snapshot every 100 hops) and messages between them.
+fn fill_source(t: &TestDb, events: usize) {
+    let db = t.open();
+    let config = StoreConfig::default();
+    let store =
+        EventsStore::new(db.clone(), StateStore::new(db, &config).unwrap(), &config).unwrap();
+    let mut state = StateMap::new();
+    let mut group = None;
+    let mut prev: Option<String> = None;
+    for i in 0..events {
+        let id = format!("$e{i:05}");
+        let slot = match i {
+            0 => Some(("m.room.create".to_owned(), String::new())),
+            i if i % 5 == 1 => Some(("m.room.member".to_owned(), format!("@u{}:test", i % 40))),
+            _ => None,
+        };
+        if let Some(s) = &slot {
+            let delta = StateMap::from([(s.clone(), id.clone())]);
+            state.extend(delta.clone());
+            group = Some(match group {
+                None => store
+                    .state()
+                    .store_state_group(&id, ROOM, None, None, Some(&state))
+                    .unwrap(),
+                Some(g) => store
+                    .state()
+                    .store_state_group(&id, ROOM, Some(g), Some(&delta), None)
+                    .unwrap(),
+            });
+        }
+        let event = EventToPersist {
+            event_id: id.clone(),
+            room_id: ROOM.into(),
+            event_type: slot
+                .as_ref()
+                .map_or("m.room.message".into(), |s| s.0.clone()),
+            state_key: slot.as_ref().map(|s| s.1.clone()),
+            sender: "@u0:test".into(),
+            depth: i as i64 + 1,
+            origin_server_ts: 1_700_000_000_000 + i as i64,
+            prev_events: prev.iter().cloned().collect(),
+            auth_events: vec![],
+            json: format!(r#"{{"n":{i}}}"#),
+            format_version: 3,
+            room_version: (i == 0).then(|| "10".into()),
+            outlier: false,
+            rejected: None,
+            state_group: group,
+            membership: slot
+                .as_ref()
+                .filter(|s| s.0 == "m.room.member")
+                .map(|_| "join".into()),
+        };
+        let current = store.get_forward_extremities(ROOM).unwrap();
+        let batch = vec![event];
+        store
+            .persist_batch(&RoomBatch {
+                room_id: ROOM.into(),
+                new_extremities: new_forward_extremities(&current, &batch, &Default::default()),
+                current_state: CurrentStateDelta {
+                    removed: vec![],
+                    added: slot.map(|s| (s, id.clone(), None)).into_iter().collect(),
+                },
+                events: batch,
+            })
+            .unwrap();
+        prev = Some(id);
+    }
+}
+
+fn hs_main(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(args)
+        .env_remove("HS_DATABASE")
+        .output()
+        .expect("running hs-main")
+}
+
+/// Every row of every table, as text, sorted: two databases with equal dumps
+/// hold the same data.
+fn dump(conn: &mut Conn) -> Vec<String> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        line: String,
+    }
+    let queries = [
+        "SELECT 'rooms ' || room_id || ' ' || COALESCE(room_version, '') AS line FROM rooms",
+        "SELECT 'events ' || CAST(stream_ordering AS TEXT) || ' ' || event_id || ' ' || type || ' ' || COALESCE(state_key, '-') AS line FROM events",
+        "SELECT 'event_json ' || event_id || ' ' || json AS line FROM event_json",
+        "SELECT 'event_edges ' || event_id || ' ' || prev_event_id AS line FROM event_edges",
+        "SELECT 'extremities ' || event_id AS line FROM event_forward_extremities",
+        "SELECT 'state_groups ' || CAST(id AS TEXT) || ' ' || event_id AS line FROM state_groups",
+        "SELECT 'edges ' || CAST(state_group AS TEXT) || ' ' || CAST(prev_state_group AS TEXT) AS line FROM state_group_edges",
+        "SELECT 'sgs ' || CAST(state_group AS TEXT) || ' ' || type || ' ' || state_key || ' ' || event_id AS line FROM state_groups_state",
+        "SELECT 'etsg ' || event_id || ' ' || CAST(state_group AS TEXT) AS line FROM event_to_state_groups",
+        "SELECT 'cse ' || type || ' ' || state_key || ' ' || event_id AS line FROM current_state_events",
+    ];
+    let mut lines = Vec::new();
+    for q in queries {
+        let rows: Vec<Line> = with_conn!(&mut *conn, |c| diesel::sql_query(q).load(c)).unwrap();
+        lines.extend(rows.into_iter().map(|r| r.line));
+    }
+    lines.sort();
+    lines
+}
+
+#[test]
+fn port_sqlite_to_postgres() {
+    let Some(target) = TestDb::postgres() else {
+        return;
+    };
+    let source = TestDb::sqlite();
+    fill_source(&source, 120);
+
+    let out = hs_main(&[
+        "--database",
+        source.url(),
+        "port",
+        "--to",
+        target.url(),
+        "--batch-size",
+        "7",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("checked: row counts equal in 12 tables"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("checked: state after"), "{stdout}");
+    assert_eq!(
+        dump(&mut source.raw_connection()),
+        dump(&mut target.raw_connection())
+    );
+
+    // A second port into the now non-empty target is refused, unless resuming.
+    let again = hs_main(&["--database", source.url(), "port", "--to", target.url()]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    let resumed = hs_main(&[
+        "--database",
+        source.url(),
+        "port",
+        "--to",
+        target.url(),
+        "--resume",
+    ]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+
+    // The next state group and stream position after the port are new.
+    let db = target.open();
+    let config = StoreConfig::default();
+    let state = StateStore::new(db.clone(), &config).unwrap();
+    let max_group: i64 = {
+        use diesel::prelude::*;
+        use storage_state::schema::state_groups as sg;
+        with_conn!(&mut target.raw_connection(), |c| sg::table
+            .select(diesel::dsl::max(sg::id))
+            .first::<Option<i64>>(c))
+        .unwrap()
+        .unwrap()
+    };
+    let g = state
+        .store_state_group(
+            "$after-port",
+            ROOM,
+            None,
+            None,
+            Some(&StateMap::from([(key("m.room.create", ""), "$x".into())])),
+        )
+        .expect("no collision with a copied group");
+    assert_eq!(g, max_group + 1);
+    let events = EventsStore::new(db.clone(), state, &config).unwrap();
+    assert_eq!(events.max_stream_ordering(), 120);
+}
+
+#[test]
+fn killed_port_resumes_to_the_same_result() {
+    let Some(interrupted) = TestDb::postgres() else {
+        return;
+    };
+    let Some(straight) = TestDb::postgres() else {
+        return;
+    };
+    let source = TestDb::sqlite();
+    fill_source(&source, 150);
+
+    // One key per transaction, so that the port is still running when killed.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args([
+            "--database",
+            source.url(),
+            "port",
+            "--to",
+            interrupted.url(),
+            "--batch-size",
+            "1",
+        ])
+        .env_remove("HS_DATABASE")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        if line.unwrap().contains("copying event_json") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = dump(&mut interrupted.raw_connection());
+    let whole = dump(&mut source.raw_connection());
+    assert!(partial.len() < whole.len(), "the port was cut short");
+
+    let resumed = hs_main(&[
+        "--database",
+        source.url(),
+        "port",
+        "--to",
+        interrupted.url(),
+        "--resume",
+        "--batch-size",
+        "1",
+    ]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let out = hs_main(&["--database", source.url(), "port", "--to", straight.url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        dump(&mut interrupted.raw_connection()),
+        dump(&mut straight.raw_connection())
+    );
+    assert_eq!(dump(&mut straight.raw_connection()), whole);
+}
