@@ -23,6 +23,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Import JSON lines of PDUs (the federation format, as Synapse stores them),
+    /// through event contexts, state groups and the persistence queue. Events
+    /// already stored are skipped.
+    Import {
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
     /// Create the database if needed, apply pending migrations, check the id
     /// sequences, and print what it found. What the main process does at start-up.
     Migrate,
@@ -105,6 +112,9 @@ pub fn run() -> ExitCode {
                 sample,
             };
             LogContext::new("port").scope(|| crate::port::run(&options))
+        }
+        Command::Import { files } => {
+            LogContext::new("import").scope(|| crate::import_cmd::run(&database, &files))
         }
         Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
         Command::State { room_id, at } => LogContext::new("state")

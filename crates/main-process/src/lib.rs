@@ -2,6 +2,7 @@
 //! (later) the HTTP API. The binary `hs-main` is a thin shell over this library.
 
 pub mod cli;
+pub mod import_cmd;
 pub mod inspect_cmd;
 pub mod migrate_cmd;
 pub mod persist;

@@ -17,8 +17,14 @@ use storage_state::{StateFilter, StateGroup, StateGroupStore, StateMap, MEMBER};
 
 /// Resolves the state of a room whose forward extremities have different state.
 pub trait ExtremityResolver: Send + Sync {
-    /// The state resolved from `groups` (two or more) of `room_id`.
-    fn resolve_groups(&self, room_id: &str, groups: &[StateGroup]) -> Result<StateMap>;
+    /// The state resolved from `groups` (two or more) of `room_id`; `batch` is
+    /// being written and not readable from storage yet.
+    fn resolve_groups(
+        &self,
+        room_id: &str,
+        groups: &[StateGroup],
+        batch: &[EventToPersist],
+    ) -> Result<StateMap>;
 }
 
 /// Persists batches for the queue.
@@ -102,7 +108,7 @@ impl RoomPersister {
                 .get_state_for_groups(&[*group], &StateFilter::all())?
                 .remove(group)
                 .unwrap_or_default(),
-            several => self.resolver.resolve_groups(room_id, several)?,
+            several => self.resolver.resolve_groups(room_id, several, batch)?,
         };
         let old_state = self.events.state().get_current_state_ids(room_id)?;
         let removed = old_state

@@ -25,7 +25,13 @@ struct ContextLogger {
 
 impl log::Log for ContextLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        self.inner.enabled(metadata) || metadata.level() <= log::Level::Info
+        self.inner.enabled(metadata)
+            || (metadata.level() <= log::Level::Info
+                && !self
+                    .captures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty())
     }
 
     fn log(&self, record: &log::Record<'_>) {
@@ -56,6 +62,10 @@ impl log::Log for ContextLogger {
 }
 
 static LOGGER: OnceLock<&'static ContextLogger> = OnceLock::new();
+
+/// The filter when `RUST_LOG` is unset: info, except ruma's state resolution,
+/// which logs every auth check at info (through tracing).
+pub const DEFAULT_FILTER: &str = "info,ruma_state_res=warn,tracing::span=warn";
 
 /// Installs the logger (once; later calls do nothing). Lines look like
 /// `2026-11-25T10:00:00.123Z INFO  [persistence loop] storage_events::queue: ...`.

@@ -1,0 +1,452 @@
+//! Event contexts: where an event stands in its room's state.
+//!
+//! For each event the context says which state group holds the state before it
+//! and which holds the state after it, and whether the auth rules rejected it.
+//! Outliers get no state. Otherwise the state before comes from the prev events'
+//! groups: one distinct group is used as it is; several are resolved (ruma's state
+//! resolution for the room version, cached per set of groups) and the result is
+//! stored as a group of its own. A state event that passes its auth rules gets a
+//! new group: a delta of one entry, itself, on the group before it.
+
+use crate::{
+    auth_types_for_pdu, check_auth_against_state, check_auth_events, resolve_state, Pdu, StateMap,
+};
+use ruma::{EventId, OwnedEventId, RoomVersionId};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use storage_core::cache::LruCache;
+use storage_core::{Error, Result, StoreConfig};
+use storage_events::{EventStore, EventToPersist, EventsStore};
+use storage_state::{StateFilter, StateGroup, StateGroupStore, StateStore};
+
+/// Where an event stands in its room's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventContext {
+    pub outlier: bool,
+    /// The group holding the state before the event; `None` for outliers and for
+    /// a create event (the state before it is empty).
+    pub state_group_before: Option<StateGroup>,
+    /// The group holding the state after it: the state before plus the event for
+    /// an accepted state event, the state before otherwise. `None` for outliers.
+    pub state_group_after: Option<StateGroup>,
+    /// Why the auth rules rejected the event, if they did.
+    pub rejected: Option<String>,
+}
+
+/// Events known to a caller but perhaps not stored yet (the earlier lines of an
+/// import, the earlier events of a request), with their contexts.
+#[derive(Debug, Default)]
+pub struct PendingEvents {
+    events: HashMap<String, (Arc<Pdu>, Option<EventContext>)>,
+}
+
+impl PendingEvents {
+    pub fn insert(&mut self, pdu: Arc<Pdu>, context: EventContext) {
+        self.events
+            .insert(pdu.event_id.to_string(), (pdu, Some(context)));
+    }
+
+    /// An event whose context is not at hand (its state group is read from
+    /// storage when asked for).
+    pub fn insert_pdu(&mut self, pdu: Arc<Pdu>) {
+        self.events.insert(pdu.event_id.to_string(), (pdu, None));
+    }
+
+    pub fn contains(&self, event_id: &str) -> bool {
+        self.events.contains_key(event_id)
+    }
+
+    /// Forgets events now readable from storage.
+    pub fn forget<'a>(&mut self, event_ids: impl IntoIterator<Item = &'a str>) {
+        for id in event_ids {
+            self.events.remove(id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    fn get(&self, event_id: &str) -> Option<&(Arc<Pdu>, Option<EventContext>)> {
+        self.events.get(event_id)
+    }
+}
+
+/// Computes event contexts over the state and events stores. Cheap to clone.
+#[derive(Clone)]
+pub struct ContextBuilder {
+    state: StateStore,
+    events: EventsStore,
+    pdus: Arc<LruCache<String, Arc<Pdu>>>,
+    resolutions: Arc<LruCache<Vec<StateGroup>, StateGroup>>,
+    groups_stored: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ContextBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextBuilder").finish_non_exhaustive()
+    }
+}
+
+fn to_storage(state: &StateMap) -> storage_state::StateMap {
+    state
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect()
+}
+
+fn from_storage(state: &storage_state::StateMap) -> Result<StateMap> {
+    state
+        .iter()
+        .map(|(k, v)| {
+            let id = OwnedEventId::try_from(v.as_str()).map_err(|e| {
+                Error::corrupt(format!(
+                    "stored state names a malformed event id {v:?}: {e}"
+                ))
+            })?;
+            Ok((k.clone(), id))
+        })
+        .collect()
+}
+
+impl ContextBuilder {
+    pub fn new(state: StateStore, events: EventsStore, config: &StoreConfig) -> Self {
+        ContextBuilder {
+            state,
+            events,
+            pdus: Arc::new(LruCache::new("pdu_cache", config.cache_size(50_000))),
+            resolutions: Arc::new(LruCache::new(
+                "state_resolution_cache",
+                config.cache_size(10_000),
+            )),
+            groups_stored: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    pub fn events(&self) -> &EventsStore {
+        &self.events
+    }
+
+    /// State groups this builder has stored.
+    pub fn groups_stored(&self) -> u64 {
+        self.groups_stored.load(Ordering::Relaxed)
+    }
+
+    /// The event `event_id`, from `pending` or from storage (parsed with its
+    /// room's version, marked rejected if it was).
+    pub fn fetch_pdu(&self, event_id: &str, pending: &PendingEvents) -> Result<Option<Arc<Pdu>>> {
+        if let Some((pdu, _)) = pending.get(event_id) {
+            return Ok(Some(pdu.clone()));
+        }
+        if let Some(pdu) = self.pdus.get(&event_id.to_owned()) {
+            return Ok(Some(pdu));
+        }
+        let Some(stored) = self.events.get_events(&[event_id])?.remove(event_id) else {
+            return Ok(None);
+        };
+        let version = self
+            .events
+            .get_room_version(&stored.room_id)?
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "event {event_id} is in room {}, which has no version",
+                    stored.room_id
+                ))
+            })?;
+        let version = RoomVersionId::try_from(version.as_str()).map_err(|e| {
+            Error::corrupt(format!(
+                "room {} has a bad version {version:?}: {e}",
+                stored.room_id
+            ))
+        })?;
+        let mut pdu = Pdu::from_json(&stored.json, Some(&version))
+            .map_err(|e| Error::corrupt(format!("stored event {event_id} does not parse: {e}")))?;
+        pdu.rejected = stored.rejected.is_some();
+        let pdu = Arc::new(pdu);
+        self.pdus.insert(event_id.to_owned(), pdu.clone());
+        Ok(Some(pdu))
+    }
+
+    /// A fetcher in the shape ruma wants; storage errors read as "not found",
+    /// which ruma treats as an event it cannot use.
+    fn fetcher<'a>(
+        &'a self,
+        pending: &'a PendingEvents,
+    ) -> impl Fn(&EventId) -> Option<Arc<Pdu>> + 'a {
+        move |id: &EventId| match self.fetch_pdu(id.as_str(), pending) {
+            Ok(pdu) => pdu,
+            Err(e) => {
+                log::warn!("fetching {id} for the auth rules or state resolution: {e}");
+                None
+            }
+        }
+    }
+
+    /// The state group after `event_id`, from `pending` or storage.
+    fn group_after(&self, event_id: &str, pending: &PendingEvents) -> Result<Option<StateGroup>> {
+        if let Some((_, Some(ctx))) = pending.get(event_id) {
+            return Ok(ctx.state_group_after);
+        }
+        Ok(self
+            .state
+            .get_state_group_for_events(&[event_id])?
+            .remove(event_id))
+    }
+
+    /// Computes the context of `pdu`, storing the state groups it needs.
+    pub fn compute_event_context(
+        &self,
+        pdu: &Pdu,
+        outlier: bool,
+        pending: &PendingEvents,
+    ) -> Result<EventContext> {
+        let fetch = self.fetcher(pending);
+        if outlier {
+            let rejected = check_auth_events(pdu, &fetch).err();
+            return Ok(EventContext {
+                outlier: true,
+                state_group_before: None,
+                state_group_after: None,
+                rejected,
+            });
+        }
+        let event_id = pdu.event_id.as_str();
+        let room_id = pdu.room_id.as_str();
+
+        let mut prev_groups = BTreeSet::new();
+        for prev in &pdu.prev_events {
+            let group = self.group_after(prev.as_str(), pending)?.ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "event {event_id}: its prev event {prev} is unknown or an outlier, so the state before it is unknown"
+                ))
+            })?;
+            prev_groups.insert(group);
+        }
+        let before = match prev_groups.len() {
+            0 if pdu.event_type == "m.room.create" => None,
+            0 => {
+                return Err(Error::invalid_argument(format!(
+                    "event {event_id} has no prev events but is not a create event"
+                )))
+            }
+            1 => prev_groups.first().copied(),
+            _ => {
+                let groups: Vec<StateGroup> = prev_groups.into_iter().collect();
+                Some(
+                    self.resolve_groups(room_id, &pdu.room_version, event_id, &groups, pending)?
+                        .0,
+                )
+            }
+        };
+
+        // The auth rules, against the event's own auth events and the state before it.
+        let rejected = match check_auth_events(pdu, &fetch) {
+            Err(reason) => Some(reason),
+            Ok(()) => {
+                let state_before = self.auth_state(pdu, before)?;
+                check_auth_against_state(pdu, &state_before, &fetch).err()
+            }
+        };
+
+        let after = match (&rejected, pdu.state_map_key()) {
+            (None, Some(slot)) => {
+                let delta = storage_state::StateMap::from([(slot, event_id.to_owned())]);
+                let group = match before {
+                    Some(b) => self.state.store_state_group(
+                        event_id,
+                        room_id,
+                        Some(b),
+                        Some(&delta),
+                        None,
+                    )?,
+                    None => {
+                        self.state
+                            .store_state_group(event_id, room_id, None, None, Some(&delta))?
+                    }
+                };
+                self.groups_stored.fetch_add(1, Ordering::Relaxed);
+                Some(group)
+            }
+            _ => match before {
+                Some(b) => Some(b),
+                // A rejected create event, or a non-state event with no prevs: the
+                // state is empty, and stored as such so the event still has a group.
+                None => {
+                    let g = self.state.store_state_group(
+                        event_id,
+                        room_id,
+                        None,
+                        None,
+                        Some(&Default::default()),
+                    )?;
+                    self.groups_stored.fetch_add(1, Ordering::Relaxed);
+                    Some(g)
+                }
+            },
+        };
+        Ok(EventContext {
+            outlier: false,
+            state_group_before: before,
+            state_group_after: after,
+            rejected,
+        })
+    }
+
+    /// The part of the state in `group` that the auth rules look at for `pdu`.
+    fn auth_state(&self, pdu: &Pdu, group: Option<StateGroup>) -> Result<StateMap> {
+        let Some(group) = group else {
+            return Ok(StateMap::new());
+        };
+        let mut slots = auth_types_for_pdu(pdu).unwrap_or_default();
+        // From room version 12 the create event is not an auth event, but the
+        // rules still read it from the state.
+        slots.push(("m.room.create".to_owned(), String::new()));
+        let filter =
+            StateFilter::from_types(slots.iter().map(|(t, k)| (t.as_str(), Some(k.as_str()))));
+        let mut states = self.state.get_state_for_groups(&[group], &filter)?;
+        from_storage(&states.remove(&group).unwrap_or_default())
+    }
+
+    /// Resolves the state of several groups of `room_id` (ruma's state resolution
+    /// for the room's version), without storing anything.
+    pub fn resolve_state_of_groups(
+        &self,
+        room_id: &str,
+        room_version: &RoomVersionId,
+        groups: &[StateGroup],
+        pending: &PendingEvents,
+    ) -> Result<(
+        storage_state::StateMap,
+        HashMap<StateGroup, storage_state::StateMap>,
+    )> {
+        let stored = self
+            .state
+            .get_state_for_groups(groups, &StateFilter::all())?;
+        let sets: Vec<StateMap> = groups
+            .iter()
+            .map(|g| from_storage(&stored[g]))
+            .collect::<Result<_>>()?;
+        let resolved = resolve_state(room_version, &sets, self.fetcher(pending)).map_err(|e| {
+            Error::other(format!(
+                "resolving the state of {room_id} over groups {groups:?}: {e}"
+            ))
+        })?;
+        Ok((to_storage(&resolved), stored))
+    }
+
+    /// Resolves the state of several groups of `room_id` and returns a group
+    /// holding the result (an input group when it equals one, else a new group:
+    /// a delta on the closest input that can serve as a base, or a snapshot) and
+    /// the state. Cached per set of groups.
+    pub fn resolve_groups(
+        &self,
+        room_id: &str,
+        room_version: &RoomVersionId,
+        for_event: &str,
+        groups: &[StateGroup],
+        pending: &PendingEvents,
+    ) -> Result<(StateGroup, storage_state::StateMap)> {
+        let key: Vec<StateGroup> = groups.to_vec();
+        if let Some(g) = self.resolutions.get(&key) {
+            let state = self
+                .state
+                .get_state_for_groups(&[g], &StateFilter::all())?
+                .remove(&g)
+                .unwrap_or_default();
+            return Ok((g, state));
+        }
+        let (resolved, inputs) =
+            self.resolve_state_of_groups(room_id, room_version, groups, pending)?;
+        let group = match groups.iter().find(|g| inputs[*g] == resolved) {
+            Some(g) => *g,
+            None => {
+                // A delta may only add or replace: the base must not hold a slot the
+                // result lacks. Among those, the one needing the smallest delta.
+                let base = groups
+                    .iter()
+                    .map(|g| (*g, &inputs[g]))
+                    .filter(|(_, s)| s.keys().all(|k| resolved.contains_key(k)))
+                    .map(|(g, s)| {
+                        let delta: storage_state::StateMap = resolved
+                            .iter()
+                            .filter(|(k, v)| s.get(*k) != Some(*v))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        (g, delta)
+                    })
+                    .min_by_key(|(g, d)| (d.len(), *g));
+                let g = match base {
+                    Some((prev, delta)) => self.state.store_state_group(
+                        for_event,
+                        room_id,
+                        Some(prev),
+                        Some(&delta),
+                        Some(&resolved),
+                    )?,
+                    None => self.state.store_state_group(
+                        for_event,
+                        room_id,
+                        None,
+                        None,
+                        Some(&resolved),
+                    )?,
+                };
+                self.groups_stored.fetch_add(1, Ordering::Relaxed);
+                g
+            }
+        };
+        self.resolutions.insert(key, group);
+        Ok((group, resolved))
+    }
+
+    /// The row to store for `pdu` with its context.
+    pub fn to_persist(pdu: &Pdu, context: &EventContext) -> EventToPersist {
+        let membership = (pdu.event_type == "m.room.member")
+            .then(|| {
+                pdu.content_value()
+                    .get("membership")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .flatten();
+        EventToPersist {
+            event_id: pdu.event_id.to_string(),
+            room_id: pdu.room_id.to_string(),
+            event_type: pdu.event_type.clone(),
+            state_key: pdu.state_key.clone(),
+            sender: pdu.sender.to_string(),
+            depth: pdu.depth,
+            origin_server_ts: pdu.origin_server_ts,
+            prev_events: pdu.prev_events.iter().map(|e| e.to_string()).collect(),
+            auth_events: pdu.auth_events.iter().map(|e| e.to_string()).collect(),
+            json: pdu.json.clone(),
+            format_version: format_version(&pdu.room_version),
+            room_version: (pdu.event_type == "m.room.create"
+                && pdu.state_key.as_deref() == Some(""))
+            .then(|| pdu.room_version.to_string()),
+            outlier: context.outlier,
+            rejected: context.rejected.clone(),
+            state_group: context.state_group_after,
+            membership,
+        }
+    }
+}
+
+/// Synapse's event format version for a room version: 1 for v1 and v2 (event id
+/// in the event), 2 for v3 (reference hash, standard base64), 3 from v4 on.
+fn format_version(room_version: &RoomVersionId) -> i32 {
+    match room_version.as_str() {
+        "1" | "2" => 1,
+        "3" => 2,
+        _ => 3,
+    }
+}
