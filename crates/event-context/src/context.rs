@@ -369,21 +369,7 @@ impl ContextBuilder {
         let group = match groups.iter().find(|g| inputs[*g] == resolved) {
             Some(g) => *g,
             None => {
-                // A delta may only add or replace: the base must not hold a slot the
-                // result lacks. Among those, the one needing the smallest delta.
-                let base = groups
-                    .iter()
-                    .map(|g| (*g, &inputs[g]))
-                    .filter(|(_, s)| s.keys().all(|k| resolved.contains_key(k)))
-                    .map(|(g, s)| {
-                        let delta: storage_state::StateMap = resolved
-                            .iter()
-                            .filter(|(k, v)| s.get(*k) != Some(*v))
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
-                        (g, delta)
-                    })
-                    .min_by_key(|(g, d)| (d.len(), *g));
+                let base = choose_delta_base(&resolved, groups.iter().map(|g| (*g, &inputs[g])));
                 let g = match base {
                     Some((prev, delta)) => self.state.store_state_group(
                         for_event,
@@ -441,6 +427,28 @@ impl ContextBuilder {
     }
 }
 
+/// The input group to store `resolved` as a delta against, and that delta: the
+/// one needing the smallest delta among the groups whose slots `resolved` all
+/// keeps (a delta can add or replace slots, never remove one; Synapse #13278).
+/// `None` when no input can serve.
+pub fn choose_delta_base<'a>(
+    resolved: &storage_state::StateMap,
+    inputs: impl IntoIterator<Item = (StateGroup, &'a storage_state::StateMap)>,
+) -> Option<(StateGroup, storage_state::StateMap)> {
+    inputs
+        .into_iter()
+        .filter(|(_, s)| s.keys().all(|k| resolved.contains_key(k)))
+        .map(|(g, s)| {
+            let delta: storage_state::StateMap = resolved
+                .iter()
+                .filter(|(k, v)| s.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (g, delta)
+        })
+        .min_by_key(|(g, d)| (d.len(), *g))
+}
+
 /// Synapse's event format version for a room version: 1 for v1 and v2 (event id
 /// in the event), 2 for v3 (reference hash, standard base64), 3 from v4 on.
 fn format_version(room_version: &RoomVersionId) -> i32 {
@@ -448,5 +456,41 @@ fn format_version(room_version: &RoomVersionId) -> i32 {
         "1" | "2" => 1,
         "3" => 2,
         _ => 3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pairs: &[(&str, &str)]) -> storage_state::StateMap {
+        pairs
+            .iter()
+            .map(|(k, v)| ((k.to_string(), String::new()), v.to_string()))
+            .collect()
+    }
+
+    /// Synapse's test_make_state_cache_entry (regression for #13278): group 1
+    /// differs in one value but has an extra slot, so only group 2 can be the base.
+    #[test]
+    fn delta_base_never_has_extra_slots() {
+        let new = state(&[("a", "E"), ("b", "E"), ("c", "E"), ("d", "E")]);
+        let g1 = state(&[("a", "F"), ("b", "E"), ("c", "E"), ("d", "E"), ("e", "E")]);
+        let g2 = state(&[("a", "F"), ("b", "E"), ("c", "F"), ("d", "F")]);
+        let (base, delta) = choose_delta_base(&new, [(1, &g1), (2, &g2)]).unwrap();
+        assert_eq!(base, 2);
+        assert_eq!(delta, state(&[("a", "E"), ("c", "E"), ("d", "E")]));
+        assert_eq!(choose_delta_base(&new, [(1, &g1)]), None);
+    }
+
+    #[test]
+    fn delta_base_prefers_the_smallest_delta() {
+        let new = state(&[("a", "1"), ("b", "2")]);
+        let far = state(&[("a", "0")]);
+        let near = state(&[("a", "1")]);
+        assert_eq!(
+            choose_delta_base(&new, [(7, &far), (9, &near)]).unwrap().0,
+            9
+        );
     }
 }

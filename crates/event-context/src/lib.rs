@@ -30,7 +30,7 @@ pub use auth::{
     check_auth_events,
 };
 pub use auth_chain::auth_chain;
-pub use context::{ContextBuilder, EventContext, PendingEvents};
+pub use context::{choose_delta_base, ContextBuilder, EventContext, PendingEvents};
 pub use error::{PduError, ResolveError};
 pub use pdu::Pdu;
 pub use resolve::{resolve_state, resolve_state_with_auth_chains};
