@@ -18,7 +18,9 @@ const ROOM: &str = "!r:example.com";
 const ALICE: &str = "@alice:example.com";
 const BOB: &str = "@bob:example.com";
 
-/// A room version 2 event (ids in the JSON).
+/// A room version 2 event (ids in the JSON). One argument per PDU field reads
+/// best in the table of events below.
+#[allow(clippy::too_many_arguments)]
 fn ev(
     id: &str,
     kind: &str,
