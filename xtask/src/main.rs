@@ -15,7 +15,10 @@ use std::process::{Command, ExitCode};
 const POSTGRES_URL_VAR: &str = "HS_TEST_POSTGRES_URL";
 
 /// Benchmarks: name, the package holding it, its bench target.
-const BENCHES: &[(&str, &str, &str)] = &[("state", "storage-state", "state")];
+const BENCHES: &[(&str, &str, &str)] = &[
+    ("state", "storage-state", "state"),
+    ("persist", "main-process", "persist"),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

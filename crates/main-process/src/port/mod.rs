@@ -3,7 +3,7 @@
 //! operator adds workers), in batches, resumable, then move the target's
 //! sequences past the copied ids and check the result.
 
-mod tables;
+pub mod tables;
 
 use crate::cli::Failure;
 use diesel::prelude::*;

@@ -10,8 +10,15 @@ use storage_core::{with_conn, Conn, Result};
 pub trait PortTable {
     const NAME: &'static str;
     type Key: Clone + ToString + std::str::FromStr;
+    type Row;
     /// Up to `limit` distinct leading keys after `after`, ascending.
     fn next_keys(src: &mut Conn, after: Option<&Self::Key>, limit: i64) -> Result<Vec<Self::Key>>;
+    /// The rows with leading key in `(after, upto]`.
+    fn load(src: &mut Conn, after: Option<&Self::Key>, upto: &Self::Key) -> Result<Vec<Self::Row>>;
+    /// Plain batched INSERTs of `rows`.
+    fn insert(dst: &mut Conn, rows: &[Self::Row]) -> Result<()>;
+    fn count(conn: &mut Conn) -> Result<i64>;
+
     /// Copies the rows with leading key in `(after, upto]` from `src` to `dst`;
     /// returns how many.
     fn copy(
@@ -19,8 +26,11 @@ pub trait PortTable {
         dst: &mut Conn,
         after: Option<&Self::Key>,
         upto: &Self::Key,
-    ) -> Result<usize>;
-    fn count(conn: &mut Conn) -> Result<i64>;
+    ) -> Result<usize> {
+        let rows = Self::load(src, after, upto)?;
+        Self::insert(dst, &rows)?;
+        Ok(rows.len())
+    }
 }
 
 /// Rows per INSERT statement.
@@ -28,21 +38,23 @@ const INSERT_CHUNK: usize = 500;
 
 macro_rules! port_table {
     ($ty:ident, $name:literal, $schema:path, $lead:ident: $key:ty, { $($col:ident: $col_ty:ty),+ $(,)? }) => {
+        #[derive(Debug)]
         pub struct $ty;
 
         const _: () = {
             use $schema as t;
 
-            #[derive(Queryable, Insertable)]
+            #[derive(Debug, Queryable, Insertable)]
             #[diesel(table_name = t)]
             #[diesel(treat_none_as_default_value = false)]
-            struct Row {
+            pub struct Row {
                 $($col: $col_ty),+
             }
 
             impl PortTable for $ty {
                 const NAME: &'static str = $name;
                 type Key = $key;
+                type Row = Row;
 
                 fn next_keys(src: &mut Conn, after: Option<&$key>, limit: i64) -> Result<Vec<$key>> {
                     Ok(with_conn!(src, |c| {
@@ -54,8 +66,8 @@ macro_rules! port_table {
                     })?)
                 }
 
-                fn copy(src: &mut Conn, dst: &mut Conn, after: Option<&$key>, upto: &$key) -> Result<usize> {
-                    let rows: Vec<Row> = with_conn!(src, |c| {
+                fn load(src: &mut Conn, after: Option<&$key>, upto: &$key) -> Result<Vec<Row>> {
+                    Ok(with_conn!(src, |c| {
                         let mut q = t::table
                             .select(($(t::$col),+))
                             .filter(t::$lead.le(upto.clone()))
@@ -64,11 +76,14 @@ macro_rules! port_table {
                             q = q.filter(t::$lead.gt(after.clone()));
                         }
                         q.load::<Row>(c)
-                    })?;
+                    })?)
+                }
+
+                fn insert(dst: &mut Conn, rows: &[Row]) -> Result<()> {
                     for chunk in rows.chunks(INSERT_CHUNK) {
                         with_conn!(&mut *dst, |c| diesel::insert_into(t::table).values(chunk).execute(c))?;
                     }
-                    Ok(rows.len())
+                    Ok(())
                 }
 
                 fn count(conn: &mut Conn) -> Result<i64> {

@@ -1,0 +1,272 @@
+//! `cargo xtask bench persist`: import of a generated room (50,000 events,
+//! 5,000 members, a state event in every five) into SQLite and PostgreSQL,
+//! events per second, next to the floor: the same rows written by plain batched
+//! INSERTs (1,000 rows a transaction) in the same run; and the peak memory of
+//! the importing process. Each engine runs in a child process of its own, so
+//! that its peak memory is its own.
+
+use event_context::ruma::RoomVersionId;
+use event_context::Pdu;
+use main_process::port::tables::*;
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use storage_core::testing::TestDb;
+use storage_core::{Database, DatabaseConfig, OpenMode, Result};
+
+const EVENTS: usize = 50_000;
+const MEMBERS: usize = 5_000;
+const ROOM: &str = "!bench:bench.test";
+
+/// The room as JSON lines, room version 10 (ids from reference hashes). A linear
+/// DAG: create, the first member's join, power levels, public join rules, then
+/// every fifth event a state event (the next member's join while there are
+/// members left, then state set by the room's admin), messages in between.
+fn generate() -> Vec<String> {
+    let version = RoomVersionId::V10;
+    let mut lines = Vec::with_capacity(EVENTS);
+    let mut prev: Option<String> = None;
+    let mut members: HashMap<String, String> = HashMap::new();
+    let mut joined: Vec<String> = Vec::new();
+    let (mut create, mut pl, mut jr) = (String::new(), String::new(), String::new());
+    let user = |i: usize| format!("@u{i}:bench.test");
+    let admin = user(0);
+    for n in 0..EVENTS {
+        let (kind, sender, state_key, content, auth): (
+            &str,
+            String,
+            Option<String>,
+            serde_json::Value,
+            Vec<String>,
+        ) = match n {
+            0 => (
+                "m.room.create",
+                admin.clone(),
+                Some(String::new()),
+                json!({"creator": admin, "room_version": "10"}),
+                vec![],
+            ),
+            1 => (
+                "m.room.member",
+                admin.clone(),
+                Some(admin.clone()),
+                json!({"membership": "join"}),
+                vec![create.clone()],
+            ),
+            2 => (
+                "m.room.power_levels",
+                admin.clone(),
+                Some(String::new()),
+                json!({"users": {&admin: 100}}),
+                vec![create.clone(), members[&admin].clone()],
+            ),
+            3 => (
+                "m.room.join_rules",
+                admin.clone(),
+                Some(String::new()),
+                json!({"join_rule": "public"}),
+                vec![create.clone(), pl.clone(), members[&admin].clone()],
+            ),
+            n if n % 5 == 0 && joined.len() < MEMBERS => {
+                let u = user(joined.len());
+                (
+                    "m.room.member",
+                    u.clone(),
+                    Some(u),
+                    json!({"membership": "join"}),
+                    vec![create.clone(), pl.clone(), jr.clone()],
+                )
+            }
+            n if n % 5 == 0 => (
+                "org.example.bench",
+                admin.clone(),
+                Some(format!("k{}", n % 100)),
+                json!({"n": n}),
+                vec![create.clone(), pl.clone(), members[&admin].clone()],
+            ),
+            n => {
+                let u = joined[n * 7919 % joined.len()].clone();
+                let m = members[&u].clone();
+                (
+                    "m.room.message",
+                    u,
+                    None,
+                    json!({"body": format!("message {n}"), "msgtype": "m.text"}),
+                    vec![create.clone(), pl.clone(), m],
+                )
+            }
+        };
+        let mut event = json!({
+            "room_id": ROOM,
+            "sender": sender,
+            "type": kind,
+            "content": content,
+            "prev_events": prev.iter().collect::<Vec<_>>(),
+            "auth_events": auth,
+            "depth": n + 1,
+            "origin_server_ts": 1_700_000_000_000u64 + n as u64,
+            "origin": "bench.test",
+            "hashes": {"sha256": "aGFzaA"},
+            "signatures": {"bench.test": {"ed25519:1": "c2ln"}},
+        });
+        if let Some(k) = &state_key {
+            event["state_key"] = json!(k);
+        }
+        let line = event.to_string();
+        let pdu = Pdu::from_json(&line, Some(&version)).expect("generated events parse");
+        let id = pdu.event_id.to_string();
+        match (kind, n) {
+            ("m.room.create", _) => create = id.clone(),
+            ("m.room.power_levels", _) => pl = id.clone(),
+            ("m.room.join_rules", _) => jr = id.clone(),
+            ("m.room.member", _) => {
+                let u = state_key.clone().expect("members have state keys");
+                if !members.contains_key(&u) {
+                    joined.push(u.clone());
+                }
+                members.insert(u, id.clone());
+            }
+            _ => {}
+        }
+        prev = Some(id);
+        lines.push(line);
+    }
+    lines
+}
+
+fn peak_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Writes table `T`'s rows from `src` into `dst` with plain batched INSERTs;
+/// only the writing is timed.
+fn floor<T: PortTable>(src: &Database, dst: &Database) -> Result<(usize, Duration)> {
+    let rows = src.with_connection(|_, c| match T::next_keys(c, None, i64::MAX)?.last() {
+        Some(last) => T::load(c, None, last),
+        None => Ok(Vec::new()),
+    })?;
+    let start = Instant::now();
+    for chunk in rows.chunks(1_000) {
+        dst.run_interaction("floor_insert", |txn| T::insert(txn.conn(), chunk))?;
+    }
+    Ok((rows.len(), start.elapsed()))
+}
+
+fn child(import_url: &str, floor_url: &str, file: &str) -> Result<()> {
+    storage_core::logging::init();
+    let start = Instant::now();
+    main_process::import_cmd::run(import_url, &[file.into()])
+        .map_err(|f| storage_core::Error::other(format!("{f:?}")))?;
+    let import_secs = start.elapsed().as_secs_f64();
+    let peak = peak_kb();
+    let src = Database::open(DatabaseConfig::parse(import_url, OpenMode::ReadOnly)?)?;
+    let dst = Database::open(DatabaseConfig::parse(floor_url, OpenMode::Writer)?)?;
+    let mut rows = 0;
+    let mut secs = 0.0;
+    for (n, d) in [
+        floor::<Rooms>(&src, &dst)?,
+        floor::<Events>(&src, &dst)?,
+        floor::<EventJson>(&src, &dst)?,
+        floor::<EventEdges>(&src, &dst)?,
+        floor::<EventAuth>(&src, &dst)?,
+        floor::<ForwardExtremities>(&src, &dst)?,
+        floor::<StateGroups>(&src, &dst)?,
+        floor::<StateGroupEdges>(&src, &dst)?,
+        floor::<StateGroupsState>(&src, &dst)?,
+        floor::<EventToStateGroups>(&src, &dst)?,
+        floor::<CurrentStateEvents>(&src, &dst)?,
+    ] {
+        rows += n;
+        secs += d.as_secs_f64();
+    }
+    println!("RESULT {import_secs} {rows} {secs} {peak}");
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        if let Err(e) = child(&args[i + 1], &args[i + 2], &args[i + 3]) {
+            eprintln!("bench child failed: {e:?}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let started = Instant::now();
+    let lines = generate();
+    let dir = std::env::temp_dir().join(format!("hs-bench-persist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("room.jsonl");
+    let mut f = std::fs::File::create(&file).unwrap();
+    for l in &lines {
+        writeln!(f, "{l}").unwrap();
+    }
+    drop(f);
+    println!(
+        "persist: {EVENTS} events ({} state), {MEMBERS} members, room version 10, generated in {:.1} s",
+        EVENTS / 5 + 3,
+        started.elapsed().as_secs_f64()
+    );
+    println!("engine    import events/s   floor events/s (batched INSERT of the same rows)   import/floor   peak memory");
+    let mut engines: Vec<(TestDb, TestDb)> = vec![(TestDb::sqlite(), TestDb::sqlite())];
+    match (TestDb::postgres(), TestDb::postgres()) {
+        (Some(a), Some(b)) => engines.push((a, b)),
+        _ => println!(
+            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench persist`)"
+        ),
+    }
+    for (import_db, floor_db) in &engines {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--child",
+                import_db.url(),
+                floor_db.url(),
+                file.to_str().unwrap(),
+            ])
+            .output()
+            .expect("running the bench child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let Some(result) = stdout.lines().find(|l| l.starts_with("RESULT ")) else {
+            panic!(
+                "{} child failed:\n{stdout}\n{}",
+                import_db.engine(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let summary = stdout
+            .lines()
+            .find(|l| l.starts_with("imported"))
+            .unwrap_or("");
+        let v: Vec<f64> = result
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let (import_secs, rows, floor_secs, peak_kb) = (v[0], v[1], v[2], v[3]);
+        let import_eps = EVENTS as f64 / import_secs;
+        let floor_eps = EVENTS as f64 / floor_secs;
+        println!(
+            "{:<9} {:>15.0}   {:>15.0} ({rows:.0} rows in {floor_secs:.1} s)                 {:>8.2}x   {:>7.0} MiB",
+            import_db.engine(),
+            import_eps,
+            floor_eps,
+            import_eps / floor_eps,
+            peak_kb / 1024.0
+        );
+        println!("          hs-main import said: {summary}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
