@@ -25,6 +25,8 @@ use storage_state::{StateGroup, StateMap, StateStore};
 
 /// Events handed to the queue at a time, per room.
 const BATCH: usize = 100;
+/// Lines read, parsed and checked against storage at a time.
+const CHUNK: usize = 256;
 /// Batches in flight before the reader waits for the oldest.
 const IN_FLIGHT: usize = 8;
 
@@ -142,21 +144,26 @@ pub fn run(database: &str, files: &[PathBuf]) -> std::result::Result<(), Failure
                 break;
             }
         };
-        for (n, line) in reader.lines().enumerate() {
-            let line = match line {
-                Ok(l) => l,
+        let mut chunk: Vec<(usize, String)> = Vec::with_capacity(CHUNK);
+        let mut lines = reader.lines().enumerate().peekable();
+        while let Some((n, line)) = lines.next() {
+            match line {
+                Ok(l) => {
+                    bar.inc(l.len() as u64 + 1);
+                    if !l.trim().is_empty() {
+                        chunk.push((n + 1, l));
+                    }
+                }
                 Err(e) => {
                     outcome = Err(Error::from(e).context(format!("{}:{}", file.display(), n + 1)));
                     break 'files;
                 }
-            };
-            bar.inc(line.len() as u64 + 1);
-            if line.trim().is_empty() {
-                continue;
             }
-            if let Err(e) = importer.line(&line) {
-                outcome = Err(e.context(format!("{}:{}", file.display(), n + 1)));
-                break 'files;
+            if chunk.len() == CHUNK || lines.peek().is_none() {
+                if let Err((line_no, e)) = importer.chunk(std::mem::take(&mut chunk)) {
+                    outcome = Err(e.context(format!("{}:{line_no}", file.display())));
+                    break 'files;
+                }
             }
         }
     }
@@ -180,22 +187,45 @@ pub fn run(database: &str, files: &[PathBuf]) -> std::result::Result<(), Failure
 }
 
 impl Importer {
-    fn line(&mut self, line: &str) -> Result<()> {
-        let pdu = self.parse(line)?;
+    /// Imports a chunk of numbered lines: parses them in order (stopping at the
+    /// first bad one), asks storage once which are already stored, and handles
+    /// each of the good ones before reporting the bad one.
+    fn chunk(&mut self, lines: Vec<(usize, String)>) -> std::result::Result<(), (usize, Error)> {
+        let mut parsed = Vec::with_capacity(lines.len());
+        let mut failure = None;
+        for (line_no, text) in &lines {
+            match self.parse(text) {
+                Ok(pdu) => {
+                    if pdu.event_type == "m.room.create" && pdu.state_key.as_deref() == Some("") {
+                        self.versions
+                            .insert(pdu.room_id.to_string(), pdu.room_version.clone());
+                    }
+                    parsed.push((*line_no, pdu));
+                }
+                Err(e) => {
+                    failure = Some((*line_no, e));
+                    break;
+                }
+            }
+        }
+        let ids: Vec<String> = parsed.iter().map(|(_, p)| p.event_id.to_string()).collect();
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let stored = self
+            .pipeline
+            .builder
+            .events()
+            .have_events(&id_refs)
+            .map_err(|e| (parsed.first().map_or(0, |p| p.0), e))?;
+        for (line_no, pdu) in parsed {
+            self.event(pdu, &stored).map_err(|e| (line_no, e))?;
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn event(&mut self, pdu: Pdu, stored: &HashSet<String>) -> Result<()> {
         let id = pdu.event_id.to_string();
         let room_id = pdu.room_id.to_string();
-        if pdu.event_type == "m.room.create" && pdu.state_key.as_deref() == Some("") {
-            self.versions
-                .insert(room_id.clone(), pdu.room_version.clone());
-        }
-        if self.pending.contains(&id)
-            || !self
-                .pipeline
-                .builder
-                .events()
-                .have_events(&[&id])?
-                .is_empty()
-        {
+        if self.pending.contains(&id) || stored.contains(&id) {
             self.counts.skipped += 1;
             return Ok(());
         }

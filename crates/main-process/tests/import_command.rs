@@ -285,23 +285,40 @@ fn tempdir() -> std::path::PathBuf {
 /// An outlier is checked against its own auth events only and gets no state
 /// group, before or after.
 fn outliers_get_no_state(t: &TestDb) {
-    use event_context::{ruma::RoomVersionId, PendingEvents, Pdu};
+    use event_context::{ruma::RoomVersionId, Pdu, PendingEvents};
     use std::sync::Arc;
-    let pipeline = main_process::import_cmd::Pipeline::open(t.open(), &storage_core::StoreConfig::default()).unwrap();
+    let pipeline =
+        main_process::import_cmd::Pipeline::open(t.open(), &storage_core::StoreConfig::default())
+            .unwrap();
     let lines = room_lines();
     let v2 = RoomVersionId::V2;
-    let pdus: Vec<Pdu> = lines.iter().map(|l| Pdu::from_json(l, Some(&v2)).unwrap()).collect();
+    let pdus: Vec<Pdu> = lines
+        .iter()
+        .map(|l| Pdu::from_json(l, Some(&v2)).unwrap())
+        .collect();
     let mut pending = PendingEvents::default();
     // Bob's join, alone: its auth events are unknown, so it is rejected.
-    let alone = pipeline.builder.compute_event_context(&pdus[4], true, &pending).unwrap();
+    let alone = pipeline
+        .builder
+        .compute_event_context(&pdus[4], true, &pending)
+        .unwrap();
     assert!(alone.outlier && alone.rejected.is_some(), "{alone:?}");
-    assert_eq!((alone.state_group_before, alone.state_group_after), (None, None));
+    assert_eq!(
+        (alone.state_group_before, alone.state_group_after),
+        (None, None)
+    );
     // With its auth events known, it passes, and still has no state.
     for pdu in &pdus[..4] {
         pending.insert_pdu(Arc::new(pdu.clone()));
     }
-    let known = pipeline.builder.compute_event_context(&pdus[4], true, &pending).unwrap();
+    let known = pipeline
+        .builder
+        .compute_event_context(&pdus[4], true, &pending)
+        .unwrap();
     assert_eq!(known.rejected, None);
-    assert_eq!((known.state_group_before, known.state_group_after), (None, None));
+    assert_eq!(
+        (known.state_group_before, known.state_group_after),
+        (None, None)
+    );
     assert_eq!(pipeline.builder.groups_stored(), 0);
 }
