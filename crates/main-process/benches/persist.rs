@@ -267,6 +267,14 @@ fn main() {
             peak_kb / 1024.0
         );
         println!("          hs-main import said: {summary}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let logged: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.contains("applied migration"))
+            .collect();
+        if !logged.is_empty() {
+            println!("          {} log lines, e.g. {}", logged.len(), logged[0]);
+        }
     }
     let _ = std::fs::remove_dir_all(dir);
 }

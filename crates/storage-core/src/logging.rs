@@ -71,20 +71,21 @@ pub const DEFAULT_FILTER: &str = "info,ruma_state_res=warn,tracing::span=warn";
 /// `2026-11-25T10:00:00.123Z INFO  [persistence loop] storage_events::queue: ...`.
 pub fn init() {
     LOGGER.get_or_init(|| {
-        let inner =
-            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-                .format(|buf, record| {
-                    writeln!(
-                        buf,
-                        "{} {:<5} [{}] {}: {}",
-                        buf.timestamp_millis(),
-                        record.level(),
-                        log_context::current_name(),
-                        record.target(),
-                        record.args()
-                    )
-                })
-                .build();
+        let inner = env_logger::Builder::from_env(
+            env_logger::Env::default().default_filter_or(DEFAULT_FILTER),
+        )
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} [{}] {}: {}",
+                buf.timestamp_millis(),
+                record.level(),
+                log_context::current_name(),
+                record.target(),
+                record.args()
+            )
+        })
+        .build();
         let max = inner.filter().max(log::LevelFilter::Info);
         let logger: &'static ContextLogger = Box::leak(Box::new(ContextLogger {
             inner,
@@ -143,6 +144,32 @@ impl Drop for Capture {
 mod tests {
     use super::*;
     use crate::log_context::LogContext;
+
+    #[test]
+    fn default_filter_quiets_ruma_but_not_us() {
+        let filter = env_logger::Builder::new()
+            .parse_filters(DEFAULT_FILTER)
+            .build();
+        let meta = |target: &'static str, level| {
+            log::Metadata::builder().target(target).level(level).build()
+        };
+        assert!(!log::Log::enabled(
+            &filter,
+            &meta("ruma_state_res::event_auth", log::Level::Info)
+        ));
+        assert!(log::Log::enabled(
+            &filter,
+            &meta("ruma_state_res::event_auth", log::Level::Warn)
+        ));
+        assert!(log::Log::enabled(
+            &filter,
+            &meta("storage_core::database", log::Level::Info)
+        ));
+        assert!(!log::Log::enabled(
+            &filter,
+            &meta("storage_core::database", log::Level::Debug)
+        ));
+    }
 
     #[test]
     fn lines_carry_their_context() {
