@@ -270,18 +270,13 @@ fn malformed_line_stops_after_committing_what_came_before(t: &TestDb) {
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "hs-import-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    ));
+    // Unique per test: the SQLite and PostgreSQL halves run at the same time.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("hs-import-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
-
 /// An outlier is checked against its own auth events only and gets no state
 /// group, before or after.
 fn outliers_get_no_state(t: &TestDb) {
