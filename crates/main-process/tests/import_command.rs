@@ -13,6 +13,7 @@ storage_core::engine_tests!(
     import_computes_state_and_records_rejections,
     malformed_line_stops_after_committing_what_came_before,
     outliers_get_no_state,
+    readme_example_imports,
 );
 
 const ROOM: &str = "!r:example.com";
@@ -316,4 +317,28 @@ fn outliers_get_no_state(t: &TestDb) {
         (None, None)
     );
     assert_eq!(pipeline.builder.groups_stored(), 0);
+}
+
+/// The README's main-job command imports this file; keep it working.
+fn readme_example_imports(t: &TestDb) {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/example-room.jsonl"
+    );
+    let (code, stdout, stderr) = hs_main(t, &["import", file]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("imported 9 events (0 already stored) in 1 rooms"),
+        "{stdout}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["--database", t.url(), "state", "!example:example.org"])
+        .output()
+        .unwrap();
+    let state: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["m.room.topic"][""], "$topic:example.org");
+    assert!(
+        state.get("m.room.name").is_none(),
+        "bob may not rename the room"
+    );
 }
