@@ -82,7 +82,12 @@ fn test(args: &[String]) -> Result {
             "warnings",
         ]),
     )?;
-    // Build before starting the server so that it does not idle through compilation.
+    // Build before starting the server so that it does not idle through compilation;
+    // the binaries too, which the end-to-end tests run as processes.
+    run(
+        "building the binaries",
+        cargo().args(["build", "--workspace", "--bins", "--locked"]),
+    )?;
     run(
         "building the tests",
         cargo().args(["test", "--workspace", "--locked", "--no-run"]),

@@ -63,6 +63,12 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         sample: usize,
     },
+    /// Serve the HTTP API (shared/design/HTTP.md).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8008")]
+        listen: std::net::SocketAddr,
+    },
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
     State {
@@ -115,6 +121,9 @@ pub fn run() -> ExitCode {
         }
         Command::Import { files } => {
             LogContext::new("import").scope(|| crate::import_cmd::run(&database, &files))
+        }
+        Command::Serve { listen } => {
+            LogContext::new("serve").scope(|| crate::serve_cmd::run(&database, listen))
         }
         Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
         Command::State { room_id, at } => LogContext::new("state")

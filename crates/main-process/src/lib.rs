@@ -2,10 +2,13 @@
 //! (later) the HTTP API. The binary `hs-main` is a thin shell over this library.
 
 pub mod cli;
+pub mod http;
 pub mod import_cmd;
 pub mod inspect_cmd;
 pub mod migrate_cmd;
 pub mod persist;
 pub mod port;
 pub mod queue;
+pub mod serve_cmd;
 pub mod state_cmd;
+pub mod write_path;

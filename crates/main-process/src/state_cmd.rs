@@ -11,8 +11,19 @@ use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
 pub fn run(database: &str, room_id: &str, at: Option<&str>) -> Result<(), Failure> {
     let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
     let store = StateStore::new(db, &StoreConfig::default())?;
+    println!("{}", state_json(&store, room_id, at)?);
+    Ok(())
+}
+
+/// The state of `room_id` (current, or after `at`) as the JSON object of the
+/// CLI and HTTP contracts.
+pub fn state_json(
+    store: &StateStore,
+    room_id: &str,
+    at: Option<&str>,
+) -> Result<serde_json::Value, Failure> {
     let state = match at {
-        Some(event_id) => state_after(&store, room_id, event_id)?,
+        Some(event_id) => state_after(store, room_id, event_id)?,
         None => {
             let state = store.get_current_state_ids(room_id)?;
             if state.is_empty() && !store.room_has_state(room_id)? {
@@ -21,8 +32,7 @@ pub fn run(database: &str, room_id: &str, at: Option<&str>) -> Result<(), Failur
             (*state).clone()
         }
     };
-    println!("{}", to_json(&state));
-    Ok(())
+    Ok(to_json(&state))
 }
 
 fn state_after(store: &StateStore, room_id: &str, event_id: &str) -> Result<StateMap, Failure> {

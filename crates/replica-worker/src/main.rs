@@ -1,1 +1,127 @@
-fn main() {}
+//! `hs-worker --database URL --main URL [--listen ADDR] [--name NAME]`: a replica
+//! worker. It serves the same read API as the main process from its slaved
+//! stores, follows the replication stream to keep their caches right, and for
+//! posted events computes the contexts itself (state resolution,
+//! store_state_group with ids from the shared sequence) and hands events and
+//! contexts to the main process, which persists them without recomputing.
+
+use clap::Parser;
+use event_context::ContextBuilder;
+use main_process::http::{self, ApiState, EventWriter};
+use main_process::write_path::{self, ContextedEvent, WriteOutcome};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use storage_core::{Database, DatabaseConfig, Error, LogContext, OpenMode, StoreConfig};
+use storage_slaved::SlavedStore;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hs-worker",
+    version,
+    about = "Matrix room-state storage engine: replica worker"
+)]
+struct Cli {
+    /// The main process's PostgreSQL database (`postgres://...`).
+    #[arg(long, env = "HS_DATABASE")]
+    database: String,
+    /// The main process's HTTP API, e.g. http://127.0.0.1:8008.
+    #[arg(long)]
+    main: String,
+    #[arg(long, default_value = "127.0.0.1:8009")]
+    listen: SocketAddr,
+    /// This worker's name, in logs and metrics.
+    #[arg(long, default_value = "worker")]
+    name: String,
+}
+
+/// Computes contexts here, persists through the main process.
+struct ForwardingWriter {
+    builder: ContextBuilder,
+    main: String,
+    token: Option<String>,
+}
+
+impl EventWriter for ForwardingWriter {
+    fn write(&self, room_id: &str, pdus: Vec<String>) -> Result<WriteOutcome, Error> {
+        let events = write_path::contexts_for(&self.builder, room_id, &pdus)?;
+        let body = serde_json::json!({
+            "events": events.iter().map(|(p, c)| ContextedEvent::new(p, c)).collect::<Vec<_>>(),
+        });
+        let url = format!(
+            "{}/_hs/v1/internal/rooms/{}/events",
+            self.main.trim_end_matches('/'),
+            encode(room_id)
+        );
+        let mut request = ureq::post(&url);
+        if let Some(t) = &self.token {
+            request = request.set("Authorization", &format!("Bearer {t}"));
+        }
+        match request.send_json(body) {
+            Ok(response) => response
+                .into_json::<WriteOutcome>()
+                .map_err(|e| Error::other(format!("reading the main process's answer: {e}"))),
+            Err(ureq::Error::Status(code, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                Err(Error::other(format!(
+                    "the main process answered {code}: {text}"
+                )))
+            }
+            Err(e) => Err(Error::other(format!(
+                "reaching the main process at {url}: {e}"
+            ))),
+        }
+    }
+}
+
+/// Percent-encodes a path segment (room ids hold `!` and `:`).
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
+    http::check_listen(&cli.listen, token.as_deref())?;
+    let config = StoreConfig {
+        instance_name: cli.name.clone(),
+        ..StoreConfig::default()
+    };
+    let db = Database::open(DatabaseConfig::parse(&cli.database, OpenMode::Replica)?)?;
+    let slaved = SlavedStore::new(db, &config)?;
+    slaved.follow(&cli.database);
+    let builder = ContextBuilder::new(slaved.state().clone(), slaved.events().clone(), &config);
+    let position = slaved.clone();
+    let state = ApiState {
+        state: slaved.state().clone(),
+        position: Arc::new(move || position.position()),
+        writer: Arc::new(ForwardingWriter {
+            builder,
+            main: cli.main.clone(),
+            token: token.clone(),
+        }),
+        token,
+    };
+    http::serve(cli.listen, http::router(state))
+}
+
+fn main() -> ExitCode {
+    storage_core::logging::init();
+    let cli = Cli::parse();
+    let name = cli.name.clone();
+    match LogContext::new(&name).scope(|| run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hs-worker: {e}");
+            log::debug!("{e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}

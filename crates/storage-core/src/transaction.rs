@@ -111,6 +111,11 @@ impl<'a> Transaction<'a> {
         self.engine.inspect_sequence(self.conn, sequence)
     }
 
+    /// Wakes listeners on `channel` once this transaction commits.
+    pub fn notify(&mut self, channel: &str, payload: &str) -> Result<()> {
+        self.engine.notify(self.conn, channel, payload)
+    }
+
     /// Locks `table` against other writers until this transaction ends.
     pub fn lock_table(&mut self, table: &str) -> Result<()> {
         self.engine.lock_table(self.conn, table)

@@ -12,5 +12,8 @@ mod store;
 mod types;
 
 pub use extremities::new_forward_extremities;
-pub use store::{EventStore, EventsStore, StoredEvent, EVENTS_STREAM_SEQUENCE};
+pub use store::{
+    EventStore, EventsStore, ReplicationBatch, StoredEvent, CURRENT_STATE_CACHE,
+    EVENTS_STREAM_SEQUENCE, REPLICATION_CHANNEL,
+};
 pub use types::{CurrentStateDelta, EventToPersist, PersistedBatch, RoomBatch};

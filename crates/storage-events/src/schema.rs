@@ -73,6 +73,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    cache_invalidations (stream_ordering, cache_name, cache_key) {
+        stream_ordering -> BigInt,
+        cache_name -> Text,
+        cache_key -> Text,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     events,
     event_json,

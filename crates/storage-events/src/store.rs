@@ -2,7 +2,8 @@
 //! reads that event contexts and the persistence loop need.
 
 use crate::schema::{
-    event_auth, event_edges, event_forward_extremities, event_json, events, rejections, rooms,
+    cache_invalidations, event_auth, event_edges, event_forward_extremities, event_json, events,
+    rejections, rooms,
 };
 use crate::types::{EventToPersist, PersistedBatch, RoomBatch};
 use diesel::prelude::*;
@@ -19,6 +20,21 @@ pub const EVENTS_STREAM_SEQUENCE: Sequence = Sequence {
     table: "events",
     column: "stream_ordering",
 };
+
+/// The channel on which the main process announces committed stream positions.
+pub const REPLICATION_CHANNEL: &str = "hs_replication";
+
+/// The cache name under which current-state invalidations travel.
+pub const CURRENT_STATE_CACHE: &str = "current_state_ids";
+
+/// What replica workers must apply, from one position to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicationBatch {
+    /// `(position, cache, key)`, in position order.
+    pub invalidations: Vec<(i64, String, String)>,
+    /// The highest committed position.
+    pub position: i64,
+}
 
 /// Rows per statement.
 const CHUNK: usize = 500;
@@ -100,6 +116,32 @@ impl EventsStore {
         })
     }
 
+    /// What happened after position `after`: the invalidations to apply and the
+    /// committed position they lead to.
+    pub fn replication_since(&self, after: i64) -> Result<ReplicationBatch> {
+        self.db.run_read("replication_since", |txn| {
+            let position: Option<i64> = with_conn!(txn.conn(), |c| events::table
+                .select(diesel::dsl::max(events::stream_ordering))
+                .first(c))?;
+            let position = position.unwrap_or(0).max(after);
+            let invalidations: Vec<(i64, String, String)> =
+                with_conn!(txn.conn(), |c| cache_invalidations::table
+                    .select((
+                        cache_invalidations::stream_ordering,
+                        cache_invalidations::cache_name,
+                        cache_invalidations::cache_key,
+                    ))
+                    .filter(cache_invalidations::stream_ordering.gt(after))
+                    .filter(cache_invalidations::stream_ordering.le(position))
+                    .order(cache_invalidations::stream_ordering)
+                    .load(c))?;
+            Ok(ReplicationBatch {
+                invalidations,
+                position,
+            })
+        })
+    }
+
     /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).
     pub fn persist_batch(&self, batch: &RoomBatch) -> Result<PersistedBatch> {
         self.db
@@ -157,6 +199,18 @@ impl EventsStore {
             )?;
         }
         let max = *positions.iter().max().expect("at least one new event");
+        if !batch.current_state.is_empty() {
+            with_conn!(txn.conn(), |c| diesel::insert_into(
+                cache_invalidations::table
+            )
+            .values((
+                cache_invalidations::stream_ordering.eq(max),
+                cache_invalidations::cache_name.eq(CURRENT_STATE_CACHE),
+                cache_invalidations::cache_key.eq(&batch.room_id),
+            ))
+            .execute(c))?;
+        }
+        txn.notify(REPLICATION_CHANNEL, &max.to_string())?;
         let position = self.position.clone();
         txn.call_after(move || {
             position.fetch_max(max, Ordering::SeqCst);

@@ -1,1 +1,126 @@
-//! Placeholder until its issue lands.
+//! Replica ("slaved") stores for worker processes.
+//!
+//! A worker reads through the very same stores as the main process
+//! ([`StateStore`], [`EventsStore`], built from the same parameters); this crate
+//! adds no read query of its own. What it adds is keeping their caches right: the
+//! main process writes, in the same transaction as each change, the cache
+//! invalidations it implies and NOTIFYs the committed stream position; the
+//! worker applies the invalidations up to that position and only then reports
+//! it. It catches up from its last position at start and after a reconnect, is
+//! woken by LISTEN/NOTIFY, and also polls, so a lost notification only delays it.
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
+use storage_events::{EventStore, EventsStore, CURRENT_STATE_CACHE, REPLICATION_CHANNEL};
+use storage_state::StateStore;
+
+/// How often a worker catches up without being woken.
+const POLL: Duration = Duration::from_millis(500);
+
+/// A worker's stores and its replication position. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SlavedStore {
+    state: StateStore,
+    events: EventsStore,
+    position: Arc<AtomicI64>,
+}
+
+impl SlavedStore {
+    /// Built from the same parameters as the main process's stores. Refuses an
+    /// engine that cannot be shared between processes.
+    pub fn new(db: Database, config: &StoreConfig) -> Result<Self> {
+        if !db.engine().supports_multiple_processes() {
+            return Err(Error::invalid_argument(format!(
+                "a replica worker needs PostgreSQL: {} ({}) is written by a single process",
+                db.url(),
+                db.engine().name()
+            )));
+        }
+        let state = StateStore::new(db.clone(), config)?;
+        let events = EventsStore::new(db, state.clone(), config)?;
+        let position = Arc::new(AtomicI64::new(events.max_stream_ordering()));
+        Ok(SlavedStore {
+            state,
+            events,
+            position,
+        })
+    }
+
+    pub fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    pub fn events(&self) -> &EventsStore {
+        &self.events
+    }
+
+    /// The highest stream position seen committed and applied to the caches.
+    pub fn position(&self) -> i64 {
+        self.position.load(Ordering::SeqCst)
+    }
+
+    /// Applies everything committed since the current position; returns the new one.
+    pub fn catch_up(&self) -> Result<i64> {
+        let from = self.position();
+        let batch = self.events.replication_since(from)?;
+        for (_, cache, key) in &batch.invalidations {
+            match cache.as_str() {
+                CURRENT_STATE_CACHE => self.state.invalidate_current_state(key),
+                other => log::debug!("no cache {other} here; invalidation of {key} ignored"),
+            }
+        }
+        if batch.position > from {
+            self.position.fetch_max(batch.position, Ordering::SeqCst);
+            metrics::global().set_gauge(
+                "hs_replication_position",
+                "Highest stream position applied by this process",
+                batch.position as f64,
+            );
+        }
+        Ok(self.position())
+    }
+
+    /// Follows the replication stream on a thread of its own (log context
+    /// "replication"), listening on `url` for notifications, until the process ends.
+    pub fn follow(&self, url: &str) -> std::thread::JoinHandle<()> {
+        let (store, url) = (self.clone(), url.to_owned());
+        log_context::spawn("replication", move || loop {
+            if let Err(e) = store.follow_once(&url) {
+                log::warn!("replication connection lost, reconnecting: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    }
+
+    /// One connection's life: LISTEN, catch up, then catch up whenever woken or
+    /// every [`POLL`]. Returns when the connection fails.
+    fn follow_once(&self, url: &str) -> Result<()> {
+        let mut conn = PgConnection::establish(url)?;
+        conn.batch_execute(&format!("LISTEN {REPLICATION_CHANNEL}"))?;
+        self.catch_up()?;
+        let mut last = Instant::now();
+        loop {
+            let mut woken = false;
+            for n in conn.notifications_iter() {
+                n?;
+                woken = true;
+            }
+            if woken {
+                self.catch_up()?;
+            } else if last.elapsed() >= POLL {
+                // A query on the listening connection, so that a dead one is noticed.
+                conn.batch_execute("SELECT 1")?;
+                self.catch_up()?;
+                last = Instant::now();
+            } else {
+                // notifications_iter never blocks; a short sleep keeps the wake-up
+                // delay small without spinning.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}

@@ -137,6 +137,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Locks `table` against other writers until the transaction ends.
     fn lock_table(&self, conn: &mut Conn, table: &str) -> Result<()>;
 
+    /// Wakes the processes listening on `channel` once the transaction commits
+    /// (PostgreSQL NOTIFY); nothing where one process is all there is.
+    fn notify(&self, conn: &mut Conn, channel: &str, payload: &str) -> Result<()>;
+
     /// Applies pending migrations; returns the versions applied. Refuses a schema
     /// newer than this binary.
     fn migrate(&self, conn: &mut Conn) -> Result<Vec<String>>;

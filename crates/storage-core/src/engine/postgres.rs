@@ -167,6 +167,15 @@ impl Engine for PostgresEngine {
             .with_context(|| format!("locking table {table}"))
     }
 
+    fn notify(&self, conn: &mut Conn, channel: &str, payload: &str) -> Result<()> {
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<Text, _>(channel)
+            .bind::<Text, _>(payload)
+            .execute(conn.postgres()?)
+            .with_context(|| format!("notifying {channel}"))?;
+        Ok(())
+    }
+
     fn migrate(&self, conn: &mut Conn) -> Result<Vec<String>> {
         let c = conn.postgres()?;
         diesel::sql_query("SELECT pg_advisory_lock($1)")

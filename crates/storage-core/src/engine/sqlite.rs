@@ -202,6 +202,11 @@ impl Engine for SqliteEngine {
         Ok(())
     }
 
+    fn notify(&self, _conn: &mut Conn, _channel: &str, _payload: &str) -> Result<()> {
+        // SQLite is single-process: nobody else to wake.
+        Ok(())
+    }
+
     fn migrate(&self, conn: &mut Conn) -> Result<Vec<String>> {
         if self.read_only() {
             return Err(Error::new(ErrorKind::Migration(

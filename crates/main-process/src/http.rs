@@ -1,0 +1,264 @@
+//! The HTTP API of `hs-main serve` and `hs-worker` (shared/design/HTTP.md): the
+//! same read API on both, writes through whichever [`EventWriter`] the process
+//! has. axum on tokio; every storage call runs on a blocking thread under a log
+//! context of its own request.
+
+use crate::cli::Failure;
+use crate::write_path::{ContextedEvent, WriteOutcome};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use storage_core::{metrics, Error, ErrorKind, LogContext};
+use storage_state::StateStore;
+
+/// Writes events for the HTTP API: the main process persists them itself, a
+/// worker computes their contexts and forwards them.
+pub trait EventWriter: Send + Sync {
+    /// `pdus` (federation JSON, all of `room_id`, in order).
+    fn write(&self, room_id: &str, pdus: Vec<String>) -> Result<WriteOutcome, Error>;
+    /// Events whose contexts another process computed (main process only).
+    fn write_contexted(
+        &self,
+        _room_id: &str,
+        _events: Vec<ContextedEvent>,
+    ) -> Result<WriteOutcome, Error> {
+        Err(Error::invalid_argument(
+            "only the main process persists events",
+        ))
+    }
+}
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct ApiState {
+    pub state: StateStore,
+    pub writer: Arc<dyn EventWriter>,
+    /// The highest stream position this process has applied.
+    pub position: Arc<dyn Fn() -> i64 + Send + Sync>,
+    /// `HS_API_TOKEN`, if set.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("position", &(self.position)())
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An error answer: `{"errcode": ..., "error": ...}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    errcode: &'static str,
+    error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"errcode": self.errcode, "error": self.error})),
+        )
+            .into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, errcode) = match e.kind() {
+            ErrorKind::NotFound(_) => (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
+            ErrorKind::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "M_BAD_JSON"),
+            _ => {
+                log::error!("{e:?}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN")
+            }
+        };
+        ApiError {
+            status,
+            errcode,
+            error: e.to_string(),
+        }
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::NotFound(msg) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                errcode: "M_NOT_FOUND",
+                error: msg,
+            },
+            Failure::Error(e) => e.into(),
+        }
+    }
+}
+
+/// Runs `f` on a blocking thread under a fresh request context.
+async fn blocking<T: Send + 'static>(
+    kind: &'static str,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let ctx = LogContext::request(kind);
+    tokio::task::spawn_blocking(move || ctx.scope(f))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            errcode: "M_UNKNOWN",
+            error: format!("request task failed: {e}"),
+        })?
+}
+
+/// The router: health and metrics open, everything else under the token rule.
+pub fn router(state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/_hs/v1/rooms/{room_id}/state", get(room_state))
+        .route("/_hs/v1/rooms/{room_id}/events", post(post_events))
+        .route("/_hs/v1/stream/position", get(stream_position))
+        .route(
+            "/_hs/v1/internal/rooms/{room_id}/events",
+            post(post_contexted),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route(
+            "/_hs/v1/health",
+            get(|| async { Json(json!({"ok": true})) }),
+        )
+        .route("/metrics", get(metrics_text))
+        .merge(protected)
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                errcode: "M_UNKNOWN_TOKEN",
+                error: "missing or wrong access token".into(),
+            }
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::global().render_prometheus(),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct AtQuery {
+    at: Option<String>,
+}
+
+async fn room_state(
+    State(state): State<ApiState>,
+    Path(room_id): Path<String>,
+    Query(q): Query<AtQuery>,
+) -> Result<Json<Value>, ApiError> {
+    blocking("GET", move || {
+        Ok(Json(crate::state_cmd::state_json(
+            &state.state,
+            &room_id,
+            q.at.as_deref(),
+        )?))
+    })
+    .await
+}
+
+async fn stream_position(State(state): State<ApiState>) -> Json<Value> {
+    Json(json!({"events": (state.position)()}))
+}
+
+fn bad_body(msg: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        errcode: "M_BAD_JSON",
+        error: msg.to_owned(),
+    }
+}
+
+async fn post_events(
+    State(state): State<ApiState>,
+    Path(room_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<WriteOutcome>, ApiError> {
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| bad_body(&format!("body is not JSON: {e}")))?;
+    let events = body
+        .get("events")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad_body("body must be {\"events\": [PDU, ...]}"))?;
+    let pdus: Vec<String> = events.iter().map(Value::to_string).collect();
+    blocking("POST", move || {
+        Ok(Json(state.writer.write(&room_id, pdus)?))
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct ContextedBody {
+    events: Vec<ContextedEvent>,
+}
+
+async fn post_contexted(
+    State(state): State<ApiState>,
+    Path(room_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<WriteOutcome>, ApiError> {
+    let body: ContextedBody =
+        serde_json::from_slice(&body).map_err(|e| bad_body(&format!("malformed body: {e}")))?;
+    blocking("POST", move || {
+        Ok(Json(state.writer.write_contexted(&room_id, body.events)?))
+    })
+    .await
+}
+
+/// Without a token the API may only listen on a loopback address.
+pub fn check_listen(addr: &SocketAddr, token: Option<&str>) -> Result<(), Error> {
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(Error::invalid_argument(format!(
+            "refusing to listen on {addr} without HS_API_TOKEN: set it, or listen on a loopback address"
+        )));
+    }
+    Ok(())
+}
+
+/// Serves `router` on `addr` until Ctrl-C.
+pub fn serve(addr: SocketAddr, router: Router) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::from)?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::from(e).context(format!("listening on {addr}")))?;
+        log::info!("listening on http://{addr}");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(Error::from)
+    })
+}
