@@ -1,1 +1,198 @@
-//! End-to-end tests live in tests/tests/.
+//! Helpers for the end-to-end tests and benchmarks: the workspace binaries run
+//! as processes, an HTTP client for their API, and a builder of room events.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use storage_core::testing::TestDb;
+
+pub const TOKEN: &str = "e2e-secret";
+pub const ROOM: &str = "!e2e:example.com";
+pub const ALICE: &str = "@alice:example.com";
+
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --bins)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start(program: &str, args: &[String], port: u16) -> Process {
+    let child = Command::new(binary(program))
+        .args(args)
+        .env("HS_API_TOKEN", TOKEN)
+        .env_remove("HS_DATABASE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ureq::get(&format!("{url}/_hs/v1/health")).call().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{program} did not come up on {url}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Process { child, url }
+}
+
+pub fn main_process(db: &TestDb, port: u16) -> Process {
+    let args = vec![
+        "--database".into(),
+        db.url().into(),
+        "serve".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    start("hs-main", &args, port)
+}
+
+pub fn worker(db: &TestDb, main: &str, port: u16, name: &str) -> Process {
+    let args = vec![
+        "--database".into(),
+        db.url().into(),
+        "--main".into(),
+        main.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--name".into(),
+        name.into(),
+    ];
+    start("hs-worker", &args, port)
+}
+
+pub fn encode(s: &str) -> String {
+    s.replace('!', "%21")
+        .replace(':', "%3A")
+        .replace('$', "%24")
+        .replace('@', "%40")
+}
+
+pub fn post(url: &str, events: Vec<Value>) -> Result<Value, String> {
+    ureq::post(&format!("{url}/_hs/v1/rooms/{}/events", encode(ROOM)))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .send_json(json!({ "events": events }))
+        .map_err(|e| e.to_string())?
+        .into_json()
+        .map_err(|e| e.to_string())
+}
+
+pub fn get(url: &str, path: &str) -> Value {
+    ureq::get(&format!("{url}{path}"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}{path}: {e}"))
+        .into_json()
+        .unwrap()
+}
+
+/// Room version 2 events (ids in the JSON): easy to chain from a test.
+#[derive(Debug, Default)]
+pub struct Room {
+    depth: i64,
+    last: Option<String>,
+    create: String,
+    power: String,
+    rules: String,
+    joins: std::collections::HashMap<String, String>,
+}
+
+impl Room {
+    pub fn event(
+        &mut self,
+        id: &str,
+        kind: &str,
+        sender: &str,
+        state_key: Option<&str>,
+        content: Value,
+    ) -> Value {
+        let id = format!("${id}:example.com");
+        let mut auth = vec![];
+        if kind != "m.room.create" {
+            auth.push(self.create.clone());
+            if !self.power.is_empty() {
+                auth.push(self.power.clone());
+            }
+            if let Some(j) = self.joins.get(sender) {
+                auth.push(j.clone());
+            } else if kind == "m.room.member" && !self.rules.is_empty() {
+                auth.push(self.rules.clone());
+            }
+        }
+        self.depth += 1;
+        let r = |i: &String| json!([i, {"sha256": "aGFzaA"}]);
+        let mut e = json!({
+            "event_id": id, "room_id": ROOM, "sender": sender, "type": kind, "content": content,
+            "prev_events": self.last.iter().map(r).collect::<Vec<_>>(),
+            "auth_events": auth.iter().map(r).collect::<Vec<_>>(),
+            "depth": self.depth, "origin_server_ts": 1_000 + self.depth, "origin": "example.com",
+            "hashes": {"sha256": "aGFzaA"}, "signatures": {},
+        });
+        if let Some(k) = state_key {
+            e["state_key"] = json!(k);
+        }
+        match kind {
+            "m.room.create" => self.create = id.clone(),
+            "m.room.power_levels" => self.power = id.clone(),
+            "m.room.join_rules" => self.rules = id.clone(),
+            "m.room.member" => {
+                self.joins.insert(sender.to_owned(), id.clone());
+            }
+            _ => {}
+        }
+        self.last = Some(id);
+        e
+    }
+}
+
+pub fn wait_for_position(process: &Process, target: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = get(&process.url, "/_hs/v1/stream/position")["events"]
+            .as_i64()
+            .unwrap();
+        if p >= target {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} stuck at position {p}, main at {target}",
+            process.url
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -7,199 +7,11 @@
 //! The binaries are the workspace's `hs-main` and `hs-worker` next to this test
 //! executable (`cargo xtask test` builds them first).
 
+use e2e_tests::*;
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use storage_core::testing::TestDb;
-
-const TOKEN: &str = "e2e-secret";
-const ROOM: &str = "!e2e:example.com";
-const ALICE: &str = "@alice:example.com";
-
-fn binary(name: &str) -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --bins)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(program: &str, args: &[String], port: u16) -> Process {
-    let child = Command::new(binary(program))
-        .args(args)
-        .env("HS_API_TOKEN", TOKEN)
-        .env_remove("HS_DATABASE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ureq::get(&format!("{url}/_hs/v1/health")).call().is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{program} did not come up on {url}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Process { child, url }
-}
-
-fn main_process(db: &TestDb, port: u16) -> Process {
-    let args = vec![
-        "--database".into(),
-        db.url().into(),
-        "serve".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-    ];
-    start("hs-main", &args, port)
-}
-
-fn worker(db: &TestDb, main: &str, port: u16, name: &str) -> Process {
-    let args = vec![
-        "--database".into(),
-        db.url().into(),
-        "--main".into(),
-        main.into(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--name".into(),
-        name.into(),
-    ];
-    start("hs-worker", &args, port)
-}
-
-fn encode(s: &str) -> String {
-    s.replace('!', "%21")
-        .replace(':', "%3A")
-        .replace('$', "%24")
-        .replace('@', "%40")
-}
-
-fn post(url: &str, events: Vec<Value>) -> Result<Value, String> {
-    ureq::post(&format!("{url}/_hs/v1/rooms/{}/events", encode(ROOM)))
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .send_json(json!({ "events": events }))
-        .map_err(|e| e.to_string())?
-        .into_json()
-        .map_err(|e| e.to_string())
-}
-
-fn get(url: &str, path: &str) -> Value {
-    ureq::get(&format!("{url}{path}"))
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .call()
-        .unwrap_or_else(|e| panic!("GET {url}{path}: {e}"))
-        .into_json()
-        .unwrap()
-}
-
-/// Room version 2 events (ids in the JSON): easy to chain from a test.
-struct Room {
-    depth: i64,
-    last: Option<String>,
-    create: String,
-    power: String,
-    rules: String,
-    joins: std::collections::HashMap<String, String>,
-}
-
-impl Room {
-    fn event(
-        &mut self,
-        id: &str,
-        kind: &str,
-        sender: &str,
-        state_key: Option<&str>,
-        content: Value,
-    ) -> Value {
-        let id = format!("${id}:example.com");
-        let mut auth = vec![];
-        if kind != "m.room.create" {
-            auth.push(self.create.clone());
-            if !self.power.is_empty() {
-                auth.push(self.power.clone());
-            }
-            if let Some(j) = self.joins.get(sender) {
-                auth.push(j.clone());
-            } else if kind == "m.room.member" && !self.rules.is_empty() {
-                auth.push(self.rules.clone());
-            }
-        }
-        self.depth += 1;
-        let r = |i: &String| json!([i, {"sha256": "aGFzaA"}]);
-        let mut e = json!({
-            "event_id": id, "room_id": ROOM, "sender": sender, "type": kind, "content": content,
-            "prev_events": self.last.iter().map(r).collect::<Vec<_>>(),
-            "auth_events": auth.iter().map(r).collect::<Vec<_>>(),
-            "depth": self.depth, "origin_server_ts": 1_000 + self.depth, "origin": "example.com",
-            "hashes": {"sha256": "aGFzaA"}, "signatures": {},
-        });
-        if let Some(k) = state_key {
-            e["state_key"] = json!(k);
-        }
-        match kind {
-            "m.room.create" => self.create = id.clone(),
-            "m.room.power_levels" => self.power = id.clone(),
-            "m.room.join_rules" => self.rules = id.clone(),
-            "m.room.member" => {
-                self.joins.insert(sender.to_owned(), id.clone());
-            }
-            _ => {}
-        }
-        self.last = Some(id);
-        e
-    }
-}
-
-fn wait_for_position(process: &Process, target: i64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let p = get(&process.url, "/_hs/v1/stream/position")["events"]
-            .as_i64()
-            .unwrap();
-        if p >= target {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} stuck at position {p}, main at {target}",
-            process.url
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn main_and_two_workers_agree() {
@@ -210,14 +22,7 @@ fn main_and_two_workers_agree() {
     let w2_port = free_port();
     let mut w2 = worker(&db, &main.url, w2_port, "w2");
 
-    let mut room = Room {
-        depth: 0,
-        last: None,
-        create: String::new(),
-        power: String::new(),
-        rules: String::new(),
-        joins: Default::default(),
-    };
+    let mut room = Room::default();
     let mut ids = vec![];
     let mut script = vec![
         room.event(
@@ -288,6 +93,25 @@ fn main_and_two_workers_agree() {
     for w in [&w1, &w2] {
         wait_for_position(w, last_position);
     }
+    let metrics = |url: &str| {
+        ureq::get(&format!("{url}/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    let on_main = metrics(&main.url);
+    assert!(on_main.contains("hs_persistence_queue_depth"), "{on_main}");
+    assert!(
+        on_main.contains(r#"hs_transactions_total{desc="persist_events",outcome="committed"}"#),
+        "{on_main}"
+    );
+    let on_worker = metrics(&w1.url);
+    assert!(on_worker.contains("hs_replication_position"), "{on_worker}");
+    assert!(
+        on_worker.contains("hs_replication_lag_seconds"),
+        "{on_worker}"
+    );
     // Every process answers the same state after every event, and the same current state.
     for id in &ids {
         let path = format!("/_hs/v1/rooms/{}/state?at={}", encode(ROOM), encode(id));

@@ -18,6 +18,7 @@ const POSTGRES_URL_VAR: &str = "HS_TEST_POSTGRES_URL";
 const BENCHES: &[(&str, &str, &str)] = &[
     ("state", "storage-state", "state"),
     ("persist", "main-process", "persist"),
+    ("replicas", "e2e-tests", "replicas"),
 ];
 
 fn main() -> ExitCode {
@@ -117,6 +118,11 @@ fn bench(args: &[String]) -> Result {
         }
     };
     postgres::ensure_libpq()?;
+    // The replicas benchmark runs the release binaries as processes.
+    run(
+        "building the release binaries",
+        cargo().args(["build", "--release", "--workspace", "--bins", "--locked"]),
+    )?;
     for (name, package, target) in &selected {
         run(
             &format!("building benchmark {name}"),

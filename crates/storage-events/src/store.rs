@@ -210,7 +210,9 @@ impl EventsStore {
             ))
             .execute(c))?;
         }
-        txn.notify(REPLICATION_CHANNEL, &max.to_string())?;
+        // "<position> <ms since the epoch>": workers apply the position and measure
+        // their lag from the time.
+        txn.notify(REPLICATION_CHANNEL, &format!("{max} {}", now_ms()))?;
         let position = self.position.clone();
         txn.call_after(move || {
             position.fetch_max(max, Ordering::SeqCst);

@@ -21,6 +21,12 @@ use storage_state::StateStore;
 /// How often a worker catches up without being woken.
 const POLL: Duration = Duration::from_millis(500);
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A worker's stores and its replication position. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SlavedStore {
@@ -105,12 +111,26 @@ impl SlavedStore {
         let mut last = Instant::now();
         loop {
             let mut woken = false;
+            let mut announced: Option<(i64, i64)> = None;
             for n in conn.notifications_iter() {
-                n?;
+                let n = n?;
                 woken = true;
+                let mut parts = n.payload.split(' ').map(str::parse::<i64>);
+                if let (Some(Ok(pos)), Some(Ok(ts))) = (parts.next(), parts.next()) {
+                    announced = announced.max(Some((pos, ts)));
+                }
             }
             if woken {
-                self.catch_up()?;
+                let applied = self.catch_up()?;
+                if let Some((pos, ts)) = announced.filter(|(pos, _)| *pos <= applied) {
+                    let lag = (now_ms() - ts).max(0) as f64 / 1000.0;
+                    metrics::global().set_gauge(
+                        "hs_replication_lag_seconds",
+                        "From the main process committing a position to this process applying it",
+                        lag,
+                    );
+                    log::trace!("applied position {pos}, {lag:.3} s after its commit");
+                }
             } else if last.elapsed() >= POLL {
                 // A query on the listening connection, so that a dead one is noticed.
                 conn.batch_execute("SELECT 1")?;

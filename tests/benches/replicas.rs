@@ -1,0 +1,155 @@
+//! `cargo xtask bench replicas`: state reads per second served by the main
+//! process alone and by the main process plus two workers, under the same load
+//! from clients on loopback; and replication lag, from the main process
+//! acknowledging a commit to a worker reporting that position, p50 and p99.
+//! Runs the release binaries as processes on the PostgreSQL of
+//! `HS_TEST_POSTGRES_URL`.
+
+use e2e_tests::*;
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storage_core::testing::TestDb;
+
+const CLIENTS: usize = 8;
+const LOAD: Duration = Duration::from_secs(5);
+const MEMBERS: usize = 200;
+
+fn load(targets: &[String], ids: &Arc<Vec<String>>) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (targets, ids, done) = (targets.to_vec(), ids.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut i = c * 7919;
+                while start.elapsed() < LOAD {
+                    let url = &targets[i % targets.len()];
+                    let id = &ids[i * 31 % ids.len()];
+                    get(
+                        url,
+                        &format!("/_hs/v1/rooms/{}/state?at={}", encode(ROOM), encode(id)),
+                    );
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let Some(db) = TestDb::postgres() else {
+        println!(
+            "replicas: skipped, HS_TEST_POSTGRES_URL not set (use `cargo xtask bench replicas`)"
+        );
+        return;
+    };
+    let main = main_process(&db, free_port());
+    let w1 = worker(&db, &main.url, free_port(), "w1");
+    let w2 = worker(&db, &main.url, free_port(), "w2");
+
+    // A room with MEMBERS members and as many topic changes, in batches of 50.
+    let mut room = Room::default();
+    let mut events = vec![
+        room.event(
+            "create",
+            "m.room.create",
+            ALICE,
+            Some(""),
+            json!({"creator": ALICE, "room_version": "2"}),
+        ),
+        room.event(
+            "alice",
+            "m.room.member",
+            ALICE,
+            Some(ALICE),
+            json!({"membership": "join"}),
+        ),
+        room.event(
+            "power",
+            "m.room.power_levels",
+            ALICE,
+            Some(""),
+            json!({"users": {ALICE: 100}}),
+        ),
+        room.event(
+            "rules",
+            "m.room.join_rules",
+            ALICE,
+            Some(""),
+            json!({"join_rule": "public"}),
+        ),
+    ];
+    for i in 0..MEMBERS {
+        let user = format!("@u{i}:example.com");
+        events.push(room.event(
+            &format!("join{i}"),
+            "m.room.member",
+            &user,
+            Some(&user),
+            json!({"membership": "join"}),
+        ));
+        events.push(room.event(
+            &format!("topic{i}"),
+            "m.room.topic",
+            ALICE,
+            Some(""),
+            json!({"topic": i}),
+        ));
+    }
+    let ids: Arc<Vec<String>> = Arc::new(
+        events
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap().to_owned())
+            .collect(),
+    );
+    for chunk in events.chunks(50) {
+        post(&main.url, chunk.to_vec()).expect("building the room");
+    }
+    println!(
+        "replicas: {} events, {MEMBERS} members; {CLIENTS} clients on loopback for {} s each, GET state?at=",
+        ids.len(),
+        LOAD.as_secs()
+    );
+    let alone = load(std::slice::from_ref(&main.url), &ids);
+    let spread = load(&[main.url.clone(), w1.url.clone(), w2.url.clone()], &ids);
+    println!("main alone           {alone:>8.0} reads/s");
+    println!("main + 2 workers     {spread:>8.0} reads/s   {:.2}x (all processes share this machine's 2 cores)", spread / alone);
+
+    let mut lags = Vec::new();
+    for i in 0..200 {
+        let e = room.event(
+            &format!("lag{i}"),
+            "m.room.message",
+            ALICE,
+            None,
+            json!({"body": i}),
+        );
+        let answer = post(&main.url, vec![e]).expect("posting");
+        let acked = Instant::now();
+        let position = answer["stream_ordering"].as_i64().unwrap();
+        let url = if i % 2 == 0 { &w1.url } else { &w2.url };
+        while get(url, "/_hs/v1/stream/position")["events"]
+            .as_i64()
+            .unwrap()
+            < position
+        {}
+        lags.push(acked.elapsed());
+    }
+    lags.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "replication lag      p50 {:.2} ms   p99 {:.2} ms   (commit acknowledged by the main process to position reported by a worker, 200 events)",
+        ms(lags[lags.len() / 2]),
+        ms(lags[lags.len() * 99 / 100])
+    );
+}
