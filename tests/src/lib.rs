@@ -36,26 +36,42 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A running binary; killed when dropped. Its log goes to a file that is shown
+/// when the test fails, and removed.
 #[derive(Debug)]
 pub struct Process {
     pub child: Child,
     pub url: String,
+    log: PathBuf,
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines logged by the process on {} ---", self.url);
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
 pub fn start(program: &str, args: &[String], port: u16) -> Process {
+    let log = std::env::temp_dir().join(format!(
+        "hs-e2e-{}-{program}-{port}.log",
+        std::process::id()
+    ));
     let child = Command::new(binary(program))
         .args(args)
         .env("HS_API_TOKEN", TOKEN)
         .env_remove("HS_DATABASE")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
@@ -67,7 +83,7 @@ pub fn start(program: &str, args: &[String], port: u16) -> Process {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    Process { child, url }
+    Process { child, url, log }
 }
 
 pub fn main_process(db: &TestDb, port: u16) -> Process {

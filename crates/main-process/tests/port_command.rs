@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, Conn, StoreConfig};
 use storage_events::{
-    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore, RoomBatch,
+    new_forward_extremities, testing, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    RoomBatch,
 };
 use storage_state::{key, StateGroupStore, StateMap, StateStore};
 
@@ -44,28 +45,16 @@ fn fill_source(t: &TestDb, events: usize) {
                     .unwrap(),
             });
         }
+        let prevs: Vec<&str> = prev.iter().map(String::as_str).collect();
         let event = EventToPersist {
-            event_id: id.clone(),
-            room_id: ROOM.into(),
-            event_type: slot
-                .as_ref()
-                .map_or("m.room.message".into(), |s| s.0.clone()),
-            state_key: slot.as_ref().map(|s| s.1.clone()),
             sender: "@u0:test".into(),
-            depth: i as i64 + 1,
             origin_server_ts: 1_700_000_000_000 + i as i64,
-            prev_events: prev.iter().cloned().collect(),
-            auth_events: vec![],
             json: format!(r#"{{"n":{i}}}"#),
-            format_version: 3,
-            room_version: (i == 0).then(|| "10".into()),
-            outlier: false,
-            rejected: None,
-            state_group: group,
-            membership: slot
-                .as_ref()
-                .filter(|s| s.0 == "m.room.member")
-                .map(|_| "join".into()),
+            depth: i as i64 + 1,
+            ..match &slot {
+                Some(s) => testing::state_event(ROOM, &id, &prevs, (&s.0, &s.1), group),
+                None => testing::event(ROOM, &id, &prevs, group),
+            }
         };
         let current = store.get_forward_extremities(ROOM).unwrap();
         let batch = vec![event];

@@ -15,24 +15,7 @@ use storage_events::{
 use storage_state::{key, StateGroupStore, StateMap, StateStore};
 
 fn event(room: &str, id: &str, group: Option<i64>) -> EventToPersist {
-    EventToPersist {
-        event_id: id.into(),
-        room_id: room.into(),
-        event_type: "m.room.message".into(),
-        state_key: None,
-        sender: "@a:test".into(),
-        depth: 1,
-        origin_server_ts: 0,
-        prev_events: vec![],
-        auth_events: vec![],
-        json: "{}".into(),
-        format_version: 3,
-        room_version: None,
-        outlier: false,
-        rejected: None,
-        state_group: group,
-        membership: None,
-    }
+    storage_events::testing::event(room, id, &[], group)
 }
 
 fn ok_batch(events: &[EventToPersist]) -> PersistedBatch {

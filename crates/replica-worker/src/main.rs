@@ -96,7 +96,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     };
     let db = Database::open(DatabaseConfig::parse(&cli.database, OpenMode::Replica)?)?;
     let slaved = SlavedStore::new(db, &config)?;
-    slaved.follow(&cli.database);
+    let _follower = slaved.follow(&cli.database);
     let builder = ContextBuilder::new(slaved.state().clone(), slaved.events().clone(), &config);
     let position = slaved.clone();
     let state = ApiState {

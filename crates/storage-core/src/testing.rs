@@ -129,7 +129,16 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         match &self.cleanup {
             Cleanup::Dir(dir) => {
-                let _ = std::fs::remove_dir_all(dir);
+                // A connection the pool was still opening in the background when it
+                // was dropped can recreate the file between the removal of the files
+                // and of the folder; try again until the folder is gone.
+                for _ in 0..50 {
+                    let _ = std::fs::remove_dir_all(dir);
+                    if !dir.exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
             }
             Cleanup::Postgres { admin_url, name } => {
                 if let Ok(mut admin) = PgConnection::establish(admin_url) {

@@ -35,24 +35,7 @@ mod tests {
     use super::*;
 
     fn ev(id: &str, prevs: &[&str]) -> EventToPersist {
-        EventToPersist {
-            event_id: id.into(),
-            room_id: "!r".into(),
-            event_type: "m.room.message".into(),
-            state_key: None,
-            sender: "@a:x".into(),
-            depth: 1,
-            origin_server_ts: 0,
-            prev_events: prevs.iter().map(|p| p.to_string()).collect(),
-            auth_events: vec![],
-            json: "{}".into(),
-            format_version: 3,
-            room_version: None,
-            outlier: false,
-            rejected: None,
-            state_group: Some(1),
-            membership: None,
-        }
+        crate::testing::event("!r", id, prevs, Some(1))
     }
 
     fn ids(v: &[&str]) -> Vec<String> {

@@ -9,6 +9,7 @@
 mod extremities;
 pub mod schema;
 mod store;
+pub mod testing;
 mod types;
 
 pub use extremities::new_forward_extremities;

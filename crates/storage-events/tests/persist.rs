@@ -6,7 +6,8 @@ use storage_core::testing::TestDb;
 use storage_core::{with_conn, StoreConfig};
 use storage_events::schema::{event_edges, event_forward_extremities, events, rejections};
 use storage_events::{
-    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore, RoomBatch,
+    new_forward_extremities, testing, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    RoomBatch,
 };
 use storage_state::schema::event_to_state_groups as etsg;
 use storage_state::{key, StateFilter, StateGroupStore, StateMap, StateStore};
@@ -32,23 +33,9 @@ fn event(
     state: Option<(&str, &str)>,
     group: Option<i64>,
 ) -> EventToPersist {
-    EventToPersist {
-        event_id: id.into(),
-        room_id: ROOM.into(),
-        event_type: state.map_or("m.room.message", |s| s.0).into(),
-        state_key: state.map(|s| s.1.to_owned()),
-        sender: "@alice:test".into(),
-        depth: prevs.len() as i64 + 1,
-        origin_server_ts: 1_700_000_000_000,
-        prev_events: prevs.iter().map(|p| p.to_string()).collect(),
-        auth_events: vec![],
-        json: format!(r#"{{"type":"x","id":"{id}"}}"#),
-        format_version: 3,
-        room_version: (state.map(|s| s.0) == Some("m.room.create")).then(|| "10".to_owned()),
-        outlier: false,
-        rejected: None,
-        state_group: group,
-        membership: None,
+    match state {
+        Some(slot) => testing::state_event(ROOM, id, prevs, slot, group),
+        None => testing::event(ROOM, id, prevs, group),
     }
 }
 

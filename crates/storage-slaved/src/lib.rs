@@ -11,7 +11,7 @@
 
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
@@ -20,6 +20,12 @@ use storage_state::StateStore;
 
 /// How often a worker catches up without being woken.
 const POLL: Duration = Duration::from_millis(500);
+
+/// How long to wait before connecting again after the connection failed.
+const RECONNECT: Duration = Duration::from_secs(1);
+
+/// `application_name` of the listening connection.
+pub const APPLICATION_NAME: &str = "hs-replication";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -91,25 +97,37 @@ impl SlavedStore {
     }
 
     /// Follows the replication stream on a thread of its own (log context
-    /// "replication"), listening on `url` for notifications, until the process ends.
-    pub fn follow(&self, url: &str) -> std::thread::JoinHandle<()> {
+    /// "replication"), listening on `url` for notifications, until the returned
+    /// [`Follower`] is dropped.
+    pub fn follow(&self, url: &str) -> Follower {
         let (store, url) = (self.clone(), url.to_owned());
-        log_context::spawn("replication", move || loop {
-            if let Err(e) = store.follow_once(&url) {
-                log::warn!("replication connection lost, reconnecting: {e}");
-                std::thread::sleep(Duration::from_secs(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = log_context::spawn("replication", move || {
+            while !stopped.load(Ordering::SeqCst) {
+                if let Err(e) = store.follow_once(&url, &stopped) {
+                    log::warn!("replication connection lost, reconnecting: {e}");
+                    std::thread::sleep(RECONNECT);
+                }
             }
-        })
+        });
+        Follower {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// One connection's life: LISTEN, catch up, then catch up whenever woken or
     /// every [`POLL`]. Returns when the connection fails.
-    fn follow_once(&self, url: &str) -> Result<()> {
+    fn follow_once(&self, url: &str, stop: &AtomicBool) -> Result<()> {
         let mut conn = PgConnection::establish(url)?;
-        conn.batch_execute(&format!("LISTEN {REPLICATION_CHANNEL}"))?;
+        // Named, so that the connection can be told apart in pg_stat_activity.
+        conn.batch_execute(&format!(
+            "SET application_name = '{APPLICATION_NAME}'; LISTEN {REPLICATION_CHANNEL}"
+        ))?;
         self.catch_up()?;
         let mut last = Instant::now();
-        loop {
+        while !stop.load(Ordering::SeqCst) {
             let mut woken = false;
             let mut announced: Option<(i64, i64)> = None;
             for n in conn.notifications_iter() {
@@ -141,6 +159,24 @@ impl SlavedStore {
                 // delay small without spinning.
                 std::thread::sleep(Duration::from_millis(5));
             }
+        }
+        Ok(())
+    }
+}
+
+/// The thread following the replication stream; stops it and waits for it when
+/// dropped.
+#[derive(Debug)]
+pub struct Follower {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

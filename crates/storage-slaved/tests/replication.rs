@@ -1,0 +1,180 @@
+//! A slaved store kept right by the replication stream, against a main-process
+//! store writing to the same PostgreSQL database: invalidations applied in
+//! order, the position reported only once applied, LISTEN/NOTIFY following that
+//! survives a killed connection. On SQLite (one process only) a slaved store is
+//! refused with a clear error.
+
+use diesel::prelude::*;
+use std::time::{Duration, Instant};
+use storage_core::testing::TestDb;
+use storage_core::{with_conn, OpenMode, StoreConfig};
+use storage_events::{
+    new_forward_extremities, testing, CurrentStateDelta, EventStore, EventsStore, RoomBatch,
+};
+use storage_slaved::{SlavedStore, APPLICATION_NAME};
+use storage_state::{key, StateGroupStore, StateMap, StateStore};
+
+const ROOM: &str = "!replicated:test";
+
+/// The main process's side: writes one state event at a time.
+struct Main {
+    store: EventsStore,
+    group: Option<i64>,
+    last: Option<String>,
+}
+
+impl Main {
+    fn new(t: &TestDb) -> Main {
+        let db = t.open();
+        let config = StoreConfig::default();
+        let state = StateStore::new(db.clone(), &config).unwrap();
+        Main {
+            store: EventsStore::new(db, state, &config).unwrap(),
+            group: None,
+            last: None,
+        }
+    }
+
+    /// Persists `id` filling `slot` and making it current; returns its position.
+    fn write(&mut self, id: &str, slot: (&str, &str)) -> i64 {
+        let delta = StateMap::from([(key(slot.0, slot.1), id.to_owned())]);
+        let state = self.store.state();
+        let group = match self.group {
+            None => state.store_state_group(id, ROOM, None, None, Some(&delta)),
+            Some(g) => state.store_state_group(id, ROOM, Some(g), Some(&delta), None),
+        }
+        .unwrap();
+        let prevs: Vec<&str> = self.last.iter().map(String::as_str).collect();
+        let events = vec![testing::state_event(ROOM, id, &prevs, slot, Some(group))];
+        let current = self.store.get_forward_extremities(ROOM).unwrap();
+        let persisted = self
+            .store
+            .persist_batch(&RoomBatch {
+                room_id: ROOM.into(),
+                new_extremities: new_forward_extremities(&current, &events, &Default::default()),
+                current_state: CurrentStateDelta {
+                    removed: vec![],
+                    added: vec![(key(slot.0, slot.1), id.to_owned(), None)],
+                },
+                events,
+            })
+            .unwrap();
+        self.group = Some(group);
+        self.last = Some(id.to_owned());
+        persisted.max_stream_ordering
+    }
+}
+
+fn slaved(t: &TestDb) -> SlavedStore {
+    SlavedStore::new(t.open_mode(OpenMode::Replica), &StoreConfig::default()).unwrap()
+}
+
+fn topic(store: &SlavedStore) -> Option<String> {
+    store
+        .state()
+        .get_current_state_ids(ROOM)
+        .unwrap()
+        .get(&key("m.room.topic", ""))
+        .cloned()
+}
+
+/// `aggregate` (a count) over this database's listening connections.
+fn listeners(admin: &mut storage_core::Conn, aggregate: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    with_conn!(admin, |c| diesel::sql_query(format!(
+        "SELECT {aggregate} AS n FROM pg_stat_activity \
+         WHERE application_name = '{APPLICATION_NAME}' AND datname = current_database()"
+    ))
+    .get_result::<N>(c))
+    .unwrap()
+    .n
+}
+
+/// Waits for `condition`, failing after a deadline far beyond any expected delay.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn sqlite_is_refused() {
+    let t = TestDb::sqlite();
+    drop(Main::new(&t));
+    let err = SlavedStore::new(t.open_mode(OpenMode::Replica), &StoreConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs PostgreSQL"), "{err}");
+    assert!(err.contains(t.url()), "{err}");
+}
+
+#[test]
+fn catch_up_applies_invalidations_then_reports_the_position() {
+    let Some(t) = TestDb::postgres() else { return };
+    let mut main = Main::new(&t);
+    main.write("$create", ("m.room.create", ""));
+    main.write("$topic1", ("m.room.topic", ""));
+    let worker = slaved(&t);
+    assert_eq!(worker.position(), main.store.max_stream_ordering());
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+
+    let position = main.write("$topic2", ("m.room.topic", ""));
+    // Not applied yet: the worker's cache still holds the old current state, and
+    // its position says so.
+    assert!(worker.position() < position);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    assert_eq!(worker.catch_up().unwrap(), position);
+    assert_eq!(worker.position(), position);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+    // Nothing new: the position stays.
+    assert_eq!(worker.catch_up().unwrap(), position);
+}
+
+#[test]
+fn follower_is_woken_and_survives_a_killed_connection() {
+    let Some(t) = TestDb::postgres() else { return };
+    let mut main = Main::new(&t);
+    main.write("$create", ("m.room.create", ""));
+    main.write("$topic1", ("m.room.topic", ""));
+    let worker = slaved(&t);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    let logs = storage_core::logging::capture();
+    let follower = worker.follow(t.url());
+
+    let position = main.write("$topic2", ("m.room.topic", ""));
+    wait_until("the first position", || worker.position() >= position);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+
+    // Kill the listening connection from the server side; the follower
+    // reconnects and catches up with what was committed meanwhile.
+    let mut admin = t.raw_connection();
+    wait_until("the listening connection", || {
+        listeners(&mut admin, "COUNT(*)") == 1
+    });
+    assert_eq!(
+        listeners(
+            &mut admin,
+            "COUNT(*) FILTER (WHERE pg_terminate_backend(pid))"
+        ),
+        1
+    );
+    let position = main.write("$topic3", ("m.room.topic", ""));
+    wait_until("the position after the reconnect", || {
+        worker.position() >= position
+    });
+    assert_eq!(topic(&worker).as_deref(), Some("$topic3"));
+    drop(follower);
+    let lost = logs
+        .lines()
+        .into_iter()
+        .find(|l| l.message.contains("replication connection lost"))
+        .expect("the lost connection is logged");
+    assert_eq!(lost.level, log::Level::Warn);
+    assert_eq!(lost.context, "replication");
+}
