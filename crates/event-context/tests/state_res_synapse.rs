@@ -30,7 +30,7 @@ use serde_json::json;
 use storage_core::testing::TestDb;
 use storage_core::StoreConfig;
 use storage_events::EventsStore;
-use storage_state::{StateFilter, StateGroupStore, StateStore};
+use storage_state::{StateFilter, StateGroupStore};
 
 fn initial_events(version: &RoomVersionId) -> Vec<Spec> {
     vec![
@@ -181,8 +181,8 @@ fn check_through_storage(graph: &Graph) {
     for t in &dbs {
         let db = t.open();
         let config = StoreConfig::default();
-        let state = StateStore::new(db.clone(), &config).unwrap();
-        let events = EventsStore::new(db, state.clone(), &config).unwrap();
+        let events = EventsStore::new(db, &config).unwrap();
+        let state = events.state().clone();
         let builder = ContextBuilder::new(state.clone(), events, &config);
         let mut pending = PendingEvents::default();
         let mut groups = HashMap::new();

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use storage_core::{metrics, Error, ErrorKind, LogContext};
 use storage_state::StateStore;
+use subtle::ConstantTimeEq;
 
 /// Writes events for the HTTP API: the main process persists them itself, a
 /// worker computes their contexts and forwards them.
@@ -146,7 +147,10 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+        // Constant time, so that the answer's timing does not reveal how much of
+        // a guess was right.
+        let matches = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())));
+        if !matches {
             return ApiError {
                 status: StatusCode::UNAUTHORIZED,
                 errcode: "M_UNKNOWN_TOKEN",

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use storage_core::{Database, DatabaseConfig, Error, OpenMode, Result, ResultExt, StoreConfig};
 use storage_events::{EventStore, EventToPersist, EventsStore};
-use storage_state::{StateGroup, StateMap, StateStore};
+use storage_state::{StateGroup, StateMap};
 
 /// Events handed to the queue at a time, per room.
 const BATCH: usize = 100;
@@ -79,9 +79,8 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn open(db: Database, config: &StoreConfig) -> Result<Pipeline> {
-        let state = StateStore::new(db.clone(), config)?;
-        let events = EventsStore::new(db, state.clone(), config)?;
-        let builder = ContextBuilder::new(state, events.clone(), config);
+        let events = EventsStore::new(db, config)?;
+        let builder = ContextBuilder::new(events.state().clone(), events.clone(), config);
         let persister = RoomPersister::new(
             events,
             Arc::new(Resolver {

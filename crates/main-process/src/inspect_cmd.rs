@@ -5,12 +5,12 @@ use crate::cli::Failure;
 use serde_json::json;
 use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::EventsStore;
-use storage_state::{state_report, StateStore};
+use storage_state::state_report;
 
 pub fn run(database: &str, as_json: bool, top: usize) -> Result<(), Failure> {
     let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
     let config = StoreConfig::default();
-    let events = EventsStore::new(db.clone(), StateStore::new(db.clone(), &config)?, &config)?;
+    let events = EventsStore::new(db.clone(), &config)?;
     let (rooms, event_count) = events.totals()?;
     let state = state_report(&db, top)?;
     let seq = &state.sequence;

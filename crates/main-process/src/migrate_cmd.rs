@@ -5,13 +5,11 @@
 use crate::cli::Failure;
 use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::{EventStore, EventsStore};
-use storage_state::StateStore;
 
 pub fn run(database: &str) -> Result<(), Failure> {
     let db = Database::open(DatabaseConfig::parse(database, OpenMode::Writer)?)?;
     let config = StoreConfig::default();
-    let state = StateStore::new(db.clone(), &config)?;
-    let events = EventsStore::new(db.clone(), state, &config)?;
+    let events = EventsStore::new(db.clone(), &config)?;
     println!(
         "database {} ({}) is migrated and ready; stream position {}",
         db.url(),

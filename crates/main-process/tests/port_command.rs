@@ -19,8 +19,7 @@ const ROOM: &str = "!port:test";
 fn fill_source(t: &TestDb, events: usize) {
     let db = t.open();
     let config = StoreConfig::default();
-    let store =
-        EventsStore::new(db.clone(), StateStore::new(db, &config).unwrap(), &config).unwrap();
+    let store = EventsStore::new(db, &config).unwrap();
     let mut state = StateMap::new();
     let mut group = None;
     let mut prev: Option<String> = None;
@@ -185,7 +184,7 @@ fn port_sqlite_to_postgres() {
         )
         .expect("no collision with a copied group");
     assert_eq!(g, max_group + 1);
-    let events = EventsStore::new(db.clone(), state, &config).unwrap();
+    let events = EventsStore::new(db.clone(), &config).unwrap();
     assert_eq!(events.max_stream_ordering(), 120);
 }
 

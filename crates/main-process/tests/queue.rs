@@ -12,7 +12,7 @@ use storage_events::{
     new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
     PersistedBatch, RoomBatch,
 };
-use storage_state::{key, StateGroupStore, StateMap, StateStore};
+use storage_state::{key, StateGroupStore, StateMap};
 
 fn event(room: &str, id: &str, group: Option<i64>) -> EventToPersist {
     storage_events::testing::event(room, id, &[], group)
@@ -249,9 +249,9 @@ fn real_queue(store: &EventsStore) -> PersistenceQueue {
 }
 
 fn stores(t: &TestDb) -> (EventsStore, i64) {
-    let db = t.open();
-    let state = StateStore::new(db.clone(), &StoreConfig::default()).unwrap();
-    let group = state
+    let events = EventsStore::new(t.open(), &StoreConfig::default()).unwrap();
+    let group = events
+        .state()
         .store_state_group(
             "$create",
             "!r",
@@ -263,10 +263,7 @@ fn stores(t: &TestDb) -> (EventsStore, i64) {
             )])),
         )
         .unwrap();
-    (
-        EventsStore::new(db, state, &StoreConfig::default()).unwrap(),
-        group,
-    )
+    (events, group)
 }
 
 fn failed_batch_leaves_no_event_behind(t: &TestDb) {

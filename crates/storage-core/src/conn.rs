@@ -106,6 +106,10 @@ impl Conn {
 #[derive(Debug)]
 pub(crate) struct ConnManager {
     pub(crate) engine: Arc<dyn Engine>,
+    /// Set when the last handle of the database is dropped: r2d2 may still run a
+    /// connection it scheduled in the background, and that must not recreate a
+    /// database (an SQLite file and its folder) that its owner already removed.
+    pub(crate) closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl r2d2::ManageConnection for ConnManager {
@@ -113,6 +117,9 @@ impl r2d2::ManageConnection for ConnManager {
     type Error = Error;
 
     fn connect(&self) -> Result<Conn> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::other("the database was closed"));
+        }
         self.engine.connect()
     }
 

@@ -7,6 +7,7 @@ use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
 use crate::error::{Error, Result, ResultExt};
 use crate::metrics;
 use crate::transaction::Transaction;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,13 @@ struct Inner {
     engine: Arc<dyn Engine>,
     pool: r2d2::Pool<ConnManager>,
     mode: OpenMode,
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Database {
@@ -47,6 +55,7 @@ impl Database {
         // One connection made here, outside the pool, reports the real reason a
         // database cannot be opened; the pool would only time out.
         drop(engine.connect()?);
+        let closed = Arc::new(AtomicBool::new(false));
         let pool = r2d2::Pool::builder()
             .max_size(config.pool_size)
             .min_idle(Some(1))
@@ -54,15 +63,19 @@ impl Database {
             // a test query on every checkout costs a round trip per transaction.
             .test_on_check_out(false)
             .connection_timeout(Duration::from_secs(30))
-            .error_handler(Box::new(PoolErrorLogger))
+            .error_handler(Box::new(PoolErrorLogger {
+                closed: closed.clone(),
+            }))
             .build_unchecked(ConnManager {
                 engine: engine.clone(),
+                closed: closed.clone(),
             });
         let db = Database {
             inner: Arc::new(Inner {
                 engine,
                 pool,
                 mode: config.mode,
+                closed,
             }),
         };
         match config.mode {
@@ -256,10 +269,15 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 #[derive(Debug)]
-struct PoolErrorLogger;
+struct PoolErrorLogger {
+    closed: Arc<AtomicBool>,
+}
 
 impl r2d2::HandleError<Error> for PoolErrorLogger {
     fn handle_error(&self, error: Error) {
-        log::error!("connection pool: {error}");
+        // Refusals after close are expected and say nothing useful.
+        if !self.closed.load(Ordering::SeqCst) {
+            log::error!("connection pool: {error}");
+        }
     }
 }

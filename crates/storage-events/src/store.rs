@@ -83,7 +83,11 @@ pub struct EventsStore {
 }
 
 impl EventsStore {
-    pub fn new(db: Database, state: StateStore, config: &StoreConfig) -> Result<Self> {
+    /// Built, like every store, from the database and the configuration; it
+    /// composes the [`StateStore`] its batches write through (reach it with
+    /// [`state`](Self::state), so that both share one set of caches).
+    pub fn new(db: Database, config: &StoreConfig) -> Result<Self> {
+        let state = StateStore::new(db.clone(), config)?;
         if db.mode() == OpenMode::Writer {
             db.sync_sequence(&EVENTS_STREAM_SEQUENCE)?;
         }

@@ -22,7 +22,7 @@ pub fn event(
         origin_server_ts: 1_700_000_000_000,
         prev_events: prev_events.iter().map(|p| p.to_string()).collect(),
         auth_events: vec![],
-        json: format!(r#"{{"type":"m.room.message","event_id":"{event_id}"}}"#),
+        json: format!(r#"{{"event_id":"{event_id}"}}"#),
         format_version: 3,
         room_version: None,
         outlier: false,

@@ -10,7 +10,7 @@ use storage_events::{
     RoomBatch,
 };
 use storage_state::schema::event_to_state_groups as etsg;
-use storage_state::{key, StateFilter, StateGroupStore, StateMap, StateStore};
+use storage_state::{key, StateFilter, StateGroupStore, StateMap};
 
 storage_core::engine_tests!(
     batch_is_written_whole_with_increasing_positions,
@@ -22,9 +22,7 @@ storage_core::engine_tests!(
 const ROOM: &str = "!room:test";
 
 fn stores(t: &TestDb) -> EventsStore {
-    let db = t.open();
-    let state = StateStore::new(db.clone(), &StoreConfig::default()).unwrap();
-    EventsStore::new(db, state, &StoreConfig::default()).unwrap()
+    EventsStore::new(t.open(), &StoreConfig::default()).unwrap()
 }
 
 fn event(
@@ -148,15 +146,10 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
         ])
     );
     let stored = store.get_events(&["$name"]).unwrap();
-    assert_eq!(stored["$name"].json, r#"{"type":"x","id":"$name"}"#);
+    assert_eq!(stored["$name"].json, r#"{"event_id":"$name"}"#);
     assert_eq!(stored["$name"].stream_ordering, p("$name"));
     // A fresh store reads the committed position back.
-    let again = EventsStore::new(
-        store.database().clone(),
-        store.state().clone(),
-        &StoreConfig::default(),
-    )
-    .unwrap();
+    let again = EventsStore::new(store.database().clone(), &StoreConfig::default()).unwrap();
     assert_eq!(again.max_stream_ordering(), p("$msg2"));
 }
 

@@ -42,7 +42,6 @@ fn now_ms() -> i64 {
 /// A worker's stores and its replication position. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SlavedStore {
-    state: StateStore,
     events: EventsStore,
     position: Arc<AtomicI64>,
 }
@@ -58,18 +57,13 @@ impl SlavedStore {
                 db.engine().name()
             )));
         }
-        let state = StateStore::new(db.clone(), config)?;
-        let events = EventsStore::new(db, state.clone(), config)?;
+        let events = EventsStore::new(db, config)?;
         let position = Arc::new(AtomicI64::new(events.max_stream_ordering()));
-        Ok(SlavedStore {
-            state,
-            events,
-            position,
-        })
+        Ok(SlavedStore { events, position })
     }
 
     pub fn state(&self) -> &StateStore {
-        &self.state
+        self.events.state()
     }
 
     pub fn events(&self) -> &EventsStore {
@@ -87,7 +81,7 @@ impl SlavedStore {
         let batch = self.events.replication_since(from)?;
         for (_, cache, key) in &batch.invalidations {
             match cache.as_str() {
-                CURRENT_STATE_CACHE => self.state.invalidate_current_state(key),
+                CURRENT_STATE_CACHE => self.state().invalidate_current_state(key),
                 other => log::debug!("no cache {other} here; invalidation of {key} ignored"),
             }
         }

@@ -12,7 +12,7 @@ use storage_events::{
     new_forward_extremities, testing, CurrentStateDelta, EventStore, EventsStore, RoomBatch,
 };
 use storage_slaved::{SlavedStore, APPLICATION_NAME};
-use storage_state::{key, StateGroupStore, StateMap, StateStore};
+use storage_state::{key, StateGroupStore, StateMap};
 
 const ROOM: &str = "!replicated:test";
 
@@ -27,9 +27,8 @@ impl Main {
     fn new(t: &TestDb) -> Main {
         let db = t.open();
         let config = StoreConfig::default();
-        let state = StateStore::new(db.clone(), &config).unwrap();
         Main {
-            store: EventsStore::new(db, state, &config).unwrap(),
+            store: EventsStore::new(db, &config).unwrap(),
             group: None,
             last: None,
         }

@@ -212,12 +212,6 @@ impl StateStore {
     pub fn invalidate_current_state(&self, room_id: &str) {
         self.caches.current_state.invalidate(&room_id.to_owned());
     }
-
-    /// Forgets the cached group of `event_id` (needed only when an outlier gains
-    /// state).
-    pub fn invalidate_event_group(&self, event_id: &str) {
-        self.caches.event_groups.invalidate(&event_id.to_owned());
-    }
 }
 
 impl StateGroupStore for StateStore {
