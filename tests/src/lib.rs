@@ -118,11 +118,17 @@ pub fn encode(s: &str) -> String {
         .replace('@', "%40")
 }
 
+/// Posts events; an error answer reads "<status>: <body>".
 pub fn post(url: &str, events: Vec<Value>) -> Result<Value, String> {
     ureq::post(&format!("{url}/_hs/v1/rooms/{}/events", encode(ROOM)))
         .set("Authorization", &format!("Bearer {TOKEN}"))
         .send_json(json!({ "events": events }))
-        .map_err(|e| e.to_string())?
+        .map_err(|e| match e {
+            ureq::Error::Status(code, answer) => {
+                format!("{code}: {}", answer.into_string().unwrap_or_default())
+            }
+            e => e.to_string(),
+        })?
         .into_json()
         .map_err(|e| e.to_string())
 }
@@ -137,7 +143,7 @@ pub fn get(url: &str, path: &str) -> Value {
 }
 
 /// Room version 2 events (ids in the JSON): easy to chain from a test.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Room {
     depth: i64,
     last: Option<String>,

@@ -150,6 +150,22 @@ fn main_and_two_workers_agree() {
         }
     }
 
+    // An event whose prev event is unknown (say, still queued on the main
+    // process): a clear 400 naming it, from a worker as from the main process.
+    for url in [&main.url, &w1.url] {
+        let mut e = room.clone().event(
+            "orphan",
+            "m.room.message",
+            ALICE,
+            None,
+            json!({"body": "?"}),
+        );
+        e["prev_events"] = json!([["$nope:example.com", {"sha256": "aGFzaA"}]]);
+        let err = post(url, vec![e]).unwrap_err();
+        assert!(err.contains("400"), "{url}: {err}");
+        assert!(err.contains("$nope:example.com"), "{url}: {err}");
+    }
+
     // A worker killed and restarted catches up.
     drop(w2);
     for i in 0..4 {

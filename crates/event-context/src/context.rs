@@ -115,9 +115,10 @@ fn from_storage(state: &storage_state::StateMap) -> Result<StateMap> {
 }
 
 impl ContextBuilder {
-    pub fn new(state: StateStore, events: EventsStore, config: &StoreConfig) -> Self {
+    /// Works through `events` and the state store it composes.
+    pub fn new(events: EventsStore, config: &StoreConfig) -> Self {
         ContextBuilder {
-            state,
+            state: events.state().clone(),
             events,
             pdus: Arc::new(LruCache::new("pdu_cache", config.cache_size(50_000))),
             resolutions: Arc::new(LruCache::new(

@@ -183,7 +183,7 @@ fn check_through_storage(graph: &Graph) {
         let config = StoreConfig::default();
         let events = EventsStore::new(db, &config).unwrap();
         let state = events.state().clone();
-        let builder = ContextBuilder::new(state.clone(), events, &config);
+        let builder = ContextBuilder::new(events, &config);
         let mut pending = PendingEvents::default();
         let mut groups = HashMap::new();
         for node in &graph.order {

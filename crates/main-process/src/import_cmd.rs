@@ -80,7 +80,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn open(db: Database, config: &StoreConfig) -> Result<Pipeline> {
         let events = EventsStore::new(db, config)?;
-        let builder = ContextBuilder::new(events.state().clone(), events.clone(), config);
+        let builder = ContextBuilder::new(events.clone(), config);
         let persister = RoomPersister::new(
             events,
             Arc::new(Resolver {

@@ -62,10 +62,19 @@ impl EventWriter for ForwardingWriter {
                 .into_json::<WriteOutcome>()
                 .map_err(|e| Error::other(format!("reading the main process's answer: {e}"))),
             Err(ureq::Error::Status(code, response)) => {
+                // The main process's verdict on the request keeps its kind, so the
+                // client sees the same 4xx it would have seen from the main process.
                 let text = response.into_string().unwrap_or_default();
-                Err(Error::other(format!(
-                    "the main process answered {code}: {text}"
-                )))
+                let message = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned))
+                    .unwrap_or(text);
+                let message = format!("the main process answered {code}: {message}");
+                Err(match code {
+                    404 => Error::not_found(message),
+                    400..=499 => Error::invalid_argument(message),
+                    _ => Error::other(message),
+                })
             }
             Err(e) => Err(Error::other(format!(
                 "reaching the main process at {url}: {e}"
@@ -97,7 +106,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     let db = Database::open(DatabaseConfig::parse(&cli.database, OpenMode::Replica)?)?;
     let slaved = SlavedStore::new(db, &config)?;
     let _follower = slaved.follow(&cli.database);
-    let builder = ContextBuilder::new(slaved.state().clone(), slaved.events().clone(), &config);
+    let builder = ContextBuilder::new(slaved.events().clone(), &config);
     let position = slaved.clone();
     let state = ApiState {
         state: slaved.state().clone(),
