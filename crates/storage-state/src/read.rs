@@ -29,12 +29,31 @@ pub(crate) fn from_cache(
     filter: &StateFilter,
 ) -> (StateMap, bool) {
     let entry = cache.get(&group);
+    let state = select(filter, &entry.value);
     if entry.full || filter.is_full() {
-        return (filter.filter_state(&entry.value), entry.full);
+        return (state, entry.full);
     }
     let complete =
         !filter.has_wildcards() && filter.concrete_types().iter().all(|k| entry.knows(k));
-    (filter.filter_state(&entry.value), complete)
+    (state, complete)
+}
+
+/// The part of a cached dictionary that `filter` asks for: looked up key by key
+/// when the filter names its keys (an auth check asks for a handful of a room's
+/// thousands of entries), otherwise by a pass over the entries.
+fn select(filter: &StateFilter, value: &imbl::HashMap<StateKey, String>) -> StateMap {
+    if !filter.include_others() && !filter.has_wildcards() {
+        return filter
+            .concrete_types()
+            .into_iter()
+            .filter_map(|k| value.get(&k).map(|v| (k, v.clone())))
+            .collect();
+    }
+    value
+        .iter()
+        .filter(|((t, k), _)| filter.includes(t, k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The state of `groups` under `filter`, cache first.

@@ -154,46 +154,15 @@ pub(crate) fn store_txn(
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .partition(|((t, _), _)| t == MEMBER);
-            derive_entry(&caches.members, seq_members, *prev, group, members);
-            derive_entry(
-                &caches.non_members,
-                seq_non_members,
-                *prev,
-                group,
-                non_members,
-            );
+            caches.members.derive(seq_members, prev, group, members);
+            caches
+                .non_members
+                .derive(seq_non_members, prev, group, non_members);
         }
         caches.deltas.insert(group, delta_entry);
         caches.chain_lengths.insert(group, chain_len);
     });
     Ok(group)
-}
-
-/// Fills `cache`'s entry for `group` from its entry for `prev` and the delta
-/// between them: a full entry stays full; a partial one knows the same slots
-/// plus the delta's; without an entry for `prev`, only the delta's slots are known.
-fn derive_entry(
-    cache: &storage_core::cache::DictionaryCache<StateGroup, crate::types::StateKey, String>,
-    sequence: u64,
-    prev: StateGroup,
-    group: StateGroup,
-    delta: StateMap,
-) {
-    let base = cache.get(&prev);
-    let mut value = base.value.clone();
-    value.extend(delta.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if base.full {
-        cache.update(sequence, group, value, None);
-    } else {
-        let known: Vec<crate::types::StateKey> = base
-            .value
-            .keys()
-            .chain(base.known_absent.iter())
-            .chain(delta.keys())
-            .cloned()
-            .collect();
-        cache.update(sequence, group, value, Some(&known));
-    }
 }
 
 /// The chain length of `prev` (itself included), after checking that it exists

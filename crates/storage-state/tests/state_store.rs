@@ -187,7 +187,7 @@ fn per_cache_lookups_full_then_partial(t: &TestDb) {
     let cache = store.caches().non_members();
     let entry = cache.get(&group);
     assert!(entry.full && entry.known_absent.is_empty());
-    assert_eq!(entry.value, non_members);
+    assert_eq!(StateMap::from_iter(entry.value.clone()), non_members);
     cache.invalidate(&group);
     let create_only = state(&[(CREATE, "", "$e1")]);
     cache.update(
@@ -198,7 +198,7 @@ fn per_cache_lookups_full_then_partial(t: &TestDb) {
     );
     let entry = cache.get(&group);
     assert!(!entry.full);
-    assert_eq!(entry.value, create_only);
+    assert_eq!(StateMap::from_iter(entry.value.clone()), create_only);
 
     let partial_cases = [
         ("P1", nm, f(set(&[]), true), create_only.clone(), false),

@@ -6,15 +6,18 @@
 //! to hold the whole map; a reader that fetched the whole map stores it as *full*.
 //! A later request is answered from the cache when the entry is full or covers
 //! every key it asks for.
+//!
+//! Entries are persistent maps (`imbl`): an entry derived from another plus a
+//! few changes ([`DictionaryCache::derive`]) shares everything else with it.
 
 use super::LruCache;
-use std::collections::{HashMap, HashSet};
+use imbl::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 
 /// What the cache knows of one dictionary.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DictionaryEntry<DK: Hash + Eq, DV> {
+pub struct DictionaryEntry<DK: Hash + Eq + Clone, DV: Clone> {
     /// `value` is the whole dictionary.
     pub full: bool,
     /// Keys fetched and found absent (only meaningful when not full).
@@ -23,7 +26,7 @@ pub struct DictionaryEntry<DK: Hash + Eq, DV> {
     pub value: HashMap<DK, DV>,
 }
 
-impl<DK: Hash + Eq, DV> DictionaryEntry<DK, DV> {
+impl<DK: Hash + Eq + Clone, DV: Clone> DictionaryEntry<DK, DV> {
     fn empty() -> Self {
         DictionaryEntry {
             full: false,
@@ -44,11 +47,13 @@ impl<DK: Hash + Eq, DV> DictionaryEntry<DK, DV> {
 
 /// An LRU cache of [`DictionaryEntry`]s, bounded by the total number of dictionary
 /// keys held (as Synapse sizes its state-group caches).
-pub struct DictionaryCache<K: Hash + Eq, DK: Hash + Eq, DV> {
+pub struct DictionaryCache<K: Hash + Eq, DK: Hash + Eq + Clone, DV: Clone> {
     cache: LruCache<K, Arc<DictionaryEntry<DK, DV>>>,
 }
 
-impl<K: Hash + Eq, DK: Hash + Eq, DV> std::fmt::Debug for DictionaryCache<K, DK, DV> {
+impl<K: Hash + Eq, DK: Hash + Eq + Clone, DV: Clone> std::fmt::Debug
+    for DictionaryCache<K, DK, DV>
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DictionaryCache")
             .field("cache", &self.cache)
@@ -92,7 +97,7 @@ where
             full: entry.full,
             known_absent: dict_keys
                 .iter()
-                .filter(|k| entry.known_absent.contains(k))
+                .filter(|k| entry.known_absent.contains(*k))
                 .cloned()
                 .collect(),
             value: dict_keys
@@ -110,12 +115,13 @@ where
         &self,
         sequence: u64,
         key: K,
-        value: HashMap<DK, DV>,
+        value: impl IntoIterator<Item = (DK, DV)>,
         fetched_keys: Option<&[DK]>,
     ) {
         if self.cache.sequence() != sequence {
             return;
         }
+        let value: HashMap<DK, DV> = value.into_iter().collect();
         let entry = match fetched_keys {
             None => DictionaryEntry {
                 full: true,
@@ -142,6 +148,25 @@ where
         self.cache.insert_at(sequence, key, Arc::new(entry));
     }
 
+    /// Records, at `sequence`, that `key`'s dictionary is `base`'s with `changes`
+    /// applied: whatever is known of `base` (all of it, or some keys) becomes
+    /// known of `key`, plus the changed keys. Without an entry for `base`, only
+    /// the changed keys are known. Shares `base`'s maps rather than copying them.
+    pub fn derive(
+        &self,
+        sequence: u64,
+        base: &K,
+        key: K,
+        changes: impl IntoIterator<Item = (DK, DV)>,
+    ) {
+        let mut entry = DictionaryEntry::clone(&self.get(base));
+        for (k, v) in changes {
+            entry.known_absent.remove(&k);
+            entry.value.insert(k, v);
+        }
+        self.cache.insert_at(sequence, key, Arc::new(entry));
+    }
+
     pub fn invalidate(&self, key: &K) {
         self.cache.invalidate(key);
     }
@@ -165,6 +190,39 @@ mod tests {
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HashMap<&'static str, &'static str> {
         pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn derived_entries_keep_what_is_known_of_the_base() {
+        let c = DictionaryCache::new("test_dict_derive", 100);
+        c.update(c.sequence(), 1, map(&[("a", "1"), ("b", "2")]), None);
+        c.derive(c.sequence(), &1, 2, map(&[("b", "3"), ("c", "4")]));
+        let e = c.get(&2);
+        assert!(e.full);
+        assert_eq!(e.value, map(&[("a", "1"), ("b", "3"), ("c", "4")]));
+        // The base is untouched.
+        assert_eq!(c.get(&1).value, map(&[("a", "1"), ("b", "2")]));
+
+        // A partial base: its known keys and absences carry over, minus what the
+        // change filled in.
+        c.update(c.sequence(), 10, map(&[("a", "1")]), Some(&["a", "x", "y"]));
+        c.derive(c.sequence(), &10, 11, map(&[("x", "5")]));
+        let e = c.get(&11);
+        assert!(!e.full);
+        assert_eq!(e.value, map(&[("a", "1"), ("x", "5")]));
+        assert_eq!(e.known_absent, HashSet::from_iter(["y"]));
+        assert!(!e.knows(&"z"));
+
+        // No base entry: only the changes are known.
+        c.derive(c.sequence(), &99, 100, map(&[("q", "7")]));
+        let e = c.get(&100);
+        assert!(!e.full && e.knows(&"q") && !e.knows(&"a"));
+
+        // A stale sequence is ignored.
+        let seq = c.sequence();
+        c.invalidate(&1);
+        c.derive(seq, &2, 3, map(&[]));
+        assert!(!c.get(&3).full);
     }
 
     #[test]
@@ -202,7 +260,7 @@ mod tests {
         let e = c.get(&"key");
         assert!(!e.full);
         assert_eq!(e.value, map(&[("test", "1"), ("test2", "2")]));
-        assert_eq!(e.known_absent, ["gone"].into_iter().collect());
+        assert_eq!(e.known_absent, HashSet::from_iter(["gone"]));
         assert!(e.knows(&"gone") && e.knows(&"test") && !e.knows(&"other"));
     }
 
