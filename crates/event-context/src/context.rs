@@ -260,7 +260,7 @@ impl ContextBuilder {
 
         let after = match (&rejected, pdu.state_map_key()) {
             (None, Some(slot)) => {
-                let delta = storage_state::StateMap::from([(slot, event_id.to_owned())]);
+                let delta = storage_state::StateMap::from_iter([(slot, event_id.to_owned())]);
                 let group = match before {
                     Some(b) => self.state.store_state_group(
                         event_id,

@@ -31,7 +31,7 @@ fn fill_source(t: &TestDb, events: usize) {
             _ => None,
         };
         if let Some(s) = &slot {
-            let delta = StateMap::from([(s.clone(), id.clone())]);
+            let delta = StateMap::from_iter([(s.clone(), id.clone())]);
             state.extend(delta.clone());
             group = Some(match group {
                 None => store
@@ -180,7 +180,10 @@ fn port_sqlite_to_postgres() {
             ROOM,
             None,
             None,
-            Some(&StateMap::from([(key("m.room.create", ""), "$x".into())])),
+            Some(&StateMap::from_iter([(
+                key("m.room.create", ""),
+                "$x".into(),
+            )])),
         )
         .expect("no collision with a copied group");
     assert_eq!(g, max_group + 1);

@@ -257,7 +257,7 @@ fn stores(t: &TestDb) -> (EventsStore, i64) {
             "!r",
             None,
             None,
-            Some(&StateMap::from([(
+            Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
                 "$create".to_owned(),
             )])),

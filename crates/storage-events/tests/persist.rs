@@ -76,7 +76,7 @@ fn count(t: &TestDb, table: &str) -> i64 {
 
 fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
     let store = stores(t);
-    let create_state = StateMap::from([(key("m.room.create", ""), "$create".to_owned())]);
+    let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".to_owned())]);
     let g1 = store
         .state()
         .store_state_group("$create", ROOM, None, None, Some(&create_state))
@@ -97,7 +97,7 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
             "$name",
             ROOM,
             Some(g1),
-            Some(&StateMap::from([(
+            Some(&StateMap::from_iter([(
                 key("m.room.name", ""),
                 "$name".to_owned(),
             )])),
@@ -130,7 +130,7 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
     assert_eq!(count(t, "event_edges"), 3);
     assert_eq!(
         *store.state().get_current_state_ids(ROOM).unwrap(),
-        StateMap::from([
+        StateMap::from_iter([
             (key("m.room.create", ""), "$create".into()),
             (key("m.room.name", ""), "$name".into())
         ])
@@ -140,7 +140,7 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
             .state()
             .get_state_for_event("$msg2", &StateFilter::all())
             .unwrap(),
-        StateMap::from([
+        StateMap::from_iter([
             (key("m.room.create", ""), "$create".into()),
             (key("m.room.name", ""), "$name".into())
         ])
@@ -162,7 +162,7 @@ fn stored_events_are_skipped(t: &TestDb) {
             ROOM,
             None,
             None,
-            Some(&StateMap::from([(
+            Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
                 "$create".to_owned(),
             )])),
@@ -201,7 +201,7 @@ fn outliers_get_no_state_and_rejections_are_recorded(t: &TestDb) {
             ROOM,
             None,
             None,
-            Some(&StateMap::from([(
+            Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
                 "$create".to_owned(),
             )])),
@@ -275,7 +275,7 @@ fn failed_batch_leaves_nothing(t: &TestDb) {
             ROOM,
             None,
             None,
-            Some(&StateMap::from([(
+            Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
                 "$create".to_owned(),
             )])),

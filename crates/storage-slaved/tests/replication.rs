@@ -36,7 +36,7 @@ impl Main {
 
     /// Persists `id` filling `slot` and making it current; returns its position.
     fn write(&mut self, id: &str, slot: (&str, &str)) -> i64 {
-        let delta = StateMap::from([(key(slot.0, slot.1), id.to_owned())]);
+        let delta = StateMap::from_iter([(key(slot.0, slot.1), id.to_owned())]);
         let state = self.store.state();
         let group = match self.group {
             None => state.store_state_group(id, ROOM, None, None, Some(&delta)),

@@ -146,7 +146,7 @@ impl StateFilter {
     }
 
     /// Like [`filter_state`](Self::filter_state), consuming the map.
-    pub fn filter_state_owned<V>(&self, state: StateMap<V>) -> StateMap<V> {
+    pub fn filter_state_owned<V: Clone>(&self, state: StateMap<V>) -> StateMap<V> {
         if self.is_full() {
             return state;
         }
@@ -258,7 +258,7 @@ mod tests {
         .into_iter()
         .collect();
         let ids = |f: &StateFilter| {
-            let mut v: Vec<String> = f.filter_state(&state).into_values().collect();
+            let mut v: Vec<String> = f.filter_state(&state).values().cloned().collect();
             v.sort();
             v
         };

@@ -41,7 +41,11 @@ pub(crate) fn from_cache(
 /// The part of a cached dictionary that `filter` asks for: looked up key by key
 /// when the filter names its keys (an auth check asks for a handful of a room's
 /// thousands of entries), otherwise by a pass over the entries.
-fn select(filter: &StateFilter, value: &imbl::HashMap<StateKey, String>) -> StateMap {
+fn select(filter: &StateFilter, value: &StateMap) -> StateMap {
+    if filter.is_full() {
+        // Shares the cached map: no copy.
+        return value.clone();
+    }
     if !filter.include_others() && !filter.has_wildcards() {
         return filter
             .concrete_types()
@@ -70,11 +74,11 @@ pub(crate) fn state_for_groups(
         if result.contains_key(&group) || incomplete.contains(&group) {
             continue;
         }
-        let (mut state, nm_complete) = from_cache(&caches.non_members, group, &non_member_filter);
+        let (non_members, nm_complete) = from_cache(&caches.non_members, group, &non_member_filter);
         let (members, m_complete) = from_cache(&caches.members, group, &member_filter);
         if nm_complete && m_complete {
-            state.extend(members);
-            result.insert(group, state);
+            // The two never share a key; `union` adds the smaller to the larger.
+            result.insert(group, members.union(non_members));
         } else {
             incomplete.insert(group);
         }

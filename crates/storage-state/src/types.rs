@@ -1,15 +1,15 @@
 //! The vocabulary of room state shared by every state API.
 
-use std::collections::HashMap;
-
 /// The id of a state group.
 pub type StateGroup = i64;
 
 /// `(event type, state key)`: one slot of room state.
 pub type StateKey = (String, String);
 
-/// Room state: which event fills each slot.
-pub type StateMap<V = String> = HashMap<StateKey, V>;
+/// Room state: which event fills each slot. A persistent map, so that the state
+/// of a group derived from another (and a copy out of a cache) shares storage
+/// with it instead of copying the room.
+pub type StateMap<V = String> = imbl::HashMap<StateKey, V>;
 
 /// The event type whose state lives in the member cache.
 pub const MEMBER: &str = "m.room.member";

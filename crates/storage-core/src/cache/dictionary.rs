@@ -115,13 +115,12 @@ where
         &self,
         sequence: u64,
         key: K,
-        value: impl IntoIterator<Item = (DK, DV)>,
+        value: HashMap<DK, DV>,
         fetched_keys: Option<&[DK]>,
     ) {
         if self.cache.sequence() != sequence {
             return;
         }
-        let value: HashMap<DK, DV> = value.into_iter().collect();
         let entry = match fetched_keys {
             None => DictionaryEntry {
                 full: true,
