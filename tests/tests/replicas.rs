@@ -103,6 +103,10 @@ fn main_and_two_workers_agree() {
     let on_main = metrics(&main.url);
     assert!(on_main.contains("hs_persistence_queue_depth"), "{on_main}");
     assert!(
+        on_main.contains(&format!("hs_replication_position {last_position}")),
+        "{on_main}"
+    );
+    assert!(
         on_main.contains(r#"hs_transactions_total{desc="persist_events",outcome="committed"}"#),
         "{on_main}"
     );
@@ -307,6 +311,87 @@ fn http_contract(db: &TestDb) {
     assert_eq!(code, 400);
     let (code, text) = call("GET", "/_hs/v1/stream/position", Some(TOKEN), None);
     assert_eq!((code, text), (200, r#"{"events":0}"#.to_owned()));
+
+    // Contexts computed elsewhere are checked before they are persisted as they are.
+    let mut room = Room::default();
+    let create = room.event(
+        "create",
+        "m.room.create",
+        ALICE,
+        Some(""),
+        json!({"creator": ALICE, "room_version": "2"}),
+    );
+    post(&main.url, vec![create]).unwrap();
+    let group = {
+        use diesel::prelude::*;
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            id: i64,
+        }
+        storage_core::with_conn!(&mut db.raw_connection(), |c| diesel::sql_query(
+            "SELECT MAX(id) AS id FROM state_groups"
+        )
+        .get_result::<Id>(c))
+        .unwrap()
+        .id
+    };
+    let message = room.event("m", "m.room.message", ALICE, None, json!({"body": "hi"}));
+    let contexted = |pdu: &Value, outlier: bool, before: Option<i64>, after: Option<i64>| {
+        json!({"events": [{
+            "room_version": "2", "pdu": pdu.to_string(), "outlier": outlier,
+            "state_group_before": before, "state_group_after": after, "rejected": null,
+        }]})
+        .to_string()
+    };
+    let internal = |room_id: &str| format!("/_hs/v1/internal/rooms/{}/events", encode(room_id));
+    let mut elsewhere = message.clone();
+    elsewhere["room_id"] = json!("!elsewhere:example.com");
+    for (what, path, body, expected) in [
+        (
+            "unknown group",
+            internal(ROOM),
+            contexted(&message, false, Some(group), Some(group + 1000)),
+            format!("state group {}, which does not exist", group + 1000),
+        ),
+        (
+            "another room's group",
+            internal("!elsewhere:example.com"),
+            contexted(&elsewhere, false, Some(group), Some(group)),
+            format!("state group {group}, which belongs to room {ROOM}"),
+        ),
+        (
+            "outlier with state",
+            internal(ROOM),
+            contexted(&message, true, None, Some(group)),
+            "is an outlier but its context names state groups".to_owned(),
+        ),
+        (
+            "no group after",
+            internal(ROOM),
+            contexted(&message, false, Some(group), None),
+            "has no state group after it".to_owned(),
+        ),
+    ] {
+        let (code, text) = call("POST", &path, Some(TOKEN), Some(&body));
+        assert_eq!(code, 400, "{what}: {text}");
+        assert!(text.contains(&expected), "{what}: {text}");
+        assert!(text.contains("$m:example.com"), "{what}: {text}");
+    }
+    // None of them was stored; the same event with a good context is.
+    let at = format!("/_hs/v1/rooms/{}/state?at=%24m%3Aexample.com", encode(ROOM));
+    assert_eq!(call("GET", &at, Some(TOKEN), None).0, 404);
+    let (code, text) = call(
+        "POST",
+        &internal(ROOM),
+        Some(TOKEN),
+        Some(&contexted(&message, false, Some(group), Some(group))),
+    );
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        get(&main.url, &at)["m.room.create"][""],
+        "$create:example.com"
+    );
 
     // No token, not loopback: refused before listening.
     let out = Command::new(binary("hs-main"))

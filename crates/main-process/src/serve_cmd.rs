@@ -30,12 +30,7 @@ impl EventWriter for MainWriter {
             .into_iter()
             .map(ContextedEvent::into_parts)
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some((pdu, _)) = events.iter().find(|(p, _)| p.room_id.as_str() != room_id) {
-            return Err(Error::invalid_argument(format!(
-                "event {} is not in room {room_id}",
-                pdu.event_id
-            )));
-        }
+        write_path::check_contexts(self.pipeline.builder.state(), room_id, &events)?;
         write_path::persist(&self.pipeline.queue, room_id, &events)
     }
 }

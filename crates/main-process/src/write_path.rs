@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use storage_core::{Error, Result};
 use storage_events::{EventStore, EventsStore};
+use storage_state::{StateGroupStore, StateStore};
 
 /// The version of `room_id`, from rooms created earlier in the same input or
 /// from storage.
@@ -103,6 +104,66 @@ impl ContextedEvent {
         };
         Ok((pdu, context))
     }
+}
+
+/// Checks contexts that another process computed before they are persisted as
+/// they are: every event is in `room_id`; an outlier has no state groups and
+/// any other event has a group after it; and every group named exists and
+/// belongs to `room_id`. A worker with a bug (or a stale binary) is refused
+/// with the event and group named, instead of mapping events to state that is
+/// not theirs.
+pub fn check_contexts(
+    state: &StateStore,
+    room_id: &str,
+    events: &[(Pdu, EventContext)],
+) -> Result<()> {
+    let mut rooms: HashMap<i64, Option<String>> = HashMap::new();
+    for (pdu, context) in events {
+        let event_id = &pdu.event_id;
+        if pdu.room_id.as_str() != room_id {
+            return Err(Error::invalid_argument(format!(
+                "event {event_id} is not in room {room_id}"
+            )));
+        }
+        let groups = [context.state_group_before, context.state_group_after];
+        match (context.outlier, context.state_group_after) {
+            (true, _) if groups.iter().any(Option::is_some) => {
+                return Err(Error::invalid_argument(format!(
+                    "event {event_id} is an outlier but its context names state groups"
+                )))
+            }
+            (false, None) => {
+                return Err(Error::invalid_argument(format!(
+                    "event {event_id} is not an outlier but its context has no state group after it"
+                )))
+            }
+            _ => {}
+        }
+        for group in groups.into_iter().flatten() {
+            let room = match rooms.get(&group) {
+                Some(room) => room.clone(),
+                None => {
+                    let room = state.get_state_group_room(group)?;
+                    rooms.insert(group, room.clone());
+                    room
+                }
+            };
+            match room {
+                None => {
+                    return Err(Error::invalid_argument(format!(
+                        "event {event_id}: its context names state group {group}, which does not exist"
+                    )))
+                }
+                Some(r) if r != room_id => {
+                    return Err(Error::invalid_argument(format!(
+                        "event {event_id}: its context names state group {group}, which belongs to room {r}, not {room_id}"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses `pdus` (all of `room_id`, in order) and computes their contexts.

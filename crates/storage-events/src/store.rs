@@ -27,6 +27,18 @@ pub const REPLICATION_CHANNEL: &str = "hs_replication";
 /// The cache name under which current-state invalidations travel.
 pub const CURRENT_STATE_CACHE: &str = "current_state_ids";
 
+/// Publishes the highest event stream position this process has applied (the
+/// main process: committed; a worker: replicated) as the
+/// `hs_replication_position` gauge, one name on every process so that a
+/// dashboard can compare them.
+pub fn report_stream_position(position: i64) {
+    storage_core::metrics::global().set_gauge(
+        "hs_replication_position",
+        "Highest event stream position committed (main process) or applied (worker) here",
+        position as f64,
+    );
+}
+
 /// What replica workers must apply, from one position to the next.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplicationBatch {
@@ -219,7 +231,7 @@ impl EventsStore {
         txn.notify(REPLICATION_CHANNEL, &format!("{max} {}", now_ms()))?;
         let position = self.position.clone();
         txn.call_after(move || {
-            position.fetch_max(max, Ordering::SeqCst);
+            report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));
         });
         Ok(PersistedBatch {
             positions: new

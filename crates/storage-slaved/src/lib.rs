@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
-use storage_events::{EventStore, EventsStore, CURRENT_STATE_CACHE, REPLICATION_CHANNEL};
+use storage_events::{
+    report_stream_position, EventStore, EventsStore, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
+};
 use storage_state::StateStore;
 
 /// How often a worker catches up without being woken.
@@ -86,12 +88,8 @@ impl SlavedStore {
             }
         }
         if batch.position > from {
-            self.position.fetch_max(batch.position, Ordering::SeqCst);
-            metrics::global().set_gauge(
-                "hs_replication_position",
-                "Highest stream position applied by this process",
-                batch.position as f64,
-            );
+            let previous = self.position.fetch_max(batch.position, Ordering::SeqCst);
+            report_stream_position(previous.max(batch.position));
         }
         Ok(self.position())
     }

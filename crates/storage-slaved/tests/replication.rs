@@ -177,3 +177,88 @@ fn follower_is_woken_and_survives_a_killed_connection() {
     assert_eq!(lost.level, log::Level::Warn);
     assert_eq!(lost.context, "replication");
 }
+
+/// Synapse's `check(method, args)`: after catching up, the worker answers
+/// every read exactly as the main process does.
+#[test]
+fn worker_reads_match_the_main_process() {
+    let Some(t) = TestDb::postgres() else { return };
+    let mut main = Main::new(&t);
+    let worker = slaved(&t);
+    main.write("$create", ("m.room.create", ""));
+    // Read on the worker before the next writes, so that its caches hold what
+    // must then be replaced.
+    worker.catch_up().unwrap();
+    assert_eq!(
+        worker.events().get_forward_extremities(ROOM).unwrap(),
+        vec!["$create".to_owned()]
+    );
+    assert_eq!(topic(&worker), None);
+    main.write("$member", ("m.room.member", "@alice:test"));
+    main.write("$topic", ("m.room.topic", ""));
+    worker.catch_up().unwrap();
+
+    let ids = ["$create", "$member", "$topic"];
+    let (m, w) = (main.store.state(), worker.state());
+    assert_eq!(
+        worker.events().get_forward_extremities(ROOM).unwrap(),
+        main.store.get_forward_extremities(ROOM).unwrap()
+    );
+    assert_eq!(
+        w.get_current_state_ids(ROOM).unwrap(),
+        m.get_current_state_ids(ROOM).unwrap()
+    );
+    assert_eq!(
+        w.get_state_group_for_events(&ids).unwrap(),
+        m.get_state_group_for_events(&ids).unwrap()
+    );
+    for id in ids {
+        assert_eq!(
+            w.get_state_for_event(id, &storage_state::StateFilter::all())
+                .unwrap(),
+            m.get_state_for_event(id, &storage_state::StateFilter::all())
+                .unwrap(),
+            "state after {id}"
+        );
+    }
+    let on_main = main.store.get_events(&ids).unwrap();
+    let on_worker = worker.events().get_events(&ids).unwrap();
+    assert_eq!(on_worker.len(), 3);
+    for id in ids {
+        assert_eq!(on_worker[id], on_main[id], "{id}");
+    }
+    assert_eq!(
+        w.get_current_state_ids(ROOM)
+            .unwrap()
+            .get(&key("m.room.member", "@alice:test")),
+        Some(&"$member".to_owned())
+    );
+}
+
+/// Synapse's `test_backwards_stream_id`: a position once reported never goes
+/// back, even when the stream seems to (here: the newest event purged).
+#[test]
+fn position_never_goes_backwards() {
+    let Some(t) = TestDb::postgres() else { return };
+    let mut main = Main::new(&t);
+    main.write("$create", ("m.room.create", ""));
+    let position = main.write("$topic1", ("m.room.topic", ""));
+    let worker = slaved(&t);
+    assert_eq!(worker.catch_up().unwrap(), position);
+    let mut admin = t.raw_connection();
+    let deleted = with_conn!(&mut admin, |c| diesel::sql_query(format!(
+        "DELETE FROM events WHERE stream_ordering = {position}"
+    ))
+    .execute(c))
+    .unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(worker.catch_up().unwrap(), position);
+    assert_eq!(worker.position(), position);
+    // A store started now begins where the stream is, and moves on with it.
+    let fresh = slaved(&t);
+    assert!(fresh.position() < position);
+    let next = main.write("$topic2", ("m.room.topic", ""));
+    assert!(next > position);
+    assert_eq!(worker.catch_up().unwrap(), next);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+}
