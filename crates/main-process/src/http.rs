@@ -178,15 +178,16 @@ async fn room_state(
     State(state): State<ApiState>,
     Path(room_id): Path<String>,
     Query(q): Query<AtQuery>,
-) -> Result<Json<Value>, ApiError> {
-    blocking("GET", move || {
-        Ok(Json(crate::state_cmd::state_json(
+) -> Result<Response, ApiError> {
+    let body = blocking("GET", move || {
+        Ok(crate::state_cmd::state_json(
             &state.state,
             &room_id,
             q.at.as_deref(),
-        )?))
+        )?)
     })
-    .await
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn stream_position(State(state): State<ApiState>) -> Json<Value> {

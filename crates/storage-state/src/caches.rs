@@ -1,7 +1,7 @@
 //! The caches of the state store, shared by every clone of it.
 //!
-//! State groups never change once written, so the group caches are only ever
-//! filled (after a commit, or after a read), never invalidated. The
+//! State groups never change once written, so the group caches (their state,
+//! delta, chain length and room) are only ever filled (after a commit, or after a read), never invalidated. The
 //! event-to-group and current-state caches are different: the current state of a
 //! room changes, and its cache is invalidated after every commit that changes it
 //! (and, on replicas, from the replication stream).
@@ -24,6 +24,8 @@ pub struct StateCaches {
     /// How many groups each group's chain holds (itself included).
     pub(crate) chain_lengths: LruCache<StateGroup, usize>,
     pub(crate) event_groups: LruCache<String, StateGroup>,
+    /// The room of each group: every read of the state after an event checks it.
+    pub(crate) group_rooms: LruCache<StateGroup, String>,
     pub(crate) current_state: LruCache<String, Arc<StateMap>>,
 }
 
@@ -42,6 +44,7 @@ impl StateCaches {
                 config.cache_size(100_000),
             ),
             event_groups: LruCache::new("event_to_state_group_cache", config.cache_size(100_000)),
+            group_rooms: LruCache::new("state_group_room_cache", config.cache_size(100_000)),
             current_state: LruCache::with_sizer(
                 "current_state_ids_cache",
                 config.cache_size(500_000),

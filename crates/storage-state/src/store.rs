@@ -351,13 +351,22 @@ impl StateGroupStore for StateStore {
     }
 
     fn get_state_group_room(&self, group: StateGroup) -> Result<Option<String>> {
-        self.db.run_read("get_state_group_room", |txn| {
+        if let Some(room) = self.caches.group_rooms.get(&group) {
+            return Ok(Some(room));
+        }
+        let room = self.db.run_read("get_state_group_room", |txn| {
             Ok(with_conn!(txn.conn(), |c| state_groups::table
                 .select(state_groups::room_id)
                 .find(group)
                 .first::<String>(c)
                 .optional())?)
-        })
+        })?;
+        // Only a group that exists is remembered: one not found may be being
+        // written by another process right now.
+        if let Some(room) = &room {
+            self.caches.group_rooms.insert(group, room.clone());
+        }
+        Ok(room)
     }
 
     fn room_has_state(&self, room_id: &str) -> Result<bool> {

@@ -138,6 +138,7 @@ pub(crate) fn store_txn(
     insert_state_rows(txn, group, new.room_id, rows_of)?;
 
     let caches = caches.clone();
+    let room_id = new.room_id.to_owned();
     let delta_entry = delta_base.map(|(prev, delta, _)| (prev, Arc::new(delta.clone())));
     txn.call_after(move || {
         if let Some(state) = full_state {
@@ -161,6 +162,7 @@ pub(crate) fn store_txn(
         }
         caches.deltas.insert(group, delta_entry);
         caches.chain_lengths.insert(group, chain_len);
+        caches.group_rooms.insert(group, room_id);
     });
     Ok(group)
 }

@@ -21,6 +21,7 @@ storage_core::engine_tests!(
     prefill_only_after_commit,
     invalid_arguments_are_rejected,
     current_state_of_a_room,
+    room_of_a_group,
 );
 
 /// The linear DAG of Synapse's test_get_state_for_event: create, name, alice
@@ -575,5 +576,35 @@ fn current_state_of_a_room(t: &TestDb) {
     assert_eq!(
         *store.get_current_state_ids(ROOM).unwrap(),
         state(&[(CREATE, "", "$c"), (MEMBER, "@a:test", "$j")])
+    );
+}
+
+/// Every read of the state after an event checks its group's room: after a
+/// store it is known without a query, and a group not found is not remembered.
+fn room_of_a_group(t: &TestDb) {
+    let store = store(t);
+    let groups = linear_room(&store);
+    assert_eq!(store.get_state_group_room(987_654).unwrap(), None);
+    let cold = cold(&store);
+    t.raw_connection()
+        .batch_execute("DELETE FROM state_groups")
+        .unwrap();
+    // Prefilled when the group was stored.
+    for g in &groups {
+        assert_eq!(
+            store.get_state_group_room(*g).unwrap().as_deref(),
+            Some(ROOM)
+        );
+    }
+    // A store that never saw the groups asks the database.
+    assert_eq!(cold.get_state_group_room(groups[0]).unwrap(), None);
+    t.raw_connection()
+        .batch_execute(&format!(
+            "INSERT INTO state_groups (id, room_id, event_id) VALUES (987654, '{ROOM}', '$late')"
+        ))
+        .unwrap();
+    assert_eq!(
+        store.get_state_group_room(987_654).unwrap().as_deref(),
+        Some(ROOM)
     );
 }
