@@ -2,6 +2,9 @@
 //! process alone and by the main process plus two workers, under the same load
 //! from clients on loopback; and replication lag, from the main process
 //! acknowledging a commit to a worker reporting that position, p50 and p99.
+//! The client and every process share this machine's cores, so beside the rates
+//! it reports the CPU each read costs the serving processes: what a core given
+//! to one more worker would add.
 //! Runs the release binaries as processes on the PostgreSQL of
 //! `HS_TEST_POSTGRES_URL`.
 
@@ -16,7 +19,23 @@ const CLIENTS: usize = 8;
 const LOAD: Duration = Duration::from_secs(5);
 const MEMBERS: usize = 200;
 
-fn load(targets: &[String], ids: &Arc<Vec<String>>) -> f64 {
+/// CPU seconds (user and system) a process has used so far, from /proc.
+fn cpu_seconds(process: &Process) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", process.child.id()))
+        .expect("/proc/PID/stat of a running process");
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 14th and 15th fields, in ticks of 1/100 s (USER_HZ).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Reads spread over `targets` from [`CLIENTS`] clients for [`LOAD`]: reads per
+/// second, and microseconds of the serving processes' CPU per read.
+fn load(processes: &[&Process], ids: &Arc<Vec<String>>) -> (f64, f64) {
+    let cpu = || processes.iter().map(|p| cpu_seconds(p)).sum::<f64>();
+    let cpu_before = cpu();
+    let targets: Vec<String> = processes.iter().map(|p| p.url.clone()).collect();
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let threads: Vec<_> = (0..CLIENTS)
@@ -52,7 +71,9 @@ fn load(targets: &[String], ids: &Arc<Vec<String>>) -> f64 {
     for t in threads {
         t.join().unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let reads = done.load(Ordering::Relaxed) as f64;
+    let elapsed = start.elapsed().as_secs_f64();
+    ((reads / elapsed), (cpu() - cpu_before) * 1e6 / reads)
 }
 
 fn main() {
@@ -142,12 +163,20 @@ fn main() {
         ids.len(),
         LOAD.as_secs()
     );
-    let alone = load(std::slice::from_ref(&main.url), &ids);
-    println!("main alone           {alone:>8.0} reads/s");
-    let worker_alone = load(std::slice::from_ref(&w1.url), &ids);
-    println!("one worker alone     {worker_alone:>8.0} reads/s");
-    let spread = load(&[main.url.clone(), w1.url.clone(), w2.url.clone()], &ids);
-    println!("main + 2 workers     {spread:>8.0} reads/s   {:.2}x (all processes share this machine's 2 cores)", spread / alone);
+    let report = |what: &str, (rate, cpu): (f64, f64)| {
+        println!(
+            "{what:<20} {rate:>8.0} reads/s   {cpu:>5.0} us of server CPU a read ({:.0} reads/s per core)",
+            1e6 / cpu
+        );
+        rate
+    };
+    let alone = report("main alone", load(&[&main], &ids));
+    report("one worker alone", load(&[&w1], &ids));
+    let spread = report("main + 2 workers", load(&[&main, &w1, &w2], &ids));
+    println!(
+        "spread / alone       {:.2}x (the client and all three processes share this machine's cores)",
+        spread / alone
+    );
 
     let mut lags = Vec::new();
     for i in 0..200 {
