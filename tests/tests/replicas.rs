@@ -401,12 +401,34 @@ fn http_contract(db: &TestDb) {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HS_API_TOKEN"));
+
+    // SIGTERM, as a service manager sends it: a clean stop with status 0.
+    let main_url = main.url.clone();
+    let mut main = main;
+    let kill = Command::new("kill")
+        .args(["-TERM", &main.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = main.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hs-main ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "hs-main after SIGTERM: {status}");
+
     if db.engine() != "sqlite" {
         return;
     }
     // A worker refuses SQLite, which one process writes.
     let out = Command::new(binary("hs-worker"))
-        .args(["--database", db.url(), "--main", &main.url])
+        .args(["--database", db.url(), "--main", &main_url])
         .output()
         .unwrap();
     assert!(!out.status.success());

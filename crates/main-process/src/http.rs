@@ -248,7 +248,7 @@ pub fn check_listen(addr: &SocketAddr, token: Option<&str>) -> Result<(), Error>
     Ok(())
 }
 
-/// Serves `router` on `addr` until Ctrl-C.
+/// Serves `router` on `addr` until Ctrl-C or SIGTERM.
 pub fn serve(addr: SocketAddr, router: Router) -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -260,10 +260,30 @@ pub fn serve(addr: SocketAddr, router: Router) -> Result<(), Error> {
             .map_err(|e| Error::from(e).context(format!("listening on {addr}")))?;
         log::info!("listening on http://{addr}");
         axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .with_graceful_shutdown(shutdown_signal())
             .await
-            .map_err(Error::from)
+            .map_err(Error::from)?;
+        log::info!("stopped: requests in flight were answered");
+        Ok(())
     })
+}
+
+/// Ctrl-C or SIGTERM (what service managers send): stop accepting, let the
+/// requests in flight finish (their events committed and answered), then return.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                log::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the server");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => log::info!("Ctrl-C: shutting down"),
+        _ = terminate => log::info!("SIGTERM: shutting down"),
+    }
 }
