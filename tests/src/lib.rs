@@ -45,6 +45,13 @@ pub struct Process {
     log: PathBuf,
 }
 
+impl Process {
+    /// What the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();

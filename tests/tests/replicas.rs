@@ -116,6 +116,19 @@ fn main_and_two_workers_agree() {
         on_worker.contains("hs_replication_lag_seconds"),
         "{on_worker}"
     );
+    // Every line a process logs names its context: the process, or the request.
+    for (p, name) in [(&main, "serve"), (&w1, "w1"), (&w2, "w2")] {
+        let text = p.log_text();
+        assert!(text.contains(&format!("INFO  [{name}] ")), "{text}");
+        assert!(
+            text.lines().any(
+                |l| l.contains("INFO  [POST-") && l.contains("committed up to stream position")
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(" [-] "), "{text}");
+    }
+
     // Every process answers the same state after every event, and the same current state.
     for id in &ids {
         let path = format!("/_hs/v1/rooms/{}/state?at={}", encode(ROOM), encode(id));

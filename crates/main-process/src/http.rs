@@ -215,9 +215,26 @@ async fn post_events(
         .ok_or_else(|| bad_body("body must be {\"events\": [PDU, ...]}"))?;
     let pdus: Vec<String> = events.iter().map(Value::to_string).collect();
     blocking("POST", move || {
-        Ok(Json(state.writer.write(&room_id, pdus)?))
+        let outcome = state.writer.write(&room_id, pdus)?;
+        log_written(&room_id, &outcome);
+        Ok(Json(outcome))
     })
     .await
+}
+
+/// One line per write: what an operator looks for when a client says its
+/// events went missing.
+fn log_written(room_id: &str, outcome: &WriteOutcome) {
+    log::info!(
+        "{} event(s) in {room_id} committed up to stream position {}{}",
+        outcome.event_ids.len(),
+        outcome.stream_ordering,
+        if outcome.rejected.is_empty() {
+            String::new()
+        } else {
+            format!(", {} rejected", outcome.rejected.len())
+        }
+    );
 }
 
 #[derive(serde::Deserialize)]
@@ -233,7 +250,9 @@ async fn post_contexted(
     let body: ContextedBody =
         serde_json::from_slice(&body).map_err(|e| bad_body(&format!("malformed body: {e}")))?;
     blocking("POST", move || {
-        Ok(Json(state.writer.write_contexted(&room_id, body.events)?))
+        let outcome = state.writer.write_contexted(&room_id, body.events)?;
+        log_written(&room_id, &outcome);
+        Ok(Json(outcome))
     })
     .await
 }
@@ -250,7 +269,11 @@ pub fn check_listen(addr: &SocketAddr, token: Option<&str>) -> Result<(), Error>
 
 /// Serves `router` on `addr` until Ctrl-C or SIGTERM.
 pub fn serve(addr: SocketAddr, router: Router) -> Result<(), Error> {
+    // The runtime's threads log under the process's context ("serve", or the
+    // worker's name); each request's storage work under a context of its own.
+    let process = LogContext::current().unwrap_or_else(|| LogContext::new("http"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .on_thread_start(move || process.set_for_thread())
         .enable_all()
         .build()
         .map_err(Error::from)?;

@@ -52,6 +52,13 @@ impl LogContext {
         f()
     }
 
+    /// Makes this the calling thread's context from now on, with nothing to
+    /// restore: for the threads of a pool (tokio's workers), which run many
+    /// tasks and should name the service they belong to between them.
+    pub fn set_for_thread(&self) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    }
+
     /// Makes this the thread's context until the guard drops.
     pub fn enter(&self) -> ContextGuard {
         let previous = CURRENT.with(|c| c.replace(Some(self.clone())));
@@ -120,6 +127,19 @@ mod tests {
                 .expect("thread ran")
         });
         assert_eq!(seen, "background job");
+    }
+
+    #[test]
+    fn a_pool_thread_keeps_its_context_between_tasks() {
+        let seen = std::thread::spawn(|| {
+            LogContext::new("w1").set_for_thread();
+            let inside = LogContext::request("GET").scope(current_name);
+            (inside, current_name())
+        })
+        .join()
+        .expect("thread ran");
+        assert!(seen.0.starts_with("GET-"), "{seen:?}");
+        assert_eq!(seen.1, "w1");
     }
 
     #[test]
