@@ -205,7 +205,6 @@ fn main_and_two_workers_agree() {
     assert_eq!(get(&w2.url, &current), want);
     assert_eq!(get(&w1.url, &current), want);
     drop(w2);
-    drop(w1);
 
     // No two state groups share an id, though three processes allocated them.
     {
@@ -233,6 +232,9 @@ fn main_and_two_workers_agree() {
         let (acknowledged, url) = (acknowledged.clone(), main.url.clone());
         std::thread::spawn(move || {
             for i in 0.. {
+                // The room as of the last acknowledged event, handed back when
+                // the main process stops answering.
+                let before = room.clone();
                 let e = room.event(
                     &format!("burst{i}"),
                     "m.room.message",
@@ -245,9 +247,10 @@ fn main_and_two_workers_agree() {
                         .lock()
                         .unwrap()
                         .push(e["event_id"].as_str().unwrap().to_owned()),
-                    Err(_) => return,
+                    Err(_) => return before,
                 }
             }
+            unreachable!()
         })
     };
     while acknowledged.lock().unwrap().len() < 20 {
@@ -256,9 +259,30 @@ fn main_and_two_workers_agree() {
     let mut main = main;
     main.child.kill().unwrap();
     main.child.wait().unwrap();
-    poster.join().unwrap();
+    let mut room = poster.join().unwrap();
     drop(main);
+    // Meanwhile a worker answers writes with a 503 naming the main process, not
+    // a 500, and takes them again once the main process is back.
+    let e = room.event(
+        "while-down",
+        "m.room.message",
+        ALICE,
+        None,
+        json!({"body": "?"}),
+    );
+    let err = post(&w1.url, vec![e.clone()]).unwrap_err();
+    assert!(err.starts_with("503"), "{err}");
+    assert!(err.contains("reaching the main process"), "{err}");
     let main = main_process(&db, main_port);
+    let answer = post(&w1.url, vec![e]).unwrap();
+    wait_for_position(&w1, answer["stream_ordering"].as_i64().unwrap());
+    let at_last = format!(
+        "/_hs/v1/rooms/{}/state?at={}",
+        encode(ROOM),
+        encode("$while-down:example.com")
+    );
+    assert_eq!(get(&w1.url, &at_last), get(&main.url, &at_last));
+    drop(w1);
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(acknowledged.len() >= 20);
     for id in &acknowledged {

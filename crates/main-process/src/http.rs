@@ -78,6 +78,12 @@ impl From<Error> for ApiError {
         let (status, errcode) = match e.kind() {
             ErrorKind::NotFound(_) => (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
             ErrorKind::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "M_BAD_JSON"),
+            // Nothing wrong with the request: the database or the main process
+            // cannot be reached right now; a client should retry.
+            ErrorKind::Unavailable(_) | ErrorKind::Pool(_) | ErrorKind::Connection(_) => {
+                log::error!("{e:?}");
+                (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN")
+            }
             _ => {
                 log::error!("{e:?}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN")

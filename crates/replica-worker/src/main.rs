@@ -73,11 +73,15 @@ impl EventWriter for ForwardingWriter {
                 Err(match code {
                     404 => Error::not_found(message),
                     400..=499 => Error::invalid_argument(message),
+                    503 => Error::unavailable(message),
                     _ => Error::other(message),
                 })
             }
-            Err(e) => Err(Error::other(format!(
-                "reaching the main process at {url}: {e}"
+            // Not connected, or the connection dropped before an answer: the
+            // events may or may not have been committed. Either way a retry is
+            // safe, since events already stored are skipped.
+            Err(e) => Err(Error::unavailable(format!(
+                "reaching the main process at {url}: {e}; retry the request (stored events are skipped)"
             ))),
         }
     }

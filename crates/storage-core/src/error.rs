@@ -51,6 +51,10 @@ pub enum ErrorKind {
     /// The stored data contradicts an invariant.
     #[error("inconsistent data: {0}")]
     Corrupt(String),
+    /// A process this one relies on (a worker's main process) could not be
+    /// reached or is stopping: the request may succeed when retried.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// I/O outside the database (files, directories).
     #[error("i/o: {0}")]
     Io(#[source] std::io::Error),
@@ -89,6 +93,10 @@ impl Error {
 
     pub fn corrupt(msg: impl Into<String>) -> Self {
         Self::new(ErrorKind::Corrupt(msg.into()))
+    }
+
+    pub fn unavailable(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable(msg.into()))
     }
 
     pub fn other(msg: impl Into<String>) -> Self {
