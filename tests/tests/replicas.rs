@@ -439,6 +439,24 @@ fn http_contract(db: &TestDb) {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HS_API_TOKEN"));
 
+    // One main process per database: an import beside the running server is
+    // refused, with nothing written.
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/example-room.jsonl");
+    let out = Command::new(binary("hs-main"))
+        .args(["--database", db.url(), "import"])
+        .arg(&fixture)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("claimed by another main process"),
+        "{stderr}"
+    );
+    let example = "/_hs/v1/rooms/%21example%3Aexample.org/state";
+    assert_eq!(call("GET", example, Some(TOKEN), None).0, 404);
+
     // SIGTERM, as a service manager sends it: a clean stop with status 0.
     let main_url = main.url.clone();
     let mut main = main;
@@ -459,6 +477,17 @@ fn http_contract(db: &TestDb) {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "hs-main after SIGTERM: {status}");
+    // Stopped, it has let go: the import runs.
+    let out = Command::new(binary("hs-main"))
+        .args(["--database", db.url(), "import"])
+        .arg(&fixture)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     if db.engine() != "sqlite" {
         return;

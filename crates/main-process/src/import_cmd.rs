@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use storage_core::{Database, DatabaseConfig, Error, OpenMode, Result, ResultExt, StoreConfig};
+use storage_core::{Database, Error, Result, ResultExt, StoreConfig};
 use storage_events::{EventStore, EventToPersist, EventsStore};
 use storage_state::{StateGroup, StateMap};
 
@@ -113,7 +113,7 @@ struct Importer {
 
 pub fn run(database: &str, files: &[PathBuf]) -> std::result::Result<(), Failure> {
     let started = Instant::now();
-    let db = Database::open(DatabaseConfig::parse(database, OpenMode::Writer)?)?;
+    let (_claim, db) = crate::open::open_as_main(database)?;
     let mut importer = Importer {
         pipeline: Pipeline::open(db, &StoreConfig::default())?,
         pending: PendingEvents::default(),

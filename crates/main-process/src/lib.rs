@@ -6,6 +6,7 @@ pub mod http;
 pub mod import_cmd;
 pub mod inspect_cmd;
 pub mod migrate_cmd;
+pub mod open;
 pub mod persist;
 pub mod port;
 pub mod queue;

@@ -3,11 +3,11 @@
 //! migrations, moving lagging id sequences forward) and report.
 
 use crate::cli::Failure;
-use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
+use storage_core::StoreConfig;
 use storage_events::{EventStore, EventsStore};
 
 pub fn run(database: &str) -> Result<(), Failure> {
-    let db = Database::open(DatabaseConfig::parse(database, OpenMode::Writer)?)?;
+    let (_claim, db) = crate::open::open_as_main(database)?;
     let config = StoreConfig::default();
     let events = EventsStore::new(db.clone(), &config)?;
     println!(

@@ -8,7 +8,7 @@ use crate::import_cmd::Pipeline;
 use crate::write_path::{self, ContextedEvent, WriteOutcome};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use storage_core::{Database, DatabaseConfig, Error, OpenMode, StoreConfig};
+use storage_core::{Error, StoreConfig};
 use storage_events::EventStore;
 
 struct MainWriter {
@@ -38,7 +38,7 @@ impl EventWriter for MainWriter {
 pub fn run(database: &str, listen: SocketAddr) -> Result<(), Failure> {
     let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
     http::check_listen(&listen, token.as_deref())?;
-    let db = Database::open(DatabaseConfig::parse(database, OpenMode::Writer)?)?;
+    let (_claim, db) = crate::open::open_as_main(database)?;
     let pipeline = Pipeline::open(db, &StoreConfig::default())?;
     let events = pipeline.builder.events().clone();
     let state = ApiState {

@@ -51,6 +51,10 @@ pub enum ErrorKind {
     /// The stored data contradicts an invariant.
     #[error("inconsistent data: {0}")]
     Corrupt(String),
+    /// Another process holds what this one needs for itself (the database's
+    /// main-process claim).
+    #[error("in use: {0}")]
+    InUse(String),
     /// A process this one relies on (a worker's main process) could not be
     /// reached or is stopping: the request may succeed when retried.
     #[error("unavailable: {0}")]

@@ -7,6 +7,7 @@
 //! and queries and reach the database only through [`Database::run_interaction`].
 
 pub mod cache;
+mod claim;
 pub mod config;
 mod conn;
 mod database;
@@ -20,6 +21,7 @@ mod migrations;
 pub mod testing;
 mod transaction;
 
+pub use claim::{MainProcessClaim, CLAIM_WAIT};
 pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};

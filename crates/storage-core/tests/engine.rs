@@ -1,16 +1,20 @@
 //! Per-engine behaviour seen from outside: id generation, sequence repair, the
-//! SQLite writer lock under contention from another connection.
+//! SQLite writer lock under contention from another connection, the claim of
+//! the one main process.
 
 use diesel::sql_types::BigInt;
 use diesel::RunQueryDsl;
 use std::sync::mpsc;
 use std::time::Duration;
 use storage_core::testing::TestDb;
-use storage_core::{with_conn, Conn, DatabaseConfig, OpenMode, Sequence};
+use storage_core::{
+    with_conn, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, Sequence,
+};
 
 storage_core::engine_tests!(
     ids_are_unique_and_ascending,
     sequence_behind_table_is_moved_forward,
+    one_main_process_claim_at_a_time,
 );
 
 const SEQ: Sequence = Sequence {
@@ -114,4 +118,30 @@ fn sqlite_busy_database_is_retried() {
     let stats = storage_core::metrics::global().txn_stats(desc);
     assert_eq!(stats.committed, 1);
     assert!(stats.retries >= 1, "{stats:?}");
+}
+
+/// A second claim fails (after its wait) with an error naming the database and
+/// what to do; once the first is dropped, a new claim succeeds. The claims here
+/// are in one process, on separate connections or file handles, as two
+/// processes' would be.
+fn one_main_process_claim_at_a_time(t: &TestDb) {
+    let config = DatabaseConfig::parse(t.url(), OpenMode::Writer).unwrap();
+    let first = MainProcessClaim::acquire(&config, Duration::ZERO).unwrap();
+    let started = std::time::Instant::now();
+    let err = MainProcessClaim::acquire(&config, Duration::from_millis(300)).unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(matches!(err.kind(), ErrorKind::InUse(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("another main process"), "{text}");
+    assert!(text.contains("hs-worker"), "{text}");
+    drop(first);
+    let again = MainProcessClaim::acquire(&config, Duration::ZERO).unwrap();
+    // A claim taken while another waits is handed over once released.
+    let waiter = {
+        let config = config.clone();
+        std::thread::spawn(move || MainProcessClaim::acquire(&config, Duration::from_secs(20)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    drop(again);
+    waiter.join().unwrap().unwrap();
 }

@@ -41,8 +41,7 @@ pub fn run(options: &PortOptions) -> std::result::Result<(), Failure> {
     // The source must be at this binary's schema version, and is never written.
     let src = Database::open(DatabaseConfig::parse(&options.from, OpenMode::Replica)?)
         .context("opening the source")?;
-    let dst = Database::open(DatabaseConfig::parse(&options.to, OpenMode::Writer)?)
-        .context("opening the target")?;
+    let (_claim, dst) = crate::open::open_as_main(&options.to).context("opening the target")?;
     if !options.resume {
         refuse_non_empty(&dst)?;
     }

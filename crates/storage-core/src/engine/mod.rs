@@ -147,7 +147,17 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// Checks, without changing anything, that the schema is exactly this binary's.
     fn check_schema(&self, conn: &mut Conn) -> Result<()>;
+
+    /// Tries to claim the database for this process as its one main process:
+    /// what keeps the claim (a session-level advisory lock on its own
+    /// PostgreSQL connection, an exclusive lock on a file beside the SQLite
+    /// file) until it is dropped or the process dies; `None` when another
+    /// process holds it.
+    fn try_claim_main_process(&self) -> Result<Option<ClaimHandle>>;
 }
+
+/// What keeps a main-process claim alive; dropping it lets go.
+pub type ClaimHandle = Box<dyn std::any::Any + Send>;
 
 /// The engine for a configuration.
 pub fn for_config(config: &DatabaseConfig) -> Box<dyn Engine> {

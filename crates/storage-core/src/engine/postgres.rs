@@ -14,6 +14,15 @@ use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 /// start at the same time.
 const MIGRATION_LOCK_KEY: i64 = 0x6873_6d69_6772; // "hsmigr"
 
+/// Key of the advisory lock held by the main process for as long as it runs.
+const MAIN_PROCESS_LOCK_KEY: i64 = 0x6873_6d61_696e; // "hsmain"
+
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
 #[derive(Debug)]
 pub struct PostgresEngine {
     config: DatabaseConfig,
@@ -194,5 +203,20 @@ impl Engine for PostgresEngine {
 
     fn check_schema(&self, conn: &mut Conn) -> Result<()> {
         migrations::check(conn.postgres()?, migrations::POSTGRES)
+    }
+
+    fn try_claim_main_process(&self) -> Result<Option<super::ClaimHandle>> {
+        let mut conn = PgConnection::establish(&self.url)
+            .with_context(|| format!("connecting to {}", self.config.url.redacted()))?;
+        // Named, so that an operator can find the holder in pg_stat_activity.
+        conn.batch_execute("SET application_name = 'hs-main'")
+            .context("naming the main process's connection")?;
+        let claimed = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+            .bind::<BigInt, _>(MAIN_PROCESS_LOCK_KEY)
+            .get_result::<Locked>(&mut conn)
+            .context("taking the main process's advisory lock")?
+            .locked;
+        // The lock lives as long as this session: the connection is the claim.
+        Ok(claimed.then(|| Box::new(conn) as super::ClaimHandle))
     }
 }

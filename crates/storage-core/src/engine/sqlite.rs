@@ -219,4 +219,26 @@ impl Engine for SqliteEngine {
     fn check_schema(&self, conn: &mut Conn) -> Result<()> {
         migrations::check(conn.sqlite()?, migrations::SQLITE)
     }
+
+    fn try_claim_main_process(&self) -> Result<Option<super::ClaimHandle>> {
+        // A file beside the database, locked exclusively (flock): the kernel
+        // lets go when the process ends, however it ends.
+        self.open_target()?; // creates the folder, as the database's first open does
+        let mut name = self.path.clone().into_os_string();
+        name.push(".main-lock");
+        let path = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Box::new(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(Error::from(e).context(format!("locking {}", path.display())))
+            }
+        }
+    }
 }
