@@ -346,6 +346,33 @@ fn http_contract(db: &TestDb) {
         Some(r#"{"events": [{"type": "m.room.message"}]}"#),
     );
     assert_eq!(code, 400);
+    // Every error is in the contract's format, also those no handler makes; an
+    // unknown path under /_hs/v1/ still needs the token first.
+    let json_error = |(code, text): (u16, String)| {
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{code} {text:?}: {e}"));
+        (
+            code,
+            v["errcode"].as_str().unwrap().to_owned(),
+            v["error"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(json_error(call("GET", "/_hs/v1/nope", None, None)).0, 401);
+    let (code, errcode, error) = json_error(call("GET", "/_hs/v1/nope", Some(TOKEN), None));
+    assert_eq!((code, errcode.as_str()), (404, "M_UNRECOGNIZED"));
+    assert!(error.contains("/_hs/v1/nope"), "{error}");
+    assert_eq!(
+        json_error(call("GET", "/nope", None, None)).1,
+        "M_UNRECOGNIZED"
+    );
+    let (code, errcode, _) = json_error(call("PUT", &events_path, Some(TOKEN), Some("{}")));
+    assert_eq!((code, errcode.as_str()), (405, "M_UNRECOGNIZED"));
+    assert_eq!(call("PUT", &events_path, None, Some("{}")).0, 401);
+    let huge = format!(r#"{{"events": ["{}"]}}"#, "x".repeat(9 << 20));
+    let (code, errcode, error) = json_error(call("POST", &events_path, Some(TOKEN), Some(&huge)));
+    assert_eq!((code, errcode.as_str()), (413, "M_TOO_LARGE"), "{error}");
+    assert!(error.contains("8 MiB"), "{error}");
+
     let (code, text) = call("GET", "/_hs/v1/stream/position", Some(TOKEN), None);
     assert_eq!((code, text), (200, r#"{"events":0}"#.to_owned()));
 

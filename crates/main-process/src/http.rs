@@ -5,7 +5,7 @@
 
 use crate::cli::Failure;
 use crate::write_path::{ContextedEvent, WriteOutcome};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -143,29 +143,107 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/metrics", get(metrics_text))
         .merge(protected)
+        .fallback(unknown_path)
+        .layer(middleware::map_response(json_errors))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // Constant time, so that the answer's timing does not reveal how much of
-        // a guess was right.
-        let matches = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())));
-        if !matches {
-            return ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                errcode: "M_UNKNOWN_TOKEN",
-                error: "missing or wrong access token".into(),
-            }
-            .into_response();
+/// The largest request body taken (a batch of events): 8 MiB.
+pub const BODY_LIMIT: usize = 8 << 20;
+
+/// A path no route serves: under /_hs/v1/ the token rule still comes first, so
+/// that a caller without the token learns nothing about which paths exist.
+async fn unknown_path(State(state): State<ApiState>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    if path.starts_with("/_hs/v1/") && !token_matches(&state, &request) {
+        return unauthorized();
+    }
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        errcode: "M_UNRECOGNIZED",
+        error: format!("no endpoint {} {path}", request.method()),
+    }
+    .into_response()
+}
+
+/// Every error answer in the contract's format, including those axum makes
+/// itself (a wrong method, a body over the limit, a malformed query): their
+/// plain-text reason becomes the `error`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let reason = status.canonical_reason().unwrap_or("error");
+    let (errcode, error) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "M_TOO_LARGE",
+            format!("request body over {} MiB", BODY_LIMIT >> 20),
+        ),
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+            ("M_UNRECOGNIZED", reason.to_owned())
         }
+        StatusCode::BAD_REQUEST => ("M_INVALID_PARAM", text),
+        _ => (
+            "M_UNKNOWN",
+            if text.is_empty() {
+                reason.to_owned()
+            } else {
+                text
+            },
+        ),
+    };
+    let mut answer = ApiError {
+        status,
+        errcode,
+        error,
+    }
+    .into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if !token_matches(&state, &request) {
+        return unauthorized();
     }
     next.run(request).await
+}
+
+/// Whether `request` carries the process's token (always, without one).
+fn token_matches(state: &ApiState, request: &Request) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant time, so that the answer's timing does not reveal how much of a
+    // guess was right.
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())))
+}
+
+fn unauthorized() -> Response {
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        errcode: "M_UNKNOWN_TOKEN",
+        error: "missing or wrong access token".into(),
+    }
+    .into_response()
 }
 
 async fn metrics_text() -> impl IntoResponse {
