@@ -14,7 +14,7 @@ mod types;
 
 pub use extremities::new_forward_extremities;
 pub use store::{
-    report_stream_position, EventStore, EventsStore, ReplicationBatch, StoredEvent,
+    report_stream_position, EventStore, EventsStore, ReplicationBatch, StoredEvent, ALL_CACHES,
     CURRENT_STATE_CACHE, EVENTS_STREAM_SEQUENCE, REPLICATION_CHANNEL,
 };
 pub use types::{CurrentStateDelta, EventToPersist, PersistedBatch, RoomBatch};

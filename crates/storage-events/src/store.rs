@@ -11,7 +11,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use storage_core::cache::LruCache;
-use storage_core::{with_conn, Database, OpenMode, Result, Sequence, StoreConfig, Transaction};
+use storage_core::{
+    with_conn, Database, OpenMode, Result, ResultExt, Sequence, StoreConfig, Transaction,
+};
 use storage_state::StateStore;
 
 /// Where stream positions come from.
@@ -26,6 +28,11 @@ pub const REPLICATION_CHANNEL: &str = "hs_replication";
 
 /// The cache name under which current-state invalidations travel.
 pub const CURRENT_STATE_CACHE: &str = "current_state_ids";
+
+/// The cache name of the row that stands for pruned invalidations: every
+/// position up to it may have invalidated anything, so a replica that had not
+/// reached it must drop all its mutable caches.
+pub const ALL_CACHES: &str = "*";
 
 /// Publishes the highest event stream position this process has applied (the
 /// main process: committed; a worker: replicated) as the
@@ -156,6 +163,42 @@ impl EventsStore {
                 position,
             })
         })
+    }
+
+    /// Deletes the cache invalidations more than `keep` positions behind the
+    /// newest, leaving in their place one [`ALL_CACHES`] row at the highest
+    /// position deleted, so that a replica still behind it drops all its
+    /// mutable caches instead of missing what was deleted. Does nothing when
+    /// only such a row is old enough. Returns how many invalidations went.
+    pub fn prune_cache_invalidations(&self, keep: i64) -> Result<usize> {
+        self.db
+            .run_interaction("prune_cache_invalidations", |txn| {
+                let max: Option<i64> = with_conn!(txn.conn(), |c| events::table
+                    .select(diesel::dsl::max(events::stream_ordering))
+                    .first(c))?;
+                let horizon = max.unwrap_or(0) - keep.max(0);
+                let old = cache_invalidations::table
+                    .filter(cache_invalidations::stream_ordering.le(horizon));
+                let pruned: Vec<i64> = with_conn!(txn.conn(), |c| old
+                    .select(cache_invalidations::stream_ordering)
+                    .filter(cache_invalidations::cache_name.ne(ALL_CACHES))
+                    .load(c))?;
+                let Some(&upto) = pruned.iter().max() else {
+                    return Ok(0);
+                };
+                with_conn!(txn.conn(), |c| diesel::delete(old).execute(c))?;
+                with_conn!(txn.conn(), |c| diesel::insert_into(
+                    cache_invalidations::table
+                )
+                .values((
+                    cache_invalidations::stream_ordering.eq(upto),
+                    cache_invalidations::cache_name.eq(ALL_CACHES),
+                    cache_invalidations::cache_key.eq(""),
+                ))
+                .execute(c))?;
+                Ok(pruned.len())
+            })
+            .with_context(|| format!("pruning cache invalidations, keeping {keep} positions"))
     }
 
     /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).

@@ -7,7 +7,7 @@ use storage_core::{with_conn, StoreConfig};
 use storage_events::schema::{event_edges, event_forward_extremities, events, rejections};
 use storage_events::{
     new_forward_extremities, testing, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
-    RoomBatch,
+    RoomBatch, ALL_CACHES, CURRENT_STATE_CACHE,
 };
 use storage_state::schema::event_to_state_groups as etsg;
 use storage_state::{key, StateFilter, StateGroupStore, StateMap};
@@ -17,6 +17,7 @@ storage_core::engine_tests!(
     stored_events_are_skipped,
     outliers_get_no_state_and_rejections_are_recorded,
     failed_batch_leaves_nothing,
+    old_cache_invalidations_are_pruned,
 );
 
 const ROOM: &str = "!room:test";
@@ -317,4 +318,67 @@ fn failed_batch_leaves_nothing(t: &TestDb) {
         before,
         "the position moves only on commit"
     );
+}
+
+/// Each batch that changes the current state leaves an invalidation for
+/// replicas; pruning keeps the newest `keep` positions and leaves one
+/// "everything" row where it cut, which a replica behind it sees.
+fn old_cache_invalidations_are_pruned(t: &TestDb) {
+    let store = stores(t);
+    let mut positions = vec![];
+    let mut prev: Vec<String> = vec![];
+    for i in 0..5 {
+        let id = format!("$topic{i}");
+        let prevs: Vec<&str> = prev.iter().map(String::as_str).collect();
+        let e = event(&id, &prevs, Some(("m.room.topic", "")), None);
+        let b = batch(&store, vec![e], &[("m.room.topic", "", &id)]);
+        positions.push(store.persist_batch(&b).unwrap().max_stream_ordering);
+        prev = vec![id];
+    }
+    let all = store.replication_since(0).unwrap();
+    assert_eq!(all.invalidations.len(), 5);
+    assert!(all
+        .invalidations
+        .iter()
+        .all(|(_, c, k)| c == CURRENT_STATE_CACHE && k == ROOM));
+
+    // Keep the newest two positions: the first three go.
+    assert_eq!(store.prune_cache_invalidations(2).unwrap(), 3);
+    let after = store.replication_since(0).unwrap();
+    assert_eq!(after.position, positions[4]);
+    assert_eq!(
+        after.invalidations,
+        vec![
+            (positions[2], ALL_CACHES.to_owned(), String::new()),
+            (
+                positions[3],
+                CURRENT_STATE_CACHE.to_owned(),
+                ROOM.to_owned()
+            ),
+            (
+                positions[4],
+                CURRENT_STATE_CACHE.to_owned(),
+                ROOM.to_owned()
+            ),
+        ]
+    );
+    // A replica already past the cut sees only what it has not applied.
+    assert_eq!(
+        store
+            .replication_since(positions[2])
+            .unwrap()
+            .invalidations
+            .len(),
+        2
+    );
+    // Nothing but the marker is old enough: nothing changes.
+    assert_eq!(store.prune_cache_invalidations(2).unwrap(), 0);
+    assert_eq!(store.replication_since(0).unwrap(), after);
+    // Keep nothing: one marker at the newest position remains.
+    assert_eq!(store.prune_cache_invalidations(0).unwrap(), 2);
+    assert_eq!(
+        store.replication_since(0).unwrap().invalidations,
+        vec![(positions[4], ALL_CACHES.to_owned(), String::new())]
+    );
+    assert_eq!(count(t, "cache_invalidations"), 1);
 }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
 use storage_events::{
-    report_stream_position, EventStore, EventsStore, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
+    report_stream_position, EventStore, EventsStore, ALL_CACHES, CURRENT_STATE_CACHE,
+    REPLICATION_CHANNEL,
 };
 use storage_state::StateStore;
 
@@ -81,9 +82,16 @@ impl SlavedStore {
     pub fn catch_up(&self) -> Result<i64> {
         let from = self.position();
         let batch = self.events.replication_since(from)?;
-        for (_, cache, key) in &batch.invalidations {
+        for (position, cache, key) in &batch.invalidations {
             match cache.as_str() {
                 CURRENT_STATE_CACHE => self.state().invalidate_current_state(key),
+                ALL_CACHES => {
+                    log::warn!(
+                        "this worker was at position {from}, behind the invalidations the main \
+                         process pruned up to {position}: dropping every current-state cache"
+                    );
+                    self.state().invalidate_all_current_state();
+                }
                 other => log::debug!("no cache {other} here; invalidation of {key} ignored"),
             }
         }

@@ -262,3 +262,29 @@ fn position_never_goes_backwards() {
     assert_eq!(worker.catch_up().unwrap(), next);
     assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
 }
+
+/// A worker further behind than the invalidations the main process keeps
+/// drops all its current-state caches rather than serving stale state.
+#[test]
+fn worker_behind_pruned_invalidations_drops_its_caches() {
+    let Some(t) = TestDb::postgres() else { return };
+    let mut main = Main::new(&t);
+    main.write("$create", ("m.room.create", ""));
+    main.write("$topic1", ("m.room.topic", ""));
+    let worker = slaved(&t);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    main.write("$topic2", ("m.room.topic", ""));
+    let position = main.write("$name", ("m.room.name", ""));
+    assert_eq!(main.store.prune_cache_invalidations(0).unwrap(), 4);
+    // Still cached, and the invalidation of it is gone...
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    let logs = storage_core::logging::capture();
+    assert_eq!(worker.catch_up().unwrap(), position);
+    // ...but the marker left in its place made the worker forget.
+    assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+    let warned = logs
+        .lines()
+        .into_iter()
+        .any(|l| l.level == log::Level::Warn && l.message.contains("pruned"));
+    assert!(warned, "{:?}", logs.lines());
+}

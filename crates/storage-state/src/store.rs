@@ -212,6 +212,13 @@ impl StateStore {
     pub fn invalidate_current_state(&self, room_id: &str) {
         self.caches.current_state.invalidate(&room_id.to_owned());
     }
+
+    /// Forgets the cached current state of every room: for a replica that may
+    /// have missed invalidations (its position fell behind what the stream
+    /// still holds).
+    pub fn invalidate_all_current_state(&self) {
+        self.caches.current_state.invalidate_all();
+    }
 }
 
 impl StateGroupStore for StateStore {
