@@ -530,4 +530,12 @@ fn http_contract(db: &TestDb) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A --main that is no HTTP URL is refused before anything else.
+    let out = Command::new(binary("hs-worker"))
+        .args(["--database", db.url(), "--main", "127.0.0.1:8008"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--main \"127.0.0.1:8008\""), "{stderr}");
 }

@@ -100,9 +100,28 @@ fn encode(segment: &str) -> String {
         .collect()
 }
 
+/// `--main` must be a plain-HTTP URL (the main process's API, on loopback or
+/// a private network); whether it answers yet is only worth a warning, since
+/// the main process may start after its workers.
+fn check_main(main: &str) -> Result<(), Error> {
+    if !main.starts_with("http://") {
+        return Err(Error::invalid_argument(format!(
+            "--main {main:?}: give the main process's API as an http:// URL, e.g. http://127.0.0.1:8008"
+        )));
+    }
+    let health = format!("{}/_hs/v1/health", main.trim_end_matches('/'));
+    if let Err(e) = ureq::get(&health).call() {
+        log::warn!(
+            "the main process does not answer at {health} ({e}); writes answer 503 until it does"
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
     let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
     http::check_listen(&cli.listen, token.as_deref())?;
+    check_main(&cli.main)?;
     let config = StoreConfig {
         instance_name: cli.name.clone(),
         ..StoreConfig::default()
