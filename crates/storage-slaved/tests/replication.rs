@@ -288,3 +288,53 @@ fn worker_behind_pruned_invalidations_drops_its_caches() {
         .any(|l| l.level == log::Level::Warn && l.message.contains("pruned"));
     assert!(warned, "{:?}", logs.lines());
 }
+
+/// Synapse's multi-event-persist race, in our terms: while the main process
+/// commits change after change, whatever position a worker reports, its current
+/// state already shows every change up to that position (invalidations are
+/// applied before the position is advertised, and a read racing an
+/// invalidation never refills the cache with what it replaced).
+#[test]
+fn reported_position_never_runs_ahead_of_current_state() {
+    let Some(t) = TestDb::postgres() else { return };
+    let mut main = Main::new(&t);
+    main.write("$create", ("m.room.create", ""));
+    let worker = slaved(&t);
+    let follower = worker.follow(t.url());
+    const TOPICS: usize = 150;
+    let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = {
+        let committed = committed.clone();
+        std::thread::spawn(move || {
+            for i in 0..TOPICS {
+                let position = main.write(&format!("$t{i}"), ("m.room.topic", ""));
+                committed.lock().unwrap().push((position, i));
+            }
+            main.store.max_stream_ordering()
+        })
+    };
+    let index = |id: &str| id.trim_start_matches("$t").parse::<usize>().unwrap();
+    let mut checks = 0;
+    while !writer.is_finished() {
+        let position = worker.position();
+        let shown = topic(&worker).map(|id| index(&id));
+        // Every change committed at or before the reported position.
+        let due = committed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| *p <= position)
+            .map(|(_, i)| *i)
+            .max();
+        assert!(
+            shown >= due,
+            "at position {position} the worker shows topic {shown:?}, but {due:?} was committed"
+        );
+        checks += 1;
+    }
+    let last = writer.join().unwrap();
+    wait_until("the last position", || worker.position() >= last);
+    assert_eq!(topic(&worker), Some(format!("$t{}", TOPICS - 1)));
+    assert!(checks > 10, "only {checks} checks ran");
+    drop(follower);
+}
