@@ -135,6 +135,8 @@ pub fn router(state: ApiState) -> Router {
             "/_hs/v1/internal/rooms/{room_id}/events",
             post(post_contexted),
         )
+        // The last layer added runs first: the token before anything else.
+        .route_layer(middleware::from_fn(refuse_announced_oversize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(
@@ -151,6 +153,21 @@ pub fn router(state: ApiState) -> Router {
 
 /// The largest request body taken (a batch of events): 8 MiB.
 pub const BODY_LIMIT: usize = 8 << 20;
+
+/// Refuses a body whose announced length is over [`BODY_LIMIT`] before any of
+/// it is read (the body-limit layer alone would wait for the bytes), so the
+/// client learns at once and nothing is buffered.
+async fn refuse_announced_oversize(request: Request, next: Next) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    next.run(request).await
+}
 
 /// A path no route serves: under /_hs/v1/ the token rule still comes first, so
 /// that a caller without the token learns nothing about which paths exist.
