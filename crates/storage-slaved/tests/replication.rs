@@ -64,6 +64,16 @@ impl Main {
     }
 }
 
+/// A room with a topic, and a worker that has its current state cached.
+fn room_with_a_cached_topic(t: &TestDb) -> (Main, SlavedStore) {
+    let mut main = Main::new(t);
+    main.write("$create", ("m.room.create", ""));
+    main.write("$topic1", ("m.room.topic", ""));
+    let worker = slaved(t);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    (main, worker)
+}
+
 fn slaved(t: &TestDb) -> SlavedStore {
     SlavedStore::new(t.open_mode(OpenMode::Replica), &StoreConfig::default()).unwrap()
 }
@@ -116,12 +126,8 @@ fn sqlite_is_refused() {
 #[test]
 fn catch_up_applies_invalidations_then_reports_the_position() {
     let Some(t) = TestDb::postgres() else { return };
-    let mut main = Main::new(&t);
-    main.write("$create", ("m.room.create", ""));
-    main.write("$topic1", ("m.room.topic", ""));
-    let worker = slaved(&t);
+    let (mut main, worker) = room_with_a_cached_topic(&t);
     assert_eq!(worker.position(), main.store.max_stream_ordering());
-    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
 
     let position = main.write("$topic2", ("m.room.topic", ""));
     // Not applied yet: the worker's cache still holds the old current state, and
@@ -138,11 +144,7 @@ fn catch_up_applies_invalidations_then_reports_the_position() {
 #[test]
 fn follower_is_woken_and_survives_a_killed_connection() {
     let Some(t) = TestDb::postgres() else { return };
-    let mut main = Main::new(&t);
-    main.write("$create", ("m.room.create", ""));
-    main.write("$topic1", ("m.room.topic", ""));
-    let worker = slaved(&t);
-    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    let (mut main, worker) = room_with_a_cached_topic(&t);
     let logs = storage_core::logging::capture();
     let follower = worker.follow(t.url());
 
@@ -268,11 +270,7 @@ fn position_never_goes_backwards() {
 #[test]
 fn worker_behind_pruned_invalidations_drops_its_caches() {
     let Some(t) = TestDb::postgres() else { return };
-    let mut main = Main::new(&t);
-    main.write("$create", ("m.room.create", ""));
-    main.write("$topic1", ("m.room.topic", ""));
-    let worker = slaved(&t);
-    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    let (mut main, worker) = room_with_a_cached_topic(&t);
     main.write("$topic2", ("m.room.topic", ""));
     let position = main.write("$name", ("m.room.name", ""));
     assert_eq!(main.store.prune_cache_invalidations(0).unwrap(), 4);
