@@ -117,7 +117,6 @@ pub fn check_contexts(
     room_id: &str,
     events: &[(Pdu, EventContext)],
 ) -> Result<()> {
-    let mut rooms: HashMap<i64, Option<String>> = HashMap::new();
     for (pdu, context) in events {
         let event_id = &pdu.event_id;
         if pdu.room_id.as_str() != room_id {
@@ -140,15 +139,9 @@ pub fn check_contexts(
             _ => {}
         }
         for group in groups.into_iter().flatten() {
-            let room = match rooms.get(&group) {
-                Some(room) => room.clone(),
-                None => {
-                    let room = state.get_state_group_room(group)?;
-                    rooms.insert(group, room.clone());
-                    room
-                }
-            };
-            match room {
+            // The store caches each group's room, so a batch naming one group
+            // many times asks the database once.
+            match state.get_state_group_room(group)? {
                 None => {
                     return Err(Error::invalid_argument(format!(
                         "event {event_id}: its context names state group {group}, which does not exist"

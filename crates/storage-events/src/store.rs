@@ -143,10 +143,7 @@ impl EventsStore {
     /// committed position they lead to.
     pub fn replication_since(&self, after: i64) -> Result<ReplicationBatch> {
         self.db.run_read("replication_since", |txn| {
-            let position: Option<i64> = with_conn!(txn.conn(), |c| events::table
-                .select(diesel::dsl::max(events::stream_ordering))
-                .first(c))?;
-            let position = position.unwrap_or(0).max(after);
+            let position = max_stream_ordering_txn(txn)?.max(after);
             let invalidations: Vec<(i64, String, String)> =
                 with_conn!(txn.conn(), |c| cache_invalidations::table
                     .select((
@@ -173,10 +170,7 @@ impl EventsStore {
     pub fn prune_cache_invalidations(&self, keep: i64) -> Result<usize> {
         self.db
             .run_interaction("prune_cache_invalidations", |txn| {
-                let max: Option<i64> = with_conn!(txn.conn(), |c| events::table
-                    .select(diesel::dsl::max(events::stream_ordering))
-                    .first(c))?;
-                let horizon = max.unwrap_or(0) - keep.max(0);
+                let horizon = max_stream_ordering_txn(txn)? - keep.max(0);
                 let old = cache_invalidations::table
                     .filter(cache_invalidations::stream_ordering.le(horizon));
                 let pruned: Vec<i64> = with_conn!(txn.conn(), |c| old
@@ -289,12 +283,15 @@ impl EventsStore {
 }
 
 fn read_max_stream_ordering(db: &Database) -> Result<i64> {
-    db.run_read("max_stream_ordering", |txn| {
-        let max: Option<i64> = with_conn!(txn.conn(), |c| events::table
-            .select(diesel::dsl::max(events::stream_ordering))
-            .first(c))?;
-        Ok(max.unwrap_or(0))
-    })
+    db.run_read("max_stream_ordering", max_stream_ordering_txn)
+}
+
+/// The highest committed stream position as `txn` sees it (0 for no events).
+fn max_stream_ordering_txn(txn: &mut Transaction<'_>) -> Result<i64> {
+    let max: Option<i64> = with_conn!(txn.conn(), |c| events::table
+        .select(diesel::dsl::max(events::stream_ordering))
+        .first(c))?;
+    Ok(max.unwrap_or(0))
 }
 
 fn load_existing(txn: &mut Transaction<'_>, ids: &[&str]) -> Result<HashSet<String>> {

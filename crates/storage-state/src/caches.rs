@@ -1,10 +1,11 @@
 //! The caches of the state store, shared by every clone of it.
 //!
 //! State groups never change once written, so the group caches (their state,
-//! delta, chain length and room) are only ever filled (after a commit, or after a read), never invalidated. The
-//! event-to-group and current-state caches are different: the current state of a
-//! room changes, and its cache is invalidated after every commit that changes it
-//! (and, on replicas, from the replication stream).
+//! delta, chain length and room) are only ever filled (after a commit, or after
+//! a read), never invalidated. The event-to-group and current-state caches are
+//! different: the current state of a room changes, and its cache is invalidated
+//! after every commit that changes it (and, on replicas, from the replication
+//! stream).
 
 use crate::types::{StateGroup, StateKey, StateMap};
 use std::sync::Arc;
