@@ -4,5 +4,6 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     storage_core::logging::init();
+    main_process::open::exit_when_claim_lost();
     main_process::cli::run()
 }

@@ -1,13 +1,31 @@
 //! Opening a database as its main process: claim it (one main process per
-//! database, see `storage_core::MainProcessClaim`), then open it as the writer,
-//! which migrates it. Every command that writes events opens through here.
+//! database, see `storage_core::MainProcessClaim`), then open it under that
+//! claim, which migrates it and raises the claim's epoch; from then on every
+//! write transaction proves the claim. Every command that writes events opens
+//! through here.
 
 use storage_core::{Database, DatabaseConfig, MainProcessClaim, OpenMode, Result, CLAIM_WAIT};
+
+/// Exit status of `hs-main` when it stopped because it lost its claim on the
+/// database (another main process took it over, or the SQLite file was
+/// deleted or replaced): distinct from 1, so that a supervisor can tell "do
+/// not simply restart me" from an ordinary failure.
+pub const EXIT_CLAIM_LOST: i32 = 3;
 
 /// The database at `url` with this process's claim on it; keep the claim for
 /// as long as the database is written.
 pub fn open_as_main(url: &str) -> Result<(MainProcessClaim, Database)> {
     let config = DatabaseConfig::parse(url, OpenMode::Writer)?;
     let claim = MainProcessClaim::acquire(&config, CLAIM_WAIT)?;
-    Ok((claim, Database::open(config)?))
+    let db = Database::open_claimed(config, &claim)?;
+    Ok((claim, db))
+}
+
+/// Makes the process exit with [`EXIT_CLAIM_LOST`] as soon as it finds it has
+/// lost its claim, on whichever thread finds out, before that thread (or any
+/// other) acknowledges anything more: the write that found out fails, and
+/// storage-core has logged why. Installed once by the binary; tests, which
+/// call the library, see the failing write's error instead.
+pub fn exit_when_claim_lost() {
+    storage_core::on_claim_lost(|_| std::process::exit(EXIT_CLAIM_LOST));
 }

@@ -1,6 +1,7 @@
 //! The database handle: a pool of connections to one engine, and
 //! `run_interaction`, the only way storage code touches the database.
 
+use crate::claim::{self, ClaimState, MainProcessClaim};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::{Conn, ConnManager};
 use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
@@ -8,7 +9,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::metrics;
 use crate::transaction::Transaction;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How many times a transaction is retried after a retryable failure (so at most
@@ -27,6 +28,9 @@ struct Inner {
     pool: r2d2::Pool<ConnManager>,
     mode: OpenMode,
     closed: Arc<AtomicBool>,
+    /// Set for the main process ([`Database::open_claimed`]): every write
+    /// transaction proves the claim first.
+    claim: OnceLock<Arc<ClaimState>>,
 }
 
 impl Drop for Inner {
@@ -43,6 +47,35 @@ impl Database {
     pub fn open(config: DatabaseConfig) -> Result<Self> {
         let url = config.url.redacted();
         Self::open_inner(config).with_context(|| format!("opening database {url}"))
+    }
+
+    /// Opens the database as its main process, under `claim` (taken first, with
+    /// [`MainProcessClaim::acquire`]): migrates it like [`OpenMode::Writer`],
+    /// then raises the claim's epoch, after which every read-write transaction
+    /// proves the claim before anything else ([`Engine::prove_claim`]) and
+    /// fails with [`crate::ErrorKind::ClaimLost`] once another main process has
+    /// claimed the database (or, on SQLite, its file was deleted or replaced).
+    pub fn open_claimed(config: DatabaseConfig, claim: &MainProcessClaim) -> Result<Self> {
+        let url = config.url.redacted();
+        let open = || {
+            if config.mode != OpenMode::Writer {
+                return Err(Error::invalid_argument(
+                    "only a writer opens a database under the main-process claim",
+                ));
+            }
+            let db = Self::open_inner(config)?;
+            // Before the claim is set on the handle, so this one proves nothing.
+            let epoch = db
+                .run_interaction("raise_claim_epoch", |txn| claim::raise_epoch(txn.conn()))
+                .context("claiming the database in it")?;
+            claim.set_epoch(epoch)?;
+            let state = claim.state().clone();
+            db.engine().confirm_claim_after_commit(&state)?;
+            let _ = db.inner.claim.set(state);
+            log::info!("main process of {url}, claim epoch {epoch}");
+            Ok(db)
+        };
+        open().with_context(|| format!("opening database {url}"))
     }
 
     /// Opens `url` as a writer with default settings.
@@ -76,6 +109,7 @@ impl Database {
                 pool,
                 mode: config.mode,
                 closed,
+                claim: OnceLock::new(),
             }),
         };
         match config.mode {
@@ -149,9 +183,17 @@ impl Database {
         let start = Instant::now();
         let mut conn = self.inner.pool.get().with_context(|| desc.to_owned())?;
         let engine = &*self.inner.engine;
+        // Reads prove nothing: they cannot corrupt, and a fenced-out process may
+        // still answer them until it exits.
+        let claim = self
+            .inner
+            .claim
+            .get()
+            .filter(|_| !options.read_only)
+            .map(|c| &**c);
         let mut attempt = 1;
         loop {
-            match run_attempt(engine, &mut conn, desc, &options, attempt, &mut f) {
+            match run_attempt(engine, claim, &mut conn, desc, &options, attempt, &mut f) {
                 Ok((value, after)) => {
                     metrics::global().record_txn(
                         desc,
@@ -221,6 +263,7 @@ type AttemptResult<T> =
 
 fn run_attempt<T>(
     engine: &dyn Engine,
+    claim: Option<&ClaimState>,
     conn: &mut Conn,
     desc: &str,
     options: &TxnOptions,
@@ -236,12 +279,22 @@ fn run_attempt<T>(
             ))
         }
     };
-    let mut txn = Transaction::new(conn, engine, desc, attempt);
-    let outcome = f(&mut txn);
-    let callbacks = txn.into_callbacks();
+    let proof = claim.map_or(Ok(()), |c| engine.prove_claim(conn, c));
+    let (outcome, callbacks) = match proof {
+        Ok(()) => {
+            let mut txn = Transaction::new(conn, engine, desc, attempt);
+            let outcome = f(&mut txn);
+            (outcome, txn.into_callbacks())
+        }
+        Err(e) => (Err(e), crate::transaction::Callbacks::default()),
+    };
     let result = match outcome {
         Ok(value) => match conn.commit() {
-            Ok(()) => Ok((value, callbacks.after)),
+            // A commit that did not land where the claim says is not acknowledged.
+            Ok(()) => match claim.map_or(Ok(()), |c| engine.confirm_claim_after_commit(c)) {
+                Ok(()) => Ok((value, callbacks.after)),
+                Err(e) => Err((e, callbacks.on_exception)),
+            },
             Err(e) => {
                 rollback(conn, desc);
                 Err((Error::from(e).context("committing"), callbacks.on_exception))

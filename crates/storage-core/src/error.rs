@@ -55,6 +55,11 @@ pub enum ErrorKind {
     /// main-process claim).
     #[error("in use: {0}")]
     InUse(String),
+    /// This process was the database's main process and no longer is (another
+    /// one claimed it, or its SQLite file was deleted or replaced): it must
+    /// stop writing. The text says what happened and what to do.
+    #[error("lost the main-process claim: {0}")]
+    ClaimLost(String),
     /// A process this one relies on (a worker's main process) could not be
     /// reached or is stopping: the request may succeed when retried.
     #[error("unavailable: {0}")]
@@ -123,6 +128,11 @@ impl Error {
             ErrorKind::Database(e) => Some(e),
             _ => None,
         }
+    }
+
+    /// Whether this process lost its main-process claim (and must stop writing).
+    pub fn is_claim_lost(&self) -> bool {
+        matches!(self.0.kind, ErrorKind::ClaimLost(_))
     }
 
     pub fn is_not_found(&self) -> bool {

@@ -21,7 +21,7 @@ mod migrations;
 pub mod testing;
 mod transaction;
 
-pub use claim::{MainProcessClaim, CLAIM_WAIT};
+pub use claim::{on_claim_lost, ClaimRow, ClaimState, DatabaseFile, MainProcessClaim, CLAIM_WAIT};
 pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};

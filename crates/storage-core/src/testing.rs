@@ -9,7 +9,7 @@
 use crate::config::{DatabaseConfig, OpenMode};
 use crate::database::Database;
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, PgConnection};
+use diesel::{Connection, PgConnection, RunQueryDsl};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -114,6 +114,39 @@ impl TestDb {
 
     pub fn try_open(&self, mode: OpenMode) -> crate::Result<Database> {
         Database::open(DatabaseConfig::parse(&self.url, mode)?)
+    }
+
+    /// PostgreSQL: the sessions (backend pids) holding the main-process claim's
+    /// advisory lock in this database.
+    pub fn claim_sessions(&self) -> Vec<i32> {
+        #[derive(diesel::QueryableByName)]
+        struct Pid {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            pid: i32,
+        }
+        let key = crate::engine::MAIN_PROCESS_LOCK_KEY;
+        let mut conn = self.raw_connection();
+        // A bigint advisory key shows in pg_locks as its high and low 32 bits.
+        let rows: Vec<Pid> = diesel::sql_query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(key >> 32)
+        .bind::<diesel::sql_types::BigInt, _>(key & 0xffff_ffff)
+        .load(conn.postgres().expect("a PostgreSQL test database"))
+        .expect("reading pg_locks");
+        rows.into_iter().map(|r| r.pid).collect()
+    }
+
+    /// PostgreSQL: ends the session `pid` from the server's side, as a server
+    /// restart or a pooler's idle timeout would.
+    pub fn terminate_session(&self, pid: i32) {
+        let mut conn = self.raw_connection();
+        diesel::sql_query("SELECT pg_terminate_backend($1)")
+            .bind::<diesel::sql_types::Integer, _>(pid)
+            .execute(conn.postgres().expect("a PostgreSQL test database"))
+            .expect("terminating a session");
     }
 
     /// A raw connection outside our pool, e.g. to look from "another process".

@@ -34,6 +34,7 @@ impl std::fmt::Debug for Transaction<'_> {
     }
 }
 
+#[derive(Default)]
 pub(crate) struct Callbacks {
     pub(crate) after: Vec<Callback>,
     pub(crate) on_exception: Vec<Callback>,

@@ -7,15 +7,19 @@
 //! implementation, named after it.
 
 mod postgres;
+mod postgres_claim;
 mod sqlite;
+mod sqlite_claim;
 
 pub use postgres::PostgresEngine;
+pub use postgres_claim::MAIN_PROCESS_LOCK_KEY;
 pub use sqlite::SqliteEngine;
 
+use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl};
 use crate::conn::Conn;
 use crate::error::Result;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 /// Transaction isolation on PostgreSQL. SQLite transactions are always serializable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -150,10 +154,26 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// Tries to claim the database for this process as its one main process:
     /// what keeps the claim (a session-level advisory lock on its own
-    /// PostgreSQL connection, an exclusive lock on a file beside the SQLite
-    /// file) until it is dropped or the process dies; `None` when another
-    /// process holds it.
-    fn try_claim_main_process(&self) -> Result<Option<ClaimHandle>>;
+    /// PostgreSQL connection, watched by a thread that reports a loss to
+    /// `claim`; an exclusive lock on a file beside the SQLite file's canonical
+    /// path, whose identity it records in `claim`) until it is dropped or the
+    /// process dies; `None` when another process holds it.
+    fn try_claim_main_process(&self, claim: &Arc<ClaimState>) -> Result<Option<ClaimHandle>>;
+
+    /// The first statement of every write transaction of a claimed database:
+    /// proves that this process still holds its claim (the epoch it raised is
+    /// still the database's), so that it never writes beside a newer main
+    /// process; fails with [`crate::ErrorKind::ClaimLost`] otherwise. On
+    /// PostgreSQL the row is read `FOR SHARE`, so a newcomer's raise waits for
+    /// the transactions that proved the old epoch; SQLite also checks that the
+    /// file at the path is still the file claimed.
+    fn prove_claim(&self, conn: &mut Conn, claim: &ClaimState) -> Result<()>;
+
+    /// After a write transaction of a claimed database committed: whether what
+    /// it committed is where the claim says (SQLite: the file at the path is
+    /// still the one claimed, not deleted or replaced meanwhile). An error means
+    /// the commit must not be acknowledged.
+    fn confirm_claim_after_commit(&self, claim: &ClaimState) -> Result<()>;
 }
 
 /// What keeps a main-process claim alive; dropping it lets go.

@@ -1,6 +1,7 @@
 //! PostgreSQL, for scale and for replica workers.
 
 use super::{Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TxnOptions, WriterGuard};
+use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::Conn;
 use crate::error::{Result, ResultExt};
@@ -9,19 +10,11 @@ use diesel::connection::SimpleConnection;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Bool, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use std::sync::Arc;
 
 /// Key of the advisory lock that serialises migrations between processes that
 /// start at the same time.
 const MIGRATION_LOCK_KEY: i64 = 0x6873_6d69_6772; // "hsmigr"
-
-/// Key of the advisory lock held by the main process for as long as it runs.
-const MAIN_PROCESS_LOCK_KEY: i64 = 0x6873_6d61_696e; // "hsmain"
-
-#[derive(QueryableByName)]
-struct Locked {
-    #[diesel(sql_type = Bool)]
-    locked: bool,
-}
 
 #[derive(Debug)]
 pub struct PostgresEngine {
@@ -205,18 +198,20 @@ impl Engine for PostgresEngine {
         migrations::check(conn.postgres()?, migrations::POSTGRES)
     }
 
-    fn try_claim_main_process(&self) -> Result<Option<super::ClaimHandle>> {
-        let mut conn = PgConnection::establish(&self.url)
-            .with_context(|| format!("connecting to {}", self.config.url.redacted()))?;
-        // Named, so that an operator can find the holder in pg_stat_activity.
-        conn.batch_execute("SET application_name = 'hs-main'")
-            .context("naming the main process's connection")?;
-        let claimed = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
-            .bind::<BigInt, _>(MAIN_PROCESS_LOCK_KEY)
-            .get_result::<Locked>(&mut conn)
-            .context("taking the main process's advisory lock")?
-            .locked;
-        // The lock lives as long as this session: the connection is the claim.
-        Ok(claimed.then(|| Box::new(conn) as super::ClaimHandle))
+    fn try_claim_main_process(
+        &self,
+        claim: &Arc<ClaimState>,
+    ) -> Result<Option<super::ClaimHandle>> {
+        super::postgres_claim::try_claim(&self.url, &self.config.url.redacted(), claim)
+    }
+
+    fn prove_claim(&self, conn: &mut Conn, claim: &ClaimState) -> Result<()> {
+        super::postgres_claim::prove(conn, claim)
+    }
+
+    fn confirm_claim_after_commit(&self, _claim: &ClaimState) -> Result<()> {
+        // A commit went to the database the claim was proven in: the row lock
+        // taken by the proof held any newcomer off until it was done.
+        Ok(())
     }
 }

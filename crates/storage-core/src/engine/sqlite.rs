@@ -1,6 +1,7 @@
 //! The embedded default: one SQLite file, WAL, one writer at a time.
 
 use super::{Engine, Sequence, SequenceHealth, SequenceRepair, TxnOptions, WriterGuard};
+use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::Conn;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -11,7 +12,7 @@ use diesel::sql_types::BigInt;
 use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// SQLite through the bundled library.
 ///
@@ -220,25 +221,19 @@ impl Engine for SqliteEngine {
         migrations::check(conn.sqlite()?, migrations::SQLITE)
     }
 
-    fn try_claim_main_process(&self) -> Result<Option<super::ClaimHandle>> {
-        // A file beside the database, locked exclusively (flock): the kernel
-        // lets go when the process ends, however it ends.
+    fn try_claim_main_process(
+        &self,
+        claim: &Arc<ClaimState>,
+    ) -> Result<Option<super::ClaimHandle>> {
         self.open_target()?; // creates the folder, as the database's first open does
-        let mut name = self.path.clone().into_os_string();
-        name.push(".main-lock");
-        let path = PathBuf::from(name);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening the lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(Box::new(file))),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(Error::from(e).context(format!("locking {}", path.display())))
-            }
-        }
+        super::sqlite_claim::try_claim(&self.path, claim)
+    }
+
+    fn prove_claim(&self, conn: &mut Conn, claim: &ClaimState) -> Result<()> {
+        super::sqlite_claim::prove(conn, claim)
+    }
+
+    fn confirm_claim_after_commit(&self, claim: &ClaimState) -> Result<()> {
+        claim.expect_same_file()
     }
 }

@@ -1,0 +1,447 @@
+//! The main-process claim as fencing: every write transaction of a claimed
+//! database proves the claim's epoch; a newcomer's claim stops the old holder
+//! before it commits anything more, and waits for what it had already proven;
+//! SQLite claims find one lock whatever the spelling of the path, and a
+//! database file deleted or replaced under the holder stops it; a PostgreSQL
+//! claim whose session ends is taken again when nobody else took it, and lost
+//! when somebody did.
+
+use diesel::sql_types::{BigInt, Integer};
+use diesel::{QueryableByName, RunQueryDsl};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use storage_core::testing::TestDb;
+use storage_core::{
+    with_conn, Conn, Database, DatabaseConfig, Error, ErrorKind, MainProcessClaim, OpenMode,
+};
+
+storage_core::engine_tests!(
+    writes_prove_the_claim_and_reads_do_not,
+    a_write_that_proved_the_old_epoch_commits_before_the_newcomer_reads,
+);
+
+fn claimed(url: &str) -> (MainProcessClaim, Database) {
+    let config = DatabaseConfig::parse(url, OpenMode::Writer).unwrap();
+    let claim = MainProcessClaim::acquire(&config, Duration::ZERO).unwrap();
+    let db = Database::open_claimed(config, &claim).unwrap();
+    (claim, db)
+}
+
+fn insert_group(db: &Database, id: i64) -> storage_core::Result<()> {
+    db.run_interaction("insert_group", |txn| {
+        with_conn!(txn.conn(), |c| diesel::sql_query(
+            "INSERT INTO state_groups (id, room_id, event_id) VALUES ($1, '!r:test', '$e')"
+        )
+        .bind::<BigInt, _>(id)
+        .execute(c))?;
+        Ok(())
+    })
+}
+
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn query_n(conn: &mut Conn, sql: &str) -> i64 {
+    with_conn!(conn, |c| diesel::sql_query(sql).get_result::<N>(c))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .n
+}
+
+fn groups(db: &Database) -> i64 {
+    db.run_read("count_groups", |txn| {
+        Ok(with_conn!(txn.conn(), |c| diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM state_groups"
+        )
+        .get_result::<N>(c))?
+        .n)
+    })
+    .unwrap()
+}
+
+/// What a newcomer does once it holds the lock and has migrated.
+const NEWCOMER_RAISES: &str =
+    "UPDATE main_process_claim SET epoch = epoch + 1, holder = 'test newcomer', claimed_at = 0";
+
+fn assert_claim_lost(result: storage_core::Result<()>, says: &str) -> Error {
+    let err = result.expect_err("the write should have been fenced");
+    assert!(err.is_claim_lost(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(says), "{text}");
+    err
+}
+
+/// Writes prove the epoch: once another main process raised it, every write
+/// fails with ClaimLost naming the newcomer and both epochs, commits nothing,
+/// and reads still answer.
+fn writes_prove_the_claim_and_reads_do_not(t: &TestDb) {
+    let (claim, db) = claimed(t.url());
+    let ours = claim
+        .epoch()
+        .expect("the epoch is raised when the database opens");
+    assert!(ours >= 1);
+    insert_group(&db, 1).unwrap();
+    // Reopening raises it again: a newer main process's epoch is always higher.
+    drop(db);
+    drop(claim);
+    let (claim, db) = claimed(t.url());
+    let ours = claim.epoch().unwrap();
+    insert_group(&db, 2).unwrap();
+
+    t.raw_connection().batch_execute(NEWCOMER_RAISES).unwrap();
+    let err = assert_claim_lost(insert_group(&db, 3), "test newcomer");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "claim epoch {}, this process held {ours}",
+            ours + 1
+        )),
+        "{text}"
+    );
+    assert_eq!(groups(&db), 2, "the fenced write committed nothing");
+    // Every later write fails too; reads go on.
+    assert_claim_lost(insert_group(&db, 4), "test newcomer");
+    assert_eq!(groups(&db), 2);
+}
+
+/// The newcomer's raise waits for a write transaction that proved the old
+/// epoch, so that nothing the old holder proved commits after the raise: on
+/// PostgreSQL the proof holds the row FOR SHARE (the raise is seen waiting on
+/// it), on SQLite the transaction holds the one write lock (the raise, begun
+/// while the old write is in flight, reads what it committed).
+fn a_write_that_proved_the_old_epoch_commits_before_the_newcomer_reads(t: &TestDb) {
+    let (_claim, db) = claimed(t.url());
+    let url = t.url().to_owned();
+    let engine = t.engine();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let mut newcomer = None;
+    db.run_interaction("old_holder_write", |txn| {
+        with_conn!(txn.conn(), |c| diesel::sql_query(
+            "INSERT INTO state_groups (id, room_id, event_id) VALUES (7, '!r:test', '$e')"
+        )
+        .execute(c))?;
+        if newcomer.is_some() {
+            return Ok(());
+        }
+        let started_tx = started_tx.clone();
+        let newcomer_url = url.clone();
+        newcomer = Some(std::thread::spawn(move || {
+            let mut raw = raw_connection(&newcomer_url);
+            started_tx.send(backend_pid(&mut raw, engine)).unwrap();
+            let (begin, seen) = if engine == "sqlite" {
+                ("BEGIN IMMEDIATE", "SELECT COUNT(*) AS n FROM state_groups")
+            } else {
+                // Under REPEATABLE READ the raise's snapshot is older than the
+                // commit it waited for; the newcomer's later transactions see it.
+                (
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ",
+                    "SELECT 1::bigint AS n",
+                )
+            };
+            raw.batch_execute(begin).unwrap();
+            raw.batch_execute(NEWCOMER_RAISES).unwrap();
+            let seen = query_n(&mut raw, seen);
+            raw.batch_execute("COMMIT").unwrap();
+            seen
+        }));
+        let pid = started_rx.recv().unwrap();
+        if engine == "postgres" {
+            wait_until_blocked(&url, pid);
+        } else {
+            // SQLite's BEGIN IMMEDIATE waits on the write lock where nothing
+            // outside can see it: give it time to be waiting.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    })
+    .unwrap();
+    let seen = newcomer.unwrap().join().unwrap();
+    assert_eq!(seen, 1, "the newcomer read what the old holder committed");
+    assert_eq!(groups(&db), 1);
+    assert_claim_lost(insert_group(&db, 8), "test newcomer");
+}
+
+fn raw_connection(url: &str) -> Conn {
+    let config = DatabaseConfig::parse(url, OpenMode::Writer).unwrap();
+    storage_core::engine::for_config(&config).connect().unwrap()
+}
+
+fn backend_pid(conn: &mut Conn, engine: &str) -> i64 {
+    if engine == "postgres" {
+        query_n(conn, "SELECT pg_backend_pid()::bigint AS n")
+    } else {
+        0
+    }
+}
+
+#[derive(QueryableByName)]
+struct Waiting {
+    #[diesel(sql_type = Integer)]
+    waiting: i32,
+}
+
+/// Waits until the PostgreSQL backend `pid` is waiting for a lock.
+fn wait_until_blocked(url: &str, pid: i64) {
+    let mut watcher = raw_connection(url);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row: Waiting = with_conn!(&mut watcher, |c| diesel::sql_query(
+            "SELECT COUNT(*)::int AS waiting FROM pg_stat_activity \
+             WHERE pid = $1 AND wait_event_type = 'Lock'"
+        )
+        .bind::<Integer, _>(pid as i32)
+        .get_result(c))
+        .unwrap();
+        if row.waiting == 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "backend {pid} never waited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A write that began while a newcomer's raise was in flight waits for it,
+/// then (a serialization failure under REPEATABLE READ, retried) is fenced.
+#[test]
+fn postgres_a_write_waiting_on_a_newcomers_raise_is_fenced() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (_claim, db) = claimed(t.url());
+    let mut raw = t.raw_connection();
+    raw.batch_execute("BEGIN").unwrap();
+    raw.batch_execute(NEWCOMER_RAISES).unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || insert_group(&db, 1))
+    };
+    let pid = waiting_backend(&t);
+    wait_until_blocked(t.url(), pid);
+    raw.batch_execute("COMMIT").unwrap();
+    assert_claim_lost(writer.join().unwrap(), "test newcomer");
+    assert_eq!(groups(&db), 0);
+}
+
+/// The pid of the one backend of the test database waiting for a lock.
+fn waiting_backend(t: &TestDb) -> i64 {
+    let mut conn = t.raw_connection();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows: Vec<N> = with_conn!(&mut conn, |c| diesel::sql_query(
+            "SELECT pid::bigint AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        .load(c))
+        .unwrap();
+        if let Some(r) = rows.first() {
+            return r.n;
+        }
+        assert!(Instant::now() < deadline, "no backend waited for a lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sqlite_path(t: &TestDb) -> PathBuf {
+    PathBuf::from(t.url().strip_prefix("sqlite:").unwrap())
+}
+
+fn sqlite_url(path: &Path) -> String {
+    format!("sqlite:{}", path.display())
+}
+
+fn refused(url: &str) {
+    let config = DatabaseConfig::parse(url, OpenMode::Writer).unwrap();
+    let err = MainProcessClaim::acquire(&config, Duration::ZERO).unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::InUse(_)), "{url}: {err}");
+}
+
+/// A symlink to the database file, a symlink to its folder, and other spellings
+/// of the path all find the claim already taken; so does the real path once the
+/// claim was taken through a symlink.
+#[test]
+fn sqlite_claim_is_one_whatever_the_path_says() {
+    let t = TestDb::sqlite();
+    let path = sqlite_path(&t);
+    let dir = path.parent().unwrap().to_owned();
+    let links = dir.join("links");
+    std::fs::create_dir_all(&links).unwrap();
+    let file_link = links.join("via-link.db");
+    std::os::unix::fs::symlink(&path, &file_link).unwrap();
+    let dir_link = links.join("folder");
+    std::os::unix::fs::symlink(&dir, &dir_link).unwrap();
+
+    let (claim, _db) = claimed(t.url());
+    refused(&sqlite_url(&file_link));
+    refused(&sqlite_url(&dir_link.join("test.db")));
+    refused(&sqlite_url(&dir.join(".").join("test.db")));
+    refused(&sqlite_url(&links.join("..").join("test.db")));
+    drop((claim, _db));
+
+    let (_claim, _db) = claimed(&sqlite_url(&file_link));
+    refused(t.url());
+}
+
+/// A hard link is another name for the file that no path resolution finds:
+/// a second claim through it gets its own lock. Then either SQLite refuses the
+/// second name of a file in WAL use (what it does while the first holder has
+/// it open), or the second claim's epoch stops the first holder: never two
+/// writers.
+#[test]
+fn sqlite_a_second_claim_through_a_hard_link_never_makes_two_writers() {
+    let t = TestDb::sqlite();
+    let (_first_claim, first) = claimed(t.url());
+    insert_group(&first, 1).unwrap();
+    let path = sqlite_path(&t);
+    let link = path.with_file_name("hard-link.db");
+    std::fs::hard_link(&path, &link).unwrap();
+    let config = DatabaseConfig::parse(&sqlite_url(&link), OpenMode::Writer).unwrap();
+    let second_claim = MainProcessClaim::acquire(&config, Duration::ZERO).unwrap();
+    match Database::open_claimed(config, &second_claim) {
+        Err(e) => {
+            assert!(!e.is_claim_lost(), "{e}");
+            insert_group(&first, 2).unwrap();
+            assert_eq!(groups(&first), 2);
+        }
+        Ok(second) => {
+            assert_claim_lost(insert_group(&first, 2), "claimed sqlite:");
+            insert_group(&second, 3).unwrap();
+            assert_eq!(groups(&second), 2);
+        }
+    }
+}
+
+/// The database file deleted under the holder: the next write fails naming the
+/// file, and so does a write during which it was deleted, although it committed
+/// (to the deleted file): it is not acknowledged.
+#[test]
+fn sqlite_a_deleted_database_file_stops_the_holder() {
+    let t = TestDb::sqlite();
+    let path = sqlite_path(&t);
+    let (_claim, db) = claimed(t.url());
+    insert_group(&db, 1).unwrap();
+    let during = db.run_interaction("write_while_deleted", |txn| {
+        with_conn!(txn.conn(), |c| diesel::sql_query(
+            "INSERT INTO state_groups (id, room_id, event_id) VALUES (2, '!r:test', '$e')"
+        )
+        .execute(c))?;
+        std::fs::remove_file(&path)?;
+        Ok(())
+    });
+    assert_claim_lost(during, "was deleted");
+    assert_claim_lost(insert_group(&db, 3), "was deleted");
+}
+
+/// The database file replaced (a copy renamed over it) under the holder: the
+/// next write fails, naming the file and both identities.
+#[test]
+fn sqlite_a_replaced_database_file_stops_the_holder() {
+    let t = TestDb::sqlite();
+    let path = sqlite_path(&t);
+    let (_claim, db) = claimed(t.url());
+    insert_group(&db, 1).unwrap();
+    let copy = path.with_file_name("copy.db");
+    std::fs::copy(&path, &copy).unwrap();
+    std::fs::rename(&copy, &path).unwrap();
+    let err = assert_claim_lost(insert_group(&db, 2), "was replaced");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
+
+/// The claim's session killed with nobody else waiting: the watcher takes the
+/// claim again on a new session, writes go on, and a second claimant is
+/// still refused.
+#[test]
+fn postgres_a_claim_session_killed_with_nobody_waiting_is_taken_again() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (_claim, db) = claimed(t.url());
+    insert_group(&db, 1).unwrap();
+    let holders = t.claim_sessions();
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    t.terminate_session(holders[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = t.claim_sessions();
+        if now.len() == 1 && now[0] != holders[0] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the claim was not taken again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    insert_group(&db, 2).unwrap();
+    refused(t.url());
+    insert_group(&db, 3).unwrap();
+    assert_eq!(groups(&db), 3);
+}
+
+/// The claim's session killed while another session waits for the lock (a
+/// newcomer): the newcomer gets it, and the old holder gives up once its grace
+/// has passed, without the newcomer raising anything. Its writes meanwhile
+/// either commit (the epoch is unchanged, nobody else wrote) or are fenced.
+#[test]
+fn postgres_a_claim_session_killed_while_another_takes_the_lock_is_lost() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (_claim, db) = claimed(t.url());
+    let mut admin = t.raw_connection();
+    let holder = t.claim_sessions()[0];
+    let url = t.url().to_owned();
+    let (got_tx, got_rx) = std::sync::mpsc::channel();
+    let newcomer = std::thread::spawn(move || {
+        let mut conn = raw_connection(&url);
+        with_conn!(&mut conn, |c| diesel::sql_query(
+            "SELECT pg_advisory_lock($1)"
+        )
+        .bind::<BigInt, _>(storage_core::engine::MAIN_PROCESS_LOCK_KEY)
+        .execute(c))
+        .unwrap();
+        got_tx.send(()).unwrap();
+        // Hold the lock (and the session) until the test ends.
+        std::thread::sleep(Duration::from_secs(60));
+        drop(conn);
+    });
+    wait_until_blocked(t.url(), i64::from(waiting_pid(&mut admin)));
+    t.terminate_session(holder);
+    got_rx.recv().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut id = 0;
+    let err = loop {
+        id += 1;
+        match insert_group(&db, id) {
+            Ok(()) => {}
+            Err(e) => break e,
+        }
+        assert!(Instant::now() < deadline, "the old holder never gave up");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(err.is_claim_lost(), "{err}");
+    assert!(
+        err.to_string().contains("has held the claim since"),
+        "{err}"
+    );
+    assert_eq!(groups(&db), id - 1, "the fenced write committed nothing");
+    drop(newcomer);
+}
+
+#[derive(QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = Integer)]
+    pid: i32,
+}
+
+fn waiting_pid(conn: &mut Conn) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows: Vec<Pid> = with_conn!(conn, |c| diesel::sql_query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event = 'advisory'"
+        )
+        .load(c))
+        .unwrap();
+        if let Some(r) = rows.first() {
+            return r.pid;
+        }
+        assert!(Instant::now() < deadline, "nobody waited for the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

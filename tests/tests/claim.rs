@@ -1,0 +1,456 @@
+//! The one-main-process claim with real processes: `hs-main serve` whose claim
+//! session is killed on PostgreSQL (taken again when nobody else wants it; with
+//! an import racing for it, exactly one of them writes), whose SQLite file is
+//! deleted or replaced (it stops before acknowledging another event, with exit
+//! status 3 and a line saying why), a second main process through another
+//! path or command refused, and kill -9 followed by an immediate restart.
+//! Every test that writes ends by checking that no acknowledged event is
+//! missing from the database.
+
+use e2e_tests::*;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use storage_core::testing::TestDb;
+use storage_core::{with_conn, Database, DatabaseConfig, OpenMode};
+
+storage_core::engine_tests!(
+    a_second_main_process_is_refused_while_serving,
+    kill_9_then_an_immediate_restart_loses_nothing,
+);
+
+/// `hs-main` exits with this status when it lost its claim.
+const EXIT_CLAIM_LOST: i32 = 3;
+
+/// Runs `hs-main --database URL ARGS...` to the end: status and stderr.
+fn hs_main(url: &str, args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(binary("hs-main"))
+        .args(["--database", url])
+        .args(args)
+        .env_remove("HS_DATABASE")
+        .output()
+        .expect("running hs-main");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Posts the room's first events; returns the room and their ids.
+fn founded_room(url: &str) -> (Room, Vec<String>) {
+    let mut room = Room::default();
+    let events = vec![
+        room.event(
+            "create",
+            "m.room.create",
+            ALICE,
+            Some(""),
+            json!({"creator": ALICE, "room_version": "2"}),
+        ),
+        room.event(
+            "alice",
+            "m.room.member",
+            ALICE,
+            Some(ALICE),
+            json!({"membership": "join"}),
+        ),
+        room.event(
+            "power",
+            "m.room.power_levels",
+            ALICE,
+            Some(""),
+            json!({"users": {ALICE: 100}}),
+        ),
+    ];
+    let mut ids = vec![];
+    for e in events {
+        post(url, vec![e.clone()]).unwrap();
+        ids.push(id_of(&e));
+    }
+    (room, ids)
+}
+
+fn id_of(e: &Value) -> String {
+    e["event_id"].as_str().unwrap().to_owned()
+}
+
+fn message(room: &mut Room, name: &str) -> Value {
+    room.event(
+        name,
+        "m.room.topic",
+        ALICE,
+        Some(""),
+        json!({"topic": name}),
+    )
+}
+
+/// A client posting one event at a time, without pause, until told to stop
+/// or the server stops acknowledging.
+struct Poster {
+    acknowledged: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<(Room, Option<String>)>,
+}
+
+impl Poster {
+    fn start(url: &str, mut room: Room, prefix: &str) -> Poster {
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (acknowledged, stop, url, prefix) = (
+                acknowledged.clone(),
+                stop.clone(),
+                url.to_owned(),
+                prefix.to_owned(),
+            );
+            std::thread::spawn(move || {
+                for i in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return (room, None);
+                    }
+                    // The room as of the last acknowledged event, handed back.
+                    let before = room.clone();
+                    let e = message(&mut room, &format!("{prefix}{i}"));
+                    match post(&url, vec![e.clone()]) {
+                        Ok(_) => acknowledged.lock().unwrap().push(id_of(&e)),
+                        Err(err) => return (before, Some(err)),
+                    }
+                }
+                unreachable!()
+            })
+        };
+        Poster {
+            acknowledged,
+            stop,
+            thread,
+        }
+    }
+
+    fn wait_for(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acknowledged.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} events acknowledged"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops (if it has not already); the room, the acknowledged ids and the
+    /// error that stopped it, if any.
+    fn finish(self) -> (Room, Vec<String>, Option<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (room, err) = self.thread.join().unwrap();
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        (room, acknowledged, err)
+    }
+}
+
+fn wait_for_exit(p: &mut Process) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not stop:\n{}",
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The ids of the events stored in the database, read without claiming it.
+fn stored_events(url: &str) -> HashSet<String> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        event_id: String,
+    }
+    let db = Database::open(DatabaseConfig::parse(url, OpenMode::ReadOnly).unwrap()).unwrap();
+    db.run_read("stored_events", |txn| {
+        let ids: Vec<Id> = with_conn!(txn.conn(), |c| diesel::sql_query(
+            "SELECT event_id FROM events"
+        )
+        .load(c))?;
+        Ok(ids.into_iter().map(|i| i.event_id).collect())
+    })
+    .unwrap()
+}
+
+fn assert_all_stored(url: &str, acknowledged: &[String]) {
+    let stored = stored_events(url);
+    let missing: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+}
+
+fn sqlite_path(db: &TestDb) -> PathBuf {
+    PathBuf::from(db.url().strip_prefix("sqlite:").unwrap())
+}
+
+/// Posts until the server stops acknowledging, changes the SQLite file with
+/// `change` meanwhile, and checks that the server then acknowledges nothing
+/// and exits with the claim-lost status and a line saying `says`.
+fn serve_stops_when_its_file_changes(change: impl FnOnce(&Path), says: &str) {
+    let db = TestDb::sqlite();
+    let mut main = main_process(&db, free_port());
+    let (room, _) = founded_room(&main.url);
+    let poster = Poster::start(&main.url, room, "before");
+    poster.wait_for(5);
+    change(&sqlite_path(&db));
+    let status = wait_for_exit(&mut main);
+    let (mut room, acknowledged, err) = poster.finish();
+    let err = err.expect("the poster was stopped by the server");
+    assert!(!acknowledged.is_empty(), "{err}");
+    // Nothing more is acknowledged, and the process said why and stopped.
+    assert!(post(&main.url, vec![message(&mut room, "after")]).is_err());
+    assert_eq!(status.code(), Some(EXIT_CLAIM_LOST), "{}", main.log_text());
+    let log = main.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("lost the main-process claim"))
+        .unwrap_or_else(|| panic!("no claim-lost line in:\n{log}"));
+    assert!(line.contains(says), "{line}");
+}
+
+#[test]
+fn serve_stops_when_its_sqlite_file_is_deleted() {
+    serve_stops_when_its_file_changes(|path| std::fs::remove_file(path).unwrap(), "was deleted");
+}
+
+#[test]
+fn serve_stops_when_its_sqlite_file_is_replaced() {
+    serve_stops_when_its_file_changes(
+        |path| {
+            let copy = path.with_file_name("replacement.db");
+            std::fs::copy(path, &copy).unwrap();
+            std::fs::rename(&copy, path).unwrap();
+        },
+        "was replaced",
+    );
+}
+
+/// While `serve` runs, `migrate` and `import` are refused (through a symlink,
+/// another spelling of the path too, on SQLite), and `serve` goes on.
+fn a_second_main_process_is_refused_while_serving(db: &TestDb) {
+    let main = main_process(db, free_port());
+    let (mut room, mut acknowledged) = founded_room(&main.url);
+    let mut urls = vec![db.url().to_owned()];
+    let links = (db.engine() == "sqlite").then(|| TempDir(tempdir("links")));
+    if let Some(TempDir(links)) = &links {
+        let path = sqlite_path(db);
+        let dir = path.parent().unwrap();
+        std::os::unix::fs::symlink(&path, links.join("link.db")).unwrap();
+        urls.push(format!("sqlite:{}", links.join("link.db").display()));
+        urls.push(format!(
+            "sqlite:{}/../{}/test.db",
+            dir.display(),
+            dir.file_name().unwrap().to_str().unwrap()
+        ));
+    }
+    let lines = tempdir("import");
+    let file = lines.join("other.jsonl");
+    std::fs::write(&file, other_room_lines()).unwrap();
+    for url in &urls {
+        for args in [vec!["migrate"], vec!["import", file.to_str().unwrap()]] {
+            let (status, stderr) = hs_main(url, &args);
+            assert_eq!(status.code(), Some(1), "{url} {args:?}: {stderr}");
+            assert!(
+                stderr.contains("claimed by another main process"),
+                "{url} {args:?}: {stderr}"
+            );
+        }
+    }
+    let e = message(&mut room, "still-serving");
+    post(&main.url, vec![e.clone()]).unwrap();
+    acknowledged.push(id_of(&e));
+    drop(main);
+    let _ = std::fs::remove_dir_all(lines);
+    assert_all_stored(db.url(), &acknowledged);
+    assert!(!stored_events(db.url()).contains("$o-create:example.com"));
+}
+
+/// kill -9 of `serve` while a client posts, then `serve` again at once: it
+/// claims the database (the claim died with the process), nothing acknowledged
+/// is missing, and it takes new events.
+fn kill_9_then_an_immediate_restart_loses_nothing(db: &TestDb) {
+    let port = free_port();
+    let mut main = main_process(db, port);
+    let (room, mut acknowledged) = founded_room(&main.url);
+    let poster = Poster::start(&main.url, room, "burst");
+    poster.wait_for(10);
+    main.child.kill().unwrap();
+    main.child.wait().unwrap();
+    let (mut room, burst, _) = poster.finish();
+    acknowledged.extend(burst);
+    drop(main);
+    let main = main_process(db, port);
+    let e = message(&mut room, "after-restart");
+    post(&main.url, vec![e.clone()]).unwrap();
+    acknowledged.push(id_of(&e));
+    drop(main);
+    assert_all_stored(db.url(), &acknowledged);
+}
+
+/// The claim session of `serve` killed with nobody else waiting: serve takes
+/// the claim again and goes on; a second main process is still refused.
+#[test]
+fn postgres_serve_survives_losing_its_claim_session() {
+    let Some(db) = TestDb::postgres() else { return };
+    let main = main_process(&db, free_port());
+    let (room, mut acknowledged) = founded_room(&main.url);
+    let poster = Poster::start(&main.url, room, "during");
+    poster.wait_for(5);
+    let sessions = db.claim_sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    db.terminate_session(sessions[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(db.claim_sessions()[..], [s] if s != sessions[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "the claim was not taken again:\n{}",
+            main.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, stderr) = hs_main(db.url(), &["migrate"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("claimed by another main process"),
+        "{stderr}"
+    );
+    let before = poster.acknowledged.lock().unwrap().len();
+    poster.wait_for(before + 5);
+    let (_, during, err) = poster.finish();
+    assert_eq!(err, None, "serve kept acknowledging:\n{}", main.log_text());
+    acknowledged.extend(during);
+    let log = main.log_text();
+    assert!(
+        log.contains("lost the session holding the main-process claim"),
+        "{log}"
+    );
+    assert!(log.contains("took the main-process claim on"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    drop(main);
+    assert_all_stored(db.url(), &acknowledged);
+}
+
+/// The claim session of `serve` killed while a client posts, and at once an
+/// `import` of another room: either the import is refused and serve goes on,
+/// or the import writes and serve stops with the claim-lost status, having
+/// acknowledged nothing it did not store. Never both writing.
+#[test]
+fn postgres_claim_session_killed_under_serve_with_an_import_racing() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut main = main_process(&db, free_port());
+    let (room, mut acknowledged) = founded_room(&main.url);
+    let poster = Poster::start(&main.url, room, "race");
+    poster.wait_for(5);
+    let dir = tempdir("race");
+    let file = dir.join("other.jsonl");
+    std::fs::write(&file, other_room_lines()).unwrap();
+    db.terminate_session(db.claim_sessions()[0]);
+    let (status, stderr) = hs_main(db.url(), &["import", file.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "the import {}",
+        if status.success() {
+            "won the claim"
+        } else {
+            "was refused"
+        }
+    );
+    if status.success() {
+        // The import claimed the database: serve must stop, not write beside it.
+        let serve_status = wait_for_exit(&mut main);
+        let (_, during, _) = poster.finish();
+        acknowledged.extend(during);
+        assert_eq!(
+            serve_status.code(),
+            Some(EXIT_CLAIM_LOST),
+            "{}",
+            main.log_text()
+        );
+        assert!(stored_events(db.url()).contains("$o-create:example.com"));
+    } else {
+        assert!(
+            stderr.contains("claimed by another main process"),
+            "{stderr}"
+        );
+        let before = poster.acknowledged.lock().unwrap().len();
+        poster.wait_for(before + 3);
+        let (_, during, err) = poster.finish();
+        assert_eq!(err, None, "{}", main.log_text());
+        acknowledged.extend(during);
+        assert!(main.child.try_wait().unwrap().is_none(), "serve stopped");
+    }
+    drop(main);
+    assert_all_stored(db.url(), &acknowledged);
+}
+
+/// Three events of another room (`!other:example.com`) as import lines.
+fn other_room_lines() -> String {
+    let mut room = Room::default();
+    let mut lines = String::new();
+    for mut e in [
+        room.event(
+            "o-create",
+            "m.room.create",
+            ALICE,
+            Some(""),
+            json!({"creator": ALICE, "room_version": "2"}),
+        ),
+        room.event(
+            "o-alice",
+            "m.room.member",
+            ALICE,
+            Some(ALICE),
+            json!({"membership": "join"}),
+        ),
+        room.event(
+            "o-topic",
+            "m.room.topic",
+            ALICE,
+            Some(""),
+            json!({"topic": "o"}),
+        ),
+    ] {
+        e["room_id"] = json!("!other:example.com");
+        lines.push_str(&e.to_string());
+        lines.push('\n');
+    }
+    lines
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "hs-claim-{name}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Removes its folder when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
