@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests and benchmarks: the workspace binaries run
 //! as processes, an HTTP client for their API, and a builder of room events.
 
+pub mod forks;
+
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -224,4 +226,87 @@ pub fn wait_for_position(process: &Process, target: i64) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Posts events to `room`; an error answer reads "<status>: <body>".
+pub fn post_to(url: &str, room: &str, events: Vec<Value>) -> Result<Value, String> {
+    ureq::post(&format!("{url}/_hs/v1/rooms/{}/events", encode(room)))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .send_json(json!({ "events": events }))
+        .map_err(|e| match e {
+            ureq::Error::Status(code, answer) => {
+                format!("{code}: {}", answer.into_string().unwrap_or_default())
+            }
+            e => e.to_string(),
+        })?
+        .into_json()
+        .map_err(|e| e.to_string())
+}
+
+/// Runs `hs-main --database <db> ARGS...` to completion: (status, stdout, stderr).
+pub fn hs_main(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("hs-main"))
+        .arg("--database")
+        .arg(db.url())
+        .args(args)
+        .env_remove("HS_DATABASE")
+        .output()
+        .expect("running hs-main");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What a database says of each event: the state after it (sorted), and
+/// whether it was rejected. Read through the library, in one pass.
+pub type EventStates = std::collections::BTreeMap<
+    String,
+    (std::collections::BTreeMap<(String, String), String>, bool),
+>;
+
+/// [`EventStates`] of `event_ids`, plus each room's current state under the
+/// key `current <room>`.
+pub fn event_states(db: &TestDb, event_ids: &[&str], rooms: &[&str]) -> EventStates {
+    use storage_state::{StateFilter, StateGroupStore, StateStore};
+    let database = db.open_mode(storage_core::OpenMode::ReadOnly);
+    let store = StateStore::new(database.clone(), &storage_core::StoreConfig::default()).unwrap();
+    let groups = store.get_state_group_for_events(event_ids).unwrap();
+    let distinct: Vec<i64> = {
+        let mut g: Vec<i64> = groups.values().copied().collect();
+        g.sort();
+        g.dedup();
+        g
+    };
+    let states = store
+        .get_state_for_groups(&distinct, &StateFilter::all())
+        .unwrap();
+    let rejected: std::collections::HashSet<String> = {
+        use diesel::prelude::*;
+        use storage_events::schema::rejections as r;
+        storage_core::with_conn!(&mut db.raw_connection(), |c| r::table
+            .select(r::event_id)
+            .load::<String>(c))
+        .unwrap()
+        .into_iter()
+        .collect()
+    };
+    let sorted =
+        |m: &storage_state::StateMap| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut out: EventStates = event_ids
+        .iter()
+        .map(|id| {
+            let state = groups
+                .get(*id)
+                .map(|g| sorted(&states[g]))
+                .unwrap_or_default();
+            (id.to_string(), (state, rejected.contains(*id)))
+        })
+        .collect();
+    for room in rooms {
+        let current = store.get_current_state_ids(room).unwrap();
+        out.insert(format!("current {room}"), (sorted(&current), false));
+    }
+    out
 }

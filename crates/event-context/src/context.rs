@@ -12,7 +12,7 @@ use crate::{
     auth_types_for_pdu, check_auth_against_state, check_auth_events, resolve_state, Pdu, StateMap,
 };
 use ruma::{EventId, OwnedEventId, RoomVersionId};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use storage_core::cache::LruCache;
@@ -39,10 +39,20 @@ pub struct EventContext {
 #[derive(Debug, Default)]
 pub struct PendingEvents {
     events: HashMap<String, (Arc<Pdu>, Option<EventContext>)>,
+    /// Rooms whose create event was accepted among these events.
+    created: HashSet<String>,
 }
 
 impl PendingEvents {
-    pub fn insert(&mut self, pdu: Arc<Pdu>, context: EventContext) {
+    pub fn insert(&mut self, mut pdu: Arc<Pdu>, context: EventContext) {
+        // Read back by later events' auth checks, which must see that it was
+        // rejected, as they would once it is stored.
+        if context.rejected.is_some() && !pdu.rejected {
+            Arc::make_mut(&mut pdu).rejected = true;
+        }
+        if pdu.is_create() && context.rejected.is_none() {
+            self.created.insert(pdu.room_id.to_string());
+        }
         self.events
             .insert(pdu.event_id.to_string(), (pdu, Some(context)));
     }
@@ -225,6 +235,15 @@ impl ContextBuilder {
 
         let mut prev_groups = BTreeSet::new();
         for prev in &pdu.prev_events {
+            // An event of another room would give this one that room's state.
+            if let Some(other) = self.fetch_pdu(prev.as_str(), pending)? {
+                if other.room_id != pdu.room_id {
+                    return Err(Error::invalid_argument(format!(
+                        "event {event_id}: its prev event {prev} is in room {}, not {room_id}",
+                        other.room_id
+                    )));
+                }
+            }
             let group = self.group_after(prev.as_str(), pending)?.ok_or_else(|| {
                 Error::invalid_argument(format!(
                     "event {event_id}: its prev event {prev} is unknown or an outlier, so the state before it is unknown"
@@ -250,7 +269,15 @@ impl ContextBuilder {
         };
 
         // The auth rules, against the event's own auth events and the state before it.
+        // A room has one create event: a second one never changes it.
+        let second_create = pdu.is_create()
+            && (pending.created.contains(room_id)
+                || (self.events.get_room_version(room_id)?.is_some()
+                    && self.events.have_events(&[event_id])?.is_empty()));
         let rejected = match check_auth_events(pdu, &fetch) {
+            _ if second_create => {
+                Some(format!("room {room_id} already has an m.room.create event"))
+            }
             Err(reason) => Some(reason),
             Ok(()) => {
                 let state_before = self.auth_state(pdu, before)?;
@@ -397,14 +424,7 @@ impl ContextBuilder {
 
     /// The row to store for `pdu` with its context.
     pub fn to_persist(pdu: &Pdu, context: &EventContext) -> EventToPersist {
-        let membership = (pdu.event_type == "m.room.member")
-            .then(|| {
-                pdu.content_value()
-                    .get("membership")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned)
-            })
-            .flatten();
+        let membership = pdu.membership();
         EventToPersist {
             event_id: pdu.event_id.to_string(),
             room_id: pdu.room_id.to_string(),
@@ -417,9 +437,7 @@ impl ContextBuilder {
             auth_events: pdu.auth_events.iter().map(|e| e.to_string()).collect(),
             json: pdu.json.clone(),
             format_version: format_version(&pdu.room_version),
-            room_version: (pdu.event_type == "m.room.create"
-                && pdu.state_key.as_deref() == Some(""))
-            .then(|| pdu.room_version.to_string()),
+            room_version: pdu.is_create().then(|| pdu.room_version.to_string()),
             outlier: context.outlier,
             rejected: context.rejected.clone(),
             state_group: context.state_group_after,

@@ -88,6 +88,18 @@ pub enum PduError {
         /// The id computed from the reference hash.
         computed: OwnedEventId,
     },
+
+    /// The event breaks one of the limits the Matrix specification sets on PDUs (size,
+    /// length of ids and state keys, number of references) or holds a NUL character
+    /// where storage keeps it in a column of its own (PostgreSQL cannot store NUL in
+    /// text).
+    #[error("{field}: {reason}")]
+    OverLimit {
+        /// The field that is over the limit, or `event` for the whole PDU.
+        field: &'static str,
+        /// The limit and the value found.
+        reason: String,
+    },
 }
 
 impl PduError {

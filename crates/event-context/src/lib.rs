@@ -32,7 +32,7 @@ pub use auth::{
 pub use auth_chain::auth_chain;
 pub use context::{choose_delta_base, ContextBuilder, EventContext, PendingEvents};
 pub use error::{PduError, ResolveError};
-pub use pdu::Pdu;
+pub use pdu::{Pdu, MAX_AUTH_EVENTS, MAX_ID_BYTES, MAX_PDU_BYTES, MAX_PREV_EVENTS};
 pub use resolve::{resolve_state, resolve_state_with_auth_chains};
 pub use room_version::{parse_room_version, room_version_rules, state_res_rules};
 pub use state_map::{StateKey, StateMap};

@@ -17,6 +17,15 @@ use serde_json::value::RawValue as RawJsonValue;
 
 use crate::{parse, PduError, StateKey};
 
+/// The largest PDU, in bytes of canonical JSON (the specification's limit).
+pub const MAX_PDU_BYTES: usize = 65_536;
+/// The longest event id, room id, user id, event type or state key, in bytes.
+pub const MAX_ID_BYTES: usize = 255;
+/// The most `prev_events` an event may name.
+pub const MAX_PREV_EVENTS: usize = 20;
+/// The most `auth_events` an event may name.
+pub const MAX_AUTH_EVENTS: usize = 10;
+
 /// One event of a room, in the federation (PDU) format.
 ///
 /// The public fields are the parsed view of [`json`](Pdu::json); build a `Pdu` with
@@ -98,6 +107,78 @@ impl Pdu {
     pub fn content_value(&self) -> serde_json::Value {
         // The content was a JSON object when the event was read, so it reads back.
         serde_json::from_str(self.content.get()).unwrap_or_default()
+    }
+
+    /// The limits every new event must keep before anything of it is stored, the same on
+    /// every engine: at most [`MAX_PDU_BYTES`] of canonical JSON, ids, the event type and
+    /// the state key at most [`MAX_ID_BYTES`] bytes, at most [`MAX_PREV_EVENTS`] prev and
+    /// [`MAX_AUTH_EVENTS`] auth events (the specification's, as Synapse and ruma apply
+    /// them), and no NUL character in a value that has a column of its own.
+    ///
+    /// Not part of [`Pdu::from_json`]: events already stored (possibly by an older
+    /// server that allowed more) are read back without it.
+    pub fn check_limits(&self) -> Result<(), PduError> {
+        if self.json.len() > MAX_PDU_BYTES {
+            return Err(PduError::OverLimit {
+                field: "event",
+                reason: format!(
+                    "{} bytes of canonical JSON, over the limit of {MAX_PDU_BYTES}",
+                    self.json.len()
+                ),
+            });
+        }
+        let membership = self.membership();
+        let columns: [(&'static str, Option<&str>); 6] = [
+            ("event_id", Some(self.event_id.as_str())),
+            ("room_id", Some(self.room_id.as_str())),
+            ("sender", Some(self.sender.as_str())),
+            ("type", Some(&self.event_type)),
+            ("state_key", self.state_key.as_deref()),
+            ("content.membership", membership.as_deref()),
+        ];
+        for (field, value) in columns {
+            let Some(value) = value else { continue };
+            if value.len() > MAX_ID_BYTES {
+                return Err(PduError::OverLimit {
+                    field,
+                    reason: format!("{} bytes, over the limit of {MAX_ID_BYTES}", value.len()),
+                });
+            }
+            if value.contains('\0') {
+                return Err(PduError::OverLimit {
+                    field,
+                    reason: "contains a NUL character".to_owned(),
+                });
+            }
+        }
+        for (field, count, max) in [
+            ("prev_events", self.prev_events.len(), MAX_PREV_EVENTS),
+            ("auth_events", self.auth_events.len(), MAX_AUTH_EVENTS),
+        ] {
+            if count > max {
+                return Err(PduError::OverLimit {
+                    field,
+                    reason: format!("{count} events, over the limit of {max}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `content.membership` of a member event.
+    pub fn membership(&self) -> Option<String> {
+        if self.event_type != "m.room.member" {
+            return None;
+        }
+        self.content_value()
+            .get("membership")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned)
+    }
+
+    /// Whether this is a room's create event (`m.room.create` with an empty state key).
+    pub fn is_create(&self) -> bool {
+        self.event_type == "m.room.create" && self.state_key.as_deref() == Some("")
     }
 
     /// ruma's format and size checks for a PDU received over federation (required fields,

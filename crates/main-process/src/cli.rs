@@ -43,6 +43,13 @@ enum Command {
         /// How many of the rooms with the most state rows to list.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Also check the database's invariants (every event's room exists with
+        /// a create event, current state names stored events of its room, every
+        /// non-outlier event has a state group of its room, no prev event is
+        /// missing, forward extremities are the childless events, sequences are
+        /// ahead of their tables); exit status 1 when one does not hold.
+        #[arg(long)]
+        check: bool,
     },
     /// Copy every table to another database (typically SQLite to PostgreSQL),
     /// resumable, then set its sequences past the copied ids and check the copy.
@@ -100,9 +107,8 @@ pub fn run() -> ExitCode {
         .database
         .unwrap_or_else(|| format!("sqlite:{DEFAULT_SQLITE_PATH}"));
     let outcome = match cli.command {
-        Command::Inspect { json, top } => {
-            LogContext::new("inspect").scope(|| crate::inspect_cmd::run(&database, json, top))
-        }
+        Command::Inspect { json, top, check } => LogContext::new("inspect")
+            .scope(|| crate::inspect_cmd::run(&database, json, top, check)),
         Command::Port {
             from,
             to,

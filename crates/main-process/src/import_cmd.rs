@@ -7,15 +7,21 @@
 //! events citing it. Events already stored are skipped, so an interrupted import
 //! can be run again. A malformed line stops the import with its file and line
 //! number, after every event before it has been committed.
+//!
+//! A room is imported whole and in order, or up to a point: when a batch of a
+//! room fails to persist, that room's later batches are not written (the queue
+//! chains them) and its later lines are skipped, so the room never has a hole;
+//! the other rooms go on, and the import ends reporting the room, the line
+//! where its failed batch began, and why.
 
 use crate::cli::Failure;
+use crate::lines::Lines;
 use crate::persist::{ExtremityResolver, RoomPersister};
-use crate::queue::{Handle, PersistenceQueue};
+use crate::queue::{Chain, Handle, PersistenceQueue};
 use event_context::ruma::RoomVersionId;
 use event_context::{ContextBuilder, Pdu, PendingEvents};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,8 +49,26 @@ impl ExtremityResolver for Resolver {
         groups: &[StateGroup],
         batch: &[EventToPersist],
     ) -> Result<StateMap> {
-        let version = room_version(self.builder.events(), room_id)?
-            .ok_or_else(|| Error::corrupt(format!("room {room_id} has no version")))?;
+        // A room's first batch holds its create event, whose `rooms` row this
+        // very batch writes: its version comes from the event, not from storage.
+        let version = match room_version(self.builder.events(), room_id)? {
+            Some(v) => v,
+            None => batch
+                .iter()
+                .find(|e| e.rejected.is_none() && e.room_version.is_some())
+                .and_then(|e| e.room_version.as_deref())
+                .map(|v| {
+                    RoomVersionId::try_from(v).map_err(|e| {
+                        Error::corrupt(format!("room {room_id} has a bad version {v:?}: {e}"))
+                    })
+                })
+                .transpose()?
+                .ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "room {room_id} is unknown: its m.room.create event must come first"
+                    ))
+                })?,
+        };
         let mut pending = PendingEvents::default();
         for e in batch {
             let mut pdu = Pdu::from_json(&e.json, Some(&version)).map_err(|err| {
@@ -95,19 +119,73 @@ impl Pipeline {
     }
 }
 
+/// Where a line came from, for messages.
+#[derive(Debug, Clone)]
+struct Location {
+    file: Arc<str>,
+    line: usize,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+/// How many rejected events are named in the report.
+const REJECTED_SHOWN: usize = 5;
+
 #[derive(Debug, Default)]
 struct Counts {
-    events: u64,
+    /// Events written by committed batches.
+    committed: u64,
+    /// Events found already stored (before or while writing).
     skipped: u64,
+    /// Committed events that the auth rules rejected, the first few named.
+    rejected: u64,
+    rejected_shown: Vec<(String, String)>,
     rooms: HashSet<String>,
+}
+
+/// Why a room stopped being imported.
+#[derive(Debug)]
+struct RoomFailure {
+    /// The first line of the batch that failed.
+    at: Location,
+    error: String,
+}
+
+/// One room's state in the import.
+#[derive(Debug)]
+struct RoomImport {
+    chain: Chain,
+    buffer: Vec<EventToPersist>,
+    /// Where the first buffered event came from.
+    buffer_start: Option<Location>,
+    /// Set once a batch of the room failed: nothing more of it is written.
+    stopped: bool,
+    failed: Option<RoomFailure>,
+    /// Events of the room read and not imported because it stopped (the failed
+    /// batch's included).
+    not_imported: u64,
+}
+
+/// A batch handed to the queue and not yet waited for.
+#[derive(Debug)]
+struct InFlight {
+    room: String,
+    handle: Handle,
+    ids: Vec<String>,
+    start: Location,
+    rejected: Vec<(String, String)>,
 }
 
 struct Importer {
     pipeline: Pipeline,
     pending: PendingEvents,
     versions: HashMap<String, RoomVersionId>,
-    buffers: HashMap<String, Vec<EventToPersist>>,
-    in_flight: VecDeque<(Handle, Vec<String>)>,
+    rooms: HashMap<String, RoomImport>,
+    in_flight: VecDeque<InFlight>,
     counts: Counts,
 }
 
@@ -118,7 +196,7 @@ pub fn run(database: &str, files: &[PathBuf]) -> std::result::Result<(), Failure
         pipeline: Pipeline::open(db, &StoreConfig::default())?,
         pending: PendingEvents::default(),
         versions: HashMap::new(),
-        buffers: HashMap::new(),
+        rooms: HashMap::new(),
         in_flight: VecDeque::new(),
         counts: Counts::default(),
     };
@@ -133,55 +211,76 @@ pub fn run(database: &str, files: &[PathBuf]) -> std::result::Result<(), Failure
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let mut outcome = Ok(());
+    let mut stopped: Option<Error> = None;
     'files: for file in files {
         bar.set_message(file.display().to_string());
-        let reader = match std::fs::File::open(file) {
-            Ok(f) => BufReader::new(f),
+        let counted = bar.clone();
+        let mut lines = match Lines::open(file, move |r| Box::new(counted.wrap_read(r))) {
+            Ok(l) => l,
             Err(e) => {
-                outcome = Err(Error::from(e).context(format!("opening {}", file.display())));
+                stopped = Some(e);
                 break;
             }
         };
-        let mut chunk: Vec<(usize, String)> = Vec::with_capacity(CHUNK);
-        let mut lines = reader.lines().enumerate().peekable();
-        while let Some((n, line)) = lines.next() {
-            match line {
-                Ok(l) => {
-                    bar.inc(l.len() as u64 + 1);
-                    if !l.trim().is_empty() {
-                        chunk.push((n + 1, l));
-                    }
-                }
-                Err(e) => {
-                    outcome = Err(Error::from(e).context(format!("{}:{}", file.display(), n + 1)));
+        let name: Arc<str> = lines.name().into();
+        let mut chunk: Vec<(Location, String)> = Vec::with_capacity(CHUNK);
+        loop {
+            // A line that cannot be read ends the import, after the lines read
+            // before it are handled.
+            let next = lines.next_line();
+            let end = !matches!(next, Ok(Some(_)));
+            if let Ok(Some((line, text))) = next.as_ref().map(Option::as_ref) {
+                let at = Location {
+                    file: name.clone(),
+                    line: *line,
+                };
+                chunk.push((at, text.clone()));
+            }
+            if chunk.len() == CHUNK || end {
+                if let Err((at, e)) = importer.chunk(std::mem::take(&mut chunk)) {
+                    stopped = Some(e.context(at.to_string()));
                     break 'files;
                 }
             }
-            if chunk.len() == CHUNK || lines.peek().is_none() {
-                if let Err((line_no, e)) = importer.chunk(std::mem::take(&mut chunk)) {
-                    outcome = Err(e.context(format!("{}:{line_no}", file.display())));
+            match next {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    stopped = Some(e);
                     break 'files;
                 }
             }
         }
     }
     // Everything read before a failure is still committed.
-    let flushed = importer.finish();
+    importer.finish();
     bar.finish_and_clear();
-    outcome?;
-    flushed?;
-    let secs = started.elapsed().as_secs_f64();
+    importer.report_rejected();
     let c = &importer.counts;
+    if let Some(e) = stopped {
+        return Err(Failure::Error(e.context(format!(
+            "import stopped; the {} events read before this line are committed{}",
+            c.committed,
+            importer.failed_rooms_note()
+        ))));
+    }
+    let secs = started.elapsed().as_secs_f64();
     println!(
-        "imported {} events ({} already stored) in {} rooms, {} state groups, {:.1} s, {:.0} events/s",
-        c.events,
+        "imported {} events ({} already stored, {} rejected) in {} rooms, {} state groups, {:.1} s, {:.0} events/s",
+        c.committed,
         c.skipped,
+        c.rejected,
         c.rooms.len(),
         importer.pipeline.builder.groups_stored(),
         secs,
-        c.events as f64 / secs.max(1e-9)
+        c.committed as f64 / secs.max(1e-9)
     );
+    let failed = importer.failed_rooms_note();
+    if !failed.is_empty() {
+        return Err(Failure::Error(Error::other(format!(
+            "some rooms were not imported whole{failed}"
+        ))));
+    }
     Ok(())
 }
 
@@ -189,41 +288,70 @@ impl Importer {
     /// Imports a chunk of numbered lines: parses them in order (stopping at the
     /// first bad one), asks storage once which are already stored, and handles
     /// each of the good ones before reporting the bad one.
-    fn chunk(&mut self, lines: Vec<(usize, String)>) -> std::result::Result<(), (usize, Error)> {
+    fn chunk(
+        &mut self,
+        lines: Vec<(Location, String)>,
+    ) -> std::result::Result<(), (Location, Error)> {
         let mut parsed = Vec::with_capacity(lines.len());
         let mut failure = None;
-        for (line_no, text) in &lines {
-            match self.parse(text) {
+        for (at, text) in lines {
+            match self.parse(&text) {
                 Ok(pdu) => {
-                    if pdu.event_type == "m.room.create" && pdu.state_key.as_deref() == Some("") {
-                        self.versions
-                            .insert(pdu.room_id.to_string(), pdu.room_version.clone());
+                    if pdu.is_create() && !self.versions.contains_key(pdu.room_id.as_str()) {
+                        // The first create event of a room sets its version; a
+                        // second one is rejected and changes nothing.
+                        let stored =
+                            room_version(self.pipeline.builder.events(), pdu.room_id.as_str())
+                                .map_err(|e| (at.clone(), e))?;
+                        self.versions.insert(
+                            pdu.room_id.to_string(),
+                            stored.unwrap_or_else(|| pdu.room_version.clone()),
+                        );
                     }
-                    parsed.push((*line_no, pdu));
+                    parsed.push((at, pdu));
                 }
                 Err(e) => {
-                    failure = Some((*line_no, e));
+                    failure = Some((at, e));
                     break;
                 }
             }
         }
         let ids: Vec<String> = parsed.iter().map(|(_, p)| p.event_id.to_string()).collect();
         let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let stored = self
-            .pipeline
-            .builder
-            .events()
-            .have_events(&id_refs)
-            .map_err(|e| (parsed.first().map_or(0, |p| p.0), e))?;
-        for (line_no, pdu) in parsed {
-            self.event(pdu, &stored).map_err(|e| (line_no, e))?;
+        let stored = match self.pipeline.builder.events().have_events(&id_refs) {
+            Ok(stored) => stored,
+            Err(e) => {
+                let at = parsed.first().map(|p| p.0.clone()).or(failure.map(|f| f.0));
+                return Err((at.expect("a chunk is never empty"), e));
+            }
+        };
+        for (at, pdu) in parsed {
+            self.event(pdu, &at, &stored).map_err(|e| (at, e))?;
         }
         failure.map_or(Ok(()), Err)
     }
 
-    fn event(&mut self, pdu: Pdu, stored: &HashSet<String>) -> Result<()> {
+    fn event(&mut self, pdu: Pdu, at: &Location, stored: &HashSet<String>) -> Result<()> {
         let id = pdu.event_id.to_string();
         let room_id = pdu.room_id.to_string();
+        let queue = &self.pipeline.queue;
+        let room = self
+            .rooms
+            .entry(room_id.clone())
+            .or_insert_with(|| RoomImport {
+                chain: queue.chain(),
+                buffer: Vec::new(),
+                buffer_start: None,
+                stopped: false,
+                failed: None,
+                not_imported: 0,
+            });
+        // The failed batch itself is reported when it is waited for.
+        if room.stopped || queue.chain_failure(room.chain).is_some() {
+            room.stopped = true;
+            room.not_imported += 1;
+            return Ok(());
+        }
         if self.pending.contains(&id) || stored.contains(&id) {
             self.counts.skipped += 1;
             return Ok(());
@@ -235,18 +363,16 @@ impl Importer {
             .with_context(|| format!("event {id}"))?;
         let row = ContextBuilder::to_persist(&pdu, &context);
         self.pending.insert(Arc::new(pdu), context);
-        self.counts.events += 1;
-        self.counts.rooms.insert(room_id.clone());
-        let buffer = self.buffers.entry(room_id.clone()).or_default();
-        buffer.push(row);
-        if buffer.len() >= BATCH {
-            let batch = std::mem::take(buffer);
-            self.send(&room_id, batch)?;
+        room.buffer_start.get_or_insert_with(|| at.clone());
+        room.buffer.push(row);
+        if room.buffer.len() >= BATCH {
+            self.send(&room_id)?;
         }
         Ok(())
     }
 
-    /// Reads a line as a PDU of its room's version.
+    /// Reads a line as a PDU of its room's version, checked against the limits
+    /// every new event must keep.
     fn parse(&self, line: &str) -> Result<Pdu> {
         let head: serde_json::Value = serde_json::from_str(line).map_err(|e| {
             Error::invalid_argument(format!("malformed event: not valid JSON: {e}"))
@@ -272,52 +398,158 @@ impl Importer {
                 ))
             })?)
         };
-        Pdu::from_json(line, version.as_ref())
-            .map_err(|e| Error::invalid_argument(format!("malformed event: {e}")))
+        let pdu = Pdu::from_json(line, version.as_ref())
+            .map_err(|e| Error::invalid_argument(format!("malformed event: {e}")))?;
+        pdu.check_limits()
+            .map_err(|e| Error::invalid_argument(format!("event {} refused: {e}", pdu.event_id)))?;
+        Ok(pdu)
     }
 
-    fn send(&mut self, room_id: &str, batch: Vec<EventToPersist>) -> Result<()> {
+    /// Hands the room's buffered events to the queue, as the next link of the
+    /// room's chain.
+    fn send(&mut self, room_id: &str) -> Result<()> {
+        let room = self.rooms.get_mut(room_id).expect("a room with events");
+        let batch = std::mem::take(&mut room.buffer);
+        let Some(start) = room.buffer_start.take() else {
+            return Ok(());
+        };
         let ids = batch.iter().map(|e| e.event_id.clone()).collect();
-        let handle = self.pipeline.queue.enqueue(room_id, batch);
-        self.in_flight.push_back((handle, ids));
+        let rejected = batch
+            .iter()
+            .filter_map(|e| e.rejected.clone().map(|r| (e.event_id.clone(), r)))
+            .collect();
+        let handle = self
+            .pipeline
+            .queue
+            .enqueue_chained(room_id, batch, room.chain);
+        self.in_flight.push_back(InFlight {
+            room: room_id.to_owned(),
+            handle,
+            ids,
+            start,
+            rejected,
+        });
         while self.in_flight.len() > IN_FLIGHT {
-            self.wait_oldest()?;
+            self.wait_oldest();
         }
         Ok(())
     }
 
-    fn wait_oldest(&mut self) -> Result<()> {
-        if let Some((handle, ids)) = self.in_flight.pop_front() {
-            let batch = handle.wait().map_err(|e| {
-                // The shared error keeps its backtrace; this copy carries its text.
+    /// Waits for the oldest batch in flight and counts its outcome; a failure
+    /// stops its room.
+    fn wait_oldest(&mut self) {
+        let Some(batch) = self.in_flight.pop_front() else {
+            return;
+        };
+        match batch.handle.wait() {
+            Ok(written) => {
+                let skipped: HashSet<&String> = written.skipped.iter().collect();
+                self.counts.committed += written.positions.len() as u64;
+                self.counts.skipped += written.skipped.len() as u64;
+                if !written.positions.is_empty() {
+                    self.counts.rooms.insert(batch.room.clone());
+                }
+                for (id, reason) in batch.rejected {
+                    if skipped.contains(&id) {
+                        continue;
+                    }
+                    self.counts.rejected += 1;
+                    if self.counts.rejected_shown.len() < REJECTED_SHOWN {
+                        self.counts.rejected_shown.push((id, reason));
+                    }
+                }
+            }
+            Err(e) => {
+                // The shared error keeps its backtrace; the report carries its text.
                 log::debug!("{e:?}");
-                Error::other(e.to_string())
-            })?;
-            self.counts.skipped += batch.skipped.len() as u64;
-            self.counts.events -= batch.skipped.len() as u64;
-            self.pending.forget(ids.iter().map(String::as_str));
+                let room = self.rooms.get_mut(&batch.room).expect("a room with events");
+                room.stopped = true;
+                room.not_imported += batch.ids.len() as u64;
+                if room.failed.is_none() {
+                    log::error!(
+                        "room {}: the batch starting at {} failed; the room's later lines are not imported: {e}",
+                        batch.room,
+                        batch.start
+                    );
+                    room.failed = Some(RoomFailure {
+                        at: batch.start,
+                        error: e.to_string(),
+                    });
+                }
+            }
         }
-        Ok(())
+        self.pending.forget(batch.ids.iter().map(String::as_str));
     }
 
     /// Sends what is buffered and waits for every batch.
-    fn finish(&mut self) -> Result<()> {
-        let mut rooms: Vec<String> = self.buffers.keys().cloned().collect();
+    fn finish(&mut self) {
+        for room in self.rooms.values_mut().filter(|r| r.stopped) {
+            room.not_imported += room.buffer.len() as u64;
+            room.buffer.clear();
+        }
+        let mut rooms: Vec<String> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| !r.buffer.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
         rooms.sort();
         for room in rooms {
-            let batch = std::mem::take(self.buffers.get_mut(&room).expect("listed"));
-            if !batch.is_empty() {
-                let ids = batch.iter().map(|e| e.event_id.clone()).collect();
-                let handle = self.pipeline.queue.enqueue(&room, batch);
-                self.in_flight.push_back((handle, ids));
-            }
+            let room_state = self.rooms.get_mut(&room).expect("listed");
+            let batch = std::mem::take(&mut room_state.buffer);
+            let start = room_state.buffer_start.take().expect("a buffered event");
+            let ids = batch.iter().map(|e| e.event_id.clone()).collect();
+            let rejected = batch
+                .iter()
+                .filter_map(|e| e.rejected.clone().map(|r| (e.event_id.clone(), r)))
+                .collect();
+            let handle = self
+                .pipeline
+                .queue
+                .enqueue_chained(&room, batch, room_state.chain);
+            self.in_flight.push_back(InFlight {
+                room,
+                handle,
+                ids,
+                start,
+                rejected,
+            });
         }
-        let mut first_error = None;
         while !self.in_flight.is_empty() {
-            if let Err(e) = self.wait_oldest() {
-                first_error.get_or_insert(e);
-            }
+            self.wait_oldest();
         }
-        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Names the first rejected events on standard error.
+    fn report_rejected(&self) {
+        let c = &self.counts;
+        for (id, reason) in &c.rejected_shown {
+            eprintln!("rejected {id}: {reason}");
+        }
+        if c.rejected > c.rejected_shown.len() as u64 {
+            eprintln!(
+                "... and {} more rejected events",
+                c.rejected - c.rejected_shown.len() as u64
+            );
+        }
+    }
+
+    /// "; room R stopped at FILE:LINE (N events from there on not imported):
+    /// ERROR" for each room that stopped.
+    fn failed_rooms_note(&self) -> String {
+        let failed: BTreeMap<&String, (&RoomFailure, u64)> = self
+            .rooms
+            .iter()
+            .filter_map(|(id, r)| r.failed.as_ref().map(|f| (id, (f, r.not_imported))))
+            .collect();
+        failed
+            .into_iter()
+            .map(|(room, (f, n))| {
+                format!(
+                    "; room {room} stopped at {} ({n} events from there on not imported): {}",
+                    f.at, f.error
+                )
+            })
+            .collect()
     }
 }

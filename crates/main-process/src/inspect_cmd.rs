@@ -7,12 +7,46 @@ use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::EventsStore;
 use storage_state::state_report;
 
-pub fn run(database: &str, as_json: bool, top: usize) -> Result<(), Failure> {
+pub fn run(database: &str, as_json: bool, top: usize, check: bool) -> Result<(), Failure> {
     let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
+    report(&db, as_json, top)?;
+    if check {
+        check_invariants(&db, as_json)?;
+    }
+    Ok(())
+}
+
+/// Prints the invariants that do not hold; an error when one does not.
+fn check_invariants(db: &Database, as_json: bool) -> Result<(), Failure> {
+    let violations = storage_events::check_invariants(db)?;
+    if as_json {
+        let list: Vec<_> = violations
+            .iter()
+            .map(|v| json!({"invariant": v.invariant, "examples": v.examples}))
+            .collect();
+        println!("{}", json!({ "violations": list }));
+    } else if violations.is_empty() {
+        println!("invariants       all hold");
+    } else {
+        for v in &violations {
+            println!("VIOLATED         {v}");
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Error(storage_core::Error::corrupt(format!(
+            "{} invariant(s) do not hold",
+            violations.len()
+        ))))
+    }
+}
+
+fn report(db: &Database, as_json: bool, top: usize) -> Result<(), Failure> {
     let config = StoreConfig::default();
     let events = EventsStore::new(db.clone(), &config)?;
     let (rooms, event_count) = events.totals()?;
-    let state = state_report(&db, top)?;
+    let state = state_report(db, top)?;
     let seq = &state.sequence;
     if as_json {
         let report = json!({

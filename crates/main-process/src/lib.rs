@@ -5,6 +5,7 @@ pub mod cli;
 pub mod http;
 pub mod import_cmd;
 pub mod inspect_cmd;
+pub mod lines;
 pub mod migrate_cmd;
 pub mod open;
 pub mod persist;

@@ -9,11 +9,17 @@
 //! caller of an item gets the same outcome: the batch's stream positions, or
 //! its error (shared, with the backtrace of where it happened). An error that
 //! reached no caller is logged as unhandled; one that reached a caller is theirs.
+//!
+//! Items may belong to a [`Chain`]: a writer (an import) whose later events
+//! were computed on the assumption that its earlier events of the room commit.
+//! Once an item of a chain fails, every later item of that chain fails without
+//! being written, so a room is never left with a hole (events stored without the
+//! events they follow). Items outside a chain are independent of each other.
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use storage_core::{log_context, metrics, Error};
@@ -57,7 +63,13 @@ fn loop_gone() -> Error {
 struct Item {
     events: Vec<EventToPersist>,
     waiters: Vec<Sender<BatchOutcome>>,
+    chain: Option<u64>,
 }
+
+/// A sequence of one writer's items whose later items depend on the earlier
+/// ones (see the module documentation). Get one from [`PersistenceQueue::chain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Chain(u64);
 
 struct Inner {
     /// Waiting items per room; a room is present exactly while its loop runs.
@@ -65,6 +77,9 @@ struct Inner {
     persist: Box<PersistFn>,
     max_batch: usize,
     depth: AtomicUsize,
+    next_chain: AtomicU64,
+    /// The first failure of each chain that had one.
+    failed_chains: Mutex<HashMap<u64, Arc<Error>>>,
 }
 
 /// See the module documentation. Cheap to clone.
@@ -92,6 +107,8 @@ impl PersistenceQueue {
                 persist,
                 max_batch: max_batch.max(1),
                 depth: AtomicUsize::new(0),
+                next_chain: AtomicU64::new(0),
+                failed_chains: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -101,8 +118,40 @@ impl PersistenceQueue {
         self.inner.depth.load(Ordering::SeqCst)
     }
 
-    /// Queues `events` (all of one room) and returns the handle to wait on.
+    /// A new chain, for a writer whose items depend on its earlier ones.
+    pub fn chain(&self) -> Chain {
+        Chain(self.inner.next_chain.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// Why an item of `chain` failed, if one did: its later items will not be
+    /// written, so a writer can stop producing them.
+    pub fn chain_failure(&self, chain: Chain) -> Option<Arc<Error>> {
+        lock(&self.inner.failed_chains).get(&chain.0).cloned()
+    }
+
+    /// Queues `events` (all of one room), independent of any other item, and
+    /// returns the handle to wait on.
     pub fn enqueue(&self, room_id: &str, events: Vec<EventToPersist>) -> Handle {
+        self.enqueue_item(room_id, events, None)
+    }
+
+    /// Queues `events` as the next item of `chain`: written only if every
+    /// earlier item of the chain was.
+    pub fn enqueue_chained(
+        &self,
+        room_id: &str,
+        events: Vec<EventToPersist>,
+        chain: Chain,
+    ) -> Handle {
+        self.enqueue_item(room_id, events, Some(chain.0))
+    }
+
+    fn enqueue_item(
+        &self,
+        room_id: &str,
+        events: Vec<EventToPersist>,
+        chain: Option<u64>,
+    ) -> Handle {
         let (tx, rx) = bounded(1);
         let n = events.len();
         let start_loop = {
@@ -110,13 +159,16 @@ impl PersistenceQueue {
             let start_loop = !rooms.contains_key(room_id);
             let queue = rooms.entry(room_id.to_owned()).or_default();
             match queue.back_mut() {
-                Some(last) if last.events.len() + n <= self.inner.max_batch => {
+                Some(last)
+                    if last.chain == chain && last.events.len() + n <= self.inner.max_batch =>
+                {
                     last.events.extend(events);
                     last.waiters.push(tx);
                 }
                 _ => queue.push_back(Item {
                     events,
                     waiters: vec![tx],
+                    chain,
                 }),
             }
             start_loop
@@ -142,6 +194,10 @@ impl PersistenceQueue {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Drains one room's queue, item by item, until it is empty.
 fn run_loop(inner: &Inner, room_id: &str) {
     loop {
@@ -155,21 +211,38 @@ fn run_loop(inner: &Inner, room_id: &str) {
             }
             next
         };
-        let Some(Item { events, waiters }) = item else {
+        let Some(Item {
+            events,
+            waiters,
+            chain,
+        }) = item
+        else {
             return;
         };
-        let outcome: BatchOutcome = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            (inner.persist)(room_id, &events)
-        })) {
-            Ok(Ok(batch)) => Ok(Arc::new(batch)),
-            Ok(Err(e)) => Err(Arc::new(
-                e.context(format!("persisting {} events in {room_id}", events.len())),
-            )),
-            Err(_) => Err(Arc::new(Error::other(format!(
-                "persisting {} events in {room_id}: the persister panicked",
+        let earlier_failure = chain.and_then(|c| lock(&inner.failed_chains).get(&c).cloned());
+        let outcome: BatchOutcome = match earlier_failure {
+            Some(e) => Err(Arc::new(Error::other(format!(
+                "{} events in {room_id} not written: an earlier batch they follow failed ({e})",
                 events.len()
             )))),
+            None => match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                (inner.persist)(room_id, &events)
+            })) {
+                Ok(Ok(batch)) => Ok(Arc::new(batch)),
+                Ok(Err(e)) => Err(Arc::new(
+                    e.context(format!("persisting {} events in {room_id}", events.len())),
+                )),
+                Err(_) => Err(Arc::new(Error::other(format!(
+                    "persisting {} events in {room_id}: the persister panicked",
+                    events.len()
+                )))),
+            },
         };
+        if let (Some(c), Err(e)) = (chain, &outcome) {
+            lock(&inner.failed_chains)
+                .entry(c)
+                .or_insert_with(|| e.clone());
+        }
         inner.depth.fetch_sub(events.len(), Ordering::SeqCst);
         metrics::global().set_gauge(
             "hs_persistence_queue_depth",

@@ -54,8 +54,11 @@ pub fn parse_pdu(
             ))
         })?)
     };
-    Pdu::from_json(text, version.as_ref())
-        .map_err(|e| Error::invalid_argument(format!("malformed event: {e}")))
+    let pdu = Pdu::from_json(text, version.as_ref())
+        .map_err(|e| Error::invalid_argument(format!("malformed event: {e}")))?;
+    pdu.check_limits()
+        .map_err(|e| Error::invalid_argument(format!("event {} refused: {e}", pdu.event_id)))?;
+    Ok(pdu)
 }
 
 /// What a write of events answers.
@@ -177,7 +180,9 @@ pub fn contexts_for(
                 pdu.event_id, pdu.room_id
             )));
         }
-        if pdu.event_type == "m.room.create" && pdu.state_key.as_deref() == Some("") {
+        if pdu.is_create() && room_version(builder.events(), &known, room_id)?.is_none() {
+            // The room's first create event sets its version; a later one is
+            // rejected and changes nothing.
             known.insert(room_id.to_owned(), pdu.room_version.clone());
         }
         let context = builder

@@ -14,6 +14,13 @@ storage_core::engine_tests!(
     malformed_line_stops_after_committing_what_came_before,
     outliers_get_no_state,
     readme_example_imports,
+    first_batch_ending_in_a_fork_persists,
+    first_batch_with_a_rejected_event_and_a_fork_persists,
+    a_failed_batch_stops_its_room_and_only_its_room,
+    prev_events_in_another_room_are_refused,
+    a_second_create_event_changes_nothing,
+    events_over_the_limits_are_refused_naming_their_line,
+    gzip_and_standard_input_are_read,
 );
 
 const ROOM: &str = "!r:example.com";
@@ -197,10 +204,14 @@ fn import_computes_state_and_records_rejections(t: &TestDb) {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout.lines().count(), 1, "one summary line: {stdout}");
     assert!(
-        stdout.starts_with("imported 9 events (0 already stored) in 1 rooms"),
+        stdout.starts_with("imported 9 events (0 already stored, 1 rejected) in 1 rooms"),
         "{stdout}"
     );
     assert!(stdout.contains("events/s"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("rejected {}: ", id("name"))),
+        "names the rejected event: {stderr}"
+    );
 
     let base = json!({
         "m.room.create": {"": id("create")},
@@ -233,9 +244,10 @@ fn import_computes_state_and_records_rejections(t: &TestDb) {
     let (code, stdout, stderr) = hs_main(t, &["import", &file]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.starts_with("imported 0 events (9 already stored)"),
+        stdout.starts_with("imported 0 events (9 already stored, 0 rejected)"),
         "{stdout}"
     );
+    storage_events::testing::assert_invariants(&t.open());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -255,6 +267,10 @@ fn malformed_line_stops_after_committing_what_came_before(t: &TestDb) {
         "names file and line: {stderr}"
     );
     assert!(stderr.contains("malformed event"), "{stderr}");
+    assert!(
+        stderr.contains("the 7 events read before this line are committed"),
+        "says exactly what was committed: {stderr}"
+    );
     // Everything before the bad line is there; nothing after it.
     state_at(t, "name");
     let (code, _, _) = hs_main(t, &["state", ROOM, "--at", &id("topic")]);
@@ -264,9 +280,10 @@ fn malformed_line_stops_after_committing_what_came_before(t: &TestDb) {
     let (code, stdout, stderr) = hs_main(t, &["import", &first, &fixed]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.starts_with("imported 2 events (7 already stored)"),
+        stdout.starts_with("imported 2 events (7 already stored, 0 rejected)"),
         "{stdout}"
     );
+    storage_events::testing::assert_invariants(&t.open());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -328,7 +345,7 @@ fn readme_example_imports(t: &TestDb) {
     let (code, stdout, stderr) = hs_main(t, &["import", file]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.starts_with("imported 9 events (0 already stored) in 1 rooms"),
+        stdout.starts_with("imported 9 events (0 already stored, 1 rejected) in 1 rooms"),
         "{stdout}"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
@@ -341,4 +358,341 @@ fn readme_example_imports(t: &TestDb) {
         state.get("m.room.name").is_none(),
         "bob may not rename the room"
     );
+}
+
+/// The README's example room, as JSON values.
+fn example_room() -> Vec<Value> {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/example-room.jsonl"
+    );
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A state event by alice in the example room, following `prev`.
+fn alice_sets(id: &str, kind: &str, content: Value, prev: &str) -> Value {
+    let r = |i: &str| json!([format!("${i}:example.org"), {"sha256": "aGFzaA"}]);
+    json!({
+        "auth_events": [r("create"), r("power"), r("alice_join")],
+        "content": content, "depth": 7, "event_id": format!("${id}:example.org"),
+        "hashes": {"sha256": "aGFzaA"}, "origin": "example.org",
+        "origin_server_ts": 1_764_000_000_100i64, "prev_events": [r(prev)],
+        "room_id": "!example:example.org", "sender": "@alice:example.org",
+        "signatures": {}, "state_key": "", "type": kind,
+    })
+}
+
+fn lines_of(events: &[Value]) -> Vec<String> {
+    events.iter().map(Value::to_string).collect()
+}
+
+fn current_state(t: &TestDb, room: &str) -> Value {
+    let (code, stdout, stderr) = hs_main(t, &["state", room]);
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+/// A new room whose first (and only) batch ends in a fork: two state events of
+/// alice after the same message. The room's version comes from its create
+/// event in the batch, not from the `rooms` row the batch itself writes.
+fn first_batch_ending_in_a_fork_persists(t: &TestDb) {
+    let dir = tempdir();
+    let mut events = example_room()[..6].to_vec();
+    events.push(alice_sets(
+        "topic2",
+        "m.room.topic",
+        json!({"topic": "t"}),
+        "hello",
+    ));
+    events.push(alice_sets(
+        "name2",
+        "m.room.name",
+        json!({"name": "n"}),
+        "hello",
+    ));
+    let file = write(&dir, "fork.jsonl", &lines_of(&events));
+    let (code, stdout, stderr) = hs_main(t, &["import", &file]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("imported 8 events"), "{stdout}");
+    let state = current_state(t, "!example:example.org");
+    assert_eq!(state["m.room.topic"][""], "$topic2:example.org", "{state}");
+    assert_eq!(state["m.room.name"][""], "$name2:example.org", "{state}");
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The same with bob's rejected rename in the batch too.
+fn first_batch_with_a_rejected_event_and_a_fork_persists(t: &TestDb) {
+    let dir = tempdir();
+    let mut events = example_room()[..7].to_vec();
+    events.push(alice_sets(
+        "topic2",
+        "m.room.topic",
+        json!({"topic": "t"}),
+        "hello",
+    ));
+    events.push(alice_sets(
+        "name2",
+        "m.room.name",
+        json!({"name": "n"}),
+        "hello",
+    ));
+    let file = write(&dir, "fork.jsonl", &lines_of(&events));
+    let (code, stdout, stderr) = hs_main(t, &["import", &file]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("imported 9 events (0 already stored, 1 rejected)"),
+        "{stdout}"
+    );
+    let state = current_state(t, "!example:example.org");
+    assert_eq!(state["m.room.name"][""], "$name2:example.org", "{state}");
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A batch of one room fails to persist (an injected failure on one of its
+/// events): that room keeps exactly the batches before it, with no hole, the
+/// other room is imported whole, and the import names the room and the line
+/// where the failed batch began.
+fn a_failed_batch_stops_its_room_and_only_its_room(t: &TestDb) {
+    let dir = tempdir();
+    let events = e2e_rooms(250, 60);
+    let a: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["room_id"] == "!r0:example.com")
+        .collect();
+    let b_count = events.len() - a.len();
+    let doomed = a[149]["event_id"].as_str().unwrap().to_owned();
+    let batch_start = a[100]["event_id"].as_str().unwrap().to_owned();
+    let start_line = 1 + events
+        .iter()
+        .position(|e| e["event_id"] == batch_start.as_str())
+        .unwrap();
+    drop(t.open());
+    t.fail_inserts("events", "event_id", &doomed);
+    let file = write(&dir, "rooms.jsonl", &lines_of(&events));
+    let (code, stdout, stderr) = hs_main(t, &["import", &file]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "room !r0:example.com stopped at {file}:{start_line}"
+        )),
+        "names the room and the line of the failed batch: {stderr}"
+    );
+    assert!(stderr.contains("injected failure"), "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("imported {} events", 100 + b_count)),
+        "the first 100 events of r0 and all of r1: {stdout}"
+    );
+    let stored: Vec<String> = {
+        use diesel::prelude::*;
+        use storage_events::schema::events as e;
+        with_conn!(&mut t.raw_connection(), |c| e::table
+            .select(e::event_id)
+            .filter(e::room_id.eq("!r0:example.com"))
+            .load(c))
+        .unwrap()
+    };
+    let mut expected: Vec<String> = a[..100]
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut stored = stored;
+    stored.sort();
+    expected.sort();
+    assert_eq!(stored, expected, "r0 holds exactly its first batch");
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Two generated rooms of about `a` and `b` events (fork-heavy, interleaved).
+fn e2e_rooms(a: usize, b: usize) -> Vec<Value> {
+    let mut first = e2e_tests::forks::fork_heavy_rooms(11, 1, a);
+    let second: Vec<Value> = e2e_tests::forks::fork_heavy_rooms(12, 2, b)
+        .into_iter()
+        .filter(|e| e["room_id"] == "!r1:example.com")
+        .collect();
+    // Interleave the second room's events into the first's, in order.
+    let step = first.len() / second.len().max(1);
+    for (i, e) in second.into_iter().enumerate() {
+        first.insert((i * (step + 1)).min(first.len()), e);
+    }
+    first
+}
+
+/// An event whose prev event is in another room is refused with the reason,
+/// and nothing of it is stored.
+fn prev_events_in_another_room_are_refused(t: &TestDb) {
+    let dir = tempdir();
+    let mut lines = lines_of(&example_room());
+    let mut other = room_lines();
+    // Bob's message in room !r names the example room's message as its prev.
+    let mut intruder: Value = serde_json::from_str(&other[5]).unwrap();
+    intruder["prev_events"] = json!([["$hello:example.org", {"sha256": "aGFzaA"}]]);
+    other[5] = intruder.to_string();
+    lines.extend(other[..6].iter().cloned());
+    let file = write(&dir, "rooms.jsonl", &lines);
+    let (code, _, stderr) = hs_main(t, &["import", &file]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("{file}:15")),
+        "names the line: {stderr}"
+    );
+    assert!(
+        stderr.contains("its prev event $hello:example.org is in room !example:example.org"),
+        "{stderr}"
+    );
+    let (code, _, _) = hs_main(t, &["state", ROOM, "--at", &id("m1")]);
+    assert_eq!(code, 2, "the intruder is not stored");
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A second create event for a room (here claiming another room version) is
+/// stored as rejected and changes neither the room's version nor its state,
+/// and the events after it are read with the room's real version.
+fn a_second_create_event_changes_nothing(t: &TestDb) {
+    let dir = tempdir();
+    let mut events = example_room();
+    let mut second = events[0].clone();
+    second["event_id"] = json!("$create2:example.org");
+    second["content"]["room_version"] = json!("1");
+    events.insert(6, second);
+    let file = write(&dir, "room.jsonl", &lines_of(&events));
+    let (code, stdout, stderr) = hs_main(t, &["import", &file]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("imported 10 events (0 already stored, 2 rejected)"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("rejected $create2:example.org: room !example:example.org already has an m.room.create event"), "{stderr}");
+    let version: Option<String> = {
+        use diesel::prelude::*;
+        use storage_events::schema::rooms as r;
+        with_conn!(&mut t.raw_connection(), |c| r::table
+            .select(r::room_version)
+            .filter(r::room_id.eq("!example:example.org"))
+            .first(c))
+        .unwrap()
+    };
+    assert_eq!(version.as_deref(), Some("2"));
+    let state = current_state(t, "!example:example.org");
+    assert_eq!(state["m.room.create"][""], "$create:example.org");
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The limits on a PDU hold the same on both engines and are checked before
+/// anything of the event is stored: a state key over 255 bytes, a NUL in a
+/// state key, a line over the line limit (read without holding it), invalid
+/// UTF-8. Each names its file and line and says how many events before it
+/// were committed.
+fn events_over_the_limits_are_refused_naming_their_line(t: &TestDb) {
+    let dir = tempdir();
+    let room = lines_of(&example_room());
+    let long_key = alice_sets("long", "m.room.topic", json!({"topic": "t"}), "hello");
+    let mut long_key = long_key;
+    long_key["state_key"] = json!("k".repeat(256));
+    let mut nul_key = alice_sets("nul", "m.room.topic", json!({"topic": "t"}), "hello");
+    nul_key["state_key"] = json!("a\u{0}b");
+    let mut huge = alice_sets("huge", "m.room.topic", json!({"topic": "t"}), "hello");
+    huge["content"]["topic"] = json!("x".repeat(300_000));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "long",
+            long_key.to_string().into_bytes(),
+            "state_key: 256 bytes, over the limit of 255",
+        ),
+        (
+            "nul",
+            nul_key.to_string().into_bytes(),
+            "state_key: contains a NUL character",
+        ),
+        (
+            "huge",
+            huge.to_string().into_bytes(),
+            "the line is longer than",
+        ),
+        ("utf8", b"{\"type\": \"\xff\"}".to_vec(), "not valid UTF-8"),
+    ];
+    for (i, (name, bad, reason)) in cases.into_iter().enumerate() {
+        let mut bytes = room[..6].join("\n").into_bytes();
+        bytes.extend(b"\n");
+        bytes.extend(bad);
+        bytes.extend(b"\n");
+        bytes.extend(room[6..].join("\n").into_bytes());
+        let path = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&path, bytes).unwrap();
+        let file = path.display().to_string();
+        let (code, stdout, stderr) = hs_main(t, &["import", &file]);
+        assert_eq!(code, 1, "{name}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&format!("{file}:7")),
+            "{name} names its line: {stderr}"
+        );
+        assert!(stderr.contains(reason), "{name}: {stderr}");
+        let committed = if i == 0 { 6 } else { 0 };
+        assert!(
+            stderr.contains(&format!(
+                "the {committed} events read before this line are committed"
+            )),
+            "{name}: {stderr}"
+        );
+    }
+    let (code, _, _) = hs_main(
+        t,
+        &[
+            "state",
+            "!example:example.org",
+            "--at",
+            "$hello:example.org",
+        ],
+    );
+    assert_eq!(code, 0);
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `-` reads standard input, and a `.gz` file is decompressed.
+fn gzip_and_standard_input_are_read(t: &TestDb) {
+    use std::io::Write;
+    let dir = tempdir();
+    let lines = lines_of(&example_room());
+    let gz_path = dir.join("first.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz_path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    gz.write_all((lines[..5].join("\n") + "\n").as_bytes())
+        .unwrap();
+    gz.finish().unwrap();
+    let (code, stdout, stderr) = hs_main(t, &["import", gz_path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("imported 5 events"), "{stdout}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["--database", t.url(), "import", "-"])
+        .env_remove("HS_DATABASE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        stdout.starts_with("imported 4 events (5 already stored, 1 rejected)"),
+        "{stdout}"
+    );
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
 }

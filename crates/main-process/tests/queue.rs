@@ -336,3 +336,44 @@ fn stream_positions_follow_commit_order(t: &TestDb) {
         *batches.last().unwrap().last().unwrap()
     );
 }
+
+/// A chain's later items are not written once an earlier one failed (they may
+/// follow its events), while items outside the chain, and other chains, are;
+/// a chained item never joins an item of another chain or of none.
+#[test]
+fn a_failed_item_stops_the_later_items_of_its_chain_only() {
+    let (queue, gate) = gated_queue();
+    let chain = queue.chain();
+    let other = queue.chain();
+    let h0 = queue.enqueue("!r", vec![event("!r", "$0", Some(1))]);
+    gate.entered.wait(); // the loop is writing $0; the rest waits behind it
+    let bad = queue.enqueue_chained("!r", vec![event("!r", "$bad1", Some(1))], chain);
+    let unchained = queue.enqueue("!r", vec![event("!r", "$3", Some(1))]);
+    let after = queue.enqueue_chained("!r", vec![event("!r", "$2", Some(1))], chain);
+    let other_chain = queue.enqueue_chained("!r", vec![event("!r", "$4", Some(1))], other);
+    gate.release.wait();
+    h0.wait().unwrap();
+    assert!(bad
+        .wait()
+        .unwrap_err()
+        .to_string()
+        .contains("injected failure"));
+    let stopped = after.wait().unwrap_err().to_string();
+    assert!(
+        stopped.contains("not written: an earlier batch they follow failed"),
+        "{stopped}"
+    );
+    unchained.wait().unwrap();
+    other_chain.wait().unwrap();
+    assert!(queue.chain_failure(chain).is_some());
+    assert!(queue.chain_failure(other).is_none());
+    // $2 never reached the persister; the others each came alone.
+    let calls = gate.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        vec![vec!["$0"], vec!["$bad1"], vec!["$3"], vec!["$4"]]
+            .into_iter()
+            .map(|c| c.into_iter().map(String::from).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    );
+}

@@ -149,6 +149,39 @@ impl TestDb {
             .expect("terminating a session");
     }
 
+    /// Another new, empty database on the same engine.
+    pub fn fresh(&self) -> TestDb {
+        match self.engine {
+            "sqlite" => TestDb::sqlite(),
+            _ => TestDb::postgres().expect("a PostgreSQL test server, as for this one"),
+        }
+    }
+
+    /// Makes every insert into `table` whose `column` equals `value` fail (a
+    /// trigger raising "injected failure"), so that tests can make one batch
+    /// fail part-way through a run. Needs the table to exist (open it first).
+    pub fn fail_inserts(&self, table: &str, column: &str, value: &str) {
+        let quoted = value.replace('\'', "''");
+        let sql = match self.engine {
+            "sqlite" => format!(
+                "CREATE TRIGGER injected_failure BEFORE INSERT ON {table} \
+                 WHEN NEW.{column} = '{quoted}' BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+            ),
+            _ => format!(
+                "CREATE FUNCTION injected_failure() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+                 BEGIN IF NEW.{column} = '{quoted}' THEN RAISE EXCEPTION 'injected failure'; END IF; \
+                 RETURN NEW; END $f$; \
+                 CREATE TRIGGER injected_failure BEFORE INSERT ON {table} \
+                 FOR EACH ROW EXECUTE FUNCTION injected_failure()"
+            ),
+        };
+        let mut conn = self.raw_connection();
+        crate::with_conn!(&mut conn, |c| {
+            diesel::connection::SimpleConnection::batch_execute(c, &sql)
+        })
+        .unwrap_or_else(|e| panic!("injecting a failure into {table}: {e}"));
+    }
+
     /// A raw connection outside our pool, e.g. to look from "another process".
     pub fn raw_connection(&self) -> crate::Conn {
         let config = DatabaseConfig::parse(&self.url, OpenMode::Writer).expect("test URL");

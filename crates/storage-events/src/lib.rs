@@ -7,12 +7,14 @@
 //! loop); a batch transaction only writes.
 
 mod extremities;
+mod invariants;
 pub mod schema;
 mod store;
 pub mod testing;
 mod types;
 
 pub use extremities::new_forward_extremities;
+pub use invariants::{check_invariants, Violation};
 pub use store::{
     report_stream_position, EventStore, EventsStore, ReplicationBatch, StoredEvent, ALL_CACHES,
     CURRENT_STATE_CACHE, EVENTS_STREAM_SEQUENCE, REPLICATION_CHANNEL,

@@ -594,14 +594,34 @@ impl EventStore for EventsStore {
 
     fn events_referenced_as_prev(&self, event_ids: &[&str]) -> Result<HashSet<String>> {
         self.db.run_read("events_referenced_as_prev", |txn| {
-            let mut found = HashSet::new();
+            // (child, prev) edges naming the events; then which children count:
+            // only accepted ones (neither outliers nor rejected), as in Synapse's
+            // `_get_events_which_are_prevs`.
+            let mut edges: Vec<(String, String)> = Vec::new();
             for chunk in event_ids.chunks(CHUNK) {
-                found.extend(with_conn!(txn.conn(), |c| event_edges::table
-                    .select(event_edges::prev_event_id)
+                edges.extend(with_conn!(txn.conn(), |c| event_edges::table
+                    .select((event_edges::event_id, event_edges::prev_event_id))
                     .filter(event_edges::prev_event_id.eq_any(chunk))
+                    .load::<(String, String)>(c))?);
+            }
+            if edges.is_empty() {
+                return Ok(HashSet::new());
+            }
+            let children: Vec<&str> = edges.iter().map(|(c, _)| c.as_str()).collect();
+            let mut accepted = HashSet::new();
+            for chunk in children.chunks(CHUNK) {
+                accepted.extend(with_conn!(txn.conn(), |c| events::table
+                    .select(events::event_id)
+                    .filter(events::event_id.eq_any(chunk))
+                    .filter(events::outlier.eq(false))
+                    .filter(events::rejection_reason.is_null())
                     .load::<String>(c))?);
             }
-            Ok(found)
+            Ok(edges
+                .into_iter()
+                .filter(|(child, _)| accepted.contains(child))
+                .map(|(_, prev)| prev)
+                .collect())
         })
     }
 

@@ -49,3 +49,18 @@ pub fn state_event(
         ..event(room_id, event_id, prev_events, state_group)
     }
 }
+
+/// Panics naming every invariant of the database that does not hold (see
+/// [`crate::check_invariants`]); the last step of every write-path test.
+pub fn assert_invariants(db: &storage_core::Database) {
+    let violations = crate::check_invariants(db).expect("checking the invariants");
+    assert!(
+        violations.is_empty(),
+        "the database breaks its invariants:\n{}",
+        violations
+            .iter()
+            .map(|v| format!("  {v}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
