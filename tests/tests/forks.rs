@@ -14,7 +14,10 @@ use e2e_tests::*;
 use serde_json::Value;
 use storage_core::testing::TestDb;
 
-storage_core::engine_tests!(forked_rooms_get_the_same_state_whichever_way_they_arrive);
+storage_core::engine_tests!(
+    forked_rooms_get_the_same_state_whichever_way_they_arrive,
+    a_new_room_posted_in_one_request_may_end_in_a_fork,
+);
 
 /// The rooms' seed; `HS_FORKS_SEED` tries others (a failure names its seed).
 const SEED: u64 = 2026;
@@ -110,4 +113,42 @@ fn assert_same(ids: &[&str], reference: &EventStates, got: &EventStates, how: &s
         assert_eq!(got.get(*id), reference.get(*id), "{how}: {id} differs");
     }
     assert_eq!(reference, got, "{how}: current state differs");
+}
+
+/// The README's example room up to bob's message, then two state events of
+/// alice after that message, posted as one request: the room's first batch
+/// ends in a fork (it used to answer 500, "room ... has no version").
+fn a_new_room_posted_in_one_request_may_end_in_a_fork(t: &TestDb) {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/example-room.jsonl");
+    let mut events: Vec<Value> = std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .take(6)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let r = |i: &str| serde_json::json!([format!("${i}:example.org"), {"sha256": "aGFzaA"}]);
+    for (id, kind, content) in [
+        ("topic2", "m.room.topic", serde_json::json!({"topic": "t"})),
+        ("name2", "m.room.name", serde_json::json!({"name": "n"})),
+    ] {
+        events.push(serde_json::json!({
+            "auth_events": [r("create"), r("power"), r("alice_join")], "content": content,
+            "depth": 7, "event_id": format!("${id}:example.org"), "hashes": {"sha256": "aGFzaA"},
+            "origin": "example.org", "origin_server_ts": 1_764_000_000_100i64,
+            "prev_events": [r("hello")], "room_id": "!example:example.org",
+            "sender": "@alice:example.org", "signatures": {}, "state_key": "", "type": kind,
+        }));
+    }
+    let room = "!example:example.org";
+    {
+        let server = main_process(t, free_port());
+        let answer = post_to(&server.url, room, events).unwrap();
+        assert_eq!(answer["event_ids"].as_array().unwrap().len(), 8, "{answer}");
+    }
+    let states = event_states(t, &["$topic2:example.org"], &[room]);
+    let current = &states[&format!("current {room}")].0;
+    let slot = |t: &str| current.get(&(t.to_owned(), String::new())).cloned();
+    assert_eq!(slot("m.room.topic").as_deref(), Some("$topic2:example.org"));
+    assert_eq!(slot("m.room.name").as_deref(), Some("$name2:example.org"));
+    check(t);
 }

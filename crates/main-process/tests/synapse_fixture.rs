@@ -46,7 +46,7 @@ fn import_reproduces_synapse_state(t: &TestDb) {
     let events = expected["event_ids"].as_array().unwrap();
     assert!(
         stdout.starts_with(&format!(
-            "imported {} events (0 already stored) in 3 rooms",
+            "imported {} events (0 already stored, 0 rejected) in 3 rooms",
             events.len()
         )),
         "{stdout}"
@@ -74,4 +74,5 @@ fn import_reproduces_synapse_state(t: &TestDb) {
             info["room_version"]
         );
     }
+    storage_events::testing::assert_invariants(&t.open_mode(OpenMode::ReadOnly));
 }
