@@ -1,17 +1,38 @@
-//! `cargo xtask bench state`: a full-state read of the group at the end of a
-//! 99-hop delta chain in a room with 10,000 members, through the store with cold
-//! and warm caches, next to the bare SQL statement that computes the same state,
-//! on SQLite and (when `HS_TEST_POSTGRES_URL` is set) PostgreSQL.
+//! `cargo xtask bench state`: state reads through the store next to the bare SQL
+//! statements that fetch the same rows, on SQLite and (when `HS_TEST_POSTGRES_URL`
+//! is set) PostgreSQL. Two rooms:
+//!
+//! - a 99-hop delta chain over 10,000 members, one member changed per hop;
+//! - a room shaped like Matrix HQ (issue 14): a snapshot of 30,856 state events
+//!   (30,661 members), 99 delta groups of 580 member changes above it, 88,269
+//!   rows, 37,939 entries in the full state of the top group.
+//!
+//! Memory is counted by a counting global allocator (`stats_alloc`), so every
+//! figure here includes two relaxed atomic additions per allocation.
 
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use std::alloc::System;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, Conn, StoreConfig};
-use storage_state::{key, StateFilter, StateGroupStore, StateMap, StateStore};
+use storage_state::{key, StateFilter, StateGroupStore, StateMap, StateStore, MEMBER};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const MEMBERS: usize = 10_000;
 const HOPS: usize = 99;
+
+/// The HQ-shaped room.
+const HQ_ROOT_MEMBERS: usize = 30_661;
+const HQ_ALIASES: usize = 189;
+const HQ_DELTAS: usize = 99;
+const HQ_CHANGES: usize = 580;
+const HQ_ROWS: usize = 88_269;
+const HQ_NEW_MEMBERS: usize = 7_083;
+const HQ_TOP_ENTRIES: usize = 37_939;
 
 #[derive(QueryableByName)]
 #[allow(dead_code)]
@@ -24,11 +45,44 @@ struct Row {
     event_id: String,
 }
 
+#[derive(QueryableByName)]
+#[allow(dead_code)]
+struct ChainRow {
+    #[diesel(sql_type = BigInt)]
+    state_group: i64,
+    #[diesel(sql_type = Text)]
+    event_type: String,
+    #[diesel(sql_type = Text)]
+    state_key: String,
+    #[diesel(sql_type = Text)]
+    event_id: String,
+}
+
+/// Every row on the chain of `$1`: the rows a reader must look at, as the
+/// issue's "bare recursive SELECT" fetches them.
+fn chain_rows_sql(engine: &str) -> &'static str {
+    if engine == "postgres" {
+        "WITH RECURSIVE chain(state_group) AS ( \
+             VALUES ($1::bigint) \
+             UNION ALL \
+             SELECT e.prev_state_group FROM state_group_edges e JOIN chain c ON e.state_group = c.state_group) \
+         SELECT s.state_group, s.type AS event_type, s.state_key, s.event_id \
+         FROM chain c JOIN state_groups_state s ON s.state_group = c.state_group"
+    } else {
+        "WITH RECURSIVE chain(state_group) AS ( \
+             VALUES ($1) \
+             UNION ALL \
+             SELECT e.prev_state_group FROM state_group_edges e JOIN chain c ON e.state_group = c.state_group) \
+         SELECT s.state_group, s.type AS event_type, s.state_key, s.event_id \
+         FROM chain c CROSS JOIN state_groups_state s WHERE s.state_group = c.state_group"
+    }
+}
+
 /// The state of `group` in one statement, as a hand-written reader would ask for
 /// it: Synapse's DISTINCT ON query on PostgreSQL; on SQLite, which has no
 /// DISTINCT ON, a GROUP BY whose bare columns come from the row with the highest
 /// group (a documented SQLite guarantee).
-fn bare_sql(engine: &str) -> &'static str {
+fn distinct_sql(engine: &str) -> &'static str {
     if engine == "postgres" {
         "WITH RECURSIVE chain(state_group) AS ( \
              VALUES ($1::bigint) \
@@ -48,17 +102,14 @@ fn bare_sql(engine: &str) -> &'static str {
     }
 }
 
-fn build(store: &StateStore) -> (i64, StateMap) {
+fn build_chain(store: &StateStore) -> (i64, StateMap) {
     let mut state = StateMap::new();
     state.insert(key("m.room.create", ""), "$create".into());
     state.insert(key("m.room.power_levels", ""), "$pl".into());
     state.insert(key("m.room.join_rules", ""), "$jr".into());
     state.insert(key("m.room.name", ""), "$name".into());
     for m in 0..MEMBERS {
-        state.insert(
-            key("m.room.member", &format!("@user{m}:bench")),
-            format!("$join{m}"),
-        );
+        state.insert(key(MEMBER, &format!("@user{m}:bench")), format!("$join{m}"));
     }
     let room = "!bench:bench";
     let mut group = store
@@ -68,10 +119,7 @@ fn build(store: &StateStore) -> (i64, StateMap) {
         let event = format!("$hop{hop}");
         let mut delta = StateMap::new();
         delta.insert(
-            key(
-                "m.room.member",
-                &format!("@user{}:bench", hop * 37 % MEMBERS),
-            ),
+            key(MEMBER, &format!("@user{}:bench", hop * 37 % MEMBERS)),
             event.clone(),
         );
         state.extend(delta.clone());
@@ -87,7 +135,99 @@ fn build(store: &StateStore) -> (i64, StateMap) {
     (group, state)
 }
 
-fn time(iterations: usize, mut f: impl FnMut()) -> (Duration, Duration) {
+/// An event id of the length room versions 4 and later use ("$" and 43
+/// characters of URL-safe base64).
+fn event_id(n: usize) -> String {
+    format!("${n:0>43}")
+}
+
+fn hq_user(n: usize) -> String {
+    format!("@user{n}:server{}.example.org", n % 1_000)
+}
+
+const HQ_ROOM: &str = "!OGEhHVWSdvArJzumhm:matrix.org";
+
+/// The HQ-shaped room: the snapshot, then 99 deltas of 580 member changes
+/// (573 in the last, so that the rows add up to 88,269), 7,083 of them joins of
+/// new users, the rest changes to members chosen across the room. Returns the
+/// top group, its state, and the event mapped to it.
+fn build_hq(store: &StateStore) -> (i64, StateMap, String) {
+    let mut next_event = 0;
+    let mut new_event = || {
+        next_event += 1;
+        event_id(next_event)
+    };
+    let mut state = StateMap::new();
+    for t in [
+        "m.room.create",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.history_visibility",
+        "m.room.guest_access",
+        "m.room.server_acl",
+    ] {
+        state.insert(key(t, ""), new_event());
+    }
+    for a in 0..HQ_ALIASES {
+        state.insert(
+            key("m.room.aliases", &format!("alias{a}.example.org")),
+            new_event(),
+        );
+    }
+    for m in 0..HQ_ROOT_MEMBERS {
+        state.insert(key(MEMBER, &hq_user(m)), new_event());
+    }
+    assert_eq!(state.len(), 30_856);
+    let mut group = store
+        .store_state_group(&event_id(1), HQ_ROOM, None, None, Some(&state))
+        .expect("snapshot");
+    let mut members = HQ_ROOT_MEMBERS;
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut last_event = String::new();
+    for d in 0..HQ_DELTAS {
+        let changes = if d + 1 == HQ_DELTAS {
+            HQ_ROWS - 30_856 - (HQ_DELTAS - 1) * HQ_CHANGES
+        } else {
+            HQ_CHANGES
+        };
+        let joins = HQ_NEW_MEMBERS / HQ_DELTAS + usize::from(d < HQ_NEW_MEMBERS % HQ_DELTAS);
+        let mut delta = StateMap::new();
+        for _ in 0..joins {
+            last_event = new_event();
+            delta.insert(key(MEMBER, &hq_user(members)), last_event.clone());
+            members += 1;
+        }
+        while delta.len() < changes {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let who = (rng % members as u64) as usize;
+            last_event = new_event();
+            delta.insert(key(MEMBER, &hq_user(who)), last_event.clone());
+        }
+        for (k, v) in &delta {
+            state.insert(k.clone(), v.clone());
+        }
+        group = store
+            .store_state_group(&last_event, HQ_ROOM, Some(group), Some(&delta), None)
+            .expect("delta");
+    }
+    assert_eq!(state.len(), HQ_TOP_ENTRIES);
+    store
+        .database()
+        .run_interaction("bench_map_event", |txn| {
+            store.store_event_state_groups_txn(txn, &[(last_event.as_str(), group)])
+        })
+        .expect("mapping the top event");
+    (group, state, last_event)
+}
+
+struct Timing {
+    p50: Duration,
+    p90: Duration,
+}
+
+fn time(iterations: usize, mut f: impl FnMut()) -> Timing {
     f(); // warm the database's own page cache
     let mut samples: Vec<Duration> = (0..iterations)
         .map(|_| {
@@ -97,19 +237,49 @@ fn time(iterations: usize, mut f: impl FnMut()) -> (Duration, Duration) {
         })
         .collect();
     samples.sort();
-    (samples[samples.len() / 2], samples[samples.len() * 9 / 10])
+    Timing {
+        p50: samples[samples.len() / 2],
+        p90: samples[samples.len() * 9 / 10],
+    }
 }
 
 fn ms(d: Duration) -> String {
     format!("{:8.3} ms", d.as_secs_f64() * 1e3)
 }
 
-fn run(t: &TestDb) {
+fn us(d: Duration) -> String {
+    format!("{:8.2} us", d.as_secs_f64() * 1e6)
+}
+
+fn line(e: &str, what: &str, t: &Timing, bare: Option<Duration>) {
+    let ratio = bare.map_or(String::new(), |b| {
+        format!("  {:5.2}x bare", t.p50.as_secs_f64() / b.as_secs_f64())
+    });
+    println!(
+        "{e:<9} {what:<36} median {} p90 {}{ratio}",
+        ms(t.p50),
+        ms(t.p90)
+    );
+}
+
+fn fresh(store: &StateStore) -> StateStore {
+    StateStore::new(store.database().clone(), &StoreConfig::default()).expect("store")
+}
+
+fn cold_read(store: &StateStore, group: i64, filter: &StateFilter) -> StateMap {
+    fresh(store)
+        .get_state_for_groups(&[group], filter)
+        .expect("cold read")
+        .remove(&group)
+        .expect("the group's state")
+}
+
+fn run_chain(t: &TestDb) {
     let store = StateStore::new(t.open(), &StoreConfig::default()).expect("store");
-    let (group, expected) = build(&store);
+    let (group, expected) = build_chain(&store);
     let mut raw: Conn = t.raw_connection();
-    let sql = bare_sql(t.engine());
-    let (bare, bare_p90) = time(30, || {
+    let sql = distinct_sql(t.engine());
+    let bare = time(30, || {
         let rows: Vec<Row> = with_conn!(&mut raw, |c| diesel::sql_query(sql)
             .bind::<BigInt, _>(group)
             .load(c))
@@ -117,93 +287,223 @@ fn run(t: &TestDb) {
         assert_eq!(rows.len(), expected.len());
     });
     let all = StateFilter::all();
-    let (cold, cold_p90) = time(30, || {
-        let fresh =
-            StateStore::new(store.database().clone(), &StoreConfig::default()).expect("store");
-        let got = fresh
-            .get_state_for_groups(&[group], &all)
-            .expect("cold read");
-        assert_eq!(got[&group].len(), expected.len());
+    let cold = time(30, || {
+        assert_eq!(cold_read(&store, group, &all).len(), expected.len());
     });
-    let warm_store =
-        StateStore::new(store.database().clone(), &StoreConfig::default()).expect("store");
+    let warm_store = fresh(&store);
     warm_store
         .get_state_for_groups(&[group], &all)
         .expect("warming");
-    let (warm, warm_p90) = time(200, || {
+    let warm = time(200, || {
         let got = warm_store
             .get_state_for_groups(&[group], &all)
             .expect("warm read");
         assert_eq!(got[&group].len(), expected.len());
     });
-    let narrow = StateFilter::from_types([
-        ("m.room.member", Some("@user5:bench")),
-        ("m.room.name", Some("")),
-    ]);
-    let (narrow_cold, narrow_p90) = time(30, || {
-        let fresh =
-            StateStore::new(store.database().clone(), &StoreConfig::default()).expect("store");
-        let got = fresh
-            .get_state_for_groups(&[group], &narrow)
-            .expect("narrow read");
-        assert_eq!(got[&group].len(), 2);
+    let narrow =
+        StateFilter::from_types([(MEMBER, Some("@user5:bench")), ("m.room.name", Some(""))]);
+    let narrow_cold = time(30, || {
+        assert_eq!(cold_read(&store, group, &narrow).len(), 2);
     });
     // The member changed by the newest delta: the per-hop walk stops at once.
     let newest = format!("@user{}:bench", (HOPS - 1) * 37 % MEMBERS);
-    let recent = StateFilter::from_types([("m.room.member", Some(newest.as_str()))]);
-    let (recent_cold, recent_p90) = time(30, || {
-        let fresh =
-            StateStore::new(store.database().clone(), &StoreConfig::default()).expect("store");
-        let got = fresh
-            .get_state_for_groups(&[group], &recent)
-            .expect("recent read");
-        assert_eq!(got[&group].len(), 1);
+    let recent = StateFilter::from_types([(MEMBER, Some(newest.as_str()))]);
+    let recent_cold = time(30, || {
+        assert_eq!(cold_read(&store, group, &recent).len(), 1);
     });
-    let ratio = |d: Duration| d.as_secs_f64() / bare.as_secs_f64();
     let e = t.engine();
+    let b = Some(bare.p50);
+    line(e, "bare SQL statement (DISTINCT)", &bare, None);
+    line(e, "store, cold cache", &cold, b);
+    line(e, "store, warm cache", &warm, b);
+    line(e, "store, cold, 2-slot filter", &narrow_cold, b);
+    line(e, "store, cold, newest slot", &recent_cold, b);
+}
+
+fn run_hq(t: &TestDb) {
+    let e = t.engine();
+    let store = StateStore::new(t.open(), &StoreConfig::default()).expect("store");
+    let started = Instant::now();
+    let (group, expected, top_event) = build_hq(&store);
     println!(
-        "{e:<9} bare SQL statement          median {} p90 {}",
-        ms(bare),
-        ms(bare_p90)
+        "{e:<9} built the HQ room in {:.1} s (top group {group}, event {top_event})",
+        started.elapsed().as_secs_f64()
+    );
+    if let Ok(dir) = std::env::var("HS_BENCH_KEEP") {
+        keep(t, &dir);
+    }
+    let mut raw: Conn = t.raw_connection();
+    let chain_sql = chain_rows_sql(e);
+    let bare = time(20, || {
+        let n = with_conn!(&mut raw, |c| diesel::sql_query(chain_sql)
+            .bind::<BigInt, _>(group)
+            .load_iter::<ChainRow, diesel::connection::DefaultLoadingMode>(c)
+            .and_then(|mut rows| rows.try_fold(0, |n, r| r.map(|_| n + 1))))
+        .expect("bare SQL");
+        assert_eq!(n, HQ_ROWS);
+    });
+    let distinct = distinct_sql(e);
+    let bare_distinct = time(20, || {
+        let rows: Vec<Row> = with_conn!(&mut raw, |c| diesel::sql_query(distinct)
+            .bind::<BigInt, _>(group)
+            .load(c))
+        .expect("bare SQL");
+        assert_eq!(rows.len(), HQ_TOP_ENTRIES);
+    });
+
+    let all = StateFilter::all();
+    assert!(
+        cold_read(&store, group, &all) == expected,
+        "the store reads the HQ state right"
+    );
+    let cold = time(20, || {
+        assert_eq!(cold_read(&store, group, &all).len(), HQ_TOP_ENTRIES);
+    });
+    // A lazy-loading members request: 20 members (from the snapshot, from
+    // deltas, and new users) plus all non-member state.
+    let users: Vec<String> = (0..20).map(|i| hq_user(i * 1_877 + 3)).collect();
+    let lazy = StateFilter::from_lazy_load_member_list(users.iter().map(String::as_str));
+    let lazy_expected = lazy.filter_state(&expected);
+    assert_eq!(lazy_expected.len(), 195 + 20);
+    assert!(
+        cold_read(&store, group, &lazy) == lazy_expected,
+        "the store filters the HQ state right"
+    );
+    let lazy_cold = time(30, || {
+        assert_eq!(cold_read(&store, group, &lazy).len(), lazy_expected.len());
+    });
+
+    let warm_store = fresh(&store);
+    warm_store
+        .get_state_for_groups(&[group], &all)
+        .expect("warming");
+    let warm = time(200, || {
+        let got = warm_store
+            .get_state_for_groups(&[group], &all)
+            .expect("warm read");
+        assert_eq!(got[&group].len(), HQ_TOP_ENTRIES);
+    });
+    let lazy_warm = time(2_000, || {
+        let got = warm_store
+            .get_state_for_groups(&[group], &lazy)
+            .expect("warm read");
+        assert_eq!(got[&group].len(), lazy_expected.len());
+    });
+
+    // The bytes the caches hold for the full state: allocated while a cold read
+    // filled them, less what was freed, with the answer itself dropped.
+    let region = Region::new(GLOBAL);
+    let measured_store = fresh(&store);
+    let got = measured_store
+        .get_state_for_groups(&[group], &all)
+        .expect("read");
+    drop(got);
+    let change = region.change();
+    // (Reallocations are already in both counters.)
+    let held = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
+    let strings: usize = expected
+        .iter()
+        .map(|((t, k), v)| t.len() + k.len() + v.len())
+        .sum();
+
+    let b = Some(bare.p50);
+    line(e, "bare SQL, all 88,269 chain rows", &bare, None);
+    line(e, "bare SQL, DISTINCT / GROUP BY", &bare_distinct, b);
+    line(e, "store, cold, full (37,939)", &cold, b);
+    line(e, "store, cold, lazy members (20 + 195)", &lazy_cold, b);
+    println!(
+        "{e:<9} {:<36} median {} p90 {}",
+        "store, warm, full",
+        ms(warm.p50),
+        ms(warm.p90)
     );
     println!(
-        "{e:<9} store, cold cache           median {} p90 {}  {:5.2}x bare",
-        ms(cold),
-        ms(cold_p90),
-        ratio(cold)
+        "{e:<9} {:<36} median {} p90 {}",
+        "store, warm, lazy members",
+        us(lazy_warm.p50),
+        us(lazy_warm.p90)
     );
     println!(
-        "{e:<9} store, warm cache           median {} p90 {}  {:5.2}x bare",
-        ms(warm),
-        ms(warm_p90),
-        ratio(warm)
+        "{e:<9} cache bytes for the full state: {held} measured; its strings {strings} ({:.2}x)",
+        held as f64 / strings as f64
     );
-    println!(
-        "{e:<9} store, cold, 2-slot filter  median {} p90 {}  {:5.2}x bare",
-        ms(narrow_cold),
-        ms(narrow_p90),
-        ratio(narrow_cold)
-    );
-    println!(
-        "{e:<9} store, cold, newest slot    median {} p90 {}  {:5.2}x bare",
-        ms(recent_cold),
-        ms(recent_p90),
-        ratio(recent_cold)
-    );
+}
+
+/// Keeps a copy of the HQ database for by-hand runs (`hs-main state`, the
+/// engines' shells): the SQLite file, or a PostgreSQL database `hs_bench_hq`.
+fn keep(t: &TestDb, dir: &str) {
+    let mut raw = t.raw_connection();
+    match &mut raw {
+        Conn::Sqlite(c) => {
+            let path = format!("{dir}/hq.db");
+            let _ = std::fs::remove_file(&path);
+            diesel::sql_query(format!("VACUUM INTO '{path}'"))
+                .execute(c)
+                .expect("copying the HQ database");
+            println!("sqlite    kept the HQ room in {path}");
+        }
+        Conn::Postgres(_) => println!("postgres  HQ room kept only for SQLite"),
+    }
+}
+
+/// `HS_BENCH_PROFILE=cold|lazy|warm`: only the HQ room on SQLite, then that read
+/// `HS_BENCH_ITERATIONS` times (default 5), for `perf record` and callgrind.
+fn profile(what: &str) {
+    let t = TestDb::sqlite();
+    let store = StateStore::new(t.open(), &StoreConfig::default()).expect("store");
+    let (group, _, _) = build_hq(&store);
+    let users: Vec<String> = (0..20).map(|i| hq_user(i * 1_877 + 3)).collect();
+    let filter = match what {
+        "lazy" => StateFilter::from_lazy_load_member_list(users.iter().map(String::as_str)),
+        _ => StateFilter::all(),
+    };
+    let n: usize = std::env::var("HS_BENCH_ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5);
+    let warm = fresh(&store);
+    let started = Instant::now();
+    for _ in 0..n {
+        let got = match what {
+            "warm" => warm.get_state_for_groups(&[group], &filter).expect("read"),
+            _ => fresh(&store)
+                .get_state_for_groups(&[group], &filter)
+                .expect("read"),
+        };
+        std::hint::black_box(got);
+    }
+    println!("{n} {what} reads in {:?}", started.elapsed());
 }
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks benches to list their tests
     }
+    if let Ok(what) = std::env::var("HS_BENCH_PROFILE") {
+        return profile(&what);
+    }
+    let postgres = || match TestDb::postgres() {
+        Some(db) => Some(db),
+        None => {
+            println!(
+                "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench state`)"
+            );
+            None
+        }
+    };
     println!(
         "state read: group at the end of a {HOPS}-hop delta chain, {MEMBERS} members, full state unless noted"
     );
-    run(&TestDb::sqlite());
-    match TestDb::postgres() {
-        Some(db) => run(&db),
-        None => println!(
-            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench state`)"
-        ),
+    run_chain(&TestDb::sqlite());
+    if let Some(db) = postgres() {
+        run_chain(&db);
+    }
+    println!(
+        "HQ-shaped room: snapshot of 30,856 state events, {HQ_DELTAS} deltas of {HQ_CHANGES} member changes, \
+         {HQ_ROWS} rows, top group {HQ_TOP_ENTRIES} entries"
+    );
+    run_hq(&TestDb::sqlite());
+    if let Some(db) = postgres() {
+        run_hq(&db);
     }
 }
