@@ -33,9 +33,10 @@ enum Command {
     /// Create the database if needed, apply pending migrations, check the id
     /// sequences, and print what it found. What the main process does at start-up.
     Migrate,
-    /// A read-only report on a database (ours or Synapse's): rooms, events, state
-    /// groups, snapshots and deltas, chain lengths, the rooms using the most state
-    /// rows, and the health of the state group id sequence.
+    /// A read-only report on a database (ours or Synapse's): rows and sizes of
+    /// its tables from the engine's statistics, the rooms using the most state
+    /// rows, and the health of the state group id sequence. Answers at once on
+    /// databases of any size; `--exact` counts instead.
     Inspect {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -43,6 +44,14 @@ enum Command {
         /// How many of the rooms with the most state rows to list.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Count every row (slow on a big server) and measure the delta chains:
+        /// state groups, snapshots and deltas, chain lengths.
+        #[arg(long)]
+        exact: bool,
+        /// Also count the state groups no event references (and those no
+        /// referenced group needs); reads every group.
+        #[arg(long)]
+        unreferenced: bool,
         /// Also check the database's invariants (every event's room exists with
         /// a create event, current state names stored events of its room, every
         /// non-outlier event has a state group of its room, no prev event is
@@ -107,8 +116,22 @@ pub fn run() -> ExitCode {
         .database
         .unwrap_or_else(|| format!("sqlite:{DEFAULT_SQLITE_PATH}"));
     let outcome = match cli.command {
-        Command::Inspect { json, top, check } => LogContext::new("inspect")
-            .scope(|| crate::inspect_cmd::run(&database, json, top, check)),
+        Command::Inspect {
+            json,
+            top,
+            exact,
+            unreferenced,
+            check,
+        } => {
+            let options = crate::inspect_cmd::InspectOptions {
+                json,
+                top,
+                exact,
+                unreferenced,
+                check,
+            };
+            LogContext::new("inspect").scope(|| crate::inspect_cmd::run(&database, options))
+        }
         Command::Port {
             from,
             to,

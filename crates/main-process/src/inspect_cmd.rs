@@ -1,17 +1,111 @@
-//! `hs-main inspect [--json]`: a read-only report on a database, ours or
-//! Synapse's. Opens it read-only and writes nothing.
+//! `hs-main inspect [--json] [--exact] [--unreferenced] [--check]`: a read-only report on a
+//! database, ours or Synapse's. Opens it read-only and writes nothing.
+//!
+//! By default it reads only what the engine keeps about its tables (row
+//! estimates, sizes in bytes, the most common rooms of `state_groups_state`), so
+//! it answers in moments on a server of hundreds of millions of state rows, where
+//! counting them takes minutes. `--exact` counts every row and measures the delta
+//! chains; `--unreferenced` counts the state groups no event references;
+//! `--check` checks the database's invariants after the report.
 
 use crate::cli::Failure;
-use serde_json::json;
-use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
+use indicatif::{HumanBytes, HumanCount, ProgressBar, ProgressStyle};
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+use storage_core::{
+    Database, DatabaseConfig, OpenMode, SequenceHealth, StoreConfig, TableStatistics,
+};
 use storage_events::EventsStore;
-use storage_state::state_report;
+use storage_state::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
 
-pub fn run(database: &str, as_json: bool, top: usize, check: bool) -> Result<(), Failure> {
+/// The tables reported on, Synapse's names: each exists in our schema and in his.
+const TABLES: &[&str] = &[
+    "rooms",
+    "events",
+    "event_json",
+    "state_groups",
+    "state_groups_state",
+    "state_group_edges",
+    "event_to_state_groups",
+    "current_state_events",
+];
+
+/// What `hs-main inspect` is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InspectOptions {
+    pub json: bool,
+    /// How many of the rooms with the most state rows to list.
+    pub top: usize,
+    /// Count every row instead of reading the engine's statistics.
+    pub exact: bool,
+    /// Count the state groups no event references.
+    pub unreferenced: bool,
+    /// Check the database's invariants after the report (status 1 if one fails).
+    pub check: bool,
+}
+
+/// Everything gathered, before it is printed.
+struct Report {
+    tables: Vec<TableStatistics>,
+    /// The rooms with the most state rows: counted with `--exact`, otherwise
+    /// estimated from the engine's statistics (PostgreSQL only).
+    top_rooms: Vec<(String, i64)>,
+    sequence: SequenceHealth,
+    exact: Option<(i64, i64, StateReport)>,
+    unreferenced: Option<UnreferencedGroups>,
+}
+
+pub fn run(database: &str, options: InspectOptions) -> Result<(), Failure> {
     let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
-    report(&db, as_json, top)?;
-    if check {
-        check_invariants(&db, as_json)?;
+    let (tables, common_rooms, sequence) = db.run_read("inspect_statistics", |txn| {
+        let tables = txn.table_statistics(TABLES)?;
+        let common = txn.most_common_values("state_groups_state", "room_id")?;
+        let sequence = txn.inspect_sequence(&storage_state::STATE_GROUP_SEQUENCE)?;
+        Ok((tables, common, sequence))
+    })?;
+    let state_rows_estimate = tables
+        .iter()
+        .find(|t| t.table == "state_groups_state")
+        .and_then(|t| t.rows)
+        .unwrap_or(0);
+    let mut report = Report {
+        top_rooms: common_rooms
+            .into_iter()
+            .take(options.top)
+            .map(|(room, share)| (room, (share * state_rows_estimate as f64).round() as i64))
+            .collect(),
+        tables,
+        sequence,
+        exact: None,
+        unreferenced: None,
+    };
+    if options.exact || options.unreferenced {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        if options.exact {
+            bar.set_message("counting rooms and events");
+            let (rooms, events) =
+                EventsStore::new(db.clone(), &StoreConfig::default())?.totals()?;
+            let state = state_report(&db, options.top, |step| bar.set_message(step.to_owned()))?;
+            report.top_rooms = state.rooms_by_state_rows.clone();
+            report.exact = Some((rooms, events, state));
+        }
+        if options.unreferenced {
+            bar.set_message("finding state groups no event references");
+            report.unreferenced = Some(unreferenced_groups(&db)?);
+        }
+        bar.finish_and_clear();
+    }
+    if options.json {
+        println!("{:#}", to_json(&db, &report));
+    } else {
+        print_text(&db, &report);
+    }
+    if options.check {
+        check_invariants(&db, options.json)?;
     }
     Ok(())
 }
@@ -42,56 +136,114 @@ fn check_invariants(db: &Database, as_json: bool) -> Result<(), Failure> {
     }
 }
 
-fn report(db: &Database, as_json: bool, top: usize) -> Result<(), Failure> {
-    let config = StoreConfig::default();
-    let events = EventsStore::new(db.clone(), &config)?;
-    let (rooms, event_count) = events.totals()?;
-    let state = state_report(db, top)?;
-    let seq = &state.sequence;
-    if as_json {
-        let report = json!({
-            "database": db.url().redacted(),
-            "engine": db.engine().name(),
-            "rooms": rooms,
-            "events": event_count,
-            "state_groups": state.state_groups,
-            "snapshot_groups": state.snapshot_groups,
-            "delta_groups": state.delta_groups,
-            "state_groups_state_rows": state.state_rows,
-            "longest_delta_chain": state.longest_chain,
-            "average_delta_chain": state.average_chain,
-            "rooms_by_state_rows": state.rooms_by_state_rows.iter()
-                .map(|(room, rows)| json!({"room_id": room, "rows": rows}))
-                .collect::<Vec<_>>(),
-            "sequence": {
-                "name": seq.sequence,
-                "last_value": seq.handed_out,
-                "max_state_group": seq.max_id,
-                "behind": seq.is_behind(),
-            },
-        });
-        println!("{report:#}");
-        return Ok(());
+fn to_json(db: &Database, report: &Report) -> Value {
+    let seq = &report.sequence;
+    let mut out = Map::new();
+    out.insert("database".into(), json!(db.url().redacted()));
+    out.insert("engine".into(), json!(db.engine().name()));
+    out.insert("exact".into(), json!(report.exact.is_some()));
+    out.insert(
+        "tables".into(),
+        report
+            .tables
+            .iter()
+            .map(|t| json!({"table": t.table, "rows": t.rows, "rows_exact": t.exact, "bytes": t.bytes}))
+            .collect(),
+    );
+    if let Some((rooms, events, state)) = &report.exact {
+        for (k, v) in [
+            ("rooms", json!(rooms)),
+            ("events", json!(events)),
+            ("state_groups", json!(state.state_groups)),
+            ("snapshot_groups", json!(state.snapshot_groups)),
+            ("delta_groups", json!(state.delta_groups)),
+            ("state_groups_state_rows", json!(state.state_rows)),
+            ("longest_delta_chain", json!(state.longest_chain)),
+            ("average_delta_chain", json!(state.average_chain)),
+        ] {
+            out.insert(k.into(), v);
+        }
     }
+    out.insert(
+        "rooms_by_state_rows".into(),
+        report
+            .top_rooms
+            .iter()
+            .map(|(room, rows)| json!({"room_id": room, "rows": rows}))
+            .collect(),
+    );
+    if let Some(u) = &report.unreferenced {
+        out.insert(
+            "unreferenced_state_groups".into(),
+            json!({"unreferenced": u.unreferenced, "unneeded": u.unneeded}),
+        );
+    }
+    out.insert(
+        "sequence".into(),
+        json!({
+            "name": seq.sequence,
+            "last_value": seq.handed_out,
+            "max_state_group": seq.max_id,
+            "behind": seq.is_behind(),
+        }),
+    );
+    Value::Object(out)
+}
+
+fn print_text(db: &Database, report: &Report) {
     println!("database         {} ({})", db.url(), db.engine().name());
-    println!("rooms            {rooms}");
-    println!("events           {event_count}");
-    println!(
-        "state groups     {} ({} snapshots, {} deltas)",
-        state.state_groups, state.snapshot_groups, state.delta_groups
-    );
-    println!(
-        "state rows       {} in state_groups_state",
-        state.state_rows
-    );
-    println!(
-        "delta chains     longest {} groups, average {:.1}",
-        state.longest_chain, state.average_chain
-    );
-    println!("rooms using the most state rows:");
-    for (room, rows) in &state.rooms_by_state_rows {
-        println!("  {rows:>10}  {room}");
+    if report.exact.is_none() {
+        println!("counts           from the engine's statistics, ~ marks an estimate (--exact counts every row)");
     }
+    println!("  {:<24} {:>16} {:>12}", "table", "rows", "size");
+    for t in &report.tables {
+        let rows = match t.rows {
+            Some(n) => format!(
+                "{}{}",
+                if t.exact { "" } else { "~" },
+                HumanCount(n.max(0) as u64)
+            ),
+            None => "not analyzed".to_owned(),
+        };
+        let size = t
+            .bytes
+            .map_or("?".to_owned(), |b| HumanBytes(b.max(0) as u64).to_string());
+        println!("  {:<24} {rows:>16} {size:>12}", t.table);
+    }
+    if let Some((rooms, events, state)) = &report.exact {
+        println!("rooms            {rooms}");
+        println!("events           {events}");
+        println!(
+            "state groups     {} ({} snapshots, {} deltas)",
+            state.state_groups, state.snapshot_groups, state.delta_groups
+        );
+        println!(
+            "state rows       {} in state_groups_state",
+            state.state_rows
+        );
+        println!(
+            "delta chains     longest {} groups, average {:.1}",
+            state.longest_chain, state.average_chain
+        );
+    }
+    if let Some(u) = &report.unreferenced {
+        println!(
+            "unreferenced     {} state groups no event references, {} of them on no referenced group's chain",
+            u.unreferenced, u.unneeded
+        );
+    }
+    if !report.top_rooms.is_empty() {
+        let how = if report.exact.is_some() {
+            ""
+        } else {
+            " (estimated)"
+        };
+        println!("rooms using the most state rows{how}:");
+        for (room, rows) in &report.top_rooms {
+            println!("  {rows:>10}  {room}");
+        }
+    }
+    let seq = &report.sequence;
     match seq.handed_out {
         None => println!(
             "sequence         none on this engine: ids count on from the highest ({})",
@@ -107,5 +259,4 @@ fn report(db: &Database, as_json: bool, top: usize) -> Result<(), Failure> {
             seq.sequence, seq.max_id
         ),
     }
-    Ok(())
 }

@@ -212,9 +212,39 @@ fn inspect_reports_a_synapse_database(t: &TestDb) {
     let mut raw = t.raw_connection();
     fill(t, &mut raw);
     let before = tables(t, &mut raw);
+
+    // By default: the engine's statistics, small tables counted exactly.
     let (code, stdout, stderr) = hs_main(t, &["inspect", "--json"]);
     assert_eq!(code, 0, "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(report["exact"], false);
+    assert!(
+        report.get("longest_delta_chain").is_none(),
+        "no chain walk by default"
+    );
+    let table = |name: &str| {
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .unwrap_or_else(|| panic!("no table {name} in {report}"))
+            .clone()
+    };
+    assert_eq!(table("state_groups")["rows"], 7);
+    assert_eq!(table("state_groups_state")["rows"], 11);
+    assert_eq!(table("events")["rows"], 9);
+    assert_eq!(table("state_groups")["rows_exact"], true);
+    assert!(table("state_groups_state")["bytes"].as_i64().unwrap() > 0);
+    assert_eq!(report["sequence"]["max_state_group"], 7);
+    let (code, text, stderr) = hs_main(t, &["inspect"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(text.contains("state_groups_state"), "{text}");
+
+    let (code, stdout, stderr) = hs_main(t, &["inspect", "--json", "--exact"]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(report["exact"], true);
     assert_eq!(report["rooms"], 1);
     assert_eq!(report["events"], 9);
     assert_eq!(report["state_groups"], 7);
@@ -233,11 +263,34 @@ fn inspect_reports_a_synapse_database(t: &TestDb) {
     } else {
         assert_eq!(report["sequence"]["behind"], false);
     }
-    let (code, text, stderr) = hs_main(t, &["inspect"]);
+    let (code, text, stderr) = hs_main(t, &["inspect", "--exact"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         text.contains("state groups     7 (3 snapshots, 4 deltas)"),
         "{text}"
     );
     assert_eq!(tables(t, &mut raw), before, "inspect wrote nothing");
+
+    // Every group has an event so far.
+    let unreferenced = |t: &TestDb| {
+        let (code, stdout, stderr) = hs_main(t, &["inspect", "--json", "--unreferenced"]);
+        assert_eq!(code, 0, "{stderr}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+        let u = &report["unreferenced_state_groups"];
+        (
+            u["unreferenced"].as_i64().unwrap(),
+            u["unneeded"].as_i64().unwrap(),
+        )
+    };
+    assert_eq!(unreferenced(t), (0, 0));
+    // 8: a delta on 6 that no event took (a resolution left unused); 9: a
+    // snapshot no event names, but 10 (which an event names) is a delta on it.
+    raw.batch_execute(&format!(
+        "INSERT INTO state_groups (id, room_id, event_id) VALUES (8, '{ROOM}', '$x'), \
+         (9, '{ROOM}', '$y'), (10, '{ROOM}', '$z');
+         INSERT INTO state_group_edges (state_group, prev_state_group) VALUES (8, 6), (10, 9);
+         INSERT INTO event_to_state_groups (event_id, state_group) VALUES ('$z', 10);"
+    ))
+    .expect("adding unreferenced groups");
+    assert_eq!(unreferenced(t), (2, 1));
 }

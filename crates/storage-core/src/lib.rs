@@ -25,7 +25,9 @@ pub use claim::{on_claim_lost, ClaimRow, ClaimState, DatabaseFile, MainProcessCl
 pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};
-pub use engine::{Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TxnOptions};
+pub use engine::{
+    Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TableStatistics, TxnOptions,
+};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use log_context::LogContext;
 pub use transaction::Transaction;

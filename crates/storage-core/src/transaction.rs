@@ -112,6 +112,19 @@ impl<'a> Transaction<'a> {
         self.engine.inspect_sequence(self.conn, sequence)
     }
 
+    /// What the engine's statistics say about `tables` ([`Engine::table_statistics`]).
+    pub fn table_statistics(
+        &mut self,
+        tables: &[&str],
+    ) -> Result<Vec<crate::engine::TableStatistics>> {
+        self.engine.table_statistics(self.conn, tables)
+    }
+
+    /// [`Engine::most_common_values`] of `table.column`.
+    pub fn most_common_values(&mut self, table: &str, column: &str) -> Result<Vec<(String, f64)>> {
+        self.engine.most_common_values(self.conn, table, column)
+    }
+
     /// Wakes listeners on `channel` once this transaction commits.
     pub fn notify(&mut self, channel: &str, payload: &str) -> Result<()> {
         self.engine.notify(self.conn, channel, payload)

@@ -19,7 +19,7 @@ mod write;
 
 pub use caches::{Delta, StateCaches};
 pub use filter::StateFilter;
-pub use report::{state_report, StateReport};
+pub use report::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
 pub use store::{CacheKind, StateGroupStore, StateStore};
 pub use types::{key, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 pub use write::{NewStateGroup, STATE_GROUP_SEQUENCE};

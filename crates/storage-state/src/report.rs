@@ -25,17 +25,47 @@ pub struct StateReport {
     pub sequence: SequenceHealth,
 }
 
-/// Reads the report in one read-only transaction.
-pub fn state_report(db: &Database, top_rooms: usize) -> Result<StateReport> {
+/// State groups that no event references (Synapse issue 3364: they pile up
+/// where state is resolved and the result never used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnreferencedGroups {
+    /// Groups no row of `event_to_state_groups` names.
+    pub unreferenced: i64,
+    /// Of those, the groups no referenced group's delta chain passes through:
+    /// what could be deleted without rewriting any other group.
+    pub unneeded: i64,
+}
+
+/// Counts the state groups no event references; reads every group and mapping.
+pub fn unreferenced_groups(db: &Database) -> Result<UnreferencedGroups> {
+    db.run_read("unreferenced_state_groups", |txn| {
+        let (unreferenced, unneeded) = sql::unreferenced_groups(txn.conn())?;
+        Ok(UnreferencedGroups {
+            unreferenced,
+            unneeded,
+        })
+    })
+}
+
+/// Reads the report in one read-only transaction, counting every row; calls
+/// `step` with what it is about to count (for a progress display).
+pub fn state_report(
+    db: &Database,
+    top_rooms: usize,
+    mut step: impl FnMut(&str),
+) -> Result<StateReport> {
     db.run_read("state_report", |txn| {
+        step("counting state groups");
         let state_groups: i64 =
             with_conn!(txn.conn(), |c| state_groups::table.count().get_result(c))?;
         let delta_groups: i64 = with_conn!(txn.conn(), |c| state_group_edges::table
             .select(diesel::dsl::count(state_group_edges::state_group).aggregate_distinct())
             .get_result(c))?;
+        step("counting state rows");
         let state_rows: i64 = with_conn!(txn.conn(), |c| state_groups_state::table
             .count()
             .get_result(c))?;
+        step("counting state rows per room");
         let rooms_by_state_rows: Vec<(String, i64)> =
             with_conn!(txn.conn(), |c| state_groups_state::table
                 .group_by(state_groups_state::room_id)
@@ -43,6 +73,7 @@ pub fn state_report(db: &Database, top_rooms: usize) -> Result<StateReport> {
                 .order_by(count_star().desc())
                 .limit(top_rooms as i64)
                 .load(c))?;
+        step("measuring delta chains");
         let chains = sql::chain_stats(txn.conn())?;
         let sequence = txn.inspect_sequence(&STATE_GROUP_SEQUENCE)?;
         Ok(StateReport {

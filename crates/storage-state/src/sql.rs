@@ -248,6 +248,41 @@ pub(crate) fn chain_stats(conn: &mut Conn) -> Result<ChainStats> {
     }))
 }
 
+#[derive(QueryableByName, Debug)]
+struct Unreferenced {
+    #[diesel(sql_type = BigInt)]
+    unreferenced: i64,
+    #[diesel(sql_type = BigInt)]
+    unneeded: i64,
+}
+
+/// The groups no event references, and of those the groups that no referenced
+/// group's chain needs (the chains of referenced groups, walked down, keep the
+/// rest). `UNION` rather than `UNION ALL` visits each needed group once.
+pub(crate) fn unreferenced_groups(conn: &mut Conn) -> Result<(i64, i64)> {
+    let st = Statement {
+        sql: "WITH RECURSIVE needed(id) AS ( \
+                  SELECT state_group FROM event_to_state_groups \
+                  UNION \
+                  SELECT e.prev_state_group FROM state_group_edges e \
+                  JOIN needed n ON e.state_group = n.id \
+                  WHERE e.prev_state_group < e.state_group \
+              ) \
+              SELECT \
+                  (SELECT COUNT(*) FROM state_groups g WHERE NOT EXISTS \
+                      (SELECT 1 FROM event_to_state_groups x WHERE x.state_group = g.id)) \
+                      AS unreferenced, \
+                  (SELECT COUNT(*) FROM state_groups g WHERE g.id NOT IN (SELECT id FROM needed)) \
+                      AS unneeded"
+            .to_owned(),
+        binds: Vec::new(),
+    };
+    let rows: Vec<Unreferenced> = st.load(conn)?;
+    Ok(rows
+        .first()
+        .map_or((0, 0), |r| (r.unreferenced, r.unneeded)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,10 @@
 
 mod postgres;
 mod postgres_claim;
+mod postgres_statistics;
 mod sqlite;
 mod sqlite_claim;
+mod sqlite_statistics;
 
 pub use postgres::PostgresEngine;
 pub use postgres_claim::MAIN_PROCESS_LOCK_KEY;
@@ -95,6 +97,25 @@ impl SequenceHealth {
     }
 }
 
+/// What the engine's own bookkeeping says about a table, read without scanning
+/// it: what `hs-main inspect` shows by default on databases of any size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableStatistics {
+    pub table: String,
+    /// Rows, estimated unless `exact`; `None` when the engine keeps no estimate
+    /// yet (a PostgreSQL table never analyzed that is too big to count cheaply).
+    pub rows: Option<i64>,
+    /// Whether `rows` was counted (a small table, where counting costs little).
+    pub exact: bool,
+    /// Bytes on disk, indexes included; `None` where finding out is not cheap.
+    pub bytes: Option<i64>,
+}
+
+/// Tables up to this many bytes (or, where the size is unknown, estimated rows)
+/// are counted exactly by [`Engine::table_statistics`]: a count over them takes
+/// milliseconds.
+pub const EXACT_COUNT_LIMIT: i64 = 16 << 20;
+
 /// Held for the length of a transaction where the engine serialises writers.
 pub type WriterGuard<'e> = Option<MutexGuard<'e, ()>>;
 
@@ -151,6 +172,22 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// Checks, without changing anything, that the schema is exactly this binary's.
     fn check_schema(&self, conn: &mut Conn) -> Result<()>;
+
+    /// Rows and sizes of `tables` (which exist) from the statistics the engine keeps
+    /// (PostgreSQL: `pg_class.reltuples`, `pg_total_relation_size`; SQLite:
+    /// `sqlite_stat1` when ANALYZE ran, else the highest rowid, and `dbstat` page
+    /// sizes), small tables counted exactly. Never scans a big table.
+    fn table_statistics(&self, conn: &mut Conn, tables: &[&str]) -> Result<Vec<TableStatistics>>;
+
+    /// The most common values of `table.column`, with the share of the table's rows
+    /// holding each, most common first, as the engine's statistics estimate them;
+    /// empty where it keeps no such statistics.
+    fn most_common_values(
+        &self,
+        conn: &mut Conn,
+        table: &str,
+        column: &str,
+    ) -> Result<Vec<(String, f64)>>;
 
     /// Tries to claim the database for this process as its one main process:
     /// what keeps the claim (a session-level advisory lock on its own

@@ -198,6 +198,23 @@ impl Engine for PostgresEngine {
         migrations::check(conn.postgres()?, migrations::POSTGRES)
     }
 
+    fn table_statistics(
+        &self,
+        conn: &mut Conn,
+        tables: &[&str],
+    ) -> Result<Vec<super::TableStatistics>> {
+        super::postgres_statistics::table_statistics(conn.postgres()?, tables)
+    }
+
+    fn most_common_values(
+        &self,
+        conn: &mut Conn,
+        table: &str,
+        column: &str,
+    ) -> Result<Vec<(String, f64)>> {
+        super::postgres_statistics::most_common_values(conn.postgres()?, table, column)
+    }
+
     fn try_claim_main_process(
         &self,
         claim: &Arc<ClaimState>,

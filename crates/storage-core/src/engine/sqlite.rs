@@ -221,6 +221,24 @@ impl Engine for SqliteEngine {
         migrations::check(conn.sqlite()?, migrations::SQLITE)
     }
 
+    fn table_statistics(
+        &self,
+        conn: &mut Conn,
+        tables: &[&str],
+    ) -> Result<Vec<super::TableStatistics>> {
+        super::sqlite_statistics::table_statistics(conn.sqlite()?, tables)
+    }
+
+    fn most_common_values(
+        &self,
+        _conn: &mut Conn,
+        _table: &str,
+        _column: &str,
+    ) -> Result<Vec<(String, f64)>> {
+        // sqlite_stat4 keeps sampled index keys, not a frequency per value.
+        Ok(Vec::new())
+    }
+
     fn try_claim_main_process(
         &self,
         claim: &Arc<ClaimState>,
