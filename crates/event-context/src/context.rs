@@ -164,21 +164,13 @@ impl ContextBuilder {
         let Some(stored) = self.events.get_events(&[event_id])?.remove(event_id) else {
             return Ok(None);
         };
-        let version = self
-            .events
-            .get_room_version(&stored.room_id)?
+        let version = crate::incoming::stored_room_version(&self.events, &stored.room_id)?
             .ok_or_else(|| {
                 Error::corrupt(format!(
                     "event {event_id} is in room {}, which has no version",
                     stored.room_id
                 ))
             })?;
-        let version = RoomVersionId::try_from(version.as_str()).map_err(|e| {
-            Error::corrupt(format!(
-                "room {} has a bad version {version:?}: {e}",
-                stored.room_id
-            ))
-        })?;
         let mut pdu = Pdu::from_json(&stored.json, Some(&version))
             .map_err(|e| Error::corrupt(format!("stored event {event_id} does not parse: {e}")))?;
         pdu.rejected = stored.rejected.is_some();

@@ -16,108 +16,21 @@
 
 use crate::cli::Failure;
 use crate::lines::Lines;
-use crate::persist::{ExtremityResolver, RoomPersister};
-use crate::queue::{Chain, Handle, PersistenceQueue};
-use event_context::ruma::RoomVersionId;
-use event_context::{ContextBuilder, Pdu, PendingEvents};
+use event_context::{ContextBuilder, Pdu, PduReader, PendingEvents};
 use indicatif::{ProgressBar, ProgressStyle};
+use persistence::pipeline::BATCH;
+use persistence::{Chain, Handle, Pipeline};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use storage_core::{Database, Error, Result, ResultExt, StoreConfig};
-use storage_events::{EventStore, EventToPersist, EventsStore};
-use storage_state::{StateGroup, StateMap};
+use storage_core::{Error, Result, ResultExt, StoreConfig};
+use storage_events::{EventStore, EventToPersist};
 
-/// Events handed to the queue at a time, per room.
-const BATCH: usize = 100;
 /// Lines read, parsed and checked against storage at a time.
 const CHUNK: usize = 256;
 /// Batches in flight before the reader waits for the oldest.
 const IN_FLIGHT: usize = 8;
-
-/// Resolves current state over several forward extremities for the persister,
-/// with the batch being written readable before it is stored.
-struct Resolver {
-    builder: ContextBuilder,
-}
-
-impl ExtremityResolver for Resolver {
-    fn resolve_groups(
-        &self,
-        room_id: &str,
-        groups: &[StateGroup],
-        batch: &[EventToPersist],
-    ) -> Result<StateMap> {
-        // A room's first batch holds its create event, whose `rooms` row this
-        // very batch writes: its version comes from the event, not from storage.
-        let version = match room_version(self.builder.events(), room_id)? {
-            Some(v) => v,
-            None => batch
-                .iter()
-                .find(|e| e.rejected.is_none() && e.room_version.is_some())
-                .and_then(|e| e.room_version.as_deref())
-                .map(|v| {
-                    RoomVersionId::try_from(v).map_err(|e| {
-                        Error::corrupt(format!("room {room_id} has a bad version {v:?}: {e}"))
-                    })
-                })
-                .transpose()?
-                .ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "room {room_id} is unknown: its m.room.create event must come first"
-                    ))
-                })?,
-        };
-        let mut pending = PendingEvents::default();
-        for e in batch {
-            let mut pdu = Pdu::from_json(&e.json, Some(&version)).map_err(|err| {
-                Error::corrupt(format!("event {} does not parse: {err}", e.event_id))
-            })?;
-            pdu.rejected = e.rejected.is_some();
-            pending.insert_pdu(Arc::new(pdu));
-        }
-        Ok(self
-            .builder
-            .resolve_state_of_groups(room_id, &version, groups, &pending)?
-            .0)
-    }
-}
-
-fn room_version(events: &EventsStore, room_id: &str) -> Result<Option<RoomVersionId>> {
-    events
-        .get_room_version(room_id)?
-        .map(|v| {
-            RoomVersionId::try_from(v.as_str())
-                .map_err(|e| Error::corrupt(format!("room {room_id} has a bad version {v:?}: {e}")))
-        })
-        .transpose()
-}
-
-/// The stores and queue an import (or any writer of events) works with.
-#[derive(Debug)]
-pub struct Pipeline {
-    pub builder: ContextBuilder,
-    pub queue: PersistenceQueue,
-}
-
-impl Pipeline {
-    pub fn open(db: Database, config: &StoreConfig) -> Result<Pipeline> {
-        let events = EventsStore::new(db, config)?;
-        let builder = ContextBuilder::new(events.clone(), config);
-        let persister = RoomPersister::new(
-            events,
-            Arc::new(Resolver {
-                builder: builder.clone(),
-            }),
-        );
-        let queue = PersistenceQueue::new(
-            BATCH,
-            Box::new(move |room, batch| persister.persist(room, batch)),
-        );
-        Ok(Pipeline { builder, queue })
-    }
-}
 
 /// Where a line came from, for messages.
 #[derive(Debug, Clone)]
@@ -183,7 +96,8 @@ struct InFlight {
 struct Importer {
     pipeline: Pipeline,
     pending: PendingEvents,
-    versions: HashMap<String, RoomVersionId>,
+    /// Reads lines as PDUs of their room's version (the same reading as the HTTP API's).
+    reader: PduReader,
     rooms: HashMap<String, RoomImport>,
     in_flight: VecDeque<InFlight>,
     counts: Counts,
@@ -192,10 +106,12 @@ struct Importer {
 pub fn run(database: &str, files: &[PathBuf]) -> std::result::Result<(), Failure> {
     let started = Instant::now();
     let (_claim, db) = crate::open::open_as_main(database)?;
+    let pipeline = Pipeline::open(db, &StoreConfig::default())?;
+    let reader = PduReader::new(pipeline.builder.events().clone());
     let mut importer = Importer {
-        pipeline: Pipeline::open(db, &StoreConfig::default())?,
+        reader,
+        pipeline,
         pending: PendingEvents::default(),
-        versions: HashMap::new(),
         rooms: HashMap::new(),
         in_flight: VecDeque::new(),
         counts: Counts::default(),
@@ -295,21 +211,8 @@ impl Importer {
         let mut parsed = Vec::with_capacity(lines.len());
         let mut failure = None;
         for (at, text) in lines {
-            match self.parse(&text) {
-                Ok(pdu) => {
-                    if pdu.is_create() && !self.versions.contains_key(pdu.room_id.as_str()) {
-                        // The first create event of a room sets its version; a
-                        // second one is rejected and changes nothing.
-                        let stored =
-                            room_version(self.pipeline.builder.events(), pdu.room_id.as_str())
-                                .map_err(|e| (at.clone(), e))?;
-                        self.versions.insert(
-                            pdu.room_id.to_string(),
-                            stored.unwrap_or_else(|| pdu.room_version.clone()),
-                        );
-                    }
-                    parsed.push((at, pdu));
-                }
+            match self.reader.read(&text) {
+                Ok(pdu) => parsed.push((at, pdu)),
                 Err(e) => {
                     failure = Some((at, e));
                     break;
@@ -369,40 +272,6 @@ impl Importer {
             self.send(&room_id)?;
         }
         Ok(())
-    }
-
-    /// Reads a line as a PDU of its room's version, checked against the limits
-    /// every new event must keep.
-    fn parse(&self, line: &str) -> Result<Pdu> {
-        let head: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            Error::invalid_argument(format!("malformed event: not valid JSON: {e}"))
-        })?;
-        let is_create = head.get("type").and_then(|t| t.as_str()) == Some("m.room.create")
-            && head.get("state_key").and_then(|k| k.as_str()) == Some("");
-        let version = if is_create {
-            None
-        } else {
-            let room_id = head
-                .get("room_id")
-                .and_then(|r| r.as_str())
-                .ok_or_else(|| {
-                    Error::invalid_argument("malformed event: missing field `room_id`")
-                })?;
-            let version = match self.versions.get(room_id) {
-                Some(v) => Some(v.clone()),
-                None => room_version(self.pipeline.builder.events(), room_id)?,
-            };
-            Some(version.ok_or_else(|| {
-                Error::invalid_argument(format!(
-                    "event for unknown room {room_id}: its m.room.create event must come first"
-                ))
-            })?)
-        };
-        let pdu = Pdu::from_json(line, version.as_ref())
-            .map_err(|e| Error::invalid_argument(format!("malformed event: {e}")))?;
-        pdu.check_limits()
-            .map_err(|e| Error::invalid_argument(format!("event {} refused: {e}", pdu.event_id)))?;
-        Ok(pdu)
     }
 
     /// Hands the room's buffered events to the queue, as the next link of the

@@ -4,8 +4,8 @@
 
 use crate::cli::Failure;
 use crate::http::{self, ApiState, EventWriter};
-use crate::import_cmd::Pipeline;
-use crate::write_path::{self, ContextedEvent, WriteOutcome};
+use crate::write_path::{ContextedEvent, WriteOutcome};
+use persistence::Pipeline;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +19,9 @@ struct MainWriter {
 
 impl EventWriter for MainWriter {
     fn write(&self, room_id: &str, pdus: Vec<String>) -> Result<WriteOutcome, Error> {
-        let events = write_path::contexts_for(&self.pipeline.builder, room_id, &pdus)?;
-        write_path::persist(&self.pipeline.queue, room_id, &events)
+        let events = event_context::contexts_for(&self.pipeline.builder, room_id, &pdus)?;
+        let batch = self.pipeline.persist(room_id, &events)?;
+        Ok(WriteOutcome::new(&events, &batch))
     }
 
     fn write_contexted(
@@ -32,8 +33,9 @@ impl EventWriter for MainWriter {
             .into_iter()
             .map(ContextedEvent::into_parts)
             .collect::<Result<Vec<_>, _>>()?;
-        write_path::check_contexts(self.pipeline.builder.state(), room_id, &events)?;
-        write_path::persist(&self.pipeline.queue, room_id, &events)
+        event_context::check_contexts(self.pipeline.builder.state(), room_id, &events)?;
+        let batch = self.pipeline.persist(room_id, &events)?;
+        Ok(WriteOutcome::new(&events, &batch))
     }
 }
 

@@ -301,8 +301,7 @@ fn outliers_get_no_state(t: &TestDb) {
     use event_context::{ruma::RoomVersionId, Pdu, PendingEvents};
     use std::sync::Arc;
     let pipeline =
-        main_process::import_cmd::Pipeline::open(t.open(), &storage_core::StoreConfig::default())
-            .unwrap();
+        persistence::Pipeline::open(t.open(), &storage_core::StoreConfig::default()).unwrap();
     let lines = room_lines();
     let v2 = RoomVersionId::V2;
     let pdus: Vec<Pdu> = lines

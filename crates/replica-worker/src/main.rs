@@ -8,7 +8,7 @@
 use clap::Parser;
 use event_context::ContextBuilder;
 use main_process::http::{self, ApiState, EventWriter};
-use main_process::write_path::{self, ContextedEvent, WriteOutcome};
+use main_process::write_path::{ContextedEvent, WriteOutcome};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ struct ForwardingWriter {
 
 impl EventWriter for ForwardingWriter {
     fn write(&self, room_id: &str, pdus: Vec<String>) -> Result<WriteOutcome, Error> {
-        let events = write_path::contexts_for(&self.builder, room_id, &pdus)?;
+        let events = event_context::contexts_for(&self.builder, room_id, &pdus)?;
         let body = serde_json::json!({
             "events": events.iter().map(|(p, c)| ContextedEvent::new(p, c)).collect::<Vec<_>>(),
         });

@@ -70,6 +70,10 @@ pub enum ErrorKind {
     /// Anything else, described in words.
     #[error("{0}")]
     Other(String),
+    /// One error delivered to several callers (the waiters of a persistence
+    /// batch): [`Error::kind`] looks through it to the original's kind.
+    #[error("{0}")]
+    Shared(std::sync::Arc<Error>),
 }
 
 /// A storage error: its kind, the context it passed through, and where it happened.
@@ -118,13 +122,17 @@ impl Error {
         self
     }
 
+    /// What went wrong; for a shared error, the original's kind.
     pub fn kind(&self) -> &ErrorKind {
-        &self.0.kind
+        match &self.0.kind {
+            ErrorKind::Shared(original) => original.kind(),
+            kind => kind,
+        }
     }
 
     /// The diesel error underneath, if the database produced this error.
     pub fn database_error(&self) -> Option<&diesel::result::Error> {
-        match &self.0.kind {
+        match self.kind() {
             ErrorKind::Database(e) => Some(e),
             _ => None,
         }
@@ -132,16 +140,19 @@ impl Error {
 
     /// Whether this process lost its main-process claim (and must stop writing).
     pub fn is_claim_lost(&self) -> bool {
-        matches!(self.0.kind, ErrorKind::ClaimLost(_))
+        matches!(self.kind(), ErrorKind::ClaimLost(_))
     }
 
     pub fn is_not_found(&self) -> bool {
-        matches!(self.0.kind, ErrorKind::NotFound(_))
+        matches!(self.kind(), ErrorKind::NotFound(_))
     }
 
-    /// Where the error was created.
+    /// Where the error was created (for a shared error, where the original was).
     pub fn backtrace(&self) -> &Backtrace {
-        &self.0.backtrace
+        match &self.0.kind {
+            ErrorKind::Shared(original) => original.backtrace(),
+            _ => &self.0.backtrace,
+        }
     }
 }
 
@@ -157,13 +168,25 @@ impl fmt::Display for Error {
 impl fmt::Debug for Error {
     /// Display plus the backtrace: what `main` returning an error prints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self}\n\nbacktrace:\n{}", self.0.backtrace)
+        write!(f, "{self}\n\nbacktrace:\n{}", self.backtrace())
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         std::error::Error::source(&self.0.kind)
+    }
+}
+
+/// A caller's own copy of an error shared by several: same kind, same text, and
+/// the backtrace of where the original happened.
+impl From<std::sync::Arc<Error>> for Error {
+    fn from(original: std::sync::Arc<Error>) -> Self {
+        Error(Box::new(Inner {
+            kind: ErrorKind::Shared(original),
+            context: Vec::new(),
+            backtrace: Backtrace::disabled(),
+        }))
     }
 }
 

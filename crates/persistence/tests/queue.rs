@@ -1,7 +1,7 @@
 //! The persistence queue: shared batches, shared errors, independent rooms,
 //! abandoned callers, log context, and commit order of stream positions.
 
-use main_process::queue::{BatchOutcome, PersistenceQueue};
+use persistence::queue::{BatchOutcome, PersistenceQueue};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};

@@ -1,0 +1,172 @@
+//! Events as they arrive, before anything of them is stored: read each PDU
+//! with its room's version and check it against the limits every new event
+//! keeps, compute the contexts of a batch, and check contexts that another
+//! process (a replica worker) computed. Import and the HTTP API of both
+//! processes go through here, so they read and refuse events the same way.
+
+use crate::{ContextBuilder, EventContext, Pdu, PendingEvents};
+use ruma::RoomVersionId;
+use std::collections::HashMap;
+use std::sync::Arc;
+use storage_core::{Error, Result};
+use storage_events::{EventStore, EventsStore};
+use storage_state::StateGroupStore;
+
+/// The version of `room_id` as stored (its `rooms` row), parsed.
+pub fn stored_room_version(events: &EventsStore, room_id: &str) -> Result<Option<RoomVersionId>> {
+    events
+        .get_room_version(room_id)?
+        .map(|v| {
+            RoomVersionId::try_from(v.as_str())
+                .map_err(|e| Error::corrupt(format!("room {room_id} has a bad version {v:?}: {e}")))
+        })
+        .transpose()
+}
+
+/// Reads PDUs in the order they arrive, each with its room's version: that of
+/// the room's first create event earlier in the same input, else the stored
+/// one. A later create event of a room never changes its version (the context
+/// rejects it).
+#[derive(Debug, Clone)]
+pub struct PduReader {
+    events: EventsStore,
+    known: HashMap<String, RoomVersionId>,
+}
+
+impl PduReader {
+    pub fn new(events: EventsStore) -> Self {
+        PduReader {
+            events,
+            known: HashMap::new(),
+        }
+    }
+
+    /// The version of `room_id`, from the input so far or from storage.
+    pub fn room_version(&self, room_id: &str) -> Result<Option<RoomVersionId>> {
+        match self.known.get(room_id) {
+            Some(v) => Ok(Some(v.clone())),
+            None => stored_room_version(&self.events, room_id),
+        }
+    }
+
+    /// Reads one PDU (federation JSON text) and checks it against the limits of
+    /// [`Pdu::check_limits`]. An event of a room with no create event yet is a
+    /// not-found error naming the room.
+    pub fn read(&mut self, text: &str) -> Result<Pdu> {
+        let head: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            Error::invalid_argument(format!("malformed event: not valid JSON: {e}"))
+        })?;
+        let is_create = head.get("type").and_then(|t| t.as_str()) == Some("m.room.create")
+            && head.get("state_key").and_then(|k| k.as_str()) == Some("");
+        let version = if is_create {
+            // A create event carries its own version.
+            None
+        } else {
+            let room_id = head
+                .get("room_id")
+                .and_then(|r| r.as_str())
+                .ok_or_else(|| {
+                    Error::invalid_argument("malformed event: missing field `room_id`")
+                })?;
+            Some(self.room_version(room_id)?.ok_or_else(|| {
+                Error::not_found(format!(
+                    "event for unknown room {room_id}: its m.room.create event must come first"
+                ))
+            })?)
+        };
+        let pdu = Pdu::from_json(text, version.as_ref())
+            .map_err(|e| Error::invalid_argument(format!("malformed event: {e}")))?;
+        pdu.check_limits()
+            .map_err(|e| Error::invalid_argument(format!("event {} refused: {e}", pdu.event_id)))?;
+        if pdu.is_create() && !self.known.contains_key(pdu.room_id.as_str()) {
+            let version = match stored_room_version(&self.events, pdu.room_id.as_str())? {
+                Some(stored) => stored,
+                None => pdu.room_version.clone(),
+            };
+            self.known.insert(pdu.room_id.to_string(), version);
+        }
+        Ok(pdu)
+    }
+}
+
+/// Reads `pdus` (all of `room_id`, in order) and computes their contexts, each
+/// seeing the ones before it.
+pub fn contexts_for(
+    builder: &ContextBuilder,
+    room_id: &str,
+    pdus: &[String],
+) -> Result<Vec<(Pdu, EventContext)>> {
+    let mut reader = PduReader::new(builder.events().clone());
+    let mut pending = PendingEvents::default();
+    let mut out = Vec::with_capacity(pdus.len());
+    for (i, text) in pdus.iter().enumerate() {
+        let pdu = reader
+            .read(text)
+            .map_err(|e| e.context(format!("event #{i}")))?;
+        if pdu.room_id.as_str() != room_id {
+            return Err(Error::invalid_argument(format!(
+                "event #{i} ({}) is in room {}, not {room_id}",
+                pdu.event_id, pdu.room_id
+            )));
+        }
+        let context = builder
+            .compute_event_context(&pdu, false, &pending)
+            .map_err(|e| e.context(format!("event {}", pdu.event_id)))?;
+        pending.insert(Arc::new(pdu.clone()), context.clone());
+        out.push((pdu, context));
+    }
+    Ok(out)
+}
+
+/// Checks contexts that another process computed before they are persisted as
+/// they are: every event is in `room_id`; an outlier has no state groups and
+/// any other event has a group after it; and every group named exists and
+/// belongs to `room_id`. A worker with a bug (or a stale binary) is refused
+/// with the event and group named, instead of mapping events to state that is
+/// not theirs.
+pub fn check_contexts(
+    state: &storage_state::StateStore,
+    room_id: &str,
+    events: &[(Pdu, EventContext)],
+) -> Result<()> {
+    for (pdu, context) in events {
+        let event_id = &pdu.event_id;
+        if pdu.room_id.as_str() != room_id {
+            return Err(Error::invalid_argument(format!(
+                "event {event_id} is not in room {room_id}"
+            )));
+        }
+        let groups = [context.state_group_before, context.state_group_after];
+        match (context.outlier, context.state_group_after) {
+            (true, _) if groups.iter().any(Option::is_some) => {
+                return Err(Error::invalid_argument(format!(
+                    "event {event_id} is an outlier but its context names state groups"
+                )))
+            }
+            (false, None) => {
+                return Err(Error::invalid_argument(format!(
+                    "event {event_id} is not an outlier but its context has no state group after it"
+                )))
+            }
+            _ => {}
+        }
+        for group in groups.into_iter().flatten() {
+            // The store caches each group's room, so a batch naming one group
+            // many times asks the database once.
+            match state.get_state_group_room(group)? {
+                None => {
+                    return Err(Error::invalid_argument(format!(
+                        "event {event_id}: its context names state group {group}, which does not exist"
+                    )))
+                }
+                Some(r) if r != room_id => {
+                    return Err(Error::invalid_argument(format!(
+                        "event {event_id}: its context names state group {group}, which belongs to room {r}, not {room_id}"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
