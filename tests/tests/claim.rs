@@ -454,3 +454,53 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Every session of `serve` ended from the server's side at once (what a
+/// server restart does to it), with nobody else waiting: writes fail for a
+/// moment (not acknowledged), then go on, and the claim is taken again.
+#[test]
+fn postgres_serve_survives_all_its_sessions_ending() {
+    let Some(db) = TestDb::postgres() else { return };
+    let main = main_process(&db, free_port());
+    let (mut room, mut acknowledged) = founded_room(&main.url);
+    let claim_session = db.claim_sessions()[0];
+    {
+        use diesel::prelude::*;
+        with_conn!(&mut db.raw_connection(), |c| diesel::sql_query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        .execute(c))
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failures = 0;
+    let mut i = 0;
+    while acknowledged.len() < 13 {
+        i += 1;
+        let before = room.clone();
+        let e = message(&mut room, &format!("after{i}"));
+        match post(&main.url, vec![e.clone()]) {
+            Ok(_) => acknowledged.push(id_of(&e)),
+            Err(err) => {
+                assert!(err.starts_with("500"), "{err}");
+                failures += 1;
+                room = before;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not recover:\n{}",
+            main.log_text()
+        );
+    }
+    eprintln!("{failures} writes failed after the sessions ended");
+    while !matches!(db.claim_sessions()[..], [s] if s != claim_session) {
+        assert!(Instant::now() < deadline, "{}", main.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!main.log_text().contains("lost the main-process claim"));
+    drop(main);
+    assert_all_stored(db.url(), &acknowledged);
+}
