@@ -92,36 +92,7 @@ fn main() {
 
     // A room with MEMBERS members and as many topic changes, in batches of 50.
     let mut room = Room::default();
-    let mut events = vec![
-        room.event(
-            "create",
-            "m.room.create",
-            ALICE,
-            Some(""),
-            json!({"creator": ALICE, "room_version": "2"}),
-        ),
-        room.event(
-            "alice",
-            "m.room.member",
-            ALICE,
-            Some(ALICE),
-            json!({"membership": "join"}),
-        ),
-        room.event(
-            "power",
-            "m.room.power_levels",
-            ALICE,
-            Some(""),
-            json!({"users": {ALICE: 100}}),
-        ),
-        room.event(
-            "rules",
-            "m.room.join_rules",
-            ALICE,
-            Some(""),
-            json!({"join_rule": "public"}),
-        ),
-    ];
+    let mut events = room.founding("");
     for i in 0..MEMBERS {
         let user = format!("@u{i}:example.com");
         events.push(room.event(

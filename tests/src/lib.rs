@@ -210,6 +210,44 @@ impl Room {
     }
 }
 
+impl Room {
+    /// The room's first events: its create event (room version 2), Alice's
+    /// join, power levels giving her 100, public join rules; ids
+    /// `$<prefix>create`, `$<prefix>alice`, `$<prefix>power`, `$<prefix>rules`.
+    pub fn founding(&mut self, prefix: &str) -> Vec<Value> {
+        vec![
+            self.event(
+                &format!("{prefix}create"),
+                "m.room.create",
+                ALICE,
+                Some(""),
+                json!({"creator": ALICE, "room_version": "2"}),
+            ),
+            self.event(
+                &format!("{prefix}alice"),
+                "m.room.member",
+                ALICE,
+                Some(ALICE),
+                json!({"membership": "join"}),
+            ),
+            self.event(
+                &format!("{prefix}power"),
+                "m.room.power_levels",
+                ALICE,
+                Some(""),
+                json!({"users": {ALICE: 100}}),
+            ),
+            self.event(
+                &format!("{prefix}rules"),
+                "m.room.join_rules",
+                ALICE,
+                Some(""),
+                json!({"join_rule": "public"}),
+            ),
+        ]
+    }
+}
+
 pub fn wait_for_position(process: &Process, target: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -41,32 +41,10 @@ fn hs_main(url: &str, args: &[&str]) -> (ExitStatus, String) {
     )
 }
 
-/// Posts the room's first events; returns the room and their ids.
+/// Posts the room's founding events; returns the room and their ids.
 fn founded_room(url: &str) -> (Room, Vec<String>) {
     let mut room = Room::default();
-    let events = vec![
-        room.event(
-            "create",
-            "m.room.create",
-            ALICE,
-            Some(""),
-            json!({"creator": ALICE, "room_version": "2"}),
-        ),
-        room.event(
-            "alice",
-            "m.room.member",
-            ALICE,
-            Some(ALICE),
-            json!({"membership": "join"}),
-        ),
-        room.event(
-            "power",
-            "m.room.power_levels",
-            ALICE,
-            Some(""),
-            json!({"users": {ALICE: 100}}),
-        ),
-    ];
+    let events = room.founding("");
     let mut ids = vec![];
     for e in events {
         post(url, vec![e.clone()]).unwrap();
@@ -402,33 +380,19 @@ fn postgres_claim_session_killed_under_serve_with_an_import_racing() {
     assert_all_stored(db.url(), &acknowledged);
 }
 
-/// Three events of another room (`!other:example.com`) as import lines.
+/// Five events of another room (`!other:example.com`) as import lines.
 fn other_room_lines() -> String {
     let mut room = Room::default();
     let mut lines = String::new();
-    for mut e in [
-        room.event(
-            "o-create",
-            "m.room.create",
-            ALICE,
-            Some(""),
-            json!({"creator": ALICE, "room_version": "2"}),
-        ),
-        room.event(
-            "o-alice",
-            "m.room.member",
-            ALICE,
-            Some(ALICE),
-            json!({"membership": "join"}),
-        ),
-        room.event(
-            "o-topic",
-            "m.room.topic",
-            ALICE,
-            Some(""),
-            json!({"topic": "o"}),
-        ),
-    ] {
+    let mut events = room.founding("o-");
+    events.push(room.event(
+        "o-topic",
+        "m.room.topic",
+        ALICE,
+        Some(""),
+        json!({"topic": "o"}),
+    ));
+    for mut e in events {
         e["room_id"] = json!("!other:example.com");
         lines.push_str(&e.to_string());
         lines.push('\n');

@@ -24,36 +24,7 @@ fn main_and_two_workers_agree() {
 
     let mut room = Room::default();
     let mut ids = vec![];
-    let mut script = vec![
-        room.event(
-            "create",
-            "m.room.create",
-            ALICE,
-            Some(""),
-            json!({"creator": ALICE, "room_version": "2"}),
-        ),
-        room.event(
-            "alice",
-            "m.room.member",
-            ALICE,
-            Some(ALICE),
-            json!({"membership": "join"}),
-        ),
-        room.event(
-            "power",
-            "m.room.power_levels",
-            ALICE,
-            Some(""),
-            json!({"users": {ALICE: 100}}),
-        ),
-        room.event(
-            "rules",
-            "m.room.join_rules",
-            ALICE,
-            Some(""),
-            json!({"join_rule": "public"}),
-        ),
-    ];
+    let mut script = room.founding("");
     for i in 0..12 {
         let user = format!("@u{i}:example.com");
         script.push(room.event(
