@@ -183,7 +183,7 @@ fn sqlite_path(db: &TestDb) -> PathBuf {
 /// Posts until the server stops acknowledging, changes the SQLite file with
 /// `change` meanwhile, and checks that the server then acknowledges nothing
 /// and exits with the claim-lost status and a line saying `says`.
-fn serve_stops_when_its_file_changes(change: impl FnOnce(&Path), says: &str) {
+fn serve_stops_when_its_file_changes(change: impl FnOnce(&Path), says: &str) -> TestDb {
     let db = TestDb::sqlite();
     let mut main = main_process(&db, free_port());
     let (room, _) = founded_room(&main.url);
@@ -203,16 +203,22 @@ fn serve_stops_when_its_file_changes(change: impl FnOnce(&Path), says: &str) {
         .find(|l| l.contains("ERROR") && l.contains("lost the main-process claim"))
         .unwrap_or_else(|| panic!("no claim-lost line in:\n{log}"));
     assert!(line.contains(says), "{line}");
+    db
 }
 
 #[test]
 fn serve_stops_when_its_sqlite_file_is_deleted() {
-    serve_stops_when_its_file_changes(|path| std::fs::remove_file(path).unwrap(), "was deleted");
+    let db = serve_stops_when_its_file_changes(
+        |path| std::fs::remove_file(path).unwrap(),
+        "was deleted",
+    );
+    // Nothing brought it back empty.
+    assert!(!sqlite_path(&db).exists());
 }
 
 #[test]
 fn serve_stops_when_its_sqlite_file_is_replaced() {
-    serve_stops_when_its_file_changes(
+    let _ = serve_stops_when_its_file_changes(
         |path| {
             let copy = path.with_file_name("replacement.db");
             std::fs::copy(path, &copy).unwrap();

@@ -312,7 +312,8 @@ fn sqlite_a_second_claim_through_a_hard_link_never_makes_two_writers() {
 
 /// The database file deleted under the holder: the next write fails naming the
 /// file, and so does a write during which it was deleted, although it committed
-/// (to the deleted file): it is not acknowledged.
+/// (to the deleted file): it is not acknowledged. The pool's new connections do
+/// not recreate the file.
 #[test]
 fn sqlite_a_deleted_database_file_stops_the_holder() {
     let t = TestDb::sqlite();
@@ -329,6 +330,10 @@ fn sqlite_a_deleted_database_file_stops_the_holder() {
     });
     assert_claim_lost(during, "was deleted");
     assert_claim_lost(insert_group(&db, 3), "was deleted");
+    // A new connection of the process does not bring the file back empty.
+    let err = db.engine().connect().unwrap_err();
+    assert!(err.to_string().contains("unable to open"), "{err}");
+    assert!(!path.exists());
 }
 
 /// The database file replaced (a copy renamed over it) under the holder: the

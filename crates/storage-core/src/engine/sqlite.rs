@@ -12,6 +12,7 @@ use diesel::sql_types::BigInt;
 use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// SQLite through the bundled library.
@@ -28,6 +29,11 @@ pub struct SqliteEngine {
     writer: Mutex<()>,
     /// Next-id counters per sequence, seeded from `max(id)` on first use.
     counters: Mutex<HashMap<&'static str, i64>>,
+    /// Set once a connection of this engine opened the database: later ones (the
+    /// pool's) must find the file where it was and never create an empty one in
+    /// its place, so that a file deleted under a running process does not
+    /// quietly come back empty (the claim's proof reports it deleted).
+    opened: AtomicBool,
 }
 
 #[derive(QueryableByName)]
@@ -47,6 +53,7 @@ impl SqliteEngine {
             path,
             writer: Mutex::new(()),
             counters: Mutex::new(HashMap::new()),
+            opened: AtomicBool::new(false),
         }
     }
 
@@ -54,9 +61,10 @@ impl SqliteEngine {
         self.config.mode == OpenMode::ReadOnly
     }
 
-    /// The string handed to sqlite3_open_v2: the plain path for writers (created if
-    /// missing, with its folder), a `file:` URI with `mode=ro` for read-only opens,
-    /// which must not create anything.
+    /// The string handed to sqlite3_open_v2: the plain path for a writer's first
+    /// connection (created if missing, with its folder), a `file:` URI with
+    /// `mode=rw` for its later ones and `mode=ro` for read-only opens, which must
+    /// not create anything.
     fn open_target(&self) -> Result<String> {
         let path = &self.path;
         let display = path.display();
@@ -65,6 +73,9 @@ impl SqliteEngine {
                 return Err(Error::not_found(format!("no SQLite database at {display}")));
             }
             return Ok(format!("file:{}?mode=ro", uri_escape(path)));
+        }
+        if self.opened.load(Ordering::SeqCst) {
+            return Ok(format!("file:{}?mode=rw", uri_escape(path)));
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
@@ -124,6 +135,7 @@ impl Engine for SqliteEngine {
         }
         c.batch_execute(&pragmas)
             .with_context(|| format!("configuring SQLite database {}", self.path.display()))?;
+        self.opened.store(true, Ordering::SeqCst);
         Ok(Conn::Sqlite(c))
     }
 
