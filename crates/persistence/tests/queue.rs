@@ -377,3 +377,46 @@ fn a_failed_item_stops_the_later_items_of_its_chain_only() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Every waiter's error keeps the kind of the failure (the HTTP layer answers a
+/// pool timeout or an unreachable database with 503, bad input with 400), its
+/// text, and the backtrace of where it happened.
+#[test]
+fn a_failure_keeps_its_kind_for_every_waiter() {
+    use storage_core::ErrorKind;
+    let queue = PersistenceQueue::new(
+        100,
+        Box::new(|_room, events| {
+            if events[0].event_id == "$down" {
+                Err(Error::unavailable("the database is unreachable"))
+            } else {
+                Err(Error::invalid_argument("a bad event"))
+            }
+        }),
+    );
+    for (id, check) in [
+        (
+            "$down",
+            (|k: &ErrorKind| matches!(k, ErrorKind::Unavailable(_))) as fn(&ErrorKind) -> bool,
+        ),
+        ("$bad", |k: &ErrorKind| {
+            matches!(k, ErrorKind::InvalidArgument(_))
+        }),
+    ] {
+        let shared = queue
+            .enqueue("!r", vec![event("!r", id, Some(1))])
+            .wait()
+            .unwrap_err();
+        let own: Error = shared.into();
+        assert!(check(own.kind()), "{id}: {own}");
+        assert!(
+            own.to_string().contains("persisting 1 events in !r"),
+            "{own}"
+        );
+        let trace = format!("{:?}", own.backtrace());
+        assert!(
+            trace.contains("a_failure_keeps_its_kind_for_every_waiter"),
+            "the backtrace is the original's, from the persister: {trace}"
+        );
+    }
+}

@@ -128,7 +128,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     };
     let db = Database::open(DatabaseConfig::parse(&cli.database, OpenMode::Replica)?)?;
     let slaved = SlavedStore::new(db, &config)?;
-    let _follower = slaved.follow(&cli.database);
+    let _follower = slaved.follow();
     let builder = ContextBuilder::new(slaved.events().clone(), &config);
     let position = slaved.clone();
     let state = ApiState {

@@ -26,7 +26,8 @@ pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};
 pub use engine::{
-    Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TableStatistics, TxnOptions,
+    Engine, Isolation, Listener, Sequence, SequenceHealth, SequenceRepair, TableStatistics,
+    TxnOptions,
 };
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use log_context::LogContext;

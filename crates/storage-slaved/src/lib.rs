@@ -9,8 +9,6 @@
 //! it. It catches up from its last position at start and after a reconnect, is
 //! woken by LISTEN/NOTIFY, and also polls, so a lost notification only delays it.
 
-use diesel::connection::SimpleConnection;
-use diesel::{Connection, PgConnection};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,15 +101,15 @@ impl SlavedStore {
     }
 
     /// Follows the replication stream on a thread of its own (log context
-    /// "replication"), listening on `url` for notifications, until the returned
-    /// [`Follower`] is dropped.
-    pub fn follow(&self, url: &str) -> Follower {
-        let (store, url) = (self.clone(), url.to_owned());
+    /// "replication"), listening for notifications on a connection of its own,
+    /// until the returned [`Follower`] is dropped.
+    pub fn follow(&self) -> Follower {
+        let store = self.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = log_context::spawn("replication", move || {
             while !stopped.load(Ordering::SeqCst) {
-                if let Err(e) = store.follow_once(&url, &stopped) {
+                if let Err(e) = store.follow_once(&stopped) {
                     log::warn!("replication connection lost, reconnecting: {e}");
                     std::thread::sleep(RECONNECT);
                 }
@@ -125,22 +123,22 @@ impl SlavedStore {
 
     /// One connection's life: LISTEN, catch up, then catch up whenever woken or
     /// every [`POLL`]. Returns when the connection fails.
-    fn follow_once(&self, url: &str, stop: &AtomicBool) -> Result<()> {
-        let mut conn = PgConnection::establish(url)?;
+    fn follow_once(&self, stop: &AtomicBool) -> Result<()> {
         // Named, so that the connection can be told apart in pg_stat_activity.
-        conn.batch_execute(&format!(
-            "SET application_name = '{APPLICATION_NAME}'; LISTEN {REPLICATION_CHANNEL}"
-        ))?;
+        let mut listener = self
+            .events
+            .database()
+            .engine()
+            .listen(REPLICATION_CHANNEL, APPLICATION_NAME)?;
         self.catch_up()?;
         let mut last = Instant::now();
         let mut last_woken = Instant::now() - BUSY;
         while !stop.load(Ordering::SeqCst) {
             let mut woken = false;
             let mut announced: Option<(i64, i64)> = None;
-            for n in conn.notifications_iter() {
-                let n = n?;
+            for payload in listener.drain()? {
                 woken = true;
-                let mut parts = n.payload.split(' ').map(str::parse::<i64>);
+                let mut parts = payload.split(' ').map(str::parse::<i64>);
                 if let (Some(Ok(pos)), Some(Ok(ts))) = (parts.next(), parts.next()) {
                     announced = announced.max(Some((pos, ts)));
                 }
@@ -159,11 +157,11 @@ impl SlavedStore {
                 }
             } else if last.elapsed() >= POLL {
                 // A query on the listening connection, so that a dead one is noticed.
-                conn.batch_execute("SELECT 1")?;
+                listener.ping()?;
                 self.catch_up()?;
                 last = Instant::now();
             } else {
-                // notifications_iter never blocks (diesel does not expose the
+                // Listener::drain never blocks (diesel does not expose the
                 // socket to wait on): look often while commits are arriving, less
                 // often when idle.
                 std::thread::sleep(if last_woken.elapsed() < BUSY {

@@ -146,7 +146,7 @@ fn follower_is_woken_and_survives_a_killed_connection() {
     let Some(t) = TestDb::postgres() else { return };
     let (mut main, worker) = room_with_a_cached_topic(&t);
     let logs = storage_core::logging::capture();
-    let follower = worker.follow(t.url());
+    let follower = worker.follow();
 
     let position = main.write("$topic2", ("m.room.topic", ""));
     wait_until("the first position", || worker.position() >= position);
@@ -298,7 +298,7 @@ fn reported_position_never_runs_ahead_of_current_state() {
     let mut main = Main::new(&t);
     main.write("$create", ("m.room.create", ""));
     let worker = slaved(&t);
-    let follower = worker.follow(t.url());
+    let follower = worker.follow();
     const TOPICS: usize = 150;
     let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let writer = {

@@ -6,6 +6,7 @@
 //! generation for sequences, table locks, migrations. Each engine has one
 //! implementation, named after it.
 
+mod listen;
 mod postgres;
 mod postgres_claim;
 mod postgres_statistics;
@@ -13,6 +14,7 @@ mod sqlite;
 mod sqlite_claim;
 mod sqlite_statistics;
 
+pub use listen::Listener;
 pub use postgres::PostgresEngine;
 pub use postgres_claim::MAIN_PROCESS_LOCK_KEY;
 pub use sqlite::SqliteEngine;
@@ -165,6 +167,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Wakes the processes listening on `channel` once the transaction commits
     /// (PostgreSQL NOTIFY); nothing where one process is all there is.
     fn notify(&self, conn: &mut Conn, channel: &str, payload: &str) -> Result<()>;
+
+    /// A new connection of its own listening on `channel`, named
+    /// `application_name` (PostgreSQL LISTEN); an error where one process is
+    /// all there is (SQLite), since nobody else would ever notify.
+    fn listen(&self, channel: &str, application_name: &str) -> Result<Box<dyn Listener>>;
 
     /// Applies pending migrations; returns the versions applied. Refuses a schema
     /// newer than this binary.

@@ -215,6 +215,18 @@ impl Engine for PostgresEngine {
         super::postgres_statistics::most_common_values(conn.postgres()?, table, column)
     }
 
+    fn listen(&self, channel: &str, application_name: &str) -> Result<Box<dyn super::Listener>> {
+        let conn = match self.connect()? {
+            Conn::Postgres(c) => c,
+            Conn::Sqlite(_) => unreachable!("the PostgreSQL engine connects to PostgreSQL"),
+        };
+        Ok(Box::new(super::listen::PgListener::start(
+            conn,
+            channel,
+            application_name,
+        )?))
+    }
+
     fn try_claim_main_process(
         &self,
         claim: &Arc<ClaimState>,

@@ -251,6 +251,13 @@ impl Engine for SqliteEngine {
         Ok(Vec::new())
     }
 
+    fn listen(&self, channel: &str, _application_name: &str) -> Result<Box<dyn super::Listener>> {
+        Err(crate::Error::invalid_argument(format!(
+            "cannot listen on {channel}: SQLite serves one process, so nothing notifies it; \
+             replicas need PostgreSQL"
+        )))
+    }
+
     fn try_claim_main_process(
         &self,
         claim: &Arc<ClaimState>,
