@@ -93,7 +93,9 @@ pub struct ContextBuilder {
     state: StateStore,
     events: EventsStore,
     pdus: Arc<LruCache<String, Arc<Pdu>>>,
-    resolutions: Arc<LruCache<Vec<StateGroup>, StateGroup>>,
+    /// Per set of groups, the group holding their resolved state and the event
+    /// it was stored for.
+    resolutions: Arc<LruCache<Vec<StateGroup>, (StateGroup, String)>>,
     groups_stored: Arc<AtomicU64>,
 }
 
@@ -376,13 +378,19 @@ impl ContextBuilder {
         pending: &PendingEvents,
     ) -> Result<(StateGroup, storage_state::StateMap)> {
         let key: Vec<StateGroup> = groups.to_vec();
-        if let Some(g) = self.resolutions.get(&key) {
-            let state = self
-                .state
-                .get_state_for_groups(&[g], &StateFilter::all())?
-                .remove(&g)
-                .unwrap_or_default();
-            return Ok((g, state));
+        // A cached group is reused only while it is sure to stay: its event is
+        // still being written by this caller, or an event references it. A
+        // group whose event was refused is unreferenced, and a purge may have
+        // deleted it (or may, before this event commits).
+        if let Some((g, creator)) = self.resolutions.get(&key) {
+            if pending.contains(&creator) || self.state.is_group_referenced(g)? {
+                let state = self
+                    .state
+                    .get_state_for_groups(&[g], &StateFilter::all())?
+                    .remove(&g)
+                    .unwrap_or_default();
+                return Ok((g, state));
+            }
         }
         let (resolved, inputs) =
             self.resolve_state_of_groups(room_id, room_version, groups, pending)?;
@@ -410,7 +418,7 @@ impl ContextBuilder {
                 g
             }
         };
-        self.resolutions.insert(key, group);
+        self.resolutions.insert(key, (group, for_event.to_owned()));
         Ok((group, resolved))
     }
 

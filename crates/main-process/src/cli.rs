@@ -79,6 +79,14 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         sample: usize,
     },
+    /// Delete the state groups that no event's state needs (left by writes that
+    /// were refused or interrupted), and their rows. `serve` does the same every
+    /// 10 minutes on its own.
+    PurgeStateGroups {
+        /// Only count them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Serve the HTTP API (shared/design/HTTP.md).
     Serve {
         /// Address to listen on.
@@ -154,6 +162,8 @@ pub fn run() -> ExitCode {
         Command::Serve { listen } => {
             LogContext::new("serve").scope(|| crate::serve_cmd::run(&database, listen))
         }
+        Command::PurgeStateGroups { dry_run } => LogContext::new("purge-state-groups")
+            .scope(|| crate::purge_cmd::run(&database, dry_run)),
         Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
         Command::State { room_id, at } => LogContext::new("state")
             .scope(|| crate::state_cmd::run(&database, &room_id, at.as_deref())),

@@ -9,6 +9,7 @@ pub mod lines;
 pub mod migrate_cmd;
 pub mod open;
 pub mod port;
+pub mod purge_cmd;
 pub mod serve_cmd;
 pub mod state_cmd;
 pub mod write_path;

@@ -67,6 +67,7 @@ pub fn run(database: &str, listen: SocketAddr) -> Result<(), Failure> {
     let pipeline = Pipeline::open(db, &StoreConfig::default())?;
     let events = pipeline.builder.events().clone();
     spawn_pruning(events.clone());
+    crate::purge_cmd::spawn_purging(events.database().clone());
     let state = ApiState {
         state: pipeline.builder.state().clone(),
         position: Arc::new(move || events.max_stream_ordering()),

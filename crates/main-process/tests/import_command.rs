@@ -21,6 +21,8 @@ storage_core::engine_tests!(
     a_second_create_event_changes_nothing,
     events_over_the_limits_are_refused_naming_their_line,
     gzip_and_standard_input_are_read,
+    a_refused_room_is_unknown_and_its_groups_are_purged,
+    a_purged_resolution_is_never_reused,
 );
 
 const ROOM: &str = "!r:example.com";
@@ -694,4 +696,116 @@ fn gzip_and_standard_input_are_read(t: &TestDb) {
     );
     storage_events::testing::assert_invariants(&t.open());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn groups_of(t: &TestDb, room: &str) -> i64 {
+    use diesel::prelude::*;
+    use storage_state::schema::state_groups as g;
+    with_conn!(&mut t.raw_connection(), |c| g::table
+        .filter(g::room_id.eq(room))
+        .count()
+        .get_result(c))
+    .unwrap()
+}
+
+/// A room whose only batch failed leaves the state groups its contexts stored;
+/// the room is still unknown (`state` exits 2), and `purge-state-groups`
+/// deletes those groups (after a dry run that only counts them).
+fn a_refused_room_is_unknown_and_its_groups_are_purged(t: &TestDb) {
+    let dir = tempdir();
+    let room = "!example:example.org";
+    drop(t.open());
+    t.fail_inserts("events", "event_id", "$hello:example.org");
+    let file = write(&dir, "room.jsonl", &lines_of(&example_room()));
+    let (code, _, stderr) = hs_main(t, &["import", &file]);
+    assert_eq!(code, 1, "{stderr}");
+    let left = groups_of(t, room);
+    assert!(left > 0, "the refused batch's contexts stored groups");
+    let (code, _, stderr) = hs_main(t, &["state", room]);
+    assert_eq!(code, 2, "a room with no stored event is unknown: {stderr}");
+
+    let (code, stdout, stderr) = hs_main(t, &["purge-state-groups", "--dry-run"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("{left} state groups are needed by no event")),
+        "{stdout}"
+    );
+    assert_eq!(groups_of(t, room), left);
+    let (code, stdout, stderr) = hs_main(t, &["purge-state-groups"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("deleted {left} state groups")),
+        "{stdout}"
+    );
+    assert_eq!(groups_of(t, room), 0);
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A merge's resolved state is stored as a group and cached per set of prev
+/// groups. When the merge event is refused, a purge deletes that group; the
+/// next event merging the same groups must get a group that exists, not the
+/// cached one.
+fn a_purged_resolution_is_never_reused(t: &TestDb) {
+    use event_context::{contexts_for, PduReader, PendingEvents};
+    use storage_state::StateGroupStore;
+    let pipeline =
+        persistence::Pipeline::open(t.open(), &storage_core::StoreConfig::default()).unwrap();
+    let room = "!example:example.org";
+    let mut events = example_room()[..6].to_vec();
+    events.push(alice_sets(
+        "topic2",
+        "m.room.topic",
+        json!({"topic": "t"}),
+        "hello",
+    ));
+    events.push(alice_sets(
+        "name2",
+        "m.room.name",
+        json!({"name": "n"}),
+        "hello",
+    ));
+    let prefix = contexts_for(&pipeline.builder, room, &lines_of(&events)).unwrap();
+    pipeline.persist(room, &prefix).unwrap();
+
+    let merge = |id: &str| {
+        let mut m = alice_sets(id, "m.room.message", json!({"body": id}), "topic2");
+        m.as_object_mut().unwrap().remove("state_key");
+        m["prev_events"] = json!([
+            ["$topic2:example.org", {"sha256": "aGFzaA"}],
+            ["$name2:example.org", {"sha256": "aGFzaA"}]
+        ]);
+        let mut reader = PduReader::new(pipeline.builder.events().clone());
+        let pdu = reader.read(&m.to_string()).unwrap();
+        pipeline
+            .builder
+            .compute_event_context(&pdu, false, &PendingEvents::default())
+            .unwrap()
+    };
+    let first = merge("merge1");
+    let resolved = first.state_group_before.unwrap();
+    let state = pipeline.builder.state();
+    assert_eq!(
+        state.get_state_group_room(resolved).unwrap().as_deref(),
+        Some(room)
+    );
+    // merge1 is never persisted: its resolved group is unneeded and goes.
+    let db = pipeline.builder.events().database();
+    let up_to = storage_state::highest_state_group(db).unwrap();
+    let report = storage_state::purge_unneeded_groups(db, up_to, false).unwrap();
+    assert!(report.groups >= 1, "{report:?}");
+
+    let second = merge("merge2");
+    let before = second.state_group_before.unwrap();
+    assert_ne!(before, resolved, "the purged group is not reused");
+    let exists: i64 = {
+        use diesel::prelude::*;
+        use storage_state::schema::state_groups as g;
+        with_conn!(&mut t.raw_connection(), |c| g::table
+            .filter(g::id.eq(before))
+            .count()
+            .get_result(c))
+        .unwrap()
+    };
+    assert_eq!(exists, 1);
 }

@@ -9,6 +9,7 @@
 
 mod caches;
 mod filter;
+pub mod purge;
 mod read;
 mod report;
 pub mod schema;
@@ -19,6 +20,7 @@ mod write;
 
 pub use caches::{Delta, StateCaches};
 pub use filter::StateFilter;
+pub use purge::{highest_state_group, purge_unneeded_groups, PurgeReport};
 pub use report::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
 pub use store::{CacheKind, StateGroupStore, StateStore};
 pub use types::{key, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};

@@ -256,25 +256,48 @@ struct Unreferenced {
     unneeded: i64,
 }
 
+/// The groups some event's state needs: the groups events reference and every
+/// group their delta chains pass through (walked down). `UNION` rather than
+/// `UNION ALL` visits each needed group once.
+const NEEDED_GROUPS: &str = "WITH RECURSIVE needed(id) AS ( \
+        SELECT state_group FROM event_to_state_groups \
+        UNION \
+        SELECT e.prev_state_group FROM state_group_edges e \
+        JOIN needed n ON e.state_group = n.id \
+        WHERE e.prev_state_group < e.state_group \
+    ) ";
+
+#[derive(QueryableByName)]
+struct GroupId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// The groups up to `up_to` that no event's state needs (see
+/// [`NEEDED_GROUPS`]), highest first: children before their prev groups.
+pub(crate) fn unneeded_groups(conn: &mut Conn, up_to: StateGroup) -> Result<Vec<StateGroup>> {
+    let mut st = Statement::default();
+    let bound = st.placeholder(Bind::Int(up_to));
+    st.sql = format!(
+        "{NEEDED_GROUPS}SELECT g.id AS id FROM state_groups g \
+         WHERE g.id <= {bound} AND g.id NOT IN (SELECT id FROM needed) ORDER BY g.id DESC"
+    );
+    let rows: Vec<GroupId> = st.load(conn)?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
 /// The groups no event references, and of those the groups that no referenced
 /// group's chain needs (the chains of referenced groups, walked down, keep the
-/// rest). `UNION` rather than `UNION ALL` visits each needed group once.
+/// rest).
 pub(crate) fn unreferenced_groups(conn: &mut Conn) -> Result<(i64, i64)> {
     let st = Statement {
-        sql: "WITH RECURSIVE needed(id) AS ( \
-                  SELECT state_group FROM event_to_state_groups \
-                  UNION \
-                  SELECT e.prev_state_group FROM state_group_edges e \
-                  JOIN needed n ON e.state_group = n.id \
-                  WHERE e.prev_state_group < e.state_group \
-              ) \
-              SELECT \
+        sql: NEEDED_GROUPS.to_owned()
+            + "SELECT \
                   (SELECT COUNT(*) FROM state_groups g WHERE NOT EXISTS \
                       (SELECT 1 FROM event_to_state_groups x WHERE x.state_group = g.id)) \
                       AS unreferenced, \
                   (SELECT COUNT(*) FROM state_groups g WHERE g.id NOT IN (SELECT id FROM needed)) \
-                      AS unneeded"
-            .to_owned(),
+                      AS unneeded",
         binds: Vec::new(),
     };
     let rows: Vec<Unreferenced> = st.load(conn)?;

@@ -81,6 +81,20 @@ pub struct StateStore {
 }
 
 impl StateStore {
+    /// Whether some event references `group`: then no purge ever deletes it
+    /// (see [`crate::purge`]). Read from the database, never a cache.
+    pub fn is_group_referenced(&self, group: StateGroup) -> Result<bool> {
+        self.db.run_read("is_state_group_referenced", |txn| {
+            Ok(with_conn!(txn.conn(), |c| diesel::select(
+                diesel::dsl::exists(
+                    event_to_state_groups::table
+                        .filter(event_to_state_groups::state_group.eq(group))
+                )
+            )
+            .get_result::<bool>(c))?)
+        })
+    }
+
     /// Built from the same parameters as every store. A writer first moves
     /// `state_group_id_seq` past the highest group if it is behind.
     pub fn new(db: Database, config: &StoreConfig) -> Result<Self> {
@@ -377,12 +391,20 @@ impl StateGroupStore for StateStore {
     }
 
     fn room_has_state(&self, room_id: &str) -> Result<bool> {
+        // A group that no event references (left by a refused write) does not
+        // make a room known.
         self.db.run_read("room_has_state", |txn| {
-            let n: i64 = with_conn!(txn.conn(), |c| state_groups::table
-                .filter(state_groups::room_id.eq(room_id))
-                .count()
-                .get_result(c))?;
-            Ok(n > 0)
+            let referenced = event_to_state_groups::table
+                .select(event_to_state_groups::state_group)
+                .filter(event_to_state_groups::state_group.eq(state_groups::id));
+            Ok(with_conn!(txn.conn(), |c| diesel::select(
+                diesel::dsl::exists(
+                    state_groups::table
+                        .filter(state_groups::room_id.eq(room_id))
+                        .filter(diesel::dsl::exists(referenced))
+                )
+            )
+            .get_result::<bool>(c))?)
         })
     }
 }

@@ -1,0 +1,59 @@
+//! `hs-main purge-state-groups [--dry-run]`, and the same as a periodic job of
+//! `hs-main serve`: delete the state groups that no event's state needs (see
+//! `storage_state::purge`).
+
+use crate::cli::Failure;
+use std::time::Duration;
+use storage_core::{log_context, Database};
+use storage_state::{highest_state_group, purge_unneeded_groups};
+
+/// How often `serve` purges, each time up to the highest group of the run
+/// before: a group younger than one interval is never a candidate, so a write
+/// in flight keeps the groups computed for it.
+pub const PURGE_EVERY: Duration = Duration::from_secs(600);
+
+/// The command: this process holds the database's claim, so no main process
+/// is writing, and every unneeded group may go.
+pub fn run(database: &str, dry_run: bool) -> Result<(), Failure> {
+    let (_claim, db) = crate::open::open_as_main(database)?;
+    let up_to = highest_state_group(&db)?;
+    let report = purge_unneeded_groups(&db, up_to, dry_run)?;
+    if dry_run {
+        println!(
+            "{} state groups are needed by no event's state (nothing deleted: --dry-run)",
+            report.candidates
+        );
+    } else {
+        println!(
+            "deleted {} state groups ({} rows of state_groups_state) that no event's state needed",
+            report.groups, report.rows
+        );
+    }
+    Ok(())
+}
+
+/// Purges every [`PURGE_EVERY`] on a thread of its own (log context "state
+/// group purge") for the life of the process.
+pub fn spawn_purging(db: Database) {
+    log_context::spawn("state group purge", move || {
+        let mut bound = None;
+        loop {
+            if let Some(up_to) = bound {
+                match purge_unneeded_groups(&db, up_to, false) {
+                    Ok(r) if r.groups > 0 => log::info!(
+                        "deleted {} state groups ({} rows) that no event's state needed, up to group {up_to}",
+                        r.groups,
+                        r.rows
+                    ),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+            match highest_state_group(&db) {
+                Ok(highest) => bound = Some(highest),
+                Err(e) => log::warn!("{e}"),
+            }
+            std::thread::sleep(PURGE_EVERY);
+        }
+    });
+}

@@ -1,0 +1,97 @@
+//! Purging the state groups no event's state needs: unreferenced groups go,
+//! with their rows and edges; groups that events reference, and the groups
+//! their chains pass through, stay with their state unchanged; nothing above
+//! the bound is touched. On SQLite and PostgreSQL.
+
+mod common;
+
+use common::*;
+use storage_core::testing::TestDb;
+use storage_core::with_conn;
+use storage_state::{purge_unneeded_groups, StateFilter, StateGroupStore, StateMap};
+
+storage_core::engine_tests!(unneeded_groups_go_and_needed_ones_stay);
+
+fn group_ids(t: &TestDb) -> Vec<i64> {
+    use diesel::prelude::*;
+    use storage_state::schema::state_groups as g;
+    let mut ids: Vec<i64> =
+        with_conn!(&mut t.raw_connection(), |c| g::table.select(g::id).load(c)).unwrap();
+    ids.sort();
+    ids
+}
+
+fn unneeded_groups_go_and_needed_ones_stay(t: &TestDb) {
+    let store = store(t);
+    let s1 = state(&[(CREATE, "", "$c")]);
+    let g1 = store
+        .store_state_group("$c", ROOM, None, None, Some(&s1))
+        .unwrap();
+    let d2 = state(&[(NAME, "", "$n")]);
+    let g2 = store
+        .store_state_group("$n", ROOM, Some(g1), Some(&d2), None)
+        .unwrap();
+    let d3 = state(&[(MEMBER, "@a:test", "$a")]);
+    let g3 = store
+        .store_state_group("$a", ROOM, Some(g2), Some(&d3), None)
+        .unwrap();
+    // A refused write's chain: g4 on g1, g5 on g4; and a lone snapshot g6.
+    let g4 = store
+        .store_state_group(
+            "$x",
+            ROOM,
+            Some(g1),
+            Some(&state(&[(NAME, "", "$x")])),
+            None,
+        )
+        .unwrap();
+    let g5 = store
+        .store_state_group(
+            "$y",
+            ROOM,
+            Some(g4),
+            Some(&state(&[(NAME, "", "$y")])),
+            None,
+        )
+        .unwrap();
+    let g6 = store
+        .store_state_group("$z", ROOM, None, None, Some(&state(&[(CREATE, "", "$z")])))
+        .unwrap();
+    // Above the bound: untouched although unneeded.
+    let g7 = store
+        .store_state_group("$w", ROOM, None, None, Some(&StateMap::new()))
+        .unwrap();
+    // $c and $a are stored events; g2 is needed only by g3's chain.
+    map_events(&store, &[("$c", g1), ("$a", g3)]);
+    let before = store
+        .get_state_for_groups(&[g3], &StateFilter::all())
+        .unwrap();
+
+    let dry = purge_unneeded_groups(store.database(), g6, true).unwrap();
+    assert_eq!((dry.candidates, dry.groups), (3, 0));
+    assert_eq!(group_ids(t), vec![g1, g2, g3, g4, g5, g6, g7]);
+
+    let report = purge_unneeded_groups(store.database(), g6, false).unwrap();
+    assert_eq!((report.candidates, report.groups, report.rows), (3, 3, 3));
+    assert_eq!(group_ids(t), vec![g1, g2, g3, g7]);
+    let after = cold(&store)
+        .get_state_for_groups(&[g3], &StateFilter::all())
+        .unwrap();
+    assert_eq!(before, after);
+    assert!(!store.is_group_referenced(g2).unwrap());
+    assert!(store.is_group_referenced(g3).unwrap());
+    // Nothing is left to purge up to the bound; above it, g7 goes.
+    assert_eq!(
+        purge_unneeded_groups(store.database(), g6, false)
+            .unwrap()
+            .groups,
+        0
+    );
+    assert_eq!(
+        purge_unneeded_groups(store.database(), g7, false)
+            .unwrap()
+            .groups,
+        1
+    );
+    assert_eq!(group_ids(t), vec![g1, g2, g3]);
+}
