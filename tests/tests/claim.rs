@@ -22,6 +22,7 @@ use storage_core::{with_conn, Database, DatabaseConfig, OpenMode};
 storage_core::engine_tests!(
     a_second_main_process_is_refused_while_serving,
     kill_9_then_an_immediate_restart_loses_nothing,
+    import_stops_when_another_main_process_claims,
 );
 
 /// `hs-main` exits with this status when it lost its claim.
@@ -147,13 +148,18 @@ fn wait_for_exit(p: &mut Process) -> ExitStatus {
 
 /// The ids of the events stored in the database, read without claiming it.
 fn stored_events(url: &str) -> HashSet<String> {
+    try_stored_events(url).unwrap()
+}
+
+/// The same, or the error while there is no database to read yet.
+fn try_stored_events(url: &str) -> storage_core::Result<HashSet<String>> {
     use diesel::prelude::*;
     #[derive(QueryableByName)]
     struct Id {
         #[diesel(sql_type = diesel::sql_types::Text)]
         event_id: String,
     }
-    let db = Database::open(DatabaseConfig::parse(url, OpenMode::ReadOnly).unwrap()).unwrap();
+    let db = Database::open(DatabaseConfig::parse(url, OpenMode::ReadOnly)?)?;
     db.run_read("stored_events", |txn| {
         let ids: Vec<Id> = with_conn!(txn.conn(), |c| diesel::sql_query(
             "SELECT event_id FROM events"
@@ -161,7 +167,6 @@ fn stored_events(url: &str) -> HashSet<String> {
         .load(c))?;
         Ok(ids.into_iter().map(|i| i.event_id).collect())
     })
-    .unwrap()
 }
 
 fn assert_all_stored(url: &str, acknowledged: &[String]) {
@@ -473,4 +478,55 @@ fn postgres_serve_survives_all_its_sessions_ending() {
     assert!(!main.log_text().contains("lost the main-process claim"));
     drop(main);
     assert_all_stored(db.url(), &acknowledged);
+}
+
+/// `import` whose claim another main process takes over mid-way (here its
+/// raise of the epoch, as a newcomer makes once it holds the lock): it stops at
+/// its next write with the claim-lost status and one line naming the
+/// newcomer; what it committed before stays, and importing again finishes.
+fn import_stops_when_another_main_process_claims(db: &TestDb) {
+    let dir = TempDir(tempdir("import-fenced"));
+    let file = dir.0.join("room.jsonl");
+    let mut room = Room::default();
+    let mut events = room.founding("");
+    for i in 0..3000 {
+        events.push(message(&mut room, &format!("topic{i}")));
+    }
+    let ids: Vec<String> = events.iter().map(id_of).collect();
+    let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    let log = dir.0.join("import.log");
+    let mut import = Command::new(binary("hs-main"))
+        .args(["--database", db.url(), "import", file.to_str().unwrap()])
+        .env_remove("HS_DATABASE")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once it has committed something, another main process claims.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !try_stored_events(db.url()).is_ok_and(|s| !s.is_empty()) {
+        assert!(Instant::now() < deadline, "the import committed nothing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    db.raw_connection()
+        .batch_execute(
+            "UPDATE main_process_claim SET epoch = epoch + 1, \
+             holder = 'test newcomer', claimed_at = 0",
+        )
+        .unwrap();
+    let status = import.wait().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(EXIT_CLAIM_LOST), "{stderr}");
+    let lost: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("lost the main-process claim"))
+        .collect();
+    assert_eq!(lost.len(), 1, "{stderr}");
+    assert!(lost[0].contains("test newcomer"), "{stderr}");
+    let stored = stored_events(db.url());
+    assert!(stored.len() < ids.len(), "the import was stopped part-way");
+    let (status, stderr) = hs_main(db.url(), &["import", file.to_str().unwrap()]);
+    assert!(status.success(), "{stderr}");
+    assert_all_stored(db.url(), &ids);
 }
