@@ -19,6 +19,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("state", "storage-state", "state"),
     ("persist", "main-process", "persist"),
     ("replicas", "e2e-tests", "replicas"),
+    ("claim", "storage-core", "claim"),
 ];
 
 fn main() -> ExitCode {
