@@ -94,6 +94,13 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     /// How long SQLite waits for a lock held by another process before failing.
     pub busy_timeout_ms: u32,
+    /// How long a caller waits for a pooled connection (all busy, or the
+    /// database unreachable) before failing.
+    pub pool_wait: std::time::Duration,
+    /// Idle connections the pool keeps open. None by default: a short command
+    /// opens only what it uses (and leaves no connection being opened in the
+    /// background as it exits); a server keeps one warm.
+    pub min_idle: u32,
 }
 
 impl DatabaseConfig {
@@ -107,6 +114,8 @@ impl DatabaseConfig {
             mode,
             pool_size,
             busy_timeout_ms: 5_000,
+            pool_wait: std::time::Duration::from_secs(30),
+            min_idle: 0,
         }
     }
 
@@ -116,6 +125,19 @@ impl DatabaseConfig {
 
     pub fn with_pool_size(mut self, size: u32) -> Self {
         self.pool_size = size.max(1);
+        self
+    }
+
+    /// A long-running process keeps `n` connections open while idle.
+    pub fn with_min_idle(mut self, n: u32) -> Self {
+        self.min_idle = n;
+        self
+    }
+
+    /// A server answering requests fails them early (503) rather than hold
+    /// them while the database is down.
+    pub fn with_pool_wait(mut self, wait: std::time::Duration) -> Self {
+        self.pool_wait = wait;
         self
     }
 }

@@ -106,10 +106,83 @@ impl Conn {
 #[derive(Debug)]
 pub(crate) struct ConnManager {
     pub(crate) engine: Arc<dyn Engine>,
-    /// Set when the last handle of the database is dropped: r2d2 may still run a
-    /// connection it scheduled in the background, and that must not recreate a
-    /// database (an SQLite file and its folder) that its owner already removed.
-    pub(crate) closed: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) gate: Arc<ConnectGate>,
+}
+
+/// Whether the pool may still open connections, and how many it is opening.
+///
+/// r2d2 opens connections on threads of its own, in the background. When the
+/// last handle of the database is dropped, [`ConnectGate::close`] refuses new
+/// attempts and waits for those under way: a connection opened after its owner
+/// let go could recreate a database (an SQLite file and its folder) already
+/// removed, and a process must not exit while a pool thread is inside the
+/// client library (libpq's Kerberos code aborts the whole process when its
+/// library is torn down under it).
+#[derive(Debug, Default)]
+pub(crate) struct ConnectGate {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    connecting: usize,
+}
+
+impl ConnectGate {
+    /// How long [`close`](Self::close) waits for attempts under way: longer
+    /// than a local connection takes, shorter than a hung one.
+    const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `connect` unless the gate is closed, counted as under way meanwhile.
+    fn attempt(&self, connect: impl FnOnce() -> Result<Conn>) -> Result<Conn> {
+        {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(Error::other("the database was closed"));
+            }
+            state.connecting += 1;
+        }
+        let result = connect();
+        let mut state = self.lock();
+        state.connecting -= 1;
+        let closed = state.closed;
+        drop(state);
+        self.changed.notify_all();
+        if closed {
+            // Closed meanwhile: nobody will use it; close it here, now.
+            drop(result);
+            return Err(Error::other("the database was closed"));
+        }
+        result
+    }
+
+    /// Refuses further connections and waits (a bounded time) for those being
+    /// opened.
+    pub(crate) fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        let (state, timeout) = self
+            .changed
+            .wait_timeout_while(state, Self::CLOSE_WAIT, |s| s.connecting > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() {
+            log::warn!(
+                "closing the database: {} connection attempt(s) still under way after {} s",
+                state.connecting,
+                Self::CLOSE_WAIT.as_secs()
+            );
+        }
+    }
 }
 
 impl r2d2::ManageConnection for ConnManager {
@@ -117,10 +190,7 @@ impl r2d2::ManageConnection for ConnManager {
     type Error = Error;
 
     fn connect(&self) -> Result<Conn> {
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::other("the database was closed"));
-        }
-        self.engine.connect()
+        self.gate.attempt(|| self.engine.connect())
     }
 
     fn is_valid(&self, conn: &mut Conn) -> Result<()> {

@@ -3,12 +3,11 @@
 
 use crate::claim::{self, ClaimState, MainProcessClaim};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
-use crate::conn::{Conn, ConnManager};
+use crate::conn::{Conn, ConnManager, ConnectGate};
 use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
 use crate::error::{Error, Result, ResultExt};
 use crate::metrics;
 use crate::transaction::Transaction;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ struct Inner {
     engine: Arc<dyn Engine>,
     pool: r2d2::Pool<ConnManager>,
     mode: OpenMode,
-    closed: Arc<AtomicBool>,
+    gate: Arc<ConnectGate>,
     /// Set for the main process ([`Database::open_claimed`]): every write
     /// transaction proves the claim first.
     claim: OnceLock<Arc<ClaimState>>,
@@ -35,7 +34,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::SeqCst);
+        self.gate.close();
     }
 }
 
@@ -84,39 +83,59 @@ impl Database {
     }
 
     fn open_inner(config: DatabaseConfig) -> Result<Self> {
+        if config.mode != OpenMode::ReadOnly {
+            // Before the first connection: a writer's connection already
+            // changes an SQLite file (WAL mode).
+            crate::layout::refuse_foreign_database(&config)?;
+        }
+        let new_file = match &config.url {
+            DatabaseUrl::Sqlite(path) if config.mode == OpenMode::Writer && !path.exists() => {
+                Some(path.clone())
+            }
+            _ => None,
+        };
         let engine: Arc<dyn Engine> = engine::for_config(&config).into();
         // One connection made here, outside the pool, reports the real reason a
         // database cannot be opened; the pool would only time out.
         drop(engine.connect()?);
-        let closed = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(ConnectGate::default());
         let pool = r2d2::Pool::builder()
             .max_size(config.pool_size)
-            .min_idle(Some(1))
+            .min_idle(Some(config.min_idle.min(config.pool_size)))
             // Broken connections are detected on return instead (`has_broken`):
             // a test query on every checkout costs a round trip per transaction.
             .test_on_check_out(false)
-            .connection_timeout(Duration::from_secs(30))
-            .error_handler(Box::new(PoolErrorLogger {
-                closed: closed.clone(),
-            }))
+            .connection_timeout(config.pool_wait)
+            .error_handler(Box::new(PoolErrorLogger { gate: gate.clone() }))
             .build_unchecked(ConnManager {
                 engine: engine.clone(),
-                closed: closed.clone(),
+                gate: gate.clone(),
             });
         let db = Database {
             inner: Arc::new(Inner {
                 engine,
                 pool,
                 mode: config.mode,
-                closed,
+                gate,
                 claim: OnceLock::new(),
             }),
         };
         match config.mode {
             OpenMode::Writer => {
                 let applied = db.with_connection(|engine, conn| engine.migrate(conn))?;
-                for version in &applied {
-                    log::info!("applied migration {version} to {}", db.url());
+                match new_file {
+                    // One line, with the full path: a command run from another
+                    // folder than usual creates a new, empty default database.
+                    Some(path) => log::info!(
+                        "created a new SQLite database at {} ({} migrations applied)",
+                        std::path::absolute(&path).unwrap_or(path).display(),
+                        applied.len()
+                    ),
+                    None => {
+                        for version in &applied {
+                            log::info!("applied migration {version} to {}", db.url());
+                        }
+                    }
                 }
             }
             OpenMode::Replica => db.with_connection(|engine, conn| engine.check_schema(conn))?,
@@ -145,6 +164,22 @@ impl Database {
     ) -> Result<T> {
         let mut conn = self.inner.pool.get()?;
         f(&*self.inner.engine, &mut conn)
+    }
+
+    /// Whether the database answers a trivial statement within about `wait`
+    /// (a health check): an error naming why not otherwise. Cheap on a pooled
+    /// connection; a connection that fails it is discarded by the pool.
+    pub fn check_reachable(&self, wait: Duration) -> Result<()> {
+        let mut conn = self.inner.pool.get_timeout(wait).map_err(|e| {
+            Error::unavailable(format!("no database connection within {wait:?}: {e}"))
+        })?;
+        conn.batch_execute("SELECT 1")
+            .map_err(|e| match e.database_error() {
+                Some(d) if self.inner.engine.is_disconnect(d) => {
+                    Error::unavailable(format!("the database cannot be reached: {e}"))
+                }
+                _ => e,
+            })
     }
 
     /// Runs `f` in a read-write transaction and returns its value; see
@@ -225,6 +260,12 @@ impl Database {
                         u64::from(attempt - 1),
                         start.elapsed(),
                     );
+                    let error = match error.database_error() {
+                        Some(e) if engine.is_disconnect(e) => Error::unavailable(format!(
+                            "the database cannot be reached ({error}); try again later"
+                        )),
+                        _ => error,
+                    };
                     let context = if attempt > 1 {
                         format!("{desc} (after {attempt} attempts)")
                     } else {
@@ -240,9 +281,7 @@ impl Database {
     /// left it behind, logging a warning with both values. Writers call this at
     /// start-up for every sequence they allocate from.
     pub fn sync_sequence(&self, sequence: &Sequence) -> Result<Option<SequenceRepair>> {
-        let repair = self
-            .with_connection(|engine, conn| engine.sync_sequence(conn, sequence))
-            .with_context(|| format!("checking sequence {}", sequence.name))?;
+        let repair = self.repair_sequence(sequence)?;
         if let Some(r) = &repair {
             log::warn!(
                 "sequence {} was behind its table {}: it had handed out up to {} but the \
@@ -255,6 +294,27 @@ impl Database {
             );
         }
         Ok(repair)
+    }
+
+    /// [`sync_sequence`](Self::sync_sequence) after rows were copied in with
+    /// their ids (a port): the sequence is behind by design, so moving it is
+    /// an expected step, logged at info.
+    pub fn sync_sequence_after_copy(&self, sequence: &Sequence) -> Result<Option<SequenceRepair>> {
+        let repair = self.repair_sequence(sequence)?;
+        if let Some(r) = &repair {
+            log::info!(
+                "sequence {}: moved past the copied ids of {}, new ids start at {}",
+                r.sequence,
+                sequence.table,
+                r.max_id + 1
+            );
+        }
+        Ok(repair)
+    }
+
+    fn repair_sequence(&self, sequence: &Sequence) -> Result<Option<SequenceRepair>> {
+        self.with_connection(|engine, conn| engine.sync_sequence(conn, sequence))
+            .with_context(|| format!("checking sequence {}", sequence.name))
     }
 }
 
@@ -323,13 +383,13 @@ fn backoff(attempt: u32) -> Duration {
 
 #[derive(Debug)]
 struct PoolErrorLogger {
-    closed: Arc<AtomicBool>,
+    gate: Arc<ConnectGate>,
 }
 
 impl r2d2::HandleError<Error> for PoolErrorLogger {
     fn handle_error(&self, error: Error) {
         // Refusals after close are expected and say nothing useful.
-        if !self.closed.load(Ordering::SeqCst) {
+        if !self.gate.is_closed() {
             log::error!("connection pool: {error}");
         }
     }

@@ -42,6 +42,10 @@ pub enum ErrorKind {
          start the main process once to migrate it"
     )]
     SchemaTooOld { missing: Vec<String> },
+    /// The database is not one this process may write (a Synapse database):
+    /// the message says what it is and what can be done instead.
+    #[error("{0}")]
+    NotOurs(String),
     /// A caller passed arguments that cannot be right.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

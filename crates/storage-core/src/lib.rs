@@ -13,6 +13,7 @@ mod conn;
 mod database;
 pub mod engine;
 mod error;
+mod layout;
 pub mod log_context;
 pub mod logging;
 pub mod metrics;
@@ -30,6 +31,7 @@ pub use engine::{
     TxnOptions,
 };
 pub use error::{Error, ErrorKind, Result, ResultExt};
+pub use layout::{detect_layout, refuse_foreign_database, Layout};
 pub use log_context::LogContext;
 pub use transaction::Transaction;
 

@@ -31,6 +31,10 @@ const BUSY: Duration = Duration::from_secs(1);
 /// How long to wait before connecting again after the connection failed.
 const RECONNECT: Duration = Duration::from_secs(1);
 
+/// How long without a successful catch-up before a worker's replication is
+/// unhealthy: many times [`POLL`], so that one slow round does not count.
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+
 /// `application_name` of the listening connection.
 pub const APPLICATION_NAME: &str = "hs-replication";
 
@@ -45,6 +49,8 @@ fn now_ms() -> i64 {
 pub struct SlavedStore {
     events: EventsStore,
     position: Arc<AtomicI64>,
+    /// When the last catch-up succeeded (ms since the epoch).
+    caught_up_at: Arc<AtomicI64>,
 }
 
 impl SlavedStore {
@@ -60,7 +66,11 @@ impl SlavedStore {
         }
         let events = EventsStore::new(db, config)?;
         let position = Arc::new(AtomicI64::new(events.max_stream_ordering()));
-        Ok(SlavedStore { events, position })
+        Ok(SlavedStore {
+            events,
+            position,
+            caught_up_at: Arc::new(AtomicI64::new(now_ms())),
+        })
     }
 
     pub fn state(&self) -> &StateStore {
@@ -97,7 +107,23 @@ impl SlavedStore {
             let previous = self.position.fetch_max(batch.position, Ordering::SeqCst);
             report_stream_position(previous.max(batch.position));
         }
+        self.caught_up_at.store(now_ms(), Ordering::SeqCst);
         Ok(self.position())
+    }
+
+    /// Whether this worker follows the stream: `Err` saying since when it has
+    /// not caught up, once that is longer than [`STALE_AFTER`] (its database
+    /// connection is lost, or the database is down).
+    pub fn replication_health(&self) -> std::result::Result<(), String> {
+        let age_ms = now_ms() - self.caught_up_at.load(Ordering::SeqCst);
+        if age_ms > STALE_AFTER.as_millis() as i64 {
+            return Err(format!(
+                "not caught up with the replication stream for {:.1} s (position {})",
+                age_ms as f64 / 1000.0,
+                self.position()
+            ));
+        }
+        Ok(())
     }
 
     /// Follows the replication stream on a thread of its own (log context

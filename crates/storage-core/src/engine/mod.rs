@@ -90,6 +90,9 @@ pub struct SequenceHealth {
     /// counts from the table itself and cannot fall behind).
     pub handed_out: Option<i64>,
     pub max_id: i64,
+    /// Why the sequence could not be read (it is missing, or this role may not
+    /// read it); `handed_out` is `None` then too.
+    pub unreadable: Option<&'static str>,
 }
 
 impl SequenceHealth {
@@ -150,6 +153,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// or deadlock on PostgreSQL, a busy or locked database on SQLite.
     fn is_retryable(&self, error: &diesel::result::Error) -> bool;
 
+    /// Whether `error` says the database server went away (stopped, restarting,
+    /// the connection cut) rather than anything about the statement: the
+    /// request may succeed later, so it is reported as unavailable.
+    fn is_disconnect(&self, error: &diesel::result::Error) -> bool;
+
     /// `n` new ids from `sequence`, ascending, inside the caller's transaction.
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
 
@@ -196,6 +204,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         column: &str,
     ) -> Result<Vec<(String, f64)>>;
 
+    /// The names of the tables this connection sees (on PostgreSQL, those on
+    /// its search path), changing nothing.
+    fn table_names(&self, conn: &mut Conn) -> Result<std::collections::BTreeSet<String>>;
+
     /// Tries to claim the database for this process as its one main process:
     /// what keeps the claim (a session-level advisory lock on its own
     /// PostgreSQL connection, watched by a thread that reports a loss to
@@ -218,6 +230,17 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// still the one claimed, not deleted or replaced meanwhile). An error means
     /// the commit must not be acknowledged.
     fn confirm_claim_after_commit(&self, claim: &ClaimState) -> Result<()>;
+}
+
+/// One table name, as [`Engine::table_names`] reads it.
+#[derive(diesel::QueryableByName)]
+struct TableName {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+fn table_set(rows: Vec<TableName>) -> std::collections::BTreeSet<String> {
+    rows.into_iter().map(|r| r.name).collect()
 }
 
 /// What keeps a main-process claim alive; dropping it lets go.

@@ -29,6 +29,12 @@ struct Id {
 }
 
 #[derive(QueryableByName)]
+struct Access {
+    #[diesel(sql_type = Text)]
+    access: String,
+}
+
+#[derive(QueryableByName)]
 struct SequenceState {
     #[diesel(sql_type = BigInt)]
     last_value: i64,
@@ -39,11 +45,46 @@ struct SequenceState {
 impl PostgresEngine {
     pub fn new(config: DatabaseConfig) -> Self {
         let url = match &config.url {
-            DatabaseUrl::Postgres(u) => u.clone(),
+            DatabaseUrl::Postgres(u) => libpq_url(u, |name| std::env::var_os(name).is_some()),
             DatabaseUrl::Sqlite(_) => unreachable!("PostgresEngine built for an SQLite URL"),
         };
         PostgresEngine { config, url }
     }
+}
+
+/// libpq settings whose defaults we change, each with the environment variable
+/// that, like a URL parameter, says the operator chose for themselves.
+///
+/// - `gssencmode=disable`: by default libpq first tries GSSAPI encryption over
+///   TCP, which loads Kerberos and its thread-local state into every connection
+///   attempt. A process that exits while a pool thread is inside that code
+///   aborts in Kerberos's own assertions (`krb5int_getspecific`), with no output.
+///   Homeservers authenticate with passwords or TLS; whoever uses Kerberos sets
+///   `gssencmode` (or `PGGSSENCMODE`) and gets it back.
+/// - `connect_timeout=10`: libpq waits for an unreachable host without limit;
+///   a request or a command should fail and say so instead.
+const LIBPQ_DEFAULTS: &[(&str, &str, &str)] = &[
+    ("gssencmode", "disable", "PGGSSENCMODE"),
+    ("connect_timeout", "10", "PGCONNECT_TIMEOUT"),
+];
+
+/// `url` with [`LIBPQ_DEFAULTS`] added where neither the URL's parameters nor
+/// the environment (`env_set`) set them.
+fn libpq_url(url: &str, env_set: impl Fn(&str) -> bool) -> String {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let given: Vec<&str> = query
+        .split('&')
+        .filter_map(|pair| pair.split('=').next())
+        .collect();
+    let mut out = url.to_owned();
+    for (name, value, env) in LIBPQ_DEFAULTS {
+        if given.contains(name) || env_set(env) {
+            continue;
+        }
+        out.push(if out.contains('?') { '&' } else { '?' });
+        out.push_str(&format!("{name}={value}"));
+    }
+    out
 }
 
 impl Engine for PostgresEngine {
@@ -98,6 +139,25 @@ impl Engine for PostgresEngine {
         }
     }
 
+    fn is_disconnect(&self, error: &DieselError) -> bool {
+        // libpq's and the server's own wording (SQLSTATE classes 08 and 57P
+        // reach diesel as Unknown, with only the message to tell them apart).
+        const GONE: [&str; 6] = [
+            "terminating connection",
+            "server closed the connection",
+            "no connection to the server",
+            "the database system is shutting down",
+            "the database system is starting up",
+            "could not receive data from server",
+        ];
+        match error {
+            DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => true,
+            DieselError::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => true,
+            DieselError::DatabaseError(_, info) => GONE.iter().any(|m| info.message().contains(m)),
+            _ => false,
+        }
+    }
+
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
         let rows: Vec<Id> =
             diesel::sql_query("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)")
@@ -112,6 +172,35 @@ impl Engine for PostgresEngine {
 
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
         let c = conn.postgres()?;
+        let max: Id = diesel::sql_query(format!(
+            "SELECT COALESCE(MAX({}), 0) AS id FROM {}",
+            sequence.column, sequence.table
+        ))
+        .get_result(c)
+        .with_context(|| format!("reading the highest id of {}", sequence.table))?;
+        // Asked first: a refused read would abort the caller's transaction. A
+        // role that may read tables but not sequences (a reporting role) still
+        // gets the rest of its report.
+        let access: Access = diesel::sql_query(
+            "SELECT CASE WHEN to_regclass($1) IS NULL THEN 'missing' \
+             WHEN has_sequence_privilege($1, 'SELECT') THEN 'ok' ELSE 'denied' END AS access",
+        )
+        .bind::<Text, _>(sequence.name)
+        .get_result(c)
+        .with_context(|| format!("checking access to sequence {}", sequence.name))?;
+        let unreadable = match access.access.as_str() {
+            "ok" => None,
+            "missing" => Some("the sequence does not exist"),
+            _ => Some("this role may not read the sequence (no SELECT on it)"),
+        };
+        if let Some(reason) = unreadable {
+            return Ok(SequenceHealth {
+                sequence: sequence.name,
+                handed_out: None,
+                max_id: max.id,
+                unreadable: Some(reason),
+            });
+        }
         let state: SequenceState = diesel::sql_query(format!(
             "SELECT last_value, is_called FROM {}",
             sequence.name
@@ -124,16 +213,11 @@ impl Engine for PostgresEngine {
         } else {
             state.last_value - 1
         };
-        let max: Id = diesel::sql_query(format!(
-            "SELECT COALESCE(MAX({}), 0) AS id FROM {}",
-            sequence.column, sequence.table
-        ))
-        .get_result(c)
-        .with_context(|| format!("reading the highest id of {}", sequence.table))?;
         Ok(SequenceHealth {
             sequence: sequence.name,
             handed_out: Some(handed_out),
             max_id: max.id,
+            unreadable: None,
         })
     }
 
@@ -143,6 +227,12 @@ impl Engine for PostgresEngine {
         sequence: &Sequence,
     ) -> Result<Option<SequenceRepair>> {
         let health = self.inspect_sequence(conn, sequence)?;
+        if let Some(reason) = health.unreadable {
+            return Err(crate::Error::other(format!(
+                "sequence {}: {reason}",
+                sequence.name
+            )));
+        }
         let handed_out = health.handed_out.unwrap_or_default();
         if health.max_id <= handed_out {
             return Ok(None);
@@ -227,6 +317,16 @@ impl Engine for PostgresEngine {
         )?))
     }
 
+    fn table_names(&self, conn: &mut Conn) -> Result<std::collections::BTreeSet<String>> {
+        diesel::sql_query(
+            "SELECT c.relname AS name FROM pg_catalog.pg_class c \
+             WHERE c.relkind IN ('r', 'p') AND pg_catalog.pg_table_is_visible(c.oid)",
+        )
+        .load::<super::TableName>(conn.postgres()?)
+        .map(super::table_set)
+        .context("listing the tables")
+    }
+
     fn try_claim_main_process(
         &self,
         claim: &Arc<ClaimState>,
@@ -242,5 +342,34 @@ impl Engine for PostgresEngine {
         // A commit went to the database the claim was proven in: the row lock
         // taken by the proof held any newcomer off until it was done.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::libpq_url;
+
+    #[test]
+    fn libpq_defaults_are_added_unless_chosen() {
+        let none = |_: &str| false;
+        assert_eq!(
+            libpq_url("postgres://u@h/db", none),
+            "postgres://u@h/db?gssencmode=disable&connect_timeout=10"
+        );
+        assert_eq!(
+            libpq_url("postgres://u@/db?host=/tmp/x", none),
+            "postgres://u@/db?host=/tmp/x&gssencmode=disable&connect_timeout=10"
+        );
+        assert_eq!(
+            libpq_url(
+                "postgres://u@h/db?gssencmode=require&connect_timeout=3",
+                none
+            ),
+            "postgres://u@h/db?gssencmode=require&connect_timeout=3"
+        );
+        assert_eq!(
+            libpq_url("postgres://u@h/db", |v| v == "PGGSSENCMODE"),
+            "postgres://u@h/db?connect_timeout=10"
+        );
     }
 }

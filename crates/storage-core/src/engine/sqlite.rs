@@ -63,8 +63,8 @@ impl SqliteEngine {
 
     /// The string handed to sqlite3_open_v2: the plain path for a writer's first
     /// connection (created if missing, with its folder), a `file:` URI with
-    /// `mode=rw` for its later ones and `mode=ro` for read-only opens, which must
-    /// not create anything.
+    /// `mode=rw` for its later ones; for read-only opens a `file:` URI that
+    /// creates nothing, beside the file or anywhere else (see [`read_only_uri`]).
     fn open_target(&self) -> Result<String> {
         let path = &self.path;
         let display = path.display();
@@ -72,7 +72,7 @@ impl SqliteEngine {
             if !path.exists() {
                 return Err(Error::not_found(format!("no SQLite database at {display}")));
             }
-            return Ok(format!("file:{}?mode=ro", uri_escape(path)));
+            return read_only_uri(path);
         }
         if self.opened.load(Ordering::SeqCst) {
             return Ok(format!("file:{}?mode=rw", uri_escape(path)));
@@ -90,6 +90,39 @@ impl SqliteEngine {
         }
         Ok(s.to_owned())
     }
+}
+
+/// A read-only URI for the database at `path` that writes nothing anywhere.
+///
+/// A database in WAL mode needs its `-wal` and `-shm` files even to be read,
+/// and SQLite creates them when they are missing: as root beside the file
+/// (leaving files an operator did not expect), as anyone else not at all in a
+/// read-only folder ("attempt to write a readonly database"). When no `-wal`
+/// file exists, nobody has the database open for writing and everything is in
+/// the main file: it is opened `immutable=1` (and `mode=ro`), which reads the
+/// file alone and locks nothing. When a `-wal` file exists, a writer may be running and the
+/// file alone is not the whole database: `mode=ro` reads through the existing
+/// `-wal`/`-shm` as any reader does. A database in rollback-journal mode is
+/// opened `mode=ro`, which creates nothing either. (An immutable open does not
+/// see what a writer started later commits; a reader opened after it does.)
+fn read_only_uri(path: &Path) -> Result<String> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut header = [0u8; 20];
+    let in_wal_mode = {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)
+            .with_context(|| format!("opening SQLite database {}", path.display()))?;
+        // Bytes 18 and 19 of the header: the read and write format versions,
+        // 2 for WAL. A file shorter than the header is no WAL database.
+        file.read_exact(&mut header).is_ok() && header[18] == 2 && header[19] == 2
+    };
+    let mode = if in_wal_mode && !Path::new(&wal).exists() {
+        "mode=ro&immutable=1"
+    } else {
+        "mode=ro"
+    };
+    Ok(format!("file:{}?{mode}", uri_escape(path)))
 }
 
 fn uri_escape(path: &Path) -> String {
@@ -166,6 +199,11 @@ impl Engine for SqliteEngine {
         }
     }
 
+    fn is_disconnect(&self, _error: &DieselError) -> bool {
+        // In-process: there is no server to lose.
+        false
+    }
+
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
         let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         let last = match counters.get(sequence.name) {
@@ -198,6 +236,7 @@ impl Engine for SqliteEngine {
             sequence: sequence.name,
             handed_out: None,
             max_id: row.id,
+            unreadable: None,
         })
     }
 
@@ -256,6 +295,13 @@ impl Engine for SqliteEngine {
             "cannot listen on {channel}: SQLite serves one process, so nothing notifies it; \
              replicas need PostgreSQL"
         )))
+    }
+
+    fn table_names(&self, conn: &mut Conn) -> Result<std::collections::BTreeSet<String>> {
+        diesel::sql_query("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .load::<super::TableName>(conn.sqlite()?)
+            .map(super::table_set)
+            .context("listing the tables")
     }
 
     fn try_claim_main_process(
