@@ -2,6 +2,9 @@
 //! as processes, an HTTP client for their API, and a builder of room events.
 
 pub mod forks;
+mod pg_proxy;
+
+pub use pg_proxy::PgProxy;
 
 use serde_json::{json, Value};
 use std::path::PathBuf;

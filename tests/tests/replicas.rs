@@ -288,10 +288,10 @@ fn http_contract(db: &TestDb) {
             Err(e) => panic!("{method} {path}: {e}"),
         }
     };
-    assert_eq!(
-        call("GET", "/_hs/v1/health", None, None),
-        (200, r#"{"ok":true}"#.to_owned())
-    );
+    let (code, text) = call("GET", "/_hs/v1/health", None, None);
+    assert_eq!(code, 200, "{text}");
+    let health: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(health, json!({"ok": true, "database": "ok"}));
     let (code, text) = call("GET", "/metrics", None, None);
     assert_eq!(code, 200);
     assert!(text.contains("hs_cache_hits_total"), "{text}");

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use storage_core::config::DEFAULT_SQLITE_PATH;
-use storage_core::LogContext;
+use storage_core::{ErrorKind, LogContext};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -12,9 +12,11 @@ use storage_core::LogContext;
     about = "Matrix room-state storage engine: main process"
 )]
 struct Cli {
-    /// `sqlite:PATH` or `postgres://...` (also `postgresql://`). Default: an SQLite
-    /// file under ./data/.
-    #[arg(long, env = "HS_DATABASE", global = true)]
+    /// `sqlite:PATH` or `postgres://...` (also `postgresql://`). Default:
+    /// `sqlite:data/homeserver.db`, relative to the folder the command runs in
+    /// (created there, with its folder, by the first command that writes).
+    // A database URL in the environment may carry a password: never echo it.
+    #[arg(long, env = "HS_DATABASE", global = true, hide_env_values = true)]
     database: Option<String>,
 
     #[command(subcommand)]
@@ -87,11 +89,25 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Serve the HTTP API (shared/design/HTTP.md).
+    /// Serve the HTTP API (see docs/http.md).
     Serve {
-        /// Address to listen on.
+        /// Address to listen on. 8008 is also Synapse's default port: give
+        /// another one to run beside a Synapse on the same machine.
         #[arg(long, default_value = "127.0.0.1:8008")]
         listen: std::net::SocketAddr,
+        /// Serve only the read half of the API (health, metrics, state) from
+        /// any database, Synapse's included: claims nothing, migrates nothing,
+        /// writes nothing; writes answer 405.
+        #[arg(long)]
+        read_only: bool,
+        /// Connections served at once; more wait to be accepted. Default: 10,000,
+        /// or fewer where the open-files limit is lower (256 kept for the rest).
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// Seconds a client may take to send a request's headers, and a
+        /// kept-alive connection may stay idle between requests.
+        #[arg(long, default_value_t = 10.0)]
+        header_timeout: f64,
     },
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
@@ -116,6 +132,19 @@ impl From<storage_core::Error> for Failure {
     fn from(e: storage_core::Error) -> Self {
         Failure::Error(e)
     }
+}
+
+/// Writes one line to stdout, as `println!` does, but returns a failure
+/// instead of panicking when stdout is closed (see [`run`]).
+pub fn print_line(line: impl std::fmt::Display) -> storage_core::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    Ok(())
+}
+
+fn is_closed_pipe(e: &storage_core::Error) -> bool {
+    matches!(e.kind(), ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 pub fn run() -> ExitCode {
@@ -159,9 +188,24 @@ pub fn run() -> ExitCode {
         Command::Import { files } => {
             LogContext::new("import").scope(|| crate::import_cmd::run(&database, &files))
         }
-        Command::Serve { listen } => {
-            LogContext::new("serve").scope(|| crate::serve_cmd::run(&database, listen))
-        }
+        Command::Serve {
+            listen,
+            read_only,
+            max_connections,
+            header_timeout,
+        } => LogContext::new("serve").scope(|| {
+            let mut limits = crate::http::Limits::default();
+            if let Some(n) = max_connections {
+                limits.max_connections = n.max(1);
+            }
+            limits.header_read_timeout =
+                std::time::Duration::from_secs_f64(header_timeout.clamp(0.1, 3600.0));
+            if read_only {
+                crate::serve_cmd::run_read_only(&database, listen, limits)
+            } else {
+                crate::serve_cmd::run(&database, listen, limits)
+            }
+        }),
         Command::PurgeStateGroups { dry_run } => LogContext::new("purge-state-groups")
             .scope(|| crate::purge_cmd::run(&database, dry_run)),
         Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
@@ -170,6 +214,9 @@ pub fn run() -> ExitCode {
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`hs-main inspect | head -1`):
+        // it has what it wanted; nothing failed.
+        Err(Failure::Error(e)) if is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(Failure::NotFound(msg)) => {
             eprintln!("hs-main: {msg}");
             ExitCode::from(2)

@@ -8,7 +8,7 @@
 //! chains; `--unreferenced` counts the state groups no event references;
 //! `--check` checks the database's invariants after the report.
 
-use crate::cli::Failure;
+use crate::cli::{print_line, Failure};
 use indicatif::{HumanBytes, HumanCount, ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
@@ -100,9 +100,9 @@ pub fn run(database: &str, options: InspectOptions) -> Result<(), Failure> {
         bar.finish_and_clear();
     }
     if options.json {
-        println!("{:#}", to_json(&db, &report));
+        print_line(format_args!("{:#}", to_json(&db, &report)))?;
     } else {
-        print_text(&db, &report);
+        print_text(&db, &report)?;
     }
     if options.check {
         check_invariants(&db, options.json)?;
@@ -118,12 +118,12 @@ fn check_invariants(db: &Database, as_json: bool) -> Result<(), Failure> {
             .iter()
             .map(|v| json!({"invariant": v.invariant, "examples": v.examples}))
             .collect();
-        println!("{}", json!({ "violations": list }));
+        print_line(format_args!("{}", json!({ "violations": list })))?;
     } else if violations.is_empty() {
-        println!("invariants       all hold");
+        print_line(format_args!("invariants       all hold"))?;
     } else {
         for v in &violations {
-            println!("VIOLATED         {v}");
+            print_line(format_args!("VIOLATED         {v}"))?;
         }
     }
     if violations.is_empty() {
@@ -185,17 +185,25 @@ fn to_json(db: &Database, report: &Report) -> Value {
             "last_value": seq.handed_out,
             "max_state_group": seq.max_id,
             "behind": seq.is_behind(),
+            "unreadable": seq.unreadable,
         }),
     );
     Value::Object(out)
 }
 
-fn print_text(db: &Database, report: &Report) {
-    println!("database         {} ({})", db.url(), db.engine().name());
+fn print_text(db: &Database, report: &Report) -> storage_core::Result<()> {
+    print_line(format_args!(
+        "database         {} ({})",
+        db.url(),
+        db.engine().name()
+    ))?;
     if report.exact.is_none() {
-        println!("counts           from the engine's statistics, ~ marks an estimate (--exact counts every row)");
+        print_line(format_args!("counts           from the engine's statistics, ~ marks an estimate (--exact counts every row)"))?;
     }
-    println!("  {:<24} {:>16} {:>12}", "table", "rows", "size");
+    print_line(format_args!(
+        "  {:<24} {:>16} {:>12}",
+        "table", "rows", "size"
+    ))?;
     for t in &report.tables {
         let rows = match t.rows {
             Some(n) => format!(
@@ -208,29 +216,29 @@ fn print_text(db: &Database, report: &Report) {
         let size = t
             .bytes
             .map_or("?".to_owned(), |b| HumanBytes(b.max(0) as u64).to_string());
-        println!("  {:<24} {rows:>16} {size:>12}", t.table);
+        print_line(format_args!("  {:<24} {rows:>16} {size:>12}", t.table))?;
     }
     if let Some((rooms, events, state)) = &report.exact {
-        println!("rooms            {rooms}");
-        println!("events           {events}");
-        println!(
+        print_line(format_args!("rooms            {rooms}"))?;
+        print_line(format_args!("events           {events}"))?;
+        print_line(format_args!(
             "state groups     {} ({} snapshots, {} deltas)",
             state.state_groups, state.snapshot_groups, state.delta_groups
-        );
-        println!(
+        ))?;
+        print_line(format_args!(
             "state rows       {} in state_groups_state",
             state.state_rows
-        );
-        println!(
+        ))?;
+        print_line(format_args!(
             "delta chains     longest {} groups, average {:.1}",
             state.longest_chain, state.average_chain
-        );
+        ))?;
     }
     if let Some(u) = &report.unreferenced {
-        println!(
+        print_line(format_args!(
             "unreferenced     {} state groups no event references, {} of them on no referenced group's chain",
             u.unreferenced, u.unneeded
-        );
+        ))?;
     }
     if !report.top_rooms.is_empty() {
         let how = if report.exact.is_some() {
@@ -238,25 +246,32 @@ fn print_text(db: &Database, report: &Report) {
         } else {
             " (estimated)"
         };
-        println!("rooms using the most state rows{how}:");
+        print_line(format_args!("rooms using the most state rows{how}:"))?;
         for (room, rows) in &report.top_rooms {
-            println!("  {rows:>10}  {room}");
+            print_line(format_args!("  {rows:>10}  {room}"))?;
         }
     }
     let seq = &report.sequence;
     match seq.handed_out {
-        None => println!(
+        None if seq.unreadable.is_some() => print_line(format_args!(
+            "sequence         {} not checked: {}; highest state group {}",
+            seq.sequence,
+            seq.unreadable.unwrap_or_default(),
+            seq.max_id
+        ))?,
+        None => print_line(format_args!(
             "sequence         none on this engine: ids count on from the highest ({})",
             seq.max_id
-        ),
-        Some(last) if seq.is_behind() => println!(
+        ))?,
+        Some(last) if seq.is_behind() => print_line(format_args!(
             "sequence         {} is BEHIND: last value {last}, highest state group {}; \
              the main process moves it forward at start-up",
             seq.sequence, seq.max_id
-        ),
-        Some(last) => println!(
+        ))?,
+        Some(last) => print_line(format_args!(
             "sequence         {} ok: last value {last}, highest state group {}",
             seq.sequence, seq.max_id
-        ),
+        ))?,
     }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! (creating an SQLite file and its folder if needed, applying pending
 //! migrations, moving lagging id sequences forward) and report.
 
-use crate::cli::Failure;
+use crate::cli::{print_line, Failure};
 use storage_core::StoreConfig;
 use storage_events::{EventStore, EventsStore};
 
@@ -10,11 +10,11 @@ pub fn run(database: &str) -> Result<(), Failure> {
     let (_claim, db) = crate::open::open_as_main(database)?;
     let config = StoreConfig::default();
     let events = EventsStore::new(db.clone(), &config)?;
-    println!(
+    print_line(format_args!(
         "database {} ({}) is migrated and ready; stream position {}",
         db.url(),
         db.engine().name(),
         events.max_stream_ordering()
-    );
+    ))?;
     Ok(())
 }

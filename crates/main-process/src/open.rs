@@ -1,10 +1,14 @@
-//! Opening a database as its main process: claim it (one main process per
-//! database, see `storage_core::MainProcessClaim`), then open it under that
-//! claim, which migrates it and raises the claim's epoch; from then on every
-//! write transaction proves the claim. Every command that writes events opens
+//! Opening a database as its main process: refuse a database that is not ours
+//! (Synapse's), claim it (one main process per database, see
+//! `storage_core::MainProcessClaim`), then open it under that claim, which
+//! migrates it and raises the claim's epoch; from then on every write
+//! transaction proves the claim. Every command that writes events opens
 //! through here.
 
-use storage_core::{Database, DatabaseConfig, MainProcessClaim, OpenMode, Result, CLAIM_WAIT};
+use storage_core::{
+    refuse_foreign_database, Database, DatabaseConfig, MainProcessClaim, OpenMode, Result,
+    CLAIM_WAIT,
+};
 
 /// Exit status of `hs-main` when it stopped because it lost its claim on the
 /// database (another main process took it over, or the SQLite file was
@@ -15,7 +19,14 @@ pub const EXIT_CLAIM_LOST: i32 = 3;
 /// The database at `url` with this process's claim on it; keep the claim for
 /// as long as the database is written.
 pub fn open_as_main(url: &str) -> Result<(MainProcessClaim, Database)> {
-    let config = DatabaseConfig::parse(url, OpenMode::Writer)?;
+    open_config_as_main(DatabaseConfig::parse(url, OpenMode::Writer)?)
+}
+
+/// [`open_as_main`] with settings of the caller's (a server's shorter wait
+/// for connections).
+pub fn open_config_as_main(config: DatabaseConfig) -> Result<(MainProcessClaim, Database)> {
+    // Before the claim, which already leaves a lock file beside an SQLite file.
+    refuse_foreign_database(&config)?;
     let claim = MainProcessClaim::acquire(&config, CLAIM_WAIT)?;
     let db = Database::open_claimed(config, &claim)?;
     Ok((claim, db))

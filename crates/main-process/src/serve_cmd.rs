@@ -1,16 +1,17 @@
-//! `hs-main serve [--listen ADDR]`: the main process's HTTP API. Persists events
-//! posted to it, and events whose contexts workers computed, through the
-//! persistence queue.
+//! `hs-main serve [--listen ADDR] [--read-only]`: the main process's HTTP API.
+//! Persists events posted to it, and events whose contexts workers computed,
+//! through the persistence queue. With `--read-only`, only the read half, over
+//! any database (Synapse's included), claiming and writing nothing.
 
 use crate::cli::Failure;
-use crate::http::{self, ApiState, EventWriter};
+use crate::http::{self, ApiState, EventWriter, Limits, DATABASE_WAIT};
 use crate::write_path::{ContextedEvent, WriteOutcome};
 use persistence::Pipeline;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use storage_core::log_context;
-use storage_core::{Error, StoreConfig};
+use storage_core::{Database, DatabaseConfig, Error, OpenMode, StoreConfig};
 use storage_events::{EventStore, EventsStore};
 
 struct MainWriter {
@@ -60,10 +61,14 @@ fn spawn_pruning(events: EventsStore) {
     });
 }
 
-pub fn run(database: &str, listen: SocketAddr) -> Result<(), Failure> {
+pub fn run(database: &str, listen: SocketAddr, limits: Limits) -> Result<(), Failure> {
     let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
     http::check_listen(&listen, token.as_deref())?;
-    let (_claim, db) = crate::open::open_as_main(database)?;
+    let config = DatabaseConfig::parse(database, OpenMode::Writer)?
+        .with_pool_wait(DATABASE_WAIT)
+        .with_min_idle(1);
+    let (_claim, db) = crate::open::open_config_as_main(config)?;
+    let health = vec![ApiState::database_check(db.clone())];
     let pipeline = Pipeline::open(db, &StoreConfig::default())?;
     let events = pipeline.builder.events().clone();
     spawn_pruning(events.clone());
@@ -73,7 +78,65 @@ pub fn run(database: &str, listen: SocketAddr) -> Result<(), Failure> {
         position: Arc::new(move || events.max_stream_ordering()),
         writer: Arc::new(MainWriter { pipeline }),
         token,
+        health,
+        read_only: false,
     };
-    http::serve(listen, http::router(state))?;
+    http::serve(listen, http::router(state), limits)?;
     Ok(())
+}
+
+/// Refuses every write: a read-only server has no writer (the router answers
+/// 405 before this is reached).
+struct NoWriter;
+
+impl EventWriter for NoWriter {
+    fn write(&self, _room_id: &str, _pdus: Vec<String>) -> Result<WriteOutcome, Error> {
+        Err(Error::invalid_argument("this server is read-only"))
+    }
+}
+
+/// `serve --read-only`: health, metrics, state and the stream position from a
+/// read-only open (no claim, no migration, nothing written, no pruning).
+pub fn run_read_only(database: &str, listen: SocketAddr, limits: Limits) -> Result<(), Failure> {
+    let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
+    http::check_listen(&listen, token.as_deref())?;
+    let config = DatabaseConfig::parse(database, OpenMode::ReadOnly)?
+        .with_pool_wait(DATABASE_WAIT)
+        .with_min_idle(1);
+    let db = Database::open(config)?;
+    let config = StoreConfig::default();
+    let events = EventsStore::new(db.clone(), &config)?;
+    log::info!(
+        "serving {} read-only: nothing is claimed, migrated or written",
+        db.url()
+    );
+    // Others may write the database meanwhile: read the position each time.
+    let position_db = db.clone();
+    let state = ApiState {
+        state: events.state().clone(),
+        position: Arc::new(move || {
+            read_stream_position(&position_db).unwrap_or_else(|e| {
+                log::warn!("{e}");
+                0
+            })
+        }),
+        writer: Arc::new(NoWriter),
+        token,
+        health: vec![ApiState::database_check(db)],
+        read_only: true,
+    };
+    http::serve(listen, http::router(state), limits)?;
+    Ok(())
+}
+
+/// The highest stream position in the database now.
+fn read_stream_position(db: &Database) -> Result<i64, Error> {
+    use diesel::prelude::*;
+    use storage_events::schema::events;
+    db.run_read("read_only_stream_position", |txn| {
+        let max: Option<i64> = storage_core::with_conn!(txn.conn(), |c| events::table
+            .select(diesel::dsl::max(events::stream_ordering))
+            .first(c))?;
+        Ok(max.unwrap_or(0))
+    })
 }

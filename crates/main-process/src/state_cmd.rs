@@ -3,7 +3,7 @@
 //! Opens the database read-only and uses only the state tables, so it answers
 //! from a database Synapse wrote as well as from ours, and never changes either.
 
-use crate::cli::Failure;
+use crate::cli::{print_line, Failure};
 use serde::{Serialize, Serializer};
 use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
@@ -11,7 +11,7 @@ use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
 pub fn run(database: &str, room_id: &str, at: Option<&str>) -> Result<(), Failure> {
     let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
     let store = StateStore::new(db, &StoreConfig::default())?;
-    println!("{}", state_json(&store, room_id, at)?);
+    print_line(format_args!("{}", state_json(&store, room_id, at)?))?;
     Ok(())
 }
 

@@ -1,47 +1,34 @@
-//! `hs-main state` on a database that Synapse wrote: Synapse's own table layout
-//! (with the columns and tables we do not use), filled the way Synapse fills it,
-//! read without migrating or writing anything. On SQLite and PostgreSQL.
+//! A database that Synapse wrote, made by Synapse's own schema (see
+//! tests/fixtures/synapse/schema.py) and filled the way Synapse fills it:
+//! `state`, `inspect` and `serve --read-only` answer from it without changing
+//! it; `serve`, `migrate`, `import` and `port --to` refuse it before writing
+//! anything (same bytes on SQLite; no new relation, no changed setting on
+//! PostgreSQL); `port --from` copies its rooms and state into a database of
+//! ours. On SQLite and PostgreSQL.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 
 storage_core::engine_tests!(
     answers_from_a_synapse_database,
     refuses_unknown_rooms_and_events,
     inspect_reports_a_synapse_database,
+    writers_refuse_a_synapse_database,
+    port_copies_the_state_of_a_synapse_database,
+    serve_read_only_answers_from_a_synapse_database,
 );
 
 const ROOM: &str = "!room:test";
 
-/// The state tables as in Synapse's full schema, plus the events-side tables that
-/// Synapse has next to them (which `state` does not need).
-const SYNAPSE_SCHEMA: &str = "
-CREATE TABLE state_groups (id BIGINT PRIMARY KEY, room_id TEXT NOT NULL, event_id TEXT NOT NULL);
-CREATE INDEX state_groups_room_id_idx ON state_groups (room_id);
-CREATE TABLE state_groups_state (state_group BIGINT NOT NULL, room_id TEXT NOT NULL, type TEXT NOT NULL,
-    state_key TEXT NOT NULL, event_id TEXT NOT NULL);
-CREATE INDEX state_groups_state_type_idx ON state_groups_state (state_group, type, state_key);
-CREATE TABLE state_group_edges (state_group BIGINT NOT NULL, prev_state_group BIGINT NOT NULL);
-CREATE UNIQUE INDEX state_group_edges_unique_idx ON state_group_edges (state_group, prev_state_group);
-CREATE INDEX state_group_edges_prev_idx ON state_group_edges (prev_state_group);
-CREATE TABLE event_to_state_groups (event_id TEXT NOT NULL, state_group BIGINT NOT NULL, UNIQUE (event_id));
-CREATE INDEX event_to_state_groups_sg_index ON event_to_state_groups (state_group);
-CREATE TABLE current_state_events (event_id TEXT NOT NULL, room_id TEXT NOT NULL, type TEXT NOT NULL,
-    state_key TEXT NOT NULL, membership TEXT, event_stream_ordering BIGINT,
-    UNIQUE (event_id), UNIQUE (room_id, type, state_key));
-CREATE TABLE events (stream_ordering BIGINT PRIMARY KEY, topological_ordering BIGINT NOT NULL,
-    event_id TEXT NOT NULL, type TEXT NOT NULL, room_id TEXT NOT NULL, content TEXT, unrecognized_keys TEXT,
-    processed BOOL NOT NULL, outlier BOOL NOT NULL, depth BIGINT DEFAULT 0 NOT NULL, origin_server_ts BIGINT,
-    received_ts BIGINT, sender TEXT, contains_url BOOLEAN, instance_name TEXT, state_key TEXT DEFAULT NULL,
-    rejection_reason TEXT DEFAULT NULL, UNIQUE (event_id));
-CREATE TABLE event_json (event_id TEXT NOT NULL, room_id TEXT NOT NULL, internal_metadata TEXT NOT NULL,
-    json TEXT NOT NULL, format_version INTEGER, UNIQUE (event_id));
-CREATE TABLE rooms (room_id TEXT NOT NULL, is_public BOOL, creator TEXT, room_version TEXT,
-    has_auth_chain_index BOOLEAN, UNIQUE (room_id));
-CREATE TABLE schema_version (Lock CHAR(1) NOT NULL DEFAULT 'X' UNIQUE, version INTEGER NOT NULL,
-    upgraded BOOL NOT NULL, CHECK (Lock='X'));
-INSERT INTO schema_version (version, upgraded) VALUES (73, false);
-";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+
+/// Synapse's empty database, as Synapse 1.163 creates it on this engine.
+fn synapse_schema(t: &TestDb) -> String {
+    let file = format!("{FIXTURES}/synapse/schema.{}.sql", t.engine());
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
 
 /// (event, type, state_key, group after it, how the group was written)
 /// Groups: 1 snapshot; 2, 3, 4 deltas on the one before; 5 a snapshot (as Synapse
@@ -59,16 +46,33 @@ const EVENTS: &[(&str, &str, Option<&str>, Option<i64>)] = &[
     ("$outlier", "m.room.member", Some("@carol:test"), None),
 ];
 
-fn fill(t: &TestDb, raw: &mut storage_core::Conn) {
-    let mut sql = String::from(SYNAPSE_SCHEMA);
-    if t.engine() == "postgres" {
-        // Left behind the table, as a restore without sequences leaves it.
-        sql += "CREATE SEQUENCE state_group_id_seq; SELECT setval('state_group_id_seq', 3);";
-    }
+/// Synapse's schema and the rows above. On SQLite the file is left in WAL
+/// mode, as Synapse leaves it, and closed, so that nothing but the file remains.
+fn fill(t: &TestDb) {
+    let mut raw = t.raw_connection();
+    let mut sql = synapse_schema(t);
     sql += &format!(
         "INSERT INTO rooms (room_id, is_public, creator, room_version, has_auth_chain_index) \
-         VALUES ('{ROOM}', false, '@alice:test', '10', true);
-         INSERT INTO state_groups (id, room_id, event_id) VALUES (1, '{ROOM}', '$create'), \
+         VALUES ('{ROOM}', false, '@alice:test', '10', true);"
+    );
+    for (i, (event_id, event_type, state_key, group)) in EVENTS.iter().enumerate() {
+        let outlier = group.is_none();
+        let sk = state_key.map_or("NULL".to_owned(), |k| format!("'{k}'"));
+        sql += &format!(
+            "INSERT INTO events (stream_ordering, topological_ordering, event_id, type, room_id, processed, \
+             outlier, depth, origin_server_ts, received_ts, sender, contains_url, instance_name, state_key) \
+             VALUES ({n}, {n}, '{event_id}', '{event_type}', '{ROOM}', true, {outlier}, {n}, {n}000, {n}000, \
+             '@alice:test', false, 'master', {sk});
+             INSERT INTO event_json (event_id, room_id, internal_metadata, json, format_version) \
+             VALUES ('{event_id}', '{ROOM}', '{{}}', '{{}}', 3);",
+            n = i + 1
+        );
+        if let Some(g) = group {
+            sql += &format!("INSERT INTO event_to_state_groups (event_id, state_group) VALUES ('{event_id}', {g});");
+        }
+    }
+    sql += &format!(
+        "INSERT INTO state_groups (id, room_id, event_id) VALUES (1, '{ROOM}', '$create'), \
          (2, '{ROOM}', '$alice_join'), (3, '{ROOM}', '$power'), (4, '{ROOM}', '$bob_join'), \
          (5, '{ROOM}', '$name'), (6, '{ROOM}', '$bob_leave'), (7, '!other:test', '$other');
          INSERT INTO state_group_edges (state_group, prev_state_group) VALUES (2, 1), (3, 2), (4, 3), (6, 5);
@@ -93,24 +97,85 @@ fn fill(t: &TestDb, raw: &mut storage_core::Conn) {
            ('$bob_leave', '{ROOM}', 'm.room.member', '@bob:test', 'leave', 7);
         "
     );
-    for (i, (event_id, event_type, state_key, group)) in EVENTS.iter().enumerate() {
-        let outlier = group.is_none();
-        let sk = state_key.map_or("NULL".to_owned(), |k| format!("'{k}'"));
-        sql += &format!(
-            "INSERT INTO events (stream_ordering, topological_ordering, event_id, type, room_id, processed, \
-             outlier, depth, origin_server_ts, received_ts, sender, contains_url, instance_name, state_key) \
-             VALUES ({n}, {n}, '{event_id}', '{event_type}', '{ROOM}', true, {outlier}, {n}, {n}000, {n}000, \
-             '@alice:test', false, 'master', {sk});
-             INSERT INTO event_json (event_id, room_id, internal_metadata, json, format_version) \
-             VALUES ('{event_id}', '{ROOM}', '{{}}', '{{}}', 3);",
-            n = i + 1
-        );
-        if let Some(g) = group {
-            sql += &format!("INSERT INTO event_to_state_groups (event_id, state_group) VALUES ('{event_id}', {g});");
-        }
+    if t.engine() == "postgres" {
+        // Left behind the table, as a restore without sequences leaves it.
+        sql += "SELECT setval('state_group_id_seq', 3);";
     }
     raw.batch_execute(&sql)
-        .expect("building the Synapse-layout database");
+        .expect("building the Synapse database");
+}
+
+/// Everything an operator could see change: on SQLite every file in the
+/// database's folder, byte for byte; on PostgreSQL the relations, the
+/// database's settings and every row of the tables we know.
+fn snapshot(t: &TestDb) -> Vec<String> {
+    if let Some(path) = t.url().strip_prefix("sqlite:") {
+        let dir = std::path::Path::new(path).parent().unwrap();
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let bytes = std::fs::read(e.path()).unwrap();
+                format!(
+                    "{} {:x}",
+                    e.file_name().to_string_lossy(),
+                    fingerprint(&bytes)
+                )
+            })
+            .collect();
+        files.sort();
+        return files;
+    }
+    let mut raw = t.raw_connection();
+    let mut seen = lines(
+        &mut raw,
+        "SELECT c.relname || ' ' || CAST(c.relkind AS TEXT) AS line FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+         AND n.nspname NOT LIKE 'pg_toast%'",
+    );
+    seen.extend(lines(
+        &mut raw,
+        "SELECT COALESCE(array_to_string(setconfig, ','), '') AS line FROM pg_db_role_setting \
+         WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    ));
+    seen.extend(lines(
+        &mut raw,
+        "SELECT 'seq ' || last_value || ' ' || is_called AS line FROM state_group_id_seq",
+    ));
+    for table in [
+        "state_groups",
+        "state_groups_state",
+        "state_group_edges",
+        "event_to_state_groups",
+        "events",
+        "rooms",
+    ] {
+        seen.extend(lines(
+            &mut raw,
+            &format!("SELECT '{table} ' || CAST(t.* AS TEXT) AS line FROM {table} t"),
+        ));
+    }
+    seen.sort();
+    seen
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+fn lines(raw: &mut storage_core::Conn, sql: &str) -> Vec<String> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        line: String,
+    }
+    let rows: Vec<Line> = storage_core::with_conn!(raw, |c| diesel::sql_query(sql).load(c))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter().map(|r| r.line).collect()
 }
 
 fn hs_main(t: &TestDb, args: &[&str]) -> (i32, String, String) {
@@ -144,30 +209,9 @@ fn expected_after(event_index: usize) -> serde_json::Value {
     serde_json::Value::Object(state)
 }
 
-fn tables(t: &TestDb, raw: &mut storage_core::Conn) -> Vec<String> {
-    use diesel::prelude::*;
-    use diesel::sql_types::Text;
-    #[derive(QueryableByName)]
-    struct Name {
-        #[diesel(sql_type = Text)]
-        name: String,
-    }
-    let sql = if t.engine() == "sqlite" {
-        "SELECT name FROM sqlite_master WHERE type = 'table'"
-    } else {
-        "SELECT table_name AS name FROM information_schema.tables WHERE table_schema = 'public'"
-    };
-    let rows: Vec<Name> =
-        storage_core::with_conn!(raw, |c| diesel::sql_query(sql).load(c)).unwrap();
-    let mut names: Vec<String> = rows.into_iter().map(|r| r.name).collect();
-    names.sort();
-    names
-}
-
 fn answers_from_a_synapse_database(t: &TestDb) {
-    let mut raw = t.raw_connection();
-    fill(t, &mut raw);
-    let before = tables(t, &mut raw);
+    fill(t);
+    let before = snapshot(t);
     for (i, (event_id, _, _, group)) in EVENTS.iter().enumerate() {
         if group.is_none() {
             continue;
@@ -181,13 +225,12 @@ fn answers_from_a_synapse_database(t: &TestDb) {
     assert_eq!(code, 0, "{stderr}");
     let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(got, expected_after(EVENTS.len() - 2));
-    // Nothing was migrated or created.
-    assert_eq!(tables(t, &mut raw), before);
+    // Nothing was migrated, created or changed.
+    assert_eq!(snapshot(t), before);
 }
 
 fn refuses_unknown_rooms_and_events(t: &TestDb) {
-    let mut raw = t.raw_connection();
-    fill(t, &mut raw);
+    fill(t);
     for (args, needle) in [
         (vec!["state", "!nope:test"], "unknown room !nope:test"),
         (vec!["state", ROOM, "--at", "$nope"], "unknown event $nope"),
@@ -209,9 +252,8 @@ fn refuses_unknown_rooms_and_events(t: &TestDb) {
 }
 
 fn inspect_reports_a_synapse_database(t: &TestDb) {
-    let mut raw = t.raw_connection();
-    fill(t, &mut raw);
-    let before = tables(t, &mut raw);
+    fill(t);
+    let before = snapshot(t);
 
     // By default: the engine's statistics, small tables counted exactly.
     let (code, stdout, stderr) = hs_main(t, &["inspect", "--json"]);
@@ -269,7 +311,7 @@ fn inspect_reports_a_synapse_database(t: &TestDb) {
         text.contains("state groups     7 (3 snapshots, 4 deltas)"),
         "{text}"
     );
-    assert_eq!(tables(t, &mut raw), before, "inspect wrote nothing");
+    assert_eq!(snapshot(t), before, "inspect wrote nothing");
 
     // Every group has an event so far.
     let unreferenced = |t: &TestDb| {
@@ -285,6 +327,7 @@ fn inspect_reports_a_synapse_database(t: &TestDb) {
     assert_eq!(unreferenced(t), (0, 0));
     // 8: a delta on 6 that no event took (a resolution left unused); 9: a
     // snapshot no event names, but 10 (which an event names) is a delta on it.
+    let mut raw = t.raw_connection();
     raw.batch_execute(&format!(
         "INSERT INTO state_groups (id, room_id, event_id) VALUES (8, '{ROOM}', '$x'), \
          (9, '{ROOM}', '$y'), (10, '{ROOM}', '$z');
@@ -293,4 +336,182 @@ fn inspect_reports_a_synapse_database(t: &TestDb) {
     ))
     .expect("adding unreferenced groups");
     assert_eq!(unreferenced(t), (2, 1));
+}
+
+/// What Synapse's database says to a writer: one line naming it and what to do.
+fn assert_refused(what: &str, code: i32, stderr: &str) {
+    assert_eq!(code, 1, "{what}: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{what}: one line: {stderr}"
+    );
+    assert!(
+        stderr.contains("is a Synapse database (schema version 94)"),
+        "{what}: {stderr}"
+    );
+    assert!(stderr.contains("hs-main port --from"), "{what}: {stderr}");
+    assert!(
+        !stderr.to_lowercase().contains("migrat"),
+        "{what}: {stderr}"
+    );
+}
+
+fn writers_refuse_a_synapse_database(t: &TestDb) {
+    fill(t);
+    let before = snapshot(t);
+    let events = format!("{FIXTURES}/example-room.jsonl");
+    let ours = TestDb::sqlite();
+    for args in [
+        vec!["migrate"],
+        vec!["import", &events],
+        vec!["serve", "--listen", "127.0.0.1:0"],
+    ] {
+        let (code, _, stderr) = hs_main(t, &args);
+        assert_refused(args[0], code, &stderr);
+        assert_eq!(snapshot(t), before, "{args:?} changed the Synapse database");
+    }
+    // As the target of a port, from a database of ours.
+    let (code, _, stderr) = hs_main(&ours, &["migrate"]);
+    assert_eq!(code, 0, "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["--database", ours.url(), "port", "--to", t.url()])
+        .env_remove("HS_DATABASE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is a Synapse database"), "{stderr}");
+    assert_eq!(
+        snapshot(t),
+        before,
+        "port --to changed the Synapse database"
+    );
+}
+
+fn port_copies_the_state_of_a_synapse_database(t: &TestDb) {
+    fill(t);
+    let before = snapshot(t);
+    let target = match t.engine() {
+        "sqlite" => TestDb::sqlite(),
+        _ => TestDb::postgres().unwrap(),
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["port", "--from", t.url(), "--to", target.url()])
+        .env_remove("HS_DATABASE")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(!stderr.to_lowercase().contains("migrate it"), "{stderr}");
+    assert!(
+        stdout.contains("checked: row counts equal in 6 tables"),
+        "{stdout}"
+    );
+    assert_eq!(snapshot(t), before, "the Synapse database is unchanged");
+    // The copy answers like the original, and is a database of ours.
+    for (i, (event_id, _, _, group)) in EVENTS.iter().enumerate() {
+        if group.is_none() {
+            continue;
+        }
+        let (code, stdout, stderr) = hs_main(&target, &["state", ROOM, "--at", event_id]);
+        assert_eq!(code, 0, "state --at {event_id}: {stderr}");
+        let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(got, expected_after(i), "state after {event_id}");
+    }
+    let (code, _, stderr) = hs_main(&target, &["migrate"]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+fn serve_read_only_answers_from_a_synapse_database(t: &TestDb) {
+    fill(t);
+    let before = snapshot(t);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args([
+            "--database",
+            t.url(),
+            "serve",
+            "--read-only",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("HS_DATABASE")
+        .env_remove("HS_API_TOKEN")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let base = loop {
+        assert!(Instant::now() < deadline, "serve --read-only did not start");
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("serve --read-only exited: {:?}", child.wait());
+        }
+        if let Some((_, addr)) = line.trim_end().split_once("listening on ") {
+            break addr.to_owned();
+        }
+    };
+    // Keep reading its log so that it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    let call = |method: &str, path: &str| {
+        let request = ureq::request(method, &format!("{base}{path}"));
+        let result = if method == "POST" {
+            request.send_string(r#"{"events": []}"#)
+        } else {
+            request.call()
+        };
+        match result {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    };
+    let (code, text) = call("GET", "/_hs/v1/health");
+    assert_eq!(code, 200, "{text}");
+    let health: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (health["ok"].clone(), health["database"].clone()),
+        (true.into(), "ok".into())
+    );
+    let room = ROOM.replace('!', "%21").replace(':', "%3A");
+    let (code, text) = call("GET", &format!("/_hs/v1/rooms/{room}/state"));
+    assert_eq!(code, 200, "{text}");
+    let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(got, expected_after(EVENTS.len() - 2));
+    let (code, text) = call("GET", &format!("/_hs/v1/rooms/{room}/state?at=%24power"));
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        expected_after(2)
+    );
+    for path in [
+        format!("/_hs/v1/rooms/{room}/events"),
+        format!("/_hs/v1/internal/rooms/{room}/events"),
+    ] {
+        let (code, text) = call("POST", &path);
+        assert_eq!(code, 405, "{path}: {text}");
+        let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["errcode"], "M_UNRECOGNIZED", "{text}");
+        assert!(
+            error["error"].as_str().unwrap().contains("read-only"),
+            "{text}"
+        );
+    }
+    let (code, text) = call("GET", "/_hs/v1/stream/position");
+    assert_eq!((code, text.as_str()), (200, r#"{"events":9}"#));
+    let (code, text) = call("GET", "/metrics");
+    assert_eq!(code, 200, "{text}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        snapshot(t),
+        before,
+        "serve --read-only changed the Synapse database"
+    );
 }

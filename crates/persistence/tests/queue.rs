@@ -151,7 +151,10 @@ fn a_caller_that_stops_waiting_does_not_block_the_loop_and_errors_are_logged_onc
     gate.release.wait();
     h1.wait().unwrap();
     let err = after.wait().unwrap_err();
-    assert!(err.to_string().contains("persisting 1 events in !gone"), "{err}");
+    assert!(
+        err.to_string().contains("persisting 1 events in !gone"),
+        "{err}"
+    );
     assert_eq!(
         *gate.calls.lock().unwrap(),
         vec![vec!["$1"], vec!["$bad-unwatched"], vec!["$bad-watched"]],

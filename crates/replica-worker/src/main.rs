@@ -23,7 +23,7 @@ use storage_slaved::SlavedStore;
 )]
 struct Cli {
     /// The main process's PostgreSQL database (`postgres://...`).
-    #[arg(long, env = "HS_DATABASE")]
+    #[arg(long, env = "HS_DATABASE", hide_env_values = true)]
     database: String,
     /// The main process's HTTP API, e.g. http://127.0.0.1:8008.
     #[arg(long)]
@@ -126,11 +126,23 @@ fn run(cli: Cli) -> Result<(), Error> {
         instance_name: cli.name.clone(),
         ..StoreConfig::default()
     };
-    let db = Database::open(DatabaseConfig::parse(&cli.database, OpenMode::Replica)?)?;
-    let slaved = SlavedStore::new(db, &config)?;
+    let db = Database::open(
+        DatabaseConfig::parse(&cli.database, OpenMode::Replica)?
+            .with_pool_wait(http::DATABASE_WAIT)
+            .with_min_idle(1),
+    )?;
+    let slaved = SlavedStore::new(db.clone(), &config)?;
     let _follower = slaved.follow();
     let builder = ContextBuilder::new(slaved.events().clone(), &config);
     let position = slaved.clone();
+    let replication = slaved.clone();
+    let health = vec![
+        ApiState::database_check(db),
+        (
+            "replication",
+            Arc::new(move || replication.replication_health()) as http::HealthCheck,
+        ),
+    ];
     let state = ApiState {
         state: slaved.state().clone(),
         position: Arc::new(move || position.position()),
@@ -140,8 +152,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             token: token.clone(),
         }),
         token,
+        health,
+        read_only: false,
     };
-    http::serve(cli.listen, http::router(state))
+    http::serve(cli.listen, http::router(state), http::Limits::default())
 }
 
 fn main() -> ExitCode {

@@ -9,6 +9,9 @@ use axum::Json;
 use serde_json::json;
 use storage_core::{Error, ErrorKind};
 
+/// What a 503 answer asks the client to wait before retrying (`Retry-After`).
+pub const RETRY_AFTER_SECONDS: u64 = 5;
+
 /// An error answer: `{"errcode": ..., "error": ...}` with a status.
 #[derive(Debug)]
 pub struct ApiError {
@@ -76,6 +79,21 @@ pub(super) fn bad_body(msg: &str) -> ApiError {
 /// itself (a wrong method, a body over the limit, a malformed query): their
 /// plain-text reason becomes the `error`.
 pub(super) async fn json_errors(response: Response) -> Response {
+    let mut response = json_body(response).await;
+    // Every 503 says when to come back: the database or the main process is
+    // expected back, or the request ran out of time.
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !response.headers().contains_key(header::RETRY_AFTER)
+    {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(RETRY_AFTER_SECONDS),
+        );
+    }
+    response
+}
+
+async fn json_body(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()
@@ -99,6 +117,14 @@ pub(super) async fn json_errors(response: Response) -> Response {
             ("M_UNRECOGNIZED", reason.to_owned())
         }
         StatusCode::BAD_REQUEST => ("M_INVALID_PARAM", text),
+        // Only the request timeout answers 503 without a body.
+        StatusCode::SERVICE_UNAVAILABLE if text.is_empty() => (
+            "M_UNKNOWN",
+            format!(
+                "no answer within {} s; try again later",
+                super::REQUEST_TIMEOUT.as_secs()
+            ),
+        ),
         _ => (
             "M_UNKNOWN",
             if text.is_empty() {

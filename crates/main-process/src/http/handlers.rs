@@ -1,15 +1,67 @@
 //! The endpoints: state reads, event writes (posted PDUs, and events with
-//! contexts from workers), the stream position, and metrics.
+//! contexts from workers), the stream position, health and metrics.
 
 use super::errors::{bad_body, ApiError};
 use super::{blocking, ApiState};
 use crate::write_path::{ContextedEvent, WriteOutcome};
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use storage_core::metrics;
+
+/// `{"ok": true, "database": "ok", ...}` while every check passes; otherwise
+/// 503 with `"ok": false`, each check's verdict, and the error format's
+/// `errcode` and `error` naming what is wrong. No token needed: it says
+/// nothing about the data, and a check's detail stays in the log.
+pub(super) async fn health(State(state): State<ApiState>) -> Response {
+    let checks = state.health.clone();
+    let verdicts = blocking("GET", move || {
+        Ok(checks
+            .iter()
+            .map(|(name, check)| (*name, check()))
+            .collect::<Vec<_>>())
+    })
+    .await;
+    let verdicts = match verdicts {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let mut body = serde_json::Map::new();
+    let mut failed = Vec::new();
+    for (name, verdict) in &verdicts {
+        match verdict {
+            Ok(()) => {
+                body.insert((*name).to_owned(), json!("ok"));
+            }
+            Err(why) => {
+                log::warn!("health: {name} {why}");
+                body.insert((*name).to_owned(), json!("unhealthy"));
+                failed.push(*name);
+            }
+        }
+    }
+    body.insert("ok".into(), json!(failed.is_empty()));
+    if failed.is_empty() {
+        return Json(Value::Object(body)).into_response();
+    }
+    body.insert("errcode".into(), json!("M_UNKNOWN"));
+    body.insert(
+        "error".into(),
+        json!(format!("unhealthy: {}", failed.join(", "))),
+    );
+    (StatusCode::SERVICE_UNAVAILABLE, Json(Value::Object(body))).into_response()
+}
+
+/// A write endpoint of a read-only server.
+pub(super) async fn refuse_write() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        errcode: "M_UNRECOGNIZED",
+        error: "this server is read-only (hs-main serve --read-only): it persists nothing".into(),
+    }
+}
 
 pub(super) async fn metrics_text() -> impl IntoResponse {
     (
@@ -29,6 +81,11 @@ pub(super) async fn room_state(
     Query(q): Query<AtQuery>,
 ) -> Result<Response, ApiError> {
     let body = blocking("GET", move || {
+        if state.read_only && q.at.is_none() {
+            // Another process writes this database and nothing tells this
+            // one: the current state is read afresh (state groups never change).
+            state.state.invalidate_current_state(&room_id);
+        }
         Ok(crate::state_cmd::state_json(
             &state.state,
             &room_id,

@@ -5,30 +5,52 @@
 //!
 //! `handlers` answers the endpoints, `guards` runs before them (the token rule,
 //! the body limit, unknown paths), `errors` turns every failure into the
-//! contract's `{"errcode", "error"}` answer.
+//! contract's `{"errcode", "error"}` answer, `server` serves connections
+//! within limits (timeouts, a connection cap), `parse_errors` gives hyper's
+//! own answers to unparsable requests the same format.
 
 mod errors;
 mod guards;
 mod handlers;
+mod parse_errors;
+mod server;
 
 use errors::json_errors;
 use guards::{refuse_announced_oversize, require_token, unknown_path};
-use handlers::{metrics_text, post_contexted, post_events, room_state, stream_position};
+use handlers::{
+    health, metrics_text, post_contexted, post_events, refuse_write, room_state, stream_position,
+};
 
-pub use errors::ApiError;
+pub use errors::{ApiError, RETRY_AFTER_SECONDS};
 pub use guards::BODY_LIMIT;
+pub use server::{connection_limit, Limits, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
 use crate::write_path::{ContextedEvent, WriteOutcome};
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::json;
+use axum::Router;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use storage_core::{Error, LogContext};
 use storage_state::StateStore;
+use tower_http::timeout::TimeoutLayer;
+
+/// The longest a request may take, body included, before it is answered 503:
+/// past it a client is better off retrying than waiting (a write that was
+/// still running may have committed; stored events are skipped on retry).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a request waits for a database connection before it is answered
+/// 503 (the database is down, or every connection is busy): well under
+/// [`REQUEST_TIMEOUT`], so that the answer says why.
+pub const DATABASE_WAIT: Duration = Duration::from_secs(5);
+
+/// A part of the process that `/_hs/v1/health` checks, by name: `Ok`, or why
+/// it is unhealthy. Runs on a blocking thread; must answer within seconds.
+pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Writes events for the HTTP API: the main process persists them itself, a
 /// worker computes their contexts and forwards them.
@@ -56,6 +78,24 @@ pub struct ApiState {
     pub position: Arc<dyn Fn() -> i64 + Send + Sync>,
     /// `HS_API_TOKEN`, if set.
     pub token: Option<String>,
+    /// What `/_hs/v1/health` checks (the database; a worker's replication).
+    pub health: Vec<(&'static str, HealthCheck)>,
+    /// Serve reads only: every write endpoint answers 405.
+    pub read_only: bool,
+}
+
+impl ApiState {
+    /// The check of `db` that `/_hs/v1/health` runs: it answers a trivial
+    /// statement within [`DATABASE_WAIT`].
+    pub fn database_check(db: storage_core::Database) -> (&'static str, HealthCheck) {
+        (
+            "database",
+            Arc::new(move || {
+                db.check_reachable(DATABASE_WAIT)
+                    .map_err(|e| format!("unreachable: {e}"))
+            }),
+        )
+    }
 }
 
 impl std::fmt::Debug for ApiState {
@@ -63,6 +103,7 @@ impl std::fmt::Debug for ApiState {
         f.debug_struct("ApiState")
             .field("position", &(self.position)())
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
 }
@@ -82,27 +123,33 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-/// The router: health and metrics open, everything else under the token rule.
+/// The router: health and metrics open, everything else under the token rule;
+/// in read-only mode the write endpoints answer 405.
 pub fn router(state: ApiState) -> Router {
+    let (events, contexted) = if state.read_only {
+        (post(refuse_write), post(refuse_write))
+    } else {
+        (post(post_events), post(post_contexted))
+    };
     let protected = Router::new()
         .route("/_hs/v1/rooms/{room_id}/state", get(room_state))
-        .route("/_hs/v1/rooms/{room_id}/events", post(post_events))
+        .route("/_hs/v1/rooms/{room_id}/events", events)
         .route("/_hs/v1/stream/position", get(stream_position))
-        .route(
-            "/_hs/v1/internal/rooms/{room_id}/events",
-            post(post_contexted),
-        )
+        .route("/_hs/v1/internal/rooms/{room_id}/events", contexted)
         // The last layer added runs first: the token before anything else.
         .route_layer(middleware::from_fn(refuse_announced_oversize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route(
-            "/_hs/v1/health",
-            get(|| async { Json(json!({"ok": true})) }),
-        )
+        .route("/_hs/v1/health", get(health))
         .route("/metrics", get(metrics_text))
         .merge(protected)
         .fallback(unknown_path)
+        // tower-http's bound on the whole request (body included); its bare
+        // 503 gets the error format and Retry-After from `json_errors`.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
         .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
@@ -118,8 +165,9 @@ pub fn check_listen(addr: &SocketAddr, token: Option<&str>) -> Result<(), Error>
     Ok(())
 }
 
-/// Serves `router` on `addr` until Ctrl-C or SIGTERM.
-pub fn serve(addr: SocketAddr, router: Router) -> Result<(), Error> {
+/// Serves `router` on `addr` until Ctrl-C or SIGTERM, within the limits of
+/// `server` (header-read and idle timeouts, a connection cap).
+pub fn serve(addr: SocketAddr, router: Router, limits: Limits) -> Result<(), Error> {
     // The runtime's threads log under the process's context ("serve", or the
     // worker's name); each request's storage work under a context of its own.
     let process = LogContext::current().unwrap_or_else(|| LogContext::new("http"));
@@ -132,11 +180,10 @@ pub fn serve(addr: SocketAddr, router: Router) -> Result<(), Error> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::from(e).context(format!("listening on {addr}")))?;
-        log::info!("listening on http://{addr}");
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(Error::from)?;
+        // The address bound, which names the port when 0 asked for any.
+        let bound = listener.local_addr().unwrap_or(addr);
+        log::info!("listening on http://{bound}");
+        server::serve_until(listener, router, limits, shutdown_signal()).await?;
         log::info!("stopped: requests in flight were answered");
         Ok(())
     })

@@ -5,11 +5,12 @@
 
 pub mod tables;
 
-use crate::cli::Failure;
+use crate::cli::{print_line, Failure};
 use diesel::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use storage_core::{
-    with_conn, Conn, Database, DatabaseConfig, Error, OpenMode, Result, ResultExt, StoreConfig,
+    detect_layout, with_conn, Conn, Database, DatabaseConfig, DatabaseUrl, Error, Layout, OpenMode,
+    Result, ResultExt, StoreConfig,
 };
 use storage_events::EVENTS_STREAM_SEQUENCE;
 use storage_state::{StateFilter, StateGroupStore, StateStore, STATE_GROUP_SEQUENCE};
@@ -37,56 +38,190 @@ pub struct PortOptions {
     pub sample: usize,
 }
 
+/// The tables a port copies, in order (a table's rows after those they cite).
+const ALL_TABLES: [&str; 12] = [
+    Rooms::NAME,
+    Events::NAME,
+    EventJson::NAME,
+    EventEdges::NAME,
+    EventAuth::NAME,
+    ForwardExtremities::NAME,
+    Rejections::NAME,
+    StateGroups::NAME,
+    StateGroupEdges::NAME,
+    StateGroupsState::NAME,
+    EventToStateGroups::NAME,
+    CurrentStateEvents::NAME,
+];
+
+/// What a port copies from a Synapse database: its rooms and its state, the
+/// tables whose layout is Synapse's own. Its events tables carry columns and
+/// rows of Synapse's own making, which ours do not describe.
+const SYNAPSE_TABLES: [&str; 6] = [
+    Rooms::NAME,
+    StateGroups::NAME,
+    StateGroupEdges::NAME,
+    StateGroupsState::NAME,
+    EventToStateGroups::NAME,
+    CurrentStateEvents::NAME,
+];
+
 pub fn run(options: &PortOptions) -> std::result::Result<(), Failure> {
-    // The source must be at this binary's schema version, and is never written.
-    let src = Database::open(DatabaseConfig::parse(&options.from, OpenMode::Replica)?)
+    // The source is never written. Ours must be at this binary's schema
+    // version; Synapse's is read as it is, for its state tables only.
+    let from_synapse = matches!(
+        detect_layout(&DatabaseUrl::parse(&options.from)?).context("reading the source")?,
+        Layout::Synapse { .. }
+    );
+    let (mode, tables) = if from_synapse {
+        (OpenMode::ReadOnly, &SYNAPSE_TABLES[..])
+    } else {
+        (OpenMode::Replica, &ALL_TABLES[..])
+    };
+    let src = Database::open(DatabaseConfig::parse(&options.from, mode)?)
         .context("opening the source")?;
     let (_claim, dst) = crate::open::open_as_main(&options.to).context("opening the target")?;
-    if !options.resume {
-        refuse_non_empty(&dst)?;
+    match target_state(&dst, tables)? {
+        Target::Empty => {}
+        Target::Finished { rows } => {
+            print_line(format_args!(
+                "{} already holds a finished port ({} tables, {rows} rows): nothing to do",
+                dst.url(),
+                tables.len()
+            ))?;
+            return Ok(());
+        }
+        Target::Unfinished if options.resume => {}
+        Target::Unfinished => {
+            return Err(Error::invalid_argument(format!(
+                "{} holds an unfinished port: pass --resume to continue it",
+                dst.url()
+            ))
+            .into())
+        }
+        Target::HoldsData(what) => {
+            return Err(Error::invalid_argument(format!(
+                "{} already holds {what} that no port put there: port into a new, empty database",
+                dst.url()
+            ))
+            .into())
+        }
     }
-    log::info!("porting {} to {}", src.url(), dst.url());
-    copy::<Rooms>(&src, &dst, options.batch)?;
-    copy::<Events>(&src, &dst, options.batch)?;
-    copy::<EventJson>(&src, &dst, options.batch)?;
-    copy::<EventEdges>(&src, &dst, options.batch)?;
-    copy::<EventAuth>(&src, &dst, options.batch)?;
-    copy::<ForwardExtremities>(&src, &dst, options.batch)?;
-    copy::<Rejections>(&src, &dst, options.batch)?;
-    copy::<StateGroups>(&src, &dst, options.batch)?;
-    copy::<StateGroupEdges>(&src, &dst, options.batch)?;
-    copy::<StateGroupsState>(&src, &dst, options.batch)?;
-    copy::<EventToStateGroups>(&src, &dst, options.batch)?;
-    copy::<CurrentStateEvents>(&src, &dst, options.batch)?;
+    if from_synapse {
+        log::info!(
+            "porting the rooms and state of Synapse database {} to {} (its events stay behind)",
+            src.url(),
+            dst.url()
+        );
+    } else {
+        log::info!("porting {} to {}", src.url(), dst.url());
+    }
+    for table in tables {
+        copy_table(table, &src, &dst, options.batch)?;
+    }
     for sequence in [&STATE_GROUP_SEQUENCE, &EVENTS_STREAM_SEQUENCE] {
-        dst.sync_sequence(sequence)?;
+        dst.sync_sequence_after_copy(sequence)?;
         let health = dst.with_connection(|e, c| e.inspect_sequence(c, sequence))?;
-        println!(
+        print_line(format_args!(
             "sequence {}: next id {} (highest copied {})",
             sequence.name,
             health.handed_out.unwrap_or(health.max_id) + 1,
             health.max_id
-        );
+        ))?;
     }
-    check(&src, &dst, options.sample)?;
+    check(&src, &dst, tables, options.sample)?;
     Ok(())
 }
 
-fn refuse_non_empty(dst: &Database) -> Result<()> {
-    let (events, progress) = dst.run_read("port_check_target", |txn| {
+/// What the target of a port holds already.
+enum Target {
+    Empty,
+    /// Every table of this port copied, as a previous run recorded.
+    Finished {
+        rows: i64,
+    },
+    /// A port was started and not finished.
+    Unfinished,
+    /// Data that no port recorded (named).
+    HoldsData(String),
+}
+
+fn target_state(dst: &Database, tables: &[&str]) -> Result<Target> {
+    let (events, groups, progress) = dst.run_read("port_check_target", |txn| {
         let events: i64 = with_conn!(txn.conn(), |c| storage_events::schema::events::table
             .count()
             .get_result(c))?;
-        let progress: i64 = with_conn!(txn.conn(), |c| port_progress::table.count().get_result(c))?;
-        Ok((events, progress))
+        let groups: i64 = with_conn!(txn.conn(), |c| storage_state::schema::state_groups::table
+            .count()
+            .get_result(c))?;
+        let progress: Vec<(String, i64, bool)> = with_conn!(txn.conn(), |c| port_progress::table
+            .select((
+                port_progress::table_name,
+                port_progress::rows_copied,
+                port_progress::done
+            ))
+            .load(c))?;
+        Ok((events, groups, progress))
     })?;
-    if events > 0 || progress > 0 {
-        return Err(Error::invalid_argument(format!(
-            "the target already holds {events} events{}; pass --resume to continue an interrupted port",
-            if progress > 0 { " and an unfinished port" } else { "" }
-        )));
+    if !progress.is_empty() {
+        let finished = tables
+            .iter()
+            .all(|t| progress.iter().any(|(name, _, done)| name == t && *done));
+        return Ok(if finished {
+            Target::Finished {
+                rows: progress.iter().map(|(_, rows, _)| rows).sum(),
+            }
+        } else {
+            Target::Unfinished
+        });
     }
-    Ok(())
+    Ok(match (events, groups) {
+        (0, 0) => Target::Empty,
+        (0, g) => Target::HoldsData(format!("{g} state groups")),
+        (e, _) => Target::HoldsData(format!("{e} events")),
+    })
+}
+
+/// Copies the table named `table` (one of [`ALL_TABLES`]).
+fn copy_table(table: &str, src: &Database, dst: &Database, batch: i64) -> Result<()> {
+    match table {
+        Rooms::NAME => copy::<Rooms>(src, dst, batch),
+        Events::NAME => copy::<Events>(src, dst, batch),
+        EventJson::NAME => copy::<EventJson>(src, dst, batch),
+        EventEdges::NAME => copy::<EventEdges>(src, dst, batch),
+        EventAuth::NAME => copy::<EventAuth>(src, dst, batch),
+        ForwardExtremities::NAME => copy::<ForwardExtremities>(src, dst, batch),
+        Rejections::NAME => copy::<Rejections>(src, dst, batch),
+        StateGroups::NAME => copy::<StateGroups>(src, dst, batch),
+        StateGroupEdges::NAME => copy::<StateGroupEdges>(src, dst, batch),
+        StateGroupsState::NAME => copy::<StateGroupsState>(src, dst, batch),
+        EventToStateGroups::NAME => copy::<EventToStateGroups>(src, dst, batch),
+        CurrentStateEvents::NAME => copy::<CurrentStateEvents>(src, dst, batch),
+        other => Err(Error::other(format!(
+            "internal: no copier for table {other}"
+        ))),
+    }
+}
+
+/// The rows of the table named `table` (one of [`ALL_TABLES`]).
+fn count_table(table: &str, conn: &mut Conn) -> Result<i64> {
+    match table {
+        Rooms::NAME => Rooms::count(conn),
+        Events::NAME => Events::count(conn),
+        EventJson::NAME => EventJson::count(conn),
+        EventEdges::NAME => EventEdges::count(conn),
+        EventAuth::NAME => EventAuth::count(conn),
+        ForwardExtremities::NAME => ForwardExtremities::count(conn),
+        Rejections::NAME => Rejections::count(conn),
+        StateGroups::NAME => StateGroups::count(conn),
+        StateGroupEdges::NAME => StateGroupEdges::count(conn),
+        StateGroupsState::NAME => StateGroupsState::count(conn),
+        EventToStateGroups::NAME => EventToStateGroups::count(conn),
+        CurrentStateEvents::NAME => CurrentStateEvents::count(conn),
+        other => Err(Error::other(format!(
+            "internal: no copier for table {other}"
+        ))),
+    }
 }
 
 fn progress_bar(total: i64, table: &str) -> ProgressBar {
@@ -191,23 +326,13 @@ fn save_progress(conn: &mut Conn, table: &str, key: &str, rows: i64, done: bool)
 
 /// Row counts of every table equal on both sides, and the state after a sample
 /// of events equal too.
-fn check(src: &Database, dst: &Database, sample: usize) -> Result<()> {
-    let counts = |db: &Database| -> Result<Vec<(&'static str, i64)>> {
+fn check(src: &Database, dst: &Database, tables: &[&str], sample: usize) -> Result<()> {
+    let counts = |db: &Database| -> Result<Vec<(&str, i64)>> {
         db.with_connection(|_, c| {
-            Ok(vec![
-                (Rooms::NAME, Rooms::count(c)?),
-                (Events::NAME, Events::count(c)?),
-                (EventJson::NAME, EventJson::count(c)?),
-                (EventEdges::NAME, EventEdges::count(c)?),
-                (EventAuth::NAME, EventAuth::count(c)?),
-                (ForwardExtremities::NAME, ForwardExtremities::count(c)?),
-                (Rejections::NAME, Rejections::count(c)?),
-                (StateGroups::NAME, StateGroups::count(c)?),
-                (StateGroupEdges::NAME, StateGroupEdges::count(c)?),
-                (StateGroupsState::NAME, StateGroupsState::count(c)?),
-                (EventToStateGroups::NAME, EventToStateGroups::count(c)?),
-                (CurrentStateEvents::NAME, CurrentStateEvents::count(c)?),
-            ])
+            tables
+                .iter()
+                .map(|t| Ok((*t, count_table(t, c)?)))
+                .collect()
         })
     };
     let (a, b) = (counts(src)?, counts(dst)?);
@@ -218,11 +343,11 @@ fn check(src: &Database, dst: &Database, sample: usize) -> Result<()> {
             )));
         }
     }
-    println!(
+    print_line(format_args!(
         "checked: row counts equal in {} tables ({} rows in all)",
         a.len(),
         a.iter().map(|(_, n)| n).sum::<i64>()
-    );
+    ))?;
     // Spread the sample over the whole history.
     let ids: Vec<String> = src.run_read("port_sample", |txn| {
         use storage_state::schema::event_to_state_groups as etsg;
@@ -249,9 +374,9 @@ fn check(src: &Database, dst: &Database, sample: usize) -> Result<()> {
             )));
         }
     }
-    println!(
+    print_line(format_args!(
         "checked: state after {} sampled events equal",
         sampled.len()
-    );
+    ))?;
     Ok(())
 }
