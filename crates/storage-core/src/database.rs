@@ -89,7 +89,11 @@ impl Database {
             crate::layout::refuse_foreign_database(&config)?;
         }
         let new_file = match &config.url {
-            DatabaseUrl::Sqlite(path) if config.mode == OpenMode::Writer && !path.exists() => {
+            // Missing, or empty: what the main-process claim leaves of a new file.
+            DatabaseUrl::Sqlite(path)
+                if config.mode == OpenMode::Writer
+                    && std::fs::metadata(path).map_or(true, |m| m.len() == 0) =>
+            {
                 Some(path.clone())
             }
             _ => None,
