@@ -126,20 +126,17 @@ impl Database {
         };
         match config.mode {
             OpenMode::Writer => {
-                let applied = db.with_connection(|engine, conn| engine.migrate(conn))?;
-                match new_file {
-                    // One line, with the full path: a command run from another
+                if let Some(path) = new_file {
+                    // Said once, with the full path: a command run from another
                     // folder than usual creates a new, empty default database.
-                    Some(path) => log::info!(
-                        "created a new SQLite database at {} ({} migrations applied)",
-                        std::path::absolute(&path).unwrap_or(path).display(),
-                        applied.len()
-                    ),
-                    None => {
-                        for version in &applied {
-                            log::info!("applied migration {version} to {}", db.url());
-                        }
-                    }
+                    log::info!(
+                        "created a new SQLite database at {}",
+                        std::path::absolute(&path).unwrap_or(path).display()
+                    );
+                }
+                let applied = db.with_connection(|engine, conn| engine.migrate(conn))?;
+                for version in &applied {
+                    log::info!("applied migration {version} to {}", db.url());
                 }
             }
             OpenMode::Replica => db.with_connection(|engine, conn| engine.check_schema(conn))?,
