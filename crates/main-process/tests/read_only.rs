@@ -75,7 +75,7 @@ fn sqlite_read_only(path: &Path, expected_state: &[u8]) {
         vec!["state", ROOM],
         vec!["state", ROOM, "--at", "$create:example.org"],
         vec!["inspect"],
-        vec!["inspect", "--json"],
+        vec!["inspect", "--json", "--exact", "--unreferenced"],
     ] {
         assert_ok(&format!("{args:?}"), &hs_main(&url, &args));
         assert_eq!(files(dir), before, "{args:?} wrote beside the database");
@@ -144,7 +144,7 @@ fn postgres_reader_role(t: &TestDb, expected_state: &[u8]) {
     let out = hs_main(&url, &["state", ROOM]);
     assert_ok("state as a reader", &out);
     assert_eq!(out.stdout, expected_state);
-    let out = hs_main(&url, &["inspect", "--json"]);
+    let out = hs_main(&url, &["inspect", "--json", "--exact"]);
     assert_ok("inspect as a reader", &out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["events"], 9, "{report}");
