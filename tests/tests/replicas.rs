@@ -264,6 +264,8 @@ fn main_and_two_workers_agree() {
             "after {id}"
         );
     }
+    drop(main);
+    storage_events::testing::assert_invariants(&db.open_mode(storage_core::OpenMode::ReadOnly));
 }
 
 storage_core::engine_tests!(http_contract);

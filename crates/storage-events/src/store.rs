@@ -99,6 +99,9 @@ pub struct EventsStore {
     state: StateStore,
     caches: Arc<Caches>,
     position: Arc<AtomicI64>,
+    /// This process's name (`StoreConfig::instance_name`), stored with every
+    /// event it writes (`events.instance_name`, as Synapse does).
+    instance_name: Arc<str>,
 }
 
 impl EventsStore {
@@ -119,6 +122,7 @@ impl EventsStore {
                 room_versions: LruCache::new("room_version_cache", config.cache_size(10_000)),
             }),
             position: Arc::new(AtomicI64::new(max)),
+            instance_name: config.instance_name.as_str().into(),
         })
     }
 
@@ -235,7 +239,7 @@ impl EventsStore {
         }
         let positions = txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?;
         insert_rooms(txn, &new)?;
-        insert_events(txn, &new, &positions)?;
+        insert_events(txn, &new, &positions, &self.instance_name)?;
         let mappings: Vec<(&str, i64)> = new
             .iter()
             .filter(|e| !e.outlier)
@@ -363,6 +367,7 @@ fn insert_events(
     txn: &mut Transaction<'_>,
     new: &[&EventToPersist],
     positions: &[i64],
+    instance_name: &str,
 ) -> Result<()> {
     let received = now_ms();
     let event_rows: Vec<EventRow<'_>> = new
@@ -381,7 +386,7 @@ fn insert_events(
             received_ts: Some(received),
             sender: Some(&e.sender),
             contains_url: Some(false),
-            instance_name: Some("main"),
+            instance_name: Some(instance_name),
             state_key: e.state_key.as_deref(),
             rejection_reason: e.rejected.as_deref(),
         })

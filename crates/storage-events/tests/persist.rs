@@ -18,6 +18,7 @@ storage_core::engine_tests!(
     outliers_get_no_state_and_rejections_are_recorded,
     failed_batch_leaves_nothing,
     old_cache_invalidations_are_pruned,
+    events_name_the_instance_that_wrote_them,
 );
 
 const ROOM: &str = "!room:test";
@@ -381,4 +382,32 @@ fn old_cache_invalidations_are_pruned(t: &TestDb) {
         vec![(positions[4], ALL_CACHES.to_owned(), String::new())]
     );
     assert_eq!(count(t, "cache_invalidations"), 1);
+}
+
+/// `events.instance_name` is the writing process's configured name, as in
+/// Synapse (it was "main" whatever the configuration said).
+fn events_name_the_instance_that_wrote_them(t: &TestDb) {
+    let config = StoreConfig {
+        instance_name: "main-7".to_owned(),
+        ..StoreConfig::default()
+    };
+    let store = EventsStore::new(t.open(), &config).unwrap();
+    let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".to_owned())]);
+    let g1 = store
+        .state()
+        .store_state_group("$create", ROOM, None, None, Some(&create_state))
+        .unwrap();
+    store
+        .persist_batch(&batch(
+            &store,
+            vec![event("$create", &[], Some(("m.room.create", "")), Some(g1))],
+            &[("m.room.create", "", "$create")],
+        ))
+        .unwrap();
+    let names: Vec<Option<String>> = with_conn!(&mut t.raw_connection(), |c| events::table
+        .select(events::instance_name)
+        .load(c))
+    .unwrap();
+    assert_eq!(names, vec![Some("main-7".to_owned())]);
+    testing::assert_invariants(store.database());
 }
