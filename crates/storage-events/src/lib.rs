@@ -8,15 +8,19 @@
 
 mod extremities;
 mod invariants;
+mod read;
+mod replication;
 pub mod schema;
 mod store;
 pub mod testing;
 mod types;
+mod write;
 
 pub use extremities::new_forward_extremities;
 pub use invariants::{check_invariants, Violation};
-pub use store::{
-    report_stream_position, EventStore, EventsStore, ReplicationBatch, StoredEvent, ALL_CACHES,
-    CURRENT_STATE_CACHE, EVENTS_STREAM_SEQUENCE, REPLICATION_CHANNEL,
+pub use read::{EventStore, StoredEvent};
+pub use replication::{
+    report_stream_position, ReplicationBatch, ALL_CACHES, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
 };
+pub use store::{EventsStore, EVENTS_STREAM_SEQUENCE};
 pub use types::{CurrentStateDelta, EventToPersist, PersistedBatch, RoomBatch};

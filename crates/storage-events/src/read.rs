@@ -1,0 +1,184 @@
+//! Reads of the events tables, with their caches: what event contexts, the
+//! persistence loop and the HTTP API ask of stored events.
+
+use crate::schema::{event_edges, event_forward_extremities, event_json, events, rooms};
+use crate::store::{EventsStore, CHUNK};
+use diesel::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use storage_core::{with_conn, Result, Transaction};
+
+/// An event as stored: its PDU and what we know of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub room_id: String,
+    pub json: String,
+    pub format_version: Option<i32>,
+    pub outlier: bool,
+    pub rejected: Option<String>,
+    pub stream_ordering: i64,
+}
+
+/// Reads of the events tables, implemented once and shared by the main process
+/// and replica workers.
+pub trait EventStore {
+    /// Which of `event_ids` are stored.
+    fn have_events(&self, event_ids: &[&str]) -> Result<HashSet<String>>;
+    /// The stored events among `event_ids`.
+    fn get_events(&self, event_ids: &[&str]) -> Result<HashMap<String, Arc<StoredEvent>>>;
+    /// The room's version, if the room is known.
+    fn get_room_version(&self, room_id: &str) -> Result<Option<String>>;
+    fn get_forward_extremities(&self, room_id: &str) -> Result<Vec<String>>;
+    /// Which of `event_ids` some stored event names as a prev event.
+    fn events_referenced_as_prev(&self, event_ids: &[&str]) -> Result<HashSet<String>>;
+    /// The highest stream position this process knows to be committed.
+    fn max_stream_ordering(&self) -> i64;
+}
+
+impl EventStore for EventsStore {
+    fn have_events(&self, event_ids: &[&str]) -> Result<HashSet<String>> {
+        self.db
+            .run_read("have_events", |txn| load_existing(txn, event_ids))
+    }
+
+    fn get_events(&self, event_ids: &[&str]) -> Result<HashMap<String, Arc<StoredEvent>>> {
+        let mut found = HashMap::with_capacity(event_ids.len());
+        let mut missing = Vec::new();
+        for &id in event_ids {
+            match self.caches.events.get(&id.to_owned()) {
+                Some(e) => {
+                    found.insert(id.to_owned(), e);
+                }
+                None => missing.push(id),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        type Row = (
+            String,
+            String,
+            String,
+            Option<i32>,
+            bool,
+            Option<String>,
+            i64,
+        );
+        let rows: Vec<Row> = self.db.run_read("get_events", |txn| {
+            let mut rows = Vec::new();
+            for chunk in missing.chunks(CHUNK) {
+                rows.extend(with_conn!(txn.conn(), |c| events::table
+                    .inner_join(event_json::table.on(event_json::event_id.eq(events::event_id)))
+                    .select((
+                        events::event_id,
+                        events::room_id,
+                        event_json::json,
+                        event_json::format_version,
+                        events::outlier,
+                        events::rejection_reason,
+                        events::stream_ordering,
+                    ))
+                    .filter(events::event_id.eq_any(chunk))
+                    .load::<Row>(c))?);
+            }
+            Ok(rows)
+        })?;
+        for (event_id, room_id, json, format_version, outlier, rejected, stream_ordering) in rows {
+            let e = Arc::new(StoredEvent {
+                event_id: event_id.clone(),
+                room_id,
+                json,
+                format_version,
+                outlier,
+                rejected,
+                stream_ordering,
+            });
+            self.caches.events.insert(event_id.clone(), e.clone());
+            found.insert(event_id, e);
+        }
+        Ok(found)
+    }
+
+    fn get_room_version(&self, room_id: &str) -> Result<Option<String>> {
+        if let Some(v) = self.caches.room_versions.get(&room_id.to_owned()) {
+            return Ok(Some(v));
+        }
+        let version: Option<Option<String>> = self.db.run_read("get_room_version", |txn| {
+            Ok(with_conn!(txn.conn(), |c| rooms::table
+                .select(rooms::room_version)
+                .filter(rooms::room_id.eq(room_id))
+                .first::<Option<String>>(c)
+                .optional())?)
+        })?;
+        let version = version.flatten();
+        if let Some(v) = &version {
+            self.caches
+                .room_versions
+                .insert(room_id.to_owned(), v.clone());
+        }
+        Ok(version)
+    }
+
+    fn get_forward_extremities(&self, room_id: &str) -> Result<Vec<String>> {
+        self.db.run_read("get_forward_extremities", |txn| {
+            let mut ids: Vec<String> =
+                with_conn!(txn.conn(), |c| event_forward_extremities::table
+                    .select(event_forward_extremities::event_id)
+                    .filter(event_forward_extremities::room_id.eq(room_id))
+                    .load(c))?;
+            ids.sort();
+            Ok(ids)
+        })
+    }
+
+    fn events_referenced_as_prev(&self, event_ids: &[&str]) -> Result<HashSet<String>> {
+        self.db.run_read("events_referenced_as_prev", |txn| {
+            // (child, prev) edges naming the events; then which children count:
+            // only accepted ones (neither outliers nor rejected), as in Synapse's
+            // `_get_events_which_are_prevs`.
+            let mut edges: Vec<(String, String)> = Vec::new();
+            for chunk in event_ids.chunks(CHUNK) {
+                edges.extend(with_conn!(txn.conn(), |c| event_edges::table
+                    .select((event_edges::event_id, event_edges::prev_event_id))
+                    .filter(event_edges::prev_event_id.eq_any(chunk))
+                    .load::<(String, String)>(c))?);
+            }
+            if edges.is_empty() {
+                return Ok(HashSet::new());
+            }
+            let children: Vec<&str> = edges.iter().map(|(c, _)| c.as_str()).collect();
+            let mut accepted = HashSet::new();
+            for chunk in children.chunks(CHUNK) {
+                accepted.extend(with_conn!(txn.conn(), |c| events::table
+                    .select(events::event_id)
+                    .filter(events::event_id.eq_any(chunk))
+                    .filter(events::outlier.eq(false))
+                    .filter(events::rejection_reason.is_null())
+                    .load::<String>(c))?);
+            }
+            Ok(edges
+                .into_iter()
+                .filter(|(child, _)| accepted.contains(child))
+                .map(|(_, prev)| prev)
+                .collect())
+        })
+    }
+
+    fn max_stream_ordering(&self) -> i64 {
+        self.position.load(Ordering::SeqCst)
+    }
+}
+
+/// Which of `ids` are stored.
+pub(crate) fn load_existing(txn: &mut Transaction<'_>, ids: &[&str]) -> Result<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(CHUNK) {
+        found.extend(with_conn!(txn.conn(), |c| events::table
+            .select(events::event_id)
+            .filter(events::event_id.eq_any(chunk))
+            .load::<String>(c))?);
+    }
+    Ok(found)
+}

@@ -1,0 +1,117 @@
+//! The replication stream: what the main process announces in each batch
+//! transaction (a `cache_invalidations` row per changed room at the batch's
+//! highest position, and a NOTIFY), what workers read to catch up, and the
+//! pruning of old invalidations.
+
+use crate::schema::{cache_invalidations, events};
+use crate::store::EventsStore;
+use diesel::prelude::*;
+use storage_core::{with_conn, Database, Result, ResultExt, Transaction};
+
+/// The channel on which the main process announces committed stream positions.
+pub const REPLICATION_CHANNEL: &str = "hs_replication";
+
+/// The cache name under which current-state invalidations travel.
+pub const CURRENT_STATE_CACHE: &str = "current_state_ids";
+
+/// The cache name of the row that stands for pruned invalidations: every
+/// position up to it may have invalidated anything, so a replica that had not
+/// reached it must drop all its mutable caches.
+pub const ALL_CACHES: &str = "*";
+
+/// Publishes the highest event stream position this process has applied (the
+/// main process: committed; a worker: replicated) as the
+/// `hs_replication_position` gauge, one name on every process so that a
+/// dashboard can compare them.
+pub fn report_stream_position(position: i64) {
+    storage_core::metrics::global().set_gauge(
+        "hs_replication_position",
+        "Highest event stream position committed (main process) or applied (worker) here",
+        position as f64,
+    );
+}
+
+/// What replica workers must apply, from one position to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicationBatch {
+    /// `(position, cache, key)`, in position order.
+    pub invalidations: Vec<(i64, String, String)>,
+    /// The highest committed position.
+    pub position: i64,
+}
+
+impl EventsStore {
+    /// What happened after position `after`: the invalidations to apply and the
+    /// committed position they lead to.
+    pub fn replication_since(&self, after: i64) -> Result<ReplicationBatch> {
+        self.db.run_read("replication_since", |txn| {
+            let position = max_stream_ordering_txn(txn)?.max(after);
+            let invalidations: Vec<(i64, String, String)> =
+                with_conn!(txn.conn(), |c| cache_invalidations::table
+                    .select((
+                        cache_invalidations::stream_ordering,
+                        cache_invalidations::cache_name,
+                        cache_invalidations::cache_key,
+                    ))
+                    .filter(cache_invalidations::stream_ordering.gt(after))
+                    .filter(cache_invalidations::stream_ordering.le(position))
+                    .order(cache_invalidations::stream_ordering)
+                    .load(c))?;
+            Ok(ReplicationBatch {
+                invalidations,
+                position,
+            })
+        })
+    }
+
+    /// Deletes the cache invalidations more than `keep` positions behind the
+    /// newest, leaving in their place one [`ALL_CACHES`] row at the highest
+    /// position deleted, so that a replica still behind it drops all its
+    /// mutable caches instead of missing what was deleted. Does nothing when
+    /// only such a row is old enough. Returns how many invalidations went.
+    pub fn prune_cache_invalidations(&self, keep: i64) -> Result<usize> {
+        self.db
+            .run_interaction("prune_cache_invalidations", |txn| {
+                let horizon = max_stream_ordering_txn(txn)? - keep.max(0);
+                let old = cache_invalidations::table
+                    .filter(cache_invalidations::stream_ordering.le(horizon));
+                let pruned: Vec<i64> = with_conn!(txn.conn(), |c| old
+                    .select(cache_invalidations::stream_ordering)
+                    .filter(cache_invalidations::cache_name.ne(ALL_CACHES))
+                    .load(c))?;
+                let Some(&upto) = pruned.iter().max() else {
+                    return Ok(0);
+                };
+                with_conn!(txn.conn(), |c| diesel::delete(old).execute(c))?;
+                with_conn!(txn.conn(), |c| diesel::insert_into(
+                    cache_invalidations::table
+                )
+                .values((
+                    cache_invalidations::stream_ordering.eq(upto),
+                    cache_invalidations::cache_name.eq(ALL_CACHES),
+                    cache_invalidations::cache_key.eq(""),
+                ))
+                .execute(c))?;
+                Ok(pruned.len())
+            })
+            .with_context(|| format!("pruning cache invalidations, keeping {keep} positions"))
+    }
+}
+
+pub(crate) fn read_max_stream_ordering(db: &Database) -> Result<i64> {
+    db.run_read("max_stream_ordering", max_stream_ordering_txn)
+}
+
+/// The highest committed stream position as `txn` sees it (0 for no events).
+pub(crate) fn max_stream_ordering_txn(txn: &mut Transaction<'_>) -> Result<i64> {
+    let max: Option<i64> = with_conn!(txn.conn(), |c| events::table
+        .select(diesel::dsl::max(events::stream_ordering))
+        .first(c))?;
+    Ok(max.unwrap_or(0))
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

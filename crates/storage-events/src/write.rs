@@ -1,0 +1,292 @@
+//! The batch write: one room's events, their JSON, edges, auth edges,
+//! rejections and state groups, the new forward extremities and the change of
+//! current state, in one transaction.
+
+use crate::read::load_existing;
+use crate::replication::{
+    now_ms, report_stream_position, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
+};
+use crate::schema::{
+    cache_invalidations, event_auth, event_edges, event_forward_extremities, event_json, events,
+    rejections, rooms,
+};
+use crate::store::{EventsStore, CHUNK, EVENTS_STREAM_SEQUENCE};
+use crate::types::{EventToPersist, PersistedBatch, RoomBatch};
+use diesel::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use storage_core::{with_conn, Result, Transaction};
+
+impl EventsStore {
+    /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).
+    pub fn persist_batch(&self, batch: &RoomBatch) -> Result<PersistedBatch> {
+        self.db
+            .run_interaction("persist_events", |txn| self.persist_batch_txn(txn, batch))
+    }
+
+    /// Writes a batch: events, their JSON, edges, auth edges, rejections, the
+    /// state group after each non-outlier, the new forward extremities and the
+    /// change of current state. Events already stored are skipped. Stream
+    /// positions are taken while the events table is locked, so that they
+    /// increase in commit order.
+    pub fn persist_batch_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        batch: &RoomBatch,
+    ) -> Result<PersistedBatch> {
+        txn.lock_table("events")?;
+        let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
+        let stored: HashSet<String> = load_existing(txn, &ids)?;
+        let mut seen = HashSet::new();
+        let new: Vec<&EventToPersist> = batch
+            .events
+            .iter()
+            .filter(|e| !stored.contains(&e.event_id) && seen.insert(e.event_id.as_str()))
+            .collect();
+        let skipped: Vec<String> = batch
+            .events
+            .iter()
+            .filter(|e| stored.contains(&e.event_id))
+            .map(|e| e.event_id.clone())
+            .collect();
+        if new.is_empty() {
+            return Ok(PersistedBatch {
+                positions: HashMap::new(),
+                skipped,
+                max_stream_ordering: self.position.load(Ordering::SeqCst),
+            });
+        }
+        let positions = txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?;
+        insert_rooms(txn, &new)?;
+        insert_events(txn, &new, &positions, &self.instance_name)?;
+        let mappings: Vec<(&str, i64)> = new
+            .iter()
+            .filter(|e| !e.outlier)
+            .filter_map(|e| e.state_group.map(|g| (e.event_id.as_str(), g)))
+            .collect();
+        self.state.store_event_state_groups_txn(txn, &mappings)?;
+        replace_extremities(txn, &batch.room_id, &batch.new_extremities)?;
+        if !batch.current_state.is_empty() {
+            self.state.update_current_state_txn(
+                txn,
+                &batch.room_id,
+                &batch.current_state.removed,
+                &batch.current_state.added,
+            )?;
+        }
+        let max = *positions.iter().max().expect("at least one new event");
+        if !batch.current_state.is_empty() {
+            with_conn!(txn.conn(), |c| diesel::insert_into(
+                cache_invalidations::table
+            )
+            .values((
+                cache_invalidations::stream_ordering.eq(max),
+                cache_invalidations::cache_name.eq(CURRENT_STATE_CACHE),
+                cache_invalidations::cache_key.eq(&batch.room_id),
+            ))
+            .execute(c))?;
+        }
+        // "<position> <ms since the epoch>": workers apply the position and measure
+        // their lag from the time.
+        txn.notify(REPLICATION_CHANNEL, &format!("{max} {}", now_ms()))?;
+        let position = self.position.clone();
+        txn.call_after(move || {
+            report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));
+        });
+        Ok(PersistedBatch {
+            positions: new
+                .iter()
+                .zip(&positions)
+                .map(|(e, p)| (e.event_id.clone(), *p))
+                .collect(),
+            skipped,
+            max_stream_ordering: max,
+        })
+    }
+}
+
+fn insert_rooms(txn: &mut Transaction<'_>, new: &[&EventToPersist]) -> Result<()> {
+    for e in new.iter().filter(|e| e.room_version.is_some()) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(rooms::table)
+            .values((
+                rooms::room_id.eq(&e.room_id),
+                rooms::is_public.eq(false),
+                rooms::creator.eq(&e.sender),
+                rooms::room_version.eq(e.room_version.as_deref()),
+                rooms::has_auth_chain_index.eq(false),
+            ))
+            .on_conflict_do_nothing()
+            .execute(c))?;
+    }
+    Ok(())
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = events)]
+#[diesel(treat_none_as_default_value = false)]
+struct EventRow<'a> {
+    stream_ordering: i64,
+    topological_ordering: i64,
+    event_id: &'a str,
+    type_: &'a str,
+    room_id: &'a str,
+    processed: bool,
+    outlier: bool,
+    depth: i64,
+    origin_server_ts: Option<i64>,
+    received_ts: Option<i64>,
+    sender: Option<&'a str>,
+    contains_url: Option<bool>,
+    instance_name: Option<&'a str>,
+    state_key: Option<&'a str>,
+    rejection_reason: Option<&'a str>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = event_json)]
+#[diesel(treat_none_as_default_value = false)]
+struct JsonRow<'a> {
+    event_id: &'a str,
+    room_id: &'a str,
+    internal_metadata: &'a str,
+    json: &'a str,
+    format_version: Option<i32>,
+}
+
+fn insert_events(
+    txn: &mut Transaction<'_>,
+    new: &[&EventToPersist],
+    positions: &[i64],
+    instance_name: &str,
+) -> Result<()> {
+    let received = now_ms();
+    let event_rows: Vec<EventRow<'_>> = new
+        .iter()
+        .zip(positions)
+        .map(|(e, p)| EventRow {
+            stream_ordering: *p,
+            topological_ordering: e.depth,
+            event_id: &e.event_id,
+            type_: &e.event_type,
+            room_id: &e.room_id,
+            processed: true,
+            outlier: e.outlier,
+            depth: e.depth,
+            origin_server_ts: Some(e.origin_server_ts),
+            received_ts: Some(received),
+            sender: Some(&e.sender),
+            contains_url: Some(false),
+            instance_name: Some(instance_name),
+            state_key: e.state_key.as_deref(),
+            rejection_reason: e.rejected.as_deref(),
+        })
+        .collect();
+    let json_rows: Vec<JsonRow<'_>> = new
+        .iter()
+        .map(|e| JsonRow {
+            event_id: &e.event_id,
+            room_id: &e.room_id,
+            internal_metadata: if e.outlier {
+                r#"{"outlier":true}"#
+            } else {
+                "{}"
+            },
+            json: &e.json,
+            format_version: Some(e.format_version),
+        })
+        .collect();
+    for chunk in event_rows.chunks(CHUNK) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(events::table)
+            .values(chunk)
+            .execute(c))?;
+    }
+    for chunk in json_rows.chunks(CHUNK) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(event_json::table)
+            .values(chunk)
+            .execute(c))?;
+    }
+    let edges: Vec<_> = new
+        .iter()
+        .filter(|e| !e.outlier)
+        .flat_map(|e| {
+            e.prev_events.iter().map(move |p| {
+                (
+                    event_edges::event_id.eq(e.event_id.as_str()),
+                    event_edges::prev_event_id.eq(p.as_str()),
+                    event_edges::room_id.eq(Some(e.room_id.as_str())),
+                    event_edges::is_state.eq(false),
+                )
+            })
+        })
+        .collect();
+    for chunk in edges.chunks(CHUNK) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(event_edges::table)
+            .values(chunk)
+            .on_conflict_do_nothing()
+            .execute(c))?;
+    }
+    let auth: Vec<_> = new
+        .iter()
+        .flat_map(|e| {
+            e.auth_events.iter().map(move |a| {
+                (
+                    event_auth::event_id.eq(e.event_id.as_str()),
+                    event_auth::auth_id.eq(a.as_str()),
+                    event_auth::room_id.eq(e.room_id.as_str()),
+                )
+            })
+        })
+        .collect();
+    for chunk in auth.chunks(CHUNK) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(event_auth::table)
+            .values(chunk)
+            .execute(c))?;
+    }
+    let now = received.to_string();
+    let rejected: Vec<_> = new
+        .iter()
+        .filter_map(|e| {
+            e.rejected.as_deref().map(|reason| {
+                (
+                    rejections::event_id.eq(e.event_id.as_str()),
+                    rejections::reason.eq(reason),
+                    rejections::last_check.eq(now.as_str()),
+                )
+            })
+        })
+        .collect();
+    for chunk in rejected.chunks(CHUNK) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(rejections::table)
+            .values(chunk)
+            .execute(c))?;
+    }
+    Ok(())
+}
+
+fn replace_extremities(
+    txn: &mut Transaction<'_>,
+    room_id: &str,
+    extremities: &[String],
+) -> Result<()> {
+    with_conn!(txn.conn(), |c| diesel::delete(
+        event_forward_extremities::table.filter(event_forward_extremities::room_id.eq(room_id))
+    )
+    .execute(c))?;
+    let rows: Vec<_> = extremities
+        .iter()
+        .map(|e| {
+            (
+                event_forward_extremities::event_id.eq(e.as_str()),
+                event_forward_extremities::room_id.eq(room_id),
+            )
+        })
+        .collect();
+    for chunk in rows.chunks(CHUNK) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(
+            event_forward_extremities::table
+        )
+        .values(chunk)
+        .execute(c))?;
+    }
+    Ok(())
+}
