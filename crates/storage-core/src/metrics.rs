@@ -18,6 +18,8 @@ pub struct CacheStats {
     misses: AtomicU64,
     evictions: AtomicU64,
     invalidations: AtomicU64,
+    /// What the cache holds, in bytes, as its entries count them.
+    bytes: AtomicU64,
 }
 
 impl CacheStats {
@@ -36,6 +38,9 @@ impl CacheStats {
     pub fn invalidations(&self) -> u64 {
         self.invalidations.load(Ordering::Relaxed)
     }
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
     pub(crate) fn hit(&self) {
         self.hits.fetch_add(1, Ordering::Relaxed);
     }
@@ -47,6 +52,9 @@ impl CacheStats {
     }
     pub(crate) fn invalidated(&self) {
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn set_bytes(&self, bytes: usize) {
+        self.bytes.store(bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -122,13 +130,14 @@ impl Registry {
         let mut out = String::new();
         let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         // Several stores in one process may register a cache under the same name.
-        let mut by_name: BTreeMap<&str, [u64; 4]> = BTreeMap::new();
+        let mut by_name: BTreeMap<&str, [u64; 5]> = BTreeMap::new();
         for c in caches.iter() {
             let e = by_name.entry(c.name()).or_default();
             e[0] += c.hits();
             e[1] += c.misses();
             e[2] += c.evictions();
             e[3] += c.invalidations();
+            e[4] += c.bytes();
         }
         for (i, metric) in ["hits", "misses", "evictions", "invalidations"]
             .iter()
@@ -138,6 +147,14 @@ impl Registry {
             for (name, v) in &by_name {
                 let _ = writeln!(out, "hs_cache_{metric}_total{{cache=\"{name}\"}} {}", v[i]);
             }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP hs_cache_bytes What a cache holds, in bytes, as its entries count them.\n\
+             # TYPE hs_cache_bytes gauge"
+        );
+        for (name, v) in &by_name {
+            let _ = writeln!(out, "hs_cache_bytes{{cache=\"{name}\"}} {}", v[4]);
         }
         let txns = self.txns.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(out, "# TYPE hs_transactions_total counter");

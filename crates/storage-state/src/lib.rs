@@ -25,3 +25,20 @@ pub use report::{state_report, unreferenced_groups, StateReport, UnreferencedGro
 pub use store::{CacheKind, StateGroupStore, StateStore};
 pub use types::{key, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 pub use write::{NewStateGroup, STATE_GROUP_SEQUENCE};
+
+/// For `cargo xtask bench state`: the store's own statement for the state of
+/// `group` under `filter`, its rows decoded and dropped, nothing merged or
+/// kept; the number of rows. What the store's read costs beyond it is the
+/// store's own overhead.
+#[doc(hidden)]
+pub fn bare_chain_rows(
+    db: &storage_core::Database,
+    group: StateGroup,
+    filter: &StateFilter,
+) -> storage_core::Result<usize> {
+    db.run_read("bare_chain_rows", |txn| {
+        let mut n = 0;
+        sql::chain_rows(txn.conn(), &[group], filter, |_| n += 1)?;
+        Ok(n)
+    })
+}

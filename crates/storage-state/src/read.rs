@@ -7,6 +7,8 @@ use crate::schema::state_groups;
 use crate::sql;
 use crate::types::{StateGroup, StateKey, StateMap, MEMBER};
 use diesel::prelude::*;
+use foldhash::fast::RandomState as FoldState;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use storage_core::cache::DictionaryCache;
 use storage_core::{with_conn, Conn, Error, Result, Transaction};
@@ -29,35 +31,29 @@ pub(crate) fn from_cache(
     filter: &StateFilter,
 ) -> (StateMap, bool) {
     let entry = cache.get(&group);
-    let state = select(filter, &entry.value);
-    if entry.full || filter.is_full() {
-        return (state, entry.full);
-    }
-    let complete =
-        !filter.has_wildcards() && filter.concrete_types().iter().all(|k| entry.knows(k));
-    (state, complete)
-}
-
-/// The part of a cached dictionary that `filter` asks for: looked up key by key
-/// when the filter names its keys (an auth check asks for a handful of a room's
-/// thousands of entries), otherwise by a pass over the entries.
-fn select(filter: &StateFilter, value: &StateMap) -> StateMap {
     if filter.is_full() {
         // Shares the cached map: no copy.
-        return value.clone();
+        return (entry.value.clone(), entry.full);
     }
     if !filter.include_others() && !filter.has_wildcards() {
-        return filter
-            .concrete_types()
+        // A filter naming its keys (an auth check, lazy-loaded members): looked
+        // up key by key rather than by a pass over thousands of entries.
+        let keys = filter.concrete_types();
+        let complete = entry.full || keys.iter().all(|k| entry.knows(k));
+        let state = keys
             .into_iter()
-            .filter_map(|k| value.get(&k).map(|v| (k, v.clone())))
+            .filter_map(|k| entry.value.get(&k).map(|v| (k, v.clone())))
             .collect();
+        return (state, complete);
     }
-    value
+    let state = entry
+        .value
         .iter()
         .filter(|((t, k), _)| filter.includes(t, k))
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+        .collect();
+    // Wildcards can only be answered by a whole dictionary.
+    (state, entry.full)
 }
 
 /// The state of `groups` under `filter`, cache first.
@@ -68,17 +64,28 @@ pub(crate) fn state_for_groups(
     filter: &StateFilter,
 ) -> Result<HashMap<StateGroup, StateMap>> {
     let (member_filter, non_member_filter) = filter.get_member_split();
+    let full = filter.is_full();
     let mut result = HashMap::new();
     let mut incomplete = BTreeSet::new();
     for &group in groups {
         if result.contains_key(&group) || incomplete.contains(&group) {
             continue;
         }
+        if full {
+            if let Some(state) = caches.full_states.get(&group) {
+                result.insert(group, state);
+                continue;
+            }
+        }
         let (non_members, nm_complete) = from_cache(&caches.non_members, group, &non_member_filter);
         let (members, m_complete) = from_cache(&caches.members, group, &member_filter);
         if nm_complete && m_complete {
             // The two never share a key; `union` adds the smaller to the larger.
-            result.insert(group, members.union(non_members));
+            let state = members.union(non_members);
+            if full {
+                caches.full_states.insert(group, state.clone());
+            }
+            result.insert(group, state);
         } else {
             incomplete.insert(group);
         }
@@ -95,29 +102,52 @@ pub(crate) fn state_for_groups(
     let db_filter = filter.return_expanded();
     let incomplete: Vec<StateGroup> = incomplete.into_iter().collect();
     let fetched = db.run_read("get_state_for_groups", |txn| {
-        fetch(txn, &incomplete, &db_filter)
+        fetch_split(txn, &incomplete, &db_filter)
     })?;
 
     let (db_members, db_non_members) = db_filter.get_member_split();
     let member_keys = (!db_members.is_full()).then(|| db_members.concrete_types());
     let non_member_keys = (!db_non_members.is_full()).then(|| db_non_members.concrete_types());
-    for (group, state) in fetched {
-        let (members, non_members): (StateMap, StateMap) = state
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .partition(|((t, _), _)| t == MEMBER);
-        caches
-            .members
-            .update(seq_members, group, members, member_keys.as_deref());
+    for (group, split) in fetched {
+        // The caches and the answer share the maps: cloning one is O(1).
+        caches.members.update(
+            seq_members,
+            group,
+            split.members.clone(),
+            member_keys.as_deref(),
+        );
         caches.non_members.update(
             seq_non_members,
             group,
-            non_members,
+            split.others.clone(),
             non_member_keys.as_deref(),
         );
-        result.insert(group, filter.filter_state_owned(state));
+        let state = filter.filter_state_owned(split.into_state());
+        if full {
+            caches.full_states.insert(group, state.clone());
+        }
+        result.insert(group, state);
     }
     Ok(result)
+}
+
+/// The state of one group as read from the database, split the way the two
+/// caches hold it.
+#[derive(Debug, Default)]
+pub(crate) struct SplitState {
+    pub(crate) members: StateMap,
+    pub(crate) others: StateMap,
+}
+
+impl SplitState {
+    fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.others.is_empty()
+    }
+
+    pub(crate) fn into_state(self) -> StateMap {
+        // The two never share a key; `union` adds the smaller to the larger.
+        self.members.union(self.others)
+    }
 }
 
 /// Reads the state of `groups` from the database, inside `txn`. Fails naming
@@ -127,13 +157,25 @@ pub(crate) fn fetch(
     groups: &[StateGroup],
     filter: &StateFilter,
 ) -> Result<HashMap<StateGroup, StateMap>> {
+    Ok(fetch_split(txn, groups, filter)?
+        .into_iter()
+        .map(|(g, s)| (g, s.into_state()))
+        .collect())
+}
+
+/// [`fetch`], each group's state split into members and the rest.
+fn fetch_split(
+    txn: &mut Transaction<'_>,
+    groups: &[StateGroup],
+    filter: &StateFilter,
+) -> Result<HashMap<StateGroup, SplitState>> {
     // A client-side walk pays one statement per hop; it wins only where statements
     // are cheap and a filter without wildcards lets it stop early.
     let per_hop = txn.engine().round_trips_are_cheap() && !filter.has_wildcards();
-    let mut result: HashMap<StateGroup, StateMap> = HashMap::with_capacity(groups.len());
+    let mut result: HashMap<StateGroup, SplitState> = HashMap::with_capacity(groups.len());
     if per_hop {
         for &group in groups {
-            result.insert(group, walk_per_hop(txn.conn(), group, filter)?);
+            result.insert(group, split(walk_per_hop(txn.conn(), group, filter)?));
         }
     } else {
         for batch in groups.chunks(GROUP_BATCH) {
@@ -143,7 +185,7 @@ pub(crate) fn fetch(
     let empty: Vec<StateGroup> = groups
         .iter()
         .copied()
-        .filter(|g| result.get(g).is_none_or(|s| s.is_empty()))
+        .filter(|g| result.get(g).is_none_or(SplitState::is_empty))
         .collect();
     if !empty.is_empty() {
         // No rows: a group whose (filtered) state is empty, or no group at all.
@@ -166,29 +208,61 @@ pub(crate) fn fetch(
     Ok(result)
 }
 
+fn split(state: StateMap) -> SplitState {
+    let (members, others) = state.into_iter().partition(|((t, _), _)| t == MEMBER);
+    SplitState { members, others }
+}
+
+/// Per slot, the event of the highest group on the chain seen so far. A plain
+/// hash map with foldhash: it lives for one read, and is turned into the
+/// persistent maps the caches keep once every row is in.
+type Newest = std::collections::HashMap<StateKey, (StateGroup, String), FoldState>;
+
 fn walk_recursive(
     conn: &mut Conn,
     groups: &[StateGroup],
     filter: &StateFilter,
-    result: &mut HashMap<StateGroup, StateMap>,
+    result: &mut HashMap<StateGroup, SplitState>,
 ) -> Result<()> {
-    // Per (root, slot), the row from the highest group on the chain wins.
-    let mut best: HashMap<StateGroup, HashMap<StateKey, (StateGroup, String)>> = HashMap::new();
-    for row in sql::chain_rows(conn, groups, filter)? {
-        let slots = best.entry(row.root).or_default();
-        match slots.get_mut(&(row.event_type.clone(), row.state_key.clone())) {
-            Some(existing) if existing.0 >= row.state_group => {}
-            Some(existing) => *existing = (row.state_group, row.event_id),
-            None => {
-                slots.insert(
-                    (row.event_type, row.state_key),
-                    (row.state_group, row.event_id),
-                );
+    let mut newest: HashMap<StateGroup, Newest> = HashMap::new();
+    // Rows arrive root by root: remember the root's map between rows.
+    let mut current: Option<(StateGroup, Newest)> = None;
+    sql::chain_rows(conn, groups, filter, |row| {
+        if current.as_ref().is_none_or(|(root, _)| *root != row.root) {
+            if let Some((root, slots)) = current.take() {
+                newest.insert(root, slots);
+            }
+            let slots = newest.remove(&row.root).unwrap_or_default();
+            current = Some((row.root, slots));
+        }
+        let Some((_, slots)) = current.as_mut() else {
+            return;
+        };
+        // The key moves in: no copy of the strings to look it up.
+        match slots.entry((row.event_type, row.state_key)) {
+            Entry::Occupied(mut slot) => {
+                if slot.get().0 < row.state_group {
+                    slot.insert((row.state_group, row.event_id));
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert((row.state_group, row.event_id));
             }
         }
+    })?;
+    if let Some((root, slots)) = current {
+        newest.insert(root, slots);
     }
-    for (root, slots) in best {
-        result.insert(root, slots.into_iter().map(|(k, (_, e))| (k, e)).collect());
+    for (root, slots) in newest {
+        let mut state = SplitState::default();
+        for (key, (_, event_id)) in slots {
+            if key.0 == MEMBER {
+                state.members.insert(key, event_id);
+            } else {
+                state.others.insert(key, event_id);
+            }
+        }
+        result.insert(root, state);
     }
     Ok(())
 }
@@ -223,7 +297,9 @@ fn walk_per_hop(conn: &mut Conn, group: StateGroup, filter: &StateFilter) -> Res
     }
     let mut rest = HashMap::new();
     walk_recursive(conn, &[current], &slots_filter(&remaining), &mut rest)?;
-    state.extend(rest.remove(&current).unwrap_or_default());
+    if let Some(rest) = rest.remove(&current) {
+        state.extend(rest.into_state());
+    }
     Ok(state)
 }
 

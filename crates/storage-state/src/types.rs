@@ -8,8 +8,9 @@ pub type StateKey = (String, String);
 
 /// Room state: which event fills each slot. A persistent map, so that the state
 /// of a group derived from another (and a copy out of a cache) shares storage
-/// with it instead of copying the room.
-pub type StateMap<V = String> = imbl::HashMap<StateKey, V>;
+/// with it instead of copying the room; hashed with foldhash under a per-process
+/// random seed (see [`PersistentMap`](storage_core::cache::PersistentMap)).
+pub type StateMap<V = String> = storage_core::cache::PersistentMap<StateKey, V>;
 
 /// The event type whose state lives in the member cache.
 pub const MEMBER: &str = "m.room.member";

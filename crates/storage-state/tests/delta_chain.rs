@@ -85,6 +85,22 @@ fn check_chain(store: &StateStore, chain: &[(i64, StateMap)]) {
         let got = narrow.get_state_for_groups(&[*g], &filter).unwrap();
         assert_eq!(got[g], filter.filter_state(expected), "narrow read of {g}");
     }
+    // Lazy-loaded members (named members plus all other state): a few members
+    // (an arm of the walk per member), and more than a handful (one IN list),
+    // some of them never in the room.
+    for wanted in [3, 40] {
+        let users: Vec<String> = (0..wanted).map(|u| format!("@u{}:test", u * 3)).collect();
+        let filter = StateFilter::from_lazy_load_member_list(users.iter().map(String::as_str));
+        let lazy = cold(store);
+        for (g, expected) in chain.iter().step_by(11) {
+            let got = lazy.get_state_for_groups(&[*g], &filter).unwrap();
+            assert_eq!(
+                got[g],
+                filter.filter_state(expected),
+                "lazy read of {wanted} members at {g}"
+            );
+        }
+    }
 }
 
 fn chain_of_150_groups_with_full_state(t: &TestDb) {

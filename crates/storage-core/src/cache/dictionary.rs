@@ -10,8 +10,8 @@
 //! Entries are persistent maps (`imbl`): an entry derived from another plus a
 //! few changes ([`DictionaryCache::derive`]) shares everything else with it.
 
-use super::LruCache;
-use imbl::{HashMap, HashSet};
+use super::heap_size::map_entry_bytes;
+use super::{HeapSize, LruCache, PersistentMap as HashMap, PersistentSet as HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -24,6 +24,9 @@ pub struct DictionaryEntry<DK: Hash + Eq + Clone, DV: Clone> {
     pub known_absent: HashSet<DK>,
     /// The known part of the dictionary.
     pub value: HashMap<DK, DV>,
+    /// What the entry costs in memory, as [`HeapSize`] counts it; structure
+    /// shared with other entries is counted in each.
+    bytes: usize,
 }
 
 impl<DK: Hash + Eq + Clone, DV: Clone> DictionaryEntry<DK, DV> {
@@ -32,6 +35,7 @@ impl<DK: Hash + Eq + Clone, DV: Clone> DictionaryEntry<DK, DV> {
             full: false,
             known_absent: HashSet::new(),
             value: HashMap::new(),
+            bytes: 0,
         }
     }
 
@@ -42,6 +46,11 @@ impl<DK: Hash + Eq + Clone, DV: Clone> DictionaryEntry<DK, DV> {
 
     fn size(&self) -> usize {
         (self.value.len() + self.known_absent.len()).max(1)
+    }
+
+    /// The bytes this entry holds (see [`HeapSize`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -64,13 +73,21 @@ impl<K: Hash + Eq, DK: Hash + Eq + Clone, DV: Clone> std::fmt::Debug
 impl<K, DK, DV> DictionaryCache<K, DK, DV>
 where
     K: Hash + Eq + Clone,
-    DK: Hash + Eq + Clone,
-    DV: Clone,
+    DK: Hash + Eq + Clone + HeapSize,
+    DV: Clone + HeapSize,
 {
     pub fn new(name: &str, max_keys: usize) -> Self {
         DictionaryCache {
-            cache: LruCache::with_sizer(name, max_keys, |e| e.size()),
+            cache: LruCache::with_sizer(name, max_keys, |e: &Arc<DictionaryEntry<DK, DV>>| {
+                e.size()
+            })
+            .counting_bytes(|_, e| e.bytes),
         }
+    }
+
+    /// The bytes the cache holds, as its entries count them (see [`HeapSize`]).
+    pub fn bytes(&self) -> usize {
+        self.cache.bytes()
     }
 
     pub fn stats(&self) -> &crate::metrics::CacheStats {
@@ -104,6 +121,7 @@ where
                 .iter()
                 .filter_map(|k| entry.value.get(k).map(|v| (k.clone(), v.clone())))
                 .collect(),
+            bytes: 0,
         }
     }
 
@@ -125,6 +143,7 @@ where
             None => DictionaryEntry {
                 full: true,
                 known_absent: HashSet::new(),
+                bytes: value.iter().map(|(k, v)| map_entry_bytes(k, v)).sum(),
                 value,
             },
             Some(fetched) => {
@@ -137,10 +156,16 @@ where
                 }
                 for k in fetched {
                     if !value.contains_key(k) {
+                        entry.bytes += map_entry_bytes(k, &());
                         entry.known_absent.insert(k.clone());
                     }
                 }
-                entry.value.extend(value);
+                for (k, v) in value {
+                    entry.bytes += map_entry_bytes(&k, &v);
+                    if let Some(old) = entry.value.insert(k, v) {
+                        entry.bytes -= map_entry_bytes(&(), &old).min(entry.bytes);
+                    }
+                }
                 entry
             }
         };
@@ -161,6 +186,7 @@ where
         let mut entry = DictionaryEntry::clone(&self.get(base));
         for (k, v) in changes {
             entry.known_absent.remove(&k);
+            entry.bytes += map_entry_bytes(&k, &v);
             entry.value.insert(k, v);
         }
         self.cache.insert_at(sequence, key, Arc::new(entry));
@@ -222,6 +248,25 @@ mod tests {
         c.invalidate(&1);
         c.derive(seq, &2, 3, map(&[]));
         assert!(!c.get(&3).full);
+    }
+
+    #[test]
+    fn bytes_follow_entries() {
+        let c: DictionaryCache<i32, String, String> = DictionaryCache::new("test_dict_bytes", 100);
+        assert_eq!(c.bytes(), 0);
+        let one: HashMap<String, String> =
+            [("a".to_owned(), "x".repeat(100))].into_iter().collect();
+        c.update(c.sequence(), 1, one, None);
+        let first = c.bytes();
+        assert!(first >= 101, "counts the strings: {first}");
+        c.derive(c.sequence(), &1, 2, [("b".to_owned(), "y".repeat(50))]);
+        assert!(
+            c.bytes() >= 2 * first + 51,
+            "a derived entry counts its own"
+        );
+        c.invalidate(&1);
+        c.invalidate(&2);
+        assert_eq!(c.bytes(), 0);
     }
 
     #[test]

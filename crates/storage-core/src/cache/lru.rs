@@ -5,8 +5,10 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 struct Inner<K: Hash + Eq, V> {
-    entries: ::lru::LruCache<K, (V, usize)>,
+    /// Each value with its size and its bytes.
+    entries: ::lru::LruCache<K, (V, usize, usize)>,
     size: usize,
+    bytes: usize,
     sequence: u64,
 }
 
@@ -16,6 +18,8 @@ pub struct LruCache<K: Hash + Eq, V> {
     name: String,
     max_size: usize,
     sizer: fn(&V) -> usize,
+    /// What an entry costs in bytes, for `/metrics`; nothing unless given.
+    bytes_of: Option<fn(&K, &V) -> usize>,
     inner: Mutex<Inner<K, V>>,
     stats: Arc<CacheStats>,
 }
@@ -41,13 +45,22 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
             name: name.to_owned(),
             max_size,
             sizer,
+            bytes_of: None,
             inner: Mutex::new(Inner {
                 entries: ::lru::LruCache::unbounded(),
                 size: 0,
+                bytes: 0,
                 sequence: 0,
             }),
             stats: metrics::global().cache(name),
         }
+    }
+
+    /// Counts the bytes of each entry with `bytes_of`, shown as the cache's size
+    /// in bytes in `/metrics`.
+    pub fn counting_bytes(mut self, bytes_of: fn(&K, &V) -> usize) -> Self {
+        self.bytes_of = Some(bytes_of);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<K, V>> {
@@ -64,7 +77,7 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
 
     /// The value for `key`, marking it most recently used. Counts a hit or a miss.
     pub fn get(&self, key: &K) -> Option<V> {
-        let found = self.lock().entries.get(key).map(|(v, _)| v.clone());
+        let found = self.lock().entries.get(key).map(|(v, _, _)| v.clone());
         match found {
             Some(_) => self.stats.hit(),
             None => self.stats.miss(),
@@ -74,7 +87,7 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
 
     /// Like [`get`](Self::get) but counts nothing and leaves the LRU order alone.
     pub fn peek(&self, key: &K) -> Option<V> {
-        self.lock().entries.peek(key).map(|(v, _)| v.clone())
+        self.lock().entries.peek(key).map(|(v, _, _)| v.clone())
     }
 
     /// The current sequence; pass it to [`insert_at`](Self::insert_at).
@@ -101,15 +114,19 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
 
     fn insert_locked(&self, inner: &mut Inner<K, V>, key: K, value: V) {
         let size = (self.sizer)(&value);
-        if let Some((_, old)) = inner.entries.put(key, (value, size)) {
+        let bytes = self.bytes_of.map_or(0, |f| f(&key, &value));
+        if let Some((_, old, old_bytes)) = inner.entries.put(key, (value, size, bytes)) {
             inner.size -= old;
+            inner.bytes -= old_bytes;
         }
         inner.size += size;
+        inner.bytes += bytes;
         let mut evicted = 0;
         while inner.size > self.max_size {
             match inner.entries.pop_lru() {
-                Some((_, (_, s))) => {
+                Some((_, (_, s, b))) => {
                     inner.size -= s;
+                    inner.bytes -= b;
                     evicted += 1;
                 }
                 None => break,
@@ -118,16 +135,19 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
         if evicted > 0 {
             self.stats.evicted(evicted);
         }
+        self.stats.set_bytes(inner.bytes);
     }
 
     /// Removes `key` and bumps the sequence.
     pub fn invalidate(&self, key: &K) {
         let mut inner = self.lock();
-        if let Some((_, s)) = inner.entries.pop(key) {
+        if let Some((_, s, b)) = inner.entries.pop(key) {
             inner.size -= s;
+            inner.bytes -= b;
         }
         inner.sequence += 1;
         self.stats.invalidated();
+        self.stats.set_bytes(inner.bytes);
     }
 
     /// Removes every entry and bumps the sequence.
@@ -135,8 +155,10 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
         let mut inner = self.lock();
         inner.entries.clear();
         inner.size = 0;
+        inner.bytes = 0;
         inner.sequence += 1;
         self.stats.invalidated();
+        self.stats.set_bytes(0);
     }
 
     pub fn len(&self) -> usize {
@@ -150,6 +172,11 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
     /// The sum of the entries' sizes.
     pub fn size(&self) -> usize {
         self.lock().size
+    }
+
+    /// The sum of the entries' bytes (0 unless [`counting_bytes`](Self::counting_bytes)).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 }
 
@@ -222,5 +249,26 @@ mod tests {
         c.invalidate_all();
         assert!(c.is_empty());
         assert_eq!(c.size(), 0);
+    }
+
+    #[test]
+    fn counts_bytes_through_eviction_and_invalidation() {
+        let c: LruCache<i32, String> =
+            LruCache::new("test_lru_bytes", 2).counting_bytes(|_, s| s.len());
+        c.insert(1, "aaaa".into());
+        c.insert(2, "bb".into());
+        assert_eq!(c.bytes(), 6);
+        c.insert(2, "bbb".into()); // replaced
+        assert_eq!(c.bytes(), 7);
+        c.insert(3, "c".into()); // evicts 1
+        assert_eq!(c.bytes(), 4);
+        assert_eq!(c.stats().bytes(), 4);
+        assert!(metrics::global()
+            .render_prometheus()
+            .contains("hs_cache_bytes{cache=\"test_lru_bytes\"} 4\n"));
+        c.invalidate(&2);
+        assert_eq!(c.bytes(), 1);
+        c.invalidate_all();
+        assert_eq!((c.bytes(), c.stats().bytes()), (0, 0));
     }
 }
