@@ -3,32 +3,42 @@
 //! Opens the database read-only and uses only the state tables, so it answers
 //! from a database Synapse wrote as well as from ours, and never changes either.
 
-use crate::cli::{print_line, Failure};
+use crate::cli::Failure;
 use serde::{Serialize, Serializer};
-use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
+use std::io::{BufWriter, Write};
+use storage_core::{Database, DatabaseConfig, Error, OpenMode, StoreConfig};
 use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
 
 pub fn run(database: &str, room_id: &str, at: Option<&str>) -> Result<(), Failure> {
     let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
     let store = StateStore::new(db, &StoreConfig::default())?;
-    print_line(format_args!("{}", state_json(&store, room_id, at)?))?;
-    Ok(())
+    let state = read_state(&store, room_id, at)?;
+    // Straight from the map's strings to stdout, in 64 KiB writes.
+    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    write_json(&state, &mut out)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::Error(Error::from(e).context("writing the state to stdout")))
 }
 
 /// The state of `room_id` (current, or after `at`) as the JSON object of the
 /// CLI and HTTP contracts, as text.
 pub fn state_json(store: &StateStore, room_id: &str, at: Option<&str>) -> Result<String, Failure> {
-    let state = match at {
-        Some(event_id) => state_after(store, room_id, event_id)?,
+    Ok(to_json(&read_state(store, room_id, at)?))
+}
+
+fn read_state(store: &StateStore, room_id: &str, at: Option<&str>) -> Result<StateMap, Failure> {
+    match at {
+        Some(event_id) => state_after(store, room_id, event_id),
         None => {
             let state = store.get_current_state_ids(room_id)?;
             if state.is_empty() && !store.room_has_state(room_id)? {
                 return Err(Failure::NotFound(format!("unknown room {room_id}")));
             }
-            (*state).clone()
+            // A persistent map: the clone shares the cached one.
+            Ok((*state).clone())
         }
-    };
-    Ok(to_json(&state))
+    }
 }
 
 fn state_after(store: &StateStore, room_id: &str, event_id: &str) -> Result<StateMap, Failure> {
@@ -58,15 +68,21 @@ fn state_after(store: &StateStore, room_id: &str, event_id: &str) -> Result<Stat
 }
 
 /// `{"<type>": {"<state key>": "<event id>"}}`, keys sorted, as JSON text.
-/// Serialized straight from the state map's strings: a read served from the
-/// caches spends most of its time here, so no intermediate tree is built.
 pub fn to_json(state: &StateMap) -> String {
+    let mut text = Vec::with_capacity(state.len() * 96);
+    write_json(state, &mut text).expect("writing to memory");
+    String::from_utf8(text).expect("serde_json writes UTF-8")
+}
+
+/// [`to_json`] written to `out`. Serialized straight from the state map's
+/// strings, only sorted on the way: no intermediate tree is built.
+pub fn write_json(state: &StateMap, out: impl Write) -> std::io::Result<()> {
     let mut slots: Vec<(&str, &str, &str)> = state
         .iter()
         .map(|((t, k), e)| (t.as_str(), k.as_str(), e.as_str()))
         .collect();
     slots.sort_unstable();
-    serde_json::to_string(&ByType(&slots)).expect("a map of strings is JSON")
+    serde_json::to_writer(out, &ByType(&slots)).map_err(std::io::Error::from)
 }
 
 /// Sorted slots, as an object of types.
