@@ -72,8 +72,12 @@ enum Command {
         #[arg(long)]
         to: String,
         /// Continue an interrupted port into a target that already holds data.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "restart")]
         resume: bool,
+        /// Delete what an earlier port copied into the target (unfinished, or
+        /// finished from a source that changed since) and port from the start.
+        #[arg(long)]
+        restart: bool,
         /// Distinct key values copied per transaction.
         #[arg(long, default_value_t = 1000)]
         batch_size: i64,
@@ -173,6 +177,7 @@ pub fn run() -> ExitCode {
             from,
             to,
             resume,
+            restart,
             batch_size,
             sample,
         } => {
@@ -180,6 +185,7 @@ pub fn run() -> ExitCode {
                 from: from.unwrap_or_else(|| database.clone()),
                 to,
                 resume,
+                restart,
                 batch: batch_size.max(1),
                 sample,
             };

@@ -209,6 +209,7 @@ fn port_sqlite_to_postgres() {
     assert_eq!(g, max_group + 1);
     let events = EventsStore::new(db.clone(), &config).unwrap();
     assert_eq!(events.max_stream_ordering(), 120);
+    testing::assert_invariants(&db);
 }
 
 #[test]
@@ -277,4 +278,5 @@ fn killed_port_resumes_to_the_same_result() {
         dump(&mut straight.raw_connection())
     );
     assert_eq!(dump(&mut straight.raw_connection()), whole);
+    testing::assert_invariants(&interrupted.open());
 }

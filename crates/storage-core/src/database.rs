@@ -202,6 +202,26 @@ impl Database {
         self.run_interaction_with(desc, TxnOptions::read_only(), f)
     }
 
+    /// Runs `f` once on a connection inside one read-only transaction, which
+    /// sees a single snapshot of the database from its first read to its end
+    /// (REPEATABLE READ on PostgreSQL; on SQLite a read transaction, whose
+    /// snapshot the WAL keeps): for a long reader whose work elsewhere cannot
+    /// be repeated (a port writing its target), so never retried. Writers go
+    /// on meanwhile; PostgreSQL keeps the row versions the snapshot may read
+    /// (VACUUM waits), SQLite does not checkpoint past it.
+    pub fn run_snapshot<T>(&self, desc: &str, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = self.inner.pool.get().with_context(|| desc.to_owned())?;
+        let engine = &*self.inner.engine;
+        let guard = engine
+            .begin(&mut conn, &TxnOptions::read_only())
+            .map_err(|e| Error::from(e).context(format!("{desc}: beginning the snapshot")))?;
+        let result = f(&mut conn);
+        // It wrote nothing: ending it is all there is to do.
+        rollback(&mut conn, desc);
+        drop(guard);
+        result
+    }
+
     /// Runs `f` inside a transaction and returns its value.
     ///
     /// A failure the engine deems retryable (serialization failure or deadlock on

@@ -2,6 +2,14 @@
 //! one database to another (typically the embedded SQLite to PostgreSQL when an
 //! operator adds workers), in batches, resumable, then move the target's
 //! sequences past the copied ids and check the result.
+//!
+//! The source is read as one snapshot (one read-only transaction, REPEATABLE
+//! READ on PostgreSQL, a WAL read transaction on SQLite) rather than claimed:
+//! a claim would need every writer stopped for the whole copy and cannot be
+//! taken on a Synapse database at all, while a snapshot costs the source
+//! nothing a writer waits for. What a port records in the target includes the
+//! source's [`Fingerprint`] as of its snapshot, so that a `--resume` can tell
+//! a source that changed since (then only `--restart` can finish).
 
 pub mod tables;
 
@@ -32,6 +40,9 @@ pub struct PortOptions {
     pub to: String,
     /// Continue a port that was interrupted, instead of refusing a non-empty target.
     pub resume: bool,
+    /// Delete what an earlier port copied into the target and begin again
+    /// (after its source changed).
+    pub restart: bool,
     /// Distinct leading-key values per batch.
     pub batch: i64,
     /// Events whose state is compared on both sides at the end.
@@ -81,9 +92,56 @@ pub fn run(options: &PortOptions) -> std::result::Result<(), Failure> {
     let src = Database::open(DatabaseConfig::parse(&options.from, mode)?)
         .context("opening the source")?;
     let (_claim, dst) = crate::open::open_as_main(&options.to).context("opening the target")?;
-    match target_state(&dst, tables)? {
-        Target::Empty => {}
+    // One read-only transaction on the source for the whole port: every table
+    // is copied (and counted, and checked) as of one snapshot, whoever writes
+    // the source meanwhile. Nothing waits for it: PostgreSQL readers take no
+    // lock a writer waits for, and an SQLite reader in WAL mode only keeps
+    // the log from being checkpointed past its snapshot until it ends.
+    src.run_snapshot("port_snapshot", |snap| {
+        port_snapshot(snap, &src, &dst, tables, options, from_synapse)
+    })
+    .map_err(Failure::from)
+}
+
+/// The port itself, reading the source through `snap`, a connection inside
+/// its snapshot transaction.
+fn port_snapshot(
+    snap: &mut Conn,
+    src: &Database,
+    dst: &Database,
+    tables: &[&str],
+    options: &PortOptions,
+    from_synapse: bool,
+) -> Result<()> {
+    let source = Fingerprint::read(snap, tables)?;
+    let target = target_state(dst, tables)?;
+    let recorded = || -> Result<Option<Fingerprint>> { recorded_fingerprint(dst) };
+    match target {
+        Target::HoldsData(what) => {
+            return Err(Error::invalid_argument(format!(
+                "{} already holds {what} that no port put there: port into a new, empty database",
+                dst.url()
+            )))
+        }
+        Target::Empty => record_fingerprint(dst, &source)?,
+        Target::Finished { .. } | Target::Unfinished if options.restart => {
+            restart(dst)?;
+            record_fingerprint(dst, &source)?;
+        }
         Target::Finished { rows } => {
+            match recorded()? {
+                Some(then) if then != source => {
+                    return Err(Error::invalid_argument(format!(
+                        "{} holds a finished port of an older state of {}, which changed since \
+                         ({}): pass --restart to port it again from the start (the rows of the \
+                         finished port are deleted first)",
+                        dst.url(),
+                        src.url(),
+                        then.differences(&source)
+                    )))
+                }
+                _ => {}
+            }
             print_line(format_args!(
                 "{} already holds a finished port ({} tables, {rows} rows): nothing to do",
                 dst.url(),
@@ -91,20 +149,31 @@ pub fn run(options: &PortOptions) -> std::result::Result<(), Failure> {
             ))?;
             return Ok(());
         }
-        Target::Unfinished if options.resume => {}
+        Target::Unfinished if options.resume => match recorded()? {
+            Some(then) if then != source => {
+                return Err(Error::invalid_argument(format!(
+                    "{} holds an unfinished port of an older state of {}, which changed since \
+                     the port began ({}): the rows copied so far cannot be completed from the \
+                     source as it is now. Pass --restart instead of --resume to delete them and \
+                     port again from the start (stop every hs-main serve, import or worker on \
+                     the source first if the target must hold everything written to it; a port \
+                     copies the source as of the moment it starts)",
+                    dst.url(),
+                    src.url(),
+                    then.differences(&source)
+                )));
+            }
+            Some(_) => {}
+            // A port begun by an older binary, which recorded none: the
+            // check at the end is all there is.
+            None => record_fingerprint(dst, &source)?,
+        },
         Target::Unfinished => {
             return Err(Error::invalid_argument(format!(
-                "{} holds an unfinished port: pass --resume to continue it",
+                "{} holds an unfinished port: pass --resume to continue it (or --restart to \
+                 begin again)",
                 dst.url()
-            ))
-            .into())
-        }
-        Target::HoldsData(what) => {
-            return Err(Error::invalid_argument(format!(
-                "{} already holds {what} that no port put there: port into a new, empty database",
-                dst.url()
-            ))
-            .into())
+            )))
         }
     }
     if from_synapse {
@@ -117,7 +186,7 @@ pub fn run(options: &PortOptions) -> std::result::Result<(), Failure> {
         log::info!("porting {} to {}", src.url(), dst.url());
     }
     for table in tables {
-        copy_table(table, &src, &dst, options.batch)?;
+        copy_table(table, snap, dst, options.batch, source.rows(table))?;
     }
     for sequence in [&STATE_GROUP_SEQUENCE, &EVENTS_STREAM_SEQUENCE] {
         dst.sync_sequence_after_copy(sequence)?;
@@ -129,7 +198,119 @@ pub fn run(options: &PortOptions) -> std::result::Result<(), Failure> {
             health.max_id
         ))?;
     }
-    check(&src, &dst, tables, options.sample)?;
+    check(snap, &source, src, dst, tables, options.sample)
+}
+
+/// The `port_progress` row that holds the source's [`Fingerprint`] as of the
+/// snapshot a port began with (in `last_key`); not a table name.
+const SNAPSHOT_ROW: &str = "(source snapshot)";
+
+/// What a source held as of a snapshot, per copied table: its rows and its
+/// highest leading key. Every write to our tables changes one of them (a new
+/// event moves the stream ordering, a new or purged state group changes its
+/// table's rows); a resume compares the fingerprint of its own snapshot with
+/// the one the port began with, since rows copied from an older state of the
+/// source cannot be completed from a newer one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint(Vec<(String, i64, Option<String>)>);
+
+impl Fingerprint {
+    fn read(snap: &mut Conn, tables: &[&str]) -> Result<Self> {
+        tables
+            .iter()
+            .map(|t| Ok((t.to_string(), count_table(t, snap)?, max_key(t, snap)?)))
+            .collect::<Result<_>>()
+            .map(Fingerprint)
+            .context("reading the source's row counts")
+    }
+
+    fn rows(&self, table: &str) -> i64 {
+        self.0
+            .iter()
+            .find(|(t, _, _)| t == table)
+            .map_or(0, |(_, n, _)| *n)
+    }
+
+    /// One line of text (`table rows max-key` per table, tab-separated).
+    fn encode(&self) -> String {
+        self.0
+            .iter()
+            .map(|(t, n, k)| format!("{t} {n} {}", k.as_deref().unwrap_or("-")))
+            .collect::<Vec<_>>()
+            .join("\t")
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        text.split('\t')
+            .map(|part| {
+                let mut words = part.splitn(3, ' ');
+                let table = words.next()?.to_owned();
+                let rows = words.next()?.parse().ok()?;
+                let key = words.next()?;
+                Some((table, rows, (key != "-").then(|| key.to_owned())))
+            })
+            .collect::<Option<_>>()
+            .map(Fingerprint)
+    }
+
+    /// What changed from `self` to `now`, for an error message.
+    fn differences(&self, now: &Fingerprint) -> String {
+        let mut out = Vec::new();
+        for (table, rows, key) in &now.0 {
+            match self.0.iter().find(|(t, _, _)| t == table) {
+                Some((_, r, _)) if r != rows => {
+                    out.push(format!("{table}: {r} rows then, {rows} now"))
+                }
+                Some((_, _, k)) if k != key => out.push(format!(
+                    "{table}: highest key {} then, {} now",
+                    k.as_deref().unwrap_or("none"),
+                    key.as_deref().unwrap_or("none")
+                )),
+                Some(_) => {}
+                None => out.push(format!("{table}: not copied then")),
+            }
+        }
+        if out.is_empty() {
+            "other tables copied then".to_owned()
+        } else {
+            out.join("; ")
+        }
+    }
+}
+
+fn recorded_fingerprint(dst: &Database) -> Result<Option<Fingerprint>> {
+    let text: Option<String> = dst.run_read("port_fingerprint", |txn| {
+        Ok(with_conn!(txn.conn(), |c| port_progress::table
+            .select(port_progress::last_key)
+            .filter(port_progress::table_name.eq(SNAPSHOT_ROW))
+            .first(c)
+            .optional())?)
+    })?;
+    Ok(text.and_then(|t| Fingerprint::decode(&t)))
+}
+
+fn record_fingerprint(dst: &Database, source: &Fingerprint) -> Result<()> {
+    dst.run_interaction("port_record_fingerprint", |txn| {
+        save_progress(txn.conn(), SNAPSHOT_ROW, &source.encode(), 0, false)
+    })
+}
+
+/// Deletes what a previous port copied into the target, and its progress, in
+/// one transaction (`--restart`).
+fn restart(dst: &Database) -> Result<()> {
+    let rows = dst.run_interaction("port_restart", |txn| {
+        let mut rows = 0;
+        for table in ALL_TABLES.iter().rev() {
+            rows += clear_table(table, txn.conn())?;
+        }
+        with_conn!(txn.conn(), |c| diesel::delete(port_progress::table)
+            .execute(c))?;
+        Ok(rows)
+    })?;
+    log::info!(
+        "--restart: deleted the {rows} rows a previous port had copied into {}",
+        dst.url()
+    );
     Ok(())
 }
 
@@ -164,6 +345,7 @@ fn target_state(dst: &Database, tables: &[&str]) -> Result<Target> {
         Ok((events, groups, progress))
     })?;
     if !progress.is_empty() {
+        // Every table of this port done (the fingerprint row is never done).
         let finished = tables
             .iter()
             .all(|t| progress.iter().any(|(name, _, done)| name == t && *done));
@@ -182,46 +364,83 @@ fn target_state(dst: &Database, tables: &[&str]) -> Result<Target> {
     })
 }
 
+/// Runs `$body` with `$T` the [`PortTable`] named `$table` (one of [`ALL_TABLES`]).
+macro_rules! with_table {
+    ($table:expr, $T:ident => $body:expr) => {
+        match $table {
+            Rooms::NAME => {
+                type $T = Rooms;
+                $body
+            }
+            Events::NAME => {
+                type $T = Events;
+                $body
+            }
+            EventJson::NAME => {
+                type $T = EventJson;
+                $body
+            }
+            EventEdges::NAME => {
+                type $T = EventEdges;
+                $body
+            }
+            EventAuth::NAME => {
+                type $T = EventAuth;
+                $body
+            }
+            ForwardExtremities::NAME => {
+                type $T = ForwardExtremities;
+                $body
+            }
+            Rejections::NAME => {
+                type $T = Rejections;
+                $body
+            }
+            StateGroups::NAME => {
+                type $T = StateGroups;
+                $body
+            }
+            StateGroupEdges::NAME => {
+                type $T = StateGroupEdges;
+                $body
+            }
+            StateGroupsState::NAME => {
+                type $T = StateGroupsState;
+                $body
+            }
+            EventToStateGroups::NAME => {
+                type $T = EventToStateGroups;
+                $body
+            }
+            CurrentStateEvents::NAME => {
+                type $T = CurrentStateEvents;
+                $body
+            }
+            other => Err(Error::other(format!(
+                "internal: no copier for table {other}"
+            ))),
+        }
+    };
+}
+
 /// Copies the table named `table` (one of [`ALL_TABLES`]).
-fn copy_table(table: &str, src: &Database, dst: &Database, batch: i64) -> Result<()> {
-    match table {
-        Rooms::NAME => copy::<Rooms>(src, dst, batch),
-        Events::NAME => copy::<Events>(src, dst, batch),
-        EventJson::NAME => copy::<EventJson>(src, dst, batch),
-        EventEdges::NAME => copy::<EventEdges>(src, dst, batch),
-        EventAuth::NAME => copy::<EventAuth>(src, dst, batch),
-        ForwardExtremities::NAME => copy::<ForwardExtremities>(src, dst, batch),
-        Rejections::NAME => copy::<Rejections>(src, dst, batch),
-        StateGroups::NAME => copy::<StateGroups>(src, dst, batch),
-        StateGroupEdges::NAME => copy::<StateGroupEdges>(src, dst, batch),
-        StateGroupsState::NAME => copy::<StateGroupsState>(src, dst, batch),
-        EventToStateGroups::NAME => copy::<EventToStateGroups>(src, dst, batch),
-        CurrentStateEvents::NAME => copy::<CurrentStateEvents>(src, dst, batch),
-        other => Err(Error::other(format!(
-            "internal: no copier for table {other}"
-        ))),
-    }
+fn copy_table(table: &str, src: &mut Conn, dst: &Database, batch: i64, total: i64) -> Result<()> {
+    with_table!(table, T => copy::<T>(src, dst, batch, total))
 }
 
 /// The rows of the table named `table` (one of [`ALL_TABLES`]).
 fn count_table(table: &str, conn: &mut Conn) -> Result<i64> {
-    match table {
-        Rooms::NAME => Rooms::count(conn),
-        Events::NAME => Events::count(conn),
-        EventJson::NAME => EventJson::count(conn),
-        EventEdges::NAME => EventEdges::count(conn),
-        EventAuth::NAME => EventAuth::count(conn),
-        ForwardExtremities::NAME => ForwardExtremities::count(conn),
-        Rejections::NAME => Rejections::count(conn),
-        StateGroups::NAME => StateGroups::count(conn),
-        StateGroupEdges::NAME => StateGroupEdges::count(conn),
-        StateGroupsState::NAME => StateGroupsState::count(conn),
-        EventToStateGroups::NAME => EventToStateGroups::count(conn),
-        CurrentStateEvents::NAME => CurrentStateEvents::count(conn),
-        other => Err(Error::other(format!(
-            "internal: no copier for table {other}"
-        ))),
-    }
+    with_table!(table, T => T::count(conn))
+}
+
+/// The highest leading key of the table named `table`, as text.
+fn max_key(table: &str, conn: &mut Conn) -> Result<Option<String>> {
+    with_table!(table, T => T::max_key(conn))
+}
+
+/// Deletes every row of the table named `table`; returns how many.
+fn clear_table(table: &str, conn: &mut Conn) -> Result<usize> {
+    with_table!(table, T => T::clear(conn))
 }
 
 fn progress_bar(total: i64, table: &str) -> ProgressBar {
@@ -235,8 +454,9 @@ fn progress_bar(total: i64, table: &str) -> ProgressBar {
     bar
 }
 
-/// Copies one table, resuming after the last batch a previous run committed.
-fn copy<T: PortTable>(src: &Database, dst: &Database, batch: i64) -> Result<()> {
+/// Copies one table (`total` rows in the source's snapshot) from `src_conn`,
+/// resuming after the last batch a previous run committed.
+fn copy<T: PortTable>(src_conn: &mut Conn, dst: &Database, batch: i64, total: i64) -> Result<()> {
     let saved: Option<(String, i64, bool)> = dst.run_read("port_progress", |txn| {
         Ok(with_conn!(txn.conn(), |c| port_progress::table
             .select((
@@ -259,8 +479,7 @@ fn copy<T: PortTable>(src: &Database, dst: &Database, batch: i64) -> Result<()> 
         None => None,
     };
     let mut copied = saved.map_or(0, |s| s.1);
-    src.with_connection(|_, src_conn| {
-        let total = T::count(src_conn)?;
+    let mut copy = || -> Result<()> {
         log::info!(
             "copying {} ({total} rows{})",
             T::NAME,
@@ -300,8 +519,8 @@ fn copy<T: PortTable>(src: &Database, dst: &Database, batch: i64) -> Result<()> 
         bar.finish_and_clear();
         log::info!("copied {} ({copied} rows)", T::NAME);
         Ok(())
-    })
-    .with_context(|| format!("porting table {}", T::NAME))
+    };
+    copy().with_context(|| format!("porting table {}", T::NAME))
 }
 
 fn save_progress(conn: &mut Conn, table: &str, key: &str, rows: i64, done: bool) -> Result<()> {
@@ -324,20 +543,25 @@ fn save_progress(conn: &mut Conn, table: &str, key: &str, rows: i64, done: bool)
     Ok(())
 }
 
-/// Row counts of every table equal on both sides, and the state after a sample
-/// of events equal too.
-fn check(src: &Database, dst: &Database, tables: &[&str], sample: usize) -> Result<()> {
-    let counts = |db: &Database| -> Result<Vec<(&str, i64)>> {
-        db.with_connection(|_, c| {
-            tables
-                .iter()
-                .map(|t| Ok((*t, count_table(t, c)?)))
-                .collect()
-        })
-    };
-    let (a, b) = (counts(src)?, counts(dst)?);
-    for ((table, n), (_, m)) in a.iter().zip(&b) {
-        if n != m {
+/// Row counts of every table equal on both sides (the source's as of the
+/// snapshot), and the state after a sample of events equal too.
+fn check(
+    snap: &mut Conn,
+    source: &Fingerprint,
+    src: &Database,
+    dst: &Database,
+    tables: &[&str],
+    sample: usize,
+) -> Result<()> {
+    let copied: Vec<(&str, i64)> = dst.with_connection(|_, c| {
+        tables
+            .iter()
+            .map(|t| Ok((*t, count_table(t, c)?)))
+            .collect::<Result<_>>()
+    })?;
+    for (table, m) in &copied {
+        let n = source.rows(table);
+        if n != *m {
             return Err(Error::corrupt(format!(
                 "check failed: {table} has {n} rows in the source, {m} in the target"
             )));
@@ -345,19 +569,20 @@ fn check(src: &Database, dst: &Database, tables: &[&str], sample: usize) -> Resu
     }
     print_line(format_args!(
         "checked: row counts equal in {} tables ({} rows in all)",
-        a.len(),
-        a.iter().map(|(_, n)| n).sum::<i64>()
+        copied.len(),
+        copied.iter().map(|(_, n)| n).sum::<i64>()
     ))?;
     // Spread the sample over the whole history.
-    let ids: Vec<String> = src.run_read("port_sample", |txn| {
+    let ids: Vec<String> = {
         use storage_state::schema::event_to_state_groups as etsg;
-        Ok(with_conn!(txn.conn(), |c| etsg::table
+        with_conn!(snap, |c| etsg::table
             .select(etsg::event_id)
             .order(etsg::event_id)
-            .load::<String>(c))?)
-    })?;
+            .load::<String>(c))?
+    };
     let step = (ids.len() / sample.max(1)).max(1);
     let sampled: Vec<&String> = ids.iter().step_by(step).take(sample).collect();
+    // Read outside the snapshot: the state after an event never changes.
     let config = StoreConfig::default();
     let (src_state, dst_state) = (
         StateStore::new(src.clone(), &config)?,

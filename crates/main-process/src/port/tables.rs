@@ -18,6 +18,10 @@ pub trait PortTable {
     /// Plain batched INSERTs of `rows`.
     fn insert(dst: &mut Conn, rows: &[Self::Row]) -> Result<()>;
     fn count(conn: &mut Conn) -> Result<i64>;
+    /// The highest leading key, as text (part of a source's fingerprint).
+    fn max_key(conn: &mut Conn) -> Result<Option<String>>;
+    /// Deletes every row (a `--restart` of a port); returns how many.
+    fn clear(dst: &mut Conn) -> Result<usize>;
 
     /// Copies the rows with leading key in `(after, upto]` from `src` to `dst`;
     /// returns how many.
@@ -88,6 +92,17 @@ macro_rules! port_table {
 
                 fn count(conn: &mut Conn) -> Result<i64> {
                     Ok(with_conn!(conn, |c| t::table.count().get_result::<i64>(c))?)
+                }
+
+                fn max_key(conn: &mut Conn) -> Result<Option<String>> {
+                    let max: Option<$key> = with_conn!(conn, |c| t::table
+                        .select(diesel::dsl::max(t::$lead))
+                        .first(c))?;
+                    Ok(max.map(|k| k.to_string()))
+                }
+
+                fn clear(dst: &mut Conn) -> Result<usize> {
+                    Ok(with_conn!(dst, |c| diesel::delete(t::table).execute(c))?)
                 }
             }
         };
