@@ -7,10 +7,15 @@ mod pg_proxy;
 pub use pg_proxy::PgProxy;
 
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
+use storage_core::{with_conn, Database, DatabaseConfig, OpenMode};
 
 pub const TOKEN: &str = "e2e-secret";
 pub const ROOM: &str = "!e2e:example.com";
@@ -350,4 +355,254 @@ pub fn event_states(db: &TestDb, event_ids: &[&str], rooms: &[&str]) -> EventSta
         out.insert(format!("current {room}"), (sorted(&current), false));
     }
     out
+}
+
+/// Posts the room's founding events; returns the room and their ids.
+pub fn founded_room(url: &str) -> (Room, Vec<String>) {
+    let mut room = Room::default();
+    let events = room.founding("");
+    let mut ids = vec![];
+    for e in events {
+        post(url, vec![e.clone()]).unwrap();
+        ids.push(id_of(&e));
+    }
+    (room, ids)
+}
+
+/// The `event_id` of an event's JSON.
+pub fn id_of(e: &Value) -> String {
+    e["event_id"].as_str().unwrap().to_owned()
+}
+
+/// A topic change named `name` by Alice: a state event, so that the room's
+/// current state moves with every one.
+pub fn message(room: &mut Room, name: &str) -> Value {
+    room.event(
+        name,
+        "m.room.topic",
+        ALICE,
+        Some(""),
+        json!({"topic": name}),
+    )
+}
+
+/// A client posting one event at a time, without pause, until told to stop
+/// or the server stops acknowledging.
+#[derive(Debug)]
+pub struct Poster {
+    pub acknowledged: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<(Room, Option<String>)>,
+}
+
+impl Poster {
+    pub fn start(url: &str, mut room: Room, prefix: &str) -> Poster {
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (acknowledged, stop, url, prefix) = (
+                acknowledged.clone(),
+                stop.clone(),
+                url.to_owned(),
+                prefix.to_owned(),
+            );
+            std::thread::spawn(move || {
+                for i in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return (room, None);
+                    }
+                    // The room as of the last acknowledged event, handed back.
+                    let before = room.clone();
+                    let e = message(&mut room, &format!("{prefix}{i}"));
+                    match post(&url, vec![e.clone()]) {
+                        Ok(_) => acknowledged.lock().unwrap().push(id_of(&e)),
+                        Err(err) => return (before, Some(err)),
+                    }
+                }
+                unreachable!()
+            })
+        };
+        Poster {
+            acknowledged,
+            stop,
+            thread,
+        }
+    }
+
+    pub fn wait_for(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acknowledged.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} events acknowledged"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops (if it has not already); the room, the acknowledged ids and the
+    /// error that stopped it, if any.
+    pub fn finish(self) -> (Room, Vec<String>, Option<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (room, err) = self.thread.join().unwrap();
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        (room, acknowledged, err)
+    }
+}
+
+/// Waits (up to 40 s) for the process to exit; its status.
+pub fn wait_for_exit(p: &mut Process) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not stop:\n{}",
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The ids of the events stored in the database, read without claiming it.
+pub fn stored_events(url: &str) -> HashSet<String> {
+    try_stored_events(url).unwrap()
+}
+
+/// The same, or the error while there is no database to read yet.
+pub fn try_stored_events(url: &str) -> storage_core::Result<HashSet<String>> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        event_id: String,
+    }
+    let db = Database::open(DatabaseConfig::parse(url, OpenMode::ReadOnly)?)?;
+    db.run_read("stored_events", |txn| {
+        let ids: Vec<Id> = with_conn!(txn.conn(), |c| diesel::sql_query(
+            "SELECT event_id FROM events"
+        )
+        .load(c))?;
+        Ok(ids.into_iter().map(|i| i.event_id).collect())
+    })
+}
+
+/// Fails the test naming every id of `acknowledged` not stored at `url`.
+pub fn assert_all_stored(url: &str, acknowledged: &[String]) {
+    let stored = stored_events(url);
+    let missing: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+}
+
+/// A new folder under the system's temporary one, unique to this test process.
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "hs-e2e-{name}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Removes its folder when dropped.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The number `sql` (one row, one BIGINT column `n`) reads from the database
+/// at `url`, opened read-only; an error while there is no database (or table)
+/// to read yet.
+pub fn try_count(url: &str, sql: &str) -> storage_core::Result<i64> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let db = Database::open(DatabaseConfig::parse(url, OpenMode::ReadOnly)?)?;
+    db.run_read("count", |txn| {
+        let row: N = with_conn!(txn.conn(), |c| diesel::sql_query(sql).get_result(c))?;
+        Ok(row.n)
+    })
+}
+
+/// Polls `sql` (as [`try_count`]) at `url` until it reads at least `n`, or
+/// `child` exits first; whether it got there while `child` still ran. For
+/// killing a process at a point of its work without sleeping.
+pub fn wait_for_count(url: &str, sql: &str, n: i64, child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if try_count(url, sql).is_ok_and(|c| c >= n) {
+            return child.try_wait().unwrap().is_none();
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "{sql} never reached {n}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `hs-main --database <db> ARGS...` in the background, its output
+/// discarded: a process to kill part-way.
+pub fn spawn_hs_main(db: &TestDb, args: &[&str]) -> Child {
+    Command::new(binary("hs-main"))
+        .arg("--database")
+        .arg(db.url())
+        .args(args)
+        .env_remove("HS_DATABASE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting hs-main")
+}
+
+/// kill -9, and waits for the process to be gone.
+pub fn kill_9(child: &mut Child) {
+    // Child::kill sends SIGKILL on Unix.
+    let _ = child.kill();
+    child.wait().unwrap();
+}
+
+/// A database of the other engine than `db`'s (a port's target); `None`
+/// where no PostgreSQL test server is configured.
+pub fn other_engine(db: &TestDb) -> Option<TestDb> {
+    match db.engine() {
+        "sqlite" => TestDb::postgres(),
+        _ => Some(TestDb::sqlite()),
+    }
+}
+
+/// Asserts the storage invariants (`storage_events::check_invariants`) of
+/// the database, opened read-only.
+pub fn assert_invariants(db: &TestDb) {
+    storage_events::testing::assert_invariants(&db.open_mode(OpenMode::ReadOnly));
+}
+
+/// A room of `n` events (its founding four, then topic changes) as import
+/// lines; the ids in order.
+pub fn room_lines(n: usize) -> (Vec<String>, String) {
+    let mut room = Room::default();
+    let mut events = room.founding("");
+    for i in events.len()..n {
+        events.push(message(&mut room, &format!("topic{i}")));
+    }
+    (
+        events.iter().map(id_of).collect(),
+        events.iter().map(|e| format!("{e}\n")).collect(),
+    )
 }

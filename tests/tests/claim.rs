@@ -8,16 +8,12 @@
 //! missing from the database.
 
 use e2e_tests::*;
-use serde_json::{json, Value};
-use std::collections::HashSet;
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
-use storage_core::{with_conn, Database, DatabaseConfig, OpenMode};
+use storage_core::with_conn;
 
 storage_core::engine_tests!(
     a_second_main_process_is_refused_while_serving,
@@ -40,145 +36,6 @@ fn hs_main(url: &str, args: &[&str]) -> (ExitStatus, String) {
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Posts the room's founding events; returns the room and their ids.
-fn founded_room(url: &str) -> (Room, Vec<String>) {
-    let mut room = Room::default();
-    let events = room.founding("");
-    let mut ids = vec![];
-    for e in events {
-        post(url, vec![e.clone()]).unwrap();
-        ids.push(id_of(&e));
-    }
-    (room, ids)
-}
-
-fn id_of(e: &Value) -> String {
-    e["event_id"].as_str().unwrap().to_owned()
-}
-
-fn message(room: &mut Room, name: &str) -> Value {
-    room.event(
-        name,
-        "m.room.topic",
-        ALICE,
-        Some(""),
-        json!({"topic": name}),
-    )
-}
-
-/// A client posting one event at a time, without pause, until told to stop
-/// or the server stops acknowledging.
-struct Poster {
-    acknowledged: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<(Room, Option<String>)>,
-}
-
-impl Poster {
-    fn start(url: &str, mut room: Room, prefix: &str) -> Poster {
-        let acknowledged = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (acknowledged, stop, url, prefix) = (
-                acknowledged.clone(),
-                stop.clone(),
-                url.to_owned(),
-                prefix.to_owned(),
-            );
-            std::thread::spawn(move || {
-                for i in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        return (room, None);
-                    }
-                    // The room as of the last acknowledged event, handed back.
-                    let before = room.clone();
-                    let e = message(&mut room, &format!("{prefix}{i}"));
-                    match post(&url, vec![e.clone()]) {
-                        Ok(_) => acknowledged.lock().unwrap().push(id_of(&e)),
-                        Err(err) => return (before, Some(err)),
-                    }
-                }
-                unreachable!()
-            })
-        };
-        Poster {
-            acknowledged,
-            stop,
-            thread,
-        }
-    }
-
-    fn wait_for(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.acknowledged.lock().unwrap().len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "fewer than {n} events acknowledged"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Stops (if it has not already); the room, the acknowledged ids and the
-    /// error that stopped it, if any.
-    fn finish(self) -> (Room, Vec<String>, Option<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let (room, err) = self.thread.join().unwrap();
-        let acknowledged = self.acknowledged.lock().unwrap().clone();
-        (room, acknowledged, err)
-    }
-}
-
-fn wait_for_exit(p: &mut Process) -> ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the process did not stop:\n{}",
-            p.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The ids of the events stored in the database, read without claiming it.
-fn stored_events(url: &str) -> HashSet<String> {
-    try_stored_events(url).unwrap()
-}
-
-/// The same, or the error while there is no database to read yet.
-fn try_stored_events(url: &str) -> storage_core::Result<HashSet<String>> {
-    use diesel::prelude::*;
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        event_id: String,
-    }
-    let db = Database::open(DatabaseConfig::parse(url, OpenMode::ReadOnly)?)?;
-    db.run_read("stored_events", |txn| {
-        let ids: Vec<Id> = with_conn!(txn.conn(), |c| diesel::sql_query(
-            "SELECT event_id FROM events"
-        )
-        .load(c))?;
-        Ok(ids.into_iter().map(|i| i.event_id).collect())
-    })
-}
-
-fn assert_all_stored(url: &str, acknowledged: &[String]) {
-    let stored = stored_events(url);
-    let missing: Vec<&String> = acknowledged
-        .iter()
-        .filter(|id| !stored.contains(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged but not stored: {missing:?}"
-    );
 }
 
 fn sqlite_path(db: &TestDb) -> PathBuf {
@@ -271,6 +128,7 @@ fn a_second_main_process_is_refused_while_serving(db: &TestDb) {
     let _ = std::fs::remove_dir_all(lines);
     assert_all_stored(db.url(), &acknowledged);
     assert!(!stored_events(db.url()).contains("$o-create:example.com"));
+    assert_invariants(db);
 }
 
 /// kill -9 of `serve` while a client posts, then `serve` again at once: it
@@ -293,6 +151,7 @@ fn kill_9_then_an_immediate_restart_loses_nothing(db: &TestDb) {
     acknowledged.push(id_of(&e));
     drop(main);
     assert_all_stored(db.url(), &acknowledged);
+    assert_invariants(db);
 }
 
 /// The claim session of `serve` killed with nobody else waiting: serve takes
@@ -336,6 +195,7 @@ fn postgres_serve_survives_losing_its_claim_session() {
     assert!(!log.contains("ERROR"), "{log}");
     drop(main);
     assert_all_stored(db.url(), &acknowledged);
+    assert_invariants(&db);
 }
 
 /// The claim session of `serve` killed while a client posts, and at once an
@@ -389,6 +249,7 @@ fn postgres_claim_session_killed_under_serve_with_an_import_racing() {
     }
     drop(main);
     assert_all_stored(db.url(), &acknowledged);
+    assert_invariants(&db);
 }
 
 /// Five events of another room (`!other:example.com`) as import lines.
@@ -409,25 +270,6 @@ fn other_room_lines() -> String {
         lines.push('\n');
     }
     lines
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "hs-claim-{name}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Removes its folder when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Every session of `serve` ended from the server's side at once (what a
@@ -480,6 +322,7 @@ fn postgres_serve_survives_all_its_sessions_ending() {
     assert!(!main.log_text().contains("lost the main-process claim"));
     drop(main);
     assert_all_stored(db.url(), &acknowledged);
+    assert_invariants(&db);
 }
 
 /// `import` whose claim another main process takes over mid-way (here its
@@ -531,4 +374,5 @@ fn import_stops_when_another_main_process_claims(db: &TestDb) {
     let (status, stderr) = hs_main(db.url(), &["import", file.to_str().unwrap()]);
     assert!(status.success(), "{stderr}");
     assert_all_stored(db.url(), &ids);
+    assert_invariants(db);
 }
