@@ -508,6 +508,7 @@ fn http_contract(db: &TestDb) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_invariants(db);
 
     if db.engine() != "sqlite" {
         return;

@@ -359,6 +359,7 @@ fn readme_example_imports(t: &TestDb) {
         state.get("m.room.name").is_none(),
         "bob may not rename the room"
     );
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 /// The README's example room, as JSON values.
@@ -808,4 +809,5 @@ fn a_purged_resolution_is_never_reused(t: &TestDb) {
         .unwrap()
     };
     assert_eq!(exists, 1);
+    storage_events::testing::assert_invariants(&t.open());
 }

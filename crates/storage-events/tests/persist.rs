@@ -153,6 +153,7 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
     // A fresh store reads the committed position back.
     let again = EventsStore::new(store.database().clone(), &StoreConfig::default()).unwrap();
     assert_eq!(again.max_stream_ordering(), p("$msg2"));
+    testing::assert_invariants(&t.open());
 }
 
 fn stored_events_are_skipped(t: &TestDb) {
@@ -192,6 +193,7 @@ fn stored_events_are_skipped(t: &TestDb) {
         store.have_events(&["$create", "$m2", "$nope"]).unwrap(),
         HashSet::from(["$create".to_owned(), "$m2".to_owned()])
     );
+    testing::assert_invariants(&t.open());
 }
 
 fn outliers_get_no_state_and_rejections_are_recorded(t: &TestDb) {
@@ -264,6 +266,7 @@ fn outliers_get_no_state_and_rejections_are_recorded(t: &TestDb) {
         .load(c))
     .unwrap();
     assert_eq!(extremities, vec!["$create".to_owned()]);
+    testing::assert_invariants(&t.open());
 }
 
 /// A batch whose write fails part-way (a row that violates a constraint) leaves
@@ -319,6 +322,7 @@ fn failed_batch_leaves_nothing(t: &TestDb) {
         before,
         "the position moves only on commit"
     );
+    testing::assert_invariants(&t.open());
 }
 
 /// Each batch that changes the current state leaves an invalidation for

@@ -139,6 +139,7 @@ fn catch_up_applies_invalidations_then_reports_the_position() {
     assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
     // Nothing new: the position stays.
     assert_eq!(worker.catch_up().unwrap(), position);
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 #[test]
@@ -178,6 +179,7 @@ fn follower_is_woken_and_survives_a_killed_connection() {
         .expect("the lost connection is logged");
     assert_eq!(lost.level, log::Level::Warn);
     assert_eq!(lost.context, "replication");
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 /// Synapse's `check(method, args)`: after catching up, the worker answers
@@ -235,6 +237,7 @@ fn worker_reads_match_the_main_process() {
             .get(&key("m.room.member", "@alice:test")),
         Some(&"$member".to_owned())
     );
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 /// Synapse's `test_backwards_stream_id`: a position once reported never goes
@@ -285,6 +288,7 @@ fn worker_behind_pruned_invalidations_drops_its_caches() {
         .into_iter()
         .any(|l| l.level == log::Level::Warn && l.message.contains("pruned"));
     assert!(warned, "{:?}", logs.lines());
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 /// Synapse's multi-event-persist race, in our terms: while the main process
@@ -335,4 +339,5 @@ fn reported_position_never_runs_ahead_of_current_state() {
     assert_eq!(topic(&worker), Some(format!("$t{}", TOPICS - 1)));
     assert!(checks > 10, "only {checks} checks ran");
     drop(follower);
+    storage_events::testing::assert_invariants(&t.open());
 }
