@@ -20,6 +20,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("state", "storage-state", "state"),
     ("state", "main-process", "state_resolution"),
     ("persist", "main-process", "persist"),
+    ("compress", "main-process", "compress"),
     ("replicas", "e2e-tests", "replicas"),
     ("claim", "storage-core", "claim"),
 ];

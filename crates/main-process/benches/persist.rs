@@ -5,11 +5,7 @@
 //! the importing process. Each engine runs in a child process of its own, so
 //! that its peak memory is its own.
 
-use event_context::ruma::RoomVersionId;
-use event_context::Pdu;
 use main_process::port::tables::*;
-use serde_json::json;
-use std::collections::HashMap;
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -20,120 +16,9 @@ const EVENTS: usize = 50_000;
 const MEMBERS: usize = 5_000;
 const ROOM: &str = "!bench:bench.test";
 
-/// The room as JSON lines, room version 10 (ids from reference hashes). A linear
-/// DAG: create, the first member's join, power levels, public join rules, then
-/// every fifth event a state event (the next member's join while there are
-/// members left, then state set by the room's admin), messages in between.
+/// The room as JSON lines: see `main_process::bench_room::linear_room`.
 fn generate() -> Vec<String> {
-    let version = RoomVersionId::V10;
-    let mut lines = Vec::with_capacity(EVENTS);
-    let mut prev: Option<String> = None;
-    let mut members: HashMap<String, String> = HashMap::new();
-    let mut joined: Vec<String> = Vec::new();
-    let (mut create, mut pl, mut jr) = (String::new(), String::new(), String::new());
-    let user = |i: usize| format!("@u{i}:bench.test");
-    let admin = user(0);
-    for n in 0..EVENTS {
-        let (kind, sender, state_key, content, auth): (
-            &str,
-            String,
-            Option<String>,
-            serde_json::Value,
-            Vec<String>,
-        ) = match n {
-            0 => (
-                "m.room.create",
-                admin.clone(),
-                Some(String::new()),
-                json!({"creator": admin, "room_version": "10"}),
-                vec![],
-            ),
-            1 => (
-                "m.room.member",
-                admin.clone(),
-                Some(admin.clone()),
-                json!({"membership": "join"}),
-                vec![create.clone()],
-            ),
-            2 => (
-                "m.room.power_levels",
-                admin.clone(),
-                Some(String::new()),
-                json!({"users": {&admin: 100}}),
-                vec![create.clone(), members[&admin].clone()],
-            ),
-            3 => (
-                "m.room.join_rules",
-                admin.clone(),
-                Some(String::new()),
-                json!({"join_rule": "public"}),
-                vec![create.clone(), pl.clone(), members[&admin].clone()],
-            ),
-            n if n % 5 == 0 && joined.len() < MEMBERS => {
-                let u = user(joined.len());
-                (
-                    "m.room.member",
-                    u.clone(),
-                    Some(u),
-                    json!({"membership": "join"}),
-                    vec![create.clone(), pl.clone(), jr.clone()],
-                )
-            }
-            n if n % 5 == 0 => (
-                "org.example.bench",
-                admin.clone(),
-                Some(format!("k{}", n % 100)),
-                json!({"n": n}),
-                vec![create.clone(), pl.clone(), members[&admin].clone()],
-            ),
-            n => {
-                let u = joined[n * 7919 % joined.len()].clone();
-                let m = members[&u].clone();
-                (
-                    "m.room.message",
-                    u,
-                    None,
-                    json!({"body": format!("message {n}"), "msgtype": "m.text"}),
-                    vec![create.clone(), pl.clone(), m],
-                )
-            }
-        };
-        let mut event = json!({
-            "room_id": ROOM,
-            "sender": sender,
-            "type": kind,
-            "content": content,
-            "prev_events": prev.iter().collect::<Vec<_>>(),
-            "auth_events": auth,
-            "depth": n + 1,
-            "origin_server_ts": 1_700_000_000_000u64 + n as u64,
-            "origin": "bench.test",
-            "hashes": {"sha256": "aGFzaA"},
-            "signatures": {"bench.test": {"ed25519:1": "c2ln"}},
-        });
-        if let Some(k) = &state_key {
-            event["state_key"] = json!(k);
-        }
-        let line = event.to_string();
-        let pdu = Pdu::from_json(&line, Some(&version)).expect("generated events parse");
-        let id = pdu.event_id.to_string();
-        match (kind, n) {
-            ("m.room.create", _) => create = id.clone(),
-            ("m.room.power_levels", _) => pl = id.clone(),
-            ("m.room.join_rules", _) => jr = id.clone(),
-            ("m.room.member", _) => {
-                let u = state_key.clone().expect("members have state keys");
-                if !members.contains_key(&u) {
-                    joined.push(u.clone());
-                }
-                members.insert(u, id.clone());
-            }
-            _ => {}
-        }
-        prev = Some(id);
-        lines.push(line);
-    }
-    lines
+    main_process::bench_room::linear_room(ROOM, EVENTS, MEMBERS)
 }
 
 fn peak_kb() -> u64 {

@@ -113,6 +113,27 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         header_timeout: f64,
     },
+    /// Shrink the state tables: rewrite the prev groups and deltas of the rooms'
+    /// state groups into a shape with far fewer rows, checking in every
+    /// transaction that each group keeps its state. Resumable; refuses a
+    /// database that a server is serving (its online job compresses instead).
+    Compress {
+        /// A room to compress (repeatable). Default: every room, most rows first.
+        #[arg(long = "room", value_name = "ROOM_ID")]
+        rooms: Vec<String>,
+        /// Plan and report only; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also write the SQL of every rewrite to FILE (with --dry-run: instead).
+        #[arg(long, value_name = "FILE")]
+        sql: Option<std::path::PathBuf>,
+        /// Rows deleted plus inserted per second, at most.
+        #[arg(long, value_name = "N")]
+        max_rows_per_second: Option<u64>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
     State {
@@ -214,6 +235,22 @@ pub fn run() -> ExitCode {
         }),
         Command::PurgeStateGroups { dry_run } => LogContext::new("purge-state-groups")
             .scope(|| crate::purge_cmd::run(&database, dry_run)),
+        Command::Compress {
+            rooms,
+            dry_run,
+            sql,
+            max_rows_per_second,
+            json,
+        } => {
+            let args = crate::compress_cmd::Args {
+                rooms,
+                dry_run,
+                sql,
+                max_rows_per_second,
+                json,
+            };
+            LogContext::new("compress").scope(|| crate::compress_cmd::run(&database, &args))
+        }
         Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
         Command::State { room_id, at } => LogContext::new("state")
             .scope(|| crate::state_cmd::run(&database, &room_id, at.as_deref())),

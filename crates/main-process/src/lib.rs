@@ -1,7 +1,10 @@
 //! The main process: the persistence queue and its loops, the command line, and
 //! (later) the HTTP API. The binary `hs-main` is a thin shell over this library.
 
+#[doc(hidden)]
+pub mod bench_room;
 pub mod cli;
+pub mod compress_cmd;
 pub mod http;
 pub mod import_cmd;
 pub mod inspect_cmd;

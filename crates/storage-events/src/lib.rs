@@ -21,6 +21,7 @@ pub use invariants::{check_invariants, Violation};
 pub use read::{EventStore, StoredEvent};
 pub use replication::{
     report_stream_position, ReplicationBatch, ALL_CACHES, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
+    STATE_GROUP_SHAPE_CACHE,
 };
 pub use store::{EventsStore, EVENTS_STREAM_SEQUENCE};
 pub use types::{CurrentStateDelta, EventToPersist, PersistedBatch, RoomBatch};

@@ -14,6 +14,11 @@ pub const REPLICATION_CHANNEL: &str = "hs_replication";
 /// The cache name under which current-state invalidations travel.
 pub const CURRENT_STATE_CACHE: &str = "current_state_ids";
 
+/// The cache name under which state groups rewritten by compression travel
+/// (their prev groups and deltas changed, never their states); the key is the
+/// group ids, separated by spaces.
+pub const STATE_GROUP_SHAPE_CACHE: &str = "state_group_shape";
+
 /// The cache name of the row that stands for pruned invalidations: every
 /// position up to it may have invalidated anything, so a replica that had not
 /// reached it must drop all its mutable caches.
@@ -45,7 +50,9 @@ impl EventsStore {
     /// committed position they lead to.
     pub fn replication_since(&self, after: i64) -> Result<ReplicationBatch> {
         self.db.run_read("replication_since", |txn| {
-            let position = max_stream_ordering_txn(txn)?.max(after);
+            let position = max_stream_ordering_txn(txn)?
+                .max(max_invalidation_txn(txn)?)
+                .max(after);
             let invalidations: Vec<(i64, String, String)> =
                 with_conn!(txn.conn(), |c| cache_invalidations::table
                     .select((
@@ -62,6 +69,41 @@ impl EventsStore {
                 position,
             })
         })
+    }
+
+    /// Puts the rewrite of `groups` (compression) on the replication stream
+    /// inside the rewriting transaction, at a stream position of its own, so
+    /// that workers forget what they cached of how those groups are stored.
+    /// Nothing where one process is all there is (SQLite).
+    pub fn record_state_group_rewrite_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        groups: &[i64],
+    ) -> Result<()> {
+        if groups.is_empty() || !txn.engine().supports_multiple_processes() {
+            return Ok(());
+        }
+        txn.lock_table("events")?;
+        let position = txn.next_id(&crate::store::EVENTS_STREAM_SEQUENCE)?;
+        let key = groups
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        with_conn!(txn.conn(), |c| diesel::insert_into(cache_invalidations::table)
+            .values((
+                cache_invalidations::stream_ordering.eq(position),
+                cache_invalidations::cache_name.eq(STATE_GROUP_SHAPE_CACHE),
+                cache_invalidations::cache_key.eq(&key),
+            ))
+            .execute(c))?;
+        txn.notify(REPLICATION_CHANNEL, &format!("{position} {}", now_ms()))?;
+        let reported = self.position.clone();
+        txn.call_after(move || {
+            let previous = reported.fetch_max(position, std::sync::atomic::Ordering::SeqCst);
+            report_stream_position(previous.max(position));
+        });
+        Ok(())
     }
 
     /// Deletes the cache invalidations more than `keep` positions behind the
@@ -106,6 +148,15 @@ pub(crate) fn read_max_stream_ordering(db: &Database) -> Result<i64> {
 pub(crate) fn max_stream_ordering_txn(txn: &mut Transaction<'_>) -> Result<i64> {
     let max: Option<i64> = with_conn!(txn.conn(), |c| events::table
         .select(diesel::dsl::max(events::stream_ordering))
+        .first(c))?;
+    Ok(max.unwrap_or(0))
+}
+
+/// The highest position of a cache invalidation as `txn` sees it: above every
+/// event's when a compression's rewrite took a position of its own.
+fn max_invalidation_txn(txn: &mut Transaction<'_>) -> Result<i64> {
+    let max: Option<i64> = with_conn!(txn.conn(), |c| cache_invalidations::table
+        .select(diesel::dsl::max(cache_invalidations::stream_ordering))
         .first(c))?;
     Ok(max.unwrap_or(0))
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
 use storage_events::{
     report_stream_position, EventStore, EventsStore, ALL_CACHES, CURRENT_STATE_CACHE,
-    REPLICATION_CHANNEL,
+    REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 use storage_state::StateStore;
 
@@ -93,12 +93,18 @@ impl SlavedStore {
         for (position, cache, key) in &batch.invalidations {
             match cache.as_str() {
                 CURRENT_STATE_CACHE => self.state().invalidate_current_state(key),
+                STATE_GROUP_SHAPE_CACHE => {
+                    let groups: Vec<i64> =
+                        key.split(' ').filter_map(|g| g.parse().ok()).collect();
+                    self.state().forget_state_group_shapes(&groups);
+                }
                 ALL_CACHES => {
                     log::warn!(
                         "this worker was at position {from}, behind the invalidations the main \
                          process pruned up to {position}: dropping every current-state cache"
                     );
                     self.state().invalidate_all_current_state();
+                    self.state().forget_all_state_group_shapes();
                 }
                 other => log::debug!("no cache {other} here; invalidation of {key} ignored"),
             }

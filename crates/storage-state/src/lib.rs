@@ -8,6 +8,7 @@
 //! answer most reads without the database.
 
 mod caches;
+pub mod compress;
 mod filter;
 pub mod purge;
 mod read;

@@ -227,6 +227,23 @@ impl StateStore {
         self.caches.current_state.invalidate(&room_id.to_owned());
     }
 
+    /// Forgets what is cached of how `groups` are stored (prev group, delta) and
+    /// every cached chain length: compression rewrote them. Their states are
+    /// unchanged, so the state caches keep them.
+    pub fn forget_state_group_shapes(&self, groups: &[StateGroup]) {
+        for g in groups {
+            self.caches.deltas.invalidate(g);
+        }
+        self.caches.chain_lengths.invalidate_all();
+    }
+
+    /// Forgets every cached prev group, delta and chain length: for a replica
+    /// that may have missed rewrites.
+    pub fn forget_all_state_group_shapes(&self) {
+        self.caches.deltas.invalidate_all();
+        self.caches.chain_lengths.invalidate_all();
+    }
+
     /// Forgets the cached current state of every room: for a replica that may
     /// have missed invalidations (its position fell behind what the stream
     /// still holds).

@@ -66,15 +66,16 @@ impl NewStateGroup<'_> {
     }
 }
 
+/// One row of `state_groups_state`, for batch inserts.
 #[derive(Insertable)]
 #[diesel(table_name = state_groups_state)]
 #[diesel(treat_none_as_default_value = false)]
-struct StateRow<'a> {
-    state_group: i64,
-    room_id: &'a str,
-    type_: &'a str,
-    state_key: &'a str,
-    event_id: &'a str,
+pub(crate) struct StateRow<'a> {
+    pub(crate) state_group: i64,
+    pub(crate) room_id: &'a str,
+    pub(crate) type_: &'a str,
+    pub(crate) state_key: &'a str,
+    pub(crate) event_id: &'a str,
 }
 
 /// Stores `new` inside `txn`; returns the new group. Prefills the caches after
@@ -230,6 +231,11 @@ fn insert_state_rows(
             event_id: e,
         })
         .collect();
+    insert_rows(txn, &rows)
+}
+
+/// Inserts `rows` into `state_groups_state`, [`INSERT_CHUNK`] a statement.
+pub(crate) fn insert_rows(txn: &mut Transaction<'_>, rows: &[StateRow<'_>]) -> Result<()> {
     for chunk in rows.chunks(INSERT_CHUNK) {
         with_conn!(txn.conn(), |c| diesel::insert_into(
             state_groups_state::table

@@ -1,0 +1,237 @@
+//! `cargo xtask bench compress`: `hs-main compress` on SQLite and PostgreSQL.
+//!
+//! - The benchmark room of `bench persist` (50,000 events, 5,000 members):
+//!   rows of `state_groups_state` before and after (the goal: at most 5% of
+//!   before; rust-synapse-compress-state leaves 6.3% on a room of this shape),
+//!   the time against the time its import took, peak memory against the
+//!   import's, and a cold full-state read of the room's newest group (fresh
+//!   caches, median of 15) before and after.
+//! - A room stored as pure deltas (60 groups, no snapshot): left alone.
+//! - A spam-join room (2,000 users joining and leaving on forks that state
+//!   resolution merges): never grows.
+//!
+//! Every import and every compression runs in a child process of its own, so
+//! that peak memory is its own.
+
+use main_process::bench_room::{linear_room, spam_join_room};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use storage_core::testing::TestDb;
+use storage_core::{Database, DatabaseConfig, OpenMode, Result, StoreConfig};
+use storage_events::EventsStore;
+use storage_state::compress::CompressOptions;
+use storage_state::{StateFilter, StateGroupStore, StateStore};
+
+const EVENTS: usize = 50_000;
+const MEMBERS: usize = 5_000;
+const ROOM: &str = "!bench:bench.test";
+const PURE: &str = "!pure:bench.test";
+const SPAM: &str = "!spam:bench.test";
+const COLD_READS: usize = 15;
+
+fn peak_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+}
+
+/// The newest group of `room`, and the median time of a full-state read of it
+/// through a store with empty caches.
+fn cold_read(db: &Database, room: &str) -> Result<(i64, Duration)> {
+    let newest = storage_state::compress::highest_state_group_of_room(db, room)?;
+    let mut times = Vec::with_capacity(COLD_READS);
+    let mut size = 0;
+    for _ in 0..COLD_READS {
+        let store = StateStore::new(db.clone(), &StoreConfig::default())?;
+        let start = Instant::now();
+        let state = store.get_state_for_groups(&[newest], &StateFilter::all())?;
+        times.push(start.elapsed());
+        size = state[&newest].len();
+    }
+    assert!(size > 0);
+    times.sort();
+    Ok((newest, times[COLD_READS / 2]))
+}
+
+fn child_import(url: &str, files: &[String]) -> Result<()> {
+    let files: Vec<std::path::PathBuf> = files.iter().map(Into::into).collect();
+    let start = Instant::now();
+    main_process::import_cmd::run(url, &files)
+        .map_err(|f| storage_core::Error::other(format!("{f:?}")))?;
+    println!(
+        "RESULT {} {}",
+        start.elapsed().as_secs_f64(),
+        peak_kb()
+    );
+    Ok(())
+}
+
+fn child_compress(url: &str, rooms: &[String]) -> Result<()> {
+    let db = Database::open(DatabaseConfig::parse(url, OpenMode::Writer)?)?;
+    let mut cold = Vec::new();
+    for room in rooms {
+        cold.push(cold_read(&db, room)?);
+    }
+    let events = EventsStore::new(db.clone(), &StoreConfig::default())?;
+    let start = Instant::now();
+    let reports = main_process::compress_cmd::compress_rooms(
+        events.state(),
+        Some(&events),
+        rooms,
+        &CompressOptions::default(),
+        None,
+        None,
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    let peak = peak_kb();
+    for (room, (_, before)) in rooms.iter().zip(cold) {
+        let r = reports.iter().find(|r| &r.room_id == room).unwrap();
+        let (_, after) = cold_read(&db, room)?;
+        println!(
+            "ROOM {room} {} {} {} {} {} {:?} {} {} {}",
+            r.rows_before,
+            r.rows_after,
+            r.groups,
+            r.groups_rewritten,
+            r.longest_chain,
+            r.outcome,
+            before.as_secs_f64() * 1e3,
+            after.as_secs_f64() * 1e3,
+            r.states_reread,
+        );
+    }
+    println!("RESULT {secs} {peak}");
+    Ok(())
+}
+
+/// Runs this benchmark as a child; returns its stdout lines.
+fn child(args: &[&str]) -> Vec<String> {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("--child")
+        .args(args)
+        .output()
+        .expect("running the bench child");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !stdout.contains("RESULT ") {
+        panic!(
+            "child {args:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout.lines().map(str::to_owned).collect()
+}
+
+fn result(lines: &[String]) -> Vec<f64> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect()
+}
+
+fn rooms(lines: &[String]) -> Vec<Vec<String>> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("ROOM "))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        storage_core::logging::init();
+        let outcome = match args[i + 1].as_str() {
+            "import" => child_import(&args[i + 2], &args[i + 3..]),
+            _ => child_compress(&args[i + 2], &args[i + 3..]),
+        };
+        if let Err(e) = outcome {
+            eprintln!("bench child failed: {e:?}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("hs-bench-compress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("room.jsonl");
+    let small = dir.join("small.jsonl");
+    write_lines(&big, &linear_room(ROOM, EVENTS, MEMBERS));
+    let mut lines = linear_room(PURE, 300, 60);
+    lines.extend(spam_join_room(SPAM, 2_000));
+    write_lines(&small, &lines);
+    println!(
+        "compress: the bench room ({EVENTS} events, {MEMBERS} members), a pure-delta room, \
+         a spam-join room (2,000 users on merged forks)"
+    );
+    let mut engines = vec![(TestDb::sqlite(), TestDb::sqlite())];
+    match (TestDb::postgres(), TestDb::postgres()) {
+        (Some(a), Some(b)) => engines.push((a, b)),
+        _ => println!(
+            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench compress`)"
+        ),
+    }
+    for (big_db, small_db) in &engines {
+        let engine = big_db.engine();
+        let import = result(&child(&["import", big_db.url(), big.to_str().unwrap()]));
+        let out = child(&["compress", big_db.url(), ROOM]);
+        let (compress, room) = (result(&out), rooms(&out).remove(0));
+        let (before, after): (f64, f64) = (room[1].parse().unwrap(), room[2].parse().unwrap());
+        println!(
+            "{engine:<9} bench room: rows {before:.0} -> {after:.0} ({:.2}%), {} of {} groups \
+             rewritten, longest new chain {}",
+            after * 100.0 / before,
+            room[4],
+            room[3],
+            room[5],
+        );
+        println!(
+            "          time {:.1} s (import {:.1} s: {:.0}%), peak memory {:.0} MiB (import {:.0} MiB)",
+            compress[0],
+            import[0],
+            compress[0] * 100.0 / import[0],
+            compress[1] / 1024.0,
+            import[1] / 1024.0,
+        );
+        println!(
+            "          cold full-state read of the newest group: {} ms before, {} ms after; \
+             states read again: {}",
+            &room[7][..room[7].len().min(5)],
+            &room[8][..room[8].len().min(5)],
+            room[9]
+        );
+        child(&["import", small_db.url(), small.to_str().unwrap()]);
+        let out = child(&["compress", small_db.url(), PURE, SPAM]);
+        for room in rooms(&out) {
+            let (before, after): (u64, u64) = (room[1].parse().unwrap(), room[2].parse().unwrap());
+            println!(
+                "          {}: rows {before} -> {after} ({:+} rows), {} groups, {}",
+                room[0],
+                after as i64 - before as i64,
+                room[3],
+                room[6]
+            );
+            assert!(after <= before, "{} grew", room[0]);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,230 @@
+//! Rewriting one chunk of a room's groups in one transaction, and checking,
+//! before it commits, that every group still has exactly the state it had.
+//!
+//! The transaction:
+//! 1. reads the chunk's edges and row counts and refuses to go on if they are
+//!    not what the plan was made from (another compressor got there first);
+//! 2. reads, through the state read path, the state of every group outside the
+//!    chunk whose prev group is in it (children: later groups, and groups
+//!    written since the run began);
+//! 3. deletes the chunk's edges and rows and inserts the new ones;
+//! 4. reads the new edges and rows back and rebuilds each rewritten group's
+//!    state from them, on its new prev group's state: it must equal the state
+//!    the group had;
+//! 5. reads again, through the read path, the children's states and the
+//!    newest rewritten group's: they must equal what they were.
+//!
+//! Any difference is an error and the transaction rolls back. Step 4 covers
+//! every rewritten group; a group further down a chain through the chunk has
+//! its own rows untouched on a prev group whose state is unchanged, so its
+//! state is unchanged too, and step 5 checks the first such groups end to end.
+
+use super::load::{self, OldGroup};
+use super::packed::{Interner, Packed, Rows};
+use super::plan::Shape;
+use crate::store::StateStore;
+use crate::filter::StateFilter;
+use crate::read;
+use crate::schema::{state_group_edges, state_groups_state};
+use crate::types::StateGroup;
+use crate::write::{insert_rows, StateRow};
+use diesel::dsl::count_star;
+use diesel::prelude::*;
+use std::collections::{HashMap, HashSet};
+use storage_core::{with_conn, Error, Result, Transaction};
+
+/// Statement size for id lists.
+const IDS_PER_QUERY: usize = 500;
+
+/// One group to rewrite: how it is stored now, and how it will be.
+#[derive(Debug, Clone)]
+pub(crate) struct Change {
+    pub(crate) old: OldGroup,
+    pub(crate) new: Shape,
+}
+
+impl Change {
+    /// Rows deleted plus rows inserted.
+    pub(crate) fn rows_touched(&self) -> usize {
+        self.old.rows.len() + self.new.rows.len()
+    }
+}
+
+/// Everything the check needs to know without reading: the state of each
+/// rewritten group and of each prev group (old or new) outside the chunk.
+pub(crate) type Expected = HashMap<StateGroup, Packed>;
+
+/// Rewrites `chunk` (groups of `room_id`, oldest first) inside `txn`.
+pub(crate) fn rewrite_chunk(
+    txn: &mut Transaction<'_>,
+    store: &StateStore,
+    interner: &mut Interner,
+    room_id: &str,
+    chunk: &[Change],
+    expected: &Expected,
+) -> Result<()> {
+    let ids: Vec<StateGroup> = chunk.iter().map(|c| c.old.id).collect();
+    check_unchanged(txn, chunk, &ids)?;
+    let children = children_outside(txn, &ids)?;
+    let before = read_states(txn, &children)?;
+
+    for part in ids.chunks(IDS_PER_QUERY) {
+        with_conn!(txn.conn(), |c| diesel::delete(
+            state_group_edges::table.filter(state_group_edges::state_group.eq_any(part))
+        )
+        .execute(c))?;
+        with_conn!(txn.conn(), |c| diesel::delete(
+            state_groups_state::table.filter(state_groups_state::state_group.eq_any(part))
+        )
+        .execute(c))?;
+    }
+    let edges: Vec<_> = chunk
+        .iter()
+        .filter_map(|c| {
+            c.new.prev.map(|p| {
+                (
+                    state_group_edges::state_group.eq(c.old.id),
+                    state_group_edges::prev_state_group.eq(p),
+                )
+            })
+        })
+        .collect();
+    for part in edges.chunks(IDS_PER_QUERY) {
+        with_conn!(txn.conn(), |c| diesel::insert_into(state_group_edges::table)
+            .values(part)
+            .execute(c))?;
+    }
+    let rows: Vec<StateRow<'_>> = chunk
+        .iter()
+        .flat_map(|c| {
+            c.new.rows.iter().map(|&(slot, event)| {
+                let (t, k) = interner.slot_name(slot);
+                StateRow {
+                    state_group: c.old.id,
+                    room_id,
+                    type_: t,
+                    state_key: k,
+                    event_id: interner.event_name(event),
+                }
+            })
+        })
+        .collect();
+    insert_rows(txn, &rows)?;
+    drop(rows);
+
+    check_rewritten(txn, interner, chunk, &ids, expected)?;
+    let newest = *ids.last().expect("a chunk is never empty");
+    let mut after_ids = children.clone();
+    after_ids.push(newest);
+    let after = read_states(txn, &after_ids)?;
+    for g in &children {
+        if before.get(g) != after.get(g) {
+            return Err(Error::corrupt(format!(
+                "state group {g}, whose chain passes through the rewritten groups, would change \
+                 state; nothing was written"
+            )));
+        }
+    }
+    let newest_state = interner.pack(&after[&newest]);
+    if Some(&newest_state) != expected.get(&newest) {
+        return Err(Error::corrupt(format!(
+            "state group {newest} read back through the state read path differs from its \
+             state before; nothing was written"
+        )));
+    }
+
+    // A group's state never changes, so only its prev group and delta, and the
+    // length of every chain through it, are forgotten.
+    let store = store.clone();
+    txn.call_after(move || store.forget_state_group_shapes(&ids));
+    Ok(())
+}
+
+/// Step 1: the chunk's edges and row counts are what the plan was made from.
+fn check_unchanged(txn: &mut Transaction<'_>, chunk: &[Change], ids: &[StateGroup]) -> Result<()> {
+    let prevs = load::edges(txn, ids)?;
+    let mut counts: HashMap<StateGroup, i64> = HashMap::new();
+    for part in ids.chunks(IDS_PER_QUERY) {
+        let rows: Vec<(i64, i64)> = with_conn!(txn.conn(), |c| state_groups_state::table
+            .group_by(state_groups_state::state_group)
+            .select((state_groups_state::state_group, count_star()))
+            .filter(state_groups_state::state_group.eq_any(part))
+            .load(c))?;
+        counts.extend(rows);
+    }
+    for c in chunk {
+        let g = c.old.id;
+        let rows = counts.get(&g).copied().unwrap_or(0) as usize;
+        if prevs.get(&g).copied() != c.old.prev || rows != c.old.rows.len() {
+            return Err(Error::other(format!(
+                "state group {g} changed since the compressor read it (another compressor \
+                 running?); run it again"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Groups outside the chunk whose prev group is in it.
+fn children_outside(txn: &mut Transaction<'_>, ids: &[StateGroup]) -> Result<Vec<StateGroup>> {
+    let inside: HashSet<&StateGroup> = ids.iter().collect();
+    let mut out = Vec::new();
+    for part in ids.chunks(IDS_PER_QUERY) {
+        let found: Vec<i64> = with_conn!(txn.conn(), |c| state_group_edges::table
+            .select(state_group_edges::state_group)
+            .filter(state_group_edges::prev_state_group.eq_any(part))
+            .load(c))?;
+        out.extend(found.into_iter().filter(|g| !inside.contains(g)));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+fn read_states(
+    txn: &mut Transaction<'_>,
+    groups: &[StateGroup],
+) -> Result<HashMap<StateGroup, crate::types::StateMap>> {
+    if groups.is_empty() {
+        return Ok(HashMap::new());
+    }
+    read::fetch(txn, groups, &StateFilter::all())
+}
+
+/// Step 4: the rows now stored rebuild every rewritten group's state.
+fn check_rewritten(
+    txn: &mut Transaction<'_>,
+    interner: &mut Interner,
+    chunk: &[Change],
+    ids: &[StateGroup],
+    expected: &Expected,
+) -> Result<()> {
+    let prevs = load::edges(txn, ids)?;
+    let mut rows: HashMap<StateGroup, Rows> = load::rows(txn, interner, ids)?;
+    let mut rebuilt: HashMap<StateGroup, Packed> = HashMap::with_capacity(ids.len());
+    for c in chunk {
+        let g = c.old.id;
+        let mut state = match prevs.get(&g) {
+            Some(p) => rebuilt
+                .get(p)
+                .or_else(|| expected.get(p))
+                .cloned()
+                .ok_or_else(|| {
+                    Error::other(format!(
+                        "internal: the state of {p}, new prev group of {g}, was not prepared"
+                    ))
+                })?,
+            None => Packed::new(),
+        };
+        state.extend(rows.remove(&g).unwrap_or_default());
+        if expected.get(&g) != Some(&state) {
+            return Err(Error::corrupt(format!(
+                "the rows written for state group {g} (prev group {:?}) do not give its state; \
+                 nothing was written",
+                prevs.get(&g)
+            )));
+        }
+        rebuilt.insert(g, state);
+    }
+    Ok(())
+}
