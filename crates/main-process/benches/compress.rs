@@ -163,6 +163,9 @@ fn main() {
         storage_core::logging::init();
         let outcome = match args[i + 1].as_str() {
             "import" => child_import(&args[i + 2], &args[i + 3..]),
+            "read" => Database::open(DatabaseConfig::parse(&args[i + 2], OpenMode::ReadOnly).unwrap())
+                .and_then(|db| cold_read(&db, &args[i + 3]))
+                .map(|(g, t)| println!("RESULT {g} {}", t.as_secs_f64() * 1e3)),
             _ => child_compress(&args[i + 2], &args[i + 3..]),
         };
         if let Err(e) = outcome {
@@ -179,6 +182,10 @@ fn main() {
     let mut lines = linear_room(PURE, 300, 60);
     lines.extend(spam_join_room(SPAM, 2_000));
     write_lines(&small, &lines);
+    if std::env::var_os("HS_BENCH_ONLY_GENERATE").is_some() {
+        println!("room files in {}", dir.display());
+        return;
+    }
     println!(
         "compress: the bench room ({EVENTS} events, {MEMBERS} members), a pure-delta room, \
          a spam-join room (2,000 users on merged forks)"
@@ -233,5 +240,9 @@ fn main() {
             assert!(after <= before, "{} grew", room[0]);
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
+    if std::env::var_os("HS_BENCH_KEEP").is_some() {
+        println!("room files kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

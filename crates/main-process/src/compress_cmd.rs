@@ -207,6 +207,7 @@ pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
     let options = CompressOptions {
         dry_run: args.dry_run,
         max_rows_per_second: args.max_rows_per_second,
+        ..Default::default()
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -4,20 +4,22 @@
 //! The transaction:
 //! 1. reads the chunk's edges and row counts and refuses to go on if they are
 //!    not what the plan was made from (another compressor got there first);
-//! 2. reads, through the state read path, the state of every group outside the
-//!    chunk whose prev group is in it (children: later groups, and groups
-//!    written since the run began);
+//! 2. finds every group outside the chunk whose prev group is in it (its
+//!    children: later groups, and groups written since the run began) and
+//!    reads, through the state read path, the state of those the plan does not
+//!    know (the ones written since);
 //! 3. deletes the chunk's edges and rows and inserts the new ones;
 //! 4. reads the new edges and rows back and rebuilds each rewritten group's
 //!    state from them, on its new prev group's state: it must equal the state
 //!    the group had;
-//! 5. reads again, through the read path, the children's states and the
-//!    newest rewritten group's: they must equal what they were.
+//! 5. rebuilds the known children's states the same way from their stored
+//!    rows, and reads the others' and the newest rewritten group's again
+//!    through the read path: all must equal what they were.
 //!
-//! Any difference is an error and the transaction rolls back. Step 4 covers
-//! every rewritten group; a group further down a chain through the chunk has
-//! its own rows untouched on a prev group whose state is unchanged, so its
-//! state is unchanged too, and step 5 checks the first such groups end to end.
+//! Any difference is an error and the transaction rolls back. Steps 4 and 5
+//! cover every rewritten group and every group whose chain leaves the chunk;
+//! a group further down such a chain has its own rows untouched on a prev
+//! group whose state is unchanged, so its state is unchanged too.
 
 use super::load::{self, OldGroup};
 use super::packed::{Interner, Packed, Rows};
@@ -66,7 +68,14 @@ pub(crate) fn rewrite_chunk(
     let ids: Vec<StateGroup> = chunk.iter().map(|c| c.old.id).collect();
     check_unchanged(txn, chunk, &ids)?;
     let children = children_outside(txn, &ids)?;
-    let before = read_states(txn, &children)?;
+    // Children whose state the plan knows are checked from their rows; any
+    // other (written since the run began) through the read path, before and after.
+    let unknown: Vec<StateGroup> = children
+        .iter()
+        .copied()
+        .filter(|g| !expected.contains_key(g))
+        .collect();
+    let before = read_states(txn, &unknown)?;
 
     for part in ids.chunks(IDS_PER_QUERY) {
         with_conn!(txn.conn(), |c| diesel::delete(
@@ -112,12 +121,18 @@ pub(crate) fn rewrite_chunk(
     insert_rows(txn, &rows)?;
     drop(rows);
 
-    check_rewritten(txn, interner, chunk, &ids, expected)?;
+    let mut rebuilt = check_rebuilt(txn, interner, &ids, &HashMap::new(), expected)?;
+    let known: Vec<StateGroup> = children
+        .iter()
+        .copied()
+        .filter(|g| expected.contains_key(g))
+        .collect();
+    rebuilt.extend(check_rebuilt(txn, interner, &known, &rebuilt, expected)?);
     let newest = *ids.last().expect("a chunk is never empty");
-    let mut after_ids = children.clone();
-    after_ids.push(newest);
-    let after = read_states(txn, &after_ids)?;
-    for g in &children {
+    let mut again = unknown.clone();
+    again.push(newest);
+    let after = read_states(txn, &again)?;
+    for g in &unknown {
         if before.get(g) != after.get(g) {
             return Err(Error::corrupt(format!(
                 "state group {g}, whose chain passes through the rewritten groups, would change \
@@ -125,8 +140,7 @@ pub(crate) fn rewrite_chunk(
             )));
         }
     }
-    let newest_state = interner.pack(&after[&newest]);
-    if Some(&newest_state) != expected.get(&newest) {
+    if Some(&interner.pack(&after[&newest])) != expected.get(&newest) {
         return Err(Error::corrupt(format!(
             "state group {newest} read back through the state read path differs from its \
              state before; nothing was written"
@@ -191,27 +205,29 @@ fn read_states(
     read::fetch(txn, groups, &StateFilter::all())
 }
 
-/// Step 4: the rows now stored rebuild every rewritten group's state.
-fn check_rewritten(
+/// Steps 4 and 5: the edges and rows now stored for `groups` (oldest first)
+/// rebuild the state each had, on the state of its prev group (rebuilt here or
+/// earlier, or as expected). Returns the rebuilt states.
+fn check_rebuilt(
     txn: &mut Transaction<'_>,
     interner: &mut Interner,
-    chunk: &[Change],
-    ids: &[StateGroup],
+    groups: &[StateGroup],
+    earlier: &HashMap<StateGroup, Packed>,
     expected: &Expected,
-) -> Result<()> {
-    let prevs = load::edges(txn, ids)?;
-    let mut rows: HashMap<StateGroup, Rows> = load::rows(txn, interner, ids)?;
-    let mut rebuilt: HashMap<StateGroup, Packed> = HashMap::with_capacity(ids.len());
-    for c in chunk {
-        let g = c.old.id;
+) -> Result<HashMap<StateGroup, Packed>> {
+    let prevs = load::edges(txn, groups)?;
+    let mut rows: HashMap<StateGroup, Rows> = load::rows(txn, interner, groups)?;
+    let mut rebuilt: HashMap<StateGroup, Packed> = HashMap::with_capacity(groups.len());
+    for &g in groups {
         let mut state = match prevs.get(&g) {
             Some(p) => rebuilt
                 .get(p)
+                .or_else(|| earlier.get(p))
                 .or_else(|| expected.get(p))
                 .cloned()
                 .ok_or_else(|| {
                     Error::other(format!(
-                        "internal: the state of {p}, new prev group of {g}, was not prepared"
+                        "internal: the state of {p}, prev group of {g}, was not prepared"
                     ))
                 })?,
             None => Packed::new(),
@@ -219,12 +235,12 @@ fn check_rewritten(
         state.extend(rows.remove(&g).unwrap_or_default());
         if expected.get(&g) != Some(&state) {
             return Err(Error::corrupt(format!(
-                "the rows written for state group {g} (prev group {:?}) do not give its state; \
-                 nothing was written",
+                "the rows now stored for state group {g} (prev group {:?}) do not give its \
+                 state; nothing was written",
                 prevs.get(&g)
             )));
         }
         rebuilt.insert(g, state);
     }
-    Ok(())
+    Ok(rebuilt)
 }

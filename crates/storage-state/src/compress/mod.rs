@@ -32,7 +32,8 @@ use crate::types::StateGroup;
 use apply::{Change, Expected};
 use diesel::dsl::count_star;
 use diesel::prelude::*;
-use load::RoomStates;
+use load::{OldGroup, RoomStates};
+use std::collections::HashSet;
 use plan::{Planner, StateSource, TAIL_CHAIN};
 use std::time::{Duration, Instant};
 use storage_core::{with_conn, Database, Result, ResultExt, Transaction};
@@ -43,7 +44,7 @@ const WINDOW_GROUPS: usize = 20_000;
 /// A rewrite transaction touches (deletes plus inserts) about this many rows at
 /// most, unless one group alone has more: short enough that a writer waiting
 /// for it (SQLite has one) waits milliseconds, not seconds.
-const CHUNK_ROWS: usize = 20_000;
+pub const CHUNK_ROWS: usize = 20_000;
 
 /// And rewrites at most this many groups.
 const CHUNK_GROUPS: usize = 500;
@@ -53,12 +54,24 @@ const CHUNK_GROUPS: usize = 500;
 const TAIL_GROUPS: usize = 16;
 
 /// How a run behaves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CompressOptions {
     /// Plan and report, write nothing.
     pub dry_run: bool,
     /// Rows deleted plus inserted per second, at most (paced between chunks).
     pub max_rows_per_second: Option<u64>,
+    /// Rows a rewrite transaction touches, about (default [`CHUNK_ROWS`]).
+    pub chunk_rows: usize,
+}
+
+impl Default for CompressOptions {
+    fn default() -> Self {
+        CompressOptions {
+            dry_run: false,
+            max_rows_per_second: None,
+            chunk_rows: CHUNK_ROWS,
+        }
+    }
 }
 
 /// What became of a room.
@@ -286,7 +299,7 @@ impl<'a> RoomRun<'a> {
             } else {
                 report.groups_rewritten += changes.len() as u64;
                 report.rows_after += new_rows as u64;
-                self.write(&db, &changes, hooks)?;
+                self.write(&db, &window, &changes, hooks)?;
             }
             hooks.on_progress(room_id, report.groups);
             let live = self.planner.live_groups();
@@ -337,11 +350,18 @@ impl<'a> RoomRun<'a> {
     fn write(
         &mut self,
         db: &Database,
+        window: &[OldGroup],
         changes: &[Change],
         hooks: &mut dyn CompressHooks,
     ) -> Result<()> {
         let room_id = self.room_id;
-        for chunk in chunks(changes) {
+        for chunk in chunks(changes, self.options.chunk_rows) {
+            let inside: HashSet<StateGroup> = chunk.iter().map(|c| c.old.id).collect();
+            let children: Vec<StateGroup> = window
+                .iter()
+                .filter(|g| !inside.contains(&g.id) && g.prev.is_some_and(|p| inside.contains(&p)))
+                .map(|g| g.id)
+                .collect();
             hooks.on_sql(&sql_text::chunk_sql(
                 &self.states.interner,
                 room_id,
@@ -350,7 +370,7 @@ impl<'a> RoomRun<'a> {
             if self.options.dry_run {
                 continue;
             }
-            let expected = self.expected(chunk)?;
+            let expected = self.expected(chunk, &children)?;
             let ids: Vec<StateGroup> = chunk.iter().map(|c| c.old.id).collect();
             let interner = &mut self.states.interner;
             db.run_interaction("compress_state_groups", |txn| {
@@ -370,14 +390,19 @@ impl<'a> RoomRun<'a> {
         Ok(())
     }
 
-    /// The states the check of `chunk` compares against.
-    fn expected(&mut self, chunk: &[Change]) -> Result<Expected> {
+    /// The states the check of `chunk` compares against: its groups', their
+    /// prev groups' (old and new), and those of the window's groups whose prev
+    /// group is in the chunk (`children`).
+    fn expected(&mut self, chunk: &[Change], children: &[StateGroup]) -> Result<Expected> {
         let mut expected = Expected::new();
-        for c in chunk {
-            for g in [Some(c.old.id), c.old.prev, c.new.prev].into_iter().flatten() {
-                if !expected.contains_key(&g) {
-                    expected.insert(g, self.states.state(g)?);
-                }
+        let groups = chunk
+            .iter()
+            .flat_map(|c| [Some(c.old.id), c.old.prev, c.new.prev])
+            .flatten()
+            .chain(children.iter().copied());
+        for g in groups {
+            if !expected.contains_key(&g) {
+                expected.insert(g, self.states.state(g)?);
             }
         }
         Ok(expected)
@@ -385,12 +410,12 @@ impl<'a> RoomRun<'a> {
 }
 
 /// Consecutive runs of changes within the chunk limits.
-fn chunks(changes: &[Change]) -> Vec<&[Change]> {
+fn chunks(changes: &[Change], max_rows: usize) -> Vec<&[Change]> {
     let mut out = Vec::new();
     let (mut start, mut rows) = (0, 0);
     for (i, c) in changes.iter().enumerate() {
         let n = c.rows_touched();
-        if i > start && (rows + n > CHUNK_ROWS || i - start >= CHUNK_GROUPS) {
+        if i > start && (rows + n > max_rows || i - start >= CHUNK_GROUPS) {
             out.push(&changes[start..i]);
             start = i;
             rows = 0;
