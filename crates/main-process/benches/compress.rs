@@ -73,11 +73,7 @@ fn child_import(url: &str, files: &[String]) -> Result<()> {
     let start = Instant::now();
     main_process::import_cmd::run(url, &files)
         .map_err(|f| storage_core::Error::other(format!("{f:?}")))?;
-    println!(
-        "RESULT {} {}",
-        start.elapsed().as_secs_f64(),
-        peak_kb()
-    );
+    println!("RESULT {} {}", start.elapsed().as_secs_f64(), peak_kb());
     Ok(())
 }
 
@@ -163,9 +159,11 @@ fn main() {
         storage_core::logging::init();
         let outcome = match args[i + 1].as_str() {
             "import" => child_import(&args[i + 2], &args[i + 3..]),
-            "read" => Database::open(DatabaseConfig::parse(&args[i + 2], OpenMode::ReadOnly).unwrap())
-                .and_then(|db| cold_read(&db, &args[i + 3]))
-                .map(|(g, t)| println!("RESULT {g} {}", t.as_secs_f64() * 1e3)),
+            "read" => {
+                Database::open(DatabaseConfig::parse(&args[i + 2], OpenMode::ReadOnly).unwrap())
+                    .and_then(|db| cold_read(&db, &args[i + 3]))
+                    .map(|(g, t)| println!("RESULT {g} {}", t.as_secs_f64() * 1e3))
+            }
             _ => child_compress(&args[i + 2], &args[i + 3..]),
         };
         if let Err(e) = outcome {

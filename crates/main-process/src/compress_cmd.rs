@@ -7,11 +7,11 @@
 //! compresses its own database with its online job instead (`serve_cmd`).
 
 use crate::cli::Failure;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
-use storage_core::{Error, Result, ResultExt, StoreConfig, Transaction};
+use storage_core::{Database, Error, Result, ResultExt, StoreConfig, Transaction};
 use storage_events::EventsStore;
 use storage_state::compress::{self, CompressHooks, CompressOptions, Outcome, RoomReport};
 use storage_state::{StateGroup, StateStore};
@@ -166,8 +166,21 @@ fn outcome_name(o: Outcome) -> &'static str {
     }
 }
 
+/// Bytes of the two tables compression rewrites, where the engine tells.
+fn state_table_bytes(db: &Database) -> Result<Option<i64>> {
+    let stats = db.run_read("compress_table_bytes", |txn| {
+        txn.table_statistics(&["state_groups_state", "state_group_edges"])
+    })?;
+    Ok(stats.iter().map(|t| t.bytes).sum())
+}
+
 /// The summary as JSON.
-pub fn summary_json(reports: &[RoomReport], dry_run: bool, seconds: f64) -> serde_json::Value {
+pub fn summary_json(
+    reports: &[RoomReport],
+    dry_run: bool,
+    seconds: f64,
+    bytes: (Option<i64>, Option<i64>),
+) -> serde_json::Value {
     let rooms: Vec<_> = reports
         .iter()
         .map(|r| {
@@ -194,6 +207,8 @@ pub fn summary_json(reports: &[RoomReport], dry_run: bool, seconds: f64) -> serd
             "groups_rewritten": sum(|r| r.groups_rewritten),
             "rows_before": sum(|r| r.rows_before),
             "rows_after": sum(|r| r.rows_after),
+            "state_table_bytes_before": bytes.0,
+            "state_table_bytes_after": bytes.1,
             "seconds": seconds,
         },
     })
@@ -209,6 +224,7 @@ pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
         max_rows_per_second: args.max_rows_per_second,
         ..Default::default()
     };
+    let bytes_before = state_table_bytes(events.database())?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} groups ({eta})")
@@ -231,9 +247,10 @@ pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
         }
     })?;
     bar.finish_and_clear();
+    let bytes = (bytes_before, state_table_bytes(events.database())?);
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
-        println!("{:#}", summary_json(&reports, args.dry_run, seconds));
+        println!("{:#}", summary_json(&reports, args.dry_run, seconds, bytes));
         return Ok(());
     }
     for r in &reports {
@@ -244,10 +261,21 @@ pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
         .fold((0, 0), |(b, a), r| (b + r.rows_before, a + r.rows_after));
     println!(
         "{} {} rooms, {} groups: rows {before} -> {after} ({:.2}%) in {seconds:.1} s",
-        if args.dry_run { "would compress" } else { "compressed" },
+        if args.dry_run {
+            "would compress"
+        } else {
+            "compressed"
+        },
         reports.len(),
         reports.iter().map(|r| r.groups).sum::<u64>(),
         percent(after, before),
     );
+    if let (Some(b), Some(a)) = bytes {
+        println!(
+            "state tables {} -> {} on disk (the engine reuses freed space; VACUUM returns it)",
+            HumanBytes(b.max(0) as u64),
+            HumanBytes(a.max(0) as u64)
+        );
+    }
     Ok(())
 }

@@ -94,8 +94,7 @@ impl SlavedStore {
             match cache.as_str() {
                 CURRENT_STATE_CACHE => self.state().invalidate_current_state(key),
                 STATE_GROUP_SHAPE_CACHE => {
-                    let groups: Vec<i64> =
-                        key.split(' ').filter_map(|g| g.parse().ok()).collect();
+                    let groups: Vec<i64> = key.split(' ').filter_map(|g| g.parse().ok()).collect();
                     self.state().forget_state_group_shapes(&groups);
                 }
                 ALL_CACHES => {

@@ -105,7 +105,11 @@ fn every_group_keeps_its_state_and_rows_shrink(t: &TestDb) {
     assert!(report.longest_chain <= MAX_COMPRESSED_CHAIN);
     assert_states(&store, &room);
     assert_states(&store, &other);
-    assert_eq!(rows(&store, "!other:test"), other_before, "another room untouched");
+    assert_eq!(
+        rows(&store, "!other:test"),
+        other_before,
+        "another room untouched"
+    );
 
     // The plan is already there: nothing to write.
     let again = run(&store, ROOM, &mut NoHooks).unwrap();
@@ -139,12 +143,11 @@ fn forked(store: &StateStore, room: &str, rounds: usize) -> Vec<(StateGroup, Sta
             }
         }
         let merged: StateMap = a.1.clone().union(b.1.clone());
-        let delta: StateMap = b
-            .1
-            .iter()
-            .filter(|(k, v)| a.1.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let delta: StateMap =
+            b.1.iter()
+                .filter(|(k, v)| a.1.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
         tip = store
             .store_state_group(&format!("$merge{r}"), room, Some(a.0), Some(&delta), None)
             .unwrap();
@@ -200,7 +203,9 @@ fn a_dry_run_writes_nothing(t: &TestDb) {
     assert_eq!(report.outcome, Outcome::Compressed);
     assert!(report.rows_after < before);
     assert_eq!(rows(&store, ROOM), before, "nothing written");
-    assert!(sql.0.starts_with("BEGIN;\nDELETE FROM state_group_edges WHERE state_group IN ("));
+    assert!(sql
+        .0
+        .starts_with("BEGIN;\nDELETE FROM state_group_edges WHERE state_group IN ("));
     assert!(sql.0.contains("INSERT INTO state_groups_state"));
     assert!(sql.0.trim_end().ends_with("COMMIT;"));
     assert_states(&store, &room);
@@ -289,7 +294,11 @@ fn the_writing_process_forgets_rewritten_shapes(t: &TestDb) {
     let mut changed = 0;
     for g in &groups {
         let cached = store.get_state_group_delta(*g).unwrap();
-        assert_eq!(cached, fresh.get_state_group_delta(*g).unwrap(), "group {g}");
+        assert_eq!(
+            cached,
+            fresh.get_state_group_delta(*g).unwrap(),
+            "group {g}"
+        );
         changed += usize::from(cached.is_some_and(|(p, _)| p != g - 1));
     }
     assert!(changed > 0, "some prev groups changed");

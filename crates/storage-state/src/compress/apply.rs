@@ -24,10 +24,10 @@
 use super::load::{self, OldGroup};
 use super::packed::{Interner, Packed, Rows};
 use super::plan::Shape;
-use crate::store::StateStore;
 use crate::filter::StateFilter;
 use crate::read;
 use crate::schema::{state_group_edges, state_groups_state};
+use crate::store::StateStore;
 use crate::types::StateGroup;
 use crate::write::{insert_rows, StateRow};
 use diesel::dsl::count_star;
@@ -99,9 +99,11 @@ pub(crate) fn rewrite_chunk(
         })
         .collect();
     for part in edges.chunks(IDS_PER_QUERY) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(state_group_edges::table)
-            .values(part)
-            .execute(c))?;
+        with_conn!(txn.conn(), |c| diesel::insert_into(
+            state_group_edges::table
+        )
+        .values(part)
+        .execute(c))?;
     }
     let rows: Vec<StateRow<'_>> = chunk
         .iter()

@@ -162,7 +162,10 @@ impl RoomStates {
             let state = match group.prev {
                 Some(prev) => {
                     let mut state = self.state(prev).map_err(|e| {
-                        e.context(format!("reading prev group {prev} of state group {}", group.id))
+                        e.context(format!(
+                            "reading prev group {prev} of state group {}",
+                            group.id
+                        ))
                     })?;
                     state.extend(group.rows.iter().copied());
                     state

@@ -33,8 +33,8 @@ use apply::{Change, Expected};
 use diesel::dsl::count_star;
 use diesel::prelude::*;
 use load::{OldGroup, RoomStates};
-use std::collections::HashSet;
 use plan::{Planner, StateSource, TAIL_CHAIN};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use storage_core::{with_conn, Database, Result, ResultExt, Transaction};
 
@@ -355,18 +355,19 @@ impl<'a> RoomRun<'a> {
         hooks: &mut dyn CompressHooks,
     ) -> Result<()> {
         let room_id = self.room_id;
-        for chunk in chunks(changes, self.options.chunk_rows) {
+        // Paced: no transaction bigger than a second's worth of rows.
+        let chunk_rows = match self.options.max_rows_per_second {
+            Some(limit) if limit > 0 => self.options.chunk_rows.min(limit as usize),
+            _ => self.options.chunk_rows,
+        };
+        for chunk in chunks(changes, chunk_rows) {
             let inside: HashSet<StateGroup> = chunk.iter().map(|c| c.old.id).collect();
             let children: Vec<StateGroup> = window
                 .iter()
                 .filter(|g| !inside.contains(&g.id) && g.prev.is_some_and(|p| inside.contains(&p)))
                 .map(|g| g.id)
                 .collect();
-            hooks.on_sql(&sql_text::chunk_sql(
-                &self.states.interner,
-                room_id,
-                chunk,
-            ))?;
+            hooks.on_sql(&sql_text::chunk_sql(&self.states.interner, room_id, chunk))?;
             if self.options.dry_run {
                 continue;
             }
@@ -378,11 +379,7 @@ impl<'a> RoomRun<'a> {
                 hooks.on_rewrite(txn, room_id, &ids)
             })
             .with_context(|| {
-                format!(
-                    "rewriting state groups {}..={}",
-                    ids[0],
-                    ids[ids.len() - 1]
-                )
+                format!("rewriting state groups {}..={}", ids[0], ids[ids.len() - 1])
             })?;
             let touched: usize = chunk.iter().map(Change::rows_touched).sum();
             self.pace.after(touched);
@@ -401,8 +398,8 @@ impl<'a> RoomRun<'a> {
             .flatten()
             .chain(children.iter().copied());
         for g in groups {
-            if !expected.contains_key(&g) {
-                expected.insert(g, self.states.state(g)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = expected.entry(g) {
+                e.insert(self.states.state(g)?);
             }
         }
         Ok(expected)

@@ -134,14 +134,20 @@ mod tests {
         assert_eq!(delta(&base, &to), Some(vec![(2, 21), (3, 30)]));
         assert_eq!(delta_len(&base, &to, 10), Some(2));
         assert_eq!(delta_len(&base, &to, 0), Some(1));
-        assert_eq!(delta(&to, &base), None, "base has slot 3, the target lacks it");
+        assert_eq!(
+            delta(&to, &base),
+            None,
+            "base has slot 3, the target lacks it"
+        );
         assert_eq!(delta(&base, &base), Some(vec![]));
     }
 
     #[test]
     fn rebase_keeps_the_value_and_shares() {
         let near: Packed = (0u32..1000).map(|i| (i, i)).collect();
-        let fresh: Packed = (1u32..1001).map(|i| (i, if i == 500 { 7 } else { i })).collect();
+        let fresh: Packed = (1u32..1001)
+            .map(|i| (i, if i == 500 { 7 } else { i }))
+            .collect();
         let rebased = rebase(&near, fresh.clone());
         assert_eq!(rebased, fresh);
         assert_eq!(delta(&near, &rebased), None);

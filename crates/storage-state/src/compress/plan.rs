@@ -153,14 +153,7 @@ impl Planner {
             }
             None => (None, state.iter().map(|(s, e)| (*s, *e)).collect(), 1),
         };
-        self.placed.insert(
-            group,
-            Placed {
-                depth,
-                prev,
-                heads,
-            },
-        );
+        self.placed.insert(group, Placed { depth, prev, heads });
         self.recent.push_front(group);
         self.recent.truncate(ANCHOR_CANDIDATES);
         Ok(Shape { prev, rows, depth })

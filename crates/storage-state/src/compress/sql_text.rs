@@ -22,8 +22,14 @@ pub(crate) fn chunk_sql(interner: &Interner, room_id: &str, chunk: &[Change]) ->
         .collect::<Vec<_>>()
         .join(", ");
     let mut sql = String::from("BEGIN;\n");
-    let _ = writeln!(sql, "DELETE FROM state_group_edges WHERE state_group IN ({ids});");
-    let _ = writeln!(sql, "DELETE FROM state_groups_state WHERE state_group IN ({ids});");
+    let _ = writeln!(
+        sql,
+        "DELETE FROM state_group_edges WHERE state_group IN ({ids});"
+    );
+    let _ = writeln!(
+        sql,
+        "DELETE FROM state_groups_state WHERE state_group IN ({ids});"
+    );
     let edges: Vec<String> = chunk
         .iter()
         .filter_map(|c| c.new.prev.map(|p| format!("({}, {p})", c.old.id)))

@@ -1,0 +1,292 @@
+//! `hs-main compress` end to end, on SQLite and PostgreSQL: the state after
+//! every event is the same before and after (Synapse's fixture rooms, the
+//! generated linear and spam-join rooms), dry runs and `--sql` write nothing,
+//! a database claimed by another main process is refused, and a run killed in
+//! the middle is finished by the next.
+
+use event_context::ruma::RoomVersionId;
+use event_context::Pdu;
+use main_process::bench_room::{linear_room, spam_join_room};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use storage_core::testing::TestDb;
+use storage_core::{DatabaseConfig, MainProcessClaim, OpenMode, StoreConfig};
+use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
+
+storage_core::engine_tests!(
+    synapse_fixture_rooms_keep_every_state,
+    generated_rooms_keep_every_state,
+    a_dry_run_writes_nothing_and_sql_is_written,
+    a_claimed_database_is_refused,
+    a_killed_run_is_finished_by_the_next,
+);
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/synapse");
+
+fn hs_main(t: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["--database", t.url()])
+        .args(args)
+        .env_remove("HS_DATABASE")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn import(t: &TestDb, file: &Path) {
+    ok(hs_main(t, &["import", file.to_str().unwrap()]));
+}
+
+/// The ids of the events in a file of room version 10 PDUs.
+fn event_ids(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| {
+            Pdu::from_json(l, Some(&RoomVersionId::V10))
+                .unwrap()
+                .event_id
+                .to_string()
+        })
+        .collect()
+}
+
+/// The state after each event, read through a store with empty caches.
+fn states_after(t: &TestDb, events: &[String]) -> HashMap<String, StateMap> {
+    let store = StateStore::new(t.open_mode(OpenMode::ReadOnly), &StoreConfig::default()).unwrap();
+    events
+        .iter()
+        .map(|e| {
+            let state = store
+                .get_state_for_event(e, &StateFilter::all())
+                .unwrap_or_else(|err| panic!("{}: state after {e}: {err}", t.engine()));
+            (e.clone(), state)
+        })
+        .collect()
+}
+
+fn state_rows(t: &TestDb) -> u64 {
+    let out = ok(hs_main(t, &["inspect", "--json", "--exact"]));
+    let report: Value = serde_json::from_str(&out).unwrap();
+    report["state_groups_state_rows"].as_u64().unwrap()
+}
+
+/// Rows of `state_groups_state`, counted directly (while a run writes).
+fn rows_of(db: &storage_core::Database) -> u64 {
+    storage_state::compress::rooms_by_state_rows(db)
+        .unwrap()
+        .iter()
+        .map(|(_, n)| *n as u64)
+        .sum()
+}
+
+fn compress_json(t: &TestDb, extra: &[&str]) -> Value {
+    let mut args = vec!["compress", "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ok(hs_main(t, &args))).unwrap()
+}
+
+fn write_file(dir: &Path, name: &str, lines: &[String]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn temp_dir(t: &TestDb) -> tempdir::Dir {
+    tempdir::Dir::new(&format!("hs-compress-{}", t.engine()))
+}
+
+/// A folder removed when dropped.
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+
+    impl Dir {
+        pub fn new(prefix: &str) -> Dir {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let path =
+                std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn synapse_fixture_rooms_keep_every_state(t: &TestDb) {
+    import(t, Path::new(&format!("{FIXTURE}/pdus.jsonl")));
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURE}/expected.json")).unwrap())
+            .unwrap();
+    let events: Vec<String> = expected["event_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_owned())
+        .collect();
+    let before = states_after(t, &events);
+    let summary = compress_json(t, &[]);
+    assert_eq!(summary["total"]["rooms"], 3, "{summary:#}");
+    assert!(
+        summary["total"]["rows_after"].as_u64() <= summary["total"]["rows_before"].as_u64(),
+        "{summary:#}"
+    );
+    assert_eq!(states_after(t, &events), before, "{}", t.engine());
+}
+
+fn generated_rooms_keep_every_state(t: &TestDb) {
+    let dir = temp_dir(t);
+    let linear = linear_room("!linear:bench.test", 2_500, 300);
+    let spam = spam_join_room("!spam:bench.test", 300);
+    import(t, &write_file(&dir.0, "linear.jsonl", &linear));
+    import(t, &write_file(&dir.0, "spam.jsonl", &spam));
+    let events: Vec<String> = event_ids(&linear)
+        .into_iter()
+        .chain(event_ids(&spam))
+        .collect();
+    let before = states_after(t, &events);
+    let rows_before = state_rows(t);
+
+    let summary = compress_json(t, &[]);
+    let rooms = summary["rooms"].as_array().unwrap();
+    assert_eq!(rooms.len(), 2);
+    // Largest first.
+    assert!(rooms[0]["rows_before"].as_u64() >= rooms[1]["rows_before"].as_u64());
+    for room in rooms {
+        assert_eq!(room["outcome"], "compressed", "{summary:#}");
+        assert!(
+            room["rows_after"].as_u64() < room["rows_before"].as_u64(),
+            "{room:#}"
+        );
+    }
+    let rows_after = state_rows(t);
+    assert_eq!(summary["total"]["rows_before"].as_u64(), Some(rows_before));
+    assert_eq!(summary["total"]["rows_after"].as_u64(), Some(rows_after));
+    assert!(
+        rows_after * 5 < rows_before * 3,
+        "{rows_before} -> {rows_after}"
+    );
+    assert_eq!(states_after(t, &events), before, "{}", t.engine());
+
+    let again = compress_json(t, &["--room", "!linear:bench.test"]);
+    assert_eq!(again["rooms"][0]["outcome"], "already_compact", "{again:#}");
+    assert_eq!(again["total"]["groups_rewritten"], 0);
+}
+
+fn a_dry_run_writes_nothing_and_sql_is_written(t: &TestDb) {
+    let dir = temp_dir(t);
+    import(
+        t,
+        &write_file(
+            &dir.0,
+            "linear.jsonl",
+            &linear_room("!l:bench.test", 1_500, 200),
+        ),
+    );
+    let rows = state_rows(t);
+    let sql = dir.0.join("rewrite.sql");
+    let text = ok(hs_main(
+        t,
+        &["compress", "--dry-run", "--sql", sql.to_str().unwrap()],
+    ));
+    assert!(
+        text.starts_with("!l:bench.test: would compress: "),
+        "{text}"
+    );
+    assert!(text.contains("would compress 1 rooms"), "{text}");
+    assert_eq!(state_rows(t), rows, "a dry run writes nothing");
+    let sql = std::fs::read_to_string(&sql).unwrap();
+    assert!(sql.starts_with("BEGIN;\n"), "{sql}");
+    assert!(sql.contains("INSERT INTO state_groups_state"));
+
+    let unknown = hs_main(t, &["compress", "--room", "!nowhere:test"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("!nowhere:test"));
+}
+
+fn a_claimed_database_is_refused(t: &TestDb) {
+    let dir = temp_dir(t);
+    import(
+        t,
+        &write_file(
+            &dir.0,
+            "linear.jsonl",
+            &linear_room("!l:bench.test", 1_500, 200),
+        ),
+    );
+    let rows = state_rows(t);
+    let config = DatabaseConfig::parse(t.url(), OpenMode::Writer).unwrap();
+    let claim = MainProcessClaim::acquire(&config, std::time::Duration::ZERO).unwrap();
+    let out = hs_main(t, &["compress"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("claimed by another main process"),
+        "{stderr}"
+    );
+    assert_eq!(state_rows(t), rows);
+    drop(claim);
+    ok(hs_main(t, &["compress"]));
+    assert!(state_rows(t) < rows);
+}
+
+fn a_killed_run_is_finished_by_the_next(t: &TestDb) {
+    let dir = temp_dir(t);
+    let lines = linear_room("!l:bench.test", 2_500, 300);
+    import(t, &write_file(&dir.0, "linear.jsonl", &lines));
+    let events = event_ids(&lines);
+    let before = states_after(t, &events);
+    let rows = state_rows(t);
+    // Paced to about 8 s, killed once the first transactions committed.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["--database", t.url(), "compress", "--max-rows-per-second"])
+        .arg((rows / 8).to_string())
+        .env_remove("HS_DATABASE")
+        .spawn()
+        .unwrap();
+    let db = t.open_mode(OpenMode::ReadOnly);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while rows_of(&db) == rows {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress in 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partly = state_rows(t);
+    assert!(
+        partly < rows,
+        "the first chunks committed: {rows} -> {partly}"
+    );
+    assert_eq!(states_after(t, &events), before, "{}", t.engine());
+
+    let resumed = compress_json(t, &[]);
+    assert_eq!(resumed["total"]["rows_before"].as_u64(), Some(partly));
+    assert!(
+        resumed["total"]["groups_rewritten"].as_u64() > Some(0),
+        "{resumed:#}"
+    );
+    assert!(state_rows(t) < partly, "{resumed:#}");
+    assert_eq!(states_after(t, &events), before, "{}", t.engine());
+    let done = compress_json(t, &[]);
+    assert_eq!(done["total"]["groups_rewritten"], 0, "{done:#}");
+}
