@@ -112,6 +112,13 @@ enum Command {
         /// kept-alive connection may stay idle between requests.
         #[arg(long, default_value_t = 10.0)]
         header_timeout: f64,
+        /// Compress the state tables in the background, a pass every SECONDS over
+        /// the rooms with new state groups (off unless given; see `compress`).
+        #[arg(long, value_name = "SECONDS")]
+        compress_state_every: Option<u64>,
+        /// Pace of that job: rows deleted plus inserted per second, at most.
+        #[arg(long, value_name = "N", default_value_t = 20_000)]
+        compress_max_rows_per_second: u64,
     },
     /// Shrink the state tables: rewrite the prev groups and deltas of the rooms'
     /// state groups into a shape with far fewer rows, checking in every
@@ -220,6 +227,8 @@ pub fn run() -> ExitCode {
             read_only,
             max_connections,
             header_timeout,
+            compress_state_every,
+            compress_max_rows_per_second,
         } => LogContext::new("serve").scope(|| {
             let mut limits = crate::http::Limits::default();
             if let Some(n) = max_connections {
@@ -227,10 +236,14 @@ pub fn run() -> ExitCode {
             }
             limits.header_read_timeout =
                 std::time::Duration::from_secs_f64(header_timeout.clamp(0.1, 3600.0));
+            let compress = compress_state_every.map(|secs| crate::compress_job::CompressJob {
+                every: std::time::Duration::from_secs(secs.max(1)),
+                max_rows_per_second: compress_max_rows_per_second,
+            });
             if read_only {
                 crate::serve_cmd::run_read_only(&database, listen, limits)
             } else {
-                crate::serve_cmd::run(&database, listen, limits)
+                crate::serve_cmd::run(&database, listen, limits, compress)
             }
         }),
         Command::PurgeStateGroups { dry_run } => LogContext::new("purge-state-groups")

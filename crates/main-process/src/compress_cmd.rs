@@ -114,7 +114,6 @@ pub fn compress_rooms(
     let mut reports = Vec::with_capacity(rooms.len());
     for (room, n) in rooms.iter().zip(totals) {
         let report = compress::compress_room(state, room, bound, options, &mut hooks)?;
-        log::info!("{}", describe(&report, options.dry_run));
         hooks.base += n;
         reports.push(report);
     }

@@ -5,6 +5,7 @@
 pub mod bench_room;
 pub mod cli;
 pub mod compress_cmd;
+pub mod compress_job;
 pub mod http;
 pub mod import_cmd;
 pub mod inspect_cmd;

@@ -61,7 +61,13 @@ fn spawn_pruning(events: EventsStore) {
     });
 }
 
-pub fn run(database: &str, listen: SocketAddr, limits: Limits) -> Result<(), Failure> {
+/// `compress`: the online compression job's settings, when it is on.
+pub fn run(
+    database: &str,
+    listen: SocketAddr,
+    limits: Limits,
+    compress: Option<crate::compress_job::CompressJob>,
+) -> Result<(), Failure> {
     let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
     http::check_listen(&listen, token.as_deref())?;
     let config = DatabaseConfig::parse(database, OpenMode::Writer)?
@@ -73,6 +79,9 @@ pub fn run(database: &str, listen: SocketAddr, limits: Limits) -> Result<(), Fai
     let events = pipeline.builder.events().clone();
     spawn_pruning(events.clone());
     crate::purge_cmd::spawn_purging(events.database().clone());
+    if let Some(job) = compress {
+        crate::compress_job::spawn(events.clone(), job);
+    }
     let state = ApiState {
         state: pipeline.builder.state().clone(),
         position: Arc::new(move || events.max_stream_ordering()),

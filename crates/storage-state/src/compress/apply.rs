@@ -26,7 +26,7 @@ use super::packed::{Interner, Packed, Rows};
 use super::plan::Shape;
 use crate::filter::StateFilter;
 use crate::read;
-use crate::schema::{state_group_edges, state_groups_state};
+use crate::schema::{state_group_edges, state_groups, state_groups_state};
 use crate::store::StateStore;
 use crate::types::StateGroup;
 use crate::write::{insert_rows, StateRow};
@@ -65,6 +65,9 @@ pub(crate) fn rewrite_chunk(
     chunk: &[Change],
     expected: &Expected,
 ) -> Result<()> {
+    // The lock the purge of unneeded groups takes: a group this chunk makes a
+    // prev group is not deleted under it, and one deleted before is seen gone.
+    txn.lock_table("state_group_edges")?;
     let ids: Vec<StateGroup> = chunk.iter().map(|c| c.old.id).collect();
     check_unchanged(txn, chunk, &ids)?;
     let children = children_outside(txn, &ids)?;
@@ -156,8 +159,30 @@ pub(crate) fn rewrite_chunk(
     Ok(())
 }
 
-/// Step 1: the chunk's edges and row counts are what the plan was made from.
+/// Step 1: the chunk's edges and row counts are what the plan was made from,
+/// and the prev groups it names outside the chunk still exist.
 fn check_unchanged(txn: &mut Transaction<'_>, chunk: &[Change], ids: &[StateGroup]) -> Result<()> {
+    let inside: HashSet<&StateGroup> = ids.iter().collect();
+    let outside: Vec<StateGroup> = chunk
+        .iter()
+        .flat_map(|c| [c.old.prev, c.new.prev])
+        .flatten()
+        .filter(|p| !inside.contains(p))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let existing: HashSet<StateGroup> = with_conn!(txn.conn(), |c| state_groups::table
+        .select(state_groups::id)
+        .filter(state_groups::id.eq_any(&outside))
+        .load::<i64>(c))?
+    .into_iter()
+    .collect();
+    if let Some(gone) = outside.iter().find(|p| !existing.contains(p)) {
+        return Err(Error::other(format!(
+            "state group {gone} was deleted since the compressor read it (purged as unneeded?); \
+             run it again"
+        )));
+    }
     let prevs = load::edges(txn, ids)?;
     let mut counts: HashMap<StateGroup, i64> = HashMap::new();
     for part in ids.chunks(IDS_PER_QUERY) {

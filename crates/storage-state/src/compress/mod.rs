@@ -24,6 +24,7 @@ mod packed;
 mod plan;
 mod sql_text;
 
+pub use crate::purge::highest_state_group;
 pub use plan::MAX_COMPRESSED_CHAIN;
 
 use crate::schema::{state_groups, state_groups_state};
@@ -133,16 +134,6 @@ pub trait CompressHooks {
 pub struct NoHooks;
 
 impl CompressHooks for NoHooks {}
-
-/// The highest state group id now: a run touches no group above it.
-pub fn highest_state_group(db: &Database) -> Result<StateGroup> {
-    db.run_read("compress_bound", |txn| {
-        let max: Option<i64> = with_conn!(txn.conn(), |c| state_groups::table
-            .select(diesel::dsl::max(state_groups::id))
-            .first(c))?;
-        Ok(max.unwrap_or(0))
-    })
-}
 
 /// The highest state group of `room_id` (0 when it has none).
 pub fn highest_state_group_of_room(db: &Database, room_id: &str) -> Result<StateGroup> {
