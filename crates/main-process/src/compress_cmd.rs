@@ -2,16 +2,21 @@
 //! all, largest first) by rewriting their groups' prev groups and deltas; see
 //! `storage_state::compress` for how, and docs/compress.md for operators.
 //!
-//! The run claims the database as its main process first, so it refuses a
-//! database that `hs-main serve` (or an import) is serving; a server
-//! compresses its own database with its online job instead (`serve_cmd`).
+//! On a database of ours the run claims it as its main process first, so it
+//! refuses one that `hs-main serve` (or an import) is serving; a server
+//! compresses its own database with its online job instead (`compress_job`).
+//! A database Synapse wrote is opened to write its state tables only, as they
+//! are (`OpenMode::SynapseState`), with Synapse stopped.
 
 use crate::cli::Failure;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
-use storage_core::{Database, Error, Result, ResultExt, StoreConfig, Transaction};
+use storage_core::{
+    detect_layout, Database, DatabaseConfig, DatabaseUrl, Error, Layout, MainProcessClaim,
+    OpenMode, Result, ResultExt, StoreConfig, Transaction,
+};
 use storage_events::EventsStore;
 use storage_state::compress::{self, CompressHooks, CompressOptions, Outcome, RoomReport};
 use storage_state::{StateGroup, StateStore};
@@ -213,17 +218,35 @@ pub fn summary_json(
     })
 }
 
+/// The stores a run writes through: ours, claimed as the main process (its
+/// rewrites go on the replication stream), or Synapse's tables as they are.
+fn open(database: &str) -> Result<(Option<MainProcessClaim>, StateStore, Option<EventsStore>)> {
+    let config = StoreConfig::default();
+    let url = DatabaseUrl::parse(database)?;
+    if let Layout::Synapse { .. } = detect_layout(&url)? {
+        // No claim (nothing of ours may be left beside Synapse's files, and
+        // our claim cannot see a running Synapse anyway: stop it first).
+        let db = Database::open(DatabaseConfig::new(url, OpenMode::SynapseState))?;
+        log::info!(
+            "{} is a Synapse database: only its state tables are rewritten",
+            db.url()
+        );
+        return Ok((None, StateStore::new(db, &config)?, None));
+    }
+    let (claim, db) = crate::open::open_as_main(database)?;
+    let events = EventsStore::new(db, &config)?;
+    Ok((Some(claim), events.state().clone(), Some(events)))
+}
+
 pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
     let started = std::time::Instant::now();
-    let (_claim, db) = crate::open::open_as_main(database)?;
-    let config = StoreConfig::default();
-    let events = EventsStore::new(db, &config)?;
+    let (_claim, state, events) = open(database)?;
     let options = CompressOptions {
         dry_run: args.dry_run,
         max_rows_per_second: args.max_rows_per_second,
         ..Default::default()
     };
-    let bytes_before = state_table_bytes(events.database())?;
+    let bytes_before = state_table_bytes(state.database())?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} groups ({eta})")
@@ -231,8 +254,8 @@ pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
             .progress_chars("=> "),
     );
     let reports = compress_rooms(
-        events.state(),
-        Some(&events),
+        &state,
+        events.as_ref(),
         &args.rooms,
         &options,
         args.sql.as_ref(),
@@ -246,7 +269,7 @@ pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
         }
     })?;
     bar.finish_and_clear();
-    let bytes = (bytes_before, state_table_bytes(events.database())?);
+    let bytes = (bytes_before, state_table_bytes(state.database())?);
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         println!("{:#}", summary_json(&reports, args.dry_run, seconds, bytes));

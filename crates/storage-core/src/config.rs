@@ -83,6 +83,10 @@ pub enum OpenMode {
     Replica,
     /// Reads only, runs no migration and checks nothing: works on a Synapse database.
     ReadOnly,
+    /// Writes the state tables of a database Synapse wrote, as they are: no
+    /// migration, no schema check, no table of ours. Only `hs-main compress`
+    /// (with Synapse stopped) opens a database so, and only a Synapse one.
+    SynapseState,
 }
 
 /// How to open a [`crate::Database`].

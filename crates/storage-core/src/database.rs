@@ -83,10 +83,14 @@ impl Database {
     }
 
     fn open_inner(config: DatabaseConfig) -> Result<Self> {
-        if config.mode != OpenMode::ReadOnly {
+        match config.mode {
+            OpenMode::ReadOnly => {}
+            OpenMode::SynapseState => crate::layout::require_synapse_database(&config)?,
             // Before the first connection: a writer's connection already
             // changes an SQLite file (WAL mode).
-            crate::layout::refuse_foreign_database(&config)?;
+            OpenMode::Writer | OpenMode::Replica => {
+                crate::layout::refuse_foreign_database(&config)?
+            }
         }
         let new_file = match &config.url {
             // Missing, or empty: what the main-process claim leaves of a new file.
@@ -140,7 +144,7 @@ impl Database {
                 }
             }
             OpenMode::Replica => db.with_connection(|engine, conn| engine.check_schema(conn))?,
-            OpenMode::ReadOnly => {}
+            OpenMode::ReadOnly | OpenMode::SynapseState => {}
         }
         Ok(db)
     }

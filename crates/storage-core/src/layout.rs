@@ -102,3 +102,16 @@ pub fn refuse_foreign_database(config: &DatabaseConfig) -> Result<()> {
         Layout::Missing | Layout::Empty | Layout::Ours => Ok(()),
     }
 }
+
+/// The other way round, for the one writer allowed on Synapse's tables
+/// ([`OpenMode::SynapseState`], `hs-main compress`): refuses any database that
+/// Synapse did not write.
+pub fn require_synapse_database(config: &DatabaseConfig) -> Result<()> {
+    let url = config.url.redacted();
+    match detect_layout(&config.url).with_context(|| format!("checking what database {url} is"))? {
+        Layout::Synapse { .. } => Ok(()),
+        other => Err(Error::invalid_argument(format!(
+            "{url} is not a Synapse database ({other:?}): open it as its main process"
+        ))),
+    }
+}

@@ -31,7 +31,7 @@ pub use engine::{
     TxnOptions,
 };
 pub use error::{Error, ErrorKind, Result, ResultExt};
-pub use layout::{detect_layout, refuse_foreign_database, Layout};
+pub use layout::{detect_layout, refuse_foreign_database, require_synapse_database, Layout};
 pub use log_context::LogContext;
 pub use transaction::Transaction;
 

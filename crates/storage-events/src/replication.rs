@@ -90,13 +90,15 @@ impl EventsStore {
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(" ");
-        with_conn!(txn.conn(), |c| diesel::insert_into(cache_invalidations::table)
-            .values((
-                cache_invalidations::stream_ordering.eq(position),
-                cache_invalidations::cache_name.eq(STATE_GROUP_SHAPE_CACHE),
-                cache_invalidations::cache_key.eq(&key),
-            ))
-            .execute(c))?;
+        with_conn!(txn.conn(), |c| diesel::insert_into(
+            cache_invalidations::table
+        )
+        .values((
+            cache_invalidations::stream_ordering.eq(position),
+            cache_invalidations::cache_name.eq(STATE_GROUP_SHAPE_CACHE),
+            cache_invalidations::cache_key.eq(&key),
+        ))
+        .execute(c))?;
         txn.notify(REPLICATION_CHANNEL, &format!("{position} {}", now_ms()))?;
         let reported = self.position.clone();
         txn.call_after(move || {
