@@ -202,3 +202,52 @@ impl r2d2::ManageConnection for ConnManager {
         conn.is_broken()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ConnectGate;
+    use crate::error::Error;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// What the process relies on at exit: once the last handle is dropped
+    /// (close returned), no thread of the pool is inside the client library.
+    #[test]
+    fn close_waits_for_attempts_under_way_and_refuses_new_ones() {
+        let gate = Arc::new(ConnectGate::default());
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let (finished_tx, finished) = mpsc::channel();
+        let g = gate.clone();
+        let attempt = std::thread::spawn(move || {
+            let result = g.attempt(|| {
+                entered_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                finished_tx.send(()).unwrap();
+                Err(Error::other("connect ran"))
+            });
+            result.unwrap_err().to_string()
+        });
+        entered.recv().unwrap();
+        let (closed_tx, closed) = mpsc::channel();
+        let g = gate.clone();
+        let closer = std::thread::spawn(move || {
+            g.close();
+            closed_tx.send(()).unwrap();
+        });
+        // The attempt is still inside `connect`: close must not return yet.
+        assert!(closed.recv_timeout(Duration::from_millis(200)).is_err());
+        release.send(()).unwrap();
+        closed.recv_timeout(Duration::from_secs(10)).unwrap();
+        // It returned after the attempt left `connect`, not before.
+        assert!(finished.try_recv().is_ok());
+        closer.join().unwrap();
+        // The attempt that was under way is refused too: nobody will use it.
+        assert!(attempt.join().unwrap().contains("closed"));
+        // And no new attempt starts.
+        let refused = gate.attempt(|| panic!("connect after close"));
+        assert!(refused.unwrap_err().to_string().contains("closed"));
+        assert!(gate.is_closed());
+    }
+}
