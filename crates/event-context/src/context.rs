@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use storage_core::cache::LruCache;
 use storage_core::{Error, Result, StoreConfig};
-use storage_events::{EventStore, EventToPersist, EventsStore};
+use storage_events::{EventStore, EventToPersist, EventsStore, StoredEvent};
 use storage_state::{StateFilter, StateGroup, StateGroupStore, StateStore};
 
 /// Where an event stands in its room's state.
@@ -97,6 +97,8 @@ pub struct ContextBuilder {
     /// it was stored for.
     resolutions: Arc<LruCache<Vec<StateGroup>, (StateGroup, String)>>,
     groups_stored: Arc<AtomicU64>,
+    /// Queries for events made through `EventsStore::get_events`.
+    event_reads: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ContextBuilder {
@@ -138,6 +140,7 @@ impl ContextBuilder {
                 config.cache_size(10_000),
             )),
             groups_stored: Arc::new(AtomicU64::new(0)),
+            event_reads: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -154,6 +157,19 @@ impl ContextBuilder {
         self.groups_stored.load(Ordering::Relaxed)
     }
 
+    /// Times this builder asked storage for events (each ask is one
+    /// `get_events`, a query per chunk of ids): resolution is meant to ask a few
+    /// times, not once per event.
+    pub fn event_reads(&self) -> u64 {
+        self.event_reads.load(Ordering::Relaxed)
+    }
+
+    /// `get_events`, counted.
+    fn read_events(&self, ids: &[&str]) -> Result<HashMap<String, Arc<StoredEvent>>> {
+        self.event_reads.fetch_add(1, Ordering::Relaxed);
+        self.events.get_events(ids)
+    }
+
     /// The event `event_id`, from `pending` or from storage (parsed with its
     /// room's version, marked rejected if it was).
     pub fn fetch_pdu(&self, event_id: &str, pending: &PendingEvents) -> Result<Option<Arc<Pdu>>> {
@@ -163,22 +179,98 @@ impl ContextBuilder {
         if let Some(pdu) = self.pdus.get(&event_id.to_owned()) {
             return Ok(Some(pdu));
         }
-        let Some(stored) = self.events.get_events(&[event_id])?.remove(event_id) else {
+        let Some(stored) = self.read_events(&[event_id])?.remove(event_id) else {
             return Ok(None);
         };
         let version = crate::incoming::stored_room_version(&self.events, &stored.room_id)?
-            .ok_or_else(|| {
-                Error::corrupt(format!(
-                    "event {event_id} is in room {}, which has no version",
-                    stored.room_id
-                ))
-            })?;
-        let mut pdu = Pdu::from_json(&stored.json, Some(&version))
+            .ok_or_else(|| no_version(event_id, &stored.room_id))?;
+        Ok(Some(self.parse_stored(&stored, &version)?))
+    }
+
+    /// Parses a stored event with its room's version, marks it rejected if it
+    /// was, and caches it.
+    fn parse_stored(&self, stored: &StoredEvent, version: &RoomVersionId) -> Result<Arc<Pdu>> {
+        let event_id = &stored.event_id;
+        let mut pdu = Pdu::from_json(&stored.json, Some(version))
             .map_err(|e| Error::corrupt(format!("stored event {event_id} does not parse: {e}")))?;
         pdu.rejected = stored.rejected.is_some();
         let pdu = Arc::new(pdu);
-        self.pdus.insert(event_id.to_owned(), pdu.clone());
-        Ok(Some(pdu))
+        self.pdus.insert(event_id.clone(), pdu.clone());
+        Ok(pdu)
+    }
+
+    /// The events state resolution over `sets` will ask for: every event of
+    /// the sets and of their auth chains, loaded level by level (one
+    /// `get_events` per level of the auth DAG, not one query per event).
+    ///
+    /// The map says `None` for an event known to be in neither `pending` nor
+    /// storage. An event that cannot be read (it does not parse, its room has
+    /// no version) is left out, so that the fetcher asks [`Self::fetch_pdu`]
+    /// for it and logs why, as it does for any event fetched alone.
+    fn load_for_resolution(
+        &self,
+        sets: &[StateMap],
+        pending: &PendingEvents,
+    ) -> Result<HashMap<OwnedEventId, Option<Arc<Pdu>>>> {
+        let mut loaded: HashMap<OwnedEventId, Option<Arc<Pdu>>> = HashMap::new();
+        let mut versions: HashMap<String, Option<RoomVersionId>> = HashMap::new();
+        let mut level: Vec<OwnedEventId> = sets
+            .iter()
+            .flat_map(|s| s.values())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .cloned()
+            .collect();
+        // Every event asked for so far, so that none is asked for twice.
+        let mut asked: HashSet<OwnedEventId> = level.iter().cloned().collect();
+        while !level.is_empty() {
+            let mut from_storage: Vec<&OwnedEventId> = Vec::new();
+            let mut found = Vec::new();
+            for id in &level {
+                if let Some((pdu, _)) = pending.get(id.as_str()) {
+                    found.push((id.clone(), pdu.clone()));
+                } else if let Some(pdu) = self.pdus.get(&id.to_string()) {
+                    found.push((id.clone(), pdu));
+                } else {
+                    from_storage.push(id);
+                }
+            }
+            let query: Vec<&str> = from_storage.iter().map(|id| id.as_str()).collect();
+            let mut stored = if query.is_empty() {
+                HashMap::new()
+            } else {
+                self.read_events(&query)?
+            };
+            for id in from_storage {
+                let Some(event) = stored.remove(id.as_str()) else {
+                    loaded.insert(id.clone(), None);
+                    continue;
+                };
+                let version = match versions.get(&event.room_id) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let v = crate::incoming::stored_room_version(&self.events, &event.room_id)
+                            .ok()
+                            .flatten();
+                        versions.insert(event.room_id.clone(), v.clone());
+                        v
+                    }
+                };
+                if let Some(pdu) = version.and_then(|v| self.parse_stored(&event, &v).ok()) {
+                    found.push((id.clone(), pdu));
+                }
+            }
+            level = Vec::new();
+            for (id, pdu) in found {
+                for auth in &pdu.auth_events {
+                    if asked.insert(auth.clone()) {
+                        level.push(auth.clone());
+                    }
+                }
+                loaded.insert(id, Some(pdu));
+            }
+        }
+        Ok(loaded)
     }
 
     /// A fetcher in the shape ruma wants; storage errors read as "not found",
@@ -357,7 +449,15 @@ impl ContextBuilder {
             .iter()
             .map(|g| from_storage(&stored[g]))
             .collect::<Result<_>>()?;
-        let resolved = resolve_state(room_version, &sets, self.fetcher(pending)).map_err(|e| {
+        // ruma asks for events one at a time, for every event of the sets and
+        // their auth chains: loaded beforehand, a few queries in all.
+        let loaded = self.load_for_resolution(&sets, pending)?;
+        let fallback = self.fetcher(pending);
+        let fetch = |id: &EventId| match loaded.get(id) {
+            Some(pdu) => pdu.clone(),
+            None => fallback(id),
+        };
+        let resolved = resolve_state(room_version, &sets, fetch).map_err(|e| {
             Error::other(format!(
                 "resolving the state of {room_id} over groups {groups:?}: {e}"
             ))
@@ -444,6 +544,12 @@ impl ContextBuilder {
             membership,
         }
     }
+}
+
+fn no_version(event_id: &str, room_id: &str) -> Error {
+    Error::corrupt(format!(
+        "event {event_id} is in room {room_id}, which has no version"
+    ))
 }
 
 /// The input group to store `resolved` as a delta against, and that delta: the

@@ -19,14 +19,36 @@ use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::EventsStore;
 use storage_state::{StateFilter, StateGroupStore};
 
-const MEMBERS: usize = 30_661;
-const LEAVES_PER_FORK: usize = 848;
+/// Matrix HQ's joined members; `HS_BENCH_RESOLUTION_MEMBERS` shrinks the room
+/// (and the forks, to a tenth of it at most) for quicker runs while working.
+/// The figures to report are those of the full size.
+const HQ_MEMBERS: usize = 30_661;
+const HQ_LEAVES_PER_FORK: usize = 848;
+
+/// The room's members and each fork's leaves.
+fn size() -> (usize, usize) {
+    let members = std::env::var("HS_BENCH_RESOLUTION_MEMBERS")
+        .ok()
+        .map(|v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| *n >= 30)
+                .unwrap_or_else(|| {
+                    panic!("HS_BENCH_RESOLUTION_MEMBERS={v:?}: want a count of at least 30")
+                })
+        })
+        .unwrap_or(HQ_MEMBERS);
+    (members, HQ_LEAVES_PER_FORK.min(members / 10))
+}
 const ROOM: &str = "!hq:server0.example.org";
 
 struct Room {
     lines: Vec<String>,
     /// The event merging the two forks (not imported).
     merge: Vec<String>,
+    members: usize,
+    /// State events the two forks disagree on.
+    conflicted: usize,
 }
 
 /// One event as a JSON line, with its id (room version 10: from the reference hash).
@@ -64,7 +86,7 @@ fn user(i: usize) -> String {
     format!("@user{i}:server{}.example.org", i % 1_000)
 }
 
-fn generate(merges: usize) -> Room {
+fn generate(merges: usize, members: usize, leaves_per_fork: usize) -> Room {
     let admin = user(0);
     let mut lines = Vec::new();
     let mut depth = 1;
@@ -125,7 +147,7 @@ fn generate(merges: usize) -> Room {
     );
     let mut prev = jr.clone();
     let mut joins = vec![admin_join.clone()];
-    for i in 1..MEMBERS {
+    for i in 1..members {
         depth += 1;
         let u = user(i);
         prev = push(
@@ -148,8 +170,8 @@ fn generate(merges: usize) -> Room {
     for f in 0..2 {
         let mut prev = fork.clone();
         let mut depth = fork_depth;
-        for i in 0..LEAVES_PER_FORK {
-            let m = 1 + f * LEAVES_PER_FORK + i;
+        for i in 0..leaves_per_fork {
+            let m = 1 + f * leaves_per_fork + i;
             let u = user(m);
             depth += 1;
             prev = push(
@@ -176,12 +198,17 @@ fn generate(merges: usize) -> Room {
                 json!({"body": format!("merge {n}"), "msgtype": "m.text"}),
                 &[&tips[0], &tips[1]],
                 &[&create, &pl, &admin_join],
-                fork_depth + LEAVES_PER_FORK + 1,
+                fork_depth + leaves_per_fork + 1,
             )
             .0
         })
         .collect();
-    Room { lines, merge }
+    Room {
+        lines,
+        merge,
+        members,
+        conflicted: 2 * leaves_per_fork,
+    }
 }
 
 fn run(t: &TestDb, file: &std::path::Path, room: &Room) {
@@ -215,14 +242,15 @@ fn run(t: &TestDb, file: &std::path::Path, room: &Room) {
             .get_state_for_groups(&[before], &StateFilter::all())
             .expect("resolved state");
         assert!(
-            state[&before].len() >= MEMBERS + 2,
+            state[&before].len() >= room.members + 2,
             "the resolved state holds the room"
         );
     }
     samples.sort();
     println!(
-        "{e:<9} compute_event_context over the two forks (1,696 conflicted), cold caches: \
+        "{e:<9} compute_event_context over the two forks ({} conflicted), cold caches: \
          median {:8.1} ms, min {:8.1} ms ({} runs)",
+        room.conflicted,
         samples[samples.len() / 2].as_secs_f64() * 1e3,
         samples[0].as_secs_f64() * 1e3,
         samples.len()
@@ -233,7 +261,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let room = generate(3);
+    let (members, leaves) = size();
+    let room = generate(3, members, leaves);
     let dir = std::env::temp_dir().join(format!("hs-bench-resolution-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary folder");
     let file = dir.join("room.jsonl");
@@ -243,7 +272,7 @@ fn main() {
     }
     drop(f);
     println!(
-        "state resolution: {MEMBERS} members, two forks of {LEAVES_PER_FORK} leaves each, \
+        "state resolution: {members} members, two forks of {leaves} leaves each, \
          merged by one event"
     );
     run(&TestDb::sqlite(), &file, &room);
