@@ -160,6 +160,16 @@ pub enum Failure {
     Error(storage_core::Error),
 }
 
+/// A room or event that does not exist is exit status 2; a storage failure 1.
+impl From<storage_state::StateLookupError> for Failure {
+    fn from(e: storage_state::StateLookupError) -> Self {
+        match e {
+            storage_state::StateLookupError::Storage(e) => Failure::Error(e),
+            not_found => Failure::NotFound(not_found.to_string()),
+        }
+    }
+}
+
 impl From<storage_core::Error> for Failure {
     fn from(e: storage_core::Error) -> Self {
         Failure::Error(e)
@@ -230,7 +240,7 @@ pub fn run() -> ExitCode {
             compress_state_every,
             compress_max_rows_per_second,
         } => LogContext::new("serve").scope(|| {
-            let mut limits = crate::http::Limits::default();
+            let mut limits = http_api::Limits::default();
             if let Some(n) = max_connections {
                 limits.max_connections = n.max(1);
             }

@@ -4,8 +4,8 @@
 //! any database (Synapse's included), claiming and writing nothing.
 
 use crate::cli::Failure;
-use crate::http::{self, ApiState, EventWriter, Limits, DATABASE_WAIT};
-use crate::write_path::{ContextedEvent, WriteOutcome};
+use http_api::wire::{ContextedEvent, WriteOutcome};
+use http_api::{self as http, ApiState, EventWriter, Limits, DATABASE_WAIT};
 use persistence::Pipeline;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,8 +7,8 @@
 
 use clap::Parser;
 use event_context::ContextBuilder;
-use main_process::http::{self, ApiState, EventWriter};
-use main_process::write_path::{ContextedEvent, WriteOutcome};
+use http_api::wire::{ContextedEvent, WriteOutcome};
+use http_api::{self as http, ApiState, EventWriter};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;

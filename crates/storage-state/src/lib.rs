@@ -10,6 +10,7 @@
 mod caches;
 pub mod compress;
 mod filter;
+mod lookup;
 pub mod purge;
 mod read;
 mod report;
@@ -21,6 +22,7 @@ mod write;
 
 pub use caches::{Delta, StateCaches};
 pub use filter::StateFilter;
+pub use lookup::{room_state, StateLookupError};
 pub use purge::{highest_state_group, purge_unneeded_groups, PurgeReport};
 pub use report::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
 pub use store::{CacheKind, StateGroupStore, StateStore};

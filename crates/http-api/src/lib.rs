@@ -1,4 +1,4 @@
-//! The HTTP API of `hs-main serve` and `hs-worker` (shared/design/HTTP.md): the
+//! The HTTP API of `hs-main serve` and `hs-worker` (docs/http.md): the
 //! same read API on both, writes through whichever [`EventWriter`] the process
 //! has. axum on tokio; every storage call runs on a blocking thread under a log
 //! context of its own request.
@@ -14,6 +14,8 @@ mod guards;
 mod handlers;
 mod parse_errors;
 mod server;
+pub mod state_json;
+pub mod wire;
 
 use errors::json_errors;
 use guards::{refuse_announced_oversize, require_token, unknown_path};
@@ -25,7 +27,7 @@ pub use errors::{ApiError, RETRY_AFTER_SECONDS};
 pub use guards::BODY_LIMIT;
 pub use server::{connection_limit, Limits, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
-use crate::write_path::{ContextedEvent, WriteOutcome};
+use crate::wire::{ContextedEvent, WriteOutcome};
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware;

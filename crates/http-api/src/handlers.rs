@@ -3,7 +3,7 @@
 
 use super::errors::{bad_body, ApiError};
 use super::{blocking, ApiState};
-use crate::write_path::{ContextedEvent, WriteOutcome};
+use crate::wire::{ContextedEvent, WriteOutcome};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -86,7 +86,7 @@ pub(super) async fn room_state(
             // one: the current state is read afresh (state groups never change).
             state.state.invalidate_current_state(&room_id);
         }
-        Ok(crate::state_cmd::state_json(
+        Ok(crate::state_json::state_json(
             &state.state,
             &room_id,
             q.at.as_deref(),

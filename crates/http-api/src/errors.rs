@@ -2,12 +2,12 @@
 //! with a 4xx or 5xx status, including the answers axum makes itself.
 
 use super::guards::BODY_LIMIT;
-use crate::cli::Failure;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use storage_core::{Error, ErrorKind};
+use storage_state::StateLookupError;
 
 /// What a 503 answer asks the client to wait before retrying (`Retry-After`).
 pub const RETRY_AFTER_SECONDS: u64 = 5;
@@ -54,15 +54,17 @@ impl From<Error> for ApiError {
     }
 }
 
-impl From<Failure> for ApiError {
-    fn from(f: Failure) -> Self {
-        match f {
-            Failure::NotFound(msg) => ApiError {
+/// The state lookups' "does not exist" answers 404 (unknown room, unknown
+/// event, event in another room); a storage failure keeps its own status.
+impl From<StateLookupError> for ApiError {
+    fn from(e: StateLookupError) -> Self {
+        match e {
+            StateLookupError::Storage(e) => e.into(),
+            not_found => ApiError {
                 status: StatusCode::NOT_FOUND,
                 errcode: "M_NOT_FOUND",
-                error: msg,
+                error: not_found.to_string(),
             },
-            Failure::Error(e) => e.into(),
         }
     }
 }
