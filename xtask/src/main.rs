@@ -1,12 +1,15 @@
 //! Developer workflows, in Rust rather than shell scripts:
 //!
-//! - `cargo xtask test [-- CARGO-TEST-ARGS]`: format check, clippy with warnings as
+//! - `cargo xtask test [-- CARGO-TEST-ARGS]`: the crate graph and migrations
+//!   checked against the architecture's layers, format check, clippy with warnings as
 //!   errors, then the whole test suite on SQLite and on a throwaway PostgreSQL
 //!   cluster started here and removed afterwards (also when the run fails).
+//! - `cargo xtask check`: only the crate-graph and migrations checks.
 //! - `cargo xtask bench [NAME]`: the benchmarks (release build), on both engines.
 //! - `cargo xtask postgres`: start a throwaway cluster, print its URL, keep it
 //!   running until Enter is pressed (for running single tests by hand).
 
+mod layers;
 mod postgres;
 
 use std::process::{Command, ExitCode};
@@ -29,11 +32,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("check") => checks(),
         Some("bench") => bench(&args[1..]),
         Some("postgres") => hold_postgres(),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- CARGO-TEST-ARGS]\n       \
+                "usage: cargo xtask test [-- CARGO-TEST-ARGS]\n       cargo xtask check\n       \
                  cargo xtask bench [{}]\n       cargo xtask postgres",
                 {
                     let mut names: Vec<&str> = BENCHES.iter().map(|b| b.0).collect();
@@ -55,6 +59,14 @@ fn main() -> ExitCode {
 
 type Result<T = ()> = std::result::Result<T, String>;
 
+/// The workspace's root folder (xtask's manifest is one level below it).
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -72,9 +84,17 @@ fn run(what: &str, cmd: &mut Command) -> Result {
     }
 }
 
+/// The crate graph against the layers, and the two engines' migrations.
+fn checks() -> Result {
+    eprintln!("xtask: checking the crate graph and the migrations");
+    layers::check_crate_graph(&mut cargo())?;
+    layers::check_migrations(&workspace_root())
+}
+
 fn test(args: &[String]) -> Result {
     let extra: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     postgres::ensure_libpq()?;
+    checks()?;
     run(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),

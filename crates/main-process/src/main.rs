@@ -1,4 +1,4 @@
-//! `hs-main`: the main process. See `shared/design/CLI.md` for the contract.
+//! `hs-main`: the main process. Its commands and exit statuses: `docs/cli.md`.
 
 use std::process::ExitCode;
 
