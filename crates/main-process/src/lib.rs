@@ -1,5 +1,7 @@
-//! The main process: the persistence queue and its loops, the command line, and
-//! (later) the HTTP API. The binary `hs-main` is a thin shell over this library.
+//! The main process: the command line and its commands (import, state,
+//! inspect, migrate, port, purge-state-groups, compress, serve with its writer
+//! and background jobs). The binary `hs-main` is a thin shell over this library;
+//! the persistence queue and the HTTP API live in their own crates.
 
 #[doc(hidden)]
 pub mod bench_room;
