@@ -1,4 +1,4 @@
--- State groups, laid out exactly as Synapse lays them out (see shared/design/SYNAPSE.md).
+-- State groups, laid out exactly as Synapse lays them out (glossary: docs/glossary.md).
 
 CREATE TABLE state_groups (
     id BIGINT NOT NULL,

@@ -1,4 +1,4 @@
--- Events, with Synapse's table and column names (see shared/design/SYNAPSE.md).
+-- Events, with Synapse's table and column names (glossary: docs/glossary.md).
 
 -- stream_ordering is the event's position in the stream: strictly increasing in
 -- commit order (a unique BIGINT from events_stream_seq, as in Synapse's PostgreSQL schema).

@@ -1,4 +1,4 @@
--- State groups, laid out exactly as Synapse lays them out (see shared/design/SYNAPSE.md).
+-- State groups, laid out exactly as Synapse lays them out (glossary: docs/glossary.md).
 -- SQLite has no sequence: ids come from an in-process counter seeded from MAX(id).
 
 CREATE TABLE state_groups (

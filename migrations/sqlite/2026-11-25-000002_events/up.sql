@@ -1,4 +1,4 @@
--- Events, with Synapse's table and column names (see shared/design/SYNAPSE.md).
+-- Events, with Synapse's table and column names (glossary: docs/glossary.md).
 
 -- stream_ordering is the event's position in the stream: strictly increasing in
 -- commit order (an INTEGER PRIMARY KEY, the rowid, as in Synapse's SQLite schema).
