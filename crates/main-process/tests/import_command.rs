@@ -398,12 +398,10 @@ fn current_state(t: &TestDb, room: &str) -> Value {
     serde_json::from_str(&stdout).unwrap()
 }
 
-/// A new room whose first (and only) batch ends in a fork: two state events of
-/// alice after the same message. The room's version comes from its create
-/// event in the batch, not from the `rooms` row the batch itself writes.
-fn first_batch_ending_in_a_fork_persists(t: &TestDb) {
-    let dir = tempdir();
-    let mut events = example_room()[..6].to_vec();
+/// The example room's first `prefix` events, then two state events of alice
+/// that both follow its message: a fork at the end of the room's first batch.
+fn example_room_ending_in_a_fork(prefix: usize) -> Vec<Value> {
+    let mut events = example_room()[..prefix].to_vec();
     events.push(alice_sets(
         "topic2",
         "m.room.topic",
@@ -416,10 +414,19 @@ fn first_batch_ending_in_a_fork_persists(t: &TestDb) {
         json!({"name": "n"}),
         "hello",
     ));
+    events
+}
+
+/// Imports the example room's first `prefix` events ending in a fork as a new
+/// room: it persists, the summary starts with `summary`, and the current state
+/// holds both sides of the fork.
+fn import_a_fork_as_a_new_room(t: &TestDb, prefix: usize, summary: &str) {
+    let dir = tempdir();
+    let events = example_room_ending_in_a_fork(prefix);
     let file = write(&dir, "fork.jsonl", &lines_of(&events));
     let (code, stdout, stderr) = hs_main(t, &["import", &file]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.starts_with("imported 8 events"), "{stdout}");
+    assert!(stdout.starts_with(summary), "{stdout}");
     let state = current_state(t, "!example:example.org");
     assert_eq!(state["m.room.topic"][""], "$topic2:example.org", "{state}");
     assert_eq!(state["m.room.name"][""], "$name2:example.org", "{state}");
@@ -427,33 +434,16 @@ fn first_batch_ending_in_a_fork_persists(t: &TestDb) {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A new room whose first (and only) batch ends in a fork: two state events of
+/// alice after the same message. The room's version comes from its create
+/// event in the batch, not from the `rooms` row the batch itself writes.
+fn first_batch_ending_in_a_fork_persists(t: &TestDb) {
+    import_a_fork_as_a_new_room(t, 6, "imported 8 events");
+}
+
 /// The same with bob's rejected rename in the batch too.
 fn first_batch_with_a_rejected_event_and_a_fork_persists(t: &TestDb) {
-    let dir = tempdir();
-    let mut events = example_room()[..7].to_vec();
-    events.push(alice_sets(
-        "topic2",
-        "m.room.topic",
-        json!({"topic": "t"}),
-        "hello",
-    ));
-    events.push(alice_sets(
-        "name2",
-        "m.room.name",
-        json!({"name": "n"}),
-        "hello",
-    ));
-    let file = write(&dir, "fork.jsonl", &lines_of(&events));
-    let (code, stdout, stderr) = hs_main(t, &["import", &file]);
-    assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.starts_with("imported 9 events (0 already stored, 1 rejected)"),
-        "{stdout}"
-    );
-    let state = current_state(t, "!example:example.org");
-    assert_eq!(state["m.room.name"][""], "$name2:example.org", "{state}");
-    storage_events::testing::assert_invariants(&t.open());
-    std::fs::remove_dir_all(dir).unwrap();
+    import_a_fork_as_a_new_room(t, 7, "imported 9 events (0 already stored, 1 rejected)");
 }
 
 /// A batch of one room fails to persist (an injected failure on one of its
@@ -753,19 +743,7 @@ fn a_purged_resolution_is_never_reused(t: &TestDb) {
     let pipeline =
         persistence::Pipeline::open(t.open(), &storage_core::StoreConfig::default()).unwrap();
     let room = "!example:example.org";
-    let mut events = example_room()[..6].to_vec();
-    events.push(alice_sets(
-        "topic2",
-        "m.room.topic",
-        json!({"topic": "t"}),
-        "hello",
-    ));
-    events.push(alice_sets(
-        "name2",
-        "m.room.name",
-        json!({"name": "n"}),
-        "hello",
-    ));
+    let events = example_room_ending_in_a_fork(6);
     let prefix = contexts_for(&pipeline.builder, room, &lines_of(&events)).unwrap();
     pipeline.persist(room, &prefix).unwrap();
 
