@@ -315,7 +315,7 @@ pub type EventStates = std::collections::BTreeMap<
 /// [`EventStates`] of `event_ids`, plus each room's current state under the
 /// key `current <room>`.
 pub fn event_states(db: &TestDb, event_ids: &[&str], rooms: &[&str]) -> EventStates {
-    use storage_state::{StateFilter, StateGroupStore, StateStore};
+    use storage_state::{StateFilter, StateGroupAccess, StateStore};
     let database = db.open_mode(storage_core::OpenMode::ReadOnly);
     let store = StateStore::new(database.clone(), &storage_core::StoreConfig::default()).unwrap();
     let groups = store.get_state_group_for_events(event_ids).unwrap();

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use storage_core::cache::LruCache;
 use storage_core::{Error, Result, StoreConfig};
-use storage_events::{EventStore, EventToPersist, EventsStore, StoredEvent};
-use storage_state::{StateFilter, StateGroup, StateGroupStore, StateStore};
+use storage_events::{EventReads, EventToPersist, EventsStore, StoredEvent};
+use storage_state::{StateFilter, StateGroup, StateGroupAccess, StateStore};
 
 /// Where an event stands in its room's state.
 #[derive(Debug, Clone, PartialEq, Eq)]

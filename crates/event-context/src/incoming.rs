@@ -9,8 +9,8 @@ use ruma::RoomVersionId;
 use std::collections::HashMap;
 use std::sync::Arc;
 use storage_core::{Error, Result};
-use storage_events::{EventStore, EventsStore};
-use storage_state::StateGroupStore;
+use storage_events::{EventReads, EventsStore};
+use storage_state::StateGroupAccess;
 
 /// The version of `room_id` as stored (its `rooms` row), parsed.
 pub fn stored_room_version(events: &EventsStore, room_id: &str) -> Result<Option<RoomVersionId>> {

@@ -30,7 +30,7 @@ use serde_json::json;
 use storage_core::testing::TestDb;
 use storage_core::StoreConfig;
 use storage_events::EventsStore;
-use storage_state::{StateFilter, StateGroupStore};
+use storage_state::{StateFilter, StateGroupAccess};
 
 fn initial_events(version: &RoomVersionId) -> Vec<Spec> {
     vec![

@@ -22,7 +22,7 @@ use storage_core::testing::TestDb;
 use storage_core::{Database, DatabaseConfig, OpenMode, Result, StoreConfig};
 use storage_events::EventsStore;
 use storage_state::compress::CompressOptions;
-use storage_state::{StateFilter, StateGroupStore, StateStore};
+use storage_state::{StateFilter, StateGroupAccess, StateStore};
 
 const EVENTS: usize = 50_000;
 const MEMBERS: usize = 5_000;

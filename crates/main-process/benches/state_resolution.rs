@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::EventsStore;
-use storage_state::{StateFilter, StateGroupStore};
+use storage_state::{StateFilter, StateGroupAccess};
 
 /// Matrix HQ's joined members; `HS_BENCH_RESOLUTION_MEMBERS` shrinks the room
 /// (and the forks, to a tenth of it at most) for quicker runs while working.

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use storage_core::{Error, Result, ResultExt, StoreConfig};
-use storage_events::{EventStore, EventToPersist};
+use storage_events::{EventReads, EventToPersist};
 
 /// Lines read, parsed and checked against storage at a time.
 const CHUNK: usize = 256;

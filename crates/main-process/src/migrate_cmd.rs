@@ -4,7 +4,7 @@
 
 use crate::cli::{print_line, Failure};
 use storage_core::StoreConfig;
-use storage_events::{EventStore, EventsStore};
+use storage_events::{EventReads, EventsStore};
 
 pub fn run(database: &str) -> Result<(), Failure> {
     let (_claim, db) = crate::open::open_as_main(database)?;

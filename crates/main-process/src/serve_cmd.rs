@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use storage_core::log_context;
 use storage_core::{Database, DatabaseConfig, Error, OpenMode, StoreConfig};
-use storage_events::{EventStore, EventsStore};
+use storage_events::{EventReads, EventsStore};
 
 struct MainWriter {
     pipeline: Pipeline,

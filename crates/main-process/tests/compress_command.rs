@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use storage_core::testing::TestDb;
 use storage_core::{DatabaseConfig, MainProcessClaim, OpenMode, StoreConfig};
-use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
+use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
 
 storage_core::engine_tests!(
     synapse_fixture_rooms_keep_every_state,

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, OpenMode, StoreConfig};
-use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
+use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
 
 storage_core::engine_tests!(compresses_a_synapse_database);
 

@@ -739,7 +739,7 @@ fn a_refused_room_is_unknown_and_its_groups_are_purged(t: &TestDb) {
 /// cached one.
 fn a_purged_resolution_is_never_reused(t: &TestDb) {
     use event_context::{contexts_for, PduReader, PendingEvents};
-    use storage_state::StateGroupStore;
+    use storage_state::StateGroupAccess;
     let pipeline =
         persistence::Pipeline::open(t.open(), &storage_core::StoreConfig::default()).unwrap();
     let room = "!example:example.org";

@@ -7,10 +7,10 @@ use std::process::{Command, Stdio};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, Conn, StoreConfig};
 use storage_events::{
-    new_forward_extremities, testing, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     RoomBatch,
 };
-use storage_state::{key, StateGroupStore, StateMap, StateStore};
+use storage_state::{key, StateGroupAccess, StateMap, StateStore};
 
 const ROOM: &str = "!port:test";
 

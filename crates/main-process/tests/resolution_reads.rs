@@ -12,7 +12,7 @@ use serde_json::json;
 use storage_core::testing::TestDb;
 use storage_core::StoreConfig;
 use storage_events::EventsStore;
-use storage_state::{StateFilter, StateGroupStore};
+use storage_state::{StateFilter, StateGroupAccess};
 
 storage_core::engine_tests!(resolution_reads_events_in_a_few_queries);
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use storage_core::testing::TestDb;
 use storage_core::{OpenMode, StoreConfig};
-use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore};
+use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
 
 storage_core::engine_tests!(import_reproduces_synapse_state);
 

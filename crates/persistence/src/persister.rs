@@ -10,10 +10,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use storage_core::Result;
 use storage_events::{
-    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    new_forward_extremities, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     PersistedBatch, RoomBatch,
 };
-use storage_state::{StateFilter, StateGroup, StateGroupStore, StateMap, MEMBER};
+use storage_state::{StateFilter, StateGroup, StateGroupAccess, StateMap, MEMBER};
 
 /// Resolves the state of a room whose forward extremities have different state.
 pub trait ExtremityResolver: Send + Sync {

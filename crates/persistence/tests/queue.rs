@@ -9,10 +9,10 @@ use std::time::Duration;
 use storage_core::testing::TestDb;
 use storage_core::{logging, Error, LogContext, StoreConfig};
 use storage_events::{
-    new_forward_extremities, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    new_forward_extremities, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     PersistedBatch, RoomBatch,
 };
-use storage_state::{key, StateGroupStore, StateMap};
+use storage_state::{key, StateGroupAccess, StateMap};
 
 fn event(room: &str, id: &str, group: Option<i64>) -> EventToPersist {
     storage_events::testing::event(room, id, &[], group)

@@ -21,9 +21,11 @@ pub struct StoredEvent {
     pub stream_ordering: i64,
 }
 
-/// Reads of the events tables, implemented once and shared by the main process
-/// and replica workers.
-pub trait EventStore {
+/// The capability to read stored events: implemented once, by [`EventsStore`],
+/// which the main process and replica workers both build (a worker's replica
+/// store wraps the same struct). Named for what it does, so that it does not
+/// read like the struct's own name.
+pub trait EventReads {
     /// Which of `event_ids` are stored.
     fn have_events(&self, event_ids: &[&str]) -> Result<HashSet<String>>;
     /// The stored events among `event_ids`.
@@ -37,7 +39,7 @@ pub trait EventStore {
     fn max_stream_ordering(&self) -> i64;
 }
 
-impl EventStore for EventsStore {
+impl EventReads for EventsStore {
     fn have_events(&self, event_ids: &[&str]) -> Result<HashSet<String>> {
         self.db
             .run_read("have_events", |txn| load_existing(txn, event_ids))

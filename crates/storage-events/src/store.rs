@@ -27,7 +27,7 @@ pub(crate) struct Caches {
     pub(crate) room_versions: LruCache<String, String>,
 }
 
-/// The one implementation of [`EventStore`], and the writer of event batches.
+/// The one implementation of [`EventReads`], and the writer of event batches.
 #[derive(Debug, Clone)]
 pub struct EventsStore {
     pub(crate) db: Database,

@@ -6,11 +6,11 @@ use storage_core::testing::TestDb;
 use storage_core::{with_conn, StoreConfig};
 use storage_events::schema::{event_edges, event_forward_extremities, events, rejections};
 use storage_events::{
-    new_forward_extremities, testing, CurrentStateDelta, EventStore, EventToPersist, EventsStore,
+    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     RoomBatch, ALL_CACHES, CURRENT_STATE_CACHE,
 };
 use storage_state::schema::event_to_state_groups as etsg;
-use storage_state::{key, StateFilter, StateGroupStore, StateMap};
+use storage_state::{key, StateFilter, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(
     batch_is_written_whole_with_increasing_positions,

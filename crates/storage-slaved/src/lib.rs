@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
 use storage_events::{
-    report_stream_position, EventStore, EventsStore, ALL_CACHES, CURRENT_STATE_CACHE,
+    report_stream_position, EventReads, EventsStore, ALL_CACHES, CURRENT_STATE_CACHE,
     REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 use storage_state::StateStore;

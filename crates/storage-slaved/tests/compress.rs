@@ -9,7 +9,7 @@ use storage_core::{OpenMode, Result, StoreConfig, Transaction};
 use storage_events::EventsStore;
 use storage_slaved::SlavedStore;
 use storage_state::compress::{self, CompressHooks, CompressOptions, Outcome};
-use storage_state::{key, StateGroup, StateGroupStore, StateMap};
+use storage_state::{key, StateGroup, StateGroupAccess, StateMap};
 
 const ROOM: &str = "!compressed:test";
 

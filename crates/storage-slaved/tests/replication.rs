@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, OpenMode, StoreConfig};
 use storage_events::{
-    new_forward_extremities, testing, CurrentStateDelta, EventStore, EventsStore, RoomBatch,
+    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventsStore, RoomBatch,
 };
 use storage_slaved::{SlavedStore, APPLICATION_NAME};
-use storage_state::{key, StateGroupStore, StateMap};
+use storage_state::{key, StateGroupAccess, StateMap};
 
 const ROOM: &str = "!replicated:test";
 

@@ -17,7 +17,7 @@ use std::alloc::System;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, Conn, StoreConfig};
-use storage_state::{key, StateFilter, StateGroupStore, StateMap, StateStore, MEMBER};
+use storage_state::{key, StateFilter, StateGroupAccess, StateMap, StateStore, MEMBER};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;

@@ -25,7 +25,7 @@ pub use filter::StateFilter;
 pub use lookup::{room_state, StateLookupError};
 pub use purge::{highest_state_group, purge_unneeded_groups, PurgeReport};
 pub use report::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
-pub use store::{CacheKind, StateGroupStore, StateStore};
+pub use store::{CacheKind, StateGroupAccess, StateStore};
 pub use types::{key, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 pub use write::{NewStateGroup, STATE_GROUP_SEQUENCE};
 

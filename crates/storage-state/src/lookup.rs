@@ -4,7 +4,7 @@
 //! that the CLI can exit 2 and HTTP answer 404 for each, and anything else
 //! stays a storage error.
 
-use crate::store::{StateGroupStore, StateStore};
+use crate::store::{StateGroupAccess, StateStore};
 use crate::types::StateMap;
 use crate::StateFilter;
 

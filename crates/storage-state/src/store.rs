@@ -1,5 +1,6 @@
-//! The state store: the read-side trait, implemented once, that the main process
-//! and replica workers both use.
+//! The state store ([`StateStore`]) and its capability trait
+//! ([`StateGroupAccess`]), implemented once, that the main process and replica
+//! workers both use.
 
 use crate::caches::{Delta, StateCaches};
 use crate::filter::StateFilter;
@@ -18,10 +19,12 @@ use storage_core::{with_conn, Database, Error, OpenMode, Result, StoreConfig, Tr
 /// Event ids per lookup statement.
 const EVENT_BATCH: usize = 500;
 
-/// State-group persistence and reads. `store_state_group` is here, on the read
-/// side, because any process that resolves state (a replica worker too) stores
-/// the result itself; ids come from the engine's shared generator.
-pub trait StateGroupStore {
+/// The capability to read state groups and to store new ones, implemented once,
+/// by [`StateStore`], which the main process and replica workers both build.
+/// `store_state_group` is here, beside the reads, because any process that
+/// resolves state (a replica worker too) stores the result itself; ids come from
+/// the engine's shared generator.
+pub trait StateGroupAccess {
     /// Stores a state group and returns its id: a delta with an edge to
     /// `prev_group` when given and its chain is shorter than
     /// [`MAX_STATE_DELTA_HOPS`](crate::MAX_STATE_DELTA_HOPS), otherwise a full
@@ -73,7 +76,7 @@ pub enum CacheKind {
     NonMembers,
 }
 
-/// The one implementation of [`StateGroupStore`], cheap to clone.
+/// The one implementation of [`StateGroupAccess`], cheap to clone.
 #[derive(Debug, Clone)]
 pub struct StateStore {
     db: Database,
@@ -115,7 +118,7 @@ impl StateStore {
         &self.caches
     }
 
-    /// [`StateGroupStore::store_state_group`] inside a caller's transaction, so that
+    /// [`StateGroupAccess::store_state_group`] inside a caller's transaction, so that
     /// a batch of events stores its groups and the events together.
     pub fn store_state_group_txn(
         &self,
@@ -252,7 +255,7 @@ impl StateStore {
     }
 }
 
-impl StateGroupStore for StateStore {
+impl StateGroupAccess for StateStore {
     fn store_state_group(
         &self,
         event_id: &str,

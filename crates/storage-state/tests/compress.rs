@@ -15,7 +15,7 @@ use storage_core::{Error, Result, Transaction};
 use storage_state::compress::{
     self, CompressHooks, CompressOptions, NoHooks, Outcome, RoomReport, MAX_COMPRESSED_CHAIN,
 };
-use storage_state::{key, StateFilter, StateGroup, StateGroupStore, StateMap, StateStore};
+use storage_state::{key, StateFilter, StateGroup, StateGroupAccess, StateMap, StateStore};
 
 storage_core::engine_tests!(
     every_group_keeps_its_state_and_rows_shrink,

@@ -7,7 +7,7 @@ use common::*;
 use std::collections::HashSet;
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, StoreConfig};
-use storage_state::{StateFilter, StateGroupStore, StateMap, StateStore, MAX_STATE_DELTA_HOPS};
+use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore, MAX_STATE_DELTA_HOPS};
 
 storage_core::engine_tests!(
     chain_of_150_groups_with_full_state,

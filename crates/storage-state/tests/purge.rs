@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use storage_core::testing::TestDb;
 use storage_core::with_conn;
-use storage_state::{purge_unneeded_groups, StateFilter, StateGroupStore, StateMap};
+use storage_state::{purge_unneeded_groups, StateFilter, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(unneeded_groups_go_and_needed_ones_stay);
 

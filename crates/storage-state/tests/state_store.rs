@@ -7,7 +7,7 @@ use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, ErrorKind};
-use storage_state::{CacheKind, StateFilter, StateGroupStore, StateMap, StateStore};
+use storage_state::{CacheKind, StateFilter, StateGroupAccess, StateMap, StateStore};
 
 storage_core::engine_tests!(
     state_after_an_event_includes_the_event,

@@ -21,7 +21,7 @@ use storage_core::{
     Result, ResultExt, StoreConfig,
 };
 use storage_events::EVENTS_STREAM_SEQUENCE;
-use storage_state::{StateFilter, StateGroupStore, StateStore, STATE_GROUP_SEQUENCE};
+use storage_state::{StateFilter, StateGroupAccess, StateStore, STATE_GROUP_SEQUENCE};
 use tables::*;
 
 diesel::table! {
