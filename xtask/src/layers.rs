@@ -40,9 +40,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "event-context",
         ],
     ),
+    ("settings", &["storage-core"]),
     (
         "main-process",
         &[
+            "settings",
             "storage-core",
             "storage-state",
             "storage-events",
@@ -54,6 +56,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "replica-worker",
         &[
+            "settings",
             "storage-core",
             "storage-state",
             "storage-events",

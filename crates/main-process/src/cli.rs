@@ -1,26 +1,65 @@
 //! Command-line parsing and dispatch, and how failures become exit statuses.
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use settings::{Overrides, Settings};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use storage_core::config::DEFAULT_SQLITE_PATH;
 use storage_core::{ErrorKind, LogContext};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "hs-main",
     version,
-    about = "Matrix room-state storage engine: main process"
+    about = "Matrix room-state storage engine: main process",
+    after_help = "Commands and exit statuses: docs/cli.md. Configuration file: \
+                  docs/configuration.md. Running it: docs/operator-guide.md."
 )]
 struct Cli {
-    /// `sqlite:PATH` or `postgres://...` (also `postgresql://`). Default:
-    /// `sqlite:data/homeserver.db`, relative to the folder the command runs in
-    /// (created there, with its folder, by the first command that writes).
+    /// A configuration file (YAML; see docs/configuration.md), or a Synapse
+    /// homeserver.yaml, of which only the `database:` section is read. Flags
+    /// and environment variables win over it.
+    #[arg(long, env = "HS_CONFIG", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// The database: `sqlite:PATH`, `postgres://...` (also `postgresql://`),
+    /// libpq keywords (`host=/run/postgresql dbname=synapse user=synapse`) or
+    /// a bare SQLite file path. Default: `sqlite:data/homeserver.db`, relative
+    /// to the folder the command runs in (created there, with its folder, by
+    /// the first command that writes).
     // A database URL in the environment may carry a password: never echo it.
     #[arg(long, env = "HS_DATABASE", global = true, hide_env_values = true)]
     database: Option<String>,
 
+    /// Log more: -v for debug, -vv for trace (over RUST_LOG and log.filter).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+
+    /// Log less: -q for warnings and errors only, -qq for errors only.
+    #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
+
+    /// Log lines as text, or as one JSON object a line (for log shippers).
+    /// Default: the configuration's `log.format`, else text.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormatArg>,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Read the configuration (file, flags, environment), check it, and print
+    /// the settings in force as a configuration file, with the database
+    /// password and the API token hidden. Opens no database.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,7 +68,10 @@ enum Command {
     /// through event contexts, state groups and the persistence queue. Events
     /// already stored are skipped.
     Import {
-        #[arg(required = true)]
+        /// Files of JSON lines: `-` reads standard input, a name ending in
+        /// `.gz` is decompressed. See docs/cli.md and docs/synapse-export.md
+        /// (getting a room out of a Synapse database).
+        #[arg(required = true, value_name = "FILES")]
         files: Vec<std::path::PathBuf>,
     },
     /// Create the database if needed, apply pending migrations, check the id
@@ -93,12 +135,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Serve the HTTP API (see docs/http.md).
+    /// Serve the HTTP API: health, metrics, room state, event writes (see
+    /// docs/http.md and, for metrics, docs/metrics.md), with the persistence
+    /// queue and the background jobs (pruning, purging, compression).
     Serve {
-        /// Address to listen on. 8008 is also Synapse's default port: give
-        /// another one to run beside a Synapse on the same machine.
-        #[arg(long, default_value = "127.0.0.1:8008")]
-        listen: std::net::SocketAddr,
+        /// Address to listen on (config `listen`; default 127.0.0.1:8008).
+        /// 8008 is also Synapse's default port: give another one to run beside
+        /// a Synapse on the same machine.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
         /// Serve only the read half of the API (health, metrics, state) from
         /// any database, Synapse's included: claims nothing, migrates nothing,
         /// writes nothing; writes answer 405.
@@ -109,16 +154,25 @@ enum Command {
         #[arg(long)]
         max_connections: Option<usize>,
         /// Seconds a client may take to send a request's headers, and a
-        /// kept-alive connection may stay idle between requests.
-        #[arg(long, default_value_t = 10.0)]
-        header_timeout: f64,
+        /// kept-alive connection may stay idle between requests (config
+        /// `http.header_timeout`; default 10).
+        #[arg(long, value_name = "SECONDS")]
+        header_timeout: Option<f64>,
         /// Compress the state tables in the background, a pass every SECONDS over
-        /// the rooms with new state groups (off unless given; see `compress`).
+        /// the rooms with new state groups (config `compression.every`; off
+        /// unless given; see docs/compress.md).
         #[arg(long, value_name = "SECONDS")]
         compress_state_every: Option<u64>,
-        /// Pace of that job: rows deleted plus inserted per second, at most.
-        #[arg(long, value_name = "N", default_value_t = 20_000)]
-        compress_max_rows_per_second: u64,
+        /// Pace of that job: rows deleted plus inserted per second, at most
+        /// (config `compression.max_rows_per_second`; default 20000).
+        #[arg(long, value_name = "N")]
+        compress_max_rows_per_second: Option<u64>,
+    },
+    /// The configuration file and settings (see docs/configuration.md):
+    /// `config check` prints the settings in force.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Shrink the state tables: rewrite the prev groups and deltas of the rooms'
     /// state groups into a shape with far fewer rows, checking in every
@@ -144,6 +198,8 @@ enum Command {
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
     State {
+        /// The room, e.g. `!abc:example.org`.
+        #[arg(value_name = "ROOM_ID")]
         room_id: String,
         /// The state after this event (including it, if it is a state event).
         #[arg(long = "at")]
@@ -189,11 +245,54 @@ fn is_closed_pipe(e: &storage_core::Error) -> bool {
     matches!(e.kind(), ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
+impl Cli {
+    /// What the command line says about settings the file also has.
+    fn overrides(&self) -> Overrides {
+        let mut o = Overrides {
+            database: self.database.clone(),
+            log_format: self.log_format.map(|f| match f {
+                LogFormatArg::Text => settings::LogFormat::Text,
+                LogFormatArg::Json => settings::LogFormat::Json,
+            }),
+            ..Overrides::default()
+        };
+        if let Command::Serve {
+            listen,
+            max_connections,
+            header_timeout,
+            compress_state_every,
+            compress_max_rows_per_second,
+            ..
+        } = &self.command
+        {
+            o.listen = *listen;
+            o.max_connections = *max_connections;
+            o.header_timeout = *header_timeout;
+            o.compress_every = *compress_state_every;
+            o.compress_max_rows_per_second = *compress_max_rows_per_second;
+        }
+        o
+    }
+}
+
+/// Reads the command line and the configuration, installs the logger, runs
+/// the command and turns its outcome into an exit status.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    let database = cli
-        .database
-        .unwrap_or_else(|| format!("sqlite:{DEFAULT_SQLITE_PATH}"));
+    let token_env = std::env::var("HS_API_TOKEN").ok();
+    let settings = match Settings::load(cli.config.as_deref(), &cli.overrides(), token_env) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("hs-main: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    storage_core::logging::init_with(&storage_core::logging::LogOptions {
+        filter: settings.log_filter.clone(),
+        verbosity: cli.verbose.min(10) as i8 - cli.quiet.min(10) as i8,
+        json: settings.log_format == settings::LogFormat::Json,
+    });
+    let database = settings.database.clone();
     let outcome = match cli.command {
         Command::Inspect {
             json,
@@ -232,30 +331,16 @@ pub fn run() -> ExitCode {
         Command::Import { files } => {
             LogContext::new("import").scope(|| crate::import_cmd::run(&database, &files))
         }
-        Command::Serve {
-            listen,
-            read_only,
-            max_connections,
-            header_timeout,
-            compress_state_every,
-            compress_max_rows_per_second,
-        } => LogContext::new("serve").scope(|| {
-            let mut limits = http_api::Limits::default();
-            if let Some(n) = max_connections {
-                limits.max_connections = n.max(1);
-            }
-            limits.header_read_timeout =
-                std::time::Duration::from_secs_f64(header_timeout.clamp(0.1, 3600.0));
-            let compress = compress_state_every.map(|secs| crate::compress_job::CompressJob {
-                every: std::time::Duration::from_secs(secs.max(1)),
-                max_rows_per_second: compress_max_rows_per_second,
-            });
+        Command::Serve { read_only, .. } => LogContext::new("serve").scope(|| {
             if read_only {
-                crate::serve_cmd::run_read_only(&database, listen, limits)
+                crate::serve_cmd::run_read_only(&settings)
             } else {
-                crate::serve_cmd::run(&database, listen, limits, compress)
+                crate::serve_cmd::run(&settings)
             }
         }),
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => print_line(settings.render().trim_end()).map_err(Failure::from),
         Command::PurgeStateGroups { dry_run } => LogContext::new("purge-state-groups")
             .scope(|| crate::purge_cmd::run(&database, dry_run)),
         Command::Compress {

@@ -7,11 +7,6 @@ use std::time::Duration;
 use storage_core::{log_context, Database};
 use storage_state::{highest_state_group, purge_unneeded_groups};
 
-/// How often `serve` purges, each time up to the highest group of the run
-/// before: a group younger than one interval is never a candidate, so a write
-/// in flight keeps the groups computed for it.
-pub const PURGE_EVERY: Duration = Duration::from_secs(600);
-
 /// The command: this process holds the database's claim, so no main process
 /// is writing, and every unneeded group may go.
 pub fn run(database: &str, dry_run: bool) -> Result<(), Failure> {
@@ -32,9 +27,12 @@ pub fn run(database: &str, dry_run: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Purges every [`PURGE_EVERY`] on a thread of its own (log context "state
+/// Purges every `every` (config `pruning.state_groups_every`, default 10
+/// minutes), each time up to the highest group of the run before: a group
+/// younger than one interval is never a candidate, so a write in flight keeps
+/// the groups computed for it. On a thread of its own (log context "state
 /// group purge") for the life of the process.
-pub fn spawn_purging(db: Database) {
+pub fn spawn_purging(db: Database, every: Duration) {
     log_context::spawn("state group purge", move || {
         let mut bound = None;
         loop {
@@ -53,7 +51,7 @@ pub fn spawn_purging(db: Database) {
                 Ok(highest) => bound = Some(highest),
                 Err(e) => log::warn!("{e}"),
             }
-            std::thread::sleep(PURGE_EVERY);
+            std::thread::sleep(every);
         }
     });
 }

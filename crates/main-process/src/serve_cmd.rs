@@ -1,4 +1,5 @@
-//! `hs-main serve [--listen ADDR] [--read-only]`: the main process's HTTP API.
+//! `hs-main serve [--listen ADDR] [--read-only]`: the main process's HTTP API,
+//! set up from the [`Settings`] (docs/configuration.md).
 //! Persists events posted to it, and events whose contexts workers computed,
 //! through the persistence queue. With `--read-only`, only the read half, over
 //! any database (Synapse's included), claiming and writing nothing.
@@ -7,11 +8,11 @@ use crate::cli::Failure;
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter, Limits, DATABASE_WAIT};
 use persistence::Pipeline;
-use std::net::SocketAddr;
+use settings::Settings;
 use std::sync::Arc;
 use std::time::Duration;
 use storage_core::log_context;
-use storage_core::{Database, DatabaseConfig, Error, OpenMode, StoreConfig};
+use storage_core::{Database, Error, OpenMode};
 use storage_events::{EventReads, EventsStore};
 
 struct MainWriter {
@@ -40,46 +41,61 @@ impl EventWriter for MainWriter {
     }
 }
 
-/// How many stream positions of cache invalidations the main process keeps
-/// for workers that fall behind (a worker further behind drops all its
-/// current-state caches), and how often it deletes older ones.
-const KEEP_INVALIDATIONS: i64 = 100_000;
-const PRUNE_EVERY: Duration = Duration::from_secs(300);
-
-/// Prunes the replication stream's invalidations now and every [`PRUNE_EVERY`],
-/// on a thread of its own for the life of the process.
-fn spawn_pruning(events: EventsStore) {
+/// Prunes the replication stream's invalidations now and every `every`,
+/// keeping the newest `keep` stream positions of them for workers that fall
+/// behind (a worker further behind drops all its current-state caches), on a
+/// thread of its own for the life of the process.
+fn spawn_pruning(events: EventsStore, keep: i64, every: Duration) {
     log_context::spawn("replication pruning", move || loop {
-        match events.prune_cache_invalidations(KEEP_INVALIDATIONS) {
+        match events.prune_cache_invalidations(keep) {
             Ok(0) => {}
-            Ok(n) => log::info!(
-                "pruned {n} cache invalidations older than the newest {KEEP_INVALIDATIONS} positions"
-            ),
+            Ok(n) => {
+                log::info!("pruned {n} cache invalidations older than the newest {keep} positions")
+            }
             Err(e) => log::warn!("{e}"),
         }
-        std::thread::sleep(PRUNE_EVERY);
+        std::thread::sleep(every);
     });
 }
 
-/// `compress`: the online compression job's settings, when it is on.
-pub fn run(
-    database: &str,
-    listen: SocketAddr,
-    limits: Limits,
-    compress: Option<crate::compress_job::CompressJob>,
-) -> Result<(), Failure> {
-    let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
+/// The HTTP limits the settings ask for.
+fn limits(settings: &Settings) -> Limits {
+    let mut limits = Limits::default();
+    if let Some(n) = settings.max_connections {
+        limits.max_connections = n.max(1);
+    }
+    limits.header_read_timeout = Duration::from_secs_f64(settings.header_timeout);
+    limits
+}
+
+/// `hs-main serve`: claims and migrates the database, starts the background
+/// jobs the settings ask for, and serves until Ctrl-C or SIGTERM.
+pub fn run(settings: &Settings) -> Result<(), Failure> {
+    let token = settings.token.clone();
+    let listen = settings.listen;
     http::check_listen(&listen, token.as_deref())?;
-    let config = DatabaseConfig::parse(database, OpenMode::Writer)?
+    let config = settings
+        .database_config(OpenMode::Writer)?
         .with_pool_wait(DATABASE_WAIT)
         .with_min_idle(1);
     let (_claim, db) = crate::open::open_config_as_main(config)?;
     let health = vec![ApiState::database_check(db.clone())];
-    let pipeline = Pipeline::open(db, &StoreConfig::default())?;
+    let pipeline = Pipeline::open(db, &settings.store_config("main"))?;
     let events = pipeline.builder.events().clone();
-    spawn_pruning(events.clone());
-    crate::purge_cmd::spawn_purging(events.database().clone());
-    if let Some(job) = compress {
+    spawn_pruning(
+        events.clone(),
+        settings.cache_invalidations_keep,
+        Duration::from_secs(settings.cache_invalidations_every),
+    );
+    crate::purge_cmd::spawn_purging(
+        events.database().clone(),
+        Duration::from_secs(settings.purge_state_groups_every),
+    );
+    if let Some(secs) = settings.compress_every {
+        let job = crate::compress_job::CompressJob {
+            every: Duration::from_secs(secs),
+            max_rows_per_second: settings.compress_max_rows_per_second,
+        };
         crate::compress_job::spawn(events.clone(), job);
     }
     let state = ApiState {
@@ -90,7 +106,7 @@ pub fn run(
         health,
         read_only: false,
     };
-    http::serve(listen, http::router(state), limits)?;
+    http::serve(listen, http::router(state), limits(settings))?;
     Ok(())
 }
 
@@ -106,15 +122,16 @@ impl EventWriter for NoWriter {
 
 /// `serve --read-only`: health, metrics, state and the stream position from a
 /// read-only open (no claim, no migration, nothing written, no pruning).
-pub fn run_read_only(database: &str, listen: SocketAddr, limits: Limits) -> Result<(), Failure> {
-    let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
+pub fn run_read_only(settings: &Settings) -> Result<(), Failure> {
+    let token = settings.token.clone();
+    let listen = settings.listen;
     http::check_listen(&listen, token.as_deref())?;
-    let config = DatabaseConfig::parse(database, OpenMode::ReadOnly)?
+    let config = settings
+        .database_config(OpenMode::ReadOnly)?
         .with_pool_wait(DATABASE_WAIT)
         .with_min_idle(1);
     let db = Database::open(config)?;
-    let config = StoreConfig::default();
-    let events = EventsStore::new(db.clone(), &config)?;
+    let events = EventsStore::new(db.clone(), &settings.store_config("main"))?;
     log::info!(
         "serving {} read-only: nothing is claimed, migrated or written",
         db.url()
@@ -134,7 +151,7 @@ pub fn run_read_only(database: &str, listen: SocketAddr, limits: Limits) -> Resu
         health: vec![ApiState::database_check(db)],
         read_only: true,
     };
-    http::serve(listen, http::router(state), limits)?;
+    http::serve(listen, http::router(state), limits(settings))?;
     Ok(())
 }
 

@@ -5,34 +5,69 @@
 //! store_state_group with ids from the shared sequence) and hands events and
 //! contexts to the main process, which persists them without recomputing.
 
-use clap::Parser;
+use clap::{ArgAction, Parser, ValueEnum};
 use event_context::ContextBuilder;
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter};
+use settings::{Overrides, Settings};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use storage_core::{Database, DatabaseConfig, Error, LogContext, OpenMode, StoreConfig};
+use storage_core::{Database, Error, LogContext, OpenMode};
 use storage_slaved::SlavedStore;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "hs-worker",
     version,
-    about = "Matrix room-state storage engine: replica worker"
+    about = "Matrix room-state storage engine: replica worker",
+    long_about = "Matrix room-state storage engine: replica worker. Serves the same \
+                  read API as `hs-main serve` from the main process's PostgreSQL \
+                  database, follows its replication stream, and forwards writes \
+                  (with their contexts computed here) to the main process.",
+    after_help = "HTTP API: docs/http.md. Configuration file: docs/configuration.md \
+                  (the `worker:` section). Running workers: docs/operator-guide.md."
 )]
 struct Cli {
-    /// The main process's PostgreSQL database (`postgres://...`).
+    /// A configuration file (YAML; see docs/configuration.md), or a Synapse
+    /// homeserver.yaml, of which only the `database:` section is read. Flags
+    /// and environment variables win over it.
+    #[arg(long, env = "HS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The main process's PostgreSQL database: `postgres://...` or libpq
+    /// keywords (`host=/run/postgresql dbname=hs user=hs`). Required here or
+    /// in the configuration file.
     #[arg(long, env = "HS_DATABASE", hide_env_values = true)]
-    database: String,
-    /// The main process's HTTP API, e.g. http://127.0.0.1:8008.
+    database: Option<String>,
+    /// The main process's HTTP API, e.g. http://127.0.0.1:8008 (config
+    /// `worker.main`). Required here or in the configuration file.
+    #[arg(long, value_name = "URL")]
+    main: Option<String>,
+    /// Address to listen on (config `worker.listen`; default 127.0.0.1:8009).
     #[arg(long)]
-    main: String,
-    #[arg(long, default_value = "127.0.0.1:8009")]
-    listen: SocketAddr,
-    /// This worker's name, in logs and metrics.
-    #[arg(long, default_value = "worker")]
-    name: String,
+    listen: Option<SocketAddr>,
+    /// This worker's name, in logs and metrics (config `worker.name`; default
+    /// `worker`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Log more: -v for debug, -vv for trace (over RUST_LOG and log.filter).
+    #[arg(short, long, action = ArgAction::Count)]
+    verbose: u8,
+    /// Log less: -q for warnings and errors only, -qq for errors only.
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "verbose")]
+    quiet: u8,
+    /// Log lines as text, or as one JSON object a line (for log shippers).
+    /// Default: the configuration's `log.format`, else text.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormatArg>,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 /// Computes contexts here, persists through the main process.
@@ -118,16 +153,20 @@ fn check_main(main: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
-    let token = std::env::var("HS_API_TOKEN").ok().filter(|t| !t.is_empty());
-    http::check_listen(&cli.listen, token.as_deref())?;
-    check_main(&cli.main)?;
-    let config = StoreConfig {
-        instance_name: cli.name.clone(),
-        ..StoreConfig::default()
+fn run(settings: &Settings) -> Result<(), Error> {
+    let worker = &settings.worker;
+    let Some(main) = worker.main.clone() else {
+        return Err(Error::invalid_argument(
+            "no main process given: pass --main http://HOST:PORT or set worker.main in the configuration",
+        ));
     };
+    let token = settings.token.clone();
+    http::check_listen(&worker.listen, token.as_deref())?;
+    check_main(&main)?;
+    let config = settings.store_config(&worker.name);
     let db = Database::open(
-        DatabaseConfig::parse(&cli.database, OpenMode::Replica)?
+        settings
+            .database_config(OpenMode::Replica)?
             .with_pool_wait(http::DATABASE_WAIT)
             .with_min_idle(1),
     )?;
@@ -148,21 +187,56 @@ fn run(cli: Cli) -> Result<(), Error> {
         position: Arc::new(move || position.position()),
         writer: Arc::new(ForwardingWriter {
             builder,
-            main: cli.main.clone(),
+            main,
             token: token.clone(),
         }),
         token,
         health,
         read_only: false,
     };
-    http::serve(cli.listen, http::router(state), http::Limits::default())
+    let mut limits = http::Limits::default();
+    if let Some(n) = settings.max_connections {
+        limits.max_connections = n;
+    }
+    limits.header_read_timeout = std::time::Duration::from_secs_f64(settings.header_timeout);
+    http::serve(worker.listen, http::router(state), limits)
 }
 
 fn main() -> ExitCode {
-    storage_core::logging::init();
     let cli = Cli::parse();
-    let name = cli.name.clone();
-    match LogContext::new(&name).scope(|| run(cli)) {
+    let overrides = Overrides {
+        database: cli.database.clone(),
+        log_format: cli.log_format.map(|f| match f {
+            LogFormatArg::Text => settings::LogFormat::Text,
+            LogFormatArg::Json => settings::LogFormat::Json,
+        }),
+        worker_main: cli.main.clone(),
+        worker_name: cli.name.clone(),
+        worker_listen: cli.listen,
+        ..Overrides::default()
+    };
+    let token_env = std::env::var("HS_API_TOKEN").ok();
+    let settings = match Settings::load(cli.config.as_deref(), &overrides, token_env) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("hs-worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    storage_core::logging::init_with(&storage_core::logging::LogOptions {
+        filter: settings.log_filter.clone(),
+        verbosity: cli.verbose.min(10) as i8 - cli.quiet.min(10) as i8,
+        json: settings.log_format == settings::LogFormat::Json,
+    });
+    if cli.database.is_none() && settings.file.is_none() {
+        eprintln!(
+            "hs-worker: no database given: pass --database (or HS_DATABASE) with the main \
+             process's PostgreSQL database, or --config"
+        );
+        return ExitCode::FAILURE;
+    }
+    let name = settings.worker.name.clone();
+    match LogContext::new(&name).scope(|| run(&settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hs-worker: {e}");

@@ -9,13 +9,25 @@ pub const DEFAULT_SQLITE_PATH: &str = "data/homeserver.db";
 /// A parsed database location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
-    /// `sqlite:PATH` (also `sqlite://PATH`).
+    /// `sqlite:PATH` (also `sqlite://PATH`), or a bare path.
     Sqlite(PathBuf),
-    /// `postgres://...` or `postgresql://...`, passed to libpq as it is.
+    /// A libpq connection URI, `postgres://...` or `postgresql://...`, passed
+    /// to libpq as it is. A libpq keyword string is turned into one (see
+    /// [`DatabaseUrl::parse`]), so that everything below handles one form.
     Postgres(String),
 }
 
 impl DatabaseUrl {
+    /// Reads the three forms an operator has at hand:
+    ///
+    /// - a URL: `sqlite:PATH`, `sqlite://PATH`, `postgres://...`, `postgresql://...`;
+    /// - a libpq keyword string, as psql and rust-synapse-compress-state take it:
+    ///   `host=/run/postgresql dbname=synapse user=synapse` (values may be
+    ///   single-quoted, `\'` and `\\` escaped inside);
+    /// - a bare SQLite path: `homeserver.db`, `/var/lib/synapse/homeserver.db`.
+    ///
+    /// Anything that starts like another scheme (`mysql://x`, `file:x`) is
+    /// refused rather than taken for a file name.
     pub fn parse(url: &str) -> Result<Self> {
         if let Some(rest) = url.strip_prefix("sqlite:") {
             let path = rest.strip_prefix("//").unwrap_or(rest);
@@ -25,11 +37,25 @@ impl DatabaseUrl {
             Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(DatabaseUrl::Postgres(url.to_owned()))
-        } else {
+        } else if looks_like_keywords(url) {
+            let pairs = parse_keywords(url).map_err(|reason| invalid(url, &reason))?;
+            Ok(DatabaseUrl::Postgres(postgres_url_from_keywords(&pairs)))
+        } else if url.trim().is_empty() {
             Err(invalid(
                 url,
-                "expected `sqlite:PATH`, `postgres://...` or `postgresql://...`",
+                "empty; expected `sqlite:PATH`, `postgres://...`, a libpq keyword string or a file path",
             ))
+        } else if let Some(scheme) = scheme_of(url) {
+            Err(invalid(
+                url,
+                &format!(
+                    "unknown scheme `{scheme}:`; expected `sqlite:PATH`, `postgres://...` \
+                     (or `postgresql://`), libpq keywords (`host=... dbname=...`) or a file \
+                     path (write `sqlite:{url}` for a file whose name has a colon)"
+                ),
+            ))
+        } else {
+            Ok(DatabaseUrl::Sqlite(PathBuf::from(url)))
         }
     }
 
@@ -48,6 +74,114 @@ impl std::fmt::Display for DatabaseUrl {
     }
 }
 
+/// A PostgreSQL URL that libpq reads exactly as the keyword string made of
+/// `pairs`: every keyword as a query parameter (libpq accepts them all there),
+/// values percent-encoded.
+pub fn postgres_url_from_keywords<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) -> String {
+    let query: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                percent_encode(k.as_ref()),
+                percent_encode(v.as_ref())
+            )
+        })
+        .collect();
+    format!("postgresql://?{}", query.join("&"))
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `host=...`: a keyword, optional spaces, then `=`.
+fn looks_like_keywords(s: &str) -> bool {
+    let s = s.trim_start();
+    let name_len = s
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        .count();
+    name_len > 0 && s[name_len..].trim_start().starts_with('=')
+}
+
+/// The scheme of `s` if it starts like a URL (`name:`), for refusing it.
+fn scheme_of(s: &str) -> Option<&str> {
+    let (scheme, _) = s.split_once(':')?;
+    let mut bytes = scheme.bytes();
+    let first = bytes.next()?;
+    (first.is_ascii_alphabetic()
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
+    .then_some(scheme)
+}
+
+/// libpq's keyword/value connection string: `key = value` pairs separated by
+/// spaces; a value in single quotes may hold spaces, `\'` and `\\`.
+fn parse_keywords(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| c.is_ascii_alphanumeric() || *c == '_') {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if key.is_empty() || chars.next() != Some('=') {
+            return Err(format!(
+                "libpq keyword string: expected `keyword=value` after {:?}",
+                pairs
+                    .last()
+                    .map_or("the start", |(k, _): &(String, String)| k.as_str())
+            ));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => {
+                            return Err(format!(
+                                "libpq keyword string: `{key}`'s value ends in a backslash"
+                            ))
+                        }
+                    },
+                    Some(c) => value.push(c),
+                    None => {
+                        return Err(format!(
+                            "libpq keyword string: `{key}`'s quoted value is not closed"
+                        ))
+                    }
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
 fn invalid(url: &str, reason: &str) -> Error {
     Error::new(ErrorKind::InvalidUrl {
         url: redact_password(url),
@@ -55,10 +189,12 @@ fn invalid(url: &str, reason: &str) -> Error {
     })
 }
 
+/// `scheme://user:password@host` -> `scheme://user:***@host`, and the value
+/// of a `password` query parameter or keyword -> `***`.
 fn redact_password(url: &str) -> String {
-    // scheme://user:password@host -> scheme://user:***@host
+    let url = redact_password_parameter(url);
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return url;
     };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -70,8 +206,43 @@ fn redact_password(url: &str) -> String {
             &authority[..colon],
             &url[scheme_end + 3 + at..]
         ),
-        _ => url.to_owned(),
+        _ => url,
     }
+}
+
+/// `...password=SECRET...` -> `...password=***...`, in a query string
+/// (ended by `&`) or a keyword string (ended by a space, or quoted).
+fn redact_password_parameter(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(at) = rest.find("password") {
+        let before_ok = at == 0 || matches!(rest.as_bytes()[at - 1], b'?' | b'&' | b' ' | b'\t');
+        out.push_str(&rest[..at + "password".len()]);
+        rest = &rest[at + "password".len()..];
+        let after = rest.trim_start();
+        if !before_ok || !after.starts_with('=') {
+            continue;
+        }
+        let value = after[1..].trim_start();
+        out.push_str("=***");
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            let close = quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let close = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    close
+                })
+                .map_or(quoted.len(), |(i, _)| i + 1);
+            1 + close
+        } else {
+            value.find(['&', ' ', '\t']).unwrap_or(value.len())
+        };
+        rest = &value[end.min(value.len())..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What a process may do with the database it opens.
@@ -192,7 +363,46 @@ mod tests {
         ));
         let err = DatabaseUrl::parse("mysql://x").unwrap_err();
         assert!(err.to_string().contains("mysql://x"), "{err}");
+        assert!(err.to_string().contains("unknown scheme `mysql:`"), "{err}");
         assert!(DatabaseUrl::parse("sqlite:").is_err());
+        assert!(DatabaseUrl::parse("  ").is_err());
+    }
+
+    #[test]
+    fn bare_paths_are_sqlite_files() {
+        assert_eq!(
+            DatabaseUrl::parse("homeserver.db").unwrap(),
+            DatabaseUrl::Sqlite("homeserver.db".into())
+        );
+        assert_eq!(
+            DatabaseUrl::parse("/var/lib/synapse/homeserver.db").unwrap(),
+            DatabaseUrl::Sqlite("/var/lib/synapse/homeserver.db".into())
+        );
+        assert!(DatabaseUrl::parse("file:x.db").is_err());
+    }
+
+    #[test]
+    fn libpq_keyword_strings_become_urls() {
+        assert_eq!(
+            DatabaseUrl::parse("host=/run/postgresql dbname=synapse user=synapse").unwrap(),
+            DatabaseUrl::Postgres(
+                "postgresql://?host=%2Frun%2Fpostgresql&dbname=synapse&user=synapse".into()
+            )
+        );
+        assert_eq!(
+            DatabaseUrl::parse(r"host = db  password='it\'s a secret' port=5433").unwrap(),
+            DatabaseUrl::Postgres(
+                "postgresql://?host=db&password=it%27s%20a%20secret&port=5433".into()
+            )
+        );
+        let err = DatabaseUrl::parse("host=db password='open").unwrap_err();
+        assert!(err.to_string().contains("not closed"), "{err}");
+        assert!(
+            !err.to_string().contains("open"),
+            "the password leaked: {err}"
+        );
+        let err = DatabaseUrl::parse("host=db dbname").unwrap_err();
+        assert!(err.to_string().contains("keyword=value"), "{err}");
     }
 
     #[test]
@@ -201,5 +411,16 @@ mod tests {
         assert_eq!(url.redacted(), "postgres://alice:***@db:5432/hs");
         let url = DatabaseUrl::parse("postgres://alice@db/hs").unwrap();
         assert_eq!(url.redacted(), "postgres://alice@db/hs");
+        let url =
+            DatabaseUrl::parse("postgres://alice@db/hs?password=s3cret&sslmode=require").unwrap();
+        assert_eq!(
+            url.redacted(),
+            "postgres://alice@db/hs?password=***&sslmode=require"
+        );
+        let url = DatabaseUrl::parse("host=db user=alice password=s3cret").unwrap();
+        assert_eq!(
+            url.redacted(),
+            "postgresql://?host=db&user=alice&password=***"
+        );
     }
 }

@@ -1,0 +1,232 @@
+//! The configuration file as an operator meets it: a typo in a key fails
+//! naming the file, line and key; a Synapse `homeserver.yaml` opens the
+//! database its `database:` section names (`psycopg2` on PostgreSQL,
+//! `sqlite3` on SQLite); libpq keyword strings and bare SQLite paths open the
+//! same database as its URL; `config check` hides secrets.
+
+use e2e_tests::{hs_main, tempdir, TempDir};
+use std::process::Command;
+use storage_core::testing::TestDb;
+use storage_core::DatabaseUrl;
+
+storage_core::engine_tests!(
+    a_synapse_homeserver_yaml_opens_its_database,
+    every_form_of_database_string_opens_the_same_database
+);
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/example-room.jsonl"
+);
+const ROOM: &str = "!example:example.org";
+
+/// `hs-main ARGS` without `--database`: (status, stdout, stderr).
+fn hs_main_bare(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(args)
+        .env_remove("HS_DATABASE")
+        .env_remove("HS_CONFIG")
+        .env_remove("HS_API_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The parts of a PostgreSQL test URL (`postgres://USER@HOST/DB?host=DIR...`)
+/// that a psycopg2 section or a keyword string names.
+struct PgParts {
+    user: String,
+    host: String,
+    dbname: String,
+    port: Option<String>,
+}
+
+fn pg_parts(url: &str) -> PgParts {
+    let rest = url.split_once("://").unwrap().1;
+    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, dbname) = main.split_once('/').unwrap();
+    let (user, hostport) = authority.split_once('@').unwrap_or(("postgres", authority));
+    let user = user.split(':').next().unwrap().to_owned();
+    let (mut host, mut port) = match hostport.split_once(':') {
+        Some((h, p)) => (h.to_owned(), Some(p.to_owned())),
+        None => (hostport.to_owned(), None),
+    };
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("host", h)) => host = h.replace("%2F", "/"),
+            Some(("port", p)) => port = Some(p.to_owned()),
+            _ => {}
+        }
+    }
+    PgParts {
+        user,
+        host,
+        dbname: dbname.to_owned(),
+        port,
+    }
+}
+
+/// The room's current state as `hs-main state` prints it from `args`' database.
+fn state_with(args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.extend(["state", ROOM]);
+    let (code, out, err) = hs_main_bare(&all);
+    assert_eq!(code, 0, "{all:?}: {err}");
+    assert!(out.contains("m.room.create"), "{out}");
+    out
+}
+
+fn imported(t: &TestDb) -> String {
+    let (code, _, err) = hs_main(t, &["import", FIXTURE]);
+    assert_eq!(code, 0, "{err}");
+    state_with(&["--database", t.url()])
+}
+
+fn a_synapse_homeserver_yaml_opens_its_database(t: &TestDb) {
+    let expected = imported(t);
+    let dir = TempDir(tempdir("homeserver-yaml"));
+    let section = match DatabaseUrl::parse(t.url()).unwrap() {
+        DatabaseUrl::Sqlite(path) => format!(
+            "database:\n  name: sqlite3\n  args:\n    database: {}\n",
+            path.display()
+        ),
+        DatabaseUrl::Postgres(url) => {
+            let p = pg_parts(&url);
+            let port = p
+                .port
+                .map(|p| format!("    port: {p}\n"))
+                .unwrap_or_default();
+            format!(
+                "database:\n  name: psycopg2\n  txn_limit: 10000\n  args:\n    user: {}\n    \
+                 database: {}\n    host: {}\n{port}    cp_min: 1\n    cp_max: 3\n",
+                p.user, p.dbname, p.host
+            )
+        }
+    };
+    // Synapse's own keys around it are not ours, and are not read.
+    let yaml = format!(
+        "server_name: example.org\npid_file: /data/homeserver.pid\nlisteners:\n  - port: 8008\n    \
+         type: http\n{section}media_store_path: /data/media_store\n"
+    );
+    let path = dir.0.join("homeserver.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let config = path.to_str().unwrap();
+    assert_eq!(state_with(&["--config", config]), expected);
+    let (code, out, err) = hs_main_bare(&["--config", config, "config", "check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Synapse configuration"), "{out}");
+    if t.engine() == "postgres" {
+        assert!(out.contains("pool_size: 3"), "cp_max sizes the pool: {out}");
+    }
+    // Flags win over the file: the flag's database (not created) is the one opened.
+    let other = TestDb::sqlite();
+    let other_path = other.url().trim_start_matches("sqlite:");
+    let (code, _, err) =
+        hs_main_bare(&["--config", config, "--database", other.url(), "state", ROOM]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(other_path),
+        "the flag's database was opened: {err}"
+    );
+}
+
+fn every_form_of_database_string_opens_the_same_database(t: &TestDb) {
+    let expected = imported(t);
+    let forms = match DatabaseUrl::parse(t.url()).unwrap() {
+        DatabaseUrl::Sqlite(path) => vec![path.display().to_string()],
+        DatabaseUrl::Postgres(url) => {
+            let p = pg_parts(&url);
+            let port = p.port.map(|p| format!(" port={p}")).unwrap_or_default();
+            vec![format!(
+                "host={} dbname={} user='{}'{port}",
+                p.host, p.dbname, p.user
+            )]
+        }
+    };
+    for form in forms {
+        assert_eq!(state_with(&["--database", &form]), expected, "{form}");
+        // ... and the same from a configuration file of ours.
+        let dir = TempDir(tempdir("database-forms"));
+        let path = dir.0.join("hs.yaml");
+        std::fs::write(&path, format!("database: {form:?}\n")).unwrap();
+        assert_eq!(state_with(&["--config", path.to_str().unwrap()]), expected);
+    }
+}
+
+#[test]
+fn an_unknown_or_ill_typed_key_fails_naming_file_line_and_key() {
+    let dir = TempDir(tempdir("bad-config"));
+    let path = dir.0.join("hs.yaml");
+    let file = path.to_str().unwrap();
+    for (yaml, line, key) in [
+        (
+            "listen: 127.0.0.1:8018\nlog:\n  filter: info\n  colour: true\n",
+            "line 4",
+            "colour",
+        ),
+        ("pool_size: 4\ndatabse: sqlite:x.db\n", "line 2", "databse"),
+        (
+            "caches:\n  global_factor: lots\n",
+            "line 2",
+            "caches.global_factor",
+        ),
+        (
+            "http:\n  header_timeout: 10\n  max_connections: -3\n",
+            "line 3",
+            "http.max_connections",
+        ),
+    ] {
+        std::fs::write(&path, yaml).unwrap();
+        for command in [vec!["config", "check"], vec!["state", ROOM]] {
+            let mut args = vec!["--config", file];
+            args.extend(&command);
+            let (code, _, err) = hs_main_bare(&args);
+            assert_eq!(code, 1, "{yaml}: {err}");
+            assert!(err.contains(file), "names the file: {err}");
+            assert!(err.contains(line), "names the line: {err}");
+            assert!(err.contains(key), "names the key: {err}");
+        }
+    }
+}
+
+#[test]
+fn config_check_prints_the_settings_in_force_without_secrets() {
+    let dir = TempDir(tempdir("config-check"));
+    let token = dir.0.join("token");
+    std::fs::write(&token, "t0ken-value\n").unwrap();
+    let path = dir.0.join("hs.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "database: postgres://alice:s3cret@db.example/hs\nlisten: 127.0.0.1:8018\n\
+             api_token_file: {}\ncaches:\n  global_factor: 2\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = hs_main_bare(&["--config", path.to_str().unwrap(), "config", "check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("postgres://alice:***@db.example/hs"), "{out}");
+    assert!(
+        !out.contains("s3cret") && !out.contains("t0ken-value"),
+        "{out}"
+    );
+    assert!(out.contains("listen: \"127.0.0.1:8018\""), "{out}");
+    assert!(out.contains("global_factor: 2"), "{out}");
+    let (_, out, _) = hs_main_bare(&["--config", path.to_str().unwrap(), "config", "--help"]);
+    assert!(out.contains("docs/"), "--help points at the docs: {out}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["--config", path.to_str().unwrap(), "config", "check"])
+        .env("HS_DATABASE", "sqlite:/tmp/from-env.db")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("sqlite:/tmp/from-env.db"),
+        "the environment wins: {out}"
+    );
+}
