@@ -271,3 +271,184 @@ fn check_rebuilt(
     }
     Ok(rebuilt)
 }
+
+/// Fault injection: a chunk whose new rows would give a group another state is
+/// caught by the check inside its transaction, which rolls back and leaves the
+/// old edges and rows as they were; the same chunk with the right rows commits.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::load::RoomStates;
+    use crate::compress::plan::StateSource;
+    use crate::store::StateGroupAccess;
+    use crate::types::{key, StateMap};
+    use storage_core::testing::TestDb;
+    use storage_core::{Database, ErrorKind, StoreConfig};
+
+    const ROOM: &str = "!fault:example.com";
+
+    storage_core::engine_tests!(a_rewrite_that_changes_a_state_is_rolled_back);
+
+    /// Three groups: a snapshot of the create event and Alice's join; a delta
+    /// adding Bob's join; a delta on that setting a topic.
+    fn three_groups(store: &StateStore) -> [StateGroup; 3] {
+        let snapshot = StateMap::from_iter([
+            (key("m.room.create", ""), "$create".to_owned()),
+            (key("m.room.member", "@alice:x"), "$alice".to_owned()),
+        ]);
+        let g1 = store
+            .store_state_group("$alice", ROOM, None, None, Some(&snapshot))
+            .unwrap();
+        let bob = StateMap::from_iter([(key("m.room.member", "@bob:x"), "$bob".to_owned())]);
+        let g2 = store
+            .store_state_group("$bob", ROOM, Some(g1), Some(&bob), None)
+            .unwrap();
+        let topic = StateMap::from_iter([(key("m.room.topic", ""), "$topic".to_owned())]);
+        let g3 = store
+            .store_state_group("$topic", ROOM, Some(g2), Some(&topic), None)
+            .unwrap();
+        [g1, g2, g3]
+    }
+
+    /// Every edge and row of the room, sorted.
+    type Stored = (Vec<(i64, i64)>, Vec<(i64, String, String, String)>);
+
+    fn stored(db: &Database) -> Stored {
+        db.run_read("test_stored", |txn| {
+            let mut edges: Vec<(i64, i64)> = with_conn!(txn.conn(), |c| state_group_edges::table
+                .select((
+                    state_group_edges::state_group,
+                    state_group_edges::prev_state_group
+                ))
+                .load(c))?;
+            let mut rows: Vec<(i64, String, String, String)> =
+                with_conn!(txn.conn(), |c| state_groups_state::table
+                    .select((
+                        state_groups_state::state_group,
+                        state_groups_state::type_,
+                        state_groups_state::state_key,
+                        state_groups_state::event_id,
+                    ))
+                    .load(c))?;
+            edges.sort();
+            rows.sort();
+            Ok((edges, rows))
+        })
+        .unwrap()
+    }
+
+    /// Rewrites `group` into `prev` + `rows` (names, interned here) in one
+    /// checked transaction, as a compress run would.
+    fn rewrite(
+        store: &StateStore,
+        group: StateGroup,
+        prev: Option<StateGroup>,
+        rows: &[(&str, &str, &str)],
+    ) -> Result<()> {
+        let db = store.database();
+        let mut states = RoomStates::new(db.clone());
+        let window = db.run_read("test_window", |txn| {
+            load::window(txn, &mut states.interner, ROOM, 0, i64::MAX, 100)
+        })?;
+        states.add_window(&window)?;
+        let old = window.iter().find(|g| g.id == group).unwrap().clone();
+        let mut new_rows: Rows = rows
+            .iter()
+            .map(|(t, k, e)| {
+                let slot = states.interner.slot((*t).to_owned(), (*k).to_owned());
+                (slot, states.interner.event((*e).to_owned()))
+            })
+            .collect();
+        new_rows.sort_unstable();
+        let chunk = [Change {
+            old,
+            new: Shape {
+                prev,
+                rows: new_rows,
+                depth: 0,
+            },
+        }];
+        // What the run would expect: the states of every group of the room.
+        let mut expected = Expected::new();
+        for g in &window {
+            expected.insert(g.id, states.state(g.id)?);
+        }
+        let interner = &mut states.interner;
+        db.run_interaction("test_rewrite", |txn| {
+            rewrite_chunk(txn, store, interner, ROOM, &chunk, &expected)
+        })
+    }
+
+    fn store_of(t: &TestDb) -> StateStore {
+        StateStore::new(t.open(), &StoreConfig::default()).unwrap()
+    }
+
+    fn all_states(t: &TestDb, groups: &[StateGroup]) -> HashMap<StateGroup, StateMap> {
+        // A store with empty caches: what is stored, not what was cached.
+        store_of(t)
+            .get_state_for_groups(groups, &StateFilter::all())
+            .unwrap()
+    }
+
+    fn a_rewrite_that_changes_a_state_is_rolled_back(t: &TestDb) {
+        let store = store_of(t);
+        let groups = three_groups(&store);
+        let [g1, _, g3] = groups;
+        let (before, states) = (stored(store.database()), all_states(t, &groups));
+
+        // The topic group as a delta on the snapshot, forgetting Bob's join.
+        let e = rewrite(&store, g3, Some(g1), &[("m.room.topic", "", "$topic")]).unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::Corrupt(_)), "{e}");
+        assert!(e.to_string().contains(&format!("state group {g3}")), "{e}");
+        assert_eq!(stored(store.database()), before, "nothing was written");
+        assert_eq!(all_states(t, &groups), states);
+
+        // A wrong event in the slot it keeps.
+        let e = rewrite(
+            &store,
+            g3,
+            Some(g1),
+            &[
+                ("m.room.topic", "", "$other"),
+                ("m.room.member", "@bob:x", "$bob"),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::Corrupt(_)), "{e}");
+        assert_eq!(stored(store.database()), before, "nothing was written");
+
+        // Bob's group as a snapshot that also holds a topic it never had: the
+        // topic group, whose chain passes through it, would not change, but
+        // Bob's would.
+        let e = rewrite(
+            &store,
+            groups[1],
+            None,
+            &[
+                ("m.room.create", "", "$create"),
+                ("m.room.member", "@alice:x", "$alice"),
+                ("m.room.member", "@bob:x", "$bob"),
+                ("m.room.topic", "", "$early"),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::Corrupt(_)), "{e}");
+        assert_eq!(stored(store.database()), before, "nothing was written");
+        assert_eq!(all_states(t, &groups), states);
+
+        // The same rewrite with the right rows commits: the check, not the
+        // harness, refused the others.
+        rewrite(
+            &store,
+            g3,
+            Some(g1),
+            &[
+                ("m.room.topic", "", "$topic"),
+                ("m.room.member", "@bob:x", "$bob"),
+            ],
+        )
+        .unwrap();
+        assert_ne!(stored(store.database()), before);
+        assert_eq!(all_states(t, &groups), states);
+    }
+}
