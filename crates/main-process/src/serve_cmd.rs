@@ -6,7 +6,7 @@
 
 use crate::cli::Failure;
 use http_api::wire::{ContextedEvent, WriteOutcome};
-use http_api::{self as http, ApiState, EventWriter, Limits, DATABASE_WAIT};
+use http_api::{self as http, ApiState, EventWriter, HealthCheck, Limits, DATABASE_WAIT};
 use persistence::Pipeline;
 use settings::Settings;
 use std::sync::Arc;
@@ -98,16 +98,31 @@ pub fn run(settings: &Settings) -> Result<(), Failure> {
         };
         crate::compress_job::spawn(events.clone(), job);
     }
-    let state = ApiState {
+    http::serve(
+        listen,
+        http::router(main_api(pipeline, token, health)),
+        limits(settings),
+    )?;
+    Ok(())
+}
+
+/// The API of a main process that writes through `pipeline`: what `run`
+/// serves, and what a test serves over a database it opened itself (a tiny
+/// pool, a short pool wait).
+pub fn main_api(
+    pipeline: Pipeline,
+    token: Option<String>,
+    health: Vec<(&'static str, HealthCheck)>,
+) -> ApiState {
+    let events = pipeline.builder.events().clone();
+    ApiState {
         state: pipeline.builder.state().clone(),
         position: Arc::new(move || events.max_stream_ordering()),
         writer: Arc::new(MainWriter { pipeline }),
         token,
         health,
         read_only: false,
-    };
-    http::serve(listen, http::router(state), limits(settings))?;
-    Ok(())
+    }
 }
 
 /// Refuses every write: a read-only server has no writer (the router answers
