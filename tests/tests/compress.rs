@@ -1,6 +1,7 @@
-//! The online compression job of `hs-main serve`, with a worker answering state
-//! reads all through it (PostgreSQL: workers need it): every answer is the state
-//! the event had before, the rows shrink, and the job logs under its own context.
+//! The online compression job of `hs-main serve`: with a worker answering state
+//! reads all through it (PostgreSQL: workers need it), every answer is the state
+//! the event had before, the rows shrink, and the job logs under its own context;
+//! killed after some rooms, a restarted server goes on with the others.
 
 use e2e_tests::*;
 use serde_json::{json, Value};
@@ -107,3 +108,101 @@ fn a_worker_reads_through_online_compression() {
         );
     }
 }
+
+/// Stores, through the library, a room of `joins` members joining one by one
+/// (a snapshot every 100 groups: what compression shrinks); its groups.
+fn joins_room(db: &TestDb, room: &str, joins: usize) -> Vec<i64> {
+    use storage_state::{key, StateGroupAccess, StateMap, StateStore};
+    let store = StateStore::new(db.open(), &storage_core::StoreConfig::default()).unwrap();
+    let mut state = StateMap::new();
+    let mut prev = None;
+    let mut groups = Vec::with_capacity(joins);
+    for i in 0..joins {
+        let user = format!("@u{i}:example.com");
+        let event = format!("$join{i}-{room}");
+        let delta = StateMap::from_iter([(key("m.room.member", &user), event.clone())]);
+        state.extend(delta.clone());
+        let g = match prev {
+            None => store.store_state_group(&event, room, None, None, Some(&state)),
+            Some(p) => store.store_state_group(&event, room, Some(p), Some(&delta), None),
+        }
+        .unwrap();
+        prev = Some(g);
+        groups.push(g);
+    }
+    groups
+}
+
+/// The state of every one of `groups`, read with empty caches.
+fn group_states(
+    db: &TestDb,
+    groups: &[i64],
+) -> std::collections::HashMap<i64, storage_state::StateMap> {
+    use storage_state::{StateFilter, StateGroupAccess, StateStore};
+    let database = db.open_mode(storage_core::OpenMode::ReadOnly);
+    StateStore::new(database, &storage_core::StoreConfig::default())
+        .unwrap()
+        .get_state_for_groups(groups, &StateFilter::all())
+        .unwrap()
+}
+
+fn compress_server(db: &TestDb, port: u16) -> Process {
+    start(
+        "hs-main",
+        &[
+            "--database".into(),
+            db.url().into(),
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--compress-state-every".into(),
+            "1".into(),
+            "--compress-max-rows-per-second".into(),
+            "400".into(),
+        ],
+        port,
+    )
+}
+
+const PROGRESS: &str = "SELECT COUNT(*) AS n FROM state_compress_progress";
+
+/// The job records, after each room, how far it got; a server killed (-9)
+/// after the first of two rooms compresses only the second once restarted.
+fn a_restarted_server_goes_on_with_the_rooms_left(db: &TestDb) {
+    // The bigger room goes first.
+    let (first, second) = ("!first:example.com", "!second:example.com");
+    let mut groups = joins_room(db, first, 330);
+    groups.extend(joins_room(db, second, 220));
+    let before = group_states(db, &groups);
+    let rows_before = state_rows(db);
+
+    let mut server = compress_server(db, free_port());
+    assert!(
+        wait_for_count(db.url(), PROGRESS, 1, &mut server.child),
+        "the server exited before its first room was done"
+    );
+    kill_9(&mut server.child);
+    let log = server.log_text();
+    assert!(log.contains(&format!(": {first}, {second}")), "{log}");
+    assert!(log.contains(&format!("{first}: compressed: ")), "{log}");
+
+    let restarted = compress_server(db, free_port());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while try_count(db.url(), PROGRESS).unwrap() < 2 {
+        assert!(Instant::now() < deadline, "the second room was never done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = restarted.log_text();
+    assert!(
+        log.contains(&format!(
+            "1 room(s) with state groups not compressed yet: {second}\n"
+        )),
+        "the restarted server went over the first room again: {log}"
+    );
+    drop(restarted);
+    assert!(state_rows(db) < rows_before);
+    assert_eq!(group_states(db, &groups), before);
+    assert_invariants(db);
+}
+
+storage_core::engine_tests!(a_restarted_server_goes_on_with_the_rooms_left);

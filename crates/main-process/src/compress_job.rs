@@ -6,6 +6,13 @@
 //! one compressor that may run beside it; its caches learn of each rewrite
 //! after commit and workers through the replication stream, as with
 //! `hs-main compress`.
+//!
+//! How far it got (the highest group of each room a pass covered) is kept in
+//! the database (`state_compress_progress`), written after each room, so that
+//! a restarted server goes on with the rooms that have new groups instead of
+//! going over every room again. A room whose pass was cut short is not
+//! recorded: the next pass compresses it again, which carries on from what the
+//! cut-short pass committed (the plan depends only on the groups' states).
 
 use crate::compress_cmd::{compress_rooms, describe};
 use std::collections::HashMap;
@@ -36,10 +43,9 @@ pub fn spawn(events: EventsStore, job: CompressJob) {
             job.every.as_secs(),
             job.max_rows_per_second
         );
-        let mut done: HashMap<String, StateGroup> = HashMap::new();
         std::thread::sleep(job.every.min(FIRST_PASS_AFTER));
         loop {
-            if let Err(e) = pass(&events, &job, &mut done) {
+            if let Err(e) = pass(&events, &job) {
                 log::warn!("state compression pass failed (the next pass goes on): {e}");
             }
             std::thread::sleep(job.every);
@@ -47,14 +53,12 @@ pub fn spawn(events: EventsStore, job: CompressJob) {
     });
 }
 
-/// One pass over the rooms with groups newer than the last pass saw.
-/// `done`: the highest group of each room a pass has covered.
-pub fn pass(
-    events: &EventsStore,
-    job: &CompressJob,
-    done: &mut HashMap<String, StateGroup>,
-) -> Result<()> {
+/// One pass over the rooms with groups newer than the recorded progress (of
+/// this process's earlier passes, or of an earlier process); returns the rooms
+/// it went over.
+pub fn pass(events: &EventsStore, job: &CompressJob) -> Result<Vec<String>> {
     let db = events.database();
+    let done: HashMap<String, StateGroup> = compress::load_progress(db)?;
     let mut rooms = Vec::new();
     let mut highest = Vec::new();
     for (room, _) in compress::rooms_by_state_rows(db)? {
@@ -65,18 +69,32 @@ pub fn pass(
         }
     }
     if rooms.is_empty() {
-        return Ok(());
+        return Ok(rooms);
     }
+    log::info!(
+        "{} room(s) with state groups not compressed yet: {}",
+        rooms.len(),
+        rooms.join(", ")
+    );
     let options = CompressOptions {
         max_rows_per_second: Some(job.max_rows_per_second),
         ..Default::default()
     };
-    let reports = compress_rooms(events.state(), Some(events), &rooms, &options, None, None)?;
-    for (report, top) in reports.iter().zip(highest) {
-        if report.groups_rewritten > 0 {
-            log::info!("{}", describe(report, false));
+    for (room, top) in rooms.iter().zip(highest) {
+        let reports = compress_rooms(
+            events.state(),
+            Some(events),
+            std::slice::from_ref(room),
+            &options,
+            None,
+            None,
+        )?;
+        for report in &reports {
+            if report.groups_rewritten > 0 {
+                log::info!("{}", describe(report, false));
+            }
         }
-        done.insert(report.room_id.clone(), top);
+        compress::record_progress(db, room, top)?;
     }
-    Ok(())
+    Ok(rooms)
 }

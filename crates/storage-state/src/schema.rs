@@ -55,3 +55,11 @@ diesel::allow_tables_to_appear_in_same_query!(
     event_to_state_groups,
     current_state_events,
 );
+
+diesel::table! {
+    /// Ours, not Synapse's: how far the online compression job got per room.
+    state_compress_progress (room_id) {
+        room_id -> Text,
+        state_group -> BigInt,
+    }
+}

@@ -22,10 +22,12 @@ mod apply;
 mod load;
 mod packed;
 mod plan;
+mod progress;
 mod sql_text;
 
 pub use crate::purge::highest_state_group;
 pub use plan::MAX_COMPRESSED_CHAIN;
+pub use progress::{load_progress, record_progress};
 
 use crate::schema::{state_groups, state_groups_state};
 use crate::store::StateStore;

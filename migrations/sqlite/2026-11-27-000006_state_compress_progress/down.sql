@@ -1,0 +1,1 @@
+DROP TABLE state_compress_progress;
