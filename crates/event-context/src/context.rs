@@ -8,6 +8,7 @@
 //! stored as a group of its own. A state event that passes its auth rules gets a
 //! new group: a delta of one entry, itself, on the group before it.
 
+use crate::conflict::{parse_event_id, Loaded};
 use crate::{
     auth_types_for_pdu, check_auth_against_state, check_auth_events, resolve_state, Pdu, StateMap,
 };
@@ -99,6 +100,8 @@ pub struct ContextBuilder {
     groups_stored: Arc<AtomicU64>,
     /// Queries for events made through `EventsStore::get_events`.
     event_reads: Arc<AtomicU64>,
+    /// Resolutions settled from the groups' conflict alone.
+    resolved_by_conflict: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ContextBuilder {
@@ -117,14 +120,7 @@ fn to_storage(state: &StateMap) -> storage_state::StateMap {
 fn from_storage(state: &storage_state::StateMap) -> Result<StateMap> {
     state
         .iter()
-        .map(|(k, v)| {
-            let id = OwnedEventId::try_from(v.as_str()).map_err(|e| {
-                Error::corrupt(format!(
-                    "stored state names a malformed event id {v:?}: {e}"
-                ))
-            })?;
-            Ok((k.clone(), id))
-        })
+        .map(|(k, v)| Ok((k.clone(), parse_event_id(v)?)))
         .collect()
 }
 
@@ -141,6 +137,7 @@ impl ContextBuilder {
             )),
             groups_stored: Arc::new(AtomicU64::new(0)),
             event_reads: Arc::new(AtomicU64::new(0)),
+            resolved_by_conflict: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -162,6 +159,12 @@ impl ContextBuilder {
     /// times, not once per event.
     pub fn event_reads(&self) -> u64 {
         self.event_reads.load(Ordering::Relaxed)
+    }
+
+    /// Resolutions this builder settled from what the groups disagree on,
+    /// without loading their whole states' events (see [`crate::conflict`]).
+    pub fn resolutions_by_conflict(&self) -> u64 {
+        self.resolved_by_conflict.load(Ordering::Relaxed)
     }
 
     /// `get_events`, counted.
@@ -191,7 +194,7 @@ impl ContextBuilder {
     /// was, and caches it.
     fn parse_stored(&self, stored: &StoredEvent, version: &RoomVersionId) -> Result<Arc<Pdu>> {
         let event_id = &stored.event_id;
-        let mut pdu = Pdu::from_json(&stored.json, Some(version))
+        let mut pdu = Pdu::from_stored_json(&stored.json, version, event_id)
             .map_err(|e| Error::corrupt(format!("stored event {event_id} does not parse: {e}")))?;
         pdu.rejected = stored.rejected.is_some();
         let pdu = Arc::new(pdu);
@@ -199,30 +202,27 @@ impl ContextBuilder {
         Ok(pdu)
     }
 
-    /// The events state resolution over `sets` will ask for: every event of
-    /// the sets and of their auth chains, loaded level by level (one
-    /// `get_events` per level of the auth DAG, not one query per event).
+    /// Loads `start` and every event of their auth chains into `loaded`,
+    /// level by level (one `get_events` per level of the auth DAG, not one
+    /// query per event), skipping what `loaded` already holds.
     ///
-    /// The map says `None` for an event known to be in neither `pending` nor
+    /// `loaded` says `None` for an event known to be in neither `pending` nor
     /// storage. An event that cannot be read (it does not parse, its room has
     /// no version) is left out, so that the fetcher asks [`Self::fetch_pdu`]
     /// for it and logs why, as it does for any event fetched alone.
-    fn load_for_resolution(
+    fn load_with_auth_chains(
         &self,
-        sets: &[StateMap],
+        start: Vec<OwnedEventId>,
         pending: &PendingEvents,
-    ) -> Result<HashMap<OwnedEventId, Option<Arc<Pdu>>>> {
-        let mut loaded: HashMap<OwnedEventId, Option<Arc<Pdu>>> = HashMap::new();
+        loaded: &mut Loaded,
+    ) -> Result<()> {
         let mut versions: HashMap<String, Option<RoomVersionId>> = HashMap::new();
-        let mut level: Vec<OwnedEventId> = sets
-            .iter()
-            .flat_map(|s| s.values())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .cloned()
-            .collect();
         // Every event asked for so far, so that none is asked for twice.
-        let mut asked: HashSet<OwnedEventId> = level.iter().cloned().collect();
+        let mut asked: HashSet<OwnedEventId> = HashSet::new();
+        let mut level: Vec<OwnedEventId> = start
+            .into_iter()
+            .filter(|id| !loaded.contains_key(id) && asked.insert(id.clone()))
+            .collect();
         while !level.is_empty() {
             let mut from_storage: Vec<&OwnedEventId> = Vec::new();
             let mut found = Vec::new();
@@ -263,14 +263,14 @@ impl ContextBuilder {
             level = Vec::new();
             for (id, pdu) in found {
                 for auth in &pdu.auth_events {
-                    if asked.insert(auth.clone()) {
+                    if !loaded.contains_key(auth) && asked.insert(auth.clone()) {
                         level.push(auth.clone());
                     }
                 }
                 loaded.insert(id, Some(pdu));
             }
         }
-        Ok(loaded)
+        Ok(())
     }
 
     /// A fetcher in the shape ruma wants; storage errors read as "not found",
@@ -431,7 +431,9 @@ impl ContextBuilder {
     }
 
     /// Resolves the state of several groups of `room_id` (ruma's state resolution
-    /// for the room's version), without storing anything.
+    /// for the room's version), without storing anything: from what the groups
+    /// disagree on when that is enough (see [`crate::conflict`]), otherwise
+    /// over their whole states. Returns the resolved state and each group's.
     pub fn resolve_state_of_groups(
         &self,
         room_id: &str,
@@ -445,24 +447,73 @@ impl ContextBuilder {
         let stored = self
             .state
             .get_state_for_groups(groups, &StateFilter::all())?;
-        let sets: Vec<StateMap> = groups
+        let states: Vec<&storage_state::StateMap> = groups.iter().map(|g| &stored[g]).collect();
+        let what = format!("resolving the state of {room_id} over groups {groups:?}");
+        let by_conflict = if states.len() < 2 {
+            None
+        } else {
+            crate::conflict::resolve_by_conflict(
+                room_version,
+                &states,
+                |start, loaded| self.load_with_auth_chains(start, pending, loaded),
+                self.fetcher(pending),
+                &what,
+            )?
+        };
+        let resolved = match by_conflict {
+            Some(resolved) => {
+                self.resolved_by_conflict.fetch_add(1, Ordering::Relaxed);
+                resolved
+            }
+            None => self.resolve_whole_states(room_version, &states, pending, &what)?,
+        };
+        Ok((resolved, stored))
+    }
+
+    /// Resolves `states` with ruma over the whole states and the full auth
+    /// chains of all their events, every one of them loaded.
+    fn resolve_whole_states(
+        &self,
+        room_version: &RoomVersionId,
+        states: &[&storage_state::StateMap],
+        pending: &PendingEvents,
+        what: &str,
+    ) -> Result<storage_state::StateMap> {
+        let sets: Vec<StateMap> = states
             .iter()
-            .map(|g| from_storage(&stored[g]))
+            .map(|s| from_storage(s))
             .collect::<Result<_>>()?;
         // ruma asks for events one at a time, for every event of the sets and
         // their auth chains: loaded beforehand, a few queries in all.
-        let loaded = self.load_for_resolution(&sets, pending)?;
+        let mut loaded = Loaded::new();
+        let start: HashSet<&OwnedEventId> = sets.iter().flat_map(|s| s.values()).collect();
+        self.load_with_auth_chains(start.into_iter().cloned().collect(), pending, &mut loaded)?;
         let fallback = self.fetcher(pending);
         let fetch = |id: &EventId| match loaded.get(id) {
             Some(pdu) => pdu.clone(),
             None => fallback(id),
         };
-        let resolved = resolve_state(room_version, &sets, fetch).map_err(|e| {
-            Error::other(format!(
-                "resolving the state of {room_id} over groups {groups:?}: {e}"
-            ))
-        })?;
-        Ok((to_storage(&resolved), stored))
+        let resolved = resolve_state(room_version, &sets, fetch)
+            .map_err(|e| Error::other(format!("{what}: {e}")))?;
+        Ok(to_storage(&resolved))
+    }
+
+    /// [`Self::resolve_state_of_groups`] always over the whole states, for tests
+    /// that check the two ways agree.
+    #[doc(hidden)]
+    pub fn resolve_whole_states_of_groups(
+        &self,
+        room_id: &str,
+        room_version: &RoomVersionId,
+        groups: &[StateGroup],
+        pending: &PendingEvents,
+    ) -> Result<storage_state::StateMap> {
+        let stored = self
+            .state
+            .get_state_for_groups(groups, &StateFilter::all())?;
+        let states: Vec<&storage_state::StateMap> = groups.iter().map(|g| &stored[g]).collect();
+        let what = format!("resolving the state of {room_id} over groups {groups:?}");
+        self.resolve_whole_states(room_version, &states, pending, &what)
     }
 
     /// Resolves the state of several groups of `room_id` and returns a group

@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod auth_chain;
+mod conflict;
 pub mod context;
 mod error;
 pub mod event_id;

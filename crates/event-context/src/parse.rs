@@ -21,6 +21,25 @@ use crate::{
 type JsonObject = Map<String, JsonValue>;
 
 pub(crate) fn parse_pdu(json: &str, room_version: Option<&RoomVersionId>) -> Result<Pdu, PduError> {
+    parse(json, room_version, None)
+}
+
+/// [`parse_pdu`] for an event read back from storage under `event_id`: the id
+/// is taken as stored and the JSON kept as it is, neither hashed nor
+/// canonicalised again.
+pub(crate) fn parse_stored_pdu(
+    json: &str,
+    room_version: &RoomVersionId,
+    event_id: &str,
+) -> Result<Pdu, PduError> {
+    parse(json, Some(room_version), Some(event_id))
+}
+
+fn parse(
+    json: &str,
+    room_version: Option<&RoomVersionId>,
+    stored_id: Option<&str>,
+) -> Result<Pdu, PduError> {
     let value: JsonValue = serde_json::from_str(json).map_err(|e| PduError::from_json_error(&e))?;
     let JsonValue::Object(mut object) = value else {
         return Err(PduError::NotAnObject(json_kind(&value)));
@@ -53,7 +72,10 @@ pub(crate) fn parse_pdu(json: &str, room_version: Option<&RoomVersionId>) -> Res
         None => None,
     };
 
-    let (event_id, json) = if event_id_in_json(&rules) {
+    let (event_id, json) = if let Some(id) = stored_id {
+        let id = OwnedEventId::try_from(id).map_err(|e| PduError::invalid("event_id", e))?;
+        (id, json.to_owned())
+    } else if event_id_in_json(&rules) {
         let id = OwnedEventId::try_from(required_str(&object, "event_id")?)
             .map_err(|e| PduError::invalid("event_id", e))?;
         // Old rooms may hold values canonical JSON cannot represent (floats); their id does
