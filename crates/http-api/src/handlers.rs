@@ -65,7 +65,7 @@ pub(super) async fn refuse_write() -> ApiError {
 
 pub(super) async fn metrics_text() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         metrics::global().render_prometheus(),
     )
 }

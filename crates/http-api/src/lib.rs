@@ -3,12 +3,14 @@
 //! has. axum on tokio; every storage call runs on a blocking thread under a log
 //! context of its own request.
 //!
+//! `access` logs one line per request and times it for `/metrics`,
 //! `handlers` answers the endpoints, `guards` runs before them (the token rule,
 //! the body limit, unknown paths), `errors` turns every failure into the
 //! contract's `{"errcode", "error"}` answer, `server` serves connections
 //! within limits (timeouts, a connection cap), `parse_errors` gives hyper's
 //! own answers to unparsable requests the same format.
 
+mod access;
 mod errors;
 mod guards;
 mod handlers;
@@ -38,6 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use storage_core::{Error, LogContext};
 use storage_state::StateStore;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 
 /// The longest a request may take, body included, before it is answered 503:
@@ -110,12 +113,13 @@ impl std::fmt::Debug for ApiState {
     }
 }
 
-/// Runs `f` on a blocking thread under a fresh request context.
+/// Runs `f` on a blocking thread under the request's log context (the one
+/// its access line names), or a fresh one outside a request.
 async fn blocking<T: Send + 'static>(
     kind: &'static str,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let ctx = LogContext::request(kind);
+    let ctx = access::request_context().unwrap_or_else(|| LogContext::request(kind));
     tokio::task::spawn_blocking(move || ctx.scope(f))
         .await
         .map_err(|e| ApiError {
@@ -154,6 +158,12 @@ pub fn router(state: ApiState) -> Router {
         ))
         .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Outermost: every answer above, errors and timeouts included, gets
+        // its access line and its latency; the request id is made (or kept)
+        // before and echoed after.
+        .layer(middleware::from_fn(access::access_log))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
 

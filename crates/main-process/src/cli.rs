@@ -67,6 +67,7 @@ enum Command {
     /// Import JSON lines of PDUs (the federation format, as Synapse stores them),
     /// through event contexts, state groups and the persistence queue. Events
     /// already stored are skipped.
+    #[command(after_help = "More: docs/cli.md#import; exporting from Synapse: docs/synapse-export.md.")]
     Import {
         /// Files of JSON lines: `-` reads standard input, a name ending in
         /// `.gz` is decompressed. See docs/cli.md and docs/synapse-export.md
@@ -76,11 +77,13 @@ enum Command {
     },
     /// Create the database if needed, apply pending migrations, check the id
     /// sequences, and print what it found. What the main process does at start-up.
+    #[command(after_help = "More: docs/cli.md.")]
     Migrate,
     /// A read-only report on a database (ours or Synapse's): rows and sizes of
     /// its tables from the engine's statistics, the rooms using the most state
     /// rows, and the health of the state group id sequence. Answers at once on
     /// databases of any size; `--exact` counts instead.
+    #[command(after_help = "More: docs/cli.md.")]
     Inspect {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -106,6 +109,7 @@ enum Command {
     },
     /// Copy every table to another database (typically SQLite to PostgreSQL),
     /// resumable, then set its sequences past the copied ids and check the copy.
+    #[command(after_help = "More: docs/cli.md#port and docs/operator-guide.md.")]
     Port {
         /// The database to copy from (default: the --database one).
         #[arg(long)]
@@ -130,6 +134,7 @@ enum Command {
     /// Delete the state groups that no event's state needs (left by writes that
     /// were refused or interrupted), and their rows. `serve` does the same every
     /// 10 minutes on its own.
+    #[command(after_help = "More: docs/cli.md#purge-state-groups.")]
     PurgeStateGroups {
         /// Only count them.
         #[arg(long)]
@@ -138,6 +143,7 @@ enum Command {
     /// Serve the HTTP API: health, metrics, room state, event writes (see
     /// docs/http.md and, for metrics, docs/metrics.md), with the persistence
     /// queue and the background jobs (pruning, purging, compression).
+    #[command(after_help = "More: docs/http.md, docs/metrics.md, docs/configuration.md and docs/operator-guide.md.")]
     Serve {
         /// Address to listen on (config `listen`; default 127.0.0.1:8008).
         /// 8008 is also Synapse's default port: give another one to run beside
@@ -170,6 +176,7 @@ enum Command {
     },
     /// The configuration file and settings (see docs/configuration.md):
     /// `config check` prints the settings in force.
+    #[command(after_help = "More: docs/configuration.md.")]
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
@@ -178,6 +185,7 @@ enum Command {
     /// state groups into a shape with far fewer rows, checking in every
     /// transaction that each group keeps its state. Resumable; refuses a
     /// database that a server is serving (its online job compresses instead).
+    #[command(after_help = "More: docs/compress.md.")]
     Compress {
         /// A room to compress (repeatable). Default: every room, most rows first.
         #[arg(long = "room", value_name = "ROOM_ID")]
@@ -197,6 +205,7 @@ enum Command {
     },
     /// Print the state of a room as JSON: its current state, or the state after
     /// an event. Never writes to the database.
+    #[command(after_help = "More: docs/cli.md.")]
     State {
         /// The room, e.g. `!abc:example.org`.
         #[arg(value_name = "ROOM_ID")]

@@ -230,3 +230,34 @@ fn config_check_prints_the_settings_in_force_without_secrets() {
         "the environment wins: {out}"
     );
 }
+
+/// `--help` of every command says where its reference is.
+#[test]
+fn every_command_help_points_at_the_docs() {
+    let (_, top, _) = hs_main_bare(&["--help"]);
+    let commands: Vec<String> = top
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("Options:")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect();
+    assert!(commands.len() >= 9, "{top}");
+    assert!(top.contains("docs/cli.md"), "{top}");
+    for command in &commands {
+        let (code, help, err) = hs_main_bare(&[command, "--help"]);
+        assert_eq!(code, 0, "{command}: {err}");
+        assert!(help.contains("docs/"), "{command} --help: {help}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+        .args(["import", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("<FILES>") && help.contains("`.gz`"), "{help}");
+}

@@ -228,7 +228,10 @@ fn run_loop(inner: &Inner, room_id: &str) {
             None => match std::panic::catch_unwind(AssertUnwindSafe(|| {
                 (inner.persist)(room_id, &events)
             })) {
-                Ok(Ok(batch)) => Ok(Arc::new(batch)),
+                Ok(Ok(batch)) => {
+                    metrics::global().record_persisted_batch(events.len());
+                    Ok(Arc::new(batch))
+                }
                 Ok(Err(e)) => Err(Arc::new(
                     e.context(format!("persisting {} events in {room_id}", events.len())),
                 )),

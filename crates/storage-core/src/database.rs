@@ -240,8 +240,10 @@ impl Database {
         options: TxnOptions,
         mut f: impl FnMut(&mut Transaction<'_>) -> Result<T>,
     ) -> Result<T> {
-        let start = Instant::now();
+        let waiting = Instant::now();
         let mut conn = self.inner.pool.get().with_context(|| desc.to_owned())?;
+        metrics::global().record_pool_wait(waiting.elapsed());
+        let start = Instant::now();
         let engine = &*self.inner.engine;
         // Reads prove nothing: they cannot corrupt, and a fenced-out process may
         // still answer them until it exits.

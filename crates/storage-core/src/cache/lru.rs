@@ -52,7 +52,11 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
                 bytes: 0,
                 sequence: 0,
             }),
-            stats: metrics::global().cache(name),
+            stats: {
+                let stats = metrics::global().cache(name);
+                stats.set_max_size(max_size);
+                stats
+            },
         }
     }
 
@@ -135,7 +139,7 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
         if evicted > 0 {
             self.stats.evicted(evicted);
         }
-        self.stats.set_bytes(inner.bytes);
+        self.stats.set_size(inner.entries.len(), inner.bytes);
     }
 
     /// Removes `key` and bumps the sequence.
@@ -147,7 +151,7 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
         }
         inner.sequence += 1;
         self.stats.invalidated();
-        self.stats.set_bytes(inner.bytes);
+        self.stats.set_size(inner.entries.len(), inner.bytes);
     }
 
     /// Removes every entry and bumps the sequence.
@@ -158,7 +162,7 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
         inner.bytes = 0;
         inner.sequence += 1;
         self.stats.invalidated();
-        self.stats.set_bytes(0);
+        self.stats.set_size(0, 0);
     }
 
     pub fn len(&self) -> usize {
