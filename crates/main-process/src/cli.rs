@@ -67,7 +67,9 @@ enum Command {
     /// Import JSON lines of PDUs (the federation format, as Synapse stores them),
     /// through event contexts, state groups and the persistence queue. Events
     /// already stored are skipped.
-    #[command(after_help = "More: docs/cli.md#import; exporting from Synapse: docs/synapse-export.md.")]
+    #[command(
+        after_help = "More: docs/cli.md#import; exporting from Synapse: docs/synapse-export.md."
+    )]
     Import {
         /// Files of JSON lines: `-` reads standard input, a name ending in
         /// `.gz` is decompressed. See docs/cli.md and docs/synapse-export.md
@@ -143,7 +145,9 @@ enum Command {
     /// Serve the HTTP API: health, metrics, room state, event writes (see
     /// docs/http.md and, for metrics, docs/metrics.md), with the persistence
     /// queue and the background jobs (pruning, purging, compression).
-    #[command(after_help = "More: docs/http.md, docs/metrics.md, docs/configuration.md and docs/operator-guide.md.")]
+    #[command(
+        after_help = "More: docs/http.md, docs/metrics.md, docs/configuration.md and docs/operator-guide.md."
+    )]
     Serve {
         /// Address to listen on (config `listen`; default 127.0.0.1:8008).
         /// 8008 is also Synapse's default port: give another one to run beside
