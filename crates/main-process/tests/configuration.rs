@@ -261,3 +261,52 @@ fn every_command_help_points_at_the_docs() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("<FILES>") && help.contains("`.gz`"), "{help}");
 }
+
+/// `-q` leaves warnings only, `-v` adds debug lines, and `RUST_LOG=debug`
+/// raises our crates without bringing back ruma's per-check lines, which
+/// come back only when named.
+#[test]
+fn log_levels_follow_flags_and_rust_log_keeps_third_party_quiet() {
+    let dir = TempDir(tempdir("log-levels"));
+    let run = |db: &str, args: &[&str], rust_log: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hs-main"));
+        c.arg("--database").arg(db).args(args);
+        c.env_remove("HS_DATABASE").env_remove("HS_CONFIG");
+        match rust_log {
+            Some(v) => c.env("RUST_LOG", v),
+            None => c.env_remove("RUST_LOG"),
+        };
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let db = |name: &str| format!("sqlite:{}", dir.0.join(name).display());
+    let quiet = run(&db("q.db"), &["-q", "import", FIXTURE], None);
+    assert!(!quiet.contains(" INFO "), "-q: {quiet}");
+    let normal = run(&db("n.db"), &["import", FIXTURE], None);
+    assert!(normal.contains(" INFO "), "{normal}");
+    assert!(!normal.contains(" DEBUG "), "{normal}");
+    let verbose = run(&db("v.db"), &["-v", "import", FIXTURE], None);
+    assert!(verbose.contains(" DEBUG "), "-v: {verbose}");
+    let ruma = |text: &str| text.lines().filter(|l| l.contains("] ruma")).count();
+    let debug = run(&db("d.db"), &["import", FIXTURE], Some("debug"));
+    assert!(debug.contains(" DEBUG "), "RUST_LOG=debug: {debug}");
+    assert_eq!(
+        ruma(&debug),
+        0,
+        "RUST_LOG=debug let ruma's lines through: {debug}"
+    );
+    let named = run(
+        &db("r.db"),
+        &["import", FIXTURE],
+        Some("debug,ruma_state_res=debug,ruma=debug"),
+    );
+    assert!(
+        ruma(&named) > 0,
+        "naming ruma brings its lines back: {named}"
+    );
+}
