@@ -66,7 +66,8 @@ pub(crate) fn parse_event_id(id: &str) -> Result<OwnedEventId> {
     })
 }
 
-/// Resolves `states` (two or more) from their conflict alone; `None` when an
+/// Resolves `states` (two or more) from their conflict alone, with the slots
+/// outside which the result equals every one of `states`; `None` when an
 /// event in the auth chains of the conflicted events is not conflicted itself
 /// and not in all of those chains (then only the chains of the whole states
 /// say whether it is in the auth difference). `load` loads events with their
@@ -78,7 +79,7 @@ pub(crate) fn resolve_by_conflict(
     mut load: impl FnMut(Vec<OwnedEventId>, &mut Loaded) -> Result<()>,
     fallback: impl Fn(&EventId) -> Option<Arc<Pdu>>,
     what: &str,
-) -> Result<Option<storage_state::StateMap>> {
+) -> Result<Option<(storage_state::StateMap, BTreeSet<StateKey>)>> {
     let rules = room_version_rules(room_version)
         .ok_or_else(|| Error::other(format!("{what}: unsupported room version {room_version}")))?;
     let Some(first) = states.first() else {
@@ -86,7 +87,7 @@ pub(crate) fn resolve_by_conflict(
     };
     let conflicted = conflicted_slots(states);
     if conflicted.is_empty() {
-        return Ok(Some((*first).clone()));
+        return Ok(Some(((*first).clone(), conflicted)));
     }
     let per_state: Vec<Vec<OwnedEventId>> = states
         .iter()
@@ -168,18 +169,18 @@ pub(crate) fn resolve_by_conflict(
     // Only the slots that change: an insert into a map sharing its nodes with
     // the group's copies the node path down to the slot.
     let mut state = (*first).clone();
-    for slot in slots {
-        match resolved.get(&slot) {
-            Some(id) if first.get(&slot).map(String::as_str) != Some(id.as_str()) => {
-                state.insert(slot, id.to_string());
+    for slot in &slots {
+        match resolved.get(slot) {
+            Some(id) if first.get(slot).map(String::as_str) != Some(id.as_str()) => {
+                state.insert(slot.clone(), id.to_string());
             }
-            None if first.contains_key(&slot) => {
-                state.remove(&slot);
+            None if first.contains_key(slot) => {
+                state.remove(slot);
             }
             _ => {}
         }
     }
-    Ok(Some(state))
+    Ok(Some((state, slots)))
 }
 
 #[cfg(test)]

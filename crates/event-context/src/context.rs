@@ -10,7 +10,8 @@
 
 use crate::conflict::{parse_event_id, Loaded};
 use crate::{
-    auth_types_for_pdu, check_auth_against_state, check_auth_events, resolve_state, Pdu, StateMap,
+    auth_types_for_pdu, check_auth_against_state, check_auth_events, resolve_state, Pdu, StateKey,
+    StateMap,
 };
 use ruma::{EventId, OwnedEventId, RoomVersionId};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -444,6 +445,26 @@ impl ContextBuilder {
         storage_state::StateMap,
         HashMap<StateGroup, storage_state::StateMap>,
     )> {
+        let (resolved, stored, _) =
+            self.resolve_with_slots(room_id, room_version, groups, pending)?;
+        Ok((resolved, stored))
+    }
+
+    /// [`Self::resolve_state_of_groups`], with the slots outside which the
+    /// result equals every group's state when it was resolved by the conflict
+    /// (`None`: it may differ anywhere).
+    #[allow(clippy::type_complexity)]
+    fn resolve_with_slots(
+        &self,
+        room_id: &str,
+        room_version: &RoomVersionId,
+        groups: &[StateGroup],
+        pending: &PendingEvents,
+    ) -> Result<(
+        storage_state::StateMap,
+        HashMap<StateGroup, storage_state::StateMap>,
+        Option<BTreeSet<StateKey>>,
+    )> {
         let stored = self
             .state
             .get_state_for_groups(groups, &StateFilter::all())?;
@@ -460,14 +481,17 @@ impl ContextBuilder {
                 &what,
             )?
         };
-        let resolved = match by_conflict {
-            Some(resolved) => {
+        let (resolved, slots) = match by_conflict {
+            Some((resolved, slots)) => {
                 self.resolved_by_conflict.fetch_add(1, Ordering::Relaxed);
-                resolved
+                (resolved, Some(slots))
             }
-            None => self.resolve_whole_states(room_version, &states, pending, &what)?,
+            None => (
+                self.resolve_whole_states(room_version, &states, pending, &what)?,
+                None,
+            ),
         };
-        Ok((resolved, stored))
+        Ok((resolved, stored, slots))
     }
 
     /// Resolves `states` with ruma over the whole states and the full auth
@@ -543,12 +567,22 @@ impl ContextBuilder {
                 return Ok((g, state));
             }
         }
-        let (resolved, inputs) =
-            self.resolve_state_of_groups(room_id, room_version, groups, pending)?;
-        let group = match groups.iter().find(|g| inputs[*g] == resolved) {
+        let (resolved, inputs, slots) =
+            self.resolve_with_slots(room_id, room_version, groups, pending)?;
+        // Outside `slots` the result and every input agree: only those slots
+        // are compared (a few thousand, not the whole room).
+        let same = |g: &StateGroup| match &slots {
+            Some(slots) => slots.iter().all(|k| inputs[g].get(k) == resolved.get(k)),
+            None => inputs[g] == resolved,
+        };
+        let group = match groups.iter().find(|g| same(g)) {
             Some(g) => *g,
             None => {
-                let base = choose_delta_base(&resolved, groups.iter().map(|g| (*g, &inputs[g])));
+                let inputs = groups.iter().map(|g| (*g, &inputs[g]));
+                let base = match &slots {
+                    Some(slots) => delta_base_within(&resolved, inputs, slots),
+                    None => choose_delta_base(&resolved, inputs),
+                };
                 let g = match base {
                     Some((prev, delta)) => self.state.store_state_group(
                         for_event,
@@ -611,17 +645,49 @@ pub fn choose_delta_base<'a>(
     resolved: &storage_state::StateMap,
     inputs: impl IntoIterator<Item = (StateGroup, &'a storage_state::StateMap)>,
 ) -> Option<(StateGroup, storage_state::StateMap)> {
-    inputs
-        .into_iter()
-        .filter(|(_, s)| s.keys().all(|k| resolved.contains_key(k)))
-        .map(|(g, s)| {
-            let delta: storage_state::StateMap = resolved
+    delta_base(resolved, inputs, None)
+}
+
+/// [`choose_delta_base`] for a `resolved` that equals every input outside
+/// `slots`: only those slots are looked at.
+fn delta_base_within<'a>(
+    resolved: &storage_state::StateMap,
+    inputs: impl IntoIterator<Item = (StateGroup, &'a storage_state::StateMap)>,
+    slots: &BTreeSet<StateKey>,
+) -> Option<(StateGroup, storage_state::StateMap)> {
+    delta_base(resolved, inputs, Some(slots))
+}
+
+fn delta_base<'a>(
+    resolved: &storage_state::StateMap,
+    inputs: impl IntoIterator<Item = (StateGroup, &'a storage_state::StateMap)>,
+    slots: Option<&BTreeSet<StateKey>>,
+) -> Option<(StateGroup, storage_state::StateMap)> {
+    let keeps_every_slot = |s: &storage_state::StateMap| match slots {
+        Some(slots) => slots
+            .iter()
+            .all(|k| !s.contains_key(k) || resolved.contains_key(k)),
+        None => s.keys().all(|k| resolved.contains_key(k)),
+    };
+    let delta_from = |s: &storage_state::StateMap| -> storage_state::StateMap {
+        match slots {
+            Some(slots) => slots
+                .iter()
+                .filter_map(|k| resolved.get(k).map(|v| (k, v)))
+                .filter(|(k, v)| s.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            None => resolved
                 .iter()
                 .filter(|(k, v)| s.get(*k) != Some(*v))
                 .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            (g, delta)
-        })
+                .collect(),
+        }
+    };
+    inputs
+        .into_iter()
+        .filter(|(_, s)| keeps_every_slot(s))
+        .map(|(g, s)| (g, delta_from(s)))
         .min_by_key(|(g, d)| (d.len(), *g))
 }
 
@@ -657,6 +723,43 @@ mod tests {
         assert_eq!(base, 2);
         assert_eq!(delta, state(&[("a", "E"), ("c", "E"), ("d", "E")]));
         assert_eq!(choose_delta_base(&new, [(1, &g1)]), None);
+    }
+
+    /// Given the slots outside which the result equals every input, the base
+    /// and delta are those found by looking at every slot.
+    #[test]
+    fn delta_base_within_slots_is_the_delta_base() {
+        let base = state(&[("x", "0"), ("y", "0"), ("z", "0")]);
+        let with = |pairs: &[(&str, &str)]| {
+            let mut s = base.clone();
+            for (k, v) in pairs {
+                if v.is_empty() {
+                    s.remove(&(k.to_string(), String::new()));
+                } else {
+                    s.insert((k.to_string(), String::new()), v.to_string());
+                }
+            }
+            s
+        };
+        let g1 = with(&[("a", "1"), ("b", "1")]);
+        let g2 = with(&[("a", "2"), ("c", "2")]);
+        let slots: BTreeSet<StateKey> = ["a", "b", "c"]
+            .iter()
+            .map(|k| (k.to_string(), String::new()))
+            .collect();
+        for resolved in [
+            with(&[("a", "2"), ("b", "1"), ("c", "2")]),
+            with(&[("a", "1"), ("b", "1")]),
+            with(&[("a", "1")]),
+            with(&[("c", "2"), ("b", "3")]),
+        ] {
+            let inputs = [(1, &g1), (2, &g2)];
+            assert_eq!(
+                delta_base_within(&resolved, inputs, &slots),
+                choose_delta_base(&resolved, inputs),
+                "{resolved:?}"
+            );
+        }
     }
 
     #[test]
