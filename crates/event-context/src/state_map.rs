@@ -1,18 +1,18 @@
-//! The plain state-map types shared with the storage layer, and their conversion to ruma's.
+//! Room state as this crate speaks it, and its conversion to ruma's.
 //!
-//! Storage reads and writes state as `(type, state_key) -> event_id` rows of strings, so the
-//! public API speaks [`StateMap`]; ruma's state resolution wants `StateEventType` keys, and
-//! only this module converts between the two.
-
-use std::collections::HashMap;
+//! There is one state map type, storage-state's [`storage_state::StateMap`],
+//! generic over what fills a slot: storage keeps event ids as strings, this
+//! crate as parsed [`OwnedEventId`]s, and both share one [`StateKey`]. ruma's
+//! state resolution wants `StateEventType` keys in a std `HashMap`; only this
+//! module converts between the two.
 
 use ruma::{events::StateEventType, state_res, OwnedEventId};
 
 /// A state key: `(event type, state key)`, e.g. `("m.room.member", "@alice:example.com")`.
-pub type StateKey = (String, String);
+pub use storage_state::StateKey;
 
 /// A room state: the event id holding each state key.
-pub type StateMap = HashMap<StateKey, OwnedEventId>;
+pub type StateMap = storage_state::StateMap<OwnedEventId>;
 
 pub(crate) fn to_ruma(state: &StateMap) -> state_res::StateMap<OwnedEventId> {
     state
