@@ -104,13 +104,20 @@ pub fn start(program: &str, args: &[String], port: u16) -> Process {
 }
 
 pub fn main_process(db: &TestDb, port: u16) -> Process {
-    let args = vec![
+    main_process_with(db, port, &[])
+}
+
+/// [`main_process`] with `global` arguments before the command
+/// (`--log-format json`, `-v`, `--config FILE`).
+pub fn main_process_with(db: &TestDb, port: u16, global: &[&str]) -> Process {
+    let mut args: Vec<String> = global.iter().map(|s| s.to_string()).collect();
+    args.extend([
         "--database".into(),
         db.url().into(),
         "serve".into(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
-    ];
+    ]);
     start("hs-main", &args, port)
 }
 

@@ -4,7 +4,9 @@
 //! parser reads whole, every family with its HELP and TYPE, the request
 //! latency histogram growing with requests.
 
-use e2e_tests::{encode, founded_room, free_port, message, post, start, Process, ROOM, TOKEN};
+use e2e_tests::{
+    encode, founded_room, free_port, main_process_with, message, post, Process, ROOM, TOKEN,
+};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use storage_core::testing::TestDb;
@@ -16,16 +18,7 @@ storage_core::engine_tests!(
 
 /// `hs-main serve` on `db` with `extra` arguments before the command.
 fn serve(db: &TestDb, extra: &[&str]) -> Process {
-    let port = free_port();
-    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    args.extend([
-        "--database".into(),
-        db.url().into(),
-        "serve".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-    ]);
-    start("hs-main", &args, port)
+    main_process_with(db, free_port(), extra)
 }
 
 /// GETs `path` with the token; (the `x-request-id` answered, the body).

@@ -1,7 +1,7 @@
 //! Command-line parsing and dispatch, and how failures become exit statuses.
 
-use clap::{ArgAction, Parser, Subcommand, ValueEnum};
-use settings::{Overrides, Settings};
+use clap::{ArgAction, Parser, Subcommand};
+use settings::{LogFormat, Overrides, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use storage_core::{ErrorKind, LogContext};
@@ -41,17 +41,10 @@ struct Cli {
     /// Log lines as text, or as one JSON object a line (for log shippers).
     /// Default: the configuration's `log.format`, else text.
     #[arg(long, global = true, value_name = "FORMAT")]
-    log_format: Option<LogFormatArg>,
+    log_format: Option<LogFormat>,
 
     #[command(subcommand)]
     command: Command,
-}
-
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormatArg {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,10 +256,7 @@ impl Cli {
     fn overrides(&self) -> Overrides {
         let mut o = Overrides {
             database: self.database.clone(),
-            log_format: self.log_format.map(|f| match f {
-                LogFormatArg::Text => settings::LogFormat::Text,
-                LogFormatArg::Json => settings::LogFormat::Json,
-            }),
+            log_format: self.log_format,
             ..Overrides::default()
         };
         if let Command::Serve {
@@ -292,19 +282,15 @@ impl Cli {
 /// the command and turns its outcome into an exit status.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    let token_env = std::env::var("HS_API_TOKEN").ok();
-    let settings = match Settings::load(cli.config.as_deref(), &cli.overrides(), token_env) {
-        Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("hs-main: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(settings) = Settings::start(
+        "hs-main",
+        cli.config.as_deref(),
+        &cli.overrides(),
+        cli.verbose,
+        cli.quiet,
+    ) else {
+        return ExitCode::FAILURE;
     };
-    storage_core::logging::init_with(&storage_core::logging::LogOptions {
-        filter: settings.log_filter.clone(),
-        verbosity: cli.verbose.min(10) as i8 - cli.quiet.min(10) as i8,
-        json: settings.log_format == settings::LogFormat::Json,
-    });
     let database = settings.database.clone();
     let outcome = match cli.command {
         Command::Inspect {

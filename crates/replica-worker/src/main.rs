@@ -5,11 +5,11 @@
 //! store_state_group with ids from the shared sequence) and hands events and
 //! contexts to the main process, which persists them without recomputing.
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
 use event_context::ContextBuilder;
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter};
-use settings::{Overrides, Settings};
+use settings::{LogFormat, Overrides, Settings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,14 +60,7 @@ struct Cli {
     /// Log lines as text, or as one JSON object a line (for log shippers).
     /// Default: the configuration's `log.format`, else text.
     #[arg(long, value_name = "FORMAT")]
-    log_format: Option<LogFormatArg>,
-}
-
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormatArg {
-    Text,
-    Json,
+    log_format: Option<LogFormat>,
 }
 
 /// Computes contexts here, persists through the main process.
@@ -206,28 +199,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let overrides = Overrides {
         database: cli.database.clone(),
-        log_format: cli.log_format.map(|f| match f {
-            LogFormatArg::Text => settings::LogFormat::Text,
-            LogFormatArg::Json => settings::LogFormat::Json,
-        }),
+        log_format: cli.log_format,
         worker_main: cli.main.clone(),
         worker_name: cli.name.clone(),
         worker_listen: cli.listen,
         ..Overrides::default()
     };
-    let token_env = std::env::var("HS_API_TOKEN").ok();
-    let settings = match Settings::load(cli.config.as_deref(), &overrides, token_env) {
-        Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("hs-worker: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(settings) = Settings::start(
+        "hs-worker",
+        cli.config.as_deref(),
+        &overrides,
+        cli.verbose,
+        cli.quiet,
+    ) else {
+        return ExitCode::FAILURE;
     };
-    storage_core::logging::init_with(&storage_core::logging::LogOptions {
-        filter: settings.log_filter.clone(),
-        verbosity: cli.verbose.min(10) as i8 - cli.quiet.min(10) as i8,
-        json: settings.log_format == settings::LogFormat::Json,
-    });
     if cli.database.is_none() && settings.file.is_none() {
         eprintln!(
             "hs-worker: no database given: pass --database (or HS_DATABASE) with the main \

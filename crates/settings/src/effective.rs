@@ -215,6 +215,32 @@ impl Settings {
         })
     }
 
+    /// What both binaries do first: reads the settings (`program: ` and the
+    /// error on stderr when they are wrong) and installs the logger as they
+    /// and `-v`/`-q` (counted) say.
+    pub fn start(
+        program: &str,
+        config: Option<&Path>,
+        overrides: &Overrides,
+        verbose: u8,
+        quiet: u8,
+    ) -> Option<Settings> {
+        let token_env = std::env::var("HS_API_TOKEN").ok();
+        let settings = match Settings::load(config, overrides, token_env) {
+            Ok(settings) => settings,
+            Err(e) => {
+                eprintln!("{program}: {e}");
+                return None;
+            }
+        };
+        storage_core::logging::init_with(&storage_core::logging::LogOptions {
+            filter: settings.log_filter.clone(),
+            verbosity: verbose.min(10) as i8 - quiet.min(10) as i8,
+            json: settings.log_format == LogFormat::Json,
+        });
+        Some(settings)
+    }
+
     /// The database to open with `mode`, with the configured pool size.
     pub fn database_config(&self, mode: OpenMode) -> storage_core::Result<DatabaseConfig> {
         let config = DatabaseConfig::parse(&self.database, mode)?;

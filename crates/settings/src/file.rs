@@ -65,8 +65,8 @@ pub struct Log {
     pub format: Option<LogFormat>,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+/// How log lines are written (`log.format`, or `--log-format`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
