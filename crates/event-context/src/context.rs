@@ -20,7 +20,9 @@ use std::sync::Arc;
 use storage_core::cache::LruCache;
 use storage_core::{Error, Result, StoreConfig};
 use storage_events::{EventReads, EventToPersist, EventsStore, StoredEvent};
-use storage_state::{StateFilter, StateGroup, StateGroupAccess, StateStore};
+use storage_state::{
+    NewStateGroup, PreparedStateGroup, StateFilter, StateGroup, StateGroupAccess, StateStore,
+};
 
 /// Where an event stands in its room's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +36,10 @@ pub struct EventContext {
     pub state_group_after: Option<StateGroup>,
     /// Why the auth rules rejected the event, if they did.
     pub rejected: Option<String>,
+    /// The groups computed for this event and not written yet (a builder that
+    /// defers group writes, see [`ContextBuilder::deferring_group_writes`]): the
+    /// event's batch writes them. Empty when they were written at once.
+    pub new_state_groups: Vec<Arc<PreparedStateGroup>>,
 }
 
 /// Events known to a caller but perhaps not stored yet (the earlier lines of an
@@ -103,6 +109,9 @@ pub struct ContextBuilder {
     event_reads: Arc<AtomicU64>,
     /// Resolutions settled from the groups' conflict alone.
     resolved_by_conflict: Arc<AtomicU64>,
+    /// Whether new groups are prepared for the event's batch to write rather
+    /// than written at once.
+    defer_group_writes: bool,
 }
 
 impl std::fmt::Debug for ContextBuilder {
@@ -139,7 +148,42 @@ impl ContextBuilder {
             groups_stored: Arc::new(AtomicU64::new(0)),
             event_reads: Arc::new(AtomicU64::new(0)),
             resolved_by_conflict: Arc::new(AtomicU64::new(0)),
+            defer_group_writes: false,
         }
+    }
+
+    /// This builder, preparing new state groups (an id each, readable through
+    /// the state store) for the transaction of their event's batch to write,
+    /// instead of writing each in a transaction of its own. For the main
+    /// process, whose batches it computes contexts for; a worker, which hands
+    /// its events to another process, writes its groups itself.
+    pub fn deferring_group_writes(mut self) -> Self {
+        self.defer_group_writes = true;
+        self
+    }
+
+    /// A new group for `new`: written now, or prepared and added to `prepared`.
+    fn new_group(
+        &self,
+        new: NewStateGroup<'_>,
+        prepared: &mut Vec<Arc<PreparedStateGroup>>,
+    ) -> Result<StateGroup> {
+        let group = if self.defer_group_writes {
+            let p = self.state.prepare_state_group(&new)?;
+            let g = p.group;
+            prepared.push(p);
+            g
+        } else {
+            self.state.store_state_group(
+                new.event_id,
+                new.room_id,
+                new.prev_group,
+                new.delta_ids,
+                new.current_state_ids,
+            )?
+        };
+        self.groups_stored.fetch_add(1, Ordering::Relaxed);
+        Ok(group)
     }
 
     pub fn state(&self) -> &StateStore {
@@ -315,10 +359,12 @@ impl ContextBuilder {
                 state_group_before: None,
                 state_group_after: None,
                 rejected,
+                new_state_groups: Vec::new(),
             });
         }
         let event_id = pdu.event_id.as_str();
         let room_id = pdu.room_id.as_str();
+        let mut prepared = Vec::new();
 
         let mut prev_groups = BTreeSet::new();
         for prev in &pdu.prev_events {
@@ -349,8 +395,15 @@ impl ContextBuilder {
             _ => {
                 let groups: Vec<StateGroup> = prev_groups.into_iter().collect();
                 Some(
-                    self.resolve_groups(room_id, &pdu.room_version, event_id, &groups, pending)?
-                        .0,
+                    self.resolve_groups_preparing(
+                        room_id,
+                        &pdu.room_version,
+                        event_id,
+                        &groups,
+                        pending,
+                        &mut prepared,
+                    )?
+                    .0,
                 )
             }
         };
@@ -375,36 +428,38 @@ impl ContextBuilder {
         let after = match (&rejected, pdu.state_map_key()) {
             (None, Some(slot)) => {
                 let delta = storage_state::StateMap::from_iter([(slot, event_id.to_owned())]);
-                let group = match before {
-                    Some(b) => self.state.store_state_group(
+                let new = match before {
+                    Some(b) => NewStateGroup {
                         event_id,
                         room_id,
-                        Some(b),
-                        Some(&delta),
-                        None,
-                    )?,
-                    None => {
-                        self.state
-                            .store_state_group(event_id, room_id, None, None, Some(&delta))?
-                    }
+                        prev_group: Some(b),
+                        delta_ids: Some(&delta),
+                        current_state_ids: None,
+                    },
+                    None => NewStateGroup {
+                        event_id,
+                        room_id,
+                        prev_group: None,
+                        delta_ids: None,
+                        current_state_ids: Some(&delta),
+                    },
                 };
-                self.groups_stored.fetch_add(1, Ordering::Relaxed);
-                Some(group)
+                Some(self.new_group(new, &mut prepared)?)
             }
             _ => match before {
                 Some(b) => Some(b),
                 // A rejected create event, or a non-state event with no prevs: the
                 // state is empty, and stored as such so the event still has a group.
                 None => {
-                    let g = self.state.store_state_group(
+                    let empty = storage_state::StateMap::default();
+                    let new = NewStateGroup {
                         event_id,
                         room_id,
-                        None,
-                        None,
-                        Some(&Default::default()),
-                    )?;
-                    self.groups_stored.fetch_add(1, Ordering::Relaxed);
-                    Some(g)
+                        prev_group: None,
+                        delta_ids: None,
+                        current_state_ids: Some(&empty),
+                    };
+                    Some(self.new_group(new, &mut prepared)?)
                 }
             },
         };
@@ -413,6 +468,7 @@ impl ContextBuilder {
             state_group_before: before,
             state_group_after: after,
             rejected,
+            new_state_groups: prepared,
         })
     }
 
@@ -552,6 +608,37 @@ impl ContextBuilder {
         groups: &[StateGroup],
         pending: &PendingEvents,
     ) -> Result<(StateGroup, storage_state::StateMap)> {
+        let mut prepared = Vec::new();
+        let resolved = self.resolve_groups_preparing(
+            room_id,
+            room_version,
+            for_event,
+            groups,
+            pending,
+            &mut prepared,
+        )?;
+        if !prepared.is_empty() {
+            // Nobody would write it: only a builder that writes at once may be
+            // asked from outside a context.
+            self.state.forget_prepared_groups(&prepared);
+            return Err(Error::other(
+                "resolve_groups on a builder that defers group writes",
+            ));
+        }
+        Ok(resolved)
+    }
+
+    /// [`Self::resolve_groups`], a new group prepared into `prepared` when
+    /// this builder defers group writes.
+    fn resolve_groups_preparing(
+        &self,
+        room_id: &str,
+        room_version: &RoomVersionId,
+        for_event: &str,
+        groups: &[StateGroup],
+        pending: &PendingEvents,
+        prepared: &mut Vec<Arc<PreparedStateGroup>>,
+    ) -> Result<(StateGroup, storage_state::StateMap)> {
         let key: Vec<StateGroup> = groups.to_vec();
         // A cached group is reused only while it is sure to stay: its event is
         // still being written by this caller, or an event references it. A
@@ -583,24 +670,20 @@ impl ContextBuilder {
                     Some(slots) => delta_base_within(&resolved, inputs, slots),
                     None => choose_delta_base(&resolved, inputs),
                 };
-                let g = match base {
-                    Some((prev, delta)) => self.state.store_state_group(
-                        for_event,
-                        room_id,
-                        Some(prev),
-                        Some(&delta),
-                        Some(&resolved),
-                    )?,
-                    None => self.state.store_state_group(
-                        for_event,
-                        room_id,
-                        None,
-                        None,
-                        Some(&resolved),
-                    )?,
+                let (prev_group, delta_ids) = match &base {
+                    Some((prev, delta)) => (Some(*prev), Some(delta)),
+                    None => (None, None),
                 };
-                self.groups_stored.fetch_add(1, Ordering::Relaxed);
-                g
+                self.new_group(
+                    NewStateGroup {
+                        event_id: for_event,
+                        room_id,
+                        prev_group,
+                        delta_ids,
+                        current_state_ids: Some(&resolved),
+                    },
+                    prepared,
+                )?
             }
         };
         self.resolutions.insert(key, (group, for_event.to_owned()));
@@ -627,6 +710,7 @@ impl ContextBuilder {
             rejected: context.rejected.clone(),
             state_group: context.state_group_after,
             membership,
+            new_state_groups: context.new_state_groups.clone(),
         }
     }
 }

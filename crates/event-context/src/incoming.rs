@@ -90,15 +90,31 @@ impl PduReader {
 }
 
 /// Reads `pdus` (all of `room_id`, in order) and computes their contexts, each
-/// seeing the ones before it.
+/// seeing the ones before it. When one fails, the groups prepared for the
+/// others are dropped: none of them will be written.
 pub fn contexts_for(
     builder: &ContextBuilder,
     room_id: &str,
     pdus: &[String],
 ) -> Result<Vec<(Pdu, EventContext)>> {
+    let mut out = Vec::with_capacity(pdus.len());
+    let result = compute_contexts(builder, room_id, pdus, &mut out);
+    if result.is_err() {
+        builder
+            .state()
+            .forget_prepared_groups(out.iter().flat_map(|(_, c)| &c.new_state_groups));
+    }
+    result.map(|()| out)
+}
+
+fn compute_contexts(
+    builder: &ContextBuilder,
+    room_id: &str,
+    pdus: &[String],
+    out: &mut Vec<(Pdu, EventContext)>,
+) -> Result<()> {
     let mut reader = PduReader::new(builder.events().clone());
     let mut pending = PendingEvents::default();
-    let mut out = Vec::with_capacity(pdus.len());
     for (i, text) in pdus.iter().enumerate() {
         let pdu = reader
             .read(text)
@@ -115,7 +131,7 @@ pub fn contexts_for(
         pending.insert(Arc::new(pdu.clone()), context.clone());
         out.push((pdu, context));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Checks contexts that another process computed before they are persisted as

@@ -70,6 +70,8 @@ impl ContextedEvent {
             state_group_before: self.state_group_before,
             state_group_after: self.state_group_after,
             rejected: self.rejected,
+            // The worker wrote its groups itself.
+            new_state_groups: Vec::new(),
         };
         Ok((pdu, context))
     }

@@ -18,7 +18,6 @@ use crate::cli::Failure;
 use crate::lines::Lines;
 use event_context::{ContextBuilder, Pdu, PduReader, PendingEvents};
 use indicatif::{ProgressBar, ProgressStyle};
-use persistence::pipeline::BATCH;
 use persistence::{Chain, Handle, Pipeline};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -29,8 +28,13 @@ use storage_events::{EventReads, EventToPersist};
 
 /// Lines read, parsed and checked against storage at a time.
 const CHUNK: usize = 256;
+/// Events of a room written in one transaction. Larger than the queue's batch
+/// for requests: an import's events arrive faster than they are written, and
+/// on SQLite most of a commit's cost is the index pages it rewrites, pages
+/// that a larger batch shares among more events.
+pub const BATCH: usize = 1_000;
 /// Batches in flight before the reader waits for the oldest.
-const IN_FLIGHT: usize = 8;
+const IN_FLIGHT: usize = 2;
 
 /// Where a line came from, for messages.
 #[derive(Debug, Clone)]

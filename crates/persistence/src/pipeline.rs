@@ -80,7 +80,8 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn open(db: Database, config: &StoreConfig) -> Result<Pipeline> {
         let events = EventsStore::new(db, config)?;
-        let builder = ContextBuilder::new(events.clone(), config);
+        // New groups are written by their events' batches.
+        let builder = ContextBuilder::new(events.clone(), config).deferring_group_writes();
         let persister = RoomPersister::new(
             events,
             Arc::new(Resolver {

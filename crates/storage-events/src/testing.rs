@@ -29,6 +29,7 @@ pub fn event(
         rejected: None,
         state_group,
         membership: None,
+        new_state_groups: Vec::new(),
     }
 }
 
@@ -46,6 +47,7 @@ pub fn state_event(
         state_key: Some(state_key.into()),
         room_version: (event_type == "m.room.create").then(|| "10".to_owned()),
         membership: (event_type == "m.room.member").then(|| "join".to_owned()),
+        new_state_groups: Vec::new(),
         ..event(room_id, event_id, prev_events, state_group)
     }
 }

@@ -5,7 +5,8 @@
 //! persistence loop, so the transaction only writes.
 
 use std::collections::HashMap;
-use storage_state::{StateGroup, StateKey};
+use std::sync::Arc;
+use storage_state::{PreparedStateGroup, StateGroup, StateKey};
 
 /// One event ready to be written.
 #[derive(Debug, Clone)]
@@ -34,6 +35,10 @@ pub struct EventToPersist {
     pub state_group: Option<StateGroup>,
     /// `content.membership` of a member event.
     pub membership: Option<String>,
+    /// The state groups computed for the event and not written yet: the
+    /// batch's transaction writes them before the events (in batch order, so
+    /// a group's prev group is always written first).
+    pub new_state_groups: Vec<Arc<PreparedStateGroup>>,
 }
 
 impl EventToPersist {

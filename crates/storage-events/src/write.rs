@@ -1,6 +1,6 @@
 //! The batch write: one room's events, their JSON, edges, auth edges,
-//! rejections and state groups, the new forward extremities and the change of
-//! current state, in one transaction.
+//! rejections, new state groups and event-to-group rows, the new forward
+//! extremities and the change of current state, in one transaction.
 
 use crate::read::load_existing;
 use crate::replication::{
@@ -19,13 +19,21 @@ use storage_core::{with_conn, Result, Transaction};
 
 impl EventsStore {
     /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).
+    /// When it fails, the batch's prepared state groups are dropped: they will
+    /// never be written.
     pub fn persist_batch(&self, batch: &RoomBatch) -> Result<PersistedBatch> {
-        self.db
-            .run_interaction("persist_events", |txn| self.persist_batch_txn(txn, batch))
+        let result = self
+            .db
+            .run_interaction("persist_events", |txn| self.persist_batch_txn(txn, batch));
+        if result.is_err() {
+            self.state
+                .forget_prepared_groups(batch.events.iter().flat_map(|e| &e.new_state_groups));
+        }
+        result
     }
 
-    /// Writes a batch: events, their JSON, edges, auth edges, rejections, the
-    /// state group after each non-outlier, the new forward extremities and the
+    /// Writes a batch: the state groups prepared for its events, events, their
+    /// JSON, edges, auth edges, rejections, the state group after each non-outlier, the new forward extremities and the
     /// change of current state. Events already stored are skipped. Stream
     /// positions are taken while the events table is locked, so that they
     /// increase in commit order.
@@ -35,6 +43,14 @@ impl EventsStore {
         batch: &RoomBatch,
     ) -> Result<PersistedBatch> {
         txn.lock_table("events")?;
+        // Every prepared group, those of events found already stored too: a
+        // later event of the batch may have its state in one of them.
+        let groups: Vec<_> = batch
+            .events
+            .iter()
+            .flat_map(|e| e.new_state_groups.iter().cloned())
+            .collect();
+        self.state.store_prepared_groups_txn(txn, &groups)?;
         let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
         let stored: HashSet<String> = load_existing(txn, &ids)?;
         let mut seen = HashSet::new();

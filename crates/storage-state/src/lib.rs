@@ -18,6 +18,7 @@ pub mod schema;
 mod sql;
 mod store;
 mod types;
+mod unwritten;
 mod write;
 
 pub use caches::{Delta, StateCaches};
@@ -27,6 +28,7 @@ pub use purge::{highest_state_group, purge_unneeded_groups, PurgeReport};
 pub use report::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
 pub use store::{CacheKind, StateGroupAccess, StateStore};
 pub use types::{key, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
+pub use unwritten::PreparedStateGroup;
 pub use write::{NewStateGroup, STATE_GROUP_SEQUENCE};
 
 /// For `cargo xtask bench state`: the store's own statement for the state of

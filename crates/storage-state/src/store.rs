@@ -10,7 +10,8 @@ use crate::schema::{
     state_groups_state,
 };
 use crate::types::{StateGroup, StateKey, StateMap};
-use crate::write::{self, NewStateGroup, STATE_GROUP_SEQUENCE};
+use crate::unwritten::{PreparedStateGroup, UnwrittenGroups};
+use crate::write::{self, GroupRows, NewStateGroup, StoredInTxn, STATE_GROUP_SEQUENCE};
 use diesel::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,6 +82,8 @@ pub enum CacheKind {
 pub struct StateStore {
     db: Database,
     caches: Arc<StateCaches>,
+    /// Groups prepared for a batch not yet written (see [`crate::unwritten`]).
+    unwritten: Arc<UnwrittenGroups>,
 }
 
 impl StateStore {
@@ -107,6 +110,7 @@ impl StateStore {
         Ok(StateStore {
             db,
             caches: Arc::new(StateCaches::new(config)),
+            unwritten: Arc::default(),
         })
     }
 
@@ -125,7 +129,112 @@ impl StateStore {
         txn: &mut Transaction<'_>,
         new: &NewStateGroup<'_>,
     ) -> Result<StateGroup> {
-        write::store_txn(txn, &self.caches, new)
+        new.validate()?;
+        let group = txn.next_id(&STATE_GROUP_SEQUENCE)?;
+        let mut rows = GroupRows::default();
+        write::store_txn(
+            txn,
+            &self.caches,
+            new,
+            group,
+            &mut StoredInTxn::default(),
+            &mut rows,
+        )?;
+        rows.flush(txn)?;
+        Ok(group)
+    }
+
+    /// Takes an id for `new` and keeps it readable (by this store's reads) until
+    /// [`Self::store_prepared_groups_txn`] writes it in the transaction of its
+    /// event's batch, or [`Self::forget_prepared_groups`] drops it. One
+    /// statement (the sequence), no transaction.
+    pub fn prepare_state_group(&self, new: &NewStateGroup<'_>) -> Result<Arc<PreparedStateGroup>> {
+        new.validate()?;
+        let state = match (new.current_state_ids, new.prev_group, new.delta_ids) {
+            (Some(current), _, _) => current.clone(),
+            (None, Some(prev), Some(delta)) => {
+                let mut state = match self.unwritten.full_state(prev) {
+                    Some(s) => s,
+                    None => self
+                        .get_state_for_groups(&[prev], &StateFilter::all())?
+                        .remove(&prev)
+                        .unwrap_or_default(),
+                };
+                state.extend(delta.iter().map(|(k, v)| (k.clone(), v.clone())));
+                state
+            }
+            _ => unreachable!("validate() refuses a group with neither state nor a delta"),
+        };
+        let group = self
+            .db
+            .with_connection(|engine, c| engine.next_ids(c, &STATE_GROUP_SEQUENCE, 1))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::other("the state group sequence gave no id"))?;
+        let prepared = Arc::new(PreparedStateGroup::new(group, new, state));
+        self.unwritten.insert(prepared.clone());
+        Ok(prepared)
+    }
+
+    /// Writes prepared groups inside a caller's transaction, in order (a group
+    /// may have an earlier one as its prev group). Once committed, their caches
+    /// are prefilled and they are read from the database.
+    pub fn store_prepared_groups_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        groups: &[Arc<PreparedStateGroup>],
+    ) -> Result<()> {
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let mut stored = StoredInTxn::default();
+        let news: Vec<NewStateGroup<'_>> = groups.iter().map(|g| g.as_new()).collect();
+        let mut rows = GroupRows::default();
+        for (g, new) in groups.iter().zip(&news) {
+            write::store_txn(txn, &self.caches, new, g.group, &mut stored, &mut rows)?;
+        }
+        rows.flush(txn)?;
+        let unwritten = self.unwritten.clone();
+        let ids: Vec<StateGroup> = groups.iter().map(|g| g.group).collect();
+        txn.call_after(move || unwritten.remove(ids));
+        Ok(())
+    }
+
+    /// Drops prepared groups that will not be written (their batch failed, or
+    /// their events were refused before being queued).
+    pub fn forget_prepared_groups<'a>(
+        &self,
+        groups: impl IntoIterator<Item = &'a Arc<PreparedStateGroup>>,
+    ) {
+        self.unwritten.remove(groups.into_iter().map(|g| g.group));
+    }
+
+    /// [`StateGroupAccess::get_state_for_groups`] for groups some of which are
+    /// prepared and not written yet.
+    fn state_with_unwritten(
+        &self,
+        groups: &[StateGroup],
+        filter: &StateFilter,
+    ) -> Result<HashMap<StateGroup, StateMap>> {
+        let mut result = HashMap::with_capacity(groups.len());
+        let mut written = Vec::new();
+        for &g in groups {
+            match self.unwritten.state(g, filter) {
+                Some(state) => {
+                    result.insert(g, state);
+                }
+                None => written.push(g),
+            }
+        }
+        if !written.is_empty() {
+            result.extend(read::state_for_groups(
+                &self.caches,
+                &self.db,
+                &written,
+                filter,
+            )?);
+        }
+        Ok(result)
     }
 
     /// Records the state group after each event (`event_to_state_groups`) inside a
@@ -312,7 +421,10 @@ impl StateGroupAccess for StateStore {
         groups: &[StateGroup],
         filter: &StateFilter,
     ) -> Result<HashMap<StateGroup, StateMap>> {
-        read::state_for_groups(&self.caches, &self.db, groups, filter)
+        if self.unwritten.is_empty() {
+            return read::state_for_groups(&self.caches, &self.db, groups, filter);
+        }
+        self.state_with_unwritten(groups, filter)
     }
 
     fn get_state_group_for_events(

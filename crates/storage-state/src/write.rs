@@ -7,6 +7,7 @@ use crate::schema::{state_group_edges, state_groups, state_groups_state};
 use crate::sql;
 use crate::types::{StateGroup, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 use diesel::prelude::*;
+use std::collections::HashMap;
 use std::sync::Arc;
 use storage_core::{with_conn, Error, Result, Sequence, Transaction};
 
@@ -78,15 +79,86 @@ pub(crate) struct StateRow<'a> {
     pub(crate) event_id: &'a str,
 }
 
-/// Stores `new` inside `txn`; returns the new group. Prefills the caches after
-/// the commit.
-pub(crate) fn store_txn(
+/// What a transaction that stores several groups knows of those it stored:
+/// their rooms and chain lengths, so that a group whose prev group is one of
+/// them asks the database for neither.
+#[derive(Debug, Default)]
+pub(crate) struct StoredInTxn {
+    groups: HashMap<StateGroup, (String, usize)>,
+}
+
+/// The rows of groups stored in a transaction and not inserted yet: a batch's
+/// groups cost three multi-row INSERTs, not three INSERTs each.
+#[derive(Default)]
+pub(crate) struct GroupRows<'a> {
+    groups: Vec<GroupRow<'a>>,
+    edges: Vec<EdgeRow>,
+    state: Vec<StateRow<'a>>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = state_groups)]
+#[diesel(treat_none_as_default_value = false)]
+struct GroupRow<'a> {
+    id: i64,
+    room_id: &'a str,
+    event_id: &'a str,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = state_group_edges)]
+#[diesel(treat_none_as_default_value = false)]
+struct EdgeRow {
+    state_group: i64,
+    prev_state_group: i64,
+}
+
+impl<'a> GroupRows<'a> {
+    /// Inserts the rows gathered so far.
+    pub(crate) fn flush(&mut self, txn: &mut Transaction<'_>) -> Result<()> {
+        for chunk in self.groups.chunks(INSERT_CHUNK) {
+            with_conn!(txn.conn(), |c| diesel::insert_into(state_groups::table)
+                .values(chunk)
+                .execute(c))?;
+        }
+        for chunk in self.edges.chunks(INSERT_CHUNK) {
+            with_conn!(txn.conn(), |c| diesel::insert_into(
+                state_group_edges::table
+            )
+            .values(chunk)
+            .execute(c))?;
+        }
+        insert_rows(txn, &self.state)?;
+        self.groups.clear();
+        self.edges.clear();
+        self.state.clear();
+        Ok(())
+    }
+
+    fn add_state(&mut self, group: StateGroup, room_id: &'a str, state: &'a StateMap) {
+        self.state.extend(state.iter().map(|((t, k), e)| StateRow {
+            state_group: group,
+            room_id,
+            type_: t,
+            state_key: k,
+            event_id: e,
+        }));
+    }
+}
+
+/// Stores `new` inside `txn` as group `group` (an id taken from
+/// [`STATE_GROUP_SEQUENCE`]): its rows go to `rows`, for the caller to flush
+/// (rows of a snapshot the store had to compute are inserted at once). Prefills
+/// the caches after the commit.
+pub(crate) fn store_txn<'a>(
     txn: &mut Transaction<'_>,
     caches: &Arc<StateCaches>,
-    new: &NewStateGroup<'_>,
+    new: &NewStateGroup<'a>,
+    group: StateGroup,
+    stored: &mut StoredInTxn,
+    rows: &mut GroupRows<'a>,
 ) -> Result<StateGroup> {
     new.validate()?;
-    let group = txn.next_id(&crate::write::STATE_GROUP_SEQUENCE)?;
     let seq_members = caches.members.sequence();
     let seq_non_members = caches.non_members.sequence();
 
@@ -94,7 +166,10 @@ pub(crate) fn store_txn(
     // long): a snapshot, computing the full state if the caller gave only a delta.
     let delta_base = match (new.prev_group, new.delta_ids) {
         (Some(prev), Some(delta)) => {
-            let prev_len = prev_chain_length(txn, caches, prev, new.room_id)?;
+            let prev_len = match stored.groups.get(&prev) {
+                Some((room, len)) if room == new.room_id => *len,
+                _ => prev_chain_length(txn, caches, prev, new.room_id)?,
+            };
             (prev_len < MAX_STATE_DELTA_HOPS).then_some((prev, delta, prev_len))
         }
         _ => None,
@@ -110,6 +185,8 @@ pub(crate) fn store_txn(
                     "current_state_ids cannot be None without a prev_group",
                 ));
             };
+            // The prev group may be among the rows not inserted yet.
+            rows.flush(txn)?;
             let mut state = read::fetch(txn, &[prev], &StateFilter::all())?
                 .remove(&prev)
                 .unwrap_or_default();
@@ -118,25 +195,35 @@ pub(crate) fn store_txn(
         }
     };
 
-    insert_group_row(txn, group, new)?;
-    let (rows_of, chain_len): (&StateMap, usize) = match delta_base {
-        Some((prev, delta, prev_len)) => {
-            with_conn!(txn.conn(), |c| diesel::insert_into(
-                state_group_edges::table
-            )
-            .values((
-                state_group_edges::state_group.eq(group),
-                state_group_edges::prev_state_group.eq(prev),
-            ))
-            .execute(c))?;
-            (delta, prev_len + 1)
+    rows.groups.push(GroupRow {
+        id: group,
+        room_id: new.room_id,
+        event_id: new.event_id,
+    });
+    let chain_len = match (delta_base, new.current_state_ids) {
+        (Some((prev, delta, prev_len)), _) => {
+            rows.edges.push(EdgeRow {
+                state_group: group,
+                prev_state_group: prev,
+            });
+            rows.add_state(group, new.room_id, delta);
+            prev_len + 1
         }
-        None => (
-            full_state.as_ref().expect("a snapshot has its full state"),
-            1,
-        ),
+        (None, Some(current)) => {
+            rows.add_state(group, new.room_id, current);
+            1
+        }
+        (None, None) => {
+            // Computed here, so not borrowable for later: inserted now.
+            rows.flush(txn)?;
+            let state = full_state.as_ref().expect("a snapshot has its full state");
+            insert_state_rows(txn, group, new.room_id, state)?;
+            1
+        }
     };
-    insert_state_rows(txn, group, new.room_id, rows_of)?;
+    stored
+        .groups
+        .insert(group, (new.room_id.to_owned(), chain_len));
 
     let caches = caches.clone();
     let room_id = new.room_id.to_owned();
@@ -198,21 +285,6 @@ fn prev_chain_length(
         return Ok(len);
     }
     sql::chain_length(txn.conn(), prev, MAX_STATE_DELTA_HOPS)
-}
-
-fn insert_group_row(
-    txn: &mut Transaction<'_>,
-    group: StateGroup,
-    new: &NewStateGroup<'_>,
-) -> Result<()> {
-    with_conn!(txn.conn(), |c| diesel::insert_into(state_groups::table)
-        .values((
-            state_groups::id.eq(group),
-            state_groups::room_id.eq(new.room_id),
-            state_groups::event_id.eq(new.event_id),
-        ))
-        .execute(c))?;
-    Ok(())
 }
 
 fn insert_state_rows(
