@@ -24,6 +24,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("state", "main-process", "state_resolution"),
     ("persist", "main-process", "persist"),
     ("compress", "main-process", "compress"),
+    ("http", "main-process", "http"),
     ("replicas", "e2e-tests", "replicas"),
     ("claim", "storage-core", "claim"),
 ];

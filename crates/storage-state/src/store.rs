@@ -286,14 +286,22 @@ impl StateStore {
         added: &[(StateKey, String, Option<String>)],
     ) -> Result<()> {
         use current_state_events as cse;
+        // One DELETE per event type (a batch of joins is one statement, not one
+        // per member), in chunks of state keys.
+        let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
         for (t, k) in removed.iter().chain(added.iter().map(|(key, _, _)| key)) {
-            with_conn!(txn.conn(), |c| diesel::delete(
-                cse::table
-                    .filter(cse::room_id.eq(room_id))
-                    .filter(cse::type_.eq(t))
-                    .filter(cse::state_key.eq(k))
-            )
-            .execute(c))?;
+            by_type.entry(t.as_str()).or_default().push(k.as_str());
+        }
+        for (t, keys) in by_type {
+            for chunk in keys.chunks(EVENT_BATCH) {
+                with_conn!(txn.conn(), |c| diesel::delete(
+                    cse::table
+                        .filter(cse::room_id.eq(room_id))
+                        .filter(cse::type_.eq(t))
+                        .filter(cse::state_key.eq_any(chunk))
+                )
+                .execute(c))?;
+            }
         }
         for chunk in added.chunks(EVENT_BATCH) {
             let rows: Vec<_> = chunk
