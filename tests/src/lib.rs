@@ -296,20 +296,47 @@ pub fn post_to(url: &str, room: &str, events: Vec<Value>) -> Result<Value, Strin
         .map_err(|e| e.to_string())
 }
 
-/// Runs `hs-main --database <db> ARGS...` to completion: (status, stdout, stderr).
-pub fn hs_main(db: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary("hs-main"))
-        .arg("--database")
-        .arg(db.url())
-        .args(args)
+/// The workspace's `hs-main`, with none of the environment that would point it
+/// elsewhere than its arguments say (`HS_DATABASE`, `HS_CONFIG`,
+/// `HS_API_TOKEN`): the one way every test runs it. Add arguments and run.
+pub fn hs_main_command() -> Command {
+    let mut command = Command::new(binary("hs-main"));
+    command
         .env_remove("HS_DATABASE")
+        .env_remove("HS_CONFIG")
+        .env_remove("HS_API_TOKEN");
+    command
+}
+
+/// Runs `hs-main ARGS...` to completion.
+pub fn hs_main_output(args: &[&str]) -> std::process::Output {
+    hs_main_command()
+        .args(args)
         .output()
-        .expect("running hs-main");
+        .expect("running hs-main")
+}
+
+/// Runs `hs-main --database <url> ARGS...` to completion.
+pub fn hs_main_at(url: &str, args: &[&str]) -> std::process::Output {
+    hs_main_command()
+        .args(["--database", url])
+        .args(args)
+        .output()
+        .expect("running hs-main")
+}
+
+/// An output as (status, stdout, stderr); -1 for a process killed by a signal.
+pub fn status_and_text(out: std::process::Output) -> (i32, String, String) {
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `hs-main --database <db> ARGS...` to completion: (status, stdout, stderr).
+pub fn hs_main(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    status_and_text(hs_main_at(db.url(), args))
 }
 
 /// What a database says of each event: the state after it (sorted), and
@@ -567,11 +594,10 @@ pub fn wait_for_count(url: &str, sql: &str, n: i64, child: &mut Child) -> bool {
 /// Runs `hs-main --database <db> ARGS...` in the background, its output
 /// discarded: a process to kill part-way.
 pub fn spawn_hs_main(db: &TestDb, args: &[&str]) -> Child {
-    Command::new(binary("hs-main"))
+    hs_main_command()
         .arg("--database")
         .arg(db.url())
         .args(args)
-        .env_remove("HS_DATABASE")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

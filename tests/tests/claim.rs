@@ -10,7 +10,7 @@
 use e2e_tests::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::with_conn;
@@ -25,13 +25,8 @@ storage_core::engine_tests!(
 const EXIT_CLAIM_LOST: i32 = 3;
 
 /// Runs `hs-main --database URL ARGS...` to the end: status and stderr.
-fn hs_main(url: &str, args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(binary("hs-main"))
-        .args(["--database", url])
-        .args(args)
-        .env_remove("HS_DATABASE")
-        .output()
-        .expect("running hs-main");
+fn status_and_stderr(url: &str, args: &[&str]) -> (ExitStatus, String) {
+    let out = hs_main_at(url, args);
     (
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -113,7 +108,7 @@ fn a_second_main_process_is_refused_while_serving(db: &TestDb) {
     std::fs::write(&file, other_room_lines()).unwrap();
     for url in &urls {
         for args in [vec!["migrate"], vec!["import", file.to_str().unwrap()]] {
-            let (status, stderr) = hs_main(url, &args);
+            let (status, stderr) = status_and_stderr(url, &args);
             assert_eq!(status.code(), Some(1), "{url} {args:?}: {stderr}");
             assert!(
                 stderr.contains("claimed by another main process"),
@@ -175,7 +170,7 @@ fn postgres_serve_survives_losing_its_claim_session() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (status, stderr) = hs_main(db.url(), &["migrate"]);
+    let (status, stderr) = status_and_stderr(db.url(), &["migrate"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("claimed by another main process"),
@@ -213,7 +208,7 @@ fn postgres_claim_session_killed_under_serve_with_an_import_racing() {
     let file = dir.join("other.jsonl");
     std::fs::write(&file, other_room_lines()).unwrap();
     db.terminate_session(db.claim_sessions()[0]);
-    let (status, stderr) = hs_main(db.url(), &["import", file.to_str().unwrap()]);
+    let (status, stderr) = status_and_stderr(db.url(), &["import", file.to_str().unwrap()]);
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
         "the import {}",
@@ -341,9 +336,8 @@ fn import_stops_when_another_main_process_claims(db: &TestDb) {
     let text: String = events.iter().map(|e| format!("{e}\n")).collect();
     std::fs::write(&file, text).unwrap();
     let log = dir.0.join("import.log");
-    let mut import = Command::new(binary("hs-main"))
+    let mut import = hs_main_command()
         .args(["--database", db.url(), "import", file.to_str().unwrap()])
-        .env_remove("HS_DATABASE")
         .stderr(std::fs::File::create(&log).unwrap())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -371,7 +365,7 @@ fn import_stops_when_another_main_process_claims(db: &TestDb) {
     assert!(lost[0].contains("test newcomer"), "{stderr}");
     let stored = stored_events(db.url());
     assert!(stored.len() < ids.len(), "the import was stopped part-way");
-    let (status, stderr) = hs_main(db.url(), &["import", file.to_str().unwrap()]);
+    let (status, stderr) = status_and_stderr(db.url(), &["import", file.to_str().unwrap()]);
     assert!(status.success(), "{stderr}");
     assert_all_stored(db.url(), &ids);
     assert_invariants(db);

@@ -451,9 +451,8 @@ fn http_contract(db: &TestDb) {
     );
 
     // No token, not loopback: refused before listening.
-    let out = Command::new(binary("hs-main"))
+    let out = hs_main_command()
         .args(["--database", db.url(), "serve", "--listen", "0.0.0.0:0"])
-        .env_remove("HS_API_TOKEN")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -463,7 +462,7 @@ fn http_contract(db: &TestDb) {
     // refused, with nothing written.
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/example-room.jsonl");
-    let out = Command::new(binary("hs-main"))
+    let out = hs_main_command()
         .args(["--database", db.url(), "import"])
         .arg(&fixture)
         .output()
@@ -498,7 +497,7 @@ fn http_contract(db: &TestDb) {
     };
     assert!(status.success(), "hs-main after SIGTERM: {status}");
     // Stopped, it has let go: the import runs.
-    let out = Command::new(binary("hs-main"))
+    let out = hs_main_command()
         .args(["--database", db.url(), "import"])
         .arg(&fixture)
         .output()

@@ -6,7 +6,7 @@
 //! unless asked (the `hs-main state` runs), and a database that, when let go,
 //! waits for the attempts under way (the children that exit mid-connect).
 
-use e2e_tests::{binary, PgProxy};
+use e2e_tests::{hs_main_command, PgProxy};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use storage_core::testing::TestDb;
@@ -24,9 +24,8 @@ fn state_over_tcp_never_aborts() {
         return;
     };
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/example-room.jsonl");
-    let import = Command::new(binary("hs-main"))
+    let import = hs_main_command()
         .args(["--database", db.url(), "import", fixture])
-        .env_remove("HS_DATABASE")
         .output()
         .unwrap();
     assert!(
@@ -37,9 +36,8 @@ fn state_over_tcp_never_aborts() {
     let proxy = PgProxy::start(&db);
     let url = proxy.url(&db);
     let run = || {
-        Command::new(binary("hs-main"))
+        hs_main_command()
             .args(["--database", &url, "state", "!example:example.org"])
-            .env_remove("HS_DATABASE")
             // libpq's own default, whatever the environment says.
             .env_remove("PGGSSENCMODE")
             .env("RUST_LOG", "warn")

@@ -2,7 +2,8 @@
 //! status 0, `--help` never shows what the environment holds and says where
 //! the default database is, and creating a database says where, once.
 
-use std::process::{Command, Stdio};
+use e2e_tests::hs_main_command;
+use std::process::Stdio;
 use storage_core::testing::TestDb;
 
 storage_core::engine_tests!(a_closed_pipe_ends_a_command_quietly);
@@ -12,16 +13,10 @@ const FIXTURE: &str = concat!(
     "/../../tests/fixtures/example-room.jsonl"
 );
 
-fn hs_main() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hs-main"));
-    c.env_remove("HS_DATABASE");
-    c
-}
-
 /// `hs-main inspect | head -0`, made certain: the reader has gone before
 /// the command writes its first line, so every write meets a closed pipe.
 fn a_closed_pipe_ends_a_command_quietly(t: &TestDb) {
-    let import = hs_main()
+    let import = hs_main_command()
         .args(["--database", t.url(), "import", FIXTURE])
         .output()
         .unwrap();
@@ -33,7 +28,7 @@ fn a_closed_pipe_ends_a_command_quietly(t: &TestDb) {
     ] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
-        let out = hs_main()
+        let out = hs_main_command()
             .args(["--database", t.url()])
             .args(&args)
             .stdout(writer)
@@ -54,7 +49,7 @@ fn help_hides_the_environment_and_names_the_default_database() {
         vec!["serve", "--help"],
         vec!["state", "--help"],
     ] {
-        let out = hs_main()
+        let out = hs_main_command()
             .args(&args)
             .env("HS_DATABASE", "postgres://alice:s3cret-pw@db/hs")
             .output()
@@ -65,7 +60,7 @@ fn help_hides_the_environment_and_names_the_default_database() {
         assert!(!help.contains("s3cret-pw"), "{args:?}: {help}");
         assert!(!help.contains("alice"), "{args:?}: {help}");
     }
-    let out = hs_main().arg("--help").output().unwrap();
+    let out = hs_main_command().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("sqlite:data/homeserver.db"), "{help}");
     assert!(help.contains("relative to the folder"), "{help}");
@@ -76,7 +71,7 @@ fn a_new_default_database_is_announced_with_its_full_path() {
     let dir = std::env::temp_dir().join(format!("hs-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let migrate = || {
-        hs_main()
+        hs_main_command()
             .arg("migrate")
             .current_dir(&dir)
             .env("RUST_LOG", "info")

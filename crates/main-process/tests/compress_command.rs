@@ -4,13 +4,14 @@
 //! a database claimed by another main process is refused, and a run killed in
 //! the middle is finished by the next.
 
+use e2e_tests::hs_main_at;
 use event_context::ruma::RoomVersionId;
 use event_context::Pdu;
 use main_process::bench_room::{linear_room, spam_join_room};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use storage_core::testing::TestDb;
 use storage_core::{DatabaseConfig, MainProcessClaim, OpenMode, StoreConfig};
 use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
@@ -25,15 +26,6 @@ storage_core::engine_tests!(
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/synapse");
 
-fn hs_main(t: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hs-main"))
-        .args(["--database", t.url()])
-        .args(args)
-        .env_remove("HS_DATABASE")
-        .output()
-        .unwrap()
-}
-
 fn ok(out: Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -45,7 +37,7 @@ fn ok(out: Output) -> String {
 }
 
 fn import(t: &TestDb, file: &Path) {
-    ok(hs_main(t, &["import", file.to_str().unwrap()]));
+    ok(hs_main_at(t.url(), &["import", file.to_str().unwrap()]));
 }
 
 /// The ids of the events in a file of room version 10 PDUs.
@@ -76,7 +68,7 @@ fn states_after(t: &TestDb, events: &[String]) -> HashMap<String, StateMap> {
 }
 
 fn state_rows(t: &TestDb) -> u64 {
-    let out = ok(hs_main(t, &["inspect", "--json", "--exact"]));
+    let out = ok(hs_main_at(t.url(), &["inspect", "--json", "--exact"]));
     let report: Value = serde_json::from_str(&out).unwrap();
     report["state_groups_state_rows"].as_u64().unwrap()
 }
@@ -93,7 +85,7 @@ fn rows_of(db: &storage_core::Database) -> u64 {
 fn compress_json(t: &TestDb, extra: &[&str]) -> Value {
     let mut args = vec!["compress", "--json"];
     args.extend_from_slice(extra);
-    serde_json::from_str(&ok(hs_main(t, &args))).unwrap()
+    serde_json::from_str(&ok(hs_main_at(t.url(), &args))).unwrap()
 }
 
 fn write_file(dir: &Path, name: &str, lines: &[String]) -> std::path::PathBuf {
@@ -202,8 +194,8 @@ fn a_dry_run_writes_nothing_and_sql_is_written(t: &TestDb) {
     );
     let rows = state_rows(t);
     let sql = dir.0.join("rewrite.sql");
-    let text = ok(hs_main(
-        t,
+    let text = ok(hs_main_at(
+        t.url(),
         &["compress", "--dry-run", "--sql", sql.to_str().unwrap()],
     ));
     assert!(
@@ -216,7 +208,7 @@ fn a_dry_run_writes_nothing_and_sql_is_written(t: &TestDb) {
     assert!(sql.starts_with("BEGIN;\n"), "{sql}");
     assert!(sql.contains("INSERT INTO state_groups_state"));
 
-    let unknown = hs_main(t, &["compress", "--room", "!nowhere:test"]);
+    let unknown = hs_main_at(t.url(), &["compress", "--room", "!nowhere:test"]);
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("!nowhere:test"));
 }
@@ -234,7 +226,7 @@ fn a_claimed_database_is_refused(t: &TestDb) {
     let rows = state_rows(t);
     let config = DatabaseConfig::parse(t.url(), OpenMode::Writer).unwrap();
     let claim = MainProcessClaim::acquire(&config, std::time::Duration::ZERO).unwrap();
-    let out = hs_main(t, &["compress"]);
+    let out = hs_main_at(t.url(), &["compress"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -243,7 +235,7 @@ fn a_claimed_database_is_refused(t: &TestDb) {
     );
     assert_eq!(state_rows(t), rows);
     drop(claim);
-    ok(hs_main(t, &["compress"]));
+    ok(hs_main_at(t.url(), &["compress"]));
     assert!(state_rows(t) < rows);
 }
 
@@ -255,10 +247,9 @@ fn a_killed_run_is_finished_by_the_next(t: &TestDb) {
     let before = states_after(t, &events);
     let rows = state_rows(t);
     // Paced to about 8 s, killed once the first transactions committed.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let mut child = e2e_tests::hs_main_command()
         .args(["--database", t.url(), "compress", "--max-rows-per-second"])
         .arg((rows / 8).to_string())
-        .env_remove("HS_DATABASE")
         .spawn()
         .unwrap();
     // A plain open, which follows the writer's commits (a read-only SQLite

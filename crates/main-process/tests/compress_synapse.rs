@@ -5,7 +5,6 @@
 
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::process::Command;
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, OpenMode, StoreConfig};
 use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
@@ -86,9 +85,8 @@ fn compresses_a_synapse_database(t: &TestDb) {
     fill(t);
     let before = states(t);
     let tables_before = tables(t);
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args(["--database", t.url(), "compress", "--json"])
-        .env_remove("HS_DATABASE")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -4,8 +4,7 @@
 //! `sqlite3` on SQLite); libpq keyword strings and bare SQLite paths open the
 //! same database as its URL; `config check` hides secrets.
 
-use e2e_tests::{hs_main, tempdir, TempDir};
-use std::process::Command;
+use e2e_tests::{hs_main, hs_main_output, status_and_text, tempdir, TempDir};
 use storage_core::testing::TestDb;
 use storage_core::DatabaseUrl;
 
@@ -20,20 +19,9 @@ const FIXTURE: &str = concat!(
 );
 const ROOM: &str = "!example:example.org";
 
-/// `hs-main ARGS` without `--database`: (status, stdout, stderr).
-fn hs_main_bare(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
-        .args(args)
-        .env_remove("HS_DATABASE")
-        .env_remove("HS_CONFIG")
-        .env_remove("HS_API_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `hs-main ARGS...` without a database argument: (status, stdout, stderr).
+fn bare(args: &[&str]) -> (i32, String, String) {
+    status_and_text(hs_main_output(args))
 }
 
 /// The parts of a PostgreSQL test URL (`postgres://USER@HOST/DB?host=DIR...`)
@@ -74,7 +62,7 @@ fn pg_parts(url: &str) -> PgParts {
 fn state_with(args: &[&str]) -> String {
     let mut all = args.to_vec();
     all.extend(["state", ROOM]);
-    let (code, out, err) = hs_main_bare(&all);
+    let (code, out, err) = bare(&all);
     assert_eq!(code, 0, "{all:?}: {err}");
     assert!(out.contains("m.room.create"), "{out}");
     out
@@ -116,7 +104,7 @@ fn a_synapse_homeserver_yaml_opens_its_database(t: &TestDb) {
     std::fs::write(&path, yaml).unwrap();
     let config = path.to_str().unwrap();
     assert_eq!(state_with(&["--config", config]), expected);
-    let (code, out, err) = hs_main_bare(&["--config", config, "config", "check"]);
+    let (code, out, err) = bare(&["--config", config, "config", "check"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Synapse configuration"), "{out}");
     if t.engine() == "postgres" {
@@ -125,8 +113,7 @@ fn a_synapse_homeserver_yaml_opens_its_database(t: &TestDb) {
     // Flags win over the file: the flag's database (not created) is the one opened.
     let other = TestDb::sqlite();
     let other_path = other.url().trim_start_matches("sqlite:");
-    let (code, _, err) =
-        hs_main_bare(&["--config", config, "--database", other.url(), "state", ROOM]);
+    let (code, _, err) = bare(&["--config", config, "--database", other.url(), "state", ROOM]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(other_path),
@@ -184,7 +171,7 @@ fn an_unknown_or_ill_typed_key_fails_naming_file_line_and_key() {
         for command in [vec!["config", "check"], vec!["state", ROOM]] {
             let mut args = vec!["--config", file];
             args.extend(&command);
-            let (code, _, err) = hs_main_bare(&args);
+            let (code, _, err) = bare(&args);
             assert_eq!(code, 1, "{yaml}: {err}");
             assert!(err.contains(file), "names the file: {err}");
             assert!(err.contains(line), "names the line: {err}");
@@ -208,7 +195,7 @@ fn config_check_prints_the_settings_in_force_without_secrets() {
         ),
     )
     .unwrap();
-    let (code, out, err) = hs_main_bare(&["--config", path.to_str().unwrap(), "config", "check"]);
+    let (code, out, err) = bare(&["--config", path.to_str().unwrap(), "config", "check"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("postgres://alice:***@db.example/hs"), "{out}");
     assert!(
@@ -217,9 +204,9 @@ fn config_check_prints_the_settings_in_force_without_secrets() {
     );
     assert!(out.contains("listen: \"127.0.0.1:8018\""), "{out}");
     assert!(out.contains("global_factor: 2"), "{out}");
-    let (_, out, _) = hs_main_bare(&["--config", path.to_str().unwrap(), "config", "--help"]);
+    let (_, out, _) = bare(&["--config", path.to_str().unwrap(), "config", "--help"]);
     assert!(out.contains("docs/"), "--help points at the docs: {out}");
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args(["--config", path.to_str().unwrap(), "config", "check"])
         .env("HS_DATABASE", "sqlite:/tmp/from-env.db")
         .output()

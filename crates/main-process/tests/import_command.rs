@@ -3,9 +3,9 @@
 //! malformed line stopping the import after committing what came before. On
 //! SQLite and PostgreSQL.
 
+use e2e_tests::hs_main;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::Command;
 use storage_core::testing::TestDb;
 use storage_core::with_conn;
 
@@ -172,21 +172,6 @@ fn write(dir: &Path, name: &str, lines: &[String]) -> String {
     path.display().to_string()
 }
 
-fn hs_main(t: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
-        .arg("--database")
-        .arg(t.url())
-        .args(args)
-        .env_remove("HS_DATABASE")
-        .output()
-        .expect("running hs-main");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn state_at(t: &TestDb, event: &str) -> Value {
     let (code, stdout, stderr) = hs_main(
         t,
@@ -350,7 +335,7 @@ fn readme_example_imports(t: &TestDb) {
         stdout.starts_with("imported 9 events (0 already stored, 1 rejected) in 1 rooms"),
         "{stdout}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args(["--database", t.url(), "state", "!example:example.org"])
         .output()
         .unwrap();
@@ -668,9 +653,8 @@ fn gzip_and_standard_input_are_read(t: &TestDb) {
     let (code, stdout, stderr) = hs_main(t, &["import", gz_path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.starts_with("imported 5 events"), "{stdout}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let mut child = e2e_tests::hs_main_command()
         .args(["--database", t.url(), "import", "-"])
-        .env_remove("HS_DATABASE")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -1,14 +1,12 @@
 //! `hs-main migrate` creates and migrates a database once, then finds nothing to do.
 
-use std::process::Command;
 use storage_core::testing::TestDb;
 
 storage_core::engine_tests!(migrates_once);
 
 fn migrate(t: &TestDb) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args(["--database", t.url(), "migrate"])
-        .env_remove("HS_DATABASE")
         .env("RUST_LOG", "info")
         .output()
         .expect("running hs-main");

@@ -2,8 +2,9 @@
 //! the copied ids, a non-empty target refused unless resuming, and a port killed
 //! half-way and resumed ending like an uninterrupted one. Needs both engines.
 
+use e2e_tests::hs_main_output;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, Conn, StoreConfig};
 use storage_events::{
@@ -72,14 +73,6 @@ fn fill_source(t: &TestDb, events: usize) {
     }
 }
 
-fn hs_main(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hs-main"))
-        .args(args)
-        .env_remove("HS_DATABASE")
-        .output()
-        .expect("running hs-main")
-}
-
 /// Every row of every table, as text, sorted: two databases with equal dumps
 /// hold the same data.
 fn dump(conn: &mut Conn) -> Vec<String> {
@@ -118,7 +111,7 @@ fn port_sqlite_to_postgres() {
     let source = TestDb::sqlite();
     fill_source(&source, 120);
 
-    let out = hs_main(&[
+    let out = hs_main_output(&[
         "--database",
         source.url(),
         "port",
@@ -156,7 +149,7 @@ fn port_sqlite_to_postgres() {
     for extra in [&[][..], &["--resume"][..]] {
         let mut args = vec!["--database", source.url(), "port", "--to", target.url()];
         args.extend_from_slice(extra);
-        let again = hs_main(&args);
+        let again = hs_main_output(&args);
         let stdout = String::from_utf8_lossy(&again.stdout);
         assert!(
             again.status.success(),
@@ -176,7 +169,7 @@ fn port_sqlite_to_postgres() {
     // A target holding data that no port put there is refused.
     let other = TestDb::sqlite();
     fill_source(&other, 3);
-    let refused = hs_main(&["--database", source.url(), "port", "--to", other.url()]);
+    let refused = hs_main_output(&["--database", source.url(), "port", "--to", other.url()]);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("already holds 3 events"), "{stderr}");
@@ -224,7 +217,7 @@ fn killed_port_resumes_to_the_same_result() {
     fill_source(&source, 150);
 
     // One key per transaction, so that the port is still running when killed.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let mut child = e2e_tests::hs_main_command()
         .args([
             "--database",
             source.url(),
@@ -252,7 +245,7 @@ fn killed_port_resumes_to_the_same_result() {
     let whole = dump(&mut source.raw_connection());
     assert!(partial.len() < whole.len(), "the port was cut short");
 
-    let resumed = hs_main(&[
+    let resumed = hs_main_output(&[
         "--database",
         source.url(),
         "port",
@@ -267,7 +260,7 @@ fn killed_port_resumes_to_the_same_result() {
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
-    let out = hs_main(&["--database", source.url(), "port", "--to", straight.url()]);
+    let out = hs_main_output(&["--database", source.url(), "port", "--to", straight.url()]);
     assert!(
         out.status.success(),
         "{}",

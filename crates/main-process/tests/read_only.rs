@@ -3,6 +3,7 @@
 //! may not write there; on PostgreSQL `inspect` works for a role that may
 //! only read tables (not sequences). On SQLite and PostgreSQL.
 
+use e2e_tests::hs_main_at;
 use std::path::Path;
 use std::process::{Command, Output};
 use storage_core::testing::TestDb;
@@ -14,16 +15,6 @@ const FIXTURE: &str = concat!(
     "/../../tests/fixtures/example-room.jsonl"
 );
 const ROOM: &str = "!example:example.org";
-
-fn hs_main(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hs-main"))
-        .arg("--database")
-        .arg(url)
-        .args(args)
-        .env_remove("HS_DATABASE")
-        .output()
-        .expect("running hs-main")
-}
 
 fn assert_ok(what: &str, out: &Output) {
     assert!(
@@ -51,8 +42,8 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn read_only_commands_write_nothing(t: &TestDb) {
-    assert_ok("import", &hs_main(t.url(), &["import", FIXTURE]));
-    let state = hs_main(t.url(), &["state", ROOM]);
+    assert_ok("import", &hs_main_at(t.url(), &["import", FIXTURE]));
+    let state = hs_main_at(t.url(), &["state", ROOM]);
     assert_ok("state", &state);
     match t.url().strip_prefix("sqlite:") {
         Some(path) => sqlite_read_only(Path::new(path), &state.stdout),
@@ -77,7 +68,7 @@ fn sqlite_read_only(path: &Path, expected_state: &[u8]) {
         vec!["inspect"],
         vec!["inspect", "--json", "--exact", "--unreferenced"],
     ] {
-        assert_ok(&format!("{args:?}"), &hs_main(&url, &args));
+        assert_ok(&format!("{args:?}"), &hs_main_at(&url, &args));
         assert_eq!(files(dir), before, "{args:?} wrote beside the database");
     }
     // A folder nobody may write to, read by a user who is not its owner (as
@@ -141,10 +132,10 @@ fn postgres_reader_role(t: &TestDb, expected_state: &[u8]) {
     ))
     .unwrap();
     let url = t.url().replacen("postgres@", &format!("{role}@"), 1);
-    let out = hs_main(&url, &["state", ROOM]);
+    let out = hs_main_at(&url, &["state", ROOM]);
     assert_ok("state as a reader", &out);
     assert_eq!(out.stdout, expected_state);
-    let out = hs_main(&url, &["inspect", "--json", "--exact"]);
+    let out = hs_main_at(&url, &["inspect", "--json", "--exact"]);
     assert_ok("inspect as a reader", &out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["events"], 9, "{report}");
@@ -155,7 +146,7 @@ fn postgres_reader_role(t: &TestDb, expected_state: &[u8]) {
             .is_some_and(|s| s.contains("may not read")),
         "{report}"
     );
-    let out = hs_main(&url, &["inspect"]);
+    let out = hs_main_at(&url, &["inspect"]);
     assert_ok("inspect (text) as a reader", &out);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("not checked: this role may not read"),

@@ -6,8 +6,9 @@
 //! PostgreSQL); `port --from` copies its rooms and state into a database of
 //! ours. On SQLite and PostgreSQL.
 
+use e2e_tests::hs_main;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 
@@ -176,21 +177,6 @@ fn lines(raw: &mut storage_core::Conn, sql: &str) -> Vec<String> {
     let rows: Vec<Line> = storage_core::with_conn!(raw, |c| diesel::sql_query(sql).load(c))
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.into_iter().map(|r| r.line).collect()
-}
-
-fn hs_main(t: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
-        .arg("--database")
-        .arg(t.url())
-        .args(args)
-        .env_remove("HS_DATABASE")
-        .output()
-        .expect("running hs-main");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn expected_after(event_index: usize) -> serde_json::Value {
@@ -374,9 +360,8 @@ fn writers_refuse_a_synapse_database(t: &TestDb) {
     // As the target of a port, from a database of ours.
     let (code, _, stderr) = hs_main(&ours, &["migrate"]);
     assert_eq!(code, 0, "{stderr}");
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args(["--database", ours.url(), "port", "--to", t.url()])
-        .env_remove("HS_DATABASE")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -396,9 +381,8 @@ fn port_copies_the_state_of_a_synapse_database(t: &TestDb) {
         "sqlite" => TestDb::sqlite(),
         _ => TestDb::postgres().unwrap(),
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args(["port", "--from", t.url(), "--to", target.url()])
-        .env_remove("HS_DATABASE")
         .output()
         .unwrap();
     let (stdout, stderr) = (
@@ -429,7 +413,7 @@ fn port_copies_the_state_of_a_synapse_database(t: &TestDb) {
 fn serve_read_only_answers_from_a_synapse_database(t: &TestDb) {
     fill(t);
     let before = snapshot(t);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let mut child = e2e_tests::hs_main_command()
         .args([
             "--database",
             t.url(),

@@ -6,7 +6,6 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::process::Command;
 use storage_core::testing::TestDb;
 use storage_core::{OpenMode, StoreConfig};
 use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
@@ -27,7 +26,7 @@ fn import_reproduces_synapse_state(t: &TestDb) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURE}/expected.json")).unwrap())
             .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args([
             "--database",
             t.url(),
