@@ -5,7 +5,9 @@
 //!   before; rust-synapse-compress-state leaves 6.3% on a room of this shape),
 //!   the time against the time its import took, peak memory against the
 //!   import's, and a cold full-state read of the room's newest group (fresh
-//!   caches, median of 15) before and after.
+//!   caches, median of 15) before and after: on a copy of the database taken
+//!   before compressing and on the compressed one, in fresh processes, taking
+//!   turns, so that the machine's drift falls on both alike.
 //! - A room stored as pure deltas (60 groups, no snapshot): left alone.
 //! - A spam-join room (2,000 users joining and leaving on forks that state
 //!   resolution merges): never grows.
@@ -30,6 +32,9 @@ const ROOM: &str = "!bench:bench.test";
 const PURE: &str = "!pure:bench.test";
 const SPAM: &str = "!spam:bench.test";
 const COLD_READS: usize = 15;
+/// Turns of cold reads, each on the copy from before compression and then on
+/// the compressed database.
+const READ_TURNS: usize = 9;
 
 fn peak_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -81,7 +86,7 @@ fn child_compress(url: &str, rooms: &[String]) -> Result<()> {
     let db = Database::open(DatabaseConfig::parse(url, OpenMode::Writer)?)?;
     let mut cold = Vec::new();
     for room in rooms {
-        cold.push(cold_read(&db, room)?);
+        cold.push(cold_read(&db, room)?.1);
     }
     let events = EventsStore::new(db.clone(), &StoreConfig::default())?;
     let start = Instant::now();
@@ -95,7 +100,7 @@ fn child_compress(url: &str, rooms: &[String]) -> Result<()> {
     )?;
     let secs = start.elapsed().as_secs_f64();
     let peak = peak_kb();
-    for (room, (_, before)) in rooms.iter().zip(cold) {
+    for (room, before) in rooms.iter().zip(cold) {
         let r = reports.iter().find(|r| &r.room_id == room).unwrap();
         let (_, after) = cold_read(&db, room)?;
         println!(
@@ -106,9 +111,9 @@ fn child_compress(url: &str, rooms: &[String]) -> Result<()> {
             r.groups_rewritten,
             r.longest_chain,
             r.outcome,
+            r.states_reread,
             before.as_secs_f64() * 1e3,
             after.as_secs_f64() * 1e3,
-            r.states_reread,
         );
     }
     println!("RESULT {secs} {peak}");
@@ -140,6 +145,26 @@ fn result(lines: &[String]) -> Vec<f64> {
         .split_whitespace()
         .map(|x| x.parse().unwrap())
         .collect()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Cold reads of `room`'s newest group on `before` and `after` in turns:
+/// the medians of each side (ms) and the median of the turns' ratios.
+fn cold_reads_in_turns(before: &TestDb, after: &TestDb, room: &str) -> (f64, f64, f64) {
+    let (mut b, mut a, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..READ_TURNS {
+        let rb = result(&child(&["read", before.url(), room]));
+        let ra = result(&child(&["read", after.url(), room]));
+        assert_eq!(rb[0], ra[0], "the newest group is the same on both");
+        b.push(rb[1]);
+        a.push(ra[1]);
+        ratios.push(ra[1] / rb[1]);
+    }
+    (median(b), median(a), median(ratios))
 }
 
 fn rooms(lines: &[String]) -> Vec<Vec<String>> {
@@ -198,6 +223,7 @@ fn main() {
     for (big_db, small_db) in &engines {
         let engine = big_db.engine();
         let import = result(&child(&["import", big_db.url(), big.to_str().unwrap()]));
+        let before_db = big_db.copy();
         let out = child(&["compress", big_db.url(), ROOM]);
         let (compress, room) = (result(&out), rooms(&out).remove(0));
         let (before, after): (f64, f64) = (room[1].parse().unwrap(), room[2].parse().unwrap());
@@ -217,12 +243,19 @@ fn main() {
             compress[1] / 1024.0,
             import[1] / 1024.0,
         );
+        // Both sides copied the same way, after the process that wrote them
+        // has exited.
+        let after_db = big_db.copy();
+        let (read_before, read_after, ratio) = cold_reads_in_turns(&before_db, &after_db, ROOM);
+        drop((before_db, after_db));
         println!(
-            "          cold full-state read of the newest group: {} ms before, {} ms after; \
-             states read again: {}",
-            &room[7][..room[7].len().min(5)],
-            &room[8][..room[8].len().min(5)],
-            room[9]
+            "          cold full-state read of the newest group: {read_before:.2} ms before, \
+             {read_after:.2} ms after (after/before {ratio:.2}, median of {READ_TURNS} turns \
+             on copies, fresh processes); in the compressing process, right before and after \
+             the rewrite: {:.2} ms, {:.2} ms; states read again: {}",
+            room[8].parse::<f64>().unwrap(),
+            room[9].parse::<f64>().unwrap(),
+            room[7]
         );
         child(&["import", small_db.url(), small.to_str().unwrap()]);
         let out = child(&["compress", small_db.url(), PURE, SPAM]);

@@ -157,6 +157,38 @@ impl TestDb {
         }
     }
 
+    /// A new database holding what this one holds now, on the same engine:
+    /// the file copied (SQLite), or a `CREATE DATABASE .. TEMPLATE` of it
+    /// (PostgreSQL). Nothing may have it open meanwhile.
+    pub fn copy(&self) -> TestDb {
+        let copy = self.fresh();
+        match (&self.cleanup, &copy.cleanup) {
+            (Cleanup::Dir(from), Cleanup::Dir(to)) => {
+                for suffix in ["", "-wal"] {
+                    let file = from.join(format!("test.db{suffix}"));
+                    if file.exists() {
+                        std::fs::copy(&file, to.join(format!("test.db{suffix}")))
+                            .unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
+                    }
+                }
+            }
+            (Cleanup::Postgres { name: from, .. }, Cleanup::Postgres { admin_url, name }) => {
+                let mut admin = PgConnection::establish(admin_url)
+                    .unwrap_or_else(|e| panic!("connecting to the test server {admin_url}: {e}"));
+                for sql in [
+                    format!("DROP DATABASE {name}"),
+                    format!("CREATE DATABASE {name} TEMPLATE {from}"),
+                ] {
+                    admin
+                        .batch_execute(&sql)
+                        .unwrap_or_else(|e| panic!("copying test database {from}: {sql}: {e}"));
+                }
+            }
+            _ => unreachable!("fresh() opens the same engine"),
+        }
+        copy
+    }
+
     /// Makes every insert into `table` whose `column` equals `value` fail (a
     /// trigger raising "injected failure"), so that tests can make one batch
     /// fail part-way through a run. Needs the table to exist (open it first).
