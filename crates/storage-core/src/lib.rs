@@ -19,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 mod migrations;
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod transaction;
 

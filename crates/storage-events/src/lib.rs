@@ -12,6 +12,7 @@ mod read;
 mod replication;
 pub mod schema;
 mod store;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod types;
 mod write;
