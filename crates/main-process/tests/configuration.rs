@@ -221,7 +221,7 @@ fn config_check_prints_the_settings_in_force_without_secrets() {
 /// `--help` of every command says where its reference is.
 #[test]
 fn every_command_help_points_at_the_docs() {
-    let (_, top, _) = hs_main_bare(&["--help"]);
+    let (_, top, _) = bare(&["--help"]);
     let commands: Vec<String> = top
         .split("Commands:")
         .nth(1)
@@ -237,11 +237,11 @@ fn every_command_help_points_at_the_docs() {
     assert!(commands.len() >= 9, "{top}");
     assert!(top.contains("docs/cli.md"), "{top}");
     for command in &commands {
-        let (code, help, err) = hs_main_bare(&[command, "--help"]);
+        let (code, help, err) = bare(&[command, "--help"]);
         assert_eq!(code, 0, "{command}: {err}");
         assert!(help.contains("docs/"), "{command} --help: {help}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
+    let out = e2e_tests::hs_main_command()
         .args(["import", "--help"])
         .output()
         .unwrap();

@@ -8,7 +8,6 @@
 use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl};
 use serde_json::Value;
-use std::process::Command;
 use storage_core::testing::TestDb;
 use storage_core::with_conn;
 
@@ -109,14 +108,7 @@ fn the_documented_export_imports_every_room(t: &TestDb) {
         let text: String = exported.iter().map(|r| format!("{}\n", r.json)).collect();
         std::fs::write(&file, text).unwrap();
         let run = |args: &[&str]| {
-            let out = Command::new(env!("CARGO_BIN_EXE_hs-main"))
-                .arg("--database")
-                .arg(target.url())
-                .args(args)
-                .env_remove("HS_DATABASE")
-                .env_remove("HS_CONFIG")
-                .output()
-                .unwrap();
+            let out = e2e_tests::hs_main_at(target.url(), args);
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             assert!(out.status.success(), "{args:?}: {stderr}");
             String::from_utf8_lossy(&out.stdout).into_owned()
