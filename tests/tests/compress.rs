@@ -58,22 +58,7 @@ fn a_worker_reads_through_online_compression() {
     let expected = event_states(&db, &refs, &[ROOM]);
     let before = state_rows(&db);
 
-    let port = free_port();
-    let main = start(
-        "hs-main",
-        &[
-            "--database".into(),
-            db.url().into(),
-            "serve".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--compress-state-every".into(),
-            "1".into(),
-            "--compress-max-rows-per-second".into(),
-            "150".into(),
-        ],
-        port,
-    );
+    let main = compress_server(&db, free_port(), 150);
     let worker = worker(&db, &main.url, free_port(), "reader");
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen = Vec::new();
@@ -146,7 +131,9 @@ fn group_states(
         .unwrap()
 }
 
-fn compress_server(db: &TestDb, port: u16) -> Process {
+/// `hs-main serve` on `port` with its compression job every second, paced at
+/// `rows_per_second`.
+fn compress_server(db: &TestDb, port: u16, rows_per_second: u32) -> Process {
     start(
         "hs-main",
         &[
@@ -158,7 +145,7 @@ fn compress_server(db: &TestDb, port: u16) -> Process {
             "--compress-state-every".into(),
             "1".into(),
             "--compress-max-rows-per-second".into(),
-            "400".into(),
+            rows_per_second.to_string(),
         ],
         port,
     )
@@ -176,7 +163,7 @@ fn a_restarted_server_goes_on_with_the_rooms_left(db: &TestDb) {
     let before = group_states(db, &groups);
     let rows_before = state_rows(db);
 
-    let mut server = compress_server(db, free_port());
+    let mut server = compress_server(db, free_port(), 400);
     assert!(
         wait_for_count(db.url(), PROGRESS, 1, &mut server.child),
         "the server exited before its first room was done"
@@ -186,7 +173,7 @@ fn a_restarted_server_goes_on_with_the_rooms_left(db: &TestDb) {
     assert!(log.contains(&format!(": {first}, {second}")), "{log}");
     assert!(log.contains(&format!("{first}: compressed: ")), "{log}");
 
-    let restarted = compress_server(db, free_port());
+    let restarted = compress_server(db, free_port(), 400);
     let deadline = Instant::now() + Duration::from_secs(120);
     while try_count(db.url(), PROGRESS).unwrap() < 2 {
         assert!(Instant::now() < deadline, "the second room was never done");
