@@ -256,9 +256,8 @@ fn every_command_help_points_at_the_docs() {
 fn log_levels_follow_flags_and_rust_log_keeps_third_party_quiet() {
     let dir = TempDir(tempdir("log-levels"));
     let run = |db: &str, args: &[&str], rust_log: Option<&str>| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hs-main"));
+        let mut c = e2e_tests::hs_main_command();
         c.arg("--database").arg(db).args(args);
-        c.env_remove("HS_DATABASE").env_remove("HS_CONFIG");
         match rust_log {
             Some(v) => c.env("RUST_LOG", v),
             None => c.env_remove("RUST_LOG"),
