@@ -40,11 +40,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "event-context",
         ],
     ),
-    ("settings", &["storage-core"]),
     (
         "main-process",
         &[
-            "settings",
             "storage-core",
             "storage-state",
             "storage-events",
@@ -56,7 +54,6 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "replica-worker",
         &[
-            "settings",
             "storage-core",
             "storage-state",
             "storage-events",

@@ -8,7 +8,9 @@
 //! the body limit, unknown paths), `errors` turns every failure into the
 //! contract's `{"errcode", "error"}` answer, `server` serves connections
 //! within limits (timeouts, a connection cap), `parse_errors` gives hyper's
-//! own answers to unparsable requests the same format.
+//! own answers to unparsable requests the same format. `settings` is the
+//! configuration both binaries read (file, flags, environment); it lives here
+//! because this is the crate both binaries share.
 
 mod access;
 mod errors;
@@ -16,6 +18,7 @@ mod guards;
 mod handlers;
 mod parse_errors;
 mod server;
+pub mod settings;
 pub mod state_json;
 pub mod wire;
 

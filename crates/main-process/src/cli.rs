@@ -1,7 +1,7 @@
 //! Command-line parsing and dispatch, and how failures become exit statuses.
 
 use clap::{ArgAction, Parser, Subcommand};
-use settings::{LogFormat, Overrides, Settings};
+use http_api::settings::{LogFormat, Overrides, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use storage_core::{ErrorKind, LogContext};

@@ -5,10 +5,10 @@
 //! any database (Synapse's included), claiming and writing nothing.
 
 use crate::cli::Failure;
+use http_api::settings::Settings;
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter, HealthCheck, Limits, DATABASE_WAIT};
 use persistence::Pipeline;
-use settings::Settings;
 use std::sync::Arc;
 use std::time::Duration;
 use storage_core::log_context;

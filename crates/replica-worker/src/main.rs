@@ -7,9 +7,9 @@
 
 use clap::{ArgAction, Parser};
 use event_context::ContextBuilder;
+use http_api::settings::{LogFormat, Overrides, Settings};
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter};
-use settings::{LogFormat, Overrides, Settings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -6,7 +6,7 @@
 //! type, is an error naming the file, the line and the key, so that a typo
 //! never silently leaves a setting at its default.
 
-use crate::synapse::SynapseDatabase;
+use super::synapse::SynapseDatabase;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::net::SocketAddr;

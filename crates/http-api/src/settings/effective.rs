@@ -2,7 +2,7 @@
 //! over the configuration file over the defaults, checked, and shown by
 //! `hs-main config check` with secrets hidden.
 
-use crate::file::{ConfigFile, DatabaseSetting, FileKind, LogFormat};
+use super::file::{ConfigFile, DatabaseSetting, FileKind, LogFormat};
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
