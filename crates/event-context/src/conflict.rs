@@ -186,13 +186,7 @@ pub(crate) fn resolve_by_conflict(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn state(pairs: &[(&str, &str)]) -> storage_state::StateMap {
-        pairs
-            .iter()
-            .map(|(k, v)| ((k.to_string(), String::new()), v.to_string()))
-            .collect()
-    }
+    use crate::context::tests::state;
 
     #[test]
     fn slots_conflict_when_values_differ_or_some_state_lacks_them() {

@@ -786,10 +786,12 @@ fn format_version(room_version: &RoomVersionId) -> i32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn state(pairs: &[(&str, &str)]) -> storage_state::StateMap {
+    /// A state of one-letter slots (empty state keys), for the tests here and
+    /// in `conflict`.
+    pub(crate) fn state(pairs: &[(&str, &str)]) -> storage_state::StateMap {
         pairs
             .iter()
             .map(|(k, v)| ((k.to_string(), String::new()), v.to_string()))
