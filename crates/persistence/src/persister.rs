@@ -6,7 +6,7 @@
 //! so reading the extremities and current state before the transaction races
 //! with no other writer of that room.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use storage_core::Result;
 use storage_events::{
@@ -57,17 +57,45 @@ impl RoomPersister {
 
     /// Writes `batch` (events of `room_id`) with the extremities and current
     /// state it leads to.
+    ///
+    /// The room's extremities come from memory (this process wrote them).
+    /// When the batch leaves a single one, they are first worked out assuming
+    /// no event of the batch is stored yet, which needs no read of the
+    /// batch's edges; the write transaction checks that assumption and writes
+    /// nothing when it is wrong (a retried or replayed event), and the batch
+    /// is worked out again from what stored events name as their prev events.
     pub fn persist(&self, room_id: &str, batch: &[EventToPersist]) -> Result<PersistedBatch> {
+        let current = self.events.forward_extremities_for_write(room_id)?;
+        // Only when that leaves a single extremity: with several, working out
+        // the current state resolves them, too dear to risk on a guess.
+        if new_forward_extremities(&current, batch, &HashSet::new()).len() <= 1 {
+            let planned = self.plan(room_id, batch, &current, &HashSet::new())?;
+            if let Some(written) = self.events.persist_batch_of_new_events(&planned)? {
+                return Ok(written);
+            }
+        }
         let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
-        let current = self.events.get_forward_extremities(room_id)?;
         let referenced = self.events.events_referenced_as_prev(&ids)?;
-        let new_extremities = new_forward_extremities(&current, batch, &referenced);
+        let planned = self.plan(room_id, batch, &current, &referenced)?;
+        self.events.persist_batch(&planned)
+    }
+
+    /// The batch with the extremities it leads to from `current`, and the
+    /// change of current state they make.
+    fn plan(
+        &self,
+        room_id: &str,
+        batch: &[EventToPersist],
+        current: &[String],
+        referenced: &HashSet<String>,
+    ) -> Result<RoomBatch> {
+        let new_extremities = new_forward_extremities(current, batch, referenced);
         let current_state = if new_extremities == current {
             CurrentStateDelta::default()
         } else {
             self.current_state_delta(room_id, batch, &new_extremities)?
         };
-        self.events.persist_batch(&RoomBatch {
+        Ok(RoomBatch {
             room_id: room_id.to_owned(),
             events: batch.to_vec(),
             new_extremities,

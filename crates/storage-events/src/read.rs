@@ -173,6 +173,26 @@ impl EventReads for EventsStore {
     }
 }
 
+impl EventsStore {
+    /// The forward extremities of `room_id` for the process that writes it:
+    /// from memory once read or written, since only that process's batches
+    /// change them (each committed batch leaves its new extremities here, a
+    /// failed one drops the room's entry). A replica reads them with
+    /// [`EventReads::get_forward_extremities`], which always asks the database.
+    pub fn forward_extremities_for_write(&self, room_id: &str) -> Result<Vec<String>> {
+        let key = room_id.to_owned();
+        if let Some(ids) = self.caches.extremities.get(&key) {
+            return Ok(ids.as_ref().clone());
+        }
+        let seq = self.caches.extremities.sequence();
+        let ids = self.get_forward_extremities(room_id)?;
+        self.caches
+            .extremities
+            .insert_at(seq, key, Arc::new(ids.clone()));
+        Ok(ids)
+    }
+}
+
 /// Which of `ids` are stored.
 pub(crate) fn load_existing(txn: &mut Transaction<'_>, ids: &[&str]) -> Result<HashSet<String>> {
     let mut found = HashSet::new();

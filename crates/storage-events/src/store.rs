@@ -25,6 +25,11 @@ pub(crate) const CHUNK: usize = 500;
 pub(crate) struct Caches {
     pub(crate) events: LruCache<String, Arc<StoredEvent>>,
     pub(crate) room_versions: LruCache<String, String>,
+    /// Each room's forward extremities, as the last batch this process wrote
+    /// left them (filled by [`EventsStore::forward_extremities_for_write`] and
+    /// by every committed batch): only the writer of a room reads it, so it
+    /// never needs invalidating from elsewhere.
+    pub(crate) extremities: LruCache<String, Arc<Vec<String>>>,
 }
 
 /// The one implementation of [`EventReads`], and the writer of event batches.
@@ -55,6 +60,7 @@ impl EventsStore {
             caches: Arc::new(Caches {
                 events: LruCache::new("get_event_cache", config.cache_size(50_000)),
                 room_versions: LruCache::new("room_version_cache", config.cache_size(10_000)),
+                extremities: LruCache::new("forward_extremities_cache", config.cache_size(10_000)),
             }),
             position: Arc::new(AtomicI64::new(max)),
             instance_name: config.instance_name.as_str().into(),

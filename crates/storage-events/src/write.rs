@@ -2,7 +2,7 @@
 //! rejections, new state groups and event-to-group rows, the new forward
 //! extremities and the change of current state, in one transaction.
 
-use crate::read::load_existing;
+use crate::read::{load_existing, StoredEvent};
 use crate::replication::{
     now_ms, report_stream_position, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
 };
@@ -15,6 +15,7 @@ use crate::types::{EventToPersist, PersistedBatch, RoomBatch};
 use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use storage_core::{with_conn, Result, Transaction};
 
 impl EventsStore {
@@ -22,19 +23,41 @@ impl EventsStore {
     /// When it fails, the batch's prepared state groups are dropped: they will
     /// never be written.
     pub fn persist_batch(&self, batch: &RoomBatch) -> Result<PersistedBatch> {
-        let result = self
-            .db
-            .run_interaction("persist_events", |txn| self.persist_batch_txn(txn, batch));
+        Ok(self
+            .write_batch(batch, false)?
+            .expect("a batch not assumed new is always written"))
+    }
+
+    /// Like [`persist_batch`](Self::persist_batch), for a batch whose
+    /// extremities were worked out assuming that none of its events is stored
+    /// yet, and so that no stored event names one of them as a prev event
+    /// (a stored event's prev events are all stored: the invariants). Writes
+    /// nothing and answers `None` when some are stored after all; the caller
+    /// works the extremities out again knowing which stored events name them
+    /// (its prepared groups are kept for that).
+    pub fn persist_batch_of_new_events(&self, batch: &RoomBatch) -> Result<Option<PersistedBatch>> {
+        self.write_batch(batch, true)
+    }
+
+    fn write_batch(&self, batch: &RoomBatch, assumed_new: bool) -> Result<Option<PersistedBatch>> {
+        let result = self.db.run_interaction("persist_events", |txn| {
+            self.write_batch_txn(txn, batch, assumed_new)
+        });
         if result.is_err() {
             self.state
                 .forget_prepared_groups(batch.events.iter().flat_map(|e| &e.new_state_groups));
+            // The commit may have happened all the same (a connection lost
+            // while it was answered): what is remembered of the room is read
+            // afresh.
+            self.caches.extremities.invalidate(&batch.room_id);
+            self.state.invalidate_current_state(&batch.room_id);
         }
         result
     }
 
     /// Writes a batch: the state groups prepared for its events, events, their
-    /// JSON, edges, auth edges, rejections, the state group after each non-outlier, the new forward extremities and the
-    /// change of current state. Events already stored are skipped. Stream
+    /// JSON, edges, auth edges, rejections, the state group after each non-outlier, the new forward
+    /// extremities and the change of current state. Events already stored are skipped. Stream
     /// positions are taken while the events table is locked, so that they
     /// increase in commit order.
     pub fn persist_batch_txn(
@@ -42,7 +65,23 @@ impl EventsStore {
         txn: &mut Transaction<'_>,
         batch: &RoomBatch,
     ) -> Result<PersistedBatch> {
+        Ok(self
+            .write_batch_txn(txn, batch, false)?
+            .expect("a batch not assumed new is always written"))
+    }
+
+    fn write_batch_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        batch: &RoomBatch,
+        assumed_new: bool,
+    ) -> Result<Option<PersistedBatch>> {
         txn.lock_table("events")?;
+        let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
+        let stored: HashSet<String> = load_existing(txn, &ids)?;
+        if assumed_new && !stored.is_empty() {
+            return Ok(None);
+        }
         // Every prepared group, those of events found already stored too: a
         // later event of the batch may have its state in one of them.
         let groups: Vec<_> = batch
@@ -51,8 +90,6 @@ impl EventsStore {
             .flat_map(|e| e.new_state_groups.iter().cloned())
             .collect();
         self.state.store_prepared_groups_txn(txn, &groups)?;
-        let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
-        let stored: HashSet<String> = load_existing(txn, &ids)?;
         let mut seen = HashSet::new();
         let new: Vec<&EventToPersist> = batch
             .events
@@ -66,11 +103,11 @@ impl EventsStore {
             .map(|e| e.event_id.clone())
             .collect();
         if new.is_empty() {
-            return Ok(PersistedBatch {
+            return Ok(Some(PersistedBatch {
                 positions: HashMap::new(),
                 skipped,
                 max_stream_ordering: self.position.load(Ordering::SeqCst),
-            });
+            }));
         }
         let positions = txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?;
         insert_rooms(txn, &new)?;
@@ -109,7 +146,8 @@ impl EventsStore {
         txn.call_after(move || {
             report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));
         });
-        Ok(PersistedBatch {
+        self.remember_after_commit(txn, batch, &new, &positions);
+        Ok(Some(PersistedBatch {
             positions: new
                 .iter()
                 .zip(&positions)
@@ -117,7 +155,50 @@ impl EventsStore {
                 .collect(),
             skipped,
             max_stream_ordering: max,
-        })
+        }))
+    }
+}
+
+impl EventsStore {
+    /// Once committed, the room's new forward extremities and those of the
+    /// batch's events among them are kept in memory: the room's next batch
+    /// starts from those extremities, and its events name those events as
+    /// their prev events, so neither costs a read.
+    fn remember_after_commit(
+        &self,
+        txn: &mut Transaction<'_>,
+        batch: &RoomBatch,
+        new: &[&EventToPersist],
+        positions: &[i64],
+    ) {
+        let tips: Vec<Arc<StoredEvent>> = new
+            .iter()
+            .zip(positions)
+            .filter(|(e, _)| batch.new_extremities.contains(&e.event_id))
+            .map(|(e, p)| {
+                Arc::new(StoredEvent {
+                    event_id: e.event_id.clone(),
+                    room_id: e.room_id.clone(),
+                    json: e.json.clone(),
+                    format_version: Some(e.format_version),
+                    outlier: e.outlier,
+                    rejected: e.rejected.clone(),
+                    stream_ordering: *p,
+                })
+            })
+            .collect();
+        let caches = self.caches.clone();
+        let room = batch.room_id.clone();
+        let extremities = Arc::new(batch.new_extremities.clone());
+        txn.call_after(move || {
+            // Invalidated first: a read that began before the commit cannot
+            // put the old extremities back.
+            caches.extremities.invalidate(&room);
+            caches.extremities.insert(room, extremities);
+            for e in tips {
+                caches.events.insert(e.event_id.clone(), e);
+            }
+        });
     }
 }
 

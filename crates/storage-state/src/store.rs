@@ -165,9 +165,21 @@ impl StateStore {
             }
             _ => unreachable!("validate() refuses a group with neither state nor a delta"),
         };
+        // Often the first statement of a write (everything before it is
+        // served from memory): a connection the server dropped shows here,
+        // and is told as the database being unavailable, as in a transaction.
         let group = self
             .db
-            .with_connection(|engine, c| engine.next_ids(c, &STATE_GROUP_SEQUENCE, 1))?
+            .with_connection(|engine, c| {
+                engine
+                    .next_ids(c, &STATE_GROUP_SEQUENCE, 1)
+                    .map_err(|e| match e.database_error() {
+                        Some(d) if engine.is_disconnect(d) => Error::unavailable(format!(
+                            "the database cannot be reached ({e}); try again later"
+                        )),
+                        _ => e,
+                    })
+            })?
             .into_iter()
             .next()
             .ok_or_else(|| Error::other("the state group sequence gave no id"))?;
@@ -276,8 +288,8 @@ impl StateStore {
 
     /// Applies a change to `current_state_events` inside a caller's transaction:
     /// `removed` slots are deleted, `added` ones inserted or replaced (the
-    /// event id and, for members, the membership). The room's cached current
-    /// state is dropped once committed.
+    /// event id and, for members, the membership). Once committed, the room's
+    /// cached current state (if any) is replaced by the changed one.
     pub fn update_current_state_txn(
         &self,
         txn: &mut Transaction<'_>,
@@ -320,9 +332,30 @@ impl StateStore {
                 .values(&rows)
                 .execute(c))?;
         }
-        let caches = self.caches.clone();
+        // The room's next write reads its current state: when it is cached,
+        // the cache gets the new state, so that read stays in memory. Only
+        // this process writes the room, one batch at a time, so the cached
+        // state is the one this change applies to.
         let room = room_id.to_owned();
-        txn.call_after(move || caches.current_state.invalidate(&room));
+        let updated = self.caches.current_state.peek(&room).map(|old| {
+            let mut state = StateMap::clone(&old);
+            for key in removed {
+                state.remove(key);
+            }
+            for (key, event_id, _) in added {
+                state.insert(key.clone(), event_id.clone());
+            }
+            Arc::new(state)
+        });
+        let caches = self.caches.clone();
+        txn.call_after(move || {
+            // Invalidated first: a read that began before the commit cannot
+            // put the old state back.
+            caches.current_state.invalidate(&room);
+            if let Some(state) = updated {
+                caches.current_state.insert(room, state);
+            }
+        });
         Ok(())
     }
 
