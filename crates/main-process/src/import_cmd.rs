@@ -356,8 +356,13 @@ impl Importer {
 
     /// Sends what is buffered and waits for every batch.
     fn finish(&mut self) {
+        let state = self.pipeline.builder.state();
         for room in self.rooms.values_mut().filter(|r| r.stopped) {
             room.not_imported += room.buffer.len() as u64;
+            // Never written: the groups prepared for them go too.
+            state.forget_prepared_groups(room.buffer.iter().flat_map(|e| &e.new_state_groups));
+            self.pending
+                .forget(room.buffer.iter().map(|e| e.event_id.as_str()));
             room.buffer.clear();
         }
         let mut rooms: Vec<String> = self

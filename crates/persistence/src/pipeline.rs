@@ -88,9 +88,15 @@ impl Pipeline {
                 builder: builder.clone(),
             }),
         );
-        let queue = PersistenceQueue::new(
+        let state = builder.state().clone();
+        let queue = PersistenceQueue::discarding(
             BATCH,
             Box::new(move |room, batch| persister.persist(room, batch)),
+            // A batch after a failed one of its chain is never written: the
+            // groups prepared for it would stay in memory.
+            Box::new(move |events| {
+                state.forget_prepared_groups(events.iter().flat_map(|e| &e.new_state_groups))
+            }),
         );
         Ok(Pipeline { builder, queue })
     }

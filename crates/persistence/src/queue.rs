@@ -32,6 +32,10 @@ pub type BatchOutcome = Result<Arc<PersistedBatch>, Arc<Error>>;
 pub type PersistFn =
     dyn Fn(&str, &[EventToPersist]) -> storage_core::Result<PersistedBatch> + Send + Sync;
 
+/// Told of events the queue will never hand to [`PersistFn`] (their chain
+/// failed earlier), so that what was prepared for them can be dropped.
+pub type DiscardFn = dyn Fn(&[EventToPersist]) + Send + Sync;
+
 /// A caller's claim on the outcome of the batch its events went into.
 #[derive(Debug)]
 pub struct Handle {
@@ -75,6 +79,7 @@ struct Inner {
     /// Waiting items per room; a room is present exactly while its loop runs.
     rooms: Mutex<HashMap<String, VecDeque<Item>>>,
     persist: Box<PersistFn>,
+    discard: Box<DiscardFn>,
     max_batch: usize,
     depth: AtomicUsize,
     next_chain: AtomicU64,
@@ -101,10 +106,17 @@ impl PersistenceQueue {
     /// A queue that writes batches of at most `max_batch` events (a single
     /// caller's events are never split) with `persist`.
     pub fn new(max_batch: usize, persist: Box<PersistFn>) -> Self {
+        Self::discarding(max_batch, persist, Box::new(|_| {}))
+    }
+
+    /// Like [`new`](Self::new), and hands `discard` the events of every item
+    /// not written because an earlier item of its chain failed.
+    pub fn discarding(max_batch: usize, persist: Box<PersistFn>, discard: Box<DiscardFn>) -> Self {
         PersistenceQueue {
             inner: Arc::new(Inner {
                 rooms: Mutex::new(HashMap::new()),
                 persist,
+                discard,
                 max_batch: max_batch.max(1),
                 depth: AtomicUsize::new(0),
                 next_chain: AtomicU64::new(0),
@@ -221,10 +233,13 @@ fn run_loop(inner: &Inner, room_id: &str) {
         };
         let earlier_failure = chain.and_then(|c| lock(&inner.failed_chains).get(&c).cloned());
         let outcome: BatchOutcome = match earlier_failure {
-            Some(e) => Err(Arc::new(Error::other(format!(
-                "{} events in {room_id} not written: an earlier batch they follow failed ({e})",
-                events.len()
-            )))),
+            Some(e) => {
+                (inner.discard)(&events);
+                Err(Arc::new(Error::other(format!(
+                    "{} events in {room_id} not written: an earlier batch they follow failed ({e})",
+                    events.len()
+                ))))
+            }
             None => match std::panic::catch_unwind(AssertUnwindSafe(|| {
                 (inner.persist)(room_id, &events)
             })) {

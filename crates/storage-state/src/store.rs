@@ -212,6 +212,12 @@ impl StateStore {
         Ok(())
     }
 
+    /// How many prepared groups are held in memory, waiting for their batch
+    /// (what a writer that drops its failed batches' groups keeps near zero).
+    pub fn prepared_groups_waiting(&self) -> usize {
+        self.unwritten.len()
+    }
+
     /// Drops prepared groups that will not be written (their batch failed, or
     /// their events were refused before being queued).
     pub fn forget_prepared_groups<'a>(

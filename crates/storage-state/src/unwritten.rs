@@ -86,6 +86,10 @@ impl UnwrittenGroups {
         self.lock().is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     /// The full state of `group` if it is an unwritten group (an O(1) copy).
     pub(crate) fn full_state(&self, group: StateGroup) -> Option<StateMap> {
         self.lock().get(&group).map(|g| g.state.clone())
