@@ -372,8 +372,11 @@ pub fn event_states(db: &TestDb, event_ids: &[&str], rooms: &[&str]) -> EventSta
         .into_iter()
         .collect()
     };
-    let sorted =
-        |m: &storage_state::StateMap| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let sorted = |m: &storage_state::StateMap| {
+        m.iter()
+            .map(|((t, k), v)| ((t.to_string(), k.to_string()), v.to_string()))
+            .collect()
+    };
     let mut out: EventStates = event_ids
         .iter()
         .map(|id| {

@@ -105,7 +105,7 @@ fn joins_room(db: &TestDb, room: &str, joins: usize) -> Vec<i64> {
     for i in 0..joins {
         let user = format!("@u{i}:example.com");
         let event = format!("$join{i}-{room}");
-        let delta = StateMap::from_iter([(key("m.room.member", &user), event.clone())]);
+        let delta = StateMap::from_iter([(key("m.room.member", &user), event.as_str().into())]);
         state.extend(delta.clone());
         let g = match prev {
             None => store.store_state_group(&event, room, None, None, Some(&state)),

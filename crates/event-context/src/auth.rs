@@ -75,7 +75,7 @@ pub fn check_auth_against_state(
     fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
 ) -> Result<(), String> {
     check_auth(pdu, |event_type, state_key| {
-        let id = state.get(&(event_type.to_string(), state_key.to_owned()))?;
+        let id = state.get(&storage_state::Slot(&event_type.to_string(), state_key))?;
         fetch_event(id)
     })
 }

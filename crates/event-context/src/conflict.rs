@@ -130,8 +130,8 @@ pub(crate) fn resolve_by_conflict(
         }
         // The slots ruma's checks may read, and those the checks may fill.
         let mut slots = conflicted;
-        slots.insert(("m.room.power_levels".to_owned(), String::new()));
-        slots.insert(("m.room.create".to_owned(), String::new()));
+        slots.insert(storage_state::key("m.room.power_levels", ""));
+        slots.insert(storage_state::key("m.room.create", ""));
         for pdu in full_conflicted.iter().filter_map(|id| fetch(id)) {
             slots.extend(pdu.state_map_key());
             if let Ok(types) = auth_types_for_pdu(&pdu) {
@@ -171,8 +171,8 @@ pub(crate) fn resolve_by_conflict(
     let mut state = (*first).clone();
     for slot in &slots {
         match resolved.get(slot) {
-            Some(id) if first.get(slot).map(String::as_str) != Some(id.as_str()) => {
-                state.insert(slot.clone(), id.to_string());
+            Some(id) if first.get(slot).map(|e| &**e) != Some(id.as_str()) => {
+                state.insert(slot.clone(), Arc::from(id.as_str()));
             }
             None if first.contains_key(slot) => {
                 state.remove(slot);
@@ -194,7 +194,7 @@ mod tests {
         let b = state(&[("same", "1"), ("differs", "4"), ("only_b", "5")]);
         let slots: Vec<String> = conflicted_slots(&[&a, &b])
             .into_iter()
-            .map(|(t, _)| t)
+            .map(|(t, _)| t.to_string())
             .collect();
         assert_eq!(slots, ["differs", "only_a", "only_b"]);
         assert!(conflicted_slots(&[&a, &a.clone()]).is_empty());

@@ -123,7 +123,7 @@ impl std::fmt::Debug for ContextBuilder {
 fn to_storage(state: &StateMap) -> storage_state::StateMap {
     state
         .iter()
-        .map(|(k, v)| (k.clone(), v.to_string()))
+        .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
         .collect()
 }
 
@@ -427,7 +427,7 @@ impl ContextBuilder {
 
         let after = match (&rejected, pdu.state_map_key()) {
             (None, Some(slot)) => {
-                let delta = storage_state::StateMap::from_iter([(slot, event_id.to_owned())]);
+                let delta = storage_state::StateMap::from_iter([(slot, event_id.into())]);
                 let new = match before {
                     Some(b) => NewStateGroup {
                         event_id,
@@ -480,9 +480,8 @@ impl ContextBuilder {
         let mut slots = auth_types_for_pdu(pdu).unwrap_or_default();
         // From room version 12 the create event is not an auth event, but the
         // rules still read it from the state.
-        slots.push(("m.room.create".to_owned(), String::new()));
-        let filter =
-            StateFilter::from_types(slots.iter().map(|(t, k)| (t.as_str(), Some(k.as_str()))));
+        slots.push(storage_state::key("m.room.create", ""));
+        let filter = StateFilter::from_types(slots.iter().map(|(t, k)| (&**t, Some(&**k))));
         let mut states = self.state.get_state_for_groups(&[group], &filter)?;
         from_storage(&states.remove(&group).unwrap_or_default())
     }
@@ -794,7 +793,7 @@ pub(crate) mod tests {
     pub(crate) fn state(pairs: &[(&str, &str)]) -> storage_state::StateMap {
         pairs
             .iter()
-            .map(|(k, v)| ((k.to_string(), String::new()), v.to_string()))
+            .map(|(k, v)| (storage_state::key(k, ""), (*v).into()))
             .collect()
     }
 
@@ -820,9 +819,9 @@ pub(crate) mod tests {
             let mut s = base.clone();
             for (k, v) in pairs {
                 if v.is_empty() {
-                    s.remove(&(k.to_string(), String::new()));
+                    s.remove(&storage_state::key(k, ""));
                 } else {
-                    s.insert((k.to_string(), String::new()), v.to_string());
+                    s.insert(storage_state::key(k, ""), (*v).into());
                 }
             }
             s
@@ -831,7 +830,7 @@ pub(crate) mod tests {
         let g2 = with(&[("a", "2"), ("c", "2")]);
         let slots: BTreeSet<StateKey> = ["a", "b", "c"]
             .iter()
-            .map(|k| (k.to_string(), String::new()))
+            .map(|k| storage_state::key(k, ""))
             .collect();
         for resolved in [
             with(&[("a", "2"), ("b", "1"), ("c", "2")]),

@@ -108,7 +108,7 @@ impl Pdu {
     pub fn state_map_key(&self) -> Option<StateKey> {
         self.state_key
             .as_ref()
-            .map(|k| (self.event_type.clone(), k.clone()))
+            .map(|k| storage_state::key(&self.event_type, k))
     }
 
     /// Whether `room_id` was in the event's JSON (false only for a version 12 create event).

@@ -19,7 +19,7 @@ pub(crate) fn to_ruma(state: &StateMap) -> state_res::StateMap<OwnedEventId> {
         .iter()
         .map(|((event_type, state_key), id)| {
             (
-                (StateEventType::from(event_type.as_str()), state_key.clone()),
+                (StateEventType::from(&**event_type), state_key.to_string()),
                 id.clone(),
             )
         })
@@ -29,10 +29,10 @@ pub(crate) fn to_ruma(state: &StateMap) -> state_res::StateMap<OwnedEventId> {
 pub(crate) fn from_ruma(state: state_res::StateMap<OwnedEventId>) -> StateMap {
     state
         .into_iter()
-        .map(|((event_type, state_key), id)| ((event_type.to_string(), state_key), id))
+        .map(|((event_type, state_key), id)| (key_from_ruma((event_type, state_key)), id))
         .collect()
 }
 
 pub(crate) fn key_from_ruma((event_type, state_key): (StateEventType, String)) -> StateKey {
-    (event_type.to_string(), state_key)
+    storage_state::key(&event_type.to_string(), &state_key)
 }

@@ -105,7 +105,7 @@ fn join_of_a_banned_user_is_rejected() {
         assert!(reason.contains("banned"), "{version}: {reason}");
         let fetch = room.fetch();
         let reason = check_auth(&rejoin, |event_type, state_key| {
-            let key = (event_type.to_string(), state_key.to_owned());
+            let key = storage_state::key(&event_type.to_string(), state_key);
             room.state.get(&key).and_then(|id| fetch(id))
         })
         .unwrap_err();
@@ -129,7 +129,8 @@ fn auth_types_follow_the_room_version() {
         let mut room = public_room(version.clone());
         let join = room.build(&member("J", BOB, BOB, "join"));
         let types = auth_types_for_pdu(&join).unwrap();
-        let has = |t: StateEventType, k: &str| types.contains(&(t.to_string(), k.to_owned()));
+        let has =
+            |t: StateEventType, k: &str| types.contains(&storage_state::key(&t.to_string(), k));
         assert!(has(StateEventType::RoomPowerLevels, ""));
         assert!(has(StateEventType::RoomMember, BOB));
         assert!(has(StateEventType::RoomJoinRules, ""));
@@ -172,10 +173,10 @@ fn v12_concurrent_topics_resolve_with_state_res_v2_1() {
     )
     .unwrap();
     // Same mainline, so the later timestamp wins.
-    let topic_key = ("m.room.topic".to_owned(), String::new());
+    let topic_key = storage_state::key("m.room.topic", "");
     assert_eq!(resolved[&topic_key], t2.event_id);
     assert_ne!(resolved[&topic_key], t1.event_id);
-    let create_key = ("m.room.create".to_owned(), String::new());
+    let create_key = storage_state::key("m.room.create", "");
     assert_eq!(resolved[&create_key], after_t1[&create_key]);
     assert_eq!(resolved.len(), after_t1.len());
 }

@@ -212,7 +212,7 @@ fn check_through_storage(graph: &Graph) {
                 .unwrap();
             let expected: storage_state::StateMap = graph.state_after[node]
                 .iter()
-                .map(|(k, v)| (k.clone(), v.to_string()))
+                .map(|(k, v)| (k.clone(), v.as_str().into()))
                 .collect();
             assert_eq!(got, expected, "{}: state after {node}", t.engine());
         }

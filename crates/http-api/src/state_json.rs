@@ -25,10 +25,8 @@ pub fn to_json(state: &StateMap) -> String {
 /// [`to_json`] written to `out`. Serialized straight from the state map's
 /// strings, only sorted on the way: no intermediate tree is built.
 pub fn write_json(state: &StateMap, out: impl Write) -> std::io::Result<()> {
-    let mut slots: Vec<(&str, &str, &str)> = state
-        .iter()
-        .map(|((t, k), e)| (t.as_str(), k.as_str(), e.as_str()))
-        .collect();
+    let mut slots: Vec<(&str, &str, &str)> =
+        state.iter().map(|((t, k), e)| (&**t, &**k, &**e)).collect();
     slots.sort_unstable();
     serde_json::to_writer(out, &ByType(&slots)).map_err(std::io::Error::from)
 }
@@ -70,7 +68,7 @@ mod tests {
             (key("weird \"type\"", "k\\ey\u{e9}"), "$4\n"),
         ]
         .into_iter()
-        .map(|(k, v)| (k, v.to_owned()))
+        .map(|(k, v)| (k, v.into()))
         .collect();
         let mut expected: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
         for ((t, k), e) in &state {

@@ -27,12 +27,12 @@ fn fill_source(t: &TestDb, events: usize) {
     for i in 0..events {
         let id = format!("$e{i:05}");
         let slot = match i {
-            0 => Some(("m.room.create".to_owned(), String::new())),
-            i if i % 5 == 1 => Some(("m.room.member".to_owned(), format!("@u{}:test", i % 40))),
+            0 => Some(key("m.room.create", "")),
+            i if i % 5 == 1 => Some(key("m.room.member", &format!("@u{}:test", i % 40))),
             _ => None,
         };
         if let Some(s) = &slot {
-            let delta = StateMap::from_iter([(s.clone(), id.clone())]);
+            let delta = StateMap::from_iter([(s.clone(), id.as_str().into())]);
             state.extend(delta.clone());
             group = Some(match group {
                 None => store

@@ -13,7 +13,7 @@ use storage_events::{
     new_forward_extremities, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     PersistedBatch, RoomBatch,
 };
-use storage_state::{StateFilter, StateGroup, StateGroupAccess, StateMap, MEMBER};
+use storage_state::{StateFilter, StateGroup, StateGroupAccess, StateKey, StateMap, MEMBER};
 
 /// Resolves the state of a room whose forward extremities have different state.
 pub trait ExtremityResolver: Send + Sync {
@@ -144,14 +144,14 @@ impl RoomPersister {
             .filter(|k| !new_state.contains_key(*k))
             .cloned()
             .collect();
-        let changed: Vec<(&(String, String), &String)> = new_state
+        let changed: Vec<(&StateKey, &Arc<str>)> = new_state
             .iter()
             .filter(|(k, v)| old_state.get(*k) != Some(*v))
             .collect();
         let memberships = self.memberships(&in_batch, &changed)?;
         let added = changed
             .into_iter()
-            .map(|(k, e)| (k.clone(), e.clone(), memberships.get(e.as_str()).cloned()))
+            .map(|(k, e)| (k.clone(), e.to_string(), memberships.get(&**e).cloned()))
             .collect();
         Ok(CurrentStateDelta { removed, added })
     }
@@ -160,21 +160,22 @@ impl RoomPersister {
     fn memberships<'a>(
         &self,
         in_batch: &HashMap<&str, &EventToPersist>,
-        changed: &[(&(String, String), &'a String)],
+        changed: &[(&StateKey, &'a Arc<str>)],
     ) -> Result<HashMap<&'a str, String>> {
         let mut found = HashMap::new();
         let mut to_load = Vec::new();
-        for ((t, _), e) in changed {
-            if t != MEMBER {
+        for &((t, _), e) in changed {
+            if &**t != MEMBER {
                 continue;
             }
-            match in_batch.get(e.as_str()) {
+            let e: &'a str = e;
+            match in_batch.get(e) {
                 Some(ev) => {
                     if let Some(m) = &ev.membership {
-                        found.insert(e.as_str(), m.clone());
+                        found.insert(e, m.clone());
                     }
                 }
-                None => to_load.push(e.as_str()),
+                None => to_load.push(e),
             }
         }
         if !to_load.is_empty() {

@@ -36,11 +36,11 @@ impl ExtremityResolver for NoFork {
 /// written), persisted a batch each by `persister`.
 fn linear_room(store: &EventsStore, persister: &RoomPersister) {
     let state = store.state();
-    let created = StateMap::from_iter([(key("m.room.create", ""), "$create".to_owned())]);
+    let created = StateMap::from_iter([(key("m.room.create", ""), "$create".into())]);
     let g1 = state
         .store_state_group("$create", ROOM, None, None, Some(&created))
         .unwrap();
-    let joined = StateMap::from_iter([(key("m.room.member", "@alice:test"), "$join".to_owned())]);
+    let joined = StateMap::from_iter([(key("m.room.member", "@alice:test"), "$join".into())]);
     let g2 = state
         .store_state_group("$join", ROOM, Some(g1), Some(&joined), None)
         .unwrap();

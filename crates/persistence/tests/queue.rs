@@ -279,7 +279,7 @@ fn stores(t: &TestDb) -> (EventsStore, i64) {
             None,
             Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
-                "$create".to_owned(),
+                "$create".into(),
             )])),
         )
         .unwrap();

@@ -18,6 +18,7 @@ pub mod log_context;
 pub mod logging;
 pub mod metrics;
 mod migrations;
+mod shared_text;
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -34,6 +35,7 @@ pub use engine::{
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use layout::{detect_layout, refuse_foreign_database, require_synapse_database, Layout};
 pub use log_context::LogContext;
+pub use shared_text::{intern, InternedText, SharedText};
 pub use transaction::Transaction;
 
 /// Re-exported so that crates above write queries against the same diesel.

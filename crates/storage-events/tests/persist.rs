@@ -78,7 +78,7 @@ fn count(t: &TestDb, table: &str) -> i64 {
 
 fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
     let store = stores(t);
-    let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".to_owned())]);
+    let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".into())]);
     let g1 = store
         .state()
         .store_state_group("$create", ROOM, None, None, Some(&create_state))
@@ -101,7 +101,7 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
             Some(g1),
             Some(&StateMap::from_iter([(
                 key("m.room.name", ""),
-                "$name".to_owned(),
+                "$name".into(),
             )])),
             None,
         )
@@ -167,7 +167,7 @@ fn stored_events_are_skipped(t: &TestDb) {
             None,
             Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
-                "$create".to_owned(),
+                "$create".into(),
             )])),
         )
         .unwrap();
@@ -207,7 +207,7 @@ fn outliers_get_no_state_and_rejections_are_recorded(t: &TestDb) {
             None,
             Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
-                "$create".to_owned(),
+                "$create".into(),
             )])),
         )
         .unwrap();
@@ -282,7 +282,7 @@ fn failed_batch_leaves_nothing(t: &TestDb) {
             None,
             Some(&StateMap::from_iter([(
                 key("m.room.create", ""),
-                "$create".to_owned(),
+                "$create".into(),
             )])),
         )
         .unwrap();
@@ -396,7 +396,7 @@ fn events_name_the_instance_that_wrote_them(t: &TestDb) {
         ..StoreConfig::default()
     };
     let store = EventsStore::new(t.open(), &config).unwrap();
-    let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".to_owned())]);
+    let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".into())]);
     let g1 = store
         .state()
         .store_state_group("$create", ROOM, None, None, Some(&create_state))

@@ -37,7 +37,7 @@ fn a_worker_forgets_rewritten_shapes() {
     for i in 0..400 {
         let delta = StateMap::from_iter([(
             key("m.room.member", &format!("@u{i}:test")),
-            format!("$j{i}"),
+            format!("$j{i}").into(),
         )]);
         let g = match prev {
             None => state.store_state_group("$j0", ROOM, None, None, Some(&delta)),

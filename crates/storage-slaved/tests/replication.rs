@@ -36,7 +36,7 @@ impl Main {
 
     /// Persists `id` filling `slot` and making it current; returns its position.
     fn write(&mut self, id: &str, slot: (&str, &str)) -> i64 {
-        let delta = StateMap::from_iter([(key(slot.0, slot.1), id.to_owned())]);
+        let delta = StateMap::from_iter([(key(slot.0, slot.1), id.into())]);
         let state = self.store.state();
         let group = match self.group {
             None => state.store_state_group(id, ROOM, None, None, Some(&delta)),
@@ -84,7 +84,7 @@ fn topic(store: &SlavedStore) -> Option<String> {
         .get_current_state_ids(ROOM)
         .unwrap()
         .get(&key("m.room.topic", ""))
-        .cloned()
+        .map(|e| e.to_string())
 }
 
 /// `aggregate` (a count) over this database's listening connections.
@@ -235,7 +235,7 @@ fn worker_reads_match_the_main_process() {
         w.get_current_state_ids(ROOM)
             .unwrap()
             .get(&key("m.room.member", "@alice:test")),
-        Some(&"$member".to_owned())
+        Some(&"$member".into())
     );
     storage_events::testing::assert_invariants(&t.open());
 }

@@ -109,7 +109,10 @@ fn build_chain(store: &StateStore) -> (i64, StateMap) {
     state.insert(key("m.room.join_rules", ""), "$jr".into());
     state.insert(key("m.room.name", ""), "$name".into());
     for m in 0..MEMBERS {
-        state.insert(key(MEMBER, &format!("@user{m}:bench")), format!("$join{m}"));
+        state.insert(
+            key(MEMBER, &format!("@user{m}:bench")),
+            format!("$join{m}").into(),
+        );
     }
     let room = "!bench:bench";
     let mut group = store
@@ -120,7 +123,7 @@ fn build_chain(store: &StateStore) -> (i64, StateMap) {
         let mut delta = StateMap::new();
         delta.insert(
             key(MEMBER, &format!("@user{}:bench", hop * 37 % MEMBERS)),
-            event.clone(),
+            event.as_str().into(),
         );
         state.extend(delta.clone());
         group = store
@@ -166,16 +169,16 @@ fn build_hq(store: &StateStore) -> (i64, StateMap, String) {
         "m.room.guest_access",
         "m.room.server_acl",
     ] {
-        state.insert(key(t, ""), new_event());
+        state.insert(key(t, ""), new_event().into());
     }
     for a in 0..HQ_ALIASES {
         state.insert(
             key("m.room.aliases", &format!("alias{a}.example.org")),
-            new_event(),
+            new_event().into(),
         );
     }
     for m in 0..HQ_ROOT_MEMBERS {
-        state.insert(key(MEMBER, &hq_user(m)), new_event());
+        state.insert(key(MEMBER, &hq_user(m)), new_event().into());
     }
     assert_eq!(state.len(), 30_856);
     let mut group = store
@@ -191,10 +194,10 @@ fn build_hq(store: &StateStore) -> (i64, StateMap, String) {
             HQ_CHANGES
         };
         let joins = HQ_NEW_MEMBERS / HQ_DELTAS + usize::from(d < HQ_NEW_MEMBERS % HQ_DELTAS);
-        let mut delta = StateMap::new();
+        let mut delta: StateMap = StateMap::new();
         for _ in 0..joins {
             last_event = new_event();
-            delta.insert(key(MEMBER, &hq_user(members)), last_event.clone());
+            delta.insert(key(MEMBER, &hq_user(members)), last_event.as_str().into());
             members += 1;
         }
         while delta.len() < changes {
@@ -203,7 +206,7 @@ fn build_hq(store: &StateStore) -> (i64, StateMap, String) {
             rng ^= rng << 17;
             let who = (rng % members as u64) as usize;
             last_event = new_event();
-            delta.insert(key(MEMBER, &hq_user(who)), last_event.clone());
+            delta.insert(key(MEMBER, &hq_user(who)), last_event.as_str().into());
         }
         for (k, v) in &delta {
             state.insert(k.clone(), v.clone());
@@ -491,17 +494,42 @@ fn keep(t: &TestDb, dir: &str) {
     }
 }
 
-/// `HS_BENCH_PROFILE=cold|lazy|warm|warm-lazy`: only the HQ room (on SQLite, or
+/// `HS_BENCH_PROFILE=cold|lazy|warm|warm-lazy|bare`: only the HQ room (on SQLite, or
 /// PostgreSQL with `HS_BENCH_ENGINE=postgres`), then that read
-/// `HS_BENCH_ITERATIONS` times (default 5), for `perf record` and callgrind.
+/// `HS_BENCH_ITERATIONS` times (default 5), for `perf record` and callgrind
+/// (`bare`: the store's own statement alone, rows decoded and dropped).
 fn profile(what: &str) {
     let t = match std::env::var("HS_BENCH_ENGINE").as_deref() {
         Ok("postgres") => TestDb::postgres().expect("HS_TEST_POSTGRES_URL"),
         _ => TestDb::sqlite(),
     };
-    let store = StateStore::new(t.open(), &StoreConfig::default()).expect("store");
-    let (group, _, _) = build_hq(&store);
-    analyze(&t);
+    // `HS_BENCH_DB=FILE` (SQLite): the room kept in FILE by an earlier run,
+    // so that a profile of the reads does not pay for building it.
+    let kept = std::env::var("HS_BENCH_DB").ok();
+    let (store, group) = match kept.as_deref() {
+        Some(file) if std::path::Path::new(file).exists() => {
+            let url = format!("sqlite:{file}");
+            let config = storage_core::DatabaseConfig::parse(&url, storage_core::OpenMode::Writer)
+                .expect("HS_BENCH_DB");
+            let db = storage_core::Database::open(config).expect("opening HS_BENCH_DB");
+            let store = StateStore::new(db, &StoreConfig::default()).expect("store");
+            let group = storage_state::highest_state_group(store.database()).expect("top group");
+            (store, group)
+        }
+        _ => {
+            let store = StateStore::new(t.open(), &StoreConfig::default()).expect("store");
+            let (group, _, _) = build_hq(&store);
+            analyze(&t);
+            if let Some(file) = &kept {
+                if let Conn::Sqlite(c) = &mut t.raw_connection() {
+                    diesel::sql_query(format!("VACUUM INTO '{file}'"))
+                        .execute(c)
+                        .expect("keeping the HQ database");
+                }
+            }
+            (store, group)
+        }
+    };
     let users: Vec<String> = (0..20).map(|i| hq_user(i * 1_877 + 3)).collect();
     let filter = match what {
         "lazy" | "warm-lazy" => {
@@ -518,6 +546,11 @@ fn profile(what: &str) {
         .expect("warming");
     let started = Instant::now();
     for _ in 0..n {
+        if what == "bare" {
+            let rows = storage_state::bare_chain_rows(store.database(), group, &filter);
+            assert_eq!(rows.expect("the store's statement"), HQ_ROWS);
+            continue;
+        }
         let got = match what {
             "warm" | "warm-lazy" => warm.get_state_for_groups(&[group], &filter).expect("read"),
             _ => fresh(&store)

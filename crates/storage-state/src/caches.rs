@@ -19,9 +19,9 @@ pub type Delta = Option<(StateGroup, Arc<StateMap>)>;
 #[derive(Debug)]
 pub struct StateCaches {
     /// `m.room.member` state per group (Synapse: 500,000 keys).
-    pub(crate) members: DictionaryCache<StateGroup, StateKey, String>,
+    pub(crate) members: DictionaryCache<StateGroup, StateKey, Arc<str>>,
     /// All other state per group (Synapse: 50,000 keys).
-    pub(crate) non_members: DictionaryCache<StateGroup, StateKey, String>,
+    pub(crate) non_members: DictionaryCache<StateGroup, StateKey, Arc<str>>,
     /// The whole state of groups lately read in full: the union of their two
     /// dictionary entries, kept so that a warm full read hands it out instead of
     /// rebuilding it (a union copies every node path it changes: 2 ms for the
@@ -48,7 +48,7 @@ impl StateCaches {
                 |s| s.len().max(1),
             )
             // Its strings and most nodes are the members entry's: counted there.
-            .counting_bytes(|_, s| s.len() * size_of::<(StateKey, String)>()),
+            .counting_bytes(|_, s| s.len() * size_of::<(StateKey, Arc<str>)>()),
             deltas: LruCache::<StateGroup, Delta>::with_sizer(
                 "state_group_delta_cache",
                 config.cache_size(100_000),
@@ -97,11 +97,11 @@ impl StateCaches {
     }
 
     /// Cache statistics, for tests and reports.
-    pub fn members(&self) -> &DictionaryCache<StateGroup, StateKey, String> {
+    pub fn members(&self) -> &DictionaryCache<StateGroup, StateKey, Arc<str>> {
         &self.members
     }
 
-    pub fn non_members(&self) -> &DictionaryCache<StateGroup, StateKey, String> {
+    pub fn non_members(&self) -> &DictionaryCache<StateGroup, StateKey, Arc<str>> {
         &self.non_members
     }
 }

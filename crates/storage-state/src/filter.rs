@@ -6,7 +6,7 @@
 //! `StateFilter`, including its canonical form: with `include_others`, a wildcard
 //! entry says nothing the flag does not already say, so it is dropped.
 
-use crate::types::{StateKey, StateMap, MEMBER};
+use crate::types::{key, Slot, StateKey, StateMap, MEMBER};
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,11 +99,16 @@ impl StateFilter {
 
     /// The slots named one by one.
     pub fn concrete_types(&self) -> Vec<StateKey> {
+        self.concrete_slots().map(|Slot(t, k)| key(t, k)).collect()
+    }
+
+    /// [`concrete_types`](Self::concrete_types) borrowed from the filter: for
+    /// looking them up without building keys.
+    pub fn concrete_slots(&self) -> impl Iterator<Item = Slot<'_>> {
         self.types
             .iter()
             .filter_map(|(t, keys)| keys.as_ref().map(|keys| (t, keys)))
-            .flat_map(|(t, keys)| keys.iter().map(move |k| (t.clone(), k.clone())))
-            .collect()
+            .flat_map(|(t, keys)| keys.iter().map(move |k| Slot(t, k)))
     }
 
     /// The types given with a wildcard state key.
@@ -250,15 +255,19 @@ mod tests {
     #[test]
     fn filter_state_keeps_what_is_asked() {
         let state: StateMap = [
-            (("m.room.create".into(), "".into()), "e1".to_string()),
-            (("m.room.name".into(), "".into()), "e2".to_string()),
-            ((MEMBER.into(), "@alice".into()), "e3".to_string()),
-            ((MEMBER.into(), "@bob".into()), "e5".to_string()),
+            (("m.room.create".into(), "".into()), "e1".into()),
+            (("m.room.name".into(), "".into()), "e2".into()),
+            ((MEMBER.into(), "@alice".into()), "e3".into()),
+            ((MEMBER.into(), "@bob".into()), "e5".into()),
         ]
         .into_iter()
         .collect();
         let ids = |f: &StateFilter| {
-            let mut v: Vec<String> = f.filter_state(&state).values().cloned().collect();
+            let mut v: Vec<String> = f
+                .filter_state(&state)
+                .values()
+                .map(|e| e.to_string())
+                .collect();
             v.sort();
             v
         };

@@ -10,6 +10,7 @@ use diesel::prelude::*;
 use foldhash::fast::RandomState as FoldState;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use storage_core::cache::DictionaryCache;
 use storage_core::{with_conn, Conn, Error, Result, Transaction};
 
@@ -26,7 +27,7 @@ const PER_HOP_LIMIT: usize = 8;
 /// What `cache` knows of `group` under `filter`, and whether that is everything the
 /// filter asks for.
 pub(crate) fn from_cache(
-    cache: &DictionaryCache<StateGroup, StateKey, String>,
+    cache: &DictionaryCache<StateGroup, StateKey, Arc<str>>,
     group: StateGroup,
     filter: &StateFilter,
 ) -> (StateMap, bool) {
@@ -38,12 +39,17 @@ pub(crate) fn from_cache(
     if !filter.include_others() && !filter.has_wildcards() {
         // A filter naming its keys (an auth check, lazy-loaded members): looked
         // up key by key rather than by a pass over thousands of entries.
-        let keys = filter.concrete_types();
-        let complete = entry.full || keys.iter().all(|k| entry.knows(k));
-        let state = keys
-            .into_iter()
-            .filter_map(|k| entry.value.get(&k).map(|v| (k, v.clone())))
-            .collect();
+        // Borrowed slots: no key is built; the answer shares the cache's.
+        let mut complete = true;
+        let mut state = StateMap::new();
+        for slot in filter.concrete_slots() {
+            match entry.value.get_key_value(&slot) {
+                Some((k, v)) => {
+                    state.insert(k.clone(), v.clone());
+                }
+                None => complete &= entry.full || entry.known_absent.contains(&slot),
+            }
+        }
         return (state, complete);
     }
     let state = entry
@@ -209,14 +215,14 @@ fn fetch_split(
 }
 
 fn split(state: StateMap) -> SplitState {
-    let (members, others) = state.into_iter().partition(|((t, _), _)| t == MEMBER);
+    let (members, others) = state.into_iter().partition(|((t, _), _)| &**t == MEMBER);
     SplitState { members, others }
 }
 
 /// Per slot, the event of the highest group on the chain seen so far. A plain
 /// hash map with foldhash: it lives for one read, and is turned into the
 /// persistent maps the caches keep once every row is in.
-type Newest = std::collections::HashMap<StateKey, (StateGroup, String), FoldState>;
+type Newest = std::collections::HashMap<StateKey, (StateGroup, Arc<str>), FoldState>;
 
 fn walk_recursive(
     conn: &mut Conn,
@@ -239,14 +245,14 @@ fn walk_recursive(
             return;
         };
         // The key moves in: no copy of the strings to look it up.
-        match slots.entry((row.event_type, row.state_key)) {
+        match slots.entry((row.event_type.0, row.state_key.0)) {
             Entry::Occupied(mut slot) => {
                 if slot.get().0 < row.state_group {
-                    slot.insert((row.state_group, row.event_id));
+                    slot.insert((row.state_group, row.event_id.0));
                 }
             }
             Entry::Vacant(slot) => {
-                slot.insert((row.state_group, row.event_id));
+                slot.insert((row.state_group, row.event_id.0));
             }
         }
     })?;
@@ -256,7 +262,7 @@ fn walk_recursive(
     for (root, slots) in newest {
         let mut state = SplitState::default();
         for (key, (_, event_id)) in slots {
-            if key.0 == MEMBER {
+            if &*key.0 == MEMBER {
                 state.members.insert(key, event_id);
             } else {
                 state.others.insert(key, event_id);
@@ -277,9 +283,9 @@ fn walk_per_hop(conn: &mut Conn, group: StateGroup, filter: &StateFilter) -> Res
     let mut current = group;
     for _ in 0..PER_HOP_LIMIT {
         for row in sql::group_rows(conn, current, &slots_filter(&remaining))? {
-            let slot = (row.event_type, row.state_key);
+            let slot = (row.event_type.0, row.state_key.0);
             remaining.remove(&slot);
-            state.entry(slot).or_insert(row.event_id);
+            state.entry(slot).or_insert(row.event_id.0);
         }
         if remaining.is_empty() {
             return Ok(state);
@@ -304,5 +310,5 @@ fn walk_per_hop(conn: &mut Conn, group: StateGroup, filter: &StateFilter) -> Res
 }
 
 fn slots_filter(slots: &HashSet<StateKey>) -> StateFilter {
-    StateFilter::from_types(slots.iter().map(|(t, k)| (t.as_str(), Some(k.as_str()))))
+    StateFilter::from_types(slots.iter().map(|(t, k)| (&**t, Some(&**k))))
 }

@@ -8,7 +8,9 @@
 //! ascending here.
 //!
 //! The state rows themselves are read by position ([`ByPosition`]), not through
-//! `sql_query`, which finds every value by its column's name.
+//! `sql_query`, which finds every value by its column's name, and their text
+//! straight into the shared strings the maps keep ([`SharedText`], the event
+//! type interned: [`InternedText`]).
 
 use crate::filter::StateFilter;
 use crate::types::{StateGroup, MEMBER};
@@ -20,7 +22,7 @@ use diesel::{
     PgConnection, QueryResult, Queryable, QueryableByName, RunQueryDsl, SqliteConnection,
 };
 use std::marker::PhantomData;
-use storage_core::{with_conn, Conn, Result};
+use storage_core::{with_conn, Conn, InternedText, Result, SharedText};
 
 /// Keys of one type up to which each gets an arm of its own (SQLite allows 500
 /// arms in a compound SELECT).
@@ -260,9 +262,9 @@ impl<ST, C> RunQueryDsl<C> for ByPosition<ST> {}
 pub(crate) struct ChainRow {
     pub(crate) root: i64,
     pub(crate) state_group: i64,
-    pub(crate) event_type: String,
-    pub(crate) state_key: String,
-    pub(crate) event_id: String,
+    pub(crate) event_type: InternedText,
+    pub(crate) state_key: SharedText,
+    pub(crate) event_id: SharedText,
 }
 
 type ChainRowType = (BigInt, BigInt, Text, Text, Text);
@@ -303,9 +305,9 @@ pub(crate) fn chain_rows(
 
 #[derive(Queryable, Debug)]
 pub(crate) struct SlotRow {
-    pub(crate) event_type: String,
-    pub(crate) state_key: String,
-    pub(crate) event_id: String,
+    pub(crate) event_type: InternedText,
+    pub(crate) state_key: SharedText,
+    pub(crate) event_id: SharedText,
 }
 
 /// One hop of the per-hop walk: the rows of `group` itself matching `filter`.

@@ -15,7 +15,10 @@ use crate::write::{self, GroupRows, NewStateGroup, StoredInTxn, STATE_GROUP_SEQU
 use diesel::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
-use storage_core::{with_conn, Database, Error, OpenMode, Result, StoreConfig, Transaction};
+use storage_core::{
+    with_conn, Database, Error, InternedText, OpenMode, Result, SharedText, StoreConfig,
+    Transaction,
+};
 
 /// Event ids per lookup statement.
 const EVENT_BATCH: usize = 500;
@@ -308,7 +311,7 @@ impl StateStore {
         // per member), in chunks of state keys.
         let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
         for (t, k) in removed.iter().chain(added.iter().map(|(key, _, _)| key)) {
-            by_type.entry(t.as_str()).or_default().push(k.as_str());
+            by_type.entry(&**t).or_default().push(&**k);
         }
         for (t, keys) in by_type {
             for chunk in keys.chunks(EVENT_BATCH) {
@@ -328,8 +331,8 @@ impl StateStore {
                     (
                         cse::event_id.eq(e.as_str()),
                         cse::room_id.eq(room_id),
-                        cse::type_.eq(t.as_str()),
-                        cse::state_key.eq(k.as_str()),
+                        cse::type_.eq(&**t),
+                        cse::state_key.eq(&**k),
                         cse::membership.eq(m.as_deref()),
                     )
                 })
@@ -349,7 +352,7 @@ impl StateStore {
                 state.remove(key);
             }
             for (key, event_id, _) in added {
-                state.insert(key.clone(), event_id.clone());
+                state.insert(key.clone(), event_id.as_str().into());
             }
             Arc::new(state)
         });
@@ -447,7 +450,7 @@ impl StateGroupAccess for StateStore {
             let Some(prev) = prev else {
                 return Ok(None);
             };
-            let rows: Vec<(String, String, String)> =
+            let rows: Vec<(InternedText, SharedText, SharedText)> =
                 with_conn!(txn.conn(), |c| state_groups_state::table
                     .select((
                         state_groups_state::type_,
@@ -456,7 +459,10 @@ impl StateGroupAccess for StateStore {
                     ))
                     .filter(state_groups_state::state_group.eq(group))
                     .load(c))?;
-            let delta: StateMap = rows.into_iter().map(|(t, k, e)| ((t, k), e)).collect();
+            let delta: StateMap = rows
+                .into_iter()
+                .map(|(t, k, e)| ((t.0, k.0), e.0))
+                .collect();
             Ok(Some((prev, Arc::new(delta))))
         })?;
         self.caches.deltas.insert_at(seq, group, delta.clone());
@@ -533,7 +539,7 @@ impl StateGroupAccess for StateStore {
             return Ok(state);
         }
         let seq = self.caches.current_state.sequence();
-        let rows: Vec<(String, String, String)> =
+        let rows: Vec<(InternedText, SharedText, SharedText)> =
             self.db.run_read("get_current_state_ids", |txn| {
                 Ok(with_conn!(txn.conn(), |c| current_state_events::table
                     .select((
@@ -544,8 +550,11 @@ impl StateGroupAccess for StateStore {
                     .filter(current_state_events::room_id.eq(room_id))
                     .load(c))?)
             })?;
-        let state: Arc<StateMap> =
-            Arc::new(rows.into_iter().map(|(t, k, e)| ((t, k), e)).collect());
+        let state: Arc<StateMap> = Arc::new(
+            rows.into_iter()
+                .map(|(t, k, e)| ((t.0, k.0), e.0))
+                .collect(),
+        );
         self.caches.current_state.insert_at(seq, key, state.clone());
         Ok(state)
     }

@@ -106,9 +106,9 @@ impl UnwrittenGroups {
             // A filter naming its keys (an auth check): looked up key by key.
             return Some(
                 filter
-                    .concrete_types()
-                    .into_iter()
-                    .filter_map(|k| state.get(&k).map(|v| (k, v.clone())))
+                    .concrete_slots()
+                    .filter_map(|slot| state.get_key_value(&slot))
+                    .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             );
         }

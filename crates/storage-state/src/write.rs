@@ -231,7 +231,7 @@ pub(crate) fn store_txn<'a>(
     txn.call_after(move || {
         if let Some(state) = full_state {
             let (members, non_members): (StateMap, StateMap) =
-                state.into_iter().partition(|((t, _), _)| t == MEMBER);
+                state.into_iter().partition(|((t, _), _)| &**t == MEMBER);
             caches.members.update(seq_members, group, members, None);
             caches
                 .non_members
@@ -242,7 +242,7 @@ pub(crate) fn store_txn<'a>(
             let (members, non_members): (StateMap, StateMap) = delta
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
-                .partition(|((t, _), _)| t == MEMBER);
+                .partition(|((t, _), _)| &**t == MEMBER);
             caches.members.derive(seq_members, prev, group, members);
             caches
                 .non_members

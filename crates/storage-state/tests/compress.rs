@@ -39,8 +39,8 @@ fn linear(store: &StateStore, room: &str, n: usize) -> Vec<(StateGroup, StateMap
             i if i % 3 == 0 => (key("m.room.topic", ""), format!("$topic{i}")),
             i => (key(MEMBER, &format!("@u{i}:test")), format!("$join{i}")),
         };
-        let delta = StateMap::from_iter([(slot.clone(), event.clone())]);
-        state.insert(slot, event.clone());
+        let delta = StateMap::from_iter([(slot.clone(), event.as_str().into())]);
+        state.insert(slot, event.as_str().into());
         let g = match prev {
             None => store.store_state_group(&event, room, None, None, Some(&state)),
             Some(p) => store.store_state_group(&event, room, Some(p), Some(&delta), None),
@@ -122,7 +122,7 @@ fn every_group_keeps_its_state_and_rows_shrink(t: &TestDb) {
 /// groups by a group holding both (as state resolution would make it).
 fn forked(store: &StateStore, room: &str, rounds: usize) -> Vec<(StateGroup, StateMap)> {
     let mut out = Vec::new();
-    let create = StateMap::from_iter([(key(CREATE, ""), "$create".to_owned())]);
+    let create = StateMap::from_iter([(key(CREATE, ""), "$create".into())]);
     let mut tip = store
         .store_state_group("$create", room, None, None, Some(&create))
         .unwrap();
@@ -134,11 +134,11 @@ fn forked(store: &StateStore, room: &str, rounds: usize) -> Vec<(StateGroup, Sta
             for (side, (g, s)) in [("a", &mut a), ("b", &mut b)] {
                 let slot = key(MEMBER, &format!("@{side}{r}_{i}:test"));
                 let event = format!("${side}{r}_{i}");
-                let delta = StateMap::from_iter([(slot.clone(), event.clone())]);
+                let delta = StateMap::from_iter([(slot.clone(), event.as_str().into())]);
                 *g = store
                     .store_state_group(&event, room, Some(*g), Some(&delta), None)
                     .unwrap();
-                s.insert(slot, event);
+                s.insert(slot, event.into());
                 out.push((*g, s.clone()));
             }
         }
@@ -260,11 +260,11 @@ fn a_concurrent_writer_is_undisturbed(t: &TestDb) {
             while !stop.load(Ordering::SeqCst) || i < 20 {
                 let slot = key(MEMBER, &format!("@late{i}:test"));
                 let event = format!("$late{i}");
-                let delta = StateMap::from_iter([(slot.clone(), event.clone())]);
+                let delta = StateMap::from_iter([(slot.clone(), event.as_str().into())]);
                 prev = store
                     .store_state_group(&event, ROOM, Some(prev), Some(&delta), None)
                     .unwrap();
-                state.insert(slot, event);
+                state.insert(slot, event.into());
                 written.push((prev, state.clone()));
                 i += 1;
             }

@@ -23,7 +23,7 @@ fn build_chain(store: &StateStore, n: usize, give_full_state: bool) -> Vec<(i64,
     for u in 0..20 {
         model.insert(
             storage_state::key(MEMBER, &format!("@u{u}:test")),
-            format!("$join{u}"),
+            format!("$join{u}").into(),
         );
     }
     let first = store

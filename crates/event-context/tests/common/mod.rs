@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 use event_context::{
     auth_types_for_event,
     ruma::{EventId, OwnedEventId, RoomVersionId, UserId},
-    Pdu, StateMap,
+    Pdu, StateKey, StateMap,
 };
 use serde_json::{json, Value};
 
@@ -119,7 +119,7 @@ impl Spec {
     }
 
     /// The state keys of the auth events of this event.
-    pub fn auth_types(&self, version: &RoomVersionId) -> Vec<(String, String)> {
+    pub fn auth_types(&self, version: &RoomVersionId) -> Vec<StateKey> {
         let content = serde_json::value::to_raw_value(&self.content).unwrap();
         let sender = <&UserId>::try_from(self.sender.as_str()).unwrap();
         auth_types_for_event(

@@ -293,17 +293,17 @@ mod tests {
     /// adding Bob's join; a delta on that setting a topic.
     fn three_groups(store: &StateStore) -> [StateGroup; 3] {
         let snapshot = StateMap::from_iter([
-            (key("m.room.create", ""), "$create".to_owned()),
-            (key("m.room.member", "@alice:x"), "$alice".to_owned()),
+            (key("m.room.create", ""), "$create".into()),
+            (key("m.room.member", "@alice:x"), "$alice".into()),
         ]);
         let g1 = store
             .store_state_group("$alice", ROOM, None, None, Some(&snapshot))
             .unwrap();
-        let bob = StateMap::from_iter([(key("m.room.member", "@bob:x"), "$bob".to_owned())]);
+        let bob = StateMap::from_iter([(key("m.room.member", "@bob:x"), "$bob".into())]);
         let g2 = store
             .store_state_group("$bob", ROOM, Some(g1), Some(&bob), None)
             .unwrap();
-        let topic = StateMap::from_iter([(key("m.room.topic", ""), "$topic".to_owned())]);
+        let topic = StateMap::from_iter([(key("m.room.topic", ""), "$topic".into())]);
         let g3 = store
             .store_state_group("$topic", ROOM, Some(g2), Some(&topic), None)
             .unwrap();
@@ -355,7 +355,7 @@ mod tests {
         let mut new_rows: Rows = rows
             .iter()
             .map(|(t, k, e)| {
-                let slot = states.interner.slot((*t).to_owned(), (*k).to_owned());
+                let slot = states.interner.slot(t, k);
                 (slot, states.interner.event((*e).to_owned()))
             })
             .collect();

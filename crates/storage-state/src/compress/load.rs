@@ -93,7 +93,7 @@ pub(crate) fn rows(
                 .filter(state_groups_state::state_group.eq_any(chunk))
                 .load(c))?;
         for (g, t, k, e) in rows {
-            let slot = interner.slot(t, k);
+            let slot = interner.slot(&t, &k);
             let event = interner.event(e);
             out.entry(g).or_default().push((slot, event));
         }

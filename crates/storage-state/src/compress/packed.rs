@@ -30,8 +30,8 @@ pub(crate) struct Interner {
 }
 
 impl Interner {
-    pub(crate) fn slot(&mut self, event_type: String, state_key: String) -> Slot {
-        let key = (event_type, state_key);
+    pub(crate) fn slot(&mut self, event_type: &str, state_key: &str) -> Slot {
+        let key = crate::types::key(event_type, state_key);
         if let Some(&s) = self.slots.get(&key) {
             return s;
         }
@@ -63,7 +63,7 @@ impl Interner {
     pub(crate) fn pack(&mut self, state: &StateMap) -> Packed {
         state
             .iter()
-            .map(|((t, k), e)| (self.slot(t.clone(), k.clone()), self.event(e.clone())))
+            .map(|((t, k), e)| (self.slot(t, k), self.event(e.to_string())))
             .collect()
     }
 }

@@ -22,7 +22,7 @@ pub fn cold(store: &StateStore) -> StateStore {
 pub fn state(pairs: &[(&str, &str, &str)]) -> StateMap {
     pairs
         .iter()
-        .map(|(t, k, e)| (key(t, k), e.to_string()))
+        .map(|(t, k, e)| (key(t, k), (*e).into()))
         .collect()
 }
 
