@@ -43,7 +43,8 @@ pub fn bare_chain_rows(
 ) -> storage_core::Result<usize> {
     db.run_read("bare_chain_rows", |txn| {
         let mut n = 0;
-        sql::chain_rows(txn.conn(), &[group], filter, |_| n += 1)?;
+        let key_arms = sql::key_arms(txn.engine());
+        sql::chain_rows(txn.conn(), &[group], filter, key_arms, |_| n += 1)?;
         Ok(n)
     })
 }

@@ -178,14 +178,18 @@ fn fetch_split(
     // A client-side walk pays one statement per hop; it wins only where statements
     // are cheap and a filter without wildcards lets it stop early.
     let per_hop = txn.engine().round_trips_are_cheap() && !filter.has_wildcards();
+    let key_arms = sql::key_arms(txn.engine());
     let mut result: HashMap<StateGroup, SplitState> = HashMap::with_capacity(groups.len());
     if per_hop {
         for &group in groups {
-            result.insert(group, split(walk_per_hop(txn.conn(), group, filter)?));
+            result.insert(
+                group,
+                split(walk_per_hop(txn.conn(), group, filter, key_arms)?),
+            );
         }
     } else {
         for batch in groups.chunks(GROUP_BATCH) {
-            walk_recursive(txn.conn(), batch, filter, &mut result)?;
+            walk_recursive(txn.conn(), batch, filter, key_arms, &mut result)?;
         }
     }
     let empty: Vec<StateGroup> = groups
@@ -228,12 +232,13 @@ fn walk_recursive(
     conn: &mut Conn,
     groups: &[StateGroup],
     filter: &StateFilter,
+    key_arms: usize,
     result: &mut HashMap<StateGroup, SplitState>,
 ) -> Result<()> {
     let mut newest: HashMap<StateGroup, Newest> = HashMap::new();
     // Rows arrive root by root: remember the root's map between rows.
     let mut current: Option<(StateGroup, Newest)> = None;
-    sql::chain_rows(conn, groups, filter, |row| {
+    sql::chain_rows(conn, groups, filter, key_arms, |row| {
         if current.as_ref().is_none_or(|(root, _)| *root != row.root) {
             if let Some((root, slots)) = current.take() {
                 newest.insert(root, slots);
@@ -276,13 +281,18 @@ fn walk_recursive(
 /// Walks from `group` down its edges one statement per hop, asking each hop only
 /// for the slots still missing, and stops as soon as none is. After
 /// [`PER_HOP_LIMIT`] hops the rest of the chain goes to the recursive query.
-fn walk_per_hop(conn: &mut Conn, group: StateGroup, filter: &StateFilter) -> Result<StateMap> {
+fn walk_per_hop(
+    conn: &mut Conn,
+    group: StateGroup,
+    filter: &StateFilter,
+    key_arms: usize,
+) -> Result<StateMap> {
     use crate::schema::state_group_edges as edges;
     let mut state = StateMap::new();
     let mut remaining: HashSet<StateKey> = filter.concrete_types().into_iter().collect();
     let mut current = group;
     for _ in 0..PER_HOP_LIMIT {
-        for row in sql::group_rows(conn, current, &slots_filter(&remaining))? {
+        for row in sql::group_rows(conn, current, &slots_filter(&remaining), key_arms)? {
             let slot = (row.event_type.0, row.state_key.0);
             remaining.remove(&slot);
             state.entry(slot).or_insert(row.event_id.0);
@@ -302,7 +312,13 @@ fn walk_per_hop(conn: &mut Conn, group: StateGroup, filter: &StateFilter) -> Res
         }
     }
     let mut rest = HashMap::new();
-    walk_recursive(conn, &[current], &slots_filter(&remaining), &mut rest)?;
+    walk_recursive(
+        conn,
+        &[current],
+        &slots_filter(&remaining),
+        key_arms,
+        &mut rest,
+    )?;
     if let Some(rest) = rest.remove(&current) {
         state.extend(rest.into_state());
     }

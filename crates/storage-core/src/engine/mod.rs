@@ -139,6 +139,13 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// query when it can stop early.
     fn round_trips_are_cheap(&self) -> bool;
 
+    /// Whether `col IN (a, b, ...)` on the last column of an index is answered
+    /// by a seek per value (SQLite always does), so that one such condition
+    /// costs what one condition per value would. PostgreSQL's planner may
+    /// instead seek on the columns before it and filter the rest (measured on
+    /// the HQ room: 64 ms against 8 ms).
+    fn seeks_each_value_of_in_lists(&self) -> bool;
+
     /// Opens a new connection with this engine's per-connection settings applied.
     fn connect(&self) -> Result<Conn>;
 

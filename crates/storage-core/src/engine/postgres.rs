@@ -104,6 +104,10 @@ impl Engine for PostgresEngine {
         false
     }
 
+    fn seeks_each_value_of_in_lists(&self) -> bool {
+        false
+    }
+
     fn connect(&self) -> Result<Conn> {
         let mut c = PgConnection::establish(&self.url)
             .with_context(|| format!("connecting to {}", self.config.url.redacted()))?;

@@ -155,6 +155,10 @@ impl Engine for SqliteEngine {
         true
     }
 
+    fn seeks_each_value_of_in_lists(&self) -> bool {
+        true
+    }
+
     fn connect(&self) -> Result<Conn> {
         let target = self.open_target()?;
         let mut c = SqliteConnection::establish(&target)
