@@ -15,9 +15,10 @@ use storage_core::{ErrorKind, LogContext};
                   docs/configuration.md. Running it: docs/operator-guide.md."
 )]
 struct Cli {
-    /// A configuration file (YAML; see docs/configuration.md), or a Synapse
-    /// homeserver.yaml, of which only the `database:` section is read. Flags
-    /// and environment variables win over it.
+    /// A configuration file (YAML; see docs/configuration.md; relative paths
+    /// in it are relative to its folder), or a Synapse homeserver.yaml, of
+    /// which only the database (`database:`, else `database_path`) is read.
+    /// Flags and environment variables win over it.
     #[arg(long, env = "HS_CONFIG", global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -291,7 +292,6 @@ pub fn run() -> ExitCode {
     ) else {
         return ExitCode::FAILURE;
     };
-    let database = settings.database.clone();
     let outcome = match cli.command {
         Command::Inspect {
             json,
@@ -307,7 +307,7 @@ pub fn run() -> ExitCode {
                 unreferenced,
                 check,
             };
-            LogContext::new("inspect").scope(|| crate::inspect_cmd::run(&database, options))
+            LogContext::new("inspect").scope(|| crate::inspect_cmd::run(&settings, options))
         }
         Command::Port {
             from,
@@ -318,8 +318,9 @@ pub fn run() -> ExitCode {
             sample,
         } => {
             let options = crate::port::PortOptions {
-                from: from.unwrap_or_else(|| database.clone()),
+                from: from.unwrap_or_else(|| settings.database.clone()),
                 to,
+                settings: settings.clone(),
                 resume,
                 restart,
                 batch: batch_size.max(1),
@@ -328,7 +329,7 @@ pub fn run() -> ExitCode {
             LogContext::new("port").scope(|| crate::port::run(&options))
         }
         Command::Import { files } => {
-            LogContext::new("import").scope(|| crate::import_cmd::run(&database, &files))
+            LogContext::new("import").scope(|| crate::import_cmd::import(&settings, &files))
         }
         Command::Serve { read_only, .. } => LogContext::new("serve").scope(|| {
             if read_only {
@@ -341,7 +342,7 @@ pub fn run() -> ExitCode {
             command: ConfigCommand::Check,
         } => print_line(settings.render().trim_end()).map_err(Failure::from),
         Command::PurgeStateGroups { dry_run } => LogContext::new("purge-state-groups")
-            .scope(|| crate::purge_cmd::run(&database, dry_run)),
+            .scope(|| crate::purge_cmd::run(&settings, dry_run)),
         Command::Compress {
             rooms,
             dry_run,
@@ -356,11 +357,11 @@ pub fn run() -> ExitCode {
                 max_rows_per_second,
                 json,
             };
-            LogContext::new("compress").scope(|| crate::compress_cmd::run(&database, &args))
+            LogContext::new("compress").scope(|| crate::compress_cmd::run(&settings, &args))
         }
-        Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&database)),
+        Command::Migrate => LogContext::new("migrate").scope(|| crate::migrate_cmd::run(&settings)),
         Command::State { room_id, at } => LogContext::new("state")
-            .scope(|| crate::state_cmd::run(&database, &room_id, at.as_deref())),
+            .scope(|| crate::state_cmd::run(&settings, &room_id, at.as_deref())),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,13 +9,14 @@
 //! are (`OpenMode::SynapseState`), with Synapse stopped.
 
 use crate::cli::Failure;
+use http_api::settings::Settings;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
 use storage_core::{
-    detect_layout, Database, DatabaseConfig, DatabaseUrl, Error, Layout, MainProcessClaim,
-    OpenMode, Result, ResultExt, StoreConfig, Transaction,
+    detect_layout, Database, DatabaseUrl, Error, Layout, MainProcessClaim, OpenMode, Result,
+    ResultExt, Transaction,
 };
 use storage_events::EventsStore;
 use storage_state::compress::{self, CompressHooks, CompressOptions, Outcome, RoomReport};
@@ -220,27 +221,28 @@ pub fn summary_json(
 
 /// The stores a run writes through: ours, claimed as the main process (its
 /// rewrites go on the replication stream), or Synapse's tables as they are.
-fn open(database: &str) -> Result<(Option<MainProcessClaim>, StateStore, Option<EventsStore>)> {
-    let config = StoreConfig::default();
-    let url = DatabaseUrl::parse(database)?;
-    if let Layout::Synapse { .. } = detect_layout(&url)? {
+fn open(
+    settings: &Settings,
+) -> Result<(Option<MainProcessClaim>, StateStore, Option<EventsStore>)> {
+    let config = settings.store_config("main");
+    if let Layout::Synapse { .. } = detect_layout(&DatabaseUrl::parse(&settings.database)?)? {
         // No claim (nothing of ours may be left beside Synapse's files, and
         // our claim cannot see a running Synapse anyway: stop it first).
-        let db = Database::open(DatabaseConfig::new(url, OpenMode::SynapseState))?;
+        let db = Database::open(settings.database_config(OpenMode::SynapseState)?)?;
         log::info!(
             "{} is a Synapse database: only its state tables are rewritten",
             db.url()
         );
         return Ok((None, StateStore::new(db, &config)?, None));
     }
-    let (claim, db) = crate::open::open_as_main(database)?;
+    let (claim, db) = crate::open::open_as_main(settings)?;
     let events = EventsStore::new(db, &config)?;
     Ok((Some(claim), events.state().clone(), Some(events)))
 }
 
-pub fn run(database: &str, args: &Args) -> std::result::Result<(), Failure> {
+pub fn run(settings: &Settings, args: &Args) -> std::result::Result<(), Failure> {
     let started = std::time::Instant::now();
-    let (_claim, state, events) = open(database)?;
+    let (_claim, state, events) = open(settings)?;
     let options = CompressOptions {
         dry_run: args.dry_run,
         max_rows_per_second: args.max_rows_per_second,

@@ -17,13 +17,14 @@
 use crate::cli::Failure;
 use crate::lines::Lines;
 use event_context::{ContextBuilder, Pdu, PduReader, PendingEvents};
+use http_api::settings::Settings;
 use indicatif::{ProgressBar, ProgressStyle};
 use persistence::{Chain, Handle, Pipeline};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use storage_core::{Error, Result, ResultExt, StoreConfig};
+use storage_core::{Error, Result, ResultExt};
 use storage_events::{EventReads, EventToPersist};
 
 /// Lines read, parsed and checked against storage at a time.
@@ -107,10 +108,20 @@ struct Importer {
     counts: Counts,
 }
 
+/// Imports `files` into `database` with the default settings (what tests and
+/// benchmarks call).
 pub fn run(database: &str, files: &[PathBuf]) -> std::result::Result<(), Failure> {
+    let settings =
+        Settings::for_database(database).map_err(|e| Failure::Error(Error::invalid_argument(e)))?;
+    import(&settings, files)
+}
+
+/// `hs-main import FILE...`: into the settings' database, with their pool
+/// size and cache factor.
+pub fn import(settings: &Settings, files: &[PathBuf]) -> std::result::Result<(), Failure> {
     let started = Instant::now();
-    let (_claim, db) = crate::open::open_as_main(database)?;
-    let pipeline = Pipeline::open(db, &StoreConfig::default())?;
+    let (_claim, db) = crate::open::open_as_main(settings)?;
+    let pipeline = Pipeline::open(db, &settings.store_config("main"))?;
     let reader = PduReader::new(pipeline.builder.events().clone());
     let mut importer = Importer {
         reader,

@@ -9,12 +9,11 @@
 //! `--check` checks the database's invariants after the report.
 
 use crate::cli::{print_line, Failure};
+use http_api::settings::Settings;
 use indicatif::{HumanBytes, HumanCount, ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
-use storage_core::{
-    Database, DatabaseConfig, OpenMode, SequenceHealth, StoreConfig, TableStatistics,
-};
+use storage_core::{Database, OpenMode, SequenceHealth, TableStatistics};
 use storage_events::EventsStore;
 use storage_state::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
 
@@ -55,8 +54,8 @@ struct Report {
     unreferenced: Option<UnreferencedGroups>,
 }
 
-pub fn run(database: &str, options: InspectOptions) -> Result<(), Failure> {
-    let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
+pub fn run(settings: &Settings, options: InspectOptions) -> Result<(), Failure> {
+    let db = Database::open(settings.database_config(OpenMode::ReadOnly)?)?;
     let (tables, common_rooms, sequence) = db.run_read("inspect_statistics", |txn| {
         let tables = txn.table_statistics(TABLES)?;
         let common = txn.most_common_values("state_groups_state", "room_id")?;
@@ -88,7 +87,7 @@ pub fn run(database: &str, options: InspectOptions) -> Result<(), Failure> {
         if options.exact {
             bar.set_message("counting rooms and events");
             let (rooms, events) =
-                EventsStore::new(db.clone(), &StoreConfig::default())?.totals()?;
+                EventsStore::new(db.clone(), &settings.store_config("main"))?.totals()?;
             let state = state_report(&db, options.top, |step| bar.set_message(step.to_owned()))?;
             report.top_rooms = state.rooms_by_state_rows.clone();
             report.exact = Some((rooms, events, state));

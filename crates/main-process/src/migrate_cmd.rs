@@ -3,13 +3,12 @@
 //! migrations, moving lagging id sequences forward) and report.
 
 use crate::cli::{print_line, Failure};
-use storage_core::StoreConfig;
+use http_api::settings::Settings;
 use storage_events::{EventReads, EventsStore};
 
-pub fn run(database: &str) -> Result<(), Failure> {
-    let (_claim, db) = crate::open::open_as_main(database)?;
-    let config = StoreConfig::default();
-    let events = EventsStore::new(db.clone(), &config)?;
+pub fn run(settings: &Settings) -> Result<(), Failure> {
+    let (_claim, db) = crate::open::open_as_main(settings)?;
+    let events = EventsStore::new(db.clone(), &settings.store_config("main"))?;
     print_line(format_args!(
         "database {} ({}) is migrated and ready; stream position {}",
         db.url(),

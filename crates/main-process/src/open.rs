@@ -5,6 +5,7 @@
 //! transaction proves the claim. Every command that writes events opens
 //! through here.
 
+use http_api::settings::Settings;
 use storage_core::{
     refuse_foreign_database, Database, DatabaseConfig, MainProcessClaim, OpenMode, Result,
     CLAIM_WAIT,
@@ -16,10 +17,10 @@ use storage_core::{
 /// not simply restart me" from an ordinary failure.
 pub const EXIT_CLAIM_LOST: i32 = 3;
 
-/// The database at `url` with this process's claim on it; keep the claim for
-/// as long as the database is written.
-pub fn open_as_main(url: &str) -> Result<(MainProcessClaim, Database)> {
-    open_config_as_main(DatabaseConfig::parse(url, OpenMode::Writer)?)
+/// The settings' database (with their pool size) and this process's claim on
+/// it; keep the claim for as long as the database is written.
+pub fn open_as_main(settings: &Settings) -> Result<(MainProcessClaim, Database)> {
+    open_config_as_main(settings.database_config(OpenMode::Writer)?)
 }
 
 /// [`open_as_main`] with settings of the caller's (a server's shorter wait

@@ -3,14 +3,15 @@
 //! `storage_state::purge`).
 
 use crate::cli::Failure;
+use http_api::settings::Settings;
 use std::time::Duration;
 use storage_core::{log_context, Database};
 use storage_state::{highest_state_group, purge_unneeded_groups};
 
 /// The command: this process holds the database's claim, so no main process
 /// is writing, and every unneeded group may go.
-pub fn run(database: &str, dry_run: bool) -> Result<(), Failure> {
-    let (_claim, db) = crate::open::open_as_main(database)?;
+pub fn run(settings: &Settings, dry_run: bool) -> Result<(), Failure> {
+    let (_claim, db) = crate::open::open_as_main(settings)?;
     let up_to = highest_state_group(&db)?;
     let report = purge_unneeded_groups(&db, up_to, dry_run)?;
     if dry_run {

@@ -4,14 +4,15 @@
 //! from a database Synapse wrote as well as from ours, and never changes either.
 
 use crate::cli::Failure;
+use http_api::settings::Settings;
 use http_api::state_json::write_json;
 use std::io::{BufWriter, Write};
-use storage_core::{Database, DatabaseConfig, Error, OpenMode, StoreConfig};
+use storage_core::{Database, Error, OpenMode};
 use storage_state::{room_state, StateStore};
 
-pub fn run(database: &str, room_id: &str, at: Option<&str>) -> Result<(), Failure> {
-    let db = Database::open(DatabaseConfig::parse(database, OpenMode::ReadOnly)?)?;
-    let store = StateStore::new(db, &StoreConfig::default())?;
+pub fn run(settings: &Settings, room_id: &str, at: Option<&str>) -> Result<(), Failure> {
+    let db = Database::open(settings.database_config(OpenMode::ReadOnly)?)?;
+    let store = StateStore::new(db, &settings.store_config("main"))?;
     let state = room_state(&store, room_id, at)?;
     // Straight from the map's strings to stdout, in 64 KiB writes.
     let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());

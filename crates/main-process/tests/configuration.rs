@@ -10,7 +10,8 @@ use storage_core::DatabaseUrl;
 
 storage_core::engine_tests!(
     a_synapse_homeserver_yaml_opens_its_database,
-    every_form_of_database_string_opens_the_same_database
+    every_form_of_database_string_opens_the_same_database,
+    every_command_opens_with_the_configured_pool_and_cache_sizes
 );
 
 const FIXTURE: &str = concat!(
@@ -142,6 +143,111 @@ fn every_form_of_database_string_opens_the_same_database(t: &TestDb) {
         std::fs::write(&path, format!("database: {form:?}\n")).unwrap();
         assert_eq!(state_with(&["--config", path.to_str().unwrap()]), expected);
     }
+}
+
+/// `pool_size` and `caches.global_factor` of the file reach every command,
+/// not only `serve`: each one, run with `-v`, logs the pool it opened and the
+/// bound of every cache its stores made, and those are the file's.
+fn every_command_opens_with_the_configured_pool_and_cache_sizes(t: &TestDb) {
+    let dir = TempDir(tempdir("command-settings"));
+    let config = dir.0.join("hs.yaml");
+    // 3 connections is neither engine's default (4, 10); at 1/10,000 every
+    // cache's bound (defaults 10,000 to 500,000) is at most 50.
+    std::fs::write(
+        &config,
+        format!(
+            "database: {:?}\npool_size: 3\ncaches:\n  global_factor: 0.0001\n",
+            t.url()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let port_target = TestDb::sqlite();
+    let commands: Vec<(Vec<&str>, bool)> = vec![
+        (vec!["migrate"], true),
+        (vec!["import", FIXTURE], true),
+        (vec!["state", ROOM], true),
+        (vec!["inspect", "--exact"], true),
+        (vec!["compress"], true),
+        (vec!["purge-state-groups", "--dry-run"], false),
+        (vec!["port", "--to", port_target.url()], true),
+    ];
+    for (command, has_caches) in commands {
+        let mut args = vec!["--config", config, "-v"];
+        args.extend(&command);
+        let (code, _, err) = bare(&args);
+        assert_eq!(code, 0, "{command:?}: {err}");
+        let pools: Vec<&str> = err.lines().filter(|l| l.contains(": a pool of ")).collect();
+        assert!(!pools.is_empty(), "{command:?} logged no pool: {err}");
+        for line in &pools {
+            assert!(
+                line.contains("a pool of 3 connections"),
+                "{command:?} did not take pool_size: {line}"
+            );
+        }
+        let bounds: Vec<u64> = err
+            .lines()
+            .filter_map(|l| l.split_once(" storage_core::cache::lru: cache "))
+            .map(|(_, rest)| rest)
+            .filter_map(|rest| rest.rsplit_once(": at most "))
+            .map(|(_, n)| n.trim().parse().unwrap())
+            .collect();
+        assert_eq!(!bounds.is_empty(), has_caches, "{command:?}: {err}");
+        assert!(
+            bounds.iter().all(|&b| b <= 50),
+            "{command:?} did not take caches.global_factor: {bounds:?}"
+        );
+    }
+}
+
+/// A relative SQLite path in a file of ours is relative to the file's folder,
+/// whatever folder the command runs in; in a Synapse homeserver.yaml it is
+/// relative to the folder the command runs in, as for Synapse, and without a
+/// `database:` section its `database_path` names the file (as for Synapse).
+#[test]
+fn relative_paths_follow_the_file_kind_and_database_path_is_read() {
+    let dir = TempDir(tempdir("relative-paths"));
+    let (conf, elsewhere) = (dir.0.join("conf"), dir.0.join("elsewhere"));
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let ours = conf.join("hs.yaml");
+    std::fs::write(&ours, "database: sqlite:data/hs.db\n").unwrap();
+    let in_folder = |folder: &std::path::Path, args: &[&str]| {
+        status_and_text(
+            e2e_tests::hs_main_command()
+                .current_dir(folder)
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+    };
+    let ours = ours.to_str().unwrap();
+    let (code, _, err) = in_folder(&elsewhere, &["--config", ours, "import", FIXTURE]);
+    assert_eq!(code, 0, "{err}");
+    assert!(conf.join("data/hs.db").exists(), "beside the file: {err}");
+    assert!(
+        !elsewhere.join("data").exists(),
+        "not in the working folder"
+    );
+    let expected = state_with(&["--config", ours]);
+
+    // A homeserver.yaml with only `database_path`, relative: from the folder
+    // the command runs in.
+    let homeserver = dir.0.join("homeserver.yaml");
+    std::fs::write(
+        &homeserver,
+        "server_name: example.org\ndatabase_path: data/hs.db\n",
+    )
+    .unwrap();
+    let homeserver = homeserver.to_str().unwrap();
+    let (code, out, err) = in_folder(&conf, &["--config", homeserver, "state", ROOM]);
+    assert_eq!((code, out), (0, expected), "{err}");
+    let (code, _, err) = in_folder(&elsewhere, &["--config", homeserver, "state", ROOM]);
+    assert_ne!(code, 0, "no database in the working folder: {err}");
+    std::fs::write(dir.0.join("homeserver.yaml"), "server_name: example.org\n").unwrap();
+    let (code, _, err) = bare(&["--config", homeserver, "state", ROOM]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("No database config provided"), "{err}");
 }
 
 #[test]

@@ -30,9 +30,10 @@ use storage_slaved::SlavedStore;
                   (the `worker:` section). Running workers: docs/operator-guide.md."
 )]
 struct Cli {
-    /// A configuration file (YAML; see docs/configuration.md), or a Synapse
-    /// homeserver.yaml, of which only the `database:` section is read. Flags
-    /// and environment variables win over it.
+    /// A configuration file (YAML; see docs/configuration.md; relative paths
+    /// in it are relative to its folder), or a Synapse homeserver.yaml, of
+    /// which only the database (`database:`, else `database_path`) is read.
+    /// Flags and environment variables win over it.
     #[arg(long, env = "HS_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// The main process's PostgreSQL database: `postgres://...` or libpq

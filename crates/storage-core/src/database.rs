@@ -106,6 +106,12 @@ impl Database {
         // One connection made here, outside the pool, reports the real reason a
         // database cannot be opened; the pool would only time out.
         drop(engine.connect()?);
+        log::debug!(
+            "{}: a pool of {} connections ({:?})",
+            config.url,
+            config.pool_size,
+            config.mode
+        );
         let gate = Arc::new(ConnectGate::default());
         let pool = r2d2::Pool::builder()
             .max_size(config.pool_size)

@@ -123,6 +123,14 @@ impl Settings {
             Some((path, _)) => format!("in {}", path.display()),
             None => String::new(),
         };
+        // Relative paths in a file of ours are relative to its folder, so that
+        // the file means the same whatever folder the command runs in. Synapse
+        // opens the paths of its homeserver.yaml relative to the folder it runs
+        // in (`sqlite3.connect`, `os.path.abspath`): so do we for that file.
+        let base = match &kind {
+            Some((path, FileKind::Ours)) => path.parent().map(Path::to_path_buf),
+            _ => None,
+        };
         let (file_database, synapse_pool) = match &file.database {
             None => (None, None),
             Some(DatabaseSetting::Url(url)) => (Some(url.clone()), None),
@@ -130,6 +138,10 @@ impl Settings {
                 let t = section.translate().map_err(|e| format!("{e} {origin}"))?;
                 (Some(t.database), t.pool_size)
             }
+        };
+        let file_database = match (file_database, &base) {
+            (Some(database), Some(base)) => Some(relative_to(base, database)),
+            (database, _) => database,
         };
         let database = o
             .database
@@ -140,7 +152,13 @@ impl Settings {
         let (token, token_source) = match token_env.filter(|t| !t.is_empty()) {
             Some(t) => (Some(t), TokenSource::Environment),
             None => match &file.api_token_file {
-                Some(path) => (Some(read_token(path)?), TokenSource::File(path.clone())),
+                Some(path) => {
+                    let path = match &base {
+                        Some(base) => base.join(path),
+                        None => path.clone(),
+                    };
+                    (Some(read_token(&path)?), TokenSource::File(path))
+                }
                 None => (None, TokenSource::None),
             },
         };
@@ -241,9 +259,29 @@ impl Settings {
         Some(settings)
     }
 
+    /// The defaults, with `database` as the database: what a test or a
+    /// benchmark that calls a command's function directly runs it with.
+    pub fn for_database(database: &str) -> Result<Settings, String> {
+        let overrides = Overrides {
+            database: Some(database.to_owned()),
+            ..Overrides::default()
+        };
+        Self::resolve(ConfigFile::default(), None, &overrides, None)
+    }
+
     /// The database to open with `mode`, with the configured pool size.
     pub fn database_config(&self, mode: OpenMode) -> storage_core::Result<DatabaseConfig> {
-        let config = DatabaseConfig::parse(&self.database, mode)?;
+        self.database_config_of(&self.database, mode)
+    }
+
+    /// Another database (`port`'s source and target) opened as the settings
+    /// say: with the configured pool size.
+    pub fn database_config_of(
+        &self,
+        database: &str,
+        mode: OpenMode,
+    ) -> storage_core::Result<DatabaseConfig> {
+        let config = DatabaseConfig::parse(database, mode)?;
         Ok(match self.pool_size {
             Some(n) => config.with_pool_size(n),
             None => config,
@@ -355,6 +393,17 @@ fn quote(s: &str) -> String {
     format!("{s:?}")
 }
 
+/// `database` with a relative SQLite path made relative to `base` instead
+/// (any other database string as it is).
+fn relative_to(base: &Path, database: String) -> String {
+    match DatabaseUrl::parse(&database) {
+        Ok(DatabaseUrl::Sqlite(path)) if path.is_relative() => {
+            format!("sqlite:{}", base.join(path).display())
+        }
+        _ => database,
+    }
+}
+
 /// The token in `path`: its first line, trimmed, not empty.
 fn read_token(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
@@ -426,6 +475,59 @@ mod tests {
         assert!(text.contains("HS_API_TOKEN"), "{text}");
         // What it prints reads back as a configuration file.
         ConfigFile::parse(&text).unwrap();
+    }
+
+    /// In a file of ours relative paths are relative to its folder; in a
+    /// Synapse homeserver.yaml, to the folder the command runs in (as Synapse).
+    #[test]
+    fn relative_paths_resolve_against_the_folder_of_a_file_of_ours() {
+        let at = |yaml: &str, path: &str| {
+            let (file, kind) = ConfigFile::parse(yaml).unwrap();
+            Settings::resolve(file, Some((path.into(), kind)), &Overrides::default(), None)
+                .unwrap()
+                .database
+        };
+        assert_eq!(
+            at("database: sqlite:data/hs.db\n", "/etc/hs/hs.yaml"),
+            "sqlite:/etc/hs/data/hs.db"
+        );
+        assert_eq!(
+            at("database: hs.db\n", "/etc/hs/hs.yaml"),
+            "sqlite:/etc/hs/hs.db"
+        );
+        assert_eq!(
+            at("database: sqlite:/srv/hs.db\n", "/etc/hs/hs.yaml"),
+            "sqlite:/srv/hs.db"
+        );
+        assert_eq!(
+            at("database: postgres://h/db\n", "/etc/hs/hs.yaml"),
+            "postgres://h/db"
+        );
+        assert_eq!(
+            at(
+                "database:\n  name: sqlite3\n  args:\n    database: hs.db\n",
+                "/etc/hs/hs.yaml"
+            ),
+            "sqlite:/etc/hs/hs.db"
+        );
+        let synapse = "server_name: x\ndatabase:\n  name: sqlite3\n  args:\n    database: hs.db\n";
+        assert_eq!(at(synapse, "/etc/synapse/homeserver.yaml"), "sqlite:hs.db");
+        // The token file too; a flag's database stays relative to the folder
+        // the command runs in.
+        let dir = std::env::temp_dir().join(format!("hs-settings-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("conf")).unwrap();
+        std::fs::write(dir.join("conf/token"), "tok\n").unwrap();
+        let (file, kind) = ConfigFile::parse("api_token_file: token\n").unwrap();
+        let o = Overrides {
+            database: Some("sqlite:flag.db".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(file, Some((dir.join("conf/hs.yaml"), kind)), &o, None);
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = s.unwrap();
+        assert_eq!(s.token.as_deref(), Some("tok"));
+        assert_eq!(s.token_source, TokenSource::File(dir.join("conf/token")));
+        assert_eq!(s.database, "sqlite:flag.db");
     }
 
     #[test]

@@ -147,6 +147,45 @@ impl<'de> Deserialize<'de> for DatabaseSetting {
 #[derive(Debug, Deserialize)]
 struct SynapseHomeserver {
     database: Option<SynapseDatabase>,
+    /// An SQLite file, used (by Synapse, and so here) only when there is no
+    /// `database:` section.
+    database_path: Option<String>,
+    /// Synapse's experimental several-databases form.
+    databases: Option<serde_yaml_ng::Value>,
+}
+
+impl SynapseHomeserver {
+    /// The database Synapse itself would open, following its `DatabaseConfig`
+    /// (synapse/config/database.py): the `database:` section; else
+    /// `database_path` as an SQLite file; else none (Synapse refuses to start:
+    /// "No database config provided").
+    fn database(self) -> Result<SynapseDatabase, String> {
+        if self.databases.is_some() {
+            return Err(if self.database.is_some() {
+                "a Synapse homeserver.yaml with both `database:` and `databases:` \
+                 (Synapse refuses it too)"
+                    .to_owned()
+            } else {
+                "a Synapse homeserver.yaml with `databases:` (Synapse's experimental \
+                 several-databases form) is not read: give the database holding the state \
+                 tables with --database"
+                    .to_owned()
+            });
+        }
+        // With a section, Synapse ignores `database_path` (it warns).
+        if let Some(database) = self.database {
+            return Ok(database);
+        }
+        match self.database_path {
+            Some(path) => Ok(SynapseDatabase::from_database_path(&path)),
+            None => Err(
+                "a Synapse homeserver.yaml (it has `server_name`) with neither a `database:` \
+                 section nor `database_path`: Synapse itself refuses to start so (\"No database \
+                 config provided\"); give the database with --database"
+                    .to_owned(),
+            ),
+        }
+    }
 }
 
 impl ConfigFile {
@@ -169,13 +208,7 @@ impl ConfigFile {
             .is_some_and(|m| m.contains_key("server_name"));
         if is_synapse {
             let homeserver: SynapseHomeserver = strict(text)?;
-            let Some(database) = homeserver.database else {
-                return Err(
-                    "a Synapse homeserver.yaml (it has `server_name`) without a `database:` section; \
-                     Synapse then uses SQLite: give that file with --database instead"
-                        .to_owned(),
-                );
-            };
+            let database = homeserver.database()?;
             let file = ConfigFile {
                 database: Some(DatabaseSetting::Synapse(database)),
                 ..ConfigFile::default()
@@ -266,7 +299,39 @@ mod tests {
         .unwrap();
         assert_eq!(kind, FileKind::SynapseHomeserver);
         assert!(matches!(file.database, Some(DatabaseSetting::Synapse(_))));
+    }
+
+    /// What Synapse's `DatabaseConfig` does without a `database:` section.
+    #[test]
+    fn a_homeserver_yaml_without_database_section_uses_database_path() {
+        let database = |yaml: &str| match ConfigFile::parse(yaml)?.0.database {
+            Some(DatabaseSetting::Synapse(section)) => section.translate().map(|t| t.database),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            database("server_name: example.org\ndatabase_path: /data/homeserver.db\n").unwrap(),
+            "sqlite:/data/homeserver.db"
+        );
+        // A section wins over `database_path`, which Synapse then ignores.
+        assert_eq!(
+            database(
+                "server_name: example.org\ndatabase_path: /data/ignored.db\n\
+                 database:\n  name: sqlite3\n  args:\n    database: /data/used.db\n"
+            )
+            .unwrap(),
+            "sqlite:/data/used.db"
+        );
+        // A section without `name` is sqlite3, as in Synapse.
+        assert_eq!(
+            database("server_name: x\ndatabase:\n  args:\n    database: a.db\n").unwrap(),
+            "sqlite:a.db"
+        );
         let err = ConfigFile::parse("server_name: example.org\n").unwrap_err();
-        assert!(err.contains("database:"), "{err}");
+        assert!(
+            err.contains("database_path") && err.contains("No database config provided"),
+            "{err}"
+        );
+        let err = database("server_name: x\ndatabases:\n  main:\n    name: sqlite3\n").unwrap_err();
+        assert!(err.contains("`databases:`"), "{err}");
     }
 }

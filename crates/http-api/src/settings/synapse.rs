@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 /// The `database:` section of a Synapse configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct SynapseDatabase {
-    /// `psycopg2` (PostgreSQL) or `sqlite3`.
+    /// `psycopg2` (PostgreSQL) or `sqlite3` (Synapse's default when absent).
+    #[serde(default = "default_name")]
     pub name: String,
     /// psycopg2: libpq keywords plus `cp_min`/`cp_max`; sqlite3: `database`.
     #[serde(default)]
@@ -29,7 +30,19 @@ pub struct Translated {
     pub pool_size: Option<u32>,
 }
 
+fn default_name() -> String {
+    "sqlite3".to_owned()
+}
+
 impl SynapseDatabase {
+    /// The section Synapse makes of a `database_path`: an SQLite file.
+    pub fn from_database_path(path: &str) -> SynapseDatabase {
+        SynapseDatabase {
+            name: default_name(),
+            args: [("database".to_owned(), path.into())].into(),
+        }
+    }
+
     /// The database string, or why the section cannot be used.
     pub fn translate(&self) -> Result<Translated, String> {
         match self.name.as_str() {

@@ -15,10 +15,11 @@ pub mod tables;
 
 use crate::cli::{print_line, Failure};
 use diesel::prelude::*;
+use http_api::settings::Settings;
 use indicatif::{ProgressBar, ProgressStyle};
 use storage_core::{
-    detect_layout, with_conn, Conn, Database, DatabaseConfig, DatabaseUrl, Error, Layout, OpenMode,
-    Result, ResultExt, StoreConfig,
+    detect_layout, with_conn, Conn, Database, DatabaseUrl, Error, Layout, OpenMode, Result,
+    ResultExt,
 };
 use storage_events::EVENTS_STREAM_SEQUENCE;
 use storage_state::{StateFilter, StateGroupAccess, StateStore, STATE_GROUP_SEQUENCE};
@@ -38,6 +39,8 @@ diesel::table! {
 pub struct PortOptions {
     pub from: String,
     pub to: String,
+    /// The pool size and cache factor both databases are opened with.
+    pub settings: Settings,
     /// Continue a port that was interrupted, instead of refusing a non-empty target.
     pub resume: bool,
     /// Delete what an earlier port copied into the target and begin again
@@ -89,9 +92,14 @@ pub fn run(options: &PortOptions) -> std::result::Result<(), Failure> {
     } else {
         (OpenMode::Replica, &ALL_TABLES[..])
     };
-    let src = Database::open(DatabaseConfig::parse(&options.from, mode)?)
+    let src = Database::open(options.settings.database_config_of(&options.from, mode)?)
         .context("opening the source")?;
-    let (_claim, dst) = crate::open::open_as_main(&options.to).context("opening the target")?;
+    let (_claim, dst) = crate::open::open_config_as_main(
+        options
+            .settings
+            .database_config_of(&options.to, OpenMode::Writer)?,
+    )
+    .context("opening the target")?;
     // One read-only transaction on the source for the whole port: every table
     // is copied (and counted, and checked) as of one snapshot, whoever writes
     // the source meanwhile. Nothing waits for it: PostgreSQL readers take no
@@ -198,7 +206,7 @@ fn port_snapshot(
             health.max_id
         ))?;
     }
-    check(snap, &source, src, dst, tables, options.sample)
+    check(snap, &source, src, dst, tables, options)
 }
 
 /// The `port_progress` row that holds the source's [`Fingerprint`] as of the
@@ -551,7 +559,7 @@ fn check(
     src: &Database,
     dst: &Database,
     tables: &[&str],
-    sample: usize,
+    options: &PortOptions,
 ) -> Result<()> {
     let copied: Vec<(&str, i64)> = dst.with_connection(|_, c| {
         tables
@@ -580,10 +588,11 @@ fn check(
             .order(etsg::event_id)
             .load::<String>(c))?
     };
+    let sample = options.sample;
     let step = (ids.len() / sample.max(1)).max(1);
     let sampled: Vec<&String> = ids.iter().step_by(step).take(sample).collect();
     // Read outside the snapshot: the state after an event never changes.
-    let config = StoreConfig::default();
+    let config = options.settings.store_config("main");
     let (src_state, dst_state) = (
         StateStore::new(src.clone(), &config)?,
         StateStore::new(dst.clone(), &config)?,

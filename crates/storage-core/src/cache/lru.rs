@@ -41,6 +41,7 @@ impl<K: Hash + Eq + Clone, V: Clone> LruCache<K, V> {
 
     /// A cache bounded by the total of `sizer` over its values.
     pub fn with_sizer(name: &str, max_size: usize, sizer: fn(&V) -> usize) -> Self {
+        log::debug!("cache {name}: at most {max_size}");
         LruCache {
             name: name.to_owned(),
             max_size,
