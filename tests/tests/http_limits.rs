@@ -55,18 +55,41 @@ fn unparsable_requests_are_answered_in_the_error_format() {
         "GET /_hs/v1/rooms/{} HTTP/1.1\r\nHost: x\r\n\r\n",
         "a".repeat(70_000)
     );
-    let (status, _, body) = raw(&main.url, long_uri.as_bytes());
+    let mut answered = Vec::new();
+    let (status, head, body) = raw(&main.url, long_uri.as_bytes());
     assert_eq!((status, errcode(&body).as_str()), (414, "M_TOO_LARGE"));
+    answered.push((status, head, "GET /_hs/v1/rooms/aaaa"));
     let big_headers = format!(
         "GET /_hs/v1/health HTTP/1.1\r\nHost: x\r\n{}\r\n",
         (0..2000)
             .map(|i| format!("X-Filler-{i}: {}\r\n", "b".repeat(400)))
             .collect::<String>()
     );
-    let (status, _, body) = raw(&main.url, big_headers.as_bytes());
+    let (status, head, body) = raw(&main.url, big_headers.as_bytes());
     assert_eq!((status, errcode(&body).as_str()), (431, "M_TOO_LARGE"));
-    let (status, _, body) = raw(&main.url, b"NOT HTTP AT ALL\r\n\r\n");
+    answered.push((status, head, "GET /_hs/v1/health 431 "));
+    let (status, head, body) = raw(&main.url, b"NOT HTTP AT ALL\r\n\r\n");
     assert_eq!((status, errcode(&body).as_str()), (400, "M_UNKNOWN"));
+    answered.push((status, head, "NOT HTTP 400 "));
+    let (status, head, body) = raw(&main.url, b"G(T /_hs/v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((status, errcode(&body).as_str()), (400, "M_UNKNOWN"));
+    answered.push((status, head, "G(T /_hs/v1/health 400 "));
+    // Every one of them has its access line, with the request id its answer echoes.
+    let log = main.log_text();
+    for (status, head, start) in answered {
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("{status}: no request id in {head}"));
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("http_api::access: ") && l.contains(id))
+            .collect();
+        assert_eq!(lines.len(), 1, "one access line for the {status}: {log}");
+        let message = lines[0].split_once("http_api::access: ").unwrap().1;
+        assert!(message.starts_with(start), "{status}: {message}");
+        assert!(message.contains(&format!(" {status} ")), "{message}");
+    }
     // The server is still there for everyone else.
     let health: Value = ureq::get(&format!("{}/_hs/v1/health", main.url))
         .call()

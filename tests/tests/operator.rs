@@ -216,6 +216,26 @@ fn metrics_parse_with_help_and_type_and_histograms_grow(db: &TestDb) {
         text.contains(r#"synapse_storage_transaction_time_bucket{desc="persist_events""#),
         "transaction time by description:\n{text}"
     );
+    // Built in this git checkout: the revision is known.
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("hs_build_info{"))
+        .unwrap();
+    assert!(
+        build.contains(r#"revision=""#) && !build.contains(r#"revision="unknown""#),
+        "{build}"
+    );
+    // Sums of float seconds are written without the float's tail
+    // (0.0006090409999999999): at most 12 significant digits.
+    for line in text.lines().filter(|l| l.contains("_sum")) {
+        let value = line.rsplit_once(' ').unwrap().1;
+        let digits = value
+            .trim_start_matches(['0', '.'])
+            .chars()
+            .filter(char::is_ascii_digit)
+            .count();
+        assert!(digits <= 12, "{line}");
+    }
 
     let buckets_before = state_latency_buckets(&before);
     let inf_before = buckets_before.get("inf").copied().unwrap_or(0.0);

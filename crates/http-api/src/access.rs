@@ -13,7 +13,7 @@ use axum::body::HttpBody;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use storage_core::{metrics, LogContext};
 
 tokio::task_local! {
@@ -63,13 +63,44 @@ pub(crate) async fn access_log(request: Request, next: Next) -> Response {
         .exact()
         .map_or_else(|| "-".to_owned(), |n| n.to_string());
     metrics::global().record_request(method.as_str(), &route, status.as_u16(), elapsed);
-    context.scope(|| {
+    let line = AccessLine {
+        method: method.as_str(),
+        target: &target,
+        status: status.as_u16(),
+        bytes: &bytes,
+        elapsed,
+        request_id: &request_id,
+    };
+    context.scope(|| line.log());
+    response
+}
+
+/// One request's access line; also written for the requests hyper refuses
+/// before they reach the router (`parse_errors`).
+pub(crate) struct AccessLine<'a> {
+    pub method: &'a str,
+    /// The path and query as the client sent them.
+    pub target: &'a str,
+    pub status: u16,
+    /// The body's length, or `-` when not known before it is streamed.
+    pub bytes: &'a str,
+    pub elapsed: Duration,
+    pub request_id: &'a str,
+}
+
+impl AccessLine<'_> {
+    /// Logs the line at info under the target `http_api::access`, in the
+    /// caller's log context.
+    pub fn log(&self) {
         log::info!(
             target: "http_api::access",
-            "{method} {target} {} {bytes} bytes {:.3} ms request_id={request_id}",
-            status.as_u16(),
-            elapsed.as_secs_f64() * 1000.0
+            "{} {} {} {} bytes {:.3} ms request_id={}",
+            self.method,
+            self.target,
+            self.status,
+            self.bytes,
+            self.elapsed.as_secs_f64() * 1000.0,
+            self.request_id
         )
-    });
-    response
+    }
 }

@@ -8,9 +8,10 @@
 //! the body limit, unknown paths), `errors` turns every failure into the
 //! contract's `{"errcode", "error"}` answer, `server` serves connections
 //! within limits (timeouts, a connection cap), `parse_errors` gives hyper's
-//! own answers to unparsable requests the same format. `settings` is the
-//! configuration both binaries read (file, flags, environment); it lives here
-//! because this is the crate both binaries share.
+//! own answers to unparsable requests the same format (and their access
+//! line). `settings` is the configuration both binaries read (file, flags,
+//! environment); it lives here because this is the crate both binaries
+//! share, as does `build.rs`'s [`BUILD_REVISION`].
 
 mod access;
 mod errors;
@@ -45,6 +46,9 @@ use storage_core::{Error, LogContext};
 use storage_state::StateStore;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
+
+/// The git revision this build was made from (`build.rs`), or `unknown`.
+pub const BUILD_REVISION: &str = env!("HS_BUILD_REVISION");
 
 /// The longest a request may take, body included, before it is answered 503:
 /// past it a client is better off retrying than waiting (a write that was
@@ -221,5 +225,25 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => log::info!("Ctrl-C: shutting down"),
         _ = terminate => log::info!("SIGTERM: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod build_tests {
+    /// Built in a git checkout (this repository), the revision is its HEAD's,
+    /// not `unknown`.
+    #[test]
+    fn the_build_revision_is_the_checkout_head() {
+        let head = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("running git");
+        assert!(head.status.success(), "the tests run in a git checkout");
+        assert_ne!(super::BUILD_REVISION, "unknown");
+        if option_env!("HS_GIT_REVISION").is_none() {
+            let head = String::from_utf8(head.stdout).unwrap();
+            assert_eq!(super::BUILD_REVISION, head.trim());
+        }
     }
 }

@@ -138,6 +138,7 @@ pub struct Registry {
     response_time: HistogramVec,
     batch_size: Histogram,
     persisted_events: IntCounter,
+    build_info: IntGaugeVec,
     gauges: Mutex<BTreeMap<String, Gauge>>,
 }
 
@@ -263,12 +264,6 @@ impl Registry {
             "Always 1; the labels say which build this process runs.",
             &["version", "revision"],
         );
-        build_info
-            .with_label_values(&[
-                env!("CARGO_PKG_VERSION"),
-                option_env!("HS_GIT_REVISION").unwrap_or("unknown"),
-            ])
-            .set(1);
         #[cfg(target_os = "linux")]
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -286,8 +281,20 @@ impl Registry {
             response_time,
             batch_size,
             persisted_events,
+            build_info,
             gauges: Mutex::default(),
         }
+    }
+
+    /// Says which build this process runs (`hs_build_info`): the binaries
+    /// know their version and the git revision they were built from (see
+    /// http-api's `build.rs`), which this crate, built once for all of them,
+    /// does not.
+    pub fn set_build_info(&self, version: &str, revision: &str) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[version, revision])
+            .set(1);
     }
 
     /// Registers a cache's counters under `name`.
@@ -422,16 +429,95 @@ impl Registry {
         }
     }
 
-    /// Everything, in the Prometheus text exposition format (version 0.0.4).
+    /// Everything, in the Prometheus text exposition format (version 0.0.4),
+    /// values written as [`tidy_value`] says.
     pub fn render_prometheus(&self) -> String {
         self.collect_caches();
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.prometheus.gather(), &mut out) {
             log::warn!("rendering the metrics: {e}");
         }
-        String::from_utf8(out).unwrap_or_default()
+        let text = String::from_utf8(out).unwrap_or_default();
+        let mut tidy = String::with_capacity(text.len());
+        for line in text.lines() {
+            match line.rsplit_once(' ') {
+                // A sample: `name{labels} value` (the encoder writes no timestamps).
+                Some((series, value)) if !line.starts_with('#') => {
+                    tidy.push_str(series);
+                    tidy.push(' ');
+                    tidy.push_str(&tidy_value(value));
+                }
+                _ => tidy.push_str(line),
+            }
+            tidy.push('\n');
+        }
+        tidy
+    }
+}
+
+/// Significant digits a fractional value keeps on `/metrics`: far below any
+/// clock's resolution on a sum of seconds, and above the rounding error that
+/// adding up many durations leaves in a float.
+const SIGNIFICANT_DIGITS: usize = 12;
+
+/// A sample's value as the client wrote it (Rust's shortest form that reads
+/// back as the same float, as Go's and Python's Prometheus clients write
+/// theirs), except a fractional value rounded to [`SIGNIFICANT_DIGITS`] first:
+/// a histogram's `_sum` adds up floats, and the sum of 0.0001 and 0.0002 is
+/// written `0.00030000000000000003` otherwise. Integers (counts, bytes) and
+/// `+Inf`/`NaN` stay as they are.
+fn tidy_value(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() && v.fract() != 0.0 => {
+            let rounded: f64 = format!("{:.*e}", SIGNIFICANT_DIGITS - 1, v)
+                .parse()
+                .unwrap_or(v);
+            rounded.to_string().into()
+        }
+        _ => value.into(),
     }
 }
 
 /// The content type of [`Registry::render_prometheus`]'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractional_values_lose_the_tail_of_float_sums_only() {
+        assert_eq!(tidy_value("0.0006090409999999999"), "0.000609041");
+        assert_eq!(tidy_value("0.00030000000000000003"), "0.0003");
+        assert_eq!(tidy_value("1764241334.27"), "1764241334.27");
+        assert_eq!(tidy_value("0.000123456789012"), "0.000123456789012");
+        for kept in ["0", "17", "123456789012345678", "+Inf", "NaN", "0.25"] {
+            assert_eq!(tidy_value(kept), kept);
+        }
+    }
+
+    /// A histogram's `_sum` as `/metrics` shows it: the observations' sum
+    /// without the float's tail.
+    #[test]
+    fn a_rendered_histogram_sum_has_no_float_tail() {
+        let desc = "metrics_test_sum_without_tail";
+        // What Rust writes for the sum itself: the tail the issue saw.
+        assert_eq!((0.0001f64 + 0.0002).to_string(), "0.00030000000000000003");
+        let registry = global();
+        for micros in [100, 200] {
+            registry.record_txn(desc, true, 0, Duration::from_micros(micros));
+        }
+        let text = registry.render_prometheus();
+        let sum = text
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "synapse_storage_transaction_time_sum{{desc=\"{desc}\"}}"
+                ))
+            })
+            .unwrap_or_else(|| panic!("no _sum for {desc}:\n{text}"));
+        assert!(sum.ends_with(" 0.0003"), "{sum}");
+        let count = format!("synapse_storage_transaction_time_count{{desc=\"{desc}\"}} 2");
+        assert!(text.lines().any(|l| l == count), "{text}");
+    }
+}

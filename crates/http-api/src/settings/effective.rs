@@ -251,6 +251,8 @@ impl Settings {
                 return None;
             }
         };
+        storage_core::metrics::global()
+            .set_build_info(env!("CARGO_PKG_VERSION"), crate::BUILD_REVISION);
         storage_core::logging::init_with(&storage_core::logging::LogOptions {
             filter: settings.log_filter.clone(),
             verbosity: verbose.min(10) as i8 - quiet.min(10) as i8,
