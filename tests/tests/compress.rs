@@ -97,7 +97,7 @@ fn a_worker_reads_through_online_compression() {
 /// Stores, through the library, a room of `joins` members joining one by one
 /// (a snapshot every 100 groups: what compression shrinks); its groups.
 fn joins_room(db: &TestDb, room: &str, joins: usize) -> Vec<i64> {
-    use storage_state::{key, StateGroupAccess, StateMap, StateStore};
+    use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap, StateStore};
     let store = StateStore::new(db.open(), &storage_core::StoreConfig::default()).unwrap();
     let mut state = StateMap::new();
     let mut prev = None;
@@ -108,8 +108,8 @@ fn joins_room(db: &TestDb, room: &str, joins: usize) -> Vec<i64> {
         let delta = StateMap::from_iter([(key("m.room.member", &user), event.as_str().into())]);
         state.extend(delta.clone());
         let g = match prev {
-            None => store.store_state_group(&event, room, None, None, Some(&state)),
-            Some(p) => store.store_state_group(&event, room, Some(p), Some(&delta), None),
+            None => store.store_state_group(&NewStateGroup::snapshot(&event, room, &state)),
+            Some(p) => store.store_state_group(&NewStateGroup::delta(&event, room, p, &delta)),
         }
         .unwrap();
         prev = Some(g);

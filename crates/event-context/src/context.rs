@@ -174,13 +174,7 @@ impl ContextBuilder {
             prepared.push(p);
             g
         } else {
-            self.state.store_state_group(
-                new.event_id,
-                new.room_id,
-                new.prev_group,
-                new.delta_ids,
-                new.current_state_ids,
-            )?
+            self.state.store_state_group(&new)?
         };
         self.groups_stored.fetch_add(1, Ordering::Relaxed);
         Ok(group)
@@ -429,20 +423,8 @@ impl ContextBuilder {
             (None, Some(slot)) => {
                 let delta = storage_state::StateMap::from_iter([(slot, event_id.into())]);
                 let new = match before {
-                    Some(b) => NewStateGroup {
-                        event_id,
-                        room_id,
-                        prev_group: Some(b),
-                        delta_ids: Some(&delta),
-                        current_state_ids: None,
-                    },
-                    None => NewStateGroup {
-                        event_id,
-                        room_id,
-                        prev_group: None,
-                        delta_ids: None,
-                        current_state_ids: Some(&delta),
-                    },
+                    Some(b) => NewStateGroup::delta(event_id, room_id, b, &delta),
+                    None => NewStateGroup::snapshot(event_id, room_id, &delta),
                 };
                 Some(self.new_group(new, &mut prepared)?)
             }
@@ -452,13 +434,7 @@ impl ContextBuilder {
                 // state is empty, and stored as such so the event still has a group.
                 None => {
                     let empty = storage_state::StateMap::default();
-                    let new = NewStateGroup {
-                        event_id,
-                        room_id,
-                        prev_group: None,
-                        delta_ids: None,
-                        current_state_ids: Some(&empty),
-                    };
+                    let new = NewStateGroup::snapshot(event_id, room_id, &empty);
                     Some(self.new_group(new, &mut prepared)?)
                 }
             },

@@ -11,7 +11,7 @@ use storage_events::{
     new_forward_extremities, testing, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     RoomBatch,
 };
-use storage_state::{key, StateGroupAccess, StateMap, StateStore};
+use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap, StateStore};
 
 const ROOM: &str = "!port:test";
 
@@ -37,11 +37,11 @@ fn fill_source(t: &TestDb, events: usize) {
             group = Some(match group {
                 None => store
                     .state()
-                    .store_state_group(&id, ROOM, None, None, Some(&state))
+                    .store_state_group(&NewStateGroup::snapshot(&id, ROOM, &state))
                     .unwrap(),
                 Some(g) => store
                     .state()
-                    .store_state_group(&id, ROOM, Some(g), Some(&delta), None)
+                    .store_state_group(&NewStateGroup::delta(&id, ROOM, g, &delta))
                     .unwrap(),
             });
         }
@@ -188,16 +188,11 @@ fn port_sqlite_to_postgres() {
         .unwrap()
     };
     let g = state
-        .store_state_group(
+        .store_state_group(&NewStateGroup::snapshot(
             "$after-port",
             ROOM,
-            None,
-            None,
-            Some(&StateMap::from_iter([(
-                key("m.room.create", ""),
-                "$x".into(),
-            )])),
-        )
+            &StateMap::from_iter([(key("m.room.create", ""), "$x".into())]),
+        ))
         .expect("no collision with a copied group");
     assert_eq!(g, max_group + 1);
     let events = EventsStore::new(db.clone(), &config).unwrap();

@@ -9,7 +9,7 @@ use storage_core::testing::TestDb;
 use storage_core::{Result, StoreConfig};
 use storage_events::testing::{assert_invariants, event, state_event};
 use storage_events::{EventReads, EventToPersist, EventsStore};
-use storage_state::{key, StateGroup, StateGroupAccess, StateMap};
+use storage_state::{key, NewStateGroup, StateGroup, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(
     what_the_writer_remembers_is_what_is_stored,
@@ -38,11 +38,11 @@ fn linear_room(store: &EventsStore, persister: &RoomPersister) {
     let state = store.state();
     let created = StateMap::from_iter([(key("m.room.create", ""), "$create".into())]);
     let g1 = state
-        .store_state_group("$create", ROOM, None, None, Some(&created))
+        .store_state_group(&NewStateGroup::snapshot("$create", ROOM, &created))
         .unwrap();
     let joined = StateMap::from_iter([(key("m.room.member", "@alice:test"), "$join".into())]);
     let g2 = state
-        .store_state_group("$join", ROOM, Some(g1), Some(&joined), None)
+        .store_state_group(&NewStateGroup::delta("$join", ROOM, g1, &joined))
         .unwrap();
     let batches = [
         state_event(ROOM, "$create", &[], ("m.room.create", ""), Some(g1)),

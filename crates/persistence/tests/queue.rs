@@ -12,7 +12,7 @@ use storage_events::{
     new_forward_extremities, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     PersistedBatch, RoomBatch,
 };
-use storage_state::{key, StateGroupAccess, StateMap};
+use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap};
 
 fn event(room: &str, id: &str, group: Option<i64>) -> EventToPersist {
     storage_events::testing::event(room, id, &[], group)
@@ -272,16 +272,11 @@ fn stores(t: &TestDb) -> (EventsStore, i64) {
     let events = EventsStore::new(t.open(), &StoreConfig::default()).unwrap();
     let group = events
         .state()
-        .store_state_group(
+        .store_state_group(&NewStateGroup::snapshot(
             "$create",
             "!r",
-            None,
-            None,
-            Some(&StateMap::from_iter([(
-                key("m.room.create", ""),
-                "$create".into(),
-            )])),
-        )
+            &StateMap::from_iter([(key("m.room.create", ""), "$create".into())]),
+        ))
         .unwrap();
     (events, group)
 }

@@ -10,7 +10,7 @@ use storage_events::{
     RoomBatch, ALL_CACHES, CURRENT_STATE_CACHE,
 };
 use storage_state::schema::event_to_state_groups as etsg;
-use storage_state::{key, StateFilter, StateGroupAccess, StateMap};
+use storage_state::{key, NewStateGroup, StateFilter, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(
     batch_is_written_whole_with_increasing_positions,
@@ -81,7 +81,7 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
     let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".into())]);
     let g1 = store
         .state()
-        .store_state_group("$create", ROOM, None, None, Some(&create_state))
+        .store_state_group(&NewStateGroup::snapshot("$create", ROOM, &create_state))
         .unwrap();
     let first = store
         .persist_batch(&batch(
@@ -95,16 +95,12 @@ fn batch_is_written_whole_with_increasing_positions(t: &TestDb) {
 
     let g2 = store
         .state()
-        .store_state_group(
+        .store_state_group(&NewStateGroup::delta(
             "$name",
             ROOM,
-            Some(g1),
-            Some(&StateMap::from_iter([(
-                key("m.room.name", ""),
-                "$name".into(),
-            )])),
-            None,
-        )
+            g1,
+            &StateMap::from_iter([(key("m.room.name", ""), "$name".into())]),
+        ))
         .unwrap();
     let second = store
         .persist_batch(&batch(
@@ -160,16 +156,11 @@ fn stored_events_are_skipped(t: &TestDb) {
     let store = stores(t);
     let g1 = store
         .state()
-        .store_state_group(
+        .store_state_group(&NewStateGroup::snapshot(
             "$create",
             ROOM,
-            None,
-            None,
-            Some(&StateMap::from_iter([(
-                key("m.room.create", ""),
-                "$create".into(),
-            )])),
-        )
+            &StateMap::from_iter([(key("m.room.create", ""), "$create".into())]),
+        ))
         .unwrap();
     let events = vec![
         event("$create", &[], Some(("m.room.create", "")), Some(g1)),
@@ -200,16 +191,11 @@ fn outliers_get_no_state_and_rejections_are_recorded(t: &TestDb) {
     let store = stores(t);
     let g1 = store
         .state()
-        .store_state_group(
+        .store_state_group(&NewStateGroup::snapshot(
             "$create",
             ROOM,
-            None,
-            None,
-            Some(&StateMap::from_iter([(
-                key("m.room.create", ""),
-                "$create".into(),
-            )])),
-        )
+            &StateMap::from_iter([(key("m.room.create", ""), "$create".into())]),
+        ))
         .unwrap();
     let mut outlier = event(
         "$outlier",
@@ -275,16 +261,11 @@ fn failed_batch_leaves_nothing(t: &TestDb) {
     let store = stores(t);
     let g1 = store
         .state()
-        .store_state_group(
+        .store_state_group(&NewStateGroup::snapshot(
             "$create",
             ROOM,
-            None,
-            None,
-            Some(&StateMap::from_iter([(
-                key("m.room.create", ""),
-                "$create".into(),
-            )])),
-        )
+            &StateMap::from_iter([(key("m.room.create", ""), "$create".into())]),
+        ))
         .unwrap();
     store
         .persist_batch(&batch(
@@ -399,7 +380,7 @@ fn events_name_the_instance_that_wrote_them(t: &TestDb) {
     let create_state = StateMap::from_iter([(key("m.room.create", ""), "$create".into())]);
     let g1 = store
         .state()
-        .store_state_group("$create", ROOM, None, None, Some(&create_state))
+        .store_state_group(&NewStateGroup::snapshot("$create", ROOM, &create_state))
         .unwrap();
     store
         .persist_batch(&batch(

@@ -9,7 +9,7 @@ use storage_core::{OpenMode, Result, StoreConfig, Transaction};
 use storage_events::EventsStore;
 use storage_slaved::SlavedStore;
 use storage_state::compress::{self, CompressHooks, CompressOptions, Outcome};
-use storage_state::{key, StateGroup, StateGroupAccess, StateMap};
+use storage_state::{key, NewStateGroup, StateGroup, StateGroupAccess, StateMap};
 
 const ROOM: &str = "!compressed:test";
 
@@ -40,9 +40,9 @@ fn a_worker_forgets_rewritten_shapes() {
             format!("$j{i}").into(),
         )]);
         let g = match prev {
-            None => state.store_state_group("$j0", ROOM, None, None, Some(&delta)),
+            None => state.store_state_group(&NewStateGroup::snapshot("$j0", ROOM, &delta)),
             Some(p) => {
-                state.store_state_group(&format!("$j{i}"), ROOM, Some(p), Some(&delta), None)
+                state.store_state_group(&NewStateGroup::delta(&format!("$j{i}"), ROOM, p, &delta))
             }
         }
         .unwrap();

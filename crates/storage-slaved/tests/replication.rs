@@ -12,7 +12,7 @@ use storage_events::{
     new_forward_extremities, testing, CurrentStateDelta, EventReads, EventsStore, RoomBatch,
 };
 use storage_slaved::{SlavedStore, APPLICATION_NAME};
-use storage_state::{key, StateGroupAccess, StateMap};
+use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap};
 
 const ROOM: &str = "!replicated:test";
 
@@ -39,8 +39,8 @@ impl Main {
         let delta = StateMap::from_iter([(key(slot.0, slot.1), id.into())]);
         let state = self.store.state();
         let group = match self.group {
-            None => state.store_state_group(id, ROOM, None, None, Some(&delta)),
-            Some(g) => state.store_state_group(id, ROOM, Some(g), Some(&delta), None),
+            None => state.store_state_group(&NewStateGroup::snapshot(id, ROOM, &delta)),
+            Some(g) => state.store_state_group(&NewStateGroup::delta(id, ROOM, g, &delta)),
         }
         .unwrap();
         let prevs: Vec<&str> = self.last.iter().map(String::as_str).collect();

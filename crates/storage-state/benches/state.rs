@@ -17,7 +17,9 @@ use std::alloc::System;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, Conn, StoreConfig};
-use storage_state::{key, StateFilter, StateGroupAccess, StateMap, StateStore, MEMBER};
+use storage_state::{
+    key, NewStateGroup, StateFilter, StateGroupAccess, StateMap, StateStore, MEMBER,
+};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -116,7 +118,7 @@ fn build_chain(store: &StateStore) -> (i64, StateMap) {
     }
     let room = "!bench:bench";
     let mut group = store
-        .store_state_group("$create", room, None, None, Some(&state))
+        .store_state_group(&NewStateGroup::snapshot("$create", room, &state))
         .expect("snapshot");
     for hop in 0..HOPS {
         let event = format!("$hop{hop}");
@@ -127,7 +129,7 @@ fn build_chain(store: &StateStore) -> (i64, StateMap) {
         );
         state.extend(delta.clone());
         group = store
-            .store_state_group(&event, room, Some(group), Some(&delta), None)
+            .store_state_group(&NewStateGroup::delta(&event, room, group, &delta))
             .expect("delta");
     }
     let delta = store
@@ -182,7 +184,7 @@ fn build_hq(store: &StateStore) -> (i64, StateMap, String) {
     }
     assert_eq!(state.len(), 30_856);
     let mut group = store
-        .store_state_group(&event_id(1), HQ_ROOM, None, None, Some(&state))
+        .store_state_group(&NewStateGroup::snapshot(&event_id(1), HQ_ROOM, &state))
         .expect("snapshot");
     let mut members = HQ_ROOT_MEMBERS;
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -212,7 +214,7 @@ fn build_hq(store: &StateStore) -> (i64, StateMap, String) {
             state.insert(k.clone(), v.clone());
         }
         group = store
-            .store_state_group(&last_event, HQ_ROOM, Some(group), Some(&delta), None)
+            .store_state_group(&NewStateGroup::delta(&last_event, HQ_ROOM, group, &delta))
             .expect("delta");
     }
     assert_eq!(state.len(), HQ_TOP_ENTRIES);

@@ -33,14 +33,7 @@ pub trait StateGroupAccess {
     /// `prev_group` when given and its chain is shorter than
     /// [`MAX_STATE_DELTA_HOPS`](crate::MAX_STATE_DELTA_HOPS), otherwise a full
     /// snapshot. The new group's caches are prefilled once committed.
-    fn store_state_group(
-        &self,
-        event_id: &str,
-        room_id: &str,
-        prev_group: Option<StateGroup>,
-        delta_ids: Option<&StateMap>,
-        current_state_ids: Option<&StateMap>,
-    ) -> Result<StateGroup>;
+    fn store_state_group(&self, new: &NewStateGroup<'_>) -> Result<StateGroup>;
 
     /// The group's prev group and its delta against it; `None` for a snapshot.
     fn get_state_group_delta(&self, group: StateGroup) -> Result<Delta>;
@@ -415,24 +408,10 @@ impl StateStore {
 }
 
 impl StateGroupAccess for StateStore {
-    fn store_state_group(
-        &self,
-        event_id: &str,
-        room_id: &str,
-        prev_group: Option<StateGroup>,
-        delta_ids: Option<&StateMap>,
-        current_state_ids: Option<&StateMap>,
-    ) -> Result<StateGroup> {
-        let new = NewStateGroup {
-            event_id,
-            room_id,
-            prev_group,
-            delta_ids,
-            current_state_ids,
-        };
+    fn store_state_group(&self, new: &NewStateGroup<'_>) -> Result<StateGroup> {
         new.validate()?;
         self.db.run_interaction("store_state_group", |txn| {
-            self.store_state_group_txn(txn, &new)
+            self.store_state_group_txn(txn, new)
         })
     }
 

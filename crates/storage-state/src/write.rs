@@ -21,7 +21,11 @@ pub const STATE_GROUP_SEQUENCE: Sequence = Sequence {
 /// Rows per INSERT statement (5 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 1_000;
 
-/// What to store: the arguments of `store_state_group`.
+/// What to store: the argument of `store_state_group` (and of its `_txn` and
+/// `prepare_` forms). [`snapshot`](Self::snapshot) and [`delta`](Self::delta)
+/// build the two usual shapes; a delta that also knows the full state sets
+/// `current_state_ids` too, which lets the store write a snapshot instead when the
+/// prev group's chain is already long.
 #[derive(Debug, Clone, Copy)]
 pub struct NewStateGroup<'a> {
     /// The event whose state computation created the group.
@@ -34,7 +38,34 @@ pub struct NewStateGroup<'a> {
     pub current_state_ids: Option<&'a StateMap>,
 }
 
-impl NewStateGroup<'_> {
+impl<'a> NewStateGroup<'a> {
+    /// A group holding `state` in full, with no prev group.
+    pub fn snapshot(event_id: &'a str, room_id: &'a str, state: &'a StateMap) -> Self {
+        NewStateGroup {
+            event_id,
+            room_id,
+            prev_group: None,
+            delta_ids: None,
+            current_state_ids: Some(state),
+        }
+    }
+
+    /// A group that is `prev_group`'s state with `delta` applied.
+    pub fn delta(
+        event_id: &'a str,
+        room_id: &'a str,
+        prev_group: StateGroup,
+        delta: &'a StateMap,
+    ) -> Self {
+        NewStateGroup {
+            event_id,
+            room_id,
+            prev_group: Some(prev_group),
+            delta_ids: Some(delta),
+            current_state_ids: None,
+        }
+    }
+
     /// Rejects argument combinations that cannot describe a state group.
     pub fn validate(&self) -> Result<()> {
         let what = || {

@@ -15,7 +15,9 @@ use storage_core::{Error, Result, Transaction};
 use storage_state::compress::{
     self, CompressHooks, CompressOptions, NoHooks, Outcome, RoomReport, MAX_COMPRESSED_CHAIN,
 };
-use storage_state::{key, StateFilter, StateGroup, StateGroupAccess, StateMap, StateStore};
+use storage_state::{
+    key, NewStateGroup, StateFilter, StateGroup, StateGroupAccess, StateMap, StateStore,
+};
 
 storage_core::engine_tests!(
     every_group_keeps_its_state_and_rows_shrink,
@@ -42,8 +44,8 @@ fn linear(store: &StateStore, room: &str, n: usize) -> Vec<(StateGroup, StateMap
         let delta = StateMap::from_iter([(slot.clone(), event.as_str().into())]);
         state.insert(slot, event.as_str().into());
         let g = match prev {
-            None => store.store_state_group(&event, room, None, None, Some(&state)),
-            Some(p) => store.store_state_group(&event, room, Some(p), Some(&delta), None),
+            None => store.store_state_group(&NewStateGroup::snapshot(&event, room, &state)),
+            Some(p) => store.store_state_group(&NewStateGroup::delta(&event, room, p, &delta)),
         }
         .unwrap();
         prev = Some(g);
@@ -124,7 +126,7 @@ fn forked(store: &StateStore, room: &str, rounds: usize) -> Vec<(StateGroup, Sta
     let mut out = Vec::new();
     let create = StateMap::from_iter([(key(CREATE, ""), "$create".into())]);
     let mut tip = store
-        .store_state_group("$create", room, None, None, Some(&create))
+        .store_state_group(&NewStateGroup::snapshot("$create", room, &create))
         .unwrap();
     let mut tip_state = create;
     out.push((tip, tip_state.clone()));
@@ -136,7 +138,7 @@ fn forked(store: &StateStore, room: &str, rounds: usize) -> Vec<(StateGroup, Sta
                 let event = format!("${side}{r}_{i}");
                 let delta = StateMap::from_iter([(slot.clone(), event.as_str().into())]);
                 *g = store
-                    .store_state_group(&event, room, Some(*g), Some(&delta), None)
+                    .store_state_group(&NewStateGroup::delta(&event, room, *g, &delta))
                     .unwrap();
                 s.insert(slot, event.into());
                 out.push((*g, s.clone()));
@@ -149,7 +151,12 @@ fn forked(store: &StateStore, room: &str, rounds: usize) -> Vec<(StateGroup, Sta
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
         tip = store
-            .store_state_group(&format!("$merge{r}"), room, Some(a.0), Some(&delta), None)
+            .store_state_group(&NewStateGroup::delta(
+                &format!("$merge{r}"),
+                room,
+                a.0,
+                &delta,
+            ))
             .unwrap();
         tip_state = merged;
         out.push((tip, tip_state.clone()));
@@ -262,7 +269,7 @@ fn a_concurrent_writer_is_undisturbed(t: &TestDb) {
                 let event = format!("$late{i}");
                 let delta = StateMap::from_iter([(slot.clone(), event.as_str().into())]);
                 prev = store
-                    .store_state_group(&event, ROOM, Some(prev), Some(&delta), None)
+                    .store_state_group(&NewStateGroup::delta(&event, ROOM, prev, &delta))
                     .unwrap();
                 state.insert(slot, event.into());
                 written.push((prev, state.clone()));

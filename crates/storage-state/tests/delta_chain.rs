@@ -7,7 +7,9 @@ use common::*;
 use std::collections::HashSet;
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, StoreConfig};
-use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore, MAX_STATE_DELTA_HOPS};
+use storage_state::{
+    NewStateGroup, StateFilter, StateGroupAccess, StateMap, StateStore, MAX_STATE_DELTA_HOPS,
+};
 
 storage_core::engine_tests!(
     chain_of_150_groups_with_full_state,
@@ -27,7 +29,7 @@ fn build_chain(store: &StateStore, n: usize, give_full_state: bool) -> Vec<(i64,
         );
     }
     let first = store
-        .store_state_group("$create", ROOM, None, None, Some(&model))
+        .store_state_group(&NewStateGroup::snapshot("$create", ROOM, &model))
         .unwrap();
     let mut out = vec![(first, model.clone())];
     for i in 1..n {
@@ -40,7 +42,13 @@ fn build_chain(store: &StateStore, n: usize, give_full_state: bool) -> Vec<(i64,
         let prev = out.last().unwrap().0;
         let full = give_full_state.then_some(&model);
         let g = store
-            .store_state_group(&event, ROOM, Some(prev), Some(&delta), full)
+            .store_state_group(&NewStateGroup {
+                event_id: &event,
+                room_id: ROOM,
+                prev_group: Some(prev),
+                delta_ids: Some(&delta),
+                current_state_ids: full,
+            })
             .unwrap();
         assert!(g > prev);
         out.push((g, model.clone()));
@@ -144,7 +152,7 @@ fn sequence_behind_existing_groups_is_repaired_at_start(t: &TestDb) {
     }
     let store = store(t);
     let g = store
-        .store_state_group("$new", ROOM, None, None, Some(&StateMap::new()))
+        .store_state_group(&NewStateGroup::snapshot("$new", ROOM, &StateMap::new()))
         .unwrap();
     assert_eq!(g, 501);
 }
@@ -165,8 +173,12 @@ fn concurrent_writers_never_share_an_id(t: &TestDb) {
                 (0..20)
                     .map(|i| {
                         let e = format!("$w{w}-{i}");
-                        s.store_state_group(&e, ROOM, None, None, Some(&state(&[(CREATE, "", &e)])))
-                            .unwrap()
+                        s.store_state_group(&NewStateGroup::snapshot(
+                            &e,
+                            ROOM,
+                            &state(&[(CREATE, "", &e)]),
+                        ))
+                        .unwrap()
                     })
                     .collect::<Vec<i64>>()
             })

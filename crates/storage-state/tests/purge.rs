@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use storage_core::testing::TestDb;
 use storage_core::with_conn;
-use storage_state::{purge_unneeded_groups, StateFilter, StateGroupAccess, StateMap};
+use storage_state::{
+    purge_unneeded_groups, NewStateGroup, StateFilter, StateGroupAccess, StateMap,
+};
 
 storage_core::engine_tests!(unneeded_groups_go_and_needed_ones_stay);
 
@@ -25,41 +27,43 @@ fn unneeded_groups_go_and_needed_ones_stay(t: &TestDb) {
     let store = store(t);
     let s1 = state(&[(CREATE, "", "$c")]);
     let g1 = store
-        .store_state_group("$c", ROOM, None, None, Some(&s1))
+        .store_state_group(&NewStateGroup::snapshot("$c", ROOM, &s1))
         .unwrap();
     let d2 = state(&[(NAME, "", "$n")]);
     let g2 = store
-        .store_state_group("$n", ROOM, Some(g1), Some(&d2), None)
+        .store_state_group(&NewStateGroup::delta("$n", ROOM, g1, &d2))
         .unwrap();
     let d3 = state(&[(MEMBER, "@a:test", "$a")]);
     let g3 = store
-        .store_state_group("$a", ROOM, Some(g2), Some(&d3), None)
+        .store_state_group(&NewStateGroup::delta("$a", ROOM, g2, &d3))
         .unwrap();
     // A refused write's chain: g4 on g1, g5 on g4; and a lone snapshot g6.
     let g4 = store
-        .store_state_group(
+        .store_state_group(&NewStateGroup::delta(
             "$x",
             ROOM,
-            Some(g1),
-            Some(&state(&[(NAME, "", "$x")])),
-            None,
-        )
+            g1,
+            &state(&[(NAME, "", "$x")]),
+        ))
         .unwrap();
     let g5 = store
-        .store_state_group(
+        .store_state_group(&NewStateGroup::delta(
             "$y",
             ROOM,
-            Some(g4),
-            Some(&state(&[(NAME, "", "$y")])),
-            None,
-        )
+            g4,
+            &state(&[(NAME, "", "$y")]),
+        ))
         .unwrap();
     let g6 = store
-        .store_state_group("$z", ROOM, None, None, Some(&state(&[(CREATE, "", "$z")])))
+        .store_state_group(&NewStateGroup::snapshot(
+            "$z",
+            ROOM,
+            &state(&[(CREATE, "", "$z")]),
+        ))
         .unwrap();
     // Above the bound: untouched although unneeded.
     let g7 = store
-        .store_state_group("$w", ROOM, None, None, Some(&StateMap::new()))
+        .store_state_group(&NewStateGroup::snapshot("$w", ROOM, &StateMap::new()))
         .unwrap();
     // $c and $a are stored events; g2 is needed only by g3's chain.
     map_events(&store, &[("$c", g1), ("$a", g3)]);

@@ -7,7 +7,9 @@ use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, ErrorKind};
-use storage_state::{CacheKind, StateFilter, StateGroupAccess, StateMap, StateStore};
+use storage_state::{
+    CacheKind, NewStateGroup, StateFilter, StateGroupAccess, StateMap, StateStore,
+};
 
 storage_core::engine_tests!(
     state_after_an_event_includes_the_event,
@@ -41,13 +43,13 @@ fn linear_room(store: &StateStore) -> Vec<i64> {
         let delta = state(&[(t, k, event_id)]);
         current.extend(delta.clone());
         let group = store
-            .store_state_group(
+            .store_state_group(&NewStateGroup {
                 event_id,
-                ROOM,
-                groups.last().copied(),
-                groups.last().map(|_| &delta),
-                Some(&current),
-            )
+                room_id: ROOM,
+                prev_group: groups.last().copied(),
+                delta_ids: groups.last().map(|_| &delta),
+                current_state_ids: Some(&current),
+            })
             .unwrap();
         groups.push(group);
         map_events(store, &[(event_id, group)]);
@@ -306,7 +308,7 @@ fn unknown_group_and_event_are_errors(t: &TestDb) {
 fn empty_snapshot_reads_as_empty(t: &TestDb) {
     let store = store(t);
     let g = store
-        .store_state_group("$create", ROOM, None, None, Some(&StateMap::new()))
+        .store_state_group(&NewStateGroup::snapshot("$create", ROOM, &StateMap::new()))
         .unwrap();
     for s in [&store, &cold(&store)] {
         assert_eq!(
@@ -325,15 +327,15 @@ fn two_groups_sharing_a_prev_group(t: &TestDb) {
     let store = store(t);
     let base = state(&[(CREATE, "", "$c"), (MEMBER, "@a:test", "$ja")]);
     let g1 = store
-        .store_state_group("$c", ROOM, None, None, Some(&base))
+        .store_state_group(&NewStateGroup::snapshot("$c", ROOM, &base))
         .unwrap();
     let d2 = state(&[(NAME, "", "$n2")]);
     let d3 = state(&[(MEMBER, "@a:test", "$leave"), (MEMBER, "@b:test", "$jb")]);
     let g2 = store
-        .store_state_group("$n2", ROOM, Some(g1), Some(&d2), None)
+        .store_state_group(&NewStateGroup::delta("$n2", ROOM, g1, &d2))
         .unwrap();
     let g3 = store
-        .store_state_group("$jb", ROOM, Some(g1), Some(&d3), None)
+        .store_state_group(&NewStateGroup::delta("$jb", ROOM, g1, &d3))
         .unwrap();
     assert!(g1 < g2 && g2 < g3);
     let mut s2 = base.clone();
@@ -378,13 +380,11 @@ fn two_groups_sharing_a_prev_group(t: &TestDb) {
 fn batch_of_groups_in_one_transaction(t: &TestDb) {
     let store = store(t);
     let before = store
-        .store_state_group(
+        .store_state_group(&NewStateGroup::snapshot(
             "$create",
             ROOM,
-            None,
-            None,
-            Some(&state(&[(CREATE, "", "$create")])),
-        )
+            &state(&[(CREATE, "", "$create")]),
+        ))
         .unwrap();
     let events = [
         ("$1", Some((NAME, ""))),
@@ -400,13 +400,7 @@ fn batch_of_groups_in_one_transaction(t: &TestDb) {
             for (event_id, slot) in events {
                 if let Some((t, k)) = slot {
                     let delta = state(&[(t, k, event_id)]);
-                    let new = storage_state::NewStateGroup {
-                        event_id,
-                        room_id: ROOM,
-                        prev_group: Some(prev),
-                        delta_ids: Some(&delta),
-                        current_state_ids: None,
-                    };
+                    let new = NewStateGroup::delta(event_id, ROOM, prev, &delta);
                     let g = store.store_state_group_txn(txn, &new)?;
                     out.push((event_id.to_owned(), prev, g));
                     prev = g;
@@ -460,13 +454,7 @@ fn prefill_only_after_commit(t: &TestDb) {
     let full = state(&[(CREATE, "", "$c"), (MEMBER, "@a:test", "$j")]);
     let result: storage_core::Result<i64> =
         store.database().run_interaction("store_then_fail", |txn| {
-            let new = storage_state::NewStateGroup {
-                event_id: "$c",
-                room_id: ROOM,
-                prev_group: None,
-                delta_ids: None,
-                current_state_ids: Some(&full),
-            };
+            let new = NewStateGroup::snapshot("$c", ROOM, &full);
             let g = store.store_state_group_txn(txn, &new)?;
             assert!(
                 !store.caches().members().get(&g).full,
@@ -486,7 +474,7 @@ fn prefill_only_after_commit(t: &TestDb) {
     );
 
     let g = store
-        .store_state_group("$c", ROOM, None, None, Some(&full))
+        .store_state_group(&NewStateGroup::snapshot("$c", ROOM, &full))
         .unwrap();
     assert!(store.caches().members().get(&g).full);
     assert!(store.caches().non_members().get(&g).full);
@@ -506,41 +494,59 @@ fn invalid_arguments_are_rejected(t: &TestDb) {
     let store = store(t);
     let s = state(&[(CREATE, "", "$c")]);
     let g = store
-        .store_state_group("$c", ROOM, None, None, Some(&s))
+        .store_state_group(&NewStateGroup::snapshot("$c", ROOM, &s))
         .unwrap();
     let cases: Vec<(storage_core::Result<i64>, &str)> = vec![
         (
-            store.store_state_group("$x", ROOM, Some(g), None, Some(&s)),
+            store.store_state_group(&NewStateGroup {
+                event_id: "$x",
+                room_id: ROOM,
+                prev_group: Some(g),
+                delta_ids: None,
+                current_state_ids: Some(&s),
+            }),
             "needs delta_ids",
         ),
         (
-            store.store_state_group("$x", ROOM, None, Some(&s), Some(&s)),
+            store.store_state_group(&NewStateGroup {
+                event_id: "$x",
+                room_id: ROOM,
+                prev_group: None,
+                delta_ids: Some(&s),
+                current_state_ids: Some(&s),
+            }),
             "without a prev_group",
         ),
         (
-            store.store_state_group("$x", ROOM, None, None, None),
+            store.store_state_group(&NewStateGroup {
+                event_id: "$x",
+                room_id: ROOM,
+                prev_group: None,
+                delta_ids: None,
+                current_state_ids: None,
+            }),
             "current_state_ids cannot be None",
         ),
         (
-            store.store_state_group("$x", ROOM, Some(424_242), Some(&s), None),
+            store.store_state_group(&NewStateGroup::delta("$x", ROOM, 424_242, &s)),
             "unpersisted prev_group: 424242",
         ),
         (
-            store.store_state_group("$x", "!other:test", Some(g), Some(&s), None),
+            store.store_state_group(&NewStateGroup::delta("$x", "!other:test", g, &s)),
             "belongs to room",
         ),
         (
-            store.store_state_group(
-                "$x",
-                ROOM,
-                Some(g),
-                Some(&state(&[(NAME, "", "$n")])),
-                Some(&s),
-            ),
+            store.store_state_group(&NewStateGroup {
+                event_id: "$x",
+                room_id: ROOM,
+                prev_group: Some(g),
+                delta_ids: Some(&state(&[(NAME, "", "$n")])),
+                current_state_ids: Some(&s),
+            }),
             "delta_ids has",
         ),
         (
-            store.store_state_group("", ROOM, None, None, Some(&s)),
+            store.store_state_group(&NewStateGroup::snapshot("", ROOM, &s)),
             "must not be empty",
         ),
     ];

@@ -282,6 +282,7 @@ mod tests {
     use crate::compress::plan::StateSource;
     use crate::store::StateGroupAccess;
     use crate::types::{key, StateMap};
+    use crate::write::NewStateGroup;
     use storage_core::testing::TestDb;
     use storage_core::{Database, ErrorKind, StoreConfig};
 
@@ -297,15 +298,15 @@ mod tests {
             (key("m.room.member", "@alice:x"), "$alice".into()),
         ]);
         let g1 = store
-            .store_state_group("$alice", ROOM, None, None, Some(&snapshot))
+            .store_state_group(&NewStateGroup::snapshot("$alice", ROOM, &snapshot))
             .unwrap();
         let bob = StateMap::from_iter([(key("m.room.member", "@bob:x"), "$bob".into())]);
         let g2 = store
-            .store_state_group("$bob", ROOM, Some(g1), Some(&bob), None)
+            .store_state_group(&NewStateGroup::delta("$bob", ROOM, g1, &bob))
             .unwrap();
         let topic = StateMap::from_iter([(key("m.room.topic", ""), "$topic".into())]);
         let g3 = store
-            .store_state_group("$topic", ROOM, Some(g2), Some(&topic), None)
+            .store_state_group(&NewStateGroup::delta("$topic", ROOM, g2, &topic))
             .unwrap();
         [g1, g2, g3]
     }
