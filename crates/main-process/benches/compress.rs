@@ -15,9 +15,10 @@
 //! Every import and every compression runs in a child process of its own, so
 //! that peak memory is its own.
 
-use main_process::bench_room::{linear_room, spam_join_room};
-use std::io::Write;
-use std::path::Path;
+use main_process::bench_room::{
+    bench_room, linear_room, peak_memory_kb, spam_join_room, timed_import, write_room_file,
+    BENCH_EVENTS as EVENTS, BENCH_MEMBERS as MEMBERS, BENCH_ROOM as ROOM,
+};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
@@ -26,34 +27,12 @@ use storage_events::EventsStore;
 use storage_state::compress::CompressOptions;
 use storage_state::{StateFilter, StateGroupAccess, StateStore};
 
-const EVENTS: usize = 50_000;
-const MEMBERS: usize = 5_000;
-const ROOM: &str = "!bench:bench.test";
 const PURE: &str = "!pure:bench.test";
 const SPAM: &str = "!spam:bench.test";
 const COLD_READS: usize = 15;
 /// Turns of cold reads, each on the copy from before compression and then on
 /// the compressed database.
 const READ_TURNS: usize = 9;
-
-fn peak_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn write_lines(path: &Path, lines: &[String]) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    for l in lines {
-        writeln!(f, "{l}").unwrap();
-    }
-}
 
 /// The newest group of `room`, and the median time of a full-state read of it
 /// through a store with empty caches.
@@ -75,10 +54,8 @@ fn cold_read(db: &Database, room: &str) -> Result<(i64, Duration)> {
 
 fn child_import(url: &str, files: &[String]) -> Result<()> {
     let files: Vec<std::path::PathBuf> = files.iter().map(Into::into).collect();
-    let start = Instant::now();
-    main_process::import_cmd::run(url, &files)
-        .map_err(|f| storage_core::Error::other(format!("{f:?}")))?;
-    println!("RESULT {} {}", start.elapsed().as_secs_f64(), peak_kb());
+    let (secs, peak) = timed_import(url, &files)?;
+    println!("RESULT {secs} {peak}");
     Ok(())
 }
 
@@ -117,7 +94,7 @@ fn child_compress(url: &str, rooms: &[String]) -> Result<()> {
         None,
     )?;
     let secs = start.elapsed().as_secs_f64();
-    let peak = peak_kb();
+    let peak = peak_memory_kb();
     for (room, before) in rooms.iter().zip(cold) {
         let r = reports.iter().find(|r| &r.room_id == room).unwrap();
         let (_, after) = read_after_rewrite(&db, room)?;
@@ -219,10 +196,10 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let big = dir.join("room.jsonl");
     let small = dir.join("small.jsonl");
-    write_lines(&big, &linear_room(ROOM, EVENTS, MEMBERS));
+    write_room_file(&big, &bench_room());
     let mut lines = linear_room(PURE, 300, 60);
     lines.extend(spam_join_room(SPAM, 2_000));
-    write_lines(&small, &lines);
+    write_room_file(&small, &lines);
     if std::env::var_os("HS_BENCH_ONLY_GENERATE").is_some() {
         println!("room files in {}", dir.display());
         return;
@@ -231,14 +208,8 @@ fn main() {
         "compress: the bench room ({EVENTS} events, {MEMBERS} members), a pure-delta room, \
          a spam-join room (2,000 users on merged forks)"
     );
-    let mut engines = vec![(TestDb::sqlite(), TestDb::sqlite())];
-    match (TestDb::postgres(), TestDb::postgres()) {
-        (Some(a), Some(b)) => engines.push((a, b)),
-        _ => println!(
-            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench compress`)"
-        ),
-    }
-    for (big_db, small_db) in &engines {
+    for big_db in &TestDb::for_bench("compress") {
+        let small_db = big_db.fresh();
         let engine = big_db.engine();
         let import = result(&child(&["import", big_db.url(), big.to_str().unwrap()]));
         let before_db = big_db.copy();

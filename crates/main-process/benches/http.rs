@@ -141,14 +141,7 @@ fn main() {
     println!(
         "http: POST events to hs-main serve on loopback; rooms of room version 10, a state event in every five"
     );
-    let mut engines = vec![TestDb::sqlite()];
-    match TestDb::postgres() {
-        Some(db) => engines.push(db),
-        None => println!(
-            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench http`)"
-        ),
-    }
-    for db in &engines {
+    for db in &TestDb::for_bench("http") {
         let engine = db.engine();
         let main = main_process(db, free_port());
         let mut single = case(&main.url, &format!("{engine}-one"), SINGLE, 1);

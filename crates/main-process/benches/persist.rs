@@ -5,33 +5,14 @@
 //! the importing process. Each engine runs in a child process of its own, so
 //! that its peak memory is its own.
 
+use main_process::bench_room::{
+    bench_room, timed_import, write_room_file, BENCH_EVENTS as EVENTS, BENCH_MEMBERS as MEMBERS,
+};
 use main_process::port::tables::*;
-use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{Database, DatabaseConfig, OpenMode, Result};
-
-const EVENTS: usize = 50_000;
-const MEMBERS: usize = 5_000;
-const ROOM: &str = "!bench:bench.test";
-
-/// The room as JSON lines: see `main_process::bench_room::linear_room`.
-fn generate() -> Vec<String> {
-    main_process::bench_room::linear_room(ROOM, EVENTS, MEMBERS)
-}
-
-fn peak_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 /// Writes table `T`'s rows from `src` into `dst` with plain batched INSERTs;
 /// only the writing is timed.
@@ -49,11 +30,7 @@ fn floor<T: PortTable>(src: &Database, dst: &Database) -> Result<(usize, Duratio
 
 fn child(import_url: &str, floor_url: &str, file: &str) -> Result<()> {
     storage_core::logging::init();
-    let start = Instant::now();
-    main_process::import_cmd::run(import_url, &[file.into()])
-        .map_err(|f| storage_core::Error::other(format!("{f:?}")))?;
-    let import_secs = start.elapsed().as_secs_f64();
-    let peak = peak_kb();
+    let (import_secs, peak) = timed_import(import_url, &[file.into()])?;
     let src = Database::open(DatabaseConfig::parse(import_url, OpenMode::ReadOnly)?)?;
     let dst = Database::open(DatabaseConfig::parse(floor_url, OpenMode::Writer)?)?;
     let mut rows = 0;
@@ -91,29 +68,18 @@ fn main() {
         return;
     }
     let started = Instant::now();
-    let lines = generate();
     let dir = std::env::temp_dir().join(format!("hs-bench-persist-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("room.jsonl");
-    let mut f = std::fs::File::create(&file).unwrap();
-    for l in &lines {
-        writeln!(f, "{l}").unwrap();
-    }
-    drop(f);
+    write_room_file(&file, &bench_room());
     println!(
         "persist: {EVENTS} events ({} state), {MEMBERS} members, room version 10, generated in {:.1} s",
         EVENTS / 5 + 3,
         started.elapsed().as_secs_f64()
     );
     println!("engine    import events/s   floor events/s (batched INSERT of the same rows)   import/floor   peak memory");
-    let mut engines: Vec<(TestDb, TestDb)> = vec![(TestDb::sqlite(), TestDb::sqlite())];
-    match (TestDb::postgres(), TestDb::postgres()) {
-        (Some(a), Some(b)) => engines.push((a, b)),
-        _ => println!(
-            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench persist`)"
-        ),
-    }
-    for (import_db, floor_db) in &engines {
+    for import_db in &TestDb::for_bench("persist") {
+        let floor_db = import_db.fresh();
         let out = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--child",

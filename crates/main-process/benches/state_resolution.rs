@@ -11,8 +11,7 @@
 
 use event_context::ruma::RoomVersionId;
 use event_context::{ContextBuilder, Pdu, PendingEvents};
-use serde_json::json;
-use std::io::Write;
+use main_process::bench_room::{forked_room, write_room_file, ForkedRoom};
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
@@ -42,176 +41,7 @@ fn size() -> (usize, usize) {
 }
 const ROOM: &str = "!hq:server0.example.org";
 
-struct Room {
-    lines: Vec<String>,
-    /// The event merging the two forks (not imported).
-    merge: Vec<String>,
-    members: usize,
-    /// State events the two forks disagree on.
-    conflicted: usize,
-}
-
-/// One event as a JSON line, with its id (room version 10: from the reference hash).
-fn event(
-    kind: &str,
-    sender: &str,
-    state_key: Option<&str>,
-    content: serde_json::Value,
-    prev: &[&str],
-    auth: &[&str],
-    depth: usize,
-) -> (String, String) {
-    let mut e = json!({
-        "room_id": ROOM,
-        "sender": sender,
-        "type": kind,
-        "content": content,
-        "prev_events": prev,
-        "auth_events": auth,
-        "depth": depth,
-        "origin_server_ts": 1_700_000_000_000u64 + depth as u64,
-        "origin": "bench.test",
-        "hashes": {"sha256": "aGFzaA"},
-        "signatures": {"bench.test": {"ed25519:1": "c2ln"}},
-    });
-    if let Some(k) = state_key {
-        e["state_key"] = json!(k);
-    }
-    let line = e.to_string();
-    let pdu = Pdu::from_json(&line, Some(&RoomVersionId::V10)).expect("generated events parse");
-    (line, pdu.event_id.to_string())
-}
-
-fn user(i: usize) -> String {
-    format!("@user{i}:server{}.example.org", i % 1_000)
-}
-
-fn generate(merges: usize, members: usize, leaves_per_fork: usize) -> Room {
-    let admin = user(0);
-    let mut lines = Vec::new();
-    let mut depth = 1;
-    let push = |lines: &mut Vec<String>, (line, id): (String, String)| {
-        lines.push(line);
-        id
-    };
-    let create = push(
-        &mut lines,
-        event(
-            "m.room.create",
-            &admin,
-            Some(""),
-            json!({"creator": admin, "room_version": "10"}),
-            &[],
-            &[],
-            depth,
-        ),
-    );
-    depth += 1;
-    let admin_join = push(
-        &mut lines,
-        event(
-            "m.room.member",
-            &admin,
-            Some(&admin),
-            json!({"membership": "join"}),
-            &[&create],
-            &[&create],
-            depth,
-        ),
-    );
-    depth += 1;
-    let pl = push(
-        &mut lines,
-        event(
-            "m.room.power_levels",
-            &admin,
-            Some(""),
-            json!({"users": {&admin: 100}}),
-            &[&admin_join],
-            &[&create, &admin_join],
-            depth,
-        ),
-    );
-    depth += 1;
-    let jr = push(
-        &mut lines,
-        event(
-            "m.room.join_rules",
-            &admin,
-            Some(""),
-            json!({"join_rule": "public"}),
-            &[&pl],
-            &[&create, &pl, &admin_join],
-            depth,
-        ),
-    );
-    let mut prev = jr.clone();
-    let mut joins = vec![admin_join.clone()];
-    for i in 1..members {
-        depth += 1;
-        let u = user(i);
-        prev = push(
-            &mut lines,
-            event(
-                "m.room.member",
-                &u,
-                Some(&u),
-                json!({"membership": "join"}),
-                &[&prev],
-                &[&create, &pl, &jr],
-                depth,
-            ),
-        );
-        joins.push(prev.clone());
-    }
-    let fork = prev;
-    let fork_depth = depth;
-    let mut tips = Vec::new();
-    for f in 0..2 {
-        let mut prev = fork.clone();
-        let mut depth = fork_depth;
-        for i in 0..leaves_per_fork {
-            let m = 1 + f * leaves_per_fork + i;
-            let u = user(m);
-            depth += 1;
-            prev = push(
-                &mut lines,
-                event(
-                    "m.room.member",
-                    &u,
-                    Some(&u),
-                    json!({"membership": "leave"}),
-                    &[&prev],
-                    &[&create, &pl, &joins[m]],
-                    depth,
-                ),
-            );
-        }
-        tips.push(prev);
-    }
-    let merge = (0..merges)
-        .map(|n| {
-            event(
-                "m.room.message",
-                &admin,
-                None,
-                json!({"body": format!("merge {n}"), "msgtype": "m.text"}),
-                &[&tips[0], &tips[1]],
-                &[&create, &pl, &admin_join],
-                fork_depth + leaves_per_fork + 1,
-            )
-            .0
-        })
-        .collect();
-    Room {
-        lines,
-        merge,
-        members,
-        conflicted: 2 * leaves_per_fork,
-    }
-}
-
-fn run(t: &TestDb, file: &std::path::Path, room: &Room) {
+fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
     let e = t.engine();
     let started = Instant::now();
     main_process::import_cmd::run(t.url(), &[file.to_path_buf()]).expect("import");
@@ -224,7 +54,7 @@ fn run(t: &TestDb, file: &std::path::Path, room: &Room) {
     let db = Database::open(DatabaseConfig::parse(t.url(), OpenMode::Writer).expect("url"))
         .expect("open");
     let mut samples: Vec<Duration> = Vec::new();
-    for line in &room.merge {
+    for line in &room.merges {
         let pdu = Pdu::from_json(line, Some(&RoomVersionId::V10)).expect("merge event");
         // Fresh stores: every cache cold.
         let builder = ContextBuilder::new(
@@ -242,7 +72,7 @@ fn run(t: &TestDb, file: &std::path::Path, room: &Room) {
             .get_state_for_groups(&[before], &StateFilter::all())
             .expect("resolved state");
         assert!(
-            state[&before].len() >= room.members + 2,
+            state[&before].len() >= members + 2,
             "the resolved state holds the room"
         );
     }
@@ -250,7 +80,7 @@ fn run(t: &TestDb, file: &std::path::Path, room: &Room) {
     println!(
         "{e:<9} compute_event_context over the two forks ({} conflicted), cold caches: \
          median {:8.1} ms, min {:8.1} ms ({} runs)",
-        room.conflicted,
+        room.leaves.len(),
         samples[samples.len() / 2].as_secs_f64() * 1e3,
         samples[0].as_secs_f64() * 1e3,
         samples.len()
@@ -259,7 +89,7 @@ fn run(t: &TestDb, file: &std::path::Path, room: &Room) {
     // The same two groups resolved over their whole states, every event of
     // both loaded (what a resolution whose conflict is not enough falls back
     // to, and what every resolution did before): once, from cold caches.
-    let pdu = Pdu::from_json(&room.merge[0], Some(&RoomVersionId::V10)).expect("merge event");
+    let pdu = Pdu::from_json(&room.merges[0], Some(&RoomVersionId::V10)).expect("merge event");
     let builder = ContextBuilder::new(
         EventsStore::new(db.clone(), &config).expect("store"),
         &config,
@@ -304,25 +134,17 @@ fn main() {
         return;
     }
     let (members, leaves) = size();
-    let room = generate(3, members, leaves);
+    let room = forked_room(ROOM, members, leaves, 3);
     let dir = std::env::temp_dir().join(format!("hs-bench-resolution-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary folder");
     let file = dir.join("room.jsonl");
-    let mut f = std::fs::File::create(&file).expect("room file");
-    for l in &room.lines {
-        writeln!(f, "{l}").expect("writing the room");
-    }
-    drop(f);
+    write_room_file(&file, &room.lines);
     println!(
         "state resolution: {members} members, two forks of {leaves} leaves each, \
          merged by one event"
     );
-    run(&TestDb::sqlite(), &file, &room);
-    match TestDb::postgres() {
-        Some(db) => run(&db, &file, &room),
-        None => println!(
-            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench state`)"
-        ),
+    for db in &TestDb::for_bench("state") {
+        run(db, &file, &room, members);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,11 +7,69 @@
 //! - [`spam_join_room`]: thousands of distinct users joining and leaving on
 //!   concurrent branches that a message then merges, so that state resolution
 //!   makes a group from the two: the shape that makes compressors grow rooms.
+//! - [`forked_room`]: members joining one after another, then two forks where
+//!   different members leave, and events merging the forks' tips: what state
+//!   resolution is measured and tested on.
+//!
+//! Also what the benchmarks that import share: the benchmark room
+//! ([`bench_room`]), writing a room file, and a timed import with its peak
+//! memory. Compiled for tests and benchmarks only (the `testing` feature).
 
 use event_context::ruma::RoomVersionId;
 use event_context::Pdu;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The room of `cargo xtask bench persist` and `bench compress`: its id, its
+/// events and its members (see [`bench_room`]).
+pub const BENCH_ROOM: &str = "!bench:bench.test";
+pub const BENCH_EVENTS: usize = 50_000;
+pub const BENCH_MEMBERS: usize = 5_000;
+
+/// The benchmark room: [`linear_room`] of [`BENCH_EVENTS`] events and
+/// [`BENCH_MEMBERS`] members.
+pub fn bench_room() -> Vec<String> {
+    linear_room(BENCH_ROOM, BENCH_EVENTS, BENCH_MEMBERS)
+}
+
+/// Writes `lines` to a new file at `path`, one a line: what `hs-main import`
+/// reads.
+pub fn write_room_file(path: &Path, lines: &[String]) {
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display())),
+    );
+    for l in lines {
+        writeln!(f, "{l}").expect("writing a room file");
+    }
+    f.flush().expect("writing a room file");
+}
+
+/// This process's peak resident memory so far, in KiB (`VmHWM`); 0 where
+/// /proc does not tell.
+pub fn peak_memory_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Imports `files` into the database at `url` with `hs-main import`'s code, in
+/// this process: the seconds it took and the peak memory after it (KiB). A
+/// benchmark runs it in a child process of its own, so that the peak is the
+/// import's.
+pub fn timed_import(url: &str, files: &[PathBuf]) -> storage_core::Result<(f64, u64)> {
+    let start = Instant::now();
+    crate::import_cmd::run(url, files).map_err(|f| storage_core::Error::other(format!("{f:?}")))?;
+    Ok((start.elapsed().as_secs_f64(), peak_memory_kb()))
+}
 
 /// Builds one room's events, keeping what later events cite.
 #[derive(Debug)]
@@ -32,10 +90,9 @@ fn user(i: usize) -> String {
 }
 
 impl Builder {
-    /// The room's create event, the admin's join, power levels and public join
+    /// The room's create event, `admin`'s join, power levels and public join
     /// rules; returns the builder and the last event.
-    fn new(room_id: &str) -> (Builder, String) {
-        let admin = user(0);
+    fn new(room_id: &str, admin: String) -> (Builder, String) {
         let mut b = Builder {
             room_id: room_id.to_owned(),
             lines: Vec::new(),
@@ -184,7 +241,7 @@ impl Builder {
 /// event: the next member's join while there are members left, then one of 20
 /// keys of state set by the admin), messages from members in between.
 pub fn linear_room(room_id: &str, events: usize, members: usize) -> Vec<String> {
-    let (mut b, mut prev) = Builder::new(room_id);
+    let (mut b, mut prev) = Builder::new(room_id, user(0));
     let mut joined = vec![b.admin.clone()];
     for n in 4..events {
         prev = if n % 5 == 0 && joined.len() < members {
@@ -218,7 +275,7 @@ pub fn linear_room(room_id: &str, events: usize, members: usize) -> Vec<String> 
 /// concurrent branches from one event; a message from the admin merges the two
 /// branches, so every round ends in a state group made by state resolution.
 pub fn spam_join_room(room_id: &str, users: usize) -> Vec<String> {
-    let (mut b, mut prev) = Builder::new(room_id);
+    let (mut b, mut prev) = Builder::new(room_id, user(0));
     let admin = b.admin.clone();
     for round in 0..users / 2 {
         let (a, c) = (user(1 + 2 * round), user(2 + 2 * round));
@@ -229,4 +286,70 @@ pub fn spam_join_room(room_id: &str, users: usize) -> Vec<String> {
         prev = b.message(&admin, format!("round {round}"), &[left, right]);
     }
     b.lines
+}
+
+/// A room forked for state resolution: see [`forked_room`].
+#[derive(Debug)]
+pub struct ForkedRoom {
+    /// The room up to both forks' tips, in order.
+    pub lines: Vec<String>,
+    /// Events merging the two tips, not in `lines`: each one's context resolves
+    /// the forks.
+    pub merges: Vec<String>,
+    /// Each leave of both forks: the member and the leave event's id.
+    pub leaves: Vec<(String, String)>,
+}
+
+/// A member of a room whose members come from many servers, as Matrix HQ's do.
+fn member(i: usize) -> String {
+    format!("@user{i}:server{}.example.org", i % 1_000)
+}
+
+/// `members` members (the admin first) join one after another; the room then
+/// forks at the last join into two branches on each of which `leaves_per_fork`
+/// different members leave, so that the forks disagree on
+/// `2 * leaves_per_fork` state events; `merges` messages from the admin each
+/// have both tips as prev events. The admin, who creates the room, is
+/// `@user0:server0.example.org`, so `room_id` must be on `server0.example.org`.
+pub fn forked_room(
+    room_id: &str,
+    members: usize,
+    leaves_per_fork: usize,
+    merges: usize,
+) -> ForkedRoom {
+    assert!(
+        2 * leaves_per_fork < members,
+        "{members} members cannot leave {leaves_per_fork} times on each of two forks"
+    );
+    assert!(
+        room_id.ends_with(":server0.example.org"),
+        "{room_id}: the room's creator is on server0.example.org, so must the room be"
+    );
+    let (mut b, mut prev) = Builder::new(room_id, member(0));
+    for i in 1..members {
+        prev = b.join(&member(i), &prev);
+    }
+    let fork = prev;
+    let mut leaves = Vec::new();
+    let mut tips = Vec::new();
+    for f in 0..2 {
+        let mut prev = fork.clone();
+        for i in 0..leaves_per_fork {
+            let u = member(1 + f * leaves_per_fork + i);
+            prev = b.leave(&u, &prev);
+            leaves.push((u, prev.clone()));
+        }
+        tips.push(prev);
+    }
+    let imported = b.lines.len();
+    let admin = b.admin.clone();
+    for n in 0..merges {
+        b.message(&admin, format!("merge {n}"), &tips);
+    }
+    let merges = b.lines.split_off(imported);
+    ForkedRoom {
+        lines: b.lines,
+        merges,
+        leaves,
+    }
 }

@@ -48,14 +48,8 @@ fn main() {
     println!(
         "engine    unclaimed      claimed (proof)   claimed/unclaimed (median of paired rounds)"
     );
-    let mut engines = vec![(TestDb::sqlite(), TestDb::sqlite())];
-    match (TestDb::postgres(), TestDb::postgres()) {
-        (Some(a), Some(b)) => engines.push((a, b)),
-        _ => println!(
-            "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench claim`)"
-        ),
-    }
-    for (plain_db, claimed_db) in &engines {
+    for plain_db in &TestDb::for_bench("claim") {
+        let claimed_db = plain_db.fresh();
         let plain = plain_db.open();
         let config = DatabaseConfig::parse(claimed_db.url(), OpenMode::Writer).unwrap();
         let claim = MainProcessClaim::acquire(&config, Duration::ZERO).unwrap();

@@ -149,6 +149,22 @@ impl TestDb {
             .expect("terminating a session");
     }
 
+    /// The databases a benchmark runs on, one per engine: a new SQLite
+    /// database, then a new PostgreSQL one when [`POSTGRES_URL_VAR`] names a
+    /// server; without it a line says that PostgreSQL was skipped and that
+    /// `cargo xtask bench <bench>` runs it. A case that wants a second database
+    /// of the engine asks [`TestDb::fresh`].
+    pub fn for_bench(bench: &str) -> Vec<TestDb> {
+        let mut dbs = vec![TestDb::sqlite()];
+        match TestDb::postgres() {
+            Some(db) => dbs.push(db),
+            None => println!(
+                "postgres  skipped: {POSTGRES_URL_VAR} not set (use `cargo xtask bench {bench}`)"
+            ),
+        }
+        dbs
+    }
+
     /// Another new, empty database on the same engine.
     pub fn fresh(&self) -> TestDb {
         match self.engine {

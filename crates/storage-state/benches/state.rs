@@ -571,28 +571,17 @@ fn main() {
     if let Ok(what) = std::env::var("HS_BENCH_PROFILE") {
         return profile(&what);
     }
-    let postgres = || match TestDb::postgres() {
-        Some(db) => Some(db),
-        None => {
-            println!(
-                "postgres  skipped: HS_TEST_POSTGRES_URL not set (use `cargo xtask bench state`)"
-            );
-            None
-        }
-    };
     println!(
         "state read: group at the end of a {HOPS}-hop delta chain, {MEMBERS} members, full state unless noted"
     );
-    run_chain(&TestDb::sqlite());
-    if let Some(db) = postgres() {
-        run_chain(&db);
+    for db in &TestDb::for_bench("state") {
+        run_chain(db);
     }
     println!(
         "HQ-shaped room: snapshot of 30,856 state events, {HQ_DELTAS} deltas of {HQ_CHANGES} member changes, \
          {HQ_ROWS} rows, top group {HQ_TOP_ENTRIES} entries"
     );
-    run_hq(&TestDb::sqlite());
-    if let Some(db) = postgres() {
-        run_hq(&db);
+    for db in &TestDb::for_bench("state") {
+        run_hq(db);
     }
 }
