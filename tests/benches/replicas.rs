@@ -94,14 +94,7 @@ fn main() {
     let mut room = Room::default();
     let mut events = room.founding("");
     for i in 0..MEMBERS {
-        let user = format!("@u{i}:example.com");
-        events.push(room.event(
-            &format!("join{i}"),
-            "m.room.member",
-            &user,
-            Some(&user),
-            json!({"membership": "join"}),
-        ));
+        events.push(room.join(i));
         events.push(room.event(
             &format!("topic{i}"),
             "m.room.topic",

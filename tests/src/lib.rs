@@ -142,19 +142,9 @@ pub fn encode(s: &str) -> String {
         .replace('@', "%40")
 }
 
-/// Posts events; an error answer reads "<status>: <body>".
+/// Posts events to [`ROOM`]; an error answer reads "<status>: <body>".
 pub fn post(url: &str, events: Vec<Value>) -> Result<Value, String> {
-    ureq::post(&format!("{url}/_hs/v1/rooms/{}/events", encode(ROOM)))
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .send_json(json!({ "events": events }))
-        .map_err(|e| match e {
-            ureq::Error::Status(code, answer) => {
-                format!("{code}: {}", answer.into_string().unwrap_or_default())
-            }
-            e => e.to_string(),
-        })?
-        .into_json()
-        .map_err(|e| e.to_string())
+    post_to(url, ROOM, events)
 }
 
 pub fn get(url: &str, path: &str) -> Value {
@@ -225,7 +215,25 @@ impl Room {
     }
 }
 
+/// The `i`th member of the rooms tests build: `@u<i>:example.com`.
+pub fn member(i: usize) -> String {
+    format!("@u{i}:example.com")
+}
+
 impl Room {
+    /// [`member`] `i` joins (the room's join rules must let them); the event's
+    /// id is `$join<i>:example.com`.
+    pub fn join(&mut self, i: usize) -> Value {
+        let user = member(i);
+        self.event(
+            &format!("join{i}"),
+            "m.room.member",
+            &user,
+            Some(&user),
+            json!({"membership": "join"}),
+        )
+    }
+
     /// The room's first events: its create event (room version 2), Alice's
     /// join, power levels giving her 100, public join rules; ids
     /// `$<prefix>create`, `$<prefix>alice`, `$<prefix>power`, `$<prefix>rules`.
@@ -323,6 +331,30 @@ pub fn hs_main_at(url: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("running hs-main")
+}
+
+/// Runs `hs-main --database <url> ARGS...` to completion and returns its
+/// stdout; panics with stdout and stderr when it fails.
+pub fn hs_main_ok(url: &str, args: &[&str]) -> String {
+    let out = hs_main_at(url, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "hs-main {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A state store over `db` opened read-only, with empty caches: what it reads
+/// comes from the rows (and a read-only open writes nothing).
+pub fn cold_state_store(db: &TestDb) -> storage_state::StateStore {
+    storage_state::StateStore::new(
+        db.open_mode(OpenMode::ReadOnly),
+        &storage_core::StoreConfig::default(),
+    )
+    .expect("a read-only state store")
 }
 
 /// An output as (status, stdout, stderr); -1 for a process killed by a signal.

@@ -4,7 +4,7 @@
 //! killed after some rooms, a restarted server goes on with the others.
 
 use e2e_tests::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
@@ -36,14 +36,7 @@ fn a_worker_reads_through_online_compression() {
         let main = main_process(&db, free_port());
         let mut events = room.founding("");
         for i in 0..320 {
-            let user = format!("@u{i}:example.com");
-            events.push(room.event(
-                &format!("join{i}"),
-                "m.room.member",
-                &user,
-                Some(&user),
-                json!({"membership": "join"}),
-            ));
+            events.push(room.join(i));
         }
         for batch in events.chunks(40) {
             ids.extend(

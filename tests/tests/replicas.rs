@@ -26,18 +26,11 @@ fn main_and_two_workers_agree() {
     let mut ids = vec![];
     let mut script = room.founding("");
     for i in 0..12 {
-        let user = format!("@u{i}:example.com");
-        script.push(room.event(
-            &format!("join{i}"),
-            "m.room.member",
-            &user,
-            Some(&user),
-            json!({"membership": "join"}),
-        ));
+        script.push(room.join(i));
         script.push(room.event(
             &format!("msg{i}"),
             "m.room.message",
-            &user,
+            &member(i),
             None,
             json!({"body": i}),
         ));
@@ -497,16 +490,7 @@ fn http_contract(db: &TestDb) {
     };
     assert!(status.success(), "hs-main after SIGTERM: {status}");
     // Stopped, it has let go: the import runs.
-    let out = hs_main_command()
-        .args(["--database", db.url(), "import"])
-        .arg(&fixture)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hs_main_ok(db.url(), &["import", fixture.to_str().unwrap()]);
     assert_invariants(db);
 
     if db.engine() != "sqlite" {

@@ -4,17 +4,16 @@
 //! a database claimed by another main process is refused, and a run killed in
 //! the middle is finished by the next.
 
-use e2e_tests::hs_main_at;
+use e2e_tests::{cold_state_store, hs_main_at, hs_main_ok, tempdir, TempDir};
 use event_context::ruma::RoomVersionId;
 use event_context::Pdu;
-use main_process::bench_room::{linear_room, spam_join_room};
+use main_process::bench_room::{linear_room, spam_join_room, write_room_file};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Output;
 use storage_core::testing::TestDb;
-use storage_core::{DatabaseConfig, MainProcessClaim, OpenMode, StoreConfig};
-use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
+use storage_core::{DatabaseConfig, MainProcessClaim, OpenMode};
+use storage_state::{StateFilter, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(
     synapse_fixture_rooms_keep_every_state,
@@ -26,18 +25,18 @@ storage_core::engine_tests!(
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/synapse");
 
-fn ok(out: Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+fn import(t: &TestDb, file: &Path) {
+    hs_main_ok(t.url(), &["import", file.to_str().unwrap()]);
 }
 
-fn import(t: &TestDb, file: &Path) {
-    ok(hs_main_at(t.url(), &["import", file.to_str().unwrap()]));
+/// Imports one room's PDUs (room version 10) as `hs-main import` of a file;
+/// returns their event ids.
+fn import_room(t: &TestDb, lines: &[String]) -> Vec<String> {
+    let dir = TempDir(tempdir(&format!("compress-{}", t.engine())));
+    let file = dir.0.join("room.jsonl");
+    write_room_file(&file, lines);
+    import(t, &file);
+    event_ids(lines)
 }
 
 /// The ids of the events in a file of room version 10 PDUs.
@@ -55,7 +54,7 @@ fn event_ids(lines: &[String]) -> Vec<String> {
 
 /// The state after each event, read through a store with empty caches.
 fn states_after(t: &TestDb, events: &[String]) -> HashMap<String, StateMap> {
-    let store = StateStore::new(t.open_mode(OpenMode::ReadOnly), &StoreConfig::default()).unwrap();
+    let store = cold_state_store(t);
     events
         .iter()
         .map(|e| {
@@ -68,7 +67,7 @@ fn states_after(t: &TestDb, events: &[String]) -> HashMap<String, StateMap> {
 }
 
 fn state_rows(t: &TestDb) -> u64 {
-    let out = ok(hs_main_at(t.url(), &["inspect", "--json", "--exact"]));
+    let out = hs_main_ok(t.url(), &["inspect", "--json", "--exact"]);
     let report: Value = serde_json::from_str(&out).unwrap();
     report["state_groups_state_rows"].as_u64().unwrap()
 }
@@ -85,41 +84,7 @@ fn rows_of(db: &storage_core::Database) -> u64 {
 fn compress_json(t: &TestDb, extra: &[&str]) -> Value {
     let mut args = vec!["compress", "--json"];
     args.extend_from_slice(extra);
-    serde_json::from_str(&ok(hs_main_at(t.url(), &args))).unwrap()
-}
-
-fn write_file(dir: &Path, name: &str, lines: &[String]) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
-}
-
-fn temp_dir(t: &TestDb) -> tempdir::Dir {
-    tempdir::Dir::new(&format!("hs-compress-{}", t.engine()))
-}
-
-/// A folder removed when dropped.
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-
-    impl Dir {
-        pub fn new(prefix: &str) -> Dir {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
-            let path =
-                std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    serde_json::from_str(&hs_main_ok(t.url(), &args)).unwrap()
 }
 
 fn synapse_fixture_rooms_keep_every_state(t: &TestDb) {
@@ -144,15 +109,8 @@ fn synapse_fixture_rooms_keep_every_state(t: &TestDb) {
 }
 
 fn generated_rooms_keep_every_state(t: &TestDb) {
-    let dir = temp_dir(t);
-    let linear = linear_room("!linear:bench.test", 2_500, 300);
-    let spam = spam_join_room("!spam:bench.test", 300);
-    import(t, &write_file(&dir.0, "linear.jsonl", &linear));
-    import(t, &write_file(&dir.0, "spam.jsonl", &spam));
-    let events: Vec<String> = event_ids(&linear)
-        .into_iter()
-        .chain(event_ids(&spam))
-        .collect();
+    let mut events = import_room(t, &linear_room("!linear:bench.test", 2_500, 300));
+    events.extend(import_room(t, &spam_join_room("!spam:bench.test", 300)));
     let before = states_after(t, &events);
     let rows_before = state_rows(t);
 
@@ -183,21 +141,14 @@ fn generated_rooms_keep_every_state(t: &TestDb) {
 }
 
 fn a_dry_run_writes_nothing_and_sql_is_written(t: &TestDb) {
-    let dir = temp_dir(t);
-    import(
-        t,
-        &write_file(
-            &dir.0,
-            "linear.jsonl",
-            &linear_room("!l:bench.test", 1_500, 200),
-        ),
-    );
+    import_room(t, &linear_room("!l:bench.test", 1_500, 200));
     let rows = state_rows(t);
+    let dir = TempDir(tempdir(&format!("compress-sql-{}", t.engine())));
     let sql = dir.0.join("rewrite.sql");
-    let text = ok(hs_main_at(
+    let text = hs_main_ok(
         t.url(),
         &["compress", "--dry-run", "--sql", sql.to_str().unwrap()],
-    ));
+    );
     assert!(
         text.starts_with("!l:bench.test: would compress: "),
         "{text}"
@@ -214,15 +165,7 @@ fn a_dry_run_writes_nothing_and_sql_is_written(t: &TestDb) {
 }
 
 fn a_claimed_database_is_refused(t: &TestDb) {
-    let dir = temp_dir(t);
-    import(
-        t,
-        &write_file(
-            &dir.0,
-            "linear.jsonl",
-            &linear_room("!l:bench.test", 1_500, 200),
-        ),
-    );
+    import_room(t, &linear_room("!l:bench.test", 1_500, 200));
     let rows = state_rows(t);
     let config = DatabaseConfig::parse(t.url(), OpenMode::Writer).unwrap();
     let claim = MainProcessClaim::acquire(&config, std::time::Duration::ZERO).unwrap();
@@ -235,15 +178,12 @@ fn a_claimed_database_is_refused(t: &TestDb) {
     );
     assert_eq!(state_rows(t), rows);
     drop(claim);
-    ok(hs_main_at(t.url(), &["compress"]));
+    hs_main_ok(t.url(), &["compress"]);
     assert!(state_rows(t) < rows);
 }
 
 fn a_killed_run_is_finished_by_the_next(t: &TestDb) {
-    let dir = temp_dir(t);
-    let lines = linear_room("!l:bench.test", 2_500, 300);
-    import(t, &write_file(&dir.0, "linear.jsonl", &lines));
-    let events = event_ids(&lines);
+    let events = import_room(t, &linear_room("!l:bench.test", 2_500, 300));
     let before = states_after(t, &events);
     let rows = state_rows(t);
     // Paced to about 8 s, killed once the first transactions committed.

@@ -6,8 +6,8 @@
 use serde_json::Value;
 use std::collections::BTreeSet;
 use storage_core::testing::TestDb;
-use storage_core::{with_conn, OpenMode, StoreConfig};
-use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
+use storage_core::with_conn;
+use storage_state::{StateFilter, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(compresses_a_synapse_database);
 
@@ -73,7 +73,7 @@ fn tables(t: &TestDb) -> BTreeSet<String> {
 }
 
 fn states(t: &TestDb) -> Vec<StateMap> {
-    let store = StateStore::new(t.open_mode(OpenMode::ReadOnly), &StoreConfig::default()).unwrap();
+    let store = e2e_tests::cold_state_store(t);
     let groups: Vec<i64> = (1..=300).collect();
     let mut states = store
         .get_state_for_groups(&groups, &StateFilter::all())
@@ -85,16 +85,7 @@ fn compresses_a_synapse_database(t: &TestDb) {
     fill(t);
     let before = states(t);
     let tables_before = tables(t);
-    let out = e2e_tests::hs_main_command()
-        .args(["--database", t.url(), "compress", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = e2e_tests::hs_main_ok(t.url(), &["compress", "--json"]);
     let summary: Value = serde_json::from_str(&stdout).unwrap();
     let room = &summary["rooms"][0];
     assert_eq!(room["outcome"], "compressed", "{summary:#}");

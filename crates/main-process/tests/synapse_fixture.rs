@@ -7,8 +7,8 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 use storage_core::testing::TestDb;
-use storage_core::{OpenMode, StoreConfig};
-use storage_state::{StateFilter, StateGroupAccess, StateMap, StateStore};
+use storage_core::OpenMode;
+use storage_state::{StateFilter, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(import_reproduces_synapse_state);
 
@@ -26,22 +26,7 @@ fn import_reproduces_synapse_state(t: &TestDb) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURE}/expected.json")).unwrap())
             .unwrap();
-    let out = e2e_tests::hs_main_command()
-        .args([
-            "--database",
-            t.url(),
-            "import",
-            &format!("{FIXTURE}/pdus.jsonl"),
-        ])
-        .env_remove("HS_DATABASE")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = e2e_tests::hs_main_ok(t.url(), &["import", &format!("{FIXTURE}/pdus.jsonl")]);
     let events = expected["event_ids"].as_array().unwrap();
     assert!(
         stdout.starts_with(&format!(
@@ -51,7 +36,7 @@ fn import_reproduces_synapse_state(t: &TestDb) {
         "{stdout}"
     );
 
-    let store = StateStore::new(t.open_mode(OpenMode::ReadOnly), &StoreConfig::default()).unwrap();
+    let store = e2e_tests::cold_state_store(t);
     let mut checked = 0;
     for id in events {
         let id = id.as_str().unwrap();
