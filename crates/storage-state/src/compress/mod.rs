@@ -354,6 +354,7 @@ impl<'a> RoomRun<'a> {
             _ => self.options.chunk_rows,
         };
         for chunk in chunks(changes, chunk_rows) {
+            let began = Instant::now();
             let inside: HashSet<StateGroup> = chunk.iter().map(|c| c.old.id).collect();
             let children: Vec<StateGroup> = window
                 .iter()
@@ -375,7 +376,7 @@ impl<'a> RoomRun<'a> {
                 format!("rewriting state groups {}..={}", ids[0], ids[ids.len() - 1])
             })?;
             let touched: usize = chunk.iter().map(Change::rows_touched).sum();
-            self.pace.after(touched);
+            self.pace.after(touched, began);
         }
         Ok(())
     }
@@ -418,29 +419,28 @@ fn chunks(changes: &[Change], max_rows: usize) -> Vec<&[Change]> {
     out
 }
 
-/// Keeps a run at or under a number of rows per second.
+/// Keeps a run at or under a number of rows per second, chunk by chunk: time
+/// spent before a chunk (loading, planning a room) is not banked as credit, or a
+/// slow plan would let every chunk of a room commit back to back, and the
+/// writers and readers the pace protects would meet one burst after all.
 #[derive(Debug)]
 struct Pace {
     limit: Option<u64>,
-    started: Instant,
-    rows: u64,
 }
 
 impl Pace {
     fn new(limit: Option<u64>) -> Self {
         Pace {
             limit: limit.filter(|l| *l > 0),
-            started: Instant::now(),
-            rows: 0,
         }
     }
 
-    /// Sleeps as long as the rows so far need at the limit.
-    fn after(&mut self, rows: usize) {
-        self.rows += rows as u64;
+    /// Sleeps until a chunk of `rows` begun at `began` has taken as long as
+    /// those rows need at the limit.
+    fn after(&self, rows: usize, began: Instant) {
         if let Some(limit) = self.limit {
-            let due = Duration::from_secs_f64(self.rows as f64 / limit as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            let due = Duration::from_secs_f64(rows as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(began.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
