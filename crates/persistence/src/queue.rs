@@ -87,10 +87,54 @@ struct Inner {
     failed_chains: Mutex<HashMap<u64, Arc<Error>>>,
 }
 
-/// See the module documentation. Cheap to clone.
+/// See the module documentation. Cheap to clone. Dropping the last handle
+/// waits for the room loops still running (their items are written): they
+/// hold the persister, and with it the database, which must be closed before
+/// the process exits (an SQLite connection left open leaves its `-wal` and
+/// `-shm` files behind).
 #[derive(Clone)]
 pub struct PersistenceQueue {
     inner: Arc<Inner>,
+    loops: Arc<Loops>,
+    _last: Arc<LastHandle>,
+}
+
+/// How many room loops are running. A loop counts until it has let go of
+/// the queue's [`Inner`].
+#[derive(Default)]
+struct Loops {
+    running: Mutex<usize>,
+    ended: std::sync::Condvar,
+}
+
+impl Loops {
+    fn start(&self) {
+        *lock(&self.running) += 1;
+    }
+}
+
+/// A running loop's count, given back when dropped.
+struct Running(Arc<Loops>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        *lock(&self.0.running) -= 1;
+        self.0.ended.notify_all();
+    }
+}
+
+/// Shared by the handles only (not by the loops): dropped with the last one.
+struct LastHandle(Arc<Loops>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        let running = lock(&self.0.running);
+        let _ended = self
+            .0
+            .ended
+            .wait_while(running, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+    }
 }
 
 impl std::fmt::Debug for PersistenceQueue {
@@ -112,7 +156,10 @@ impl PersistenceQueue {
     /// Like [`new`](Self::new), and hands `discard` the events of every item
     /// not written because an earlier item of its chain failed.
     pub fn discarding(max_batch: usize, persist: Box<PersistFn>, discard: Box<DiscardFn>) -> Self {
+        let loops = Arc::new(Loops::default());
         PersistenceQueue {
+            _last: Arc::new(LastHandle(loops.clone())),
+            loops,
             inner: Arc::new(Inner {
                 rooms: Mutex::new(HashMap::new()),
                 persist,
@@ -189,9 +236,14 @@ impl PersistenceQueue {
         self.publish_depth();
         if start_loop {
             let inner = self.inner.clone();
+            let loops = self.loops.clone();
             let room = room_id.to_owned();
+            loops.start();
             log_context::spawn(format!("persistence loop {room_id}"), move || {
-                run_loop(&inner, &room)
+                // Locals drop in reverse order, on unwinding too: `inner` first.
+                let _running = Running(loops);
+                let inner = inner;
+                run_loop(&inner, &room);
             });
         }
         Handle { rx }

@@ -230,6 +230,51 @@ fn a_panicking_persister_fails_its_callers() {
         .is_ok());
 }
 
+/// What a short command relies on at exit: once its last handle of the queue
+/// is dropped, no room loop holds the persister (and with it the database)
+/// any more; an item nobody waits for any more is still written first.
+#[test]
+fn dropping_the_queue_waits_for_its_loops_to_let_go_of_the_persister() {
+    struct Held(Arc<AtomicUsize>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let released = Arc::new(AtomicUsize::new(0));
+    let written = Arc::new(AtomicUsize::new(0));
+    let held = Held(released.clone());
+    let w = written.clone();
+    let queue = PersistenceQueue::new(
+        1,
+        Box::new(move |_, events| {
+            let _ = &held;
+            if events[0].event_id == "$slow" {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            w.fetch_add(1, Ordering::SeqCst);
+            Ok(ok_batch(events))
+        }),
+    );
+    let first = queue.enqueue("!r", vec![event("!r", "$1", None)]);
+    drop(queue.enqueue("!r", vec![event("!r", "$slow", None)]));
+    let second = queue.clone();
+    first.wait().unwrap();
+    drop(queue);
+    assert_eq!(released.load(Ordering::SeqCst), 0, "another handle is left");
+    drop(second);
+    assert_eq!(
+        written.load(Ordering::SeqCst),
+        2,
+        "the item nobody waited for"
+    );
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        1,
+        "the persister was let go of when the last handle was dropped"
+    );
+}
+
 // With real storage, on both engines.
 
 storage_core::engine_tests!(

@@ -109,15 +109,19 @@ pub(crate) struct ConnManager {
     pub(crate) gate: Arc<ConnectGate>,
 }
 
-/// Whether the pool may still open connections, and how many it is opening.
+/// Whether the pool may still open connections, how many it is opening, and
+/// how many it holds open.
 ///
-/// r2d2 opens connections on threads of its own, in the background. When the
-/// last handle of the database is dropped, [`ConnectGate::close`] refuses new
-/// attempts and waits for those under way: a connection opened after its owner
-/// let go could recreate a database (an SQLite file and its folder) already
-/// removed, and a process must not exit while a pool thread is inside the
-/// client library (libpq's Kerberos code aborts the whole process when its
-/// library is torn down under it).
+/// r2d2 opens connections on threads of its own, in the background, and the
+/// last owner of its pool may be such a thread (one that was connecting when
+/// the database was dropped). [`ConnectGate::close`], run when the last handle
+/// of the database is gone, refuses new attempts and waits until no attempt is
+/// under way and every connection is closed: a connection opened after its
+/// owner let go could recreate a database (an SQLite file and its folder)
+/// already removed; an SQLite connection still open when the process exits
+/// leaves its `-wal` and `-shm` files behind; and a process must not exit
+/// while a pool thread is inside the client library (libpq's Kerberos code
+/// aborts the whole process when its library is torn down under it).
 #[derive(Debug, Default)]
 pub(crate) struct ConnectGate {
     state: std::sync::Mutex<GateState>,
@@ -128,11 +132,13 @@ pub(crate) struct ConnectGate {
 struct GateState {
     closed: bool,
     connecting: usize,
+    open: usize,
 }
 
 impl ConnectGate {
-    /// How long [`close`](Self::close) waits for attempts under way: longer
-    /// than a local connection takes, shorter than a hung one.
+    /// How long [`close`](Self::close) waits for attempts under way and open
+    /// connections: longer than a local connection takes to open or close,
+    /// shorter than a hung one.
     const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -143,8 +149,14 @@ impl ConnectGate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `connect` unless the gate is closed, counted as under way meanwhile.
-    fn attempt(&self, connect: impl FnOnce() -> Result<Conn>) -> Result<Conn> {
+    fn update(&self, change: impl FnOnce(&mut GateState)) {
+        change(&mut self.lock());
+        self.changed.notify_all();
+    }
+
+    /// Runs `connect` unless the gate is closed, counted as under way
+    /// meanwhile; the connection it opens is counted as open until dropped.
+    fn attempt(self: &Arc<Self>, connect: impl FnOnce() -> Result<Conn>) -> Result<Pooled> {
         {
             let mut state = self.lock();
             if state.closed {
@@ -154,51 +166,104 @@ impl ConnectGate {
         }
         let result = connect();
         let mut state = self.lock();
-        state.connecting -= 1;
-        let closed = state.closed;
-        drop(state);
-        self.changed.notify_all();
-        if closed {
-            // Closed meanwhile: nobody will use it; close it here, now.
+        if state.closed {
+            drop(state);
+            // Closed meanwhile: nobody will use it. Closed here, before the
+            // attempt stops counting, so `close` returns after it.
             drop(result);
+            self.update(|s| s.connecting -= 1);
             return Err(Error::other("the database was closed"));
         }
-        result
+        state.connecting -= 1;
+        if result.is_ok() {
+            state.open += 1;
+        }
+        drop(state);
+        self.changed.notify_all();
+        Ok(Pooled {
+            conn: result?,
+            _open: OpenTicket(self.clone()),
+        })
     }
 
-    /// Refuses further connections and waits (a bounded time) for those being
-    /// opened.
+    /// Refuses further connections and waits (a bounded time) until none is
+    /// being opened and none is open. Runs after the pool was dropped: what is
+    /// still open then belongs to a pool thread that is about to let go of it.
     pub(crate) fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
         let (state, timeout) = self
             .changed
-            .wait_timeout_while(state, Self::CLOSE_WAIT, |s| s.connecting > 0)
+            .wait_timeout_while(state, Self::CLOSE_WAIT, |s| s.connecting + s.open > 0)
             .unwrap_or_else(|p| p.into_inner());
         if timeout.timed_out() {
             log::warn!(
-                "closing the database: {} connection attempt(s) still under way after {} s",
+                "closing the database: {} connection attempt(s) under way and {} connection(s) \
+                 open after {} s",
                 state.connecting,
+                state.open,
                 Self::CLOSE_WAIT.as_secs()
             );
         }
     }
 }
 
+/// A connection of the pool: a [`Conn`] counted by its [`ConnectGate`] until
+/// it is closed.
+#[derive(Debug)]
+pub(crate) struct Pooled {
+    // Fields drop in order: the connection is closed before the count drops.
+    conn: Conn,
+    _open: OpenTicket,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+}
+
+#[derive(Debug)]
+struct OpenTicket(Arc<ConnectGate>);
+
+impl Drop for OpenTicket {
+    fn drop(&mut self) {
+        self.0.update(|s| s.open -= 1);
+    }
+}
+
+/// Closes the gate when dropped. The last field of the database's handle, so
+/// that it runs after the pool was dropped.
+#[derive(Debug)]
+pub(crate) struct GateCloser(pub(crate) Arc<ConnectGate>);
+
+impl Drop for GateCloser {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 impl r2d2::ManageConnection for ConnManager {
-    type Connection = Conn;
+    type Connection = Pooled;
     type Error = Error;
 
-    fn connect(&self) -> Result<Conn> {
+    fn connect(&self) -> Result<Pooled> {
         self.gate.attempt(|| self.engine.connect())
     }
 
-    fn is_valid(&self, conn: &mut Conn) -> Result<()> {
+    fn is_valid(&self, conn: &mut Pooled) -> Result<()> {
         conn.ping()?;
         Ok(())
     }
 
-    fn has_broken(&self, conn: &mut Conn) -> bool {
+    fn has_broken(&self, conn: &mut Pooled) -> bool {
         conn.is_broken()
     }
 }
@@ -249,5 +314,32 @@ mod tests {
         let refused = gate.attempt(|| panic!("connect after close"));
         assert!(refused.unwrap_err().to_string().contains("closed"));
         assert!(gate.is_closed());
+    }
+
+    /// A connection a pool thread still holds when the database is dropped
+    /// (r2d2 hands it to the pool after `connect` returned): close returns
+    /// only once it is closed, so the process cannot exit with it open (an
+    /// SQLite connection left open leaves its -wal and -shm files behind).
+    #[test]
+    fn close_waits_for_open_connections_to_be_closed() {
+        use diesel::Connection;
+        let gate = Arc::new(ConnectGate::default());
+        let conn = gate
+            .attempt(|| {
+                Ok(crate::Conn::Sqlite(
+                    diesel::SqliteConnection::establish(":memory:").unwrap(),
+                ))
+            })
+            .unwrap();
+        let (closed_tx, closed) = mpsc::channel();
+        let g = gate.clone();
+        let closer = std::thread::spawn(move || {
+            g.close();
+            closed_tx.send(()).unwrap();
+        });
+        assert!(closed.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(conn);
+        closed.recv_timeout(Duration::from_secs(10)).unwrap();
+        closer.join().unwrap();
     }
 }

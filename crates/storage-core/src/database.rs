@@ -3,7 +3,7 @@
 
 use crate::claim::{self, ClaimState, MainProcessClaim};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
-use crate::conn::{Conn, ConnManager, ConnectGate};
+use crate::conn::{Conn, ConnManager, ConnectGate, GateCloser};
 use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
 use crate::error::{Error, Result, ResultExt};
 use crate::metrics;
@@ -26,16 +26,12 @@ struct Inner {
     engine: Arc<dyn Engine>,
     pool: r2d2::Pool<ConnManager>,
     mode: OpenMode,
-    gate: Arc<ConnectGate>,
     /// Set for the main process ([`Database::open_claimed`]): every write
     /// transaction proves the claim first.
     claim: OnceLock<Arc<ClaimState>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.gate.close();
-    }
+    /// Last: fields drop in order, and the gate waits, once the pool is gone,
+    /// for the connections its threads still hold to be closed.
+    _gate: GateCloser,
 }
 
 impl Database {
@@ -130,8 +126,8 @@ impl Database {
                 engine,
                 pool,
                 mode: config.mode,
-                gate,
                 claim: OnceLock::new(),
+                _gate: GateCloser(gate),
             }),
         };
         match config.mode {
