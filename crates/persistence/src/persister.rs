@@ -13,7 +13,9 @@ use storage_events::{
     new_forward_extremities, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
     PersistedBatch, RoomBatch,
 };
-use storage_state::{StateFilter, StateGroup, StateGroupAccess, StateKey, StateMap, MEMBER};
+use storage_state::{
+    PreparedStateGroup, StateFilter, StateGroup, StateGroupAccess, StateKey, StateMap, MEMBER,
+};
 
 /// Resolves the state of a room whose forward extremities have different state.
 pub trait ExtremityResolver: Send + Sync {
@@ -93,7 +95,7 @@ impl RoomPersister {
         let current_state = if new_extremities == current {
             CurrentStateDelta::default()
         } else {
-            self.current_state_delta(room_id, batch, &new_extremities)?
+            self.current_state_delta(room_id, batch, current, &new_extremities)?
         };
         Ok(RoomBatch {
             room_id: room_id.to_owned(),
@@ -103,14 +105,12 @@ impl RoomPersister {
         })
     }
 
-    fn current_state_delta(
+    /// The state groups after `extremities`: from the batch, else stored.
+    fn groups_of(
         &self,
-        room_id: &str,
-        batch: &[EventToPersist],
+        in_batch: &HashMap<&str, &EventToPersist>,
         extremities: &[String],
-    ) -> Result<CurrentStateDelta> {
-        let in_batch: HashMap<&str, &EventToPersist> =
-            batch.iter().map(|e| (e.event_id.as_str(), e)).collect();
+    ) -> Result<Vec<StateGroup>> {
         let stored_ids: Vec<&str> = extremities
             .iter()
             .map(String::as_str)
@@ -127,7 +127,40 @@ impl RoomPersister {
                 None => stored_groups.get(e).copied(),
             })
             .collect();
-        let groups: Vec<StateGroup> = groups.into_iter().collect();
+        Ok(groups.into_iter().collect())
+    }
+
+    /// The change of current state from the state after `old_extremities`
+    /// (what `current_state_events` holds: every batch that moved the
+    /// extremities wrote it) to the state after `extremities`.
+    fn current_state_delta(
+        &self,
+        room_id: &str,
+        batch: &[EventToPersist],
+        old_extremities: &[String],
+        extremities: &[String],
+    ) -> Result<CurrentStateDelta> {
+        let in_batch: HashMap<&str, &EventToPersist> =
+            batch.iter().map(|e| (e.event_id.as_str(), e)).collect();
+        let groups = self.groups_of(&in_batch, extremities)?;
+        if let [group] = groups.as_slice() {
+            // As Synapse does: a room moving along one line needs neither
+            // state read in full nor compared slot by slot.
+            if let [old] = self.groups_of(&in_batch, old_extremities)?.as_slice() {
+                if old == group {
+                    // Messages: the state did not change.
+                    return Ok(CurrentStateDelta::default());
+                }
+                if let Some(delta) = delta_within_batch(batch, *old, *group) {
+                    let old_state = self.events.state().get_current_state_ids(room_id)?;
+                    let changed: Vec<(&StateKey, &Arc<str>)> = delta
+                        .iter()
+                        .filter(|(k, v)| old_state.get(*k) != Some(*v))
+                        .collect();
+                    return self.delta_of(&in_batch, Vec::new(), &changed);
+                }
+            }
+        }
         let new_state = match groups.as_slice() {
             [] => return Ok(CurrentStateDelta::default()),
             [group] => self
@@ -148,10 +181,21 @@ impl RoomPersister {
             .iter()
             .filter(|(k, v)| old_state.get(*k) != Some(*v))
             .collect();
-        let memberships = self.memberships(&in_batch, &changed)?;
+        self.delta_of(&in_batch, removed, &changed)
+    }
+
+    /// The delta removing `removed` and setting `changed` (with the
+    /// membership of member events).
+    fn delta_of(
+        &self,
+        in_batch: &HashMap<&str, &EventToPersist>,
+        removed: Vec<StateKey>,
+        changed: &[(&StateKey, &Arc<str>)],
+    ) -> Result<CurrentStateDelta> {
+        let memberships = self.memberships(in_batch, changed)?;
         let added = changed
-            .into_iter()
-            .map(|(k, e)| (k.clone(), e.to_string(), memberships.get(&**e).cloned()))
+            .iter()
+            .map(|(k, e)| ((*k).clone(), e.to_string(), memberships.get(&***e).cloned()))
             .collect();
         Ok(CurrentStateDelta { removed, added })
     }
@@ -192,4 +236,36 @@ impl RoomPersister {
         }
         Ok(found)
     }
+}
+
+/// The slots that change from group `old` to group `new` when `new` was
+/// prepared for this batch as `old` plus deltas, one group after another (the
+/// batch moved the room along one line): those deltas, later ones winning.
+/// `None` when `new` is not reached that way from `old`.
+fn delta_within_batch(
+    batch: &[EventToPersist],
+    old: StateGroup,
+    new: StateGroup,
+) -> Option<StateMap> {
+    let prepared: HashMap<StateGroup, &PreparedStateGroup> = batch
+        .iter()
+        .flat_map(|e| e.new_state_groups.iter())
+        .map(|g| (g.group, g.as_ref()))
+        .collect();
+    let mut deltas = Vec::new();
+    let mut at = new;
+    while at != old {
+        // Each step is a prepared group of the batch, so this ends.
+        let group = prepared.get(&at)?;
+        deltas.push(group.delta_ids.as_ref()?);
+        at = group.prev_group?;
+        if deltas.len() > prepared.len() {
+            return None;
+        }
+    }
+    let mut delta = StateMap::new();
+    for d in deltas.into_iter().rev() {
+        delta.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Some(delta)
 }

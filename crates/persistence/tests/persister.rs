@@ -9,11 +9,12 @@ use storage_core::testing::TestDb;
 use storage_core::{Result, StoreConfig};
 use storage_events::testing::{assert_invariants, event, state_event};
 use storage_events::{EventReads, EventToPersist, EventsStore};
-use storage_state::{key, NewStateGroup, StateGroup, StateGroupAccess, StateMap};
+use storage_state::{key, NewStateGroup, StateFilter, StateGroup, StateGroupAccess, StateMap};
 
 storage_core::engine_tests!(
     what_the_writer_remembers_is_what_is_stored,
     a_batch_with_a_stored_event_keeps_the_extremities_right,
+    a_batch_along_one_line_changes_the_current_state_by_its_deltas,
 );
 
 const ROOM: &str = "!persister:test";
@@ -132,5 +133,63 @@ fn a_batch_with_a_stored_event_keeps_the_extremities_right(t: &TestDb) {
     let expected = vec!["$m2".to_owned()];
     assert_eq!(fresh(t).get_forward_extremities(ROOM).unwrap(), expected);
     assert_eq!(store.forward_extremities_for_write(ROOM).unwrap(), expected);
+    assert_invariants(store.database());
+}
+
+/// A batch of a join, a message and a topic, whose groups are prepared for
+/// it (as the main process's contexts do): the current state after it is the
+/// last group's state, worked out from the batch's deltas, memberships too.
+fn a_batch_along_one_line_changes_the_current_state_by_its_deltas(t: &TestDb) {
+    let (store, persister) = writer(t);
+    linear_room(&store, &persister);
+    let state = store.state();
+    let joined = state.get_state_group_for_events(&["$join"]).unwrap()["$join"];
+    let prepare = |event_id: &str, prev: StateGroup, slot: (&str, &str)| {
+        let delta = StateMap::from_iter([(key(slot.0, slot.1), Arc::<str>::from(event_id))]);
+        state
+            .prepare_state_group(&NewStateGroup {
+                event_id,
+                room_id: ROOM,
+                prev_group: Some(prev),
+                delta_ids: Some(&delta),
+                current_state_ids: None,
+            })
+            .unwrap()
+    };
+    let bob = prepare("$bob", joined, ("m.room.member", "@bob:test"));
+    let topic = prepare("$topic", bob.group, ("m.room.topic", ""));
+    let last = topic.group;
+    let batch = vec![
+        EventToPersist {
+            new_state_groups: vec![bob.clone()],
+            ..state_event(
+                ROOM,
+                "$bob",
+                &["$join"],
+                ("m.room.member", "@bob:test"),
+                Some(bob.group),
+            )
+        },
+        event(ROOM, "$m3", &["$bob"], Some(bob.group)),
+        EventToPersist {
+            new_state_groups: vec![topic],
+            ..state_event(ROOM, "$topic", &["$m3"], ("m.room.topic", ""), Some(last))
+        },
+    ];
+    persister.persist(ROOM, &batch).unwrap();
+    let stored = fresh(t);
+    let current = stored.state().get_current_state_ids(ROOM).unwrap();
+    let expected = stored
+        .state()
+        .get_state_for_groups(&[last], &StateFilter::all())
+        .unwrap()
+        .remove(&last)
+        .unwrap();
+    assert_eq!(*current, expected);
+    assert_eq!(current.len(), 4, "{current:?}");
+    assert_eq!(
+        *store.state().get_current_state_ids(ROOM).unwrap(),
+        expected
+    );
     assert_invariants(store.database());
 }
