@@ -8,6 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use storage_core::metrics;
 
@@ -105,19 +106,39 @@ pub(super) async fn post_events(
     Path(room_id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<WriteOutcome>, ApiError> {
-    let body: Value =
-        serde_json::from_slice(&body).map_err(|e| bad_body(&format!("body is not JSON: {e}")))?;
-    let events = body
-        .get("events")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad_body("body must be {\"events\": [PDU, ...]}"))?;
-    let pdus: Vec<String> = events.iter().map(Value::to_string).collect();
+    let pdus = posted_pdus(&body)?;
     blocking("POST", move || {
         let outcome = state.writer.write(&room_id, pdus)?;
         log_written(&room_id, &outcome);
         Ok(Json(outcome))
     })
     .await
+}
+
+/// `{"events": [PDU, ...]}`: the PDUs' texts as posted, each parsed once,
+/// later, by the writer (never into a `Value` here and written back out).
+fn posted_pdus(body: &[u8]) -> Result<Vec<String>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow, default)]
+        events: Option<Vec<&'a RawValue>>,
+    }
+    let shape = || bad_body("body must be {\"events\": [PDU, ...]}");
+    // An array would be read as the struct's fields in order.
+    let is_object = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    match serde_json::from_slice::<Body<'_>>(body) {
+        Ok(Body {
+            events: Some(events),
+        }) if is_object => Ok(events.iter().map(|e| e.get().to_owned()).collect()),
+        // Which answer a bad body gets is worth a second parse.
+        _ => match serde_json::from_slice::<Value>(body) {
+            Err(e) => Err(bad_body(&format!("body is not JSON: {e}"))),
+            Ok(_) => Err(shape()),
+        },
+    }
 }
 
 /// One line per write: what an operator looks for when a client says its
@@ -153,4 +174,39 @@ pub(super) async fn post_contexted(
         Ok(Json(outcome))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::posted_pdus;
+
+    fn error_of(body: &str) -> String {
+        posted_pdus(body.as_bytes()).unwrap_err().error
+    }
+
+    #[test]
+    fn posted_pdus_are_the_texts_as_posted() {
+        let body =
+            r#" {"events": [{"type": "m.room.message", "n": 1.50}, {"a":"\u00e9"}], "other": 1}"#;
+        assert_eq!(
+            posted_pdus(body.as_bytes()).unwrap(),
+            vec![
+                r#"{"type": "m.room.message", "n": 1.50}"#.to_owned(),
+                r#"{"a":"\u00e9"}"#.to_owned()
+            ]
+        );
+        assert!(posted_pdus(br#"{"events": []}"#).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bad_body_is_named() {
+        assert!(error_of("{\"events\": [").starts_with("body is not JSON: "));
+        let shape = "body must be {\"events\": [PDU, ...]}";
+        assert_eq!(error_of(r#"{"events": {}}"#), shape);
+        assert_eq!(error_of(r#"{"events": null}"#), shape);
+        assert_eq!(error_of(r#"{"event": []}"#), shape);
+        // An array is not read as the object's fields in order.
+        assert_eq!(error_of(r#"[[{"type": "x"}]]"#), shape);
+        assert_eq!(error_of("5"), shape);
+    }
 }
