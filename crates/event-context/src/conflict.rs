@@ -9,19 +9,24 @@
 //! - With `U` the unconflicted events and `Ci` the conflicted events of state
 //!   `i`, the full auth chain of state `i` is `chain(U) ∪ chain(Ci)`, so the auth
 //!   difference (∪ chains − ∩ chains) is the part of `∪ chain(Ci)` that is
-//!   neither in every `chain(Ci)` nor in `chain(U)`. When every event of that
-//!   part is itself conflicted, `chain(U)` does not matter (a conflicted event
-//!   is in the full conflicted set anyway), and the conflicted events' chains
-//!   give ruma the same auth difference as the full chains. Otherwise the
-//!   caller resolves over the whole states, as before.
+//!   neither in every `chain(Ci)` nor in `chain(U)`. A conflicted event is in
+//!   the full conflicted set anyway, so `chain(U)` matters only for the other
+//!   events of that part (undecided): those it holds are added to every
+//!   chain given to ruma, which then computes the same auth difference as from
+//!   the full chains. Whether `chain(U)` holds them is asked of the stored
+//!   `event_auth` ids (a walk of ids, no event parsed), and only when some
+//!   event is undecided; before, such a resolution loaded and parsed every
+//!   event of the whole states (16 of the 21 merges of the fork-heavy test
+//!   rooms).
 //! - ruma's iterative auth checks look up, in the state, only the auth types of
 //!   the events of the full conflicted set, and the mainline starts from the
 //!   power levels; every other slot of the result is its unconflicted value.
 //!
 //! So ruma gets the states restricted to those slots (and the conflicted
-//! events' chains); its answer there, laid over the first state, is the answer
-//! it gives for the whole states. `crates/main-process/tests/resolution.rs` checks that on
-//! fork-heavy rooms against the resolution over whole states.
+//! events' chains, with the undecided events of `chain(U)`); its answer there,
+//! laid over the first state, is the answer it gives for the whole states.
+//! `crates/main-process/tests/resolution.rs` checks that on fork-heavy rooms
+//! against the resolution over whole states.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -58,6 +63,16 @@ pub(crate) fn conflicted_slots(states: &[&storage_state::StateMap]) -> BTreeSet<
     slots
 }
 
+/// A resolution from the states' conflict: the resolved state, the slots
+/// outside which it equals every input, and whether the auth difference needed
+/// the unconflicted events' auth chain.
+#[derive(Debug)]
+pub(crate) struct ByConflict {
+    pub(crate) state: storage_state::StateMap,
+    pub(crate) slots: BTreeSet<StateKey>,
+    pub(crate) asked_unconflicted_chain: bool,
+}
+
 pub(crate) fn parse_event_id(id: &str) -> Result<OwnedEventId> {
     OwnedEventId::try_from(id).map_err(|e| {
         Error::corrupt(format!(
@@ -66,20 +81,26 @@ pub(crate) fn parse_event_id(id: &str) -> Result<OwnedEventId> {
     })
 }
 
-/// Resolves `states` (two or more) from their conflict alone, with the slots
-/// outside which the result equals every one of `states`; `None` when an
-/// event in the auth chains of the conflicted events is not conflicted itself
-/// and not in all of those chains (then only the chains of the whole states
-/// say whether it is in the auth difference). `load` loads events with their
-/// auth chains into a [`Loaded`]; `fallback` finds any event it left out.
-/// `what` names the resolution in errors.
+/// Resolves `states` (two or more) from their conflict, with the slots
+/// outside which the result equals every one of `states`; `None` for no
+/// states. `load` loads events with their auth chains into a [`Loaded`];
+/// `fallback` finds any event it left out. An event in the auth chains of the
+/// conflicted events that is neither conflicted itself nor in all of those
+/// chains is in the auth difference unless the unconflicted events' auth chain
+/// holds it: `in_unconflicted_chain(unconflicted, undecided)` says which of
+/// `undecided` that chain holds (asked only when some are undecided). `what`
+/// names the resolution in errors.
 pub(crate) fn resolve_by_conflict(
     room_version: &RoomVersionId,
     states: &[&storage_state::StateMap],
     mut load: impl FnMut(Vec<OwnedEventId>, &mut Loaded) -> Result<()>,
     fallback: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+    in_unconflicted_chain: impl FnOnce(
+        Vec<&str>,
+        &HashSet<OwnedEventId>,
+    ) -> Result<HashSet<OwnedEventId>>,
     what: &str,
-) -> Result<Option<(storage_state::StateMap, BTreeSet<StateKey>)>> {
+) -> Result<Option<ByConflict>> {
     let rules = room_version_rules(room_version)
         .ok_or_else(|| Error::other(format!("{what}: unsupported room version {room_version}")))?;
     let Some(first) = states.first() else {
@@ -87,7 +108,11 @@ pub(crate) fn resolve_by_conflict(
     };
     let conflicted = conflicted_slots(states);
     if conflicted.is_empty() {
-        return Ok(Some(((*first).clone(), conflicted)));
+        return Ok(Some(ByConflict {
+            state: (*first).clone(),
+            slots: conflicted,
+            asked_unconflicted_chain: false,
+        }));
     }
     let per_state: Vec<Vec<OwnedEventId>> = states
         .iter()
@@ -103,25 +128,43 @@ pub(crate) fn resolve_by_conflict(
 
     let mut loaded = Loaded::new();
     load(conflicted_events.iter().cloned().collect(), &mut loaded)?;
+    let asked_unconflicted_chain;
     let (chains, slots) = {
         let fetch = |id: &EventId| match loaded.get(id) {
             Some(pdu) => pdu.clone(),
             None => fallback(id),
         };
-        let chains: Vec<HashSet<OwnedEventId>> = per_state
+        let mut chains: Vec<HashSet<OwnedEventId>> = per_state
             .iter()
             .map(|events| auth_chain(events.iter().map(|id| &**id), fetch))
             .collect();
-        let undecided = chains
+        let undecided: HashSet<OwnedEventId> = chains
             .iter()
             .flatten()
-            .any(|id| !conflicted_events.contains(id) && !chains.iter().all(|c| c.contains(id)));
-        if undecided {
-            return Ok(None);
-        }
-        // The full conflicted set: the conflicted events ruma can fetch, and
-        // from room version 12 their conflicted state subgraph.
+            .filter(|id| {
+                !conflicted_events.contains(*id) && !chains.iter().all(|c| c.contains(*id))
+            })
+            .cloned()
+            .collect();
+        // The full conflicted set: the conflicted events ruma can fetch, the
+        // undecided events outside the unconflicted events' chain (in the auth
+        // difference), and from room version 12 the conflicted state subgraph.
         let mut full_conflicted: HashSet<OwnedEventId> = conflicted_events.clone();
+        asked_unconflicted_chain = !undecided.is_empty();
+        if asked_unconflicted_chain {
+            let unconflicted: Vec<&str> = first
+                .iter()
+                .filter(|(slot, _)| !conflicted.contains(*slot))
+                .map(|(_, id)| &**id)
+                .collect();
+            // In every state's full chain: given to every chain, so that ruma's
+            // auth difference leaves them out as the full chains would.
+            let in_u = in_unconflicted_chain(unconflicted, &undecided)?;
+            for chain in &mut chains {
+                chain.extend(in_u.iter().cloned());
+            }
+            full_conflicted.extend(undecided.into_iter().filter(|id| !in_u.contains(id)));
+        }
         if state_res_rules(&rules).consider_conflicted_state_subgraph {
             full_conflicted.extend(conflicted_state_subgraph(
                 conflicted_events.iter().cloned(),
@@ -180,7 +223,11 @@ pub(crate) fn resolve_by_conflict(
             _ => {}
         }
     }
-    Ok(Some((state, slots)))
+    Ok(Some(ByConflict {
+        state,
+        slots,
+        asked_unconflicted_chain,
+    }))
 }
 
 #[cfg(test)]

@@ -109,6 +109,9 @@ pub struct ContextBuilder {
     event_reads: Arc<AtomicU64>,
     /// Resolutions settled from the groups' conflict alone.
     resolved_by_conflict: Arc<AtomicU64>,
+    /// Of those, the resolutions whose auth difference needed the unconflicted
+    /// events' auth chain.
+    asked_unconflicted_chain: Arc<AtomicU64>,
     /// Whether new groups are prepared for the event's batch to write rather
     /// than written at once.
     defer_group_writes: bool,
@@ -148,6 +151,7 @@ impl ContextBuilder {
             groups_stored: Arc::new(AtomicU64::new(0)),
             event_reads: Arc::new(AtomicU64::new(0)),
             resolved_by_conflict: Arc::new(AtomicU64::new(0)),
+            asked_unconflicted_chain: Arc::new(AtomicU64::new(0)),
             defer_group_writes: false,
         }
     }
@@ -204,6 +208,12 @@ impl ContextBuilder {
     /// without loading their whole states' events (see [`crate::conflict`]).
     pub fn resolutions_by_conflict(&self) -> u64 {
         self.resolved_by_conflict.load(Ordering::Relaxed)
+    }
+
+    /// Resolutions by the conflict that walked the unconflicted events' auth
+    /// chain (stored ids) to settle their auth difference.
+    pub fn resolutions_asking_unconflicted_chain(&self) -> u64 {
+        self.asked_unconflicted_chain.load(Ordering::Relaxed)
     }
 
     /// `get_events`, counted.
@@ -310,6 +320,66 @@ impl ContextBuilder {
             }
         }
         Ok(())
+    }
+
+    /// Which of `targets` the auth chain of `start` holds (the events reachable
+    /// from them through `auth_events`, themselves only when reached), walked
+    /// level by level over event ids: `pending`'s and cached events' own
+    /// `auth_events`, the stored `event_auth` rows of the others (a query per
+    /// level and chunk, no event parsed). An event with no rows (a create
+    /// event, or one stored without them) is read as a PDU. Stops once every
+    /// target is found.
+    fn auth_chain_holds(
+        &self,
+        start: Vec<&str>,
+        targets: &HashSet<OwnedEventId>,
+        pending: &PendingEvents,
+    ) -> Result<HashSet<OwnedEventId>> {
+        let by_name: HashMap<&str, &OwnedEventId> =
+            targets.iter().map(|t| (t.as_str(), t)).collect();
+        let mut found = HashSet::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut level: Vec<String> = start
+            .into_iter()
+            .filter(|id| seen.insert((*id).to_owned()))
+            .map(str::to_owned)
+            .collect();
+        while !level.is_empty() && found.len() < targets.len() {
+            let mut auth: Vec<String> = Vec::new();
+            let mut from_storage: Vec<&str> = Vec::new();
+            for id in &level {
+                let known = match pending.get(id) {
+                    Some((pdu, _)) => Some(pdu.clone()),
+                    None => self.pdus.get(id),
+                };
+                match known {
+                    Some(pdu) => auth.extend(pdu.auth_events.iter().map(|a| a.to_string())),
+                    None => from_storage.push(id),
+                }
+            }
+            let mut stored = self.events.get_auth_event_ids(&from_storage)?;
+            for id in from_storage {
+                match stored.remove(id) {
+                    Some(ids) => auth.extend(ids),
+                    None => {
+                        if let Some(pdu) = self.fetch_pdu(id, pending)? {
+                            auth.extend(pdu.auth_events.iter().map(|a| a.to_string()));
+                        }
+                    }
+                }
+            }
+            level = Vec::new();
+            for id in auth {
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                if let Some(target) = by_name.get(id.as_str()) {
+                    found.insert((*target).clone());
+                }
+                level.push(id);
+            }
+        }
+        Ok(found)
     }
 
     /// A fetcher in the shape ruma wants; storage errors read as "not found",
@@ -509,13 +579,18 @@ impl ContextBuilder {
                 &states,
                 |start, loaded| self.load_with_auth_chains(start, pending, loaded),
                 self.fetcher(pending),
+                |unconflicted, undecided| self.auth_chain_holds(unconflicted, undecided, pending),
                 &what,
             )?
         };
         let (resolved, slots) = match by_conflict {
-            Some((resolved, slots)) => {
+            Some(r) => {
                 self.resolved_by_conflict.fetch_add(1, Ordering::Relaxed);
-                (resolved, Some(slots))
+                if r.asked_unconflicted_chain {
+                    self.asked_unconflicted_chain
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                (r.state, Some(r.slots))
             }
             None => (
                 self.resolve_whole_states(room_version, &states, pending, &what)?,

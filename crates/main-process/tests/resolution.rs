@@ -2,8 +2,9 @@
 //! resolve_state_of_groups`, issue 14) gives what resolution over the whole
 //! states gives: on the fork-heavy rooms of `e2e_tests::forks` (rejected
 //! events, state resets, forks across memberships and power levels), every
-//! merge of two groups or more is resolved both ways from cold caches. On
-//! SQLite and PostgreSQL.
+//! merge of two groups or more is resolved both ways from cold caches. Most of
+//! those merges need the unconflicted events' auth chain (walked over stored
+//! `event_auth` ids) to settle their auth difference. On SQLite and PostgreSQL.
 
 use e2e_tests::forks::{fork_heavy_rooms, room_of};
 use event_context::ruma::RoomVersionId;
@@ -30,7 +31,7 @@ fn resolving_by_the_conflict_agrees_with_resolving_whole_states(t: &TestDb) {
 
     let config = StoreConfig::default();
     let db = t.open();
-    let (mut compared, mut by_conflict) = (0, 0);
+    let (mut compared, mut by_conflict, mut asked_chain) = (0, 0, 0);
     for event in &events {
         let prevs: Vec<&str> = event["prev_events"]
             .as_array()
@@ -72,17 +73,26 @@ fn resolving_by_the_conflict_agrees_with_resolving_whole_states(t: &TestDb) {
         );
         compared += 1;
         by_conflict += builder.resolutions_by_conflict();
+        asked_chain += builder.resolutions_asking_unconflicted_chain();
     }
-    eprintln!("{compared} resolutions compared, {by_conflict} settled by the conflict alone");
-    // Both ways must really have been taken for the comparison to mean anything.
+    eprintln!(
+        "{compared} resolutions compared, {by_conflict} settled by the conflict, \
+         {asked_chain} of them with the unconflicted events' auth chain"
+    );
     assert!(compared >= 10, "only {compared} merges of several groups");
+    assert_eq!(
+        by_conflict, compared,
+        "every resolution of several groups is settled by the conflict"
+    );
+    // Both kinds of resolution by the conflict must really have been taken
+    // for the comparison to mean anything.
     assert!(
-        by_conflict >= 5,
-        "only {by_conflict} settled by the conflict"
+        asked_chain >= 5,
+        "only {asked_chain} resolutions needed the unconflicted chain"
     );
     assert!(
-        by_conflict < compared,
-        "no resolution fell back to the whole states"
+        asked_chain < compared,
+        "every resolution needed the unconflicted chain"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,7 +1,9 @@
 //! Reads of the events tables, with their caches: what event contexts, the
 //! persistence loop and the HTTP API ask of stored events.
 
-use crate::schema::{event_edges, event_forward_extremities, event_json, events, rooms};
+use crate::schema::{
+    event_auth, event_edges, event_forward_extremities, event_json, events, rooms,
+};
 use crate::store::{EventsStore, CHUNK};
 use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -174,6 +176,26 @@ impl EventReads for EventsStore {
 }
 
 impl EventsStore {
+    /// The auth event ids of each of `event_ids` that has any, from the
+    /// `event_auth` rows stored with them: what an auth chain walk needs,
+    /// without reading and parsing the events. Not cached: a walk asks for each
+    /// event once.
+    pub fn get_auth_event_ids(&self, event_ids: &[&str]) -> Result<HashMap<String, Vec<String>>> {
+        self.db.run_read("get_auth_event_ids", |txn| {
+            let mut auth: HashMap<String, Vec<String>> = HashMap::new();
+            for chunk in event_ids.chunks(CHUNK) {
+                let rows = with_conn!(txn.conn(), |c| event_auth::table
+                    .select((event_auth::event_id, event_auth::auth_id))
+                    .filter(event_auth::event_id.eq_any(chunk))
+                    .load::<(String, String)>(c))?;
+                for (event, auth_id) in rows {
+                    auth.entry(event).or_default().push(auth_id);
+                }
+            }
+            Ok(auth)
+        })
+    }
+
     /// The forward extremities of `room_id` for the process that writes it:
     /// from memory once read or written, since only that process's batches
     /// change them (each committed batch leaves its new extremities here, a
