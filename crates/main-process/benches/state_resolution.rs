@@ -8,13 +8,19 @@
 //! `ContextBuilder::compute_event_context` with fresh (cold) caches: both groups'
 //! full state read, resolved with ruma, the result stored as a group. On SQLite
 //! and (with `HS_TEST_POSTGRES_URL`) PostgreSQL.
+//!
+//! For profiling on SQLite: `HS_BENCH_DB=FILE` keeps the imported room in FILE
+//! (copied there on the first run, reused by later ones), and with
+//! `HS_BENCH_PROFILE=merge` the run only computes the contexts of the three
+//! merges, `HS_BENCH_ITERATIONS` times over (default once), nothing else.
 
+use diesel::RunQueryDsl;
 use event_context::ruma::RoomVersionId;
 use event_context::{ContextBuilder, Pdu, PendingEvents};
 use main_process::bench_room::{forked_room, write_room_file, ForkedRoom};
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
-use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
+use storage_core::{Conn, Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::EventsStore;
 use storage_state::{StateFilter, StateGroupAccess};
 
@@ -41,20 +47,44 @@ fn size() -> (usize, usize) {
 }
 const ROOM: &str = "!hq:server0.example.org";
 
+/// Imports the room into `t`, or with `HS_BENCH_DB=FILE` (SQLite) opens the
+/// copy an earlier run kept in FILE (and keeps one there when there is none).
+fn imported(t: &TestDb, file: &std::path::Path, room: &ForkedRoom) -> Database {
+    let e = t.engine();
+    let kept = std::env::var("HS_BENCH_DB").ok().filter(|_| e == "sqlite");
+    let url = match &kept {
+        Some(kept) if std::path::Path::new(kept).exists() => format!("sqlite:{kept}"),
+        _ => {
+            let started = Instant::now();
+            main_process::import_cmd::run(t.url(), &[file.to_path_buf()]).expect("import");
+            println!(
+                "{e:<9} imported {} events in {:.1} s",
+                room.lines.len(),
+                started.elapsed().as_secs_f64()
+            );
+            if let (Some(kept), Conn::Sqlite(c)) = (&kept, &mut t.raw_connection()) {
+                diesel::sql_query(format!("VACUUM INTO '{kept}'"))
+                    .execute(c)
+                    .expect("keeping the imported room");
+            }
+            t.url().to_owned()
+        }
+    };
+    Database::open(DatabaseConfig::parse(&url, OpenMode::Writer).expect("url")).expect("open")
+}
+
 fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
     let e = t.engine();
-    let started = Instant::now();
-    main_process::import_cmd::run(t.url(), &[file.to_path_buf()]).expect("import");
-    println!(
-        "{e:<9} imported {} events in {:.1} s",
-        room.lines.len(),
-        started.elapsed().as_secs_f64()
-    );
+    let db = imported(t, file, room);
     let config = StoreConfig::default();
-    let db = Database::open(DatabaseConfig::parse(t.url(), OpenMode::Writer).expect("url"))
-        .expect("open");
+    let profiling = std::env::var("HS_BENCH_PROFILE").is_ok_and(|p| p == "merge");
+    let runs: usize = match std::env::var("HS_BENCH_ITERATIONS") {
+        Ok(n) if profiling => n.parse().expect("HS_BENCH_ITERATIONS: a count"),
+        _ => 1,
+    };
     let mut samples: Vec<Duration> = Vec::new();
-    for line in &room.merges {
+    let mut by_conflict = 0;
+    for line in std::iter::repeat_n(&room.merges, runs).flatten() {
         let pdu = Pdu::from_json(line, Some(&RoomVersionId::V10)).expect("merge event");
         // Fresh stores: every cache cold.
         let builder = ContextBuilder::new(
@@ -66,6 +96,7 @@ fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
             .compute_event_context(&pdu, false, &PendingEvents::default())
             .expect("context of the merge");
         samples.push(start.elapsed());
+        by_conflict += builder.resolutions_by_conflict();
         let before = context.state_group_before.expect("a resolved group");
         let state = builder
             .state()
@@ -79,12 +110,15 @@ fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
     samples.sort();
     println!(
         "{e:<9} compute_event_context over the two forks ({} conflicted), cold caches: \
-         median {:8.1} ms, min {:8.1} ms ({} runs)",
+         median {:8.1} ms, min {:8.1} ms ({} runs, {by_conflict} resolved by the conflict)",
         room.leaves.len(),
         samples[samples.len() / 2].as_secs_f64() * 1e3,
         samples[0].as_secs_f64() * 1e3,
         samples.len()
     );
+    if profiling {
+        return;
+    }
 
     // The same two groups resolved over their whole states, every event of
     // both loaded (what a resolution whose conflict is not enough falls back

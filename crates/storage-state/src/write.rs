@@ -260,6 +260,14 @@ pub(crate) fn store_txn<'a>(
     let room_id = new.room_id.to_owned();
     let delta_entry = delta_base.map(|(prev, delta, _)| (prev, Arc::new(delta.clone())));
     txn.call_after(move || {
+        // A delta on a group the caches hold in full shares that group's maps;
+        // splitting a full state the caller gave would copy the whole room into
+        // new maps (31k entries for the HQ room's resolved state: 6% of a
+        // resolution's time).
+        let prev_known = delta_entry.as_ref().is_some_and(|(prev, _)| {
+            caches.members.holds_full(prev) && caches.non_members.holds_full(prev)
+        });
+        let full_state = full_state.filter(|_| !prev_known);
         if let Some(state) = full_state {
             let (members, non_members): (StateMap, StateMap) =
                 state.into_iter().partition(|((t, _), _)| &**t == MEMBER);

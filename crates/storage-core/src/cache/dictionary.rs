@@ -107,6 +107,12 @@ where
             .unwrap_or_else(|| Arc::new(DictionaryEntry::empty()))
     }
 
+    /// Whether the cache holds `key`'s whole dictionary; counts neither a hit
+    /// nor a miss.
+    pub fn holds_full(&self, key: &K) -> bool {
+        self.cache.peek(key).is_some_and(|e| e.full)
+    }
+
     /// What is known of `dict_keys` in `key`'s dictionary.
     pub fn get_keys(&self, key: &K, dict_keys: &[DK]) -> DictionaryEntry<DK, DV> {
         let entry = self.get(key);
