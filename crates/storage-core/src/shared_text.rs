@@ -2,9 +2,9 @@
 //! process-wide interner for the few strings that repeat in every row.
 //!
 //! The state caches keep maps whose entries are copied whenever a persistent
-//! map copies a node path (imbl copies every entry of a changed node): with
-//! `String`s, each copy allocated and copied three strings; with `Arc<str>` it
-//! bumps reference counts. Decoding a column straight into an `Arc<str>` costs
+//! map copies part of itself (an overlay node path, an array merged with its
+//! changes): with `String`s, each copy allocated and copied three strings;
+//! with `Arc<str>` it bumps reference counts. Decoding a column straight into an `Arc<str>` costs
 //! one allocation, as decoding into a `String` did, and an interned column
 //! (event types: a handful per room) costs none.
 

@@ -41,16 +41,14 @@ pub(crate) fn from_cache(
         // up key by key rather than by a pass over thousands of entries.
         // Borrowed slots: no key is built; the answer shares the cache's.
         let mut complete = true;
-        let mut state = StateMap::new();
+        let mut found = Vec::new();
         for slot in filter.concrete_slots() {
             match entry.value.get_key_value(&slot) {
-                Some((k, v)) => {
-                    state.insert(k.clone(), v.clone());
-                }
+                Some((k, v)) => found.push((k.clone(), v.clone())),
                 None => complete &= entry.full || entry.known_absent.contains(&slot),
             }
         }
-        return (state, complete);
+        return (found.into_iter().collect(), complete);
     }
     let state = entry
         .value
@@ -265,14 +263,16 @@ fn walk_recursive(
         newest.insert(root, slots);
     }
     for (root, slots) in newest {
-        let mut state = SplitState::default();
-        for (key, (_, event_id)) in slots {
-            if &*key.0 == MEMBER {
-                state.members.insert(key, event_id);
-            } else {
-                state.others.insert(key, event_id);
-            }
-        }
+        // Collected, not inserted one by one: each map is sorted into its
+        // array once.
+        let (members, others): (Vec<_>, Vec<_>) = slots
+            .into_iter()
+            .map(|(key, (_, event_id))| (key, event_id))
+            .partition(|((t, _), _)| &**t == MEMBER);
+        let state = SplitState {
+            members: members.into_iter().collect(),
+            others: others.into_iter().collect(),
+        };
         result.insert(root, state);
     }
     Ok(())
@@ -295,7 +295,9 @@ fn walk_per_hop(
         for row in sql::group_rows(conn, current, &slots_filter(&remaining), key_arms)? {
             let slot = (row.event_type.0, row.state_key.0);
             remaining.remove(&slot);
-            state.entry(slot).or_insert(row.event_id.0);
+            if !state.contains_key(&slot) {
+                state.insert(slot, row.event_id.0);
+            }
         }
         if remaining.is_empty() {
             return Ok(state);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 pub type StateGroup = i64;
 
 /// `(event type, state key)`: one slot of room state. Shared strings: a map
-/// entry is copied whenever a persistent map copies a node path, and a cache
+/// entry is copied whenever a persistent map copies part of itself, and a cache
 /// and the answers read from it hold the same strings, so a copy bumps
 /// reference counts instead of allocating. Event types are interned per
 /// process ([`storage_core::intern`]).

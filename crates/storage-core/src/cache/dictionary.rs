@@ -7,10 +7,11 @@
 //! A later request is answered from the cache when the entry is full or covers
 //! every key it asks for.
 //!
-//! Entries are persistent maps (`imbl`): an entry derived from another plus a
-//! few changes ([`DictionaryCache::derive`]) shares everything else with it.
+//! Entries are persistent maps ([`FlatMap`](super::FlatMap)): an entry derived
+//! from another plus a few changes ([`DictionaryCache::derive`]) shares
+//! everything else with it.
 
-use super::heap_size::map_entry_bytes;
+use super::heap_size::{map_bytes, map_entry_bytes};
 use super::{HeapSize, LruCache, PersistentMap as HashMap, PersistentSet as HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
@@ -149,7 +150,7 @@ where
             None => DictionaryEntry {
                 full: true,
                 known_absent: HashSet::new(),
-                bytes: value.iter().map(|(k, v)| map_entry_bytes(k, v)).sum(),
+                bytes: map_bytes(&value),
                 value,
             },
             Some(fetched) => {

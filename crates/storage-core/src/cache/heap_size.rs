@@ -52,16 +52,24 @@ impl<A: HeapSize, B: HeapSize> HeapSize for (A, B) {
     }
 }
 
-/// The bytes of a whole [`PersistentMap`](super::PersistentMap), entry by entry.
-pub fn map_bytes<K: HeapSize, V: HeapSize>(map: &super::PersistentMap<K, V>) -> usize {
-    map.iter().map(|(k, v)| map_entry_bytes(k, v)).sum()
+/// The bytes of a whole [`PersistentMap`](super::PersistentMap): its array's
+/// entries and hashes, its overlay's entries as [`map_entry_bytes`] counts
+/// them, and what every entry owns on the heap.
+pub fn map_bytes<K, V>(map: &super::PersistentMap<K, V>) -> usize
+where
+    K: HeapSize + std::hash::Hash + Eq + Clone,
+    V: HeapSize + Clone,
+{
+    map.bytes_with(5 * size_of::<(K, V)>(), |k, v| {
+        k.heap_size() + v.heap_size()
+    })
 }
 
-/// The bytes one entry of a [`PersistentMap`](super::PersistentMap) costs: its
-/// own size in a node slot, what it owns on the heap, and the nodes' share. imbl's
-/// HAMT allocates whole fixed-width slot arrays per node; measured with a
-/// counting allocator (`cargo xtask bench state`, 37,939 state entries) the nodes
-/// come to about five times the entries' own size.
+/// The bytes one entry added to a [`PersistentMap`](super::PersistentMap)'s
+/// overlay costs: its own size in a node slot, what it owns on the heap, and
+/// the nodes' share. imbl's HAMT allocates whole fixed-width slot arrays per
+/// node; measured with a counting allocator (`cargo xtask bench state`, 37,939
+/// state entries) the nodes come to about five times the entries' own size.
 pub(crate) fn map_entry_bytes<K: HeapSize, V: HeapSize>(key: &K, value: &V) -> usize {
     5 * size_of::<(K, V)>() + key.heap_size() + value.heap_size()
 }

@@ -1,0 +1,468 @@
+//! The persistent map the state caches keep: a flat array shared by its
+//! copies, with a small persistent map of changes on top.
+//!
+//! A whole room state is read once and then mostly copied (into a cache, out
+//! to callers, as the base of the groups derived from it) and looked up. imbl's
+//! HAMT made every entry cost about five times its own size in node slots
+//! (15.8 MB for the HQ room's 37,939 entries, 4.7 times their strings), and
+//! built a node path per insert. Here the entries sit in one array sorted by
+//! their hash (under a seed drawn at random per process, so that remote
+//! servers cannot pick colliding state keys), looked up by binary search; a
+//! copy shares the array, and changes to a copy go into an overlay (an imbl
+//! map, so that copies of copies share it too) until it outgrows the array,
+//! when the two are merged into a new array.
+
+use equivalent::Equivalent;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, OnceLock};
+
+type Overlay<K, V> = imbl::GenericHashMap<
+    K,
+    Option<V>,
+    foldhash::fast::RandomState,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;
+
+/// The hasher of every flat array in this process: one seed, so that arrays
+/// built apart hash alike.
+fn hasher() -> &'static foldhash::fast::RandomState {
+    static STATE: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    STATE.get_or_init(foldhash::fast::RandomState::default)
+}
+
+fn hash_of<Q: Hash + ?Sized>(key: &Q) -> u64 {
+    hasher().hash_one(key)
+}
+
+/// The array: each entry's hash, ascending, beside the entries in the same
+/// order (apart, so that a binary search reads only the hashes).
+struct Flat<K, V> {
+    hashes: Box<[u64]>,
+    entries: Box<[(K, V)]>,
+}
+
+impl<K: Hash + Eq, V> Flat<K, V> {
+    /// From entries whose keys are distinct.
+    fn from_distinct(mut entries: Vec<(K, V)>) -> Self {
+        let mut keyed: Vec<(u64, (K, V))> = entries
+            .drain(..)
+            .map(|(k, v)| (hash_of(&k), (k, v)))
+            .collect();
+        keyed.sort_unstable_by_key(|(h, _)| *h);
+        let mut hashes = Vec::with_capacity(keyed.len());
+        let mut entries = Vec::with_capacity(keyed.len());
+        for (h, e) in keyed {
+            hashes.push(h);
+            entries.push(e);
+        }
+        Flat {
+            hashes: hashes.into_boxed_slice(),
+            entries: entries.into_boxed_slice(),
+        }
+    }
+
+    fn find<Q: Hash + Equivalent<K> + ?Sized>(&self, key: &Q) -> Option<usize> {
+        if self.hashes.is_empty() {
+            return None;
+        }
+        let h = hash_of(key);
+        let start = self.hashes.partition_point(|x| *x < h);
+        (start..self.hashes.len())
+            .take_while(|i| self.hashes[*i] == h)
+            .find(|i| key.equivalent(&self.entries[*i].0))
+    }
+}
+
+/// A persistent map: cheap to copy (the array is shared), compact (an entry
+/// of the array costs its own size and a hash), changed through an overlay.
+pub struct FlatMap<K, V> {
+    flat: Arc<Flat<K, V>>,
+    /// Changes to `flat`: `Some` adds or replaces, `None` removes.
+    overlay: Overlay<K, V>,
+    len: usize,
+}
+
+impl<K, V> Clone for FlatMap<K, V>
+where
+    K: Clone,
+    V: Clone,
+{
+    fn clone(&self) -> Self {
+        FlatMap {
+            flat: self.flat.clone(),
+            overlay: self.overlay.clone(),
+            len: self.len,
+        }
+    }
+}
+
+impl<K, V> Default for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    fn default() -> Self {
+        FlatMap {
+            flat: Arc::new(Flat {
+                hashes: Box::new([]),
+                entries: Box::new([]),
+            }),
+            overlay: Overlay::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<K, V> FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get_key_value<Q>(&self, key: &Q) -> Option<(&K, &V)>
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        if !self.overlay.is_empty() {
+            if let Some((k, v)) = self.overlay.get_key_value(key) {
+                return v.as_ref().map(|v| (k, v));
+            }
+        }
+        self.flat.find(key).map(|i| {
+            let (k, v) = &self.flat.entries[i];
+            (k, v)
+        })
+    }
+
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        self.get_key_value(key).map(|(_, v)| v)
+    }
+
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        self.get_key_value(key).is_some()
+    }
+
+    /// Sets `key` to `value`; the value it had, if any.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let old = self.get(&key).cloned();
+        if old.is_none() {
+            self.len += 1;
+        }
+        self.overlay.insert(key, Some(value));
+        self.merge_if_large();
+        old
+    }
+
+    /// Removes `key`; the value it had, if any.
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        let (k, v) = self
+            .get_key_value(key)
+            .map(|(k, v)| (k.clone(), v.clone()))?;
+        self.len -= 1;
+        if self.flat.find(key).is_some() {
+            self.overlay.insert(k, None);
+        } else {
+            self.overlay.remove(key);
+        }
+        Some(v)
+    }
+
+    /// The entries, in no particular order.
+    pub fn iter(&self) -> Iter<'_, K, V> {
+        Iter {
+            map: self,
+            flat: 0,
+            overlay: self.overlay.iter(),
+        }
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    /// The union of both maps, keeping `self`'s value where both have a key.
+    pub fn union(self, other: Self) -> Self {
+        let (mut big, small, big_wins) = if self.len >= other.len {
+            (self, other, true)
+        } else {
+            (other, self, false)
+        };
+        for (k, v) in small.iter() {
+            if big_wins && big.contains_key(k) {
+                continue;
+            }
+            big.insert(k.clone(), v.clone());
+        }
+        big
+    }
+
+    /// What the map holds in bytes: the array's entries and hashes, and the
+    /// overlay's entries at `overlay_entry` each (see
+    /// [`map_bytes`](super::map_bytes)), each entry's heap data through `heap`.
+    pub(crate) fn bytes_with(&self, overlay_entry: usize, heap: impl Fn(&K, &V) -> usize) -> usize {
+        let flat = self.flat.entries.len() * (std::mem::size_of::<(K, V)>() + 8);
+        let overlay = self.overlay.len() * overlay_entry;
+        flat + overlay + self.iter().map(|(k, v)| heap(k, v)).sum::<usize>()
+    }
+
+    /// Merges the overlay into a new array once it holds more entries than
+    /// the array: amortised, each entry is copied a constant number of times,
+    /// while copies that change a few slots keep sharing the array.
+    fn merge_if_large(&mut self) {
+        if self.overlay.len() > self.flat.entries.len().max(32) {
+            let entries: Vec<(K, V)> = self.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            *self = FlatMap {
+                len: entries.len(),
+                flat: Arc::new(Flat::from_distinct(entries)),
+                overlay: Overlay::default(),
+            };
+        }
+    }
+}
+
+impl<K, V, Q> std::ops::Index<&Q> for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+    Q: Hash + Equivalent<K> + ?Sized,
+{
+    type Output = V;
+
+    /// The value of `key`; panics when the map lacks it.
+    fn index(&self, key: &Q) -> &V {
+        self.get(key).expect("no entry found for key")
+    }
+}
+
+/// The entries of a [`FlatMap`]: the array's that the overlay does not
+/// shadow, then the overlay's.
+#[allow(missing_debug_implementations)]
+pub struct Iter<'a, K, V> {
+    map: &'a FlatMap<K, V>,
+    flat: usize,
+    overlay: imbl::hashmap::Iter<'a, K, Option<V>, imbl::shared_ptr::DefaultSharedPtr>,
+}
+
+impl<'a, K, V> Iterator for Iter<'a, K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    type Item = (&'a K, &'a V);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let entries = &self.map.flat.entries;
+        while self.flat < entries.len() {
+            let (k, v) = &entries[self.flat];
+            self.flat += 1;
+            if self.map.overlay.is_empty() || !self.map.overlay.contains_key(k) {
+                return Some((k, v));
+            }
+        }
+        for (k, v) in self.overlay.by_ref() {
+            if let Some(v) = v {
+                return Some((k, v));
+            }
+        }
+        None
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    type Item = (&'a K, &'a V);
+    type IntoIter = Iter<'a, K, V>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<K, V> IntoIterator for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        let entries: Vec<(K, V)> = self.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        entries.into_iter()
+    }
+}
+
+impl<K, V> FromIterator<(K, V)> for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    /// Later entries win over earlier ones with the same key, as inserts would.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut keyed: Vec<(u64, usize, (K, V))> = iter
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, v))| (hash_of(&k), i, (k, v)))
+            .collect();
+        keyed.sort_unstable_by_key(|(h, i, _)| (*h, *i));
+        // Within a run of one hash, drop an entry when a later one has its key.
+        let mut kept: Vec<(u64, usize, (K, V))> = Vec::with_capacity(keyed.len());
+        for item in keyed.into_iter().rev() {
+            let dup = kept
+                .iter()
+                .rev()
+                .take_while(|(h, _, _)| *h == item.0)
+                .any(|(_, _, (k, _))| *k == item.2 .0);
+            if !dup {
+                kept.push(item);
+            }
+        }
+        kept.reverse();
+        let mut hashes = Vec::with_capacity(kept.len());
+        let mut entries = Vec::with_capacity(kept.len());
+        for (h, _, e) in kept {
+            hashes.push(h);
+            entries.push(e);
+        }
+        FlatMap {
+            len: entries.len(),
+            flat: Arc::new(Flat {
+                hashes: hashes.into_boxed_slice(),
+                entries: entries.into_boxed_slice(),
+            }),
+            overlay: Overlay::default(),
+        }
+    }
+}
+
+impl<K, V> Extend<(K, V)> for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
+        for (k, v) in iter {
+            self.insert(k, v);
+        }
+    }
+}
+
+impl<K, V> PartialEq for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone + PartialEq,
+{
+    fn eq(&self, other: &Self) -> bool {
+        if self.len != other.len {
+            return false;
+        }
+        if Arc::ptr_eq(&self.flat, &other.flat) && self.overlay == other.overlay {
+            return true;
+        }
+        self.iter().all(|(k, v)| other.get(k) == Some(v))
+    }
+}
+
+impl<K, V> Eq for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone + Eq,
+{
+}
+
+impl<K, V> fmt::Debug for FlatMap<K, V>
+where
+    K: Hash + Eq + Clone + fmt::Debug,
+    V: Clone + fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Random inserts and removes on copies of copies, against std's map.
+    #[test]
+    fn behaves_like_a_hash_map() {
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let base: Vec<(u64, u64)> = (0..500).map(|i| (next() % 700, i)).collect();
+        let mut flat: FlatMap<u64, u64> = base.iter().copied().collect();
+        let mut std: HashMap<u64, u64> = base.iter().copied().collect();
+        let mut copies = Vec::new();
+        for round in 0..3_000 {
+            let k = next() % 900;
+            if next() % 3 == 0 {
+                assert_eq!(flat.remove(&k), std.remove(&k), "remove {k}");
+            } else {
+                assert_eq!(flat.insert(k, round), std.insert(k, round), "insert {k}");
+            }
+            if round % 250 == 0 {
+                copies.push((flat.clone(), std.clone()));
+            }
+            assert_eq!(flat.len(), std.len());
+        }
+        copies.push((flat, std));
+        for (flat, std) in copies {
+            assert_eq!(flat.len(), std.len());
+            let seen: HashMap<u64, u64> = flat.iter().map(|(k, v)| (*k, *v)).collect();
+            assert_eq!(seen, std, "iteration gives each entry once");
+            for k in 0..900 {
+                assert_eq!(flat.get(&k), std.get(&k));
+            }
+            let rebuilt: FlatMap<u64, u64> = std.iter().map(|(k, v)| (*k, *v)).collect();
+            // Both ways: equality walks the left map's entries.
+            assert!(rebuilt == flat, "rebuilt == flat");
+            assert!(flat.eq(&rebuilt), "flat == rebuilt");
+        }
+    }
+
+    #[test]
+    fn later_entries_win_when_collected_and_union_keeps_its_own() {
+        let m: FlatMap<&str, i32> = [("a", 1), ("b", 2), ("a", 3)].into_iter().collect();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.get("a"), Some(&3));
+        let other: FlatMap<&str, i32> = [("a", 9), ("c", 4)].into_iter().collect();
+        let u = m.clone().union(other.clone());
+        assert_eq!((u.len(), u.get("a"), u.get("c")), (3, Some(&3), Some(&4)));
+        let u = other.union(m);
+        assert_eq!(u.get("a"), Some(&9));
+    }
+}
