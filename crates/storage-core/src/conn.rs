@@ -276,6 +276,20 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    /// Closes `gate` on a thread of its own; the receiver hears when `close`
+    /// returned.
+    fn close_on_a_thread(
+        gate: &Arc<ConnectGate>,
+    ) -> (std::thread::JoinHandle<()>, mpsc::Receiver<()>) {
+        let (closed_tx, closed) = mpsc::channel();
+        let g = gate.clone();
+        let closer = std::thread::spawn(move || {
+            g.close();
+            closed_tx.send(()).unwrap();
+        });
+        (closer, closed)
+    }
+
     /// What the process relies on at exit: once the last handle is dropped
     /// (close returned), no thread of the pool is inside the client library.
     #[test]
@@ -295,12 +309,7 @@ mod tests {
             result.unwrap_err().to_string()
         });
         entered.recv().unwrap();
-        let (closed_tx, closed) = mpsc::channel();
-        let g = gate.clone();
-        let closer = std::thread::spawn(move || {
-            g.close();
-            closed_tx.send(()).unwrap();
-        });
+        let (closer, closed) = close_on_a_thread(&gate);
         // The attempt is still inside `connect`: close must not return yet.
         assert!(closed.recv_timeout(Duration::from_millis(200)).is_err());
         release.send(()).unwrap();
@@ -331,12 +340,7 @@ mod tests {
                 ))
             })
             .unwrap();
-        let (closed_tx, closed) = mpsc::channel();
-        let g = gate.clone();
-        let closer = std::thread::spawn(move || {
-            g.close();
-            closed_tx.send(()).unwrap();
-        });
+        let (closer, closed) = close_on_a_thread(&gate);
         assert!(closed.recv_timeout(Duration::from_millis(200)).is_err());
         drop(conn);
         closed.recv_timeout(Duration::from_secs(10)).unwrap();
