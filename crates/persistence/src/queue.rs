@@ -17,6 +17,7 @@
 //! events they follow). Items outside a chain are independent of each other.
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_utils::sync::WaitGroup;
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -95,45 +96,18 @@ struct Inner {
 #[derive(Clone)]
 pub struct PersistenceQueue {
     inner: Arc<Inner>,
-    loops: Arc<Loops>,
-    _last: Arc<LastHandle>,
+    last: Arc<LastHandle>,
 }
 
-/// How many room loops are running. A loop counts until it has let go of
-/// the queue's [`Inner`].
-#[derive(Default)]
-struct Loops {
-    running: Mutex<usize>,
-    ended: std::sync::Condvar,
-}
-
-impl Loops {
-    fn start(&self) {
-        *lock(&self.running) += 1;
-    }
-}
-
-/// A running loop's count, given back when dropped.
-struct Running(Arc<Loops>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        *lock(&self.0.running) -= 1;
-        self.0.ended.notify_all();
-    }
-}
-
-/// Shared by the handles only (not by the loops): dropped with the last one.
-struct LastHandle(Arc<Loops>);
+/// Shared by the handles only: dropped with the last one, it waits until
+/// every room loop has dropped its clone of the wait group, which a loop
+/// holds until it has let go of the queue's [`Inner`].
+struct LastHandle(WaitGroup);
 
 impl Drop for LastHandle {
     fn drop(&mut self) {
-        let running = lock(&self.0.running);
-        let _ended = self
-            .0
-            .ended
-            .wait_while(running, |n| *n > 0)
-            .unwrap_or_else(|p| p.into_inner());
+        // `wait` takes the group by value: a fresh one is left in its place.
+        std::mem::replace(&mut self.0, WaitGroup::new()).wait();
     }
 }
 
@@ -156,10 +130,8 @@ impl PersistenceQueue {
     /// Like [`new`](Self::new), and hands `discard` the events of every item
     /// not written because an earlier item of its chain failed.
     pub fn discarding(max_batch: usize, persist: Box<PersistFn>, discard: Box<DiscardFn>) -> Self {
-        let loops = Arc::new(Loops::default());
         PersistenceQueue {
-            _last: Arc::new(LastHandle(loops.clone())),
-            loops,
+            last: Arc::new(LastHandle(WaitGroup::new())),
             inner: Arc::new(Inner {
                 rooms: Mutex::new(HashMap::new()),
                 persist,
@@ -236,12 +208,11 @@ impl PersistenceQueue {
         self.publish_depth();
         if start_loop {
             let inner = self.inner.clone();
-            let loops = self.loops.clone();
+            let running = self.last.0.clone();
             let room = room_id.to_owned();
-            loops.start();
             log_context::spawn(format!("persistence loop {room_id}"), move || {
                 // Locals drop in reverse order, on unwinding too: `inner` first.
-                let _running = Running(loops);
+                let _running = running;
                 let inner = inner;
                 run_loop(&inner, &room);
             });
