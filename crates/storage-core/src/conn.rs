@@ -166,14 +166,15 @@ impl ConnectGate {
         }
         let result = connect();
         let mut state = self.lock();
-        if state.closed {
-            drop(state);
-            // Closed meanwhile: nobody will use it. Closed here, before the
-            // attempt stops counting, so `close` returns after it.
+        // Closed meanwhile: nobody will use the connection. It is closed here,
+        // under the lock and before the attempt stops counting, so `close`
+        // returns after it.
+        let result = if state.closed {
             drop(result);
-            self.update(|s| s.connecting -= 1);
-            return Err(Error::other("the database was closed"));
-        }
+            Err(Error::other("the database was closed"))
+        } else {
+            result
+        };
         state.connecting -= 1;
         if result.is_ok() {
             state.open += 1;
