@@ -111,6 +111,23 @@ impl StateFilter {
             .flat_map(|(t, keys)| keys.iter().map(move |k| Slot(t, k)))
     }
 
+    /// Whether the filter names any slot one by one.
+    pub fn has_concrete_slots(&self) -> bool {
+        self.concrete_slots().next().is_some()
+    }
+
+    /// This filter less the slots it names one by one: its wildcard types and,
+    /// with `include_others`, every type it does not list (a type whose keys
+    /// are named stays listed, with none of its keys wanted).
+    pub fn without_concrete_slots(&self) -> StateFilter {
+        let types = self
+            .types
+            .iter()
+            .map(|(t, keys)| (t.clone(), keys.as_ref().map(|_| BTreeSet::new())))
+            .collect();
+        Self::new(types, self.include_others)
+    }
+
     /// The types given with a wildcard state key.
     pub fn wildcard_types(&self) -> Vec<&str> {
         self.types
@@ -290,6 +307,26 @@ mod tests {
         );
         assert_eq!(ids(&filter(&[(MEMBER, set(&[]))], true)), vec!["e1", "e2"]);
         assert_eq!(ids(&StateFilter::none()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn without_concrete_slots_keeps_the_rest() {
+        let lazy = filter(&[(MEMBER, set(&["@a", "@b"]))], true);
+        assert!(lazy.has_concrete_slots());
+        let rest = lazy.without_concrete_slots();
+        assert!(!rest.has_concrete_slots());
+        assert!(!rest.includes(MEMBER, "@a") && !rest.includes(MEMBER, "@c"));
+        assert!(rest.includes("m.room.name", ""));
+        let mixed = StateFilter::from_types([("m.room.name", Some("")), (MEMBER, None)]);
+        let rest = mixed.without_concrete_slots();
+        assert!(!rest.includes("m.room.name", ""));
+        assert!(rest.includes(MEMBER, "@a"));
+        assert!(!rest.includes("m.room.topic", ""));
+        assert!(!StateFilter::all().has_concrete_slots());
+        assert_eq!(
+            StateFilter::all().without_concrete_slots(),
+            StateFilter::all()
+        );
     }
 
     #[test]

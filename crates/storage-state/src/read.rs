@@ -4,7 +4,7 @@
 use crate::caches::StateCaches;
 use crate::filter::StateFilter;
 use crate::schema::state_groups;
-use crate::sql;
+use crate::sql::{self, ChainRow};
 use crate::types::{StateGroup, StateKey, StateMap, MEMBER};
 use diesel::prelude::*;
 use foldhash::fast::RandomState as FoldState;
@@ -175,8 +175,14 @@ fn fetch_split(
 ) -> Result<HashMap<StateGroup, SplitState>> {
     // A client-side walk pays one statement per hop; it wins only where statements
     // are cheap and a filter without wildcards lets it stop early.
-    let per_hop = txn.engine().round_trips_are_cheap() && !filter.has_wildcards();
+    let cheap_round_trips = txn.engine().round_trips_are_cheap();
+    let per_hop = cheap_round_trips && !filter.has_wildcards();
+    // Slots named one by one are each sought from the top of the chain down
+    // to the first group holding them: a statement per group, so for one
+    // group, or where statements are cheap.
+    let per_slot = filter.has_concrete_slots() && (groups.len() == 1 || cheap_round_trips);
     let key_arms = sql::key_arms(txn.engine());
+    let in_chain = sql::InChain::new(txn.engine());
     let mut result: HashMap<StateGroup, SplitState> = HashMap::with_capacity(groups.len());
     if per_hop {
         for &group in groups {
@@ -184,6 +190,14 @@ fn fetch_split(
                 group,
                 split(walk_per_hop(txn.conn(), group, filter, key_arms)?),
             );
+        }
+    } else if per_slot {
+        for &group in groups {
+            let mut newest = NewestRows::default();
+            sql::newest_slot_rows(txn.conn(), &in_chain, group, filter, key_arms, |row| {
+                newest.add(row)
+            })?;
+            newest.finish(&mut result);
         }
     } else {
         for batch in groups.chunks(GROUP_BATCH) {
@@ -233,18 +247,35 @@ fn walk_recursive(
     key_arms: usize,
     result: &mut HashMap<StateGroup, SplitState>,
 ) -> Result<()> {
-    let mut newest: HashMap<StateGroup, Newest> = HashMap::new();
-    // Rows arrive root by root: remember the root's map between rows.
-    let mut current: Option<(StateGroup, Newest)> = None;
-    sql::chain_rows(conn, groups, filter, key_arms, |row| {
-        if current.as_ref().is_none_or(|(root, _)| *root != row.root) {
-            if let Some((root, slots)) = current.take() {
-                newest.insert(root, slots);
+    let mut newest = NewestRows::default();
+    sql::chain_rows(conn, groups, filter, key_arms, |row| newest.add(row))?;
+    newest.finish(result);
+    Ok(())
+}
+
+/// Rows from the chains below some groups, kept per group and slot from the
+/// highest group on the chain.
+#[derive(Default)]
+struct NewestRows {
+    newest: HashMap<StateGroup, Newest>,
+    /// Rows arrive root by root: the root's map between rows.
+    current: Option<(StateGroup, Newest)>,
+}
+
+impl NewestRows {
+    fn add(&mut self, row: ChainRow) {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|(root, _)| *root != row.root)
+        {
+            if let Some((root, slots)) = self.current.take() {
+                self.newest.insert(root, slots);
             }
-            let slots = newest.remove(&row.root).unwrap_or_default();
-            current = Some((row.root, slots));
+            let slots = self.newest.remove(&row.root).unwrap_or_default();
+            self.current = Some((row.root, slots));
         }
-        let Some((_, slots)) = current.as_mut() else {
+        let Some((_, slots)) = self.current.as_mut() else {
             return;
         };
         // The key moves in: no copy of the strings to look it up.
@@ -258,24 +289,26 @@ fn walk_recursive(
                 slot.insert((row.state_group, row.event_id.0));
             }
         }
-    })?;
-    if let Some((root, slots)) = current {
-        newest.insert(root, slots);
     }
-    for (root, slots) in newest {
-        // Collected, not inserted one by one: each map is sorted into its
-        // array once.
-        let (members, others): (Vec<_>, Vec<_>) = slots
-            .into_iter()
-            .map(|(key, (_, event_id))| (key, event_id))
-            .partition(|((t, _), _)| &**t == MEMBER);
-        let state = SplitState {
-            members: members.into_iter().collect(),
-            others: others.into_iter().collect(),
-        };
-        result.insert(root, state);
+
+    fn finish(mut self, result: &mut HashMap<StateGroup, SplitState>) {
+        if let Some((root, slots)) = self.current.take() {
+            self.newest.insert(root, slots);
+        }
+        for (root, slots) in self.newest {
+            // Collected, not inserted one by one: each map is sorted into its
+            // array once.
+            let (members, others): (Vec<_>, Vec<_>) = slots
+                .into_iter()
+                .map(|(key, (_, event_id))| (key, event_id))
+                .partition(|((t, _), _)| &**t == MEMBER);
+            let state = SplitState {
+                members: members.into_iter().collect(),
+                others: others.into_iter().collect(),
+            };
+            result.insert(root, state);
+        }
     }
-    Ok(())
 }
 
 /// Walks from `group` down its edges one statement per hop, asking each hop only

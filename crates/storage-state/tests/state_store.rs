@@ -19,6 +19,7 @@ storage_core::engine_tests!(
     unknown_group_and_event_are_errors,
     empty_snapshot_reads_as_empty,
     two_groups_sharing_a_prev_group,
+    named_slots_read_the_newest_row_on_their_own_chain,
     batch_of_groups_in_one_transaction,
     prefill_only_after_commit,
     invalid_arguments_are_rejected,
@@ -372,6 +373,120 @@ fn two_groups_sharing_a_prev_group(t: &TestDb) {
         );
         assert!(s.get_state_group_delta(g1).unwrap().is_none());
     }
+}
+
+/// Slots named one by one (lazy-loaded members, an auth check) are each read
+/// from the highest group on the group's own chain that holds them: a slot set
+/// low on the chain and changed higher up reads the newer event, a sibling
+/// fork's rows never leak in, a member never in the room reads as absent, and
+/// the rest of the filter (other types, a wildcard type) comes beside them.
+/// One group at a time and in a batch, from cold caches, then again from what
+/// the cold reads left in the caches.
+fn named_slots_read_the_newest_row_on_their_own_chain(t: &TestDb) {
+    let store = store(t);
+    let base = state(&[
+        (CREATE, "", "$c"),
+        (NAME, "", "$n1"),
+        ("m.room.topic", "", "$t1"),
+        (MEMBER, "@a:test", "$ja"),
+        (MEMBER, "@b:test", "$jb"),
+        (MEMBER, "@c:test", "$jc"),
+    ]);
+    let g1 = store
+        .store_state_group(&NewStateGroup::snapshot("$c", ROOM, &base))
+        .unwrap();
+    // The main line: @a changes twice, @b once, the name once.
+    let mut line = vec![(g1, base.clone())];
+    for delta in [
+        state(&[(MEMBER, "@a:test", "$a2")]),
+        state(&[(NAME, "", "$n2"), (MEMBER, "@b:test", "$b2")]),
+        state(&[(MEMBER, "@a:test", "$a3")]),
+        state(&[(MEMBER, "@d:test", "$jd")]),
+    ] {
+        let (prev, mut full) = line.last().unwrap().clone();
+        full.extend(delta.clone());
+        let event = delta.values().next().unwrap().to_string();
+        let g = store
+            .store_state_group(&NewStateGroup::delta(&event, ROOM, prev, &delta))
+            .unwrap();
+        line.push((g, full));
+    }
+    // A fork off the second group that changes @a, @c and the topic.
+    let fork_delta = state(&[
+        (MEMBER, "@a:test", "$fork_a"),
+        (MEMBER, "@c:test", "$fork_c"),
+        ("m.room.topic", "", "$fork_t"),
+    ]);
+    let fork = store
+        .store_state_group(&NewStateGroup::delta(
+            "$fork_a",
+            ROOM,
+            line[1].0,
+            &fork_delta,
+        ))
+        .unwrap();
+    let mut fork_state = line[1].1.clone();
+    fork_state.extend(fork_delta);
+    let mut all = line.clone();
+    all.push((fork, fork_state));
+
+    let lazy = StateFilter::from_lazy_load_member_list(["@a:test", "@c:test", "@zz:test"]);
+    let auth = StateFilter::from_types([
+        (CREATE, Some("")),
+        (NAME, Some("")),
+        (MEMBER, Some("@b:test")),
+        (MEMBER, Some("@zz:test")),
+    ]);
+    let mixed = StateFilter::from_types([
+        (NAME, Some("")),
+        (MEMBER, Some("@a:test")),
+        ("m.room.topic", None),
+    ]);
+    for filter in [&lazy, &auth, &mixed] {
+        let one = cold(&store);
+        for (g, expected) in &all {
+            let got = one.get_state_for_groups(&[*g], filter).unwrap();
+            assert_eq!(
+                got[g],
+                filter.filter_state(expected),
+                "group {g} alone, {filter:?}"
+            );
+        }
+        let groups: Vec<i64> = all.iter().map(|(g, _)| *g).collect();
+        let got = cold(&store).get_state_for_groups(&groups, filter).unwrap();
+        for (g, expected) in &all {
+            assert_eq!(
+                got[g],
+                filter.filter_state(expected),
+                "group {g} in a batch, {filter:?}"
+            );
+        }
+        // Answered again from what the cold read put in the caches, the
+        // absent member included.
+        for (g, expected) in &all {
+            let again = one.get_state_for_groups(&[*g], filter).unwrap();
+            assert_eq!(again[g], filter.filter_state(expected), "cached {g}");
+        }
+    }
+    // The newest rows really are the newest: spelled out for the top group.
+    let (top, _) = *line.last().unwrap();
+    let got = cold(&store).get_state_for_groups(&[top], &lazy).unwrap();
+    assert_eq!(
+        got[&top]
+            .get(&storage_state::key(MEMBER, "@a:test"))
+            .map(|e| &**e),
+        Some("$a3")
+    );
+    assert_eq!(
+        got[&top]
+            .get(&storage_state::key(MEMBER, "@c:test"))
+            .map(|e| &**e),
+        Some("$jc")
+    );
+    assert!(got[&top]
+        .get(&storage_state::key(MEMBER, "@zz:test"))
+        .is_none());
+    assert!(!got.contains_key(&fork), "only the group asked for");
 }
 
 /// test_batched_state_group_storing: several state events stored in one

@@ -146,6 +146,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// the HQ room: 64 ms against 8 ms).
     fn seeks_each_value_of_in_lists(&self) -> bool;
 
+    /// A condition that `column` is one of the values `values` (a subquery)
+    /// returns, which the engine answers by one seek per value in the order of
+    /// an index that leads with `column`: with `ORDER BY column DESC LIMIT 1`
+    /// it stops at the first value that has a row. SQLite does so for
+    /// `IN (subquery)`; PostgreSQL only for an array (`= ANY(ARRAY(..))`, an
+    /// index condition): its `IN (subquery)` is a join that reads the rows of
+    /// every value and sorts them.
+    fn seeking_each_of(&self, column: &str, values: &str) -> String;
+
     /// Opens a new connection with this engine's per-connection settings applied.
     fn connect(&self) -> Result<Conn>;
 

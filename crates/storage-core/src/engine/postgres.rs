@@ -108,6 +108,10 @@ impl Engine for PostgresEngine {
         false
     }
 
+    fn seeking_each_of(&self, column: &str, values: &str) -> String {
+        format!("{column} = ANY(ARRAY({values}))")
+    }
+
     fn connect(&self) -> Result<Conn> {
         let mut c = PgConnection::establish(&self.url)
             .with_context(|| format!("connecting to {}", self.config.url.redacted()))?;

@@ -168,6 +168,10 @@ impl Engine for SqliteEngine {
         true
     }
 
+    fn seeking_each_of(&self, column: &str, values: &str) -> String {
+        format!("{column} IN ({values})")
+    }
+
     fn connect(&self) -> Result<Conn> {
         let target = self.open_target()?;
         let mut c = SqliteConnection::establish(&target)
