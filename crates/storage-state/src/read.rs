@@ -31,10 +31,55 @@ pub(crate) fn from_cache(
     group: StateGroup,
     filter: &StateFilter,
 ) -> (StateMap, bool) {
+    let (part, complete) = cached_part(cache, group, filter);
+    (part.into_map(), complete)
+}
+
+/// One cache's part of a group's state.
+enum Part {
+    Map(StateMap),
+    /// The entries of slots a filter named one by one (a few, typically).
+    Entries(Vec<(StateKey, Arc<str>)>),
+}
+
+impl Part {
+    fn into_map(self) -> StateMap {
+        match self {
+            Part::Map(map) => map,
+            Part::Entries(entries) => entries.into_iter().collect(),
+        }
+    }
+
+    /// The two caches' parts of one group's state (they never share a key)
+    /// as one map. A few named entries beside a map (lazy-loaded members
+    /// beside the other state) go straight into the map's overlay, without
+    /// first becoming a map of their own.
+    fn join(self, other: Part) -> StateMap {
+        match (self, other) {
+            // `union` adds the smaller to the larger.
+            (Part::Map(a), Part::Map(b)) => a.union(b),
+            (Part::Map(mut map), Part::Entries(entries))
+            | (Part::Entries(entries), Part::Map(mut map)) => {
+                map.extend(entries);
+                map
+            }
+            (Part::Entries(mut a), Part::Entries(b)) => {
+                a.extend(b);
+                a.into_iter().collect()
+            }
+        }
+    }
+}
+
+fn cached_part(
+    cache: &DictionaryCache<StateGroup, StateKey, Arc<str>>,
+    group: StateGroup,
+    filter: &StateFilter,
+) -> (Part, bool) {
     let entry = cache.get(&group);
     if filter.is_full() {
         // Shares the cached map: no copy.
-        return (entry.value.clone(), entry.full);
+        return (Part::Map(entry.value.clone()), entry.full);
     }
     if !filter.include_others() && !filter.has_wildcards() {
         // A filter naming its keys (an auth check, lazy-loaded members): looked
@@ -48,7 +93,7 @@ pub(crate) fn from_cache(
                 None => complete &= entry.full || entry.known_absent.contains(&slot),
             }
         }
-        return (found.into_iter().collect(), complete);
+        return (Part::Entries(found), complete);
     }
     let state = entry
         .value
@@ -57,7 +102,7 @@ pub(crate) fn from_cache(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     // Wildcards can only be answered by a whole dictionary.
-    (state, entry.full)
+    (Part::Map(state), entry.full)
 }
 
 /// The state of `groups` under `filter`, cache first.
@@ -81,11 +126,11 @@ pub(crate) fn state_for_groups(
                 continue;
             }
         }
-        let (non_members, nm_complete) = from_cache(&caches.non_members, group, &non_member_filter);
-        let (members, m_complete) = from_cache(&caches.members, group, &member_filter);
+        let (non_members, nm_complete) =
+            cached_part(&caches.non_members, group, &non_member_filter);
+        let (members, m_complete) = cached_part(&caches.members, group, &member_filter);
         if nm_complete && m_complete {
-            // The two never share a key; `union` adds the smaller to the larger.
-            let state = members.union(non_members);
+            let state = members.join(non_members);
             if full {
                 caches.full_states.insert(group, state.clone());
             }
