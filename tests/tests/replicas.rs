@@ -149,6 +149,7 @@ fn main_and_two_workers_agree() {
 
     // A worker killed and restarted catches up.
     drop(w2);
+    let mut late = Vec::new();
     for i in 0..4 {
         let e = room.event(
             &format!("late{i}"),
@@ -157,11 +158,22 @@ fn main_and_two_workers_agree() {
             Some(""),
             json!({"topic": format!("late{i}")}),
         );
+        late.push(e.clone());
         last_position = post(if i % 2 == 0 { &main.url } else { &w1.url }, vec![e]).unwrap()
             ["stream_ordering"]
             .as_i64()
             .unwrap();
     }
+    // An event posted again through a worker (a client retrying) is answered
+    // as already stored, and the worker keeps reading the state stored for it.
+    let again = post(&w1.url, vec![late[2].clone()]).unwrap();
+    assert_eq!(again["skipped"], json!([late[2]["event_id"]]), "{again}");
+    let at = format!(
+        "/_hs/v1/rooms/{}/state?at={}",
+        encode(ROOM),
+        encode(late[2]["event_id"].as_str().unwrap())
+    );
+    assert_eq!(get(&w1.url, &at), get(&main.url, &at));
     w2 = worker(&db, &main.url, w2_port, "w2");
     wait_for_position(&w2, last_position);
     let want = get(&main.url, &current);

@@ -159,8 +159,8 @@ impl ContextBuilder {
     /// This builder, preparing new state groups (an id each, readable through
     /// the state store) for the transaction of their event's batch to write,
     /// instead of writing each in a transaction of its own. For the main
-    /// process, whose batches it computes contexts for; a worker, which hands
-    /// its events to another process, writes its groups itself.
+    /// process, whose batches it computes contexts for, and for a worker, which
+    /// sends the groups with their events for the main process to write.
     pub fn deferring_group_writes(mut self) -> Self {
         self.defer_group_writes = true;
         self
@@ -182,6 +182,39 @@ impl ContextBuilder {
         };
         self.groups_stored.fetch_add(1, Ordering::Relaxed);
         Ok(group)
+    }
+
+    /// Events whose contexts this builder computed and that another process
+    /// (the main process, for a worker) has committed as they were: their
+    /// prepared groups are read from storage from now on, with their caches
+    /// filled, and the events and the groups after them are cached, as the
+    /// room's next events name them as prev events (so a worker's next write
+    /// to the room reads neither). `skipped` are those found already stored:
+    /// what is stored for them may differ, so only their groups are kept.
+    pub fn remember_written_elsewhere(
+        &self,
+        events: &[(Pdu, EventContext)],
+        skipped: &HashSet<&str>,
+    ) {
+        let groups: Vec<Arc<PreparedStateGroup>> = events
+            .iter()
+            .flat_map(|(_, c)| c.new_state_groups.iter().cloned())
+            .collect();
+        self.state.prepared_groups_written_elsewhere(&groups);
+        let written = events
+            .iter()
+            .filter(|(p, _)| !skipped.contains(p.event_id.as_str()));
+        let mut mappings: Vec<(&str, StateGroup)> = Vec::new();
+        for (pdu, context) in written {
+            if let (false, Some(group)) = (context.outlier, context.state_group_after) {
+                mappings.push((pdu.event_id.as_str(), group));
+            }
+            let mut pdu = pdu.clone();
+            // As a stored event reads back (see `parse_stored`).
+            pdu.rejected = context.rejected.is_some();
+            self.pdus.insert(pdu.event_id.to_string(), Arc::new(pdu));
+        }
+        self.state.remember_event_state_groups(&mappings);
     }
 
     pub fn state(&self) -> &StateStore {

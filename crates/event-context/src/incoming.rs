@@ -136,7 +136,8 @@ fn compute_contexts(
 
 /// Checks contexts that another process computed before they are persisted as
 /// they are: every event is in `room_id`; an outlier has no state groups and
-/// any other event has a group after it; and every group named exists and
+/// any other event has a group after it; every group prepared for the batch
+/// belongs to `room_id`; and every group named is one of those, or exists and
 /// belongs to `room_id`. A worker with a bug (or a stale binary) is refused
 /// with the event and group named, instead of mapping events to state that is
 /// not theirs.
@@ -145,6 +146,18 @@ pub fn check_contexts(
     room_id: &str,
     events: &[(Pdu, EventContext)],
 ) -> Result<()> {
+    let mut prepared = std::collections::HashSet::new();
+    for (pdu, context) in events {
+        for group in &context.new_state_groups {
+            if group.room_id != room_id {
+                return Err(Error::invalid_argument(format!(
+                    "event {}: the state group {} prepared for it belongs to room {}, not {room_id}",
+                    pdu.event_id, group.group, group.room_id
+                )));
+            }
+            prepared.insert(group.group);
+        }
+    }
     for (pdu, context) in events {
         let event_id = &pdu.event_id;
         if pdu.room_id.as_str() != room_id {
@@ -167,6 +180,9 @@ pub fn check_contexts(
             _ => {}
         }
         for group in groups.into_iter().flatten() {
+            if prepared.contains(&group) {
+                continue;
+            }
             // The store caches each group's room, so a batch naming one group
             // many times asks the database once.
             match state.get_state_group_room(group)? {

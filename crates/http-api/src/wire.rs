@@ -4,8 +4,10 @@
 use event_context::ruma::RoomVersionId;
 use event_context::{EventContext, Pdu};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use storage_core::{Error, Result};
 use storage_events::PersistedBatch;
+use storage_state::{key, NewStateGroup, PreparedStateGroup, StateMap, StateStore};
 
 /// What a write of events answers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -14,6 +16,10 @@ pub struct WriteOutcome {
     pub stream_ordering: i64,
     /// Events stored as rejected, with the reason.
     pub rejected: BTreeMap<String, String>,
+    /// Events of the request found already stored, and so not written again
+    /// (what is stored for them may differ from what the request said).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 impl WriteOutcome {
@@ -30,6 +36,7 @@ impl WriteOutcome {
                         .map(|r| (p.event_id.to_string(), r.clone()))
                 })
                 .collect(),
+            skipped: batch.skipped.clone(),
         }
     }
 }
@@ -50,6 +57,105 @@ pub struct ContextedEvent {
     pub state_group_before: Option<i64>,
     pub state_group_after: Option<i64>,
     pub rejected: Option<String>,
+    /// The groups the worker prepared for the event (ids from the shared
+    /// sequence, nothing written): the main process writes them in the
+    /// event's batch, so a state event costs the worker no transaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub new_state_groups: Vec<ForwardedGroup>,
+}
+
+/// A state group a worker prepared, as it travels to the main process: its
+/// state as entries `[type, state_key, event_id]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ForwardedGroup {
+    pub id: i64,
+    pub event_id: String,
+    pub room_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_group: Option<i64>,
+    /// Required with a prev group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_ids: Option<Vec<[String; 3]>>,
+    /// The full state; required without a prev group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_state_ids: Option<Vec<[String; 3]>>,
+}
+
+fn entries(state: &StateMap) -> Vec<[String; 3]> {
+    state
+        .iter()
+        .map(|((t, k), e)| [t.to_string(), k.to_string(), e.to_string()])
+        .collect()
+}
+
+fn state_map(entries: &[[String; 3]]) -> StateMap {
+    entries
+        .iter()
+        .map(|[t, k, e]| (key(t, k), Arc::from(e.as_str())))
+        .collect()
+}
+
+impl ForwardedGroup {
+    pub fn new(group: &PreparedStateGroup) -> Self {
+        ForwardedGroup {
+            id: group.group,
+            event_id: group.event_id.clone(),
+            room_id: group.room_id.clone(),
+            prev_group: group.prev_group,
+            delta_ids: group.delta_ids.as_ref().map(entries),
+            current_state_ids: group.current_state_ids.as_ref().map(entries),
+        }
+    }
+
+    /// Kept readable in `state` until its batch writes it (see
+    /// [`StateStore::adopt_prepared_group`]).
+    fn adopt(&self, state: &StateStore) -> Result<Arc<PreparedStateGroup>> {
+        let delta = self.delta_ids.as_deref().map(state_map);
+        let current = self.current_state_ids.as_deref().map(state_map);
+        let new = NewStateGroup {
+            event_id: &self.event_id,
+            room_id: &self.room_id,
+            prev_group: self.prev_group,
+            delta_ids: delta.as_ref(),
+            current_state_ids: current.as_ref(),
+        };
+        state.adopt_prepared_group(self.id, &new).map_err(|e| {
+            e.context(format!(
+                "state group {} of event {}",
+                self.id, self.event_id
+            ))
+        })
+    }
+}
+
+/// Reads a worker's events and adopts the groups it prepared for them (see
+/// [`ForwardedGroup::adopt`]), in order. When one fails, none stays adopted.
+pub fn adopt_contexted(
+    state: &StateStore,
+    events: Vec<ContextedEvent>,
+) -> Result<Vec<(Pdu, EventContext)>> {
+    let mut out: Vec<(Pdu, EventContext)> = Vec::with_capacity(events.len());
+    let mut adopted = Vec::new();
+    let read = || -> Result<()> {
+        for mut event in events {
+            let groups = std::mem::take(&mut event.new_state_groups);
+            let (pdu, mut context) = event.into_parts()?;
+            for g in &groups {
+                let prepared = g.adopt(state)?;
+                adopted.push(prepared.clone());
+                context.new_state_groups.push(prepared);
+            }
+            out.push((pdu, context));
+        }
+        Ok(())
+    };
+    match read() {
+        Ok(()) => Ok(out),
+        Err(e) => {
+            state.forget_prepared_groups(&adopted);
+            Err(e)
+        }
+    }
 }
 
 impl ContextedEvent {
@@ -62,6 +168,11 @@ impl ContextedEvent {
             state_group_before: context.state_group_before,
             state_group_after: context.state_group_after,
             rejected: context.rejected.clone(),
+            new_state_groups: context
+                .new_state_groups
+                .iter()
+                .map(|g| ForwardedGroup::new(g))
+                .collect(),
         }
     }
 
@@ -83,7 +194,7 @@ impl ContextedEvent {
             state_group_before: self.state_group_before,
             state_group_after: self.state_group_after,
             rejected: self.rejected,
-            // The worker wrote its groups itself.
+            // Adopted by `adopt_contexted`.
             new_state_groups: Vec::new(),
         };
         Ok((pdu, context))

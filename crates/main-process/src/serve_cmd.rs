@@ -31,11 +31,12 @@ impl EventWriter for MainWriter {
         room_id: &str,
         events: Vec<ContextedEvent>,
     ) -> Result<WriteOutcome, Error> {
-        let events = events
-            .into_iter()
-            .map(ContextedEvent::into_parts)
-            .collect::<Result<Vec<_>, _>>()?;
-        event_context::check_contexts(self.pipeline.builder.state(), room_id, &events)?;
+        let state = self.pipeline.builder.state();
+        let events = http_api::wire::adopt_contexted(state, events)?;
+        if let Err(e) = event_context::check_contexts(state, room_id, &events) {
+            state.forget_prepared_groups(events.iter().flat_map(|(_, c)| &c.new_state_groups));
+            return Err(e);
+        }
         let batch = self.pipeline.persist(room_id, &events)?;
         Ok(WriteOutcome::new(&events, &batch))
     }

@@ -4,6 +4,7 @@
 //! at a time, round trips are what a write costs on PostgreSQL, so the number
 //! is pinned: a change that adds a statement to the write path shows here.
 
+use http_api::wire::{adopt_contexted, ContextedEvent, WriteOutcome};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 use storage_core::testing::TestDb;
@@ -11,6 +12,7 @@ use storage_core::testing::TestDb;
 storage_core::engine_tests!(
     a_message_costs_a_fixed_number_of_statements,
     a_state_event_costs_a_fixed_number_of_statements,
+    a_forwarded_write_costs_the_worker_at_most_the_group_id,
 );
 
 /// Whether statements are being recorded, and those recorded.
@@ -63,11 +65,112 @@ fn statements_of_one_write(t: &TestDb, before: &[String], line: &str) -> Vec<Str
     for l in before {
         write(l);
     }
+    recording(|| write(line)).1
+}
+
+/// Statements recorded while `f` runs.
+fn recording<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     STATEMENTS.lock().unwrap().clear();
     COUNTING.store(true, Ordering::SeqCst);
-    write(line);
+    let out = f();
     COUNTING.store(false, Ordering::SeqCst);
-    std::mem::take(&mut *STATEMENTS.lock().unwrap())
+    (out, std::mem::take(&mut *STATEMENTS.lock().unwrap()))
+}
+
+/// What `hs-worker` and `hs-main` do with one request posted to the worker:
+/// the worker computes the contexts (with stores of its own), the main
+/// process reads them from JSON, adopts the groups the worker prepared,
+/// checks and persists them; the worker then remembers what was written.
+/// Answers the statements of the worker's part and of the main process's.
+struct Forwarding {
+    main: persistence::Pipeline,
+    worker: event_context::ContextBuilder,
+}
+
+impl Forwarding {
+    fn open(t: &TestDb) -> Forwarding {
+        let config = storage_core::StoreConfig::default();
+        let main = persistence::Pipeline::open(t.open(), &config).unwrap();
+        let worker_events =
+            storage_events::EventsStore::new(t.open_mode(storage_core::OpenMode::Replica), &config)
+                .unwrap();
+        let worker =
+            event_context::ContextBuilder::new(worker_events, &config).deferring_group_writes();
+        Forwarding { main, worker }
+    }
+
+    fn write(&self, line: &str) -> (Vec<String>, Vec<String>) {
+        let (events, at_worker) = recording(|| {
+            event_context::contexts_for(&self.worker, ROOM, &[line.to_owned()]).unwrap()
+        });
+        let sent: Vec<ContextedEvent> = events
+            .iter()
+            .map(|(p, c)| ContextedEvent::new(p, c))
+            .collect();
+        let sent: Vec<ContextedEvent> =
+            serde_json::from_str(&serde_json::to_string(&sent).unwrap()).unwrap();
+        let (outcome, at_main) = recording(|| {
+            let state = self.main.builder.state();
+            let received = adopt_contexted(state, sent).unwrap();
+            event_context::check_contexts(state, ROOM, &received).unwrap();
+            let batch = self.main.persist(ROOM, &received).unwrap();
+            WriteOutcome::new(&received, &batch)
+        });
+        let skipped = outcome.skipped.iter().map(String::as_str).collect();
+        self.worker.remember_written_elsewhere(&events, &skipped);
+        (at_worker, at_main)
+    }
+}
+
+/// Through a worker, a message costs the worker nothing and a state event
+/// one statement (its group's id), once the room's last event went through
+/// it: it remembers what the main process committed. The main process costs
+/// what a write posted to it does, less that id; its groups are written in
+/// the batch, and each is kept readable in the meantime.
+fn a_forwarded_write_costs_the_worker_at_most_the_group_id(t: &TestDb) {
+    install();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let lines = room();
+    let forwarding = Forwarding::open(t);
+    for l in &lines[..20] {
+        forwarding.write(l);
+    }
+    let (message, state) = expected(t);
+    let id = group_id_statements(t);
+    // Line 20 is a join, 21 a message.
+    let (worker, main) = forwarding.write(&lines[20]);
+    assert_eq!(
+        worker.len(),
+        id,
+        "the worker's statements of a state event:\n{}",
+        worker.join("\n")
+    );
+    assert_eq!(
+        main.len(),
+        state - id,
+        "the main process's statements of a forwarded state event on {}:\n{}",
+        t.engine(),
+        main.join("\n")
+    );
+    let (worker, main) = forwarding.write(&lines[21]);
+    assert!(
+        worker.is_empty(),
+        "the worker's statements of a message:\n{}",
+        worker.join("\n")
+    );
+    assert_eq!(
+        main.len(),
+        message,
+        "the main process's statements of a forwarded message on {}:\n{}",
+        t.engine(),
+        main.join("\n")
+    );
+    for l in &lines[22..] {
+        forwarding.write(l);
+    }
+    assert_eq!(forwarding.main.builder.state().prepared_groups_waiting(), 0);
+    assert_eq!(forwarding.worker.state().prepared_groups_waiting(), 0);
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 const ROOM: &str = "!statements:bench.test";
@@ -123,5 +226,14 @@ fn expected(t: &TestDb) -> (usize, usize) {
     match t.engine() {
         "sqlite" => (10, 17),
         _ => (13, 21),
+    }
+}
+
+/// The statements taking a new state group's id: none on SQLite, which takes
+/// its sequences from memory.
+fn group_id_statements(t: &TestDb) -> usize {
+    match t.engine() {
+        "sqlite" => 0,
+        _ => 1,
     }
 }

@@ -1,12 +1,13 @@
 //! `hs-worker --database URL --main URL [--listen ADDR] [--name NAME]`: a replica
 //! worker. It serves the same read API as the main process from its slaved
 //! stores, follows the replication stream to keep their caches right, and for
-//! posted events computes the contexts itself (state resolution,
-//! store_state_group with ids from the shared sequence) and hands events and
-//! contexts to the main process, which persists them without recomputing.
+//! posted events computes the contexts itself (state resolution, new state
+//! groups prepared with ids from the shared sequence) and hands events,
+//! contexts and prepared groups to the main process, which writes them in the
+//! events' batch without recomputing.
 
 use clap::{ArgAction, Parser};
-use event_context::ContextBuilder;
+use event_context::{ContextBuilder, EventContext, Pdu};
 use http_api::settings::{LogFormat, Overrides, Settings};
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter};
@@ -77,6 +78,31 @@ struct ForwardingWriter {
 impl EventWriter for ForwardingWriter {
     fn write(&self, room_id: &str, pdus: Vec<String>) -> Result<WriteOutcome, Error> {
         let events = event_context::contexts_for(&self.builder, room_id, &pdus)?;
+        let outcome = self.forward(room_id, &events);
+        match &outcome {
+            Ok(outcome) => {
+                let skipped = outcome.skipped.iter().map(String::as_str).collect();
+                self.builder.remember_written_elsewhere(&events, &skipped);
+            }
+            // Not written, or not known to be: the groups prepared for them are
+            // read from the database if they were.
+            Err(_) => self
+                .builder
+                .state()
+                .forget_prepared_groups(events.iter().flat_map(|(_, c)| &c.new_state_groups)),
+        }
+        outcome
+    }
+}
+
+impl ForwardingWriter {
+    /// Hands `events` with their contexts to the main process and waits for
+    /// its answer (given once they are committed).
+    fn forward(
+        &self,
+        room_id: &str,
+        events: &[(Pdu, EventContext)],
+    ) -> Result<WriteOutcome, Error> {
         let body = serde_json::json!({
             "events": events.iter().map(|(p, c)| ContextedEvent::new(p, c)).collect::<Vec<_>>(),
         });
@@ -169,7 +195,9 @@ fn run(settings: &Settings) -> Result<(), Error> {
     )?;
     let slaved = SlavedStore::new(db.clone(), &config)?;
     let _follower = slaved.follow();
-    let builder = ContextBuilder::new(slaved.events().clone(), &config);
+    // New groups travel with their events, for the main process to write in
+    // their batch.
+    let builder = ContextBuilder::new(slaved.events().clone(), &config).deferring_group_writes();
     let position = slaved.clone();
     let replication = slaved.clone();
     let health = vec![

@@ -146,21 +146,7 @@ impl StateStore {
     /// statement (the sequence), no transaction.
     pub fn prepare_state_group(&self, new: &NewStateGroup<'_>) -> Result<Arc<PreparedStateGroup>> {
         new.validate()?;
-        let state = match (new.current_state_ids, new.prev_group, new.delta_ids) {
-            (Some(current), _, _) => current.clone(),
-            (None, Some(prev), Some(delta)) => {
-                let mut state = match self.unwritten.full_state(prev) {
-                    Some(s) => s,
-                    None => self
-                        .get_state_for_groups(&[prev], &StateFilter::all())?
-                        .remove(&prev)
-                        .unwrap_or_default(),
-                };
-                state.extend(delta.iter().map(|(k, v)| (k.clone(), v.clone())));
-                state
-            }
-            _ => unreachable!("validate() refuses a group with neither state nor a delta"),
-        };
+        let state = self.full_state_of(new)?;
         // Often the first statement of a write (everything before it is
         // served from memory): a connection the server dropped shows here,
         // and is told as the database being unavailable, as in a transaction.
@@ -182,6 +168,85 @@ impl StateStore {
         let prepared = Arc::new(PreparedStateGroup::new(group, new, state));
         self.unwritten.insert(prepared.clone());
         Ok(prepared)
+    }
+
+    /// Like [`Self::prepare_state_group`] for a group another process (a
+    /// replica worker) prepared under `group`, an id it took from the shared
+    /// sequence: kept readable here until the batch carrying it writes it.
+    /// Reads nothing when the prev group is prepared or cached in full.
+    pub fn adopt_prepared_group(
+        &self,
+        group: StateGroup,
+        new: &NewStateGroup<'_>,
+    ) -> Result<Arc<PreparedStateGroup>> {
+        new.validate()?;
+        if self.unwritten.full_state(group).is_some() {
+            return Err(Error::invalid_argument(format!(
+                "state group {group} is already prepared here: its id was given twice"
+            )));
+        }
+        let state = self.full_state_of(new)?;
+        let prepared = Arc::new(PreparedStateGroup::new(group, new, state));
+        self.unwritten.insert(prepared.clone());
+        Ok(prepared)
+    }
+
+    /// The full state of the group `new` describes: given, or its prev
+    /// group's (prepared, cached or read) with the delta applied.
+    fn full_state_of(&self, new: &NewStateGroup<'_>) -> Result<StateMap> {
+        Ok(
+            match (new.current_state_ids, new.prev_group, new.delta_ids) {
+                (Some(current), _, _) => current.clone(),
+                (None, Some(prev), Some(delta)) => {
+                    let mut state = match self.unwritten.full_state(prev) {
+                        Some(s) => s,
+                        None => self
+                            .get_state_for_groups(&[prev], &StateFilter::all())?
+                            .remove(&prev)
+                            .unwrap_or_default(),
+                    };
+                    state.extend(delta.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    state
+                }
+                _ => unreachable!("validate() refuses a group with neither state nor a delta"),
+            },
+        )
+    }
+
+    /// Prepared groups that another process (the main process, for a worker)
+    /// has committed: their caches are filled with what is known of them
+    /// (room and state; not their shape, which the writer chose) and they are
+    /// read from the database from now on. In order: a group may have an
+    /// earlier one as its prev group.
+    pub fn prepared_groups_written_elsewhere(&self, groups: &[Arc<PreparedStateGroup>]) {
+        for g in groups {
+            let seqs = (
+                self.caches.members.sequence(),
+                self.caches.non_members.sequence(),
+            );
+            let derived_from = g
+                .prev_group
+                .zip(g.delta_ids.clone())
+                .map(|(prev, delta)| (prev, Arc::new(delta)));
+            write::prefill(
+                &self.caches,
+                seqs,
+                g.group,
+                g.room_id.clone(),
+                Some(g.full_state()),
+                derived_from,
+            );
+        }
+        self.unwritten.remove(groups.iter().map(|g| g.group));
+    }
+
+    /// The state group after each event of `mappings`, committed by another
+    /// process (the main process, for a worker): cached as if read.
+    pub fn remember_event_state_groups(&self, mappings: &[(&str, StateGroup)]) {
+        let seq = self.caches.event_groups.sequence();
+        for (e, g) in mappings {
+            self.caches.event_groups.insert_at(seq, (*e).to_owned(), *g);
+        }
     }
 
     /// Writes prepared groups inside a caller's transaction, in order (a group

@@ -48,6 +48,11 @@ impl PreparedStateGroup {
         }
     }
 
+    /// Its full state (an O(1) copy).
+    pub(crate) fn full_state(&self) -> StateMap {
+        self.state.clone()
+    }
+
     /// The arguments that store it.
     pub fn as_new(&self) -> NewStateGroup<'_> {
         NewStateGroup {

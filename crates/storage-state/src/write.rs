@@ -260,38 +260,57 @@ pub(crate) fn store_txn<'a>(
     let room_id = new.room_id.to_owned();
     let delta_entry = delta_base.map(|(prev, delta, _)| (prev, Arc::new(delta.clone())));
     txn.call_after(move || {
-        // A delta on a group the caches hold in full shares that group's maps;
-        // splitting a full state the caller gave would copy the whole room into
-        // new maps (31k entries for the HQ room's resolved state: 6% of a
-        // resolution's time).
-        let prev_known = delta_entry.as_ref().is_some_and(|(prev, _)| {
-            caches.members.holds_full(prev) && caches.non_members.holds_full(prev)
-        });
-        let full_state = full_state.filter(|_| !prev_known);
-        if let Some(state) = full_state {
-            let (members, non_members): (StateMap, StateMap) =
-                state.into_iter().partition(|((t, _), _)| &**t == MEMBER);
-            caches.members.update(seq_members, group, members, None);
-            caches
-                .non_members
-                .update(seq_non_members, group, non_members, None);
-        } else if let Some((prev, delta)) = &delta_entry {
-            // The new group is its prev group plus the delta: whatever the caches
-            // know of the prev group, they now know of the new one.
-            let (members, non_members): (StateMap, StateMap) = delta
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .partition(|((t, _), _)| &**t == MEMBER);
-            caches.members.derive(seq_members, prev, group, members);
-            caches
-                .non_members
-                .derive(seq_non_members, prev, group, non_members);
-        }
+        let seqs = (seq_members, seq_non_members);
+        let derived_from = delta_entry.clone();
+        prefill(&caches, seqs, group, room_id, full_state, derived_from);
         caches.deltas.insert(group, delta_entry);
         caches.chain_lengths.insert(group, chain_len);
-        caches.group_rooms.insert(group, room_id);
     });
     Ok(group)
+}
+
+/// Fills the caches of a group just committed with what its writer knows of
+/// it: its room, and its state, derived from its prev group's entries when
+/// `derived_from` (prev group, delta) is given and the caches hold that group in
+/// full, else from `full_state` when given. `seqs` are the members' and
+/// non-members' cache sequences taken before the commit.
+pub(crate) fn prefill(
+    caches: &StateCaches,
+    seqs: (u64, u64),
+    group: StateGroup,
+    room_id: String,
+    full_state: Option<StateMap>,
+    derived_from: Option<(StateGroup, Arc<StateMap>)>,
+) {
+    let (seq_members, seq_non_members) = seqs;
+    // A delta on a group the caches hold in full shares that group's maps;
+    // splitting a full state the caller gave would copy the whole room into
+    // new maps (31k entries for the HQ room's resolved state: 6% of a
+    // resolution's time).
+    let prev_known = derived_from.as_ref().is_some_and(|(prev, _)| {
+        caches.members.holds_full(prev) && caches.non_members.holds_full(prev)
+    });
+    let full_state = full_state.filter(|_| !prev_known);
+    if let Some(state) = full_state {
+        let (members, non_members): (StateMap, StateMap) =
+            state.into_iter().partition(|((t, _), _)| &**t == MEMBER);
+        caches.members.update(seq_members, group, members, None);
+        caches
+            .non_members
+            .update(seq_non_members, group, non_members, None);
+    } else if let Some((prev, delta)) = &derived_from {
+        // The new group is its prev group plus the delta: whatever the caches
+        // know of the prev group, they now know of the new one.
+        let (members, non_members): (StateMap, StateMap) = delta
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|((t, _), _)| &**t == MEMBER);
+        caches.members.derive(seq_members, prev, group, members);
+        caches
+            .non_members
+            .derive(seq_non_members, prev, group, non_members);
+    }
+    caches.group_rooms.insert(group, room_id);
 }
 
 /// The chain length of `prev` (itself included), after checking that it exists
