@@ -24,6 +24,52 @@ pub const STATE_GROUP_SHAPE_CACHE: &str = "state_group_shape";
 /// reached it must drop all its mutable caches.
 pub const ALL_CACHES: &str = "*";
 
+/// A notification on [`REPLICATION_CHANNEL`]: `"<position> <ms since the
+/// epoch> <0|1>"`, the committed position, when it was committed (workers
+/// measure their lag from it), and whether the transaction wrote cache
+/// invalidations. A worker that followed every notification since its position
+/// applies one without invalidations by taking its position, reading nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notification {
+    pub position: i64,
+    pub committed_ms: i64,
+    /// Whether the position may come with invalidations to read (true for a
+    /// payload without the flag, from an older main process).
+    pub invalidations: bool,
+}
+
+impl Notification {
+    pub fn new(position: i64, invalidations: bool) -> Self {
+        Notification {
+            position,
+            committed_ms: now_ms(),
+            invalidations,
+        }
+    }
+
+    pub fn payload(&self) -> String {
+        format!(
+            "{} {} {}",
+            self.position,
+            self.committed_ms,
+            u8::from(self.invalidations)
+        )
+    }
+
+    /// `None` for a payload that is not a notification.
+    pub fn parse(payload: &str) -> Option<Notification> {
+        let mut parts = payload.split(' ');
+        let position = parts.next()?.parse().ok()?;
+        let committed_ms = parts.next()?.parse().ok()?;
+        let invalidations = parts.next() != Some("0");
+        Some(Notification {
+            position,
+            committed_ms,
+            invalidations,
+        })
+    }
+}
+
 /// Publishes the highest event stream position this process has applied (the
 /// main process: committed; a worker: replicated) as the
 /// `hs_replication_position` gauge, one name on every process so that a
@@ -99,7 +145,10 @@ impl EventsStore {
             cache_invalidations::cache_key.eq(&key),
         ))
         .execute(c))?;
-        txn.notify(REPLICATION_CHANNEL, &format!("{position} {}", now_ms()))?;
+        txn.notify(
+            REPLICATION_CHANNEL,
+            &Notification::new(position, true).payload(),
+        )?;
         let reported = self.position.clone();
         txn.call_after(move || {
             let previous = reported.fetch_max(position, std::sync::atomic::Ordering::SeqCst);

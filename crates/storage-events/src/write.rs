@@ -4,7 +4,7 @@
 
 use crate::read::{load_existing, StoredEvent};
 use crate::replication::{
-    now_ms, report_stream_position, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
+    now_ms, report_stream_position, Notification, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
 };
 use crate::schema::{
     cache_invalidations, event_auth, event_edges, event_forward_extremities, event_json, events,
@@ -139,9 +139,13 @@ impl EventsStore {
             ))
             .execute(c))?;
         }
-        // "<position> <ms since the epoch>": workers apply the position and measure
-        // their lag from the time.
-        txn.notify(REPLICATION_CHANNEL, &format!("{max} {}", now_ms()))?;
+        // Workers apply the position (reading the invalidations when there are
+        // some) and measure their lag from the time.
+        let invalidated = !batch.current_state.is_empty();
+        txn.notify(
+            REPLICATION_CHANNEL,
+            &Notification::new(max, invalidated).payload(),
+        )?;
         let position = self.position.clone();
         txn.call_after(move || {
             report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
 use storage_events::{
-    report_stream_position, EventReads, EventsStore, ALL_CACHES, CURRENT_STATE_CACHE,
+    report_stream_position, EventReads, EventsStore, Notification, ALL_CACHES, CURRENT_STATE_CACHE,
     REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 use storage_state::StateStore;
@@ -116,6 +116,29 @@ impl SlavedStore {
         Ok(self.position())
     }
 
+    /// Applies the notifications drained from the listening connection, all
+    /// those committed since this store's position (none missed: the
+    /// connection listened throughout), and returns the new position. When
+    /// none says it wrote invalidations, the highest position is taken as it
+    /// is, with nothing read (a batch of messages); otherwise, or for a
+    /// payload that does not parse, [`Self::catch_up`] reads what is new.
+    pub fn apply_notifications(&self, payloads: &[String]) -> Result<i64> {
+        let notifications: Option<Vec<Notification>> =
+            payloads.iter().map(|p| Notification::parse(p)).collect();
+        let Some(notifications) = notifications else {
+            return self.catch_up();
+        };
+        if notifications.iter().any(|n| n.invalidations) {
+            return self.catch_up();
+        }
+        if let Some(highest) = notifications.iter().map(|n| n.position).max() {
+            let previous = self.position.fetch_max(highest, Ordering::SeqCst);
+            report_stream_position(previous.max(highest));
+        }
+        self.caught_up_at.store(now_ms(), Ordering::SeqCst);
+        Ok(self.position())
+    }
+
     /// Whether this worker follows the stream: `Err` saying since when it has
     /// not caught up, once that is longer than [`STALE_AFTER`] (its database
     /// connection is lost, or the database is down).
@@ -165,18 +188,16 @@ impl SlavedStore {
         let mut last = Instant::now();
         let mut last_woken = Instant::now() - BUSY;
         while !stop.load(Ordering::SeqCst) {
-            let mut woken = false;
-            let mut announced: Option<(i64, i64)> = None;
-            for payload in listener.drain()? {
-                woken = true;
-                let mut parts = payload.split(' ').map(str::parse::<i64>);
-                if let (Some(Ok(pos)), Some(Ok(ts))) = (parts.next(), parts.next()) {
-                    announced = announced.max(Some((pos, ts)));
-                }
-            }
+            let payloads = listener.drain()?;
+            let woken = !payloads.is_empty();
+            let announced: Option<(i64, i64)> = payloads
+                .iter()
+                .filter_map(|p| Notification::parse(p))
+                .map(|n| (n.position, n.committed_ms))
+                .max();
             if woken {
                 last_woken = Instant::now();
-                let applied = self.catch_up()?;
+                let applied = self.apply_notifications(&payloads)?;
                 if let Some((pos, ts)) = announced.filter(|(pos, _)| *pos <= applied) {
                     let lag = (now_ms() - ts).max(0) as f64 / 1000.0;
                     metrics::global().set_gauge(

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, OpenMode, StoreConfig};
 use storage_events::{
-    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventsStore, RoomBatch,
+    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventsStore, Notification,
+    RoomBatch,
 };
 use storage_slaved::{SlavedStore, APPLICATION_NAME};
 use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap};
@@ -59,6 +60,24 @@ impl Main {
             })
             .unwrap();
         self.group = Some(group);
+        self.last = Some(id.to_owned());
+        persisted.max_stream_ordering
+    }
+
+    /// Persists a message `id` (no change of state); returns its position.
+    fn message(&mut self, id: &str) -> i64 {
+        let prevs: Vec<&str> = self.last.iter().map(String::as_str).collect();
+        let events = vec![testing::event(ROOM, id, &prevs, self.group)];
+        let current = self.store.get_forward_extremities(ROOM).unwrap();
+        let persisted = self
+            .store
+            .persist_batch(&RoomBatch {
+                room_id: ROOM.into(),
+                new_extremities: new_forward_extremities(&current, &events, &Default::default()),
+                current_state: CurrentStateDelta::default(),
+                events,
+            })
+            .unwrap();
         self.last = Some(id.to_owned());
         persisted.max_stream_ordering
     }
@@ -140,6 +159,65 @@ fn catch_up_applies_invalidations_then_reports_the_position() {
     // Nothing new: the position stays.
     assert_eq!(worker.catch_up().unwrap(), position);
     storage_events::testing::assert_invariants(&t.open());
+}
+
+/// A batch's notification says whether it wrote invalidations: a state
+/// change does, a message does not.
+#[test]
+fn a_batch_announces_whether_it_wrote_invalidations() {
+    let Some(t) = TestDb::postgres() else { return };
+    let mut main = Main::new(&t);
+    main.write("$create", ("m.room.create", ""));
+    let db = t.open_mode(OpenMode::Replica);
+    let mut listener = db
+        .engine()
+        .listen(storage_events::REPLICATION_CHANNEL, "announce-test")
+        .unwrap();
+    let mut next = || {
+        let mut payloads = Vec::new();
+        wait_until("a notification", || {
+            payloads.extend(listener.drain().unwrap());
+            !payloads.is_empty()
+        });
+        assert_eq!(payloads.len(), 1, "{payloads:?}");
+        Notification::parse(&payloads[0]).unwrap()
+    };
+    let position = main.write("$topic", ("m.room.topic", ""));
+    let n = next();
+    assert_eq!((n.position, n.invalidations), (position, true));
+    let position = main.message("$message");
+    let n = next();
+    assert_eq!((n.position, n.invalidations), (position, false));
+    storage_events::testing::assert_invariants(&t.open());
+}
+
+/// Notifications without invalidations are applied by taking their
+/// position, reading nothing; one with invalidations, or one that does not
+/// say (an older main process), is applied by reading what is new.
+#[test]
+fn notifications_without_invalidations_cost_no_read() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (mut main, worker) = room_with_a_cached_topic(&t);
+    let stored = main.write("$topic2", ("m.room.topic", ""));
+    // Positions beyond what is stored tell which way a notification went: a
+    // read stops at the stored one.
+    let payload = |position: i64, flag: &str| format!("{position} 1700000000000{flag}");
+    for says_invalidations in [payload(stored + 5, " 1"), payload(stored + 5, "")] {
+        assert_eq!(
+            worker.apply_notifications(&[says_invalidations]).unwrap(),
+            stored
+        );
+        assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+    }
+    let messages = [payload(stored + 1, " 0"), payload(stored + 2, " 0")];
+    assert_eq!(worker.apply_notifications(&messages).unwrap(), stored + 2);
+    assert_eq!(worker.position(), stored + 2);
+    // A payload that does not parse is read past, never taken.
+    assert_eq!(
+        worker.apply_notifications(&["garbage".to_owned()]).unwrap(),
+        stored + 2
+    );
+    assert!(worker.replication_health().is_ok());
 }
 
 #[test]
