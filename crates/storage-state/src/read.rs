@@ -7,11 +7,11 @@ use crate::schema::state_groups;
 use crate::sql::{self, ChainRow};
 use crate::types::{StateGroup, StateKey, StateMap, MEMBER};
 use diesel::prelude::*;
-use foldhash::fast::RandomState as FoldState;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
-use storage_core::cache::DictionaryCache;
+use storage_core::cache::{flat_hash, DictionaryCache};
 use storage_core::{with_conn, Conn, Error, Result, Transaction};
 
 /// Groups per recursive query.
@@ -281,9 +281,53 @@ fn split(state: StateMap) -> SplitState {
 }
 
 /// Per slot, the event of the highest group on the chain seen so far. A plain
-/// hash map with foldhash: it lives for one read, and is turned into the
-/// persistent maps the caches keep once every row is in.
-type Newest = std::collections::HashMap<StateKey, (StateGroup, Arc<str>), FoldState>;
+/// hash map that lives for one read, its keys hashed once each, by the
+/// hasher of the flat maps the caches keep: the maps are then built from the
+/// hashes without hashing every key again, and growing this map moves hashes
+/// instead of hashing the strings anew.
+type Newest = HashMap<Hashed, (StateGroup, Arc<str>), BuildHasherDefault<PassThrough>>;
+
+/// A slot's key beside its [`flat_hash`].
+struct Hashed {
+    hash: u64,
+    key: StateKey,
+}
+
+impl Hash for Hashed {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for Hashed {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.key == other.key
+    }
+}
+
+impl Eq for Hashed {}
+
+/// Hands a [`Hashed`]'s hash (foldhash under the process's random seed) to
+/// the map as it is.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is ever called; folded in all the same.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 fn walk_recursive(
     conn: &mut Conn,
@@ -324,7 +368,9 @@ impl NewestRows {
             return;
         };
         // The key moves in: no copy of the strings to look it up.
-        match slots.entry((row.event_type.0, row.state_key.0)) {
+        let key = (row.event_type.0, row.state_key.0);
+        let hash = flat_hash(&key);
+        match slots.entry(Hashed { hash, key }) {
             Entry::Occupied(mut slot) => {
                 if slot.get().0 < row.state_group {
                     slot.insert((row.state_group, row.event_id.0));
@@ -341,15 +387,21 @@ impl NewestRows {
             self.newest.insert(root, slots);
         }
         for (root, slots) in self.newest {
-            // Collected, not inserted one by one: each map is sorted into its
-            // array once.
-            let (members, others): (Vec<_>, Vec<_>) = slots
-                .into_iter()
-                .map(|(key, (_, event_id))| (key, event_id))
-                .partition(|((t, _), _)| &**t == MEMBER);
+            // Built whole, not inserted one by one: each map is sorted into
+            // its array once, from the hashes already taken.
+            let (mut members, mut others) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+            for (Hashed { hash, key }, (_, event_id)) in slots {
+                let part = if &*key.0 == MEMBER {
+                    &mut members
+                } else {
+                    &mut others
+                };
+                part.0.push(hash);
+                part.1.push((key, event_id));
+            }
             let state = SplitState {
-                members: members.into_iter().collect(),
-                others: others.into_iter().collect(),
+                members: StateMap::from_hashed(members.0, members.1),
+                others: StateMap::from_hashed(others.0, others.1),
             };
             result.insert(root, state);
         }

@@ -35,6 +35,14 @@ fn hash_of<Q: Hash + ?Sized>(key: &Q) -> u64 {
     hasher().hash_one(key)
 }
 
+/// The hash a [`FlatMap`] files `key` under: for a caller that needs a hash
+/// of its own keys anyway (a map of the newest rows on a cold read) and hands
+/// the map its entries with their hashes ([`FlatMap::from_hashed`]) instead of
+/// hashing every key twice.
+pub fn flat_hash<Q: Hash + ?Sized>(key: &Q) -> u64 {
+    hash_of(key)
+}
+
 /// The array: each entry's hash, ascending, beside the entries in the same
 /// order (apart, so that a binary search reads only the hashes).
 struct Flat<K, V> {
@@ -48,11 +56,15 @@ impl<K: Hash + Eq, V> Flat<K, V> {
     /// entries themselves, which are four times their size: at a cold read's
     /// 31k entries, moving the entries made the sort most of the build.
     fn build(items: Vec<(K, V)>) -> Self {
-        let mut order: Vec<(u64, usize)> = items
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| (hash_of(k), i))
-            .collect();
+        let hashes: Vec<u64> = items.iter().map(|(k, _)| hash_of(k)).collect();
+        Self::build_hashed(hashes, items)
+    }
+
+    /// [`build`](Self::build) with each item's hash given (`hashes[i]` is
+    /// [`flat_hash`] of `items[i]`'s key).
+    fn build_hashed(hashes: Vec<u64>, items: Vec<(K, V)>) -> Self {
+        debug_assert_eq!(hashes.len(), items.len());
+        let mut order: Vec<(u64, usize)> = hashes.into_iter().zip(0..).collect();
         order.sort_unstable();
         let mut items: Vec<Option<(K, V)>> = items.into_iter().map(Some).collect();
         let mut hashes = Vec::with_capacity(order.len());
@@ -355,6 +367,23 @@ where
     }
 }
 
+impl<K, V> FlatMap<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    /// Like collecting `items`, each key's hash given beside it (`hashes[i]`
+    /// must be [`flat_hash`] of `items[i]`'s key, or lookups miss).
+    pub fn from_hashed(hashes: Vec<u64>, items: Vec<(K, V)>) -> Self {
+        let flat = Flat::build_hashed(hashes, items);
+        FlatMap {
+            len: flat.entries.len(),
+            flat: Arc::new(flat),
+            overlay: Overlay::default(),
+        }
+    }
+}
+
 impl<K, V> Extend<(K, V)> for FlatMap<K, V>
 where
     K: Hash + Eq + Clone,
@@ -444,6 +473,19 @@ mod tests {
             assert!(rebuilt == flat, "rebuilt == flat");
             assert!(flat.eq(&rebuilt), "flat == rebuilt");
         }
+    }
+
+    #[test]
+    fn from_hashed_is_collecting() {
+        let items: Vec<(String, u32)> = (0..300).map(|i| (format!("@u{}:x", i % 170), i)).collect();
+        let hashes = items.iter().map(|(k, _)| flat_hash(k)).collect();
+        let given = FlatMap::from_hashed(hashes, items.clone());
+        let collected: FlatMap<String, u32> = items.into_iter().collect();
+        assert_eq!(given.len(), 170);
+        // Both ways: equality walks the left map's entries.
+        assert!(given == collected, "given == collected");
+        assert!(collected.eq(&given), "collected == given");
+        assert_eq!(given.get("@u5:x"), Some(&175));
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod heap_size;
 mod lru;
 
 pub use dictionary::{DictionaryCache, DictionaryEntry};
-pub use flat_map::FlatMap;
+pub use flat_map::{flat_hash, FlatMap};
 pub use heap_size::{map_bytes, HeapSize};
 pub use lru::LruCache;
 
