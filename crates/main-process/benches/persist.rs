@@ -2,11 +2,14 @@
 //! 5,000 members, a state event in every five) into SQLite and PostgreSQL,
 //! events per second, next to the floor: the same rows written by plain batched
 //! INSERTs (1,000 rows a transaction) in the same run; and the peak memory of
-//! the importing process. Each engine runs in a child process of its own, so
+//! the importing process: its peak resident size (VmHWM, which counts the
+//! database file pages SQLite maps) and its anonymous peak (RssAnon, sampled:
+//! the process's own memory). Each engine runs in a child process of its own, so
 //! that its peak memory is its own.
 
 use main_process::bench_room::{
-    bench_room, timed_import, write_room_file, BENCH_EVENTS as EVENTS, BENCH_MEMBERS as MEMBERS,
+    bench_room, timed_import, write_room_file, AnonPeak, BENCH_EVENTS as EVENTS,
+    BENCH_MEMBERS as MEMBERS,
 };
 use main_process::port::tables::*;
 use std::process::Command;
@@ -30,7 +33,9 @@ fn floor<T: PortTable>(src: &Database, dst: &Database) -> Result<(usize, Duratio
 
 fn child(import_url: &str, floor_url: &str, file: &str) -> Result<()> {
     storage_core::logging::init();
+    let anon = AnonPeak::start();
     let (import_secs, peak) = timed_import(import_url, &[file.into()])?;
+    let anon_peak = anon.stop();
     let src = Database::open(DatabaseConfig::parse(import_url, OpenMode::ReadOnly)?)?;
     let dst = Database::open(DatabaseConfig::parse(floor_url, OpenMode::Writer)?)?;
     let mut rows = 0;
@@ -51,7 +56,7 @@ fn child(import_url: &str, floor_url: &str, file: &str) -> Result<()> {
         rows += n;
         secs += d.as_secs_f64();
     }
-    println!("RESULT {import_secs} {rows} {secs} {peak}");
+    println!("RESULT {import_secs} {rows} {secs} {peak} {anon_peak}");
     Ok(())
 }
 
@@ -77,7 +82,7 @@ fn main() {
         EVENTS / 5 + 3,
         started.elapsed().as_secs_f64()
     );
-    println!("engine    import events/s   floor events/s (batched INSERT of the same rows)   import/floor   peak memory");
+    println!("engine    import events/s   floor events/s (batched INSERT of the same rows)   import/floor   peak memory (VmHWM)   anonymous peak (RssAnon)");
     for import_db in &TestDb::for_bench("persist") {
         let floor_db = import_db.fresh();
         let out = Command::new(std::env::current_exe().unwrap())
@@ -106,16 +111,17 @@ fn main() {
             .skip(1)
             .map(|x| x.parse().unwrap())
             .collect();
-        let (import_secs, rows, floor_secs, peak_kb) = (v[0], v[1], v[2], v[3]);
+        let (import_secs, rows, floor_secs, peak_kb, anon_kb) = (v[0], v[1], v[2], v[3], v[4]);
         let import_eps = EVENTS as f64 / import_secs;
         let floor_eps = EVENTS as f64 / floor_secs;
         println!(
-            "{:<9} {:>15.0}   {:>15.0} ({rows:.0} rows in {floor_secs:.1} s)                 {:>8.2}x   {:>7.0} MiB",
+            "{:<9} {:>15.0}   {:>15.0} ({rows:.0} rows in {floor_secs:.1} s)                 {:>8.2}x   {:>7.0} MiB           {:>7.0} MiB",
             import_db.engine(),
             import_eps,
             floor_eps,
             import_eps / floor_eps,
-            peak_kb / 1024.0
+            peak_kb / 1024.0,
+            anon_kb / 1024.0
         );
         println!("          hs-main import said: {summary}");
         let stderr = String::from_utf8_lossy(&out.stderr);

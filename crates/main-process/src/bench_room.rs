@@ -48,17 +48,56 @@ pub fn write_room_file(path: &Path, lines: &[String]) {
 }
 
 /// This process's peak resident memory so far, in KiB (`VmHWM`); 0 where
-/// /proc does not tell.
+/// /proc does not tell. It counts the file pages SQLite reads through its
+/// memory map (the kernel's page cache, shared and reclaimable) as well as
+/// the process's own memory: see [`AnonPeak`] for the latter alone.
 pub fn peak_memory_kb() -> u64 {
+    status_kb("VmHWM:")
+}
+
+/// A line of /proc/self/status in KiB; 0 where /proc does not tell.
+fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The peak of this process's anonymous resident memory (`RssAnon`: heap,
+/// stacks, caches; not mapped file pages) from [`AnonPeak::start`] to
+/// [`AnonPeak::stop`], sampled every 5 ms on a thread of its own (a spike
+/// shorter than that can be missed; reading the line costs ~20 us).
+#[derive(Debug)]
+pub struct AnonPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<u64>,
+}
+
+impl AnonPeak {
+    pub fn start() -> AnonPeak {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(status_kb("RssAnon:"));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak.max(status_kb("RssAnon:"))
+        });
+        AnonPeak { stop, sampler }
+    }
+
+    /// The peak seen, in KiB.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.join().unwrap_or(0)
+    }
 }
 
 /// Imports `files` into the database at `url` with `hs-main import`'s code, in
