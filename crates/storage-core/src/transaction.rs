@@ -130,6 +130,13 @@ impl<'a> Transaction<'a> {
         self.engine.notify(self.conn, channel, payload)
     }
 
+    /// Inserts several tables' rows in one statement where the engine does
+    /// ([`Engine::insert_columns`]); `false` where the caller inserts them
+    /// table by table.
+    pub fn insert_columns(&mut self, tables: &[crate::TableRows<'_>]) -> Result<bool> {
+        self.engine.insert_columns(self.conn, tables)
+    }
+
     /// Locks `table` against other writers until this transaction ends.
     pub fn lock_table(&mut self, table: &str) -> Result<()> {
         self.engine.lock_table(self.conn, table)

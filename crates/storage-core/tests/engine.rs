@@ -8,13 +8,15 @@ use std::sync::mpsc;
 use std::time::Duration;
 use storage_core::testing::TestDb;
 use storage_core::{
-    with_conn, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, Sequence,
+    with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, Sequence,
+    TableRows,
 };
 
 storage_core::engine_tests!(
     ids_are_unique_and_ascending,
     sequence_behind_table_is_moved_forward,
     one_main_process_claim_at_a_time,
+    rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can,
 );
 
 const SEQ: Sequence = Sequence {
@@ -144,4 +146,92 @@ fn one_main_process_claim_at_a_time(t: &TestDb) {
     std::thread::sleep(Duration::from_millis(200));
     drop(again);
     waiter.join().unwrap().unwrap();
+}
+
+/// `insert_columns` on PostgreSQL: several tables' rows in one statement,
+/// NULLs and all, a conflicting row skipped where asked; in a transaction that
+/// rolls back, nothing. SQLite answers that the caller inserts them itself.
+fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &TestDb) {
+    #[derive(diesel::QueryableByName, Debug, PartialEq)]
+    struct Edge {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        event_id: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        prev_event_id: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        room_id: Option<String>,
+    }
+    let tables = || {
+        vec![
+            TableRows {
+                table: "event_edges",
+                columns: vec![
+                    ("event_id", Column::Text(vec!["$b", "$b", "$c"])),
+                    ("prev_event_id", Column::Text(vec!["$a", "$a", "$b"])),
+                    (
+                        "room_id",
+                        Column::OptText(vec![Some("!r"), Some("!r"), None]),
+                    ),
+                    ("is_state", Column::Bool(vec![false, false, false])),
+                ],
+                skip_conflicts: true,
+            },
+            TableRows {
+                table: "state_groups",
+                columns: vec![
+                    ("id", Column::BigInt(vec![7])),
+                    ("room_id", Column::Text(vec!["!r"])),
+                    ("event_id", Column::Text(vec!["$b"])),
+                ],
+                skip_conflicts: false,
+            },
+            // No rows: no part of the statement.
+            TableRows {
+                table: "event_auth",
+                columns: vec![
+                    ("event_id", Column::Text(vec![])),
+                    ("auth_id", Column::Text(vec![])),
+                    ("room_id", Column::Text(vec![])),
+                ],
+                skip_conflicts: false,
+            },
+        ]
+    };
+    let db = t.open();
+    let edges = || {
+        db.with_connection(|_, c| {
+            Ok(with_conn!(c, |c| diesel::sql_query(
+                "SELECT event_id, prev_event_id, room_id FROM event_edges ORDER BY event_id"
+            )
+            .load::<Edge>(c))?)
+        })
+        .unwrap()
+    };
+    let failed = db.run_interaction("insert_columns_then_fail", |txn| {
+        txn.insert_columns(&tables())?;
+        Err::<(), _>(storage_core::Error::other("rolled back"))
+    });
+    assert!(failed.is_err());
+    assert!(edges().is_empty());
+    let inserted = db
+        .run_interaction("insert_columns", |txn| txn.insert_columns(&tables()))
+        .unwrap();
+    if t.engine() == "sqlite" {
+        assert!(!inserted);
+        assert!(edges().is_empty());
+        return;
+    }
+    assert!(inserted);
+    let edge = |e: &str, p: &str, r: Option<&str>| Edge {
+        event_id: e.into(),
+        prev_event_id: p.into(),
+        room_id: r.map(Into::into),
+    };
+    assert_eq!(
+        edges(),
+        vec![edge("$b", "$a", Some("!r")), edge("$c", "$b", None)]
+    );
+    // The table that asked for no skipping fails the statement on a conflict.
+    let again = db.run_interaction("insert_columns_again", |txn| txn.insert_columns(&tables()));
+    assert!(again.is_err(), "{again:?}");
 }

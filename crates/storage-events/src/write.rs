@@ -16,7 +16,8 @@ use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use storage_core::{with_conn, Result, Transaction};
+use storage_core::{with_conn, Column, Result, TableRows, Transaction};
+use storage_state::StateStore;
 
 impl EventsStore {
     /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).
@@ -111,14 +112,25 @@ impl EventsStore {
         }
         let positions = txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?;
         insert_rooms(txn, &new)?;
-        insert_events(txn, &new, &positions, &self.instance_name)?;
         let mappings: Vec<(&str, i64)> = new
             .iter()
             .filter(|e| !e.outlier)
             .filter_map(|e| e.state_group.map(|g| (e.event_id.as_str(), g)))
             .collect();
-        self.state.store_event_state_groups_txn(txn, &mappings)?;
-        replace_extremities(txn, &batch.room_id, &batch.new_extremities)?;
+        // The room's extremities are replaced: the old ones go first, the new
+        // ones are inserted with the events.
+        delete_extremities(txn, &batch.room_id)?;
+        let with_events = vec![
+            StateStore::event_state_group_rows(&mappings),
+            extremity_rows(&batch.room_id, &batch.new_extremities),
+        ];
+        if insert_events(txn, &new, &positions, &self.instance_name, with_events)? {
+            self.state
+                .cache_event_state_groups_after_commit(txn, &mappings);
+        } else {
+            self.state.store_event_state_groups_txn(txn, &mappings)?;
+            insert_extremities(txn, &batch.room_id, &batch.new_extremities)?;
+        }
         if !batch.current_state.is_empty() {
             self.state.update_current_state_txn(
                 txn,
@@ -254,12 +266,17 @@ struct JsonRow<'a> {
     format_version: Option<i32>,
 }
 
-fn insert_events(
+/// Inserts the events' rows (events, JSON, edges, auth edges, rejections)
+/// and `with_events`' in one statement where the engine does; otherwise the
+/// events' rows a multi-row INSERT per table, and answers `false`: the caller
+/// inserts `with_events`' rows itself.
+fn insert_events<'a>(
     txn: &mut Transaction<'_>,
-    new: &[&EventToPersist],
+    new: &[&'a EventToPersist],
     positions: &[i64],
-    instance_name: &str,
-) -> Result<()> {
+    instance_name: &'a str,
+    with_events: Vec<TableRows<'a>>,
+) -> Result<bool> {
     let received = now_ms();
     let event_rows: Vec<EventRow<'_>> = new
         .iter()
@@ -296,6 +313,36 @@ fn insert_events(
             format_version: Some(e.format_version),
         })
         .collect();
+    // (event, prev event, room) of every non-outlier's prev events.
+    let edges: Vec<(&str, &str, &str)> = new
+        .iter()
+        .filter(|e| !e.outlier)
+        .flat_map(|e| {
+            e.prev_events
+                .iter()
+                .map(move |p| (e.event_id.as_str(), p.as_str(), e.room_id.as_str()))
+        })
+        .collect();
+    // (event, auth event, room).
+    let auth: Vec<(&str, &str, &str)> = new
+        .iter()
+        .flat_map(|e| {
+            e.auth_events
+                .iter()
+                .map(move |a| (e.event_id.as_str(), a.as_str(), e.room_id.as_str()))
+        })
+        .collect();
+    let now = received.to_string();
+    // (event, reason) of the rejected ones.
+    let rejected: Vec<(&str, &str)> = new
+        .iter()
+        .filter_map(|e| e.rejected.as_deref().map(|r| (e.event_id.as_str(), r)))
+        .collect();
+    let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
+    tables.extend(with_events);
+    if txn.insert_columns(&tables)? {
+        return Ok(true);
+    }
     for chunk in event_rows.chunks(CHUNK) {
         with_conn!(txn.conn(), |c| diesel::insert_into(events::table)
             .values(chunk)
@@ -306,18 +353,15 @@ fn insert_events(
             .values(chunk)
             .execute(c))?;
     }
-    let edges: Vec<_> = new
+    let edges: Vec<_> = edges
         .iter()
-        .filter(|e| !e.outlier)
-        .flat_map(|e| {
-            e.prev_events.iter().map(move |p| {
-                (
-                    event_edges::event_id.eq(e.event_id.as_str()),
-                    event_edges::prev_event_id.eq(p.as_str()),
-                    event_edges::room_id.eq(Some(e.room_id.as_str())),
-                    event_edges::is_state.eq(false),
-                )
-            })
+        .map(|(e, p, r)| {
+            (
+                event_edges::event_id.eq(*e),
+                event_edges::prev_event_id.eq(*p),
+                event_edges::room_id.eq(Some(*r)),
+                event_edges::is_state.eq(false),
+            )
         })
         .collect();
     for chunk in edges.chunks(CHUNK) {
@@ -326,16 +370,14 @@ fn insert_events(
             .on_conflict_do_nothing()
             .execute(c))?;
     }
-    let auth: Vec<_> = new
+    let auth: Vec<_> = auth
         .iter()
-        .flat_map(|e| {
-            e.auth_events.iter().map(move |a| {
-                (
-                    event_auth::event_id.eq(e.event_id.as_str()),
-                    event_auth::auth_id.eq(a.as_str()),
-                    event_auth::room_id.eq(e.room_id.as_str()),
-                )
-            })
+        .map(|(e, a, r)| {
+            (
+                event_auth::event_id.eq(*e),
+                event_auth::auth_id.eq(*a),
+                event_auth::room_id.eq(*r),
+            )
         })
         .collect();
     for chunk in auth.chunks(CHUNK) {
@@ -343,17 +385,14 @@ fn insert_events(
             .values(chunk)
             .execute(c))?;
     }
-    let now = received.to_string();
-    let rejected: Vec<_> = new
+    let rejected: Vec<_> = rejected
         .iter()
-        .filter_map(|e| {
-            e.rejected.as_deref().map(|reason| {
-                (
-                    rejections::event_id.eq(e.event_id.as_str()),
-                    rejections::reason.eq(reason),
-                    rejections::last_check.eq(now.as_str()),
-                )
-            })
+        .map(|(e, reason)| {
+            (
+                rejections::event_id.eq(*e),
+                rejections::reason.eq(*reason),
+                rejections::last_check.eq(now.as_str()),
+            )
         })
         .collect();
     for chunk in rejected.chunks(CHUNK) {
@@ -361,18 +400,144 @@ fn insert_events(
             .values(chunk)
             .execute(c))?;
     }
-    Ok(())
+    Ok(false)
 }
 
-fn replace_extremities(
-    txn: &mut Transaction<'_>,
-    room_id: &str,
-    extremities: &[String],
-) -> Result<()> {
+/// The same rows, column by column, for an engine that inserts them all in
+/// one statement ([`Transaction::insert_columns`]).
+fn columns_of<'a>(
+    events: &[EventRow<'a>],
+    json: &[JsonRow<'a>],
+    edges: &[(&'a str, &'a str, &'a str)],
+    auth: &[(&'a str, &'a str, &'a str)],
+    rejected: &[(&'a str, &'a str)],
+    now: &'a str,
+) -> Vec<TableRows<'a>> {
+    fn col<T, V>(rows: &[T], f: impl Fn(&T) -> V) -> Vec<V> {
+        rows.iter().map(f).collect()
+    }
+    vec![
+        TableRows {
+            table: "events",
+            columns: vec![
+                (
+                    "stream_ordering",
+                    Column::BigInt(col(events, |r| r.stream_ordering)),
+                ),
+                (
+                    "topological_ordering",
+                    Column::BigInt(col(events, |r| r.topological_ordering)),
+                ),
+                ("event_id", Column::Text(col(events, |r| r.event_id))),
+                ("type", Column::Text(col(events, |r| r.type_))),
+                ("room_id", Column::Text(col(events, |r| r.room_id))),
+                ("processed", Column::Bool(col(events, |r| r.processed))),
+                ("outlier", Column::Bool(col(events, |r| r.outlier))),
+                ("depth", Column::BigInt(col(events, |r| r.depth))),
+                (
+                    "origin_server_ts",
+                    Column::OptBigInt(col(events, |r| r.origin_server_ts)),
+                ),
+                (
+                    "received_ts",
+                    Column::OptBigInt(col(events, |r| r.received_ts)),
+                ),
+                ("sender", Column::OptText(col(events, |r| r.sender))),
+                (
+                    "contains_url",
+                    Column::OptBool(col(events, |r| r.contains_url)),
+                ),
+                (
+                    "instance_name",
+                    Column::OptText(col(events, |r| r.instance_name)),
+                ),
+                ("state_key", Column::OptText(col(events, |r| r.state_key))),
+                (
+                    "rejection_reason",
+                    Column::OptText(col(events, |r| r.rejection_reason)),
+                ),
+            ],
+            skip_conflicts: false,
+        },
+        TableRows {
+            table: "event_json",
+            columns: vec![
+                ("event_id", Column::Text(col(json, |r| r.event_id))),
+                ("room_id", Column::Text(col(json, |r| r.room_id))),
+                (
+                    "internal_metadata",
+                    Column::Text(col(json, |r| r.internal_metadata)),
+                ),
+                ("json", Column::Text(col(json, |r| r.json))),
+                (
+                    "format_version",
+                    Column::OptInt(col(json, |r| r.format_version)),
+                ),
+            ],
+            skip_conflicts: false,
+        },
+        TableRows {
+            table: "event_edges",
+            columns: vec![
+                ("event_id", Column::Text(col(edges, |r| r.0))),
+                ("prev_event_id", Column::Text(col(edges, |r| r.1))),
+                ("room_id", Column::OptText(col(edges, |r| Some(r.2)))),
+                ("is_state", Column::Bool(col(edges, |_| false))),
+            ],
+            skip_conflicts: true,
+        },
+        TableRows {
+            table: "event_auth",
+            columns: vec![
+                ("event_id", Column::Text(col(auth, |r| r.0))),
+                ("auth_id", Column::Text(col(auth, |r| r.1))),
+                ("room_id", Column::Text(col(auth, |r| r.2))),
+            ],
+            skip_conflicts: false,
+        },
+        TableRows {
+            table: "rejections",
+            columns: vec![
+                ("event_id", Column::Text(col(rejected, |r| r.0))),
+                ("reason", Column::Text(col(rejected, |r| r.1))),
+                ("last_check", Column::Text(col(rejected, |_| now))),
+            ],
+            skip_conflicts: false,
+        },
+    ]
+}
+
+fn delete_extremities(txn: &mut Transaction<'_>, room_id: &str) -> Result<()> {
     with_conn!(txn.conn(), |c| diesel::delete(
         event_forward_extremities::table.filter(event_forward_extremities::room_id.eq(room_id))
     )
     .execute(c))?;
+    Ok(())
+}
+
+/// The rows of `extremities`, for the events' statement.
+fn extremity_rows<'a>(room_id: &'a str, extremities: &'a [String]) -> TableRows<'a> {
+    TableRows {
+        table: "event_forward_extremities",
+        columns: vec![
+            (
+                "event_id",
+                Column::Text(extremities.iter().map(String::as_str).collect()),
+            ),
+            (
+                "room_id",
+                Column::Text(extremities.iter().map(|_| room_id).collect()),
+            ),
+        ],
+        skip_conflicts: false,
+    }
+}
+
+fn insert_extremities(
+    txn: &mut Transaction<'_>,
+    room_id: &str,
+    extremities: &[String],
+) -> Result<()> {
     let rows: Vec<_> = extremities
         .iter()
         .map(|e| {

@@ -16,8 +16,8 @@ use diesel::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use storage_core::{
-    with_conn, Database, Error, InternedText, OpenMode, Result, SharedText, StoreConfig,
-    Transaction,
+    with_conn, Column, Database, Error, InternedText, OpenMode, Result, SharedText, StoreConfig,
+    TableRows, Transaction,
 };
 
 /// Event ids per lookup statement.
@@ -339,6 +339,37 @@ impl StateStore {
             .values(&rows)
             .execute(c))?;
         }
+        self.cache_event_state_groups_after_commit(txn, mappings);
+        Ok(())
+    }
+
+    /// The rows of [`Self::store_event_state_groups_txn`], for a caller that
+    /// inserts them in a statement of its own
+    /// ([`Transaction::insert_columns`]), then calls
+    /// [`Self::cache_event_state_groups_after_commit`].
+    pub fn event_state_group_rows<'a>(mappings: &[(&'a str, StateGroup)]) -> TableRows<'a> {
+        TableRows {
+            table: "event_to_state_groups",
+            columns: vec![
+                (
+                    "event_id",
+                    Column::Text(mappings.iter().map(|(e, _)| *e).collect()),
+                ),
+                (
+                    "state_group",
+                    Column::BigInt(mappings.iter().map(|(_, g)| *g).collect()),
+                ),
+            ],
+            skip_conflicts: false,
+        }
+    }
+
+    /// Caches the mappings once `txn` has committed them.
+    pub fn cache_event_state_groups_after_commit(
+        &self,
+        txn: &mut Transaction<'_>,
+        mappings: &[(&str, StateGroup)],
+    ) {
         let caches = self.caches.clone();
         let seq = caches.event_groups.sequence();
         let owned: Vec<(String, StateGroup)> = mappings
@@ -350,7 +381,6 @@ impl StateStore {
                 caches.event_groups.insert_at(seq, e, g);
             }
         });
-        Ok(())
     }
 
     /// Applies a change to `current_state_events` inside a caller's transaction:

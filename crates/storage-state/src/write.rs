@@ -9,7 +9,7 @@ use crate::types::{StateGroup, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 use diesel::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
-use storage_core::{with_conn, Error, Result, Sequence, Transaction};
+use storage_core::{with_conn, Column, Error, Result, Sequence, TableRows, Transaction};
 
 /// Where state group ids come from.
 pub const STATE_GROUP_SEQUENCE: Sequence = Sequence {
@@ -145,8 +145,19 @@ struct EdgeRow {
 }
 
 impl<'a> GroupRows<'a> {
-    /// Inserts the rows gathered so far.
+    /// Inserts the rows gathered so far: in one statement where the engine
+    /// does ([`Transaction::insert_columns`]), else a multi-row INSERT per
+    /// table.
     pub(crate) fn flush(&mut self, txn: &mut Transaction<'_>) -> Result<()> {
+        if self.groups.is_empty() && self.edges.is_empty() && self.state.is_empty() {
+            return Ok(());
+        }
+        if txn.insert_columns(&self.columns())? {
+            self.groups.clear();
+            self.edges.clear();
+            self.state.clear();
+            return Ok(());
+        }
         for chunk in self.groups.chunks(INSERT_CHUNK) {
             with_conn!(txn.conn(), |c| diesel::insert_into(state_groups::table)
                 .values(chunk)
@@ -164,6 +175,68 @@ impl<'a> GroupRows<'a> {
         self.edges.clear();
         self.state.clear();
         Ok(())
+    }
+
+    /// The same rows, column by column.
+    fn columns(&self) -> Vec<TableRows<'a>> {
+        let (groups, edges, state) = (&self.groups, &self.edges, &self.state);
+        vec![
+            TableRows {
+                table: "state_groups",
+                columns: vec![
+                    ("id", Column::BigInt(groups.iter().map(|g| g.id).collect())),
+                    (
+                        "room_id",
+                        Column::Text(groups.iter().map(|g| g.room_id).collect()),
+                    ),
+                    (
+                        "event_id",
+                        Column::Text(groups.iter().map(|g| g.event_id).collect()),
+                    ),
+                ],
+                skip_conflicts: false,
+            },
+            TableRows {
+                table: "state_group_edges",
+                columns: vec![
+                    (
+                        "state_group",
+                        Column::BigInt(edges.iter().map(|e| e.state_group).collect()),
+                    ),
+                    (
+                        "prev_state_group",
+                        Column::BigInt(edges.iter().map(|e| e.prev_state_group).collect()),
+                    ),
+                ],
+                skip_conflicts: false,
+            },
+            TableRows {
+                table: "state_groups_state",
+                columns: vec![
+                    (
+                        "state_group",
+                        Column::BigInt(state.iter().map(|r| r.state_group).collect()),
+                    ),
+                    (
+                        "room_id",
+                        Column::Text(state.iter().map(|r| r.room_id).collect()),
+                    ),
+                    (
+                        "type",
+                        Column::Text(state.iter().map(|r| r.type_).collect()),
+                    ),
+                    (
+                        "state_key",
+                        Column::Text(state.iter().map(|r| r.state_key).collect()),
+                    ),
+                    (
+                        "event_id",
+                        Column::Text(state.iter().map(|r| r.event_id).collect()),
+                    ),
+                ],
+                skip_conflicts: false,
+            },
+        ]
     }
 
     fn add_state(&mut self, group: StateGroup, room_id: &'a str, state: &'a StateMap) {

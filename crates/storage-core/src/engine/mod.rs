@@ -6,6 +6,7 @@
 //! generation for sequences, table locks, migrations. Each engine has one
 //! implementation, named after it.
 
+mod columns;
 mod listen;
 mod postgres;
 mod postgres_claim;
@@ -14,6 +15,7 @@ mod sqlite;
 mod sqlite_claim;
 mod sqlite_statistics;
 
+pub use columns::{Column, TableRows};
 pub use listen::Listener;
 pub use postgres::PostgresEngine;
 pub use postgres_claim::MAIN_PROCESS_LOCK_KEY;
@@ -187,6 +189,13 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// Locks `table` against other writers until the transaction ends.
     fn lock_table(&self, conn: &mut Conn, table: &str) -> Result<()>;
+
+    /// Inserts the rows of several tables in one statement where that saves
+    /// round trips (PostgreSQL: a data-modifying CTE per table over `unnest`
+    /// of bound arrays, see [`columns`]). `false` where the engine inserts
+    /// nothing this way (SQLite: in-process statements cost no round trip),
+    /// and the caller inserts table by table.
+    fn insert_columns(&self, conn: &mut Conn, tables: &[TableRows<'_>]) -> Result<bool>;
 
     /// Wakes the processes listening on `channel` once the transaction commits
     /// (PostgreSQL NOTIFY); nothing where one process is all there is.

@@ -1,6 +1,8 @@
 //! PostgreSQL, for scale and for replica workers.
 
-use super::{Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TxnOptions, WriterGuard};
+use super::{
+    Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions, WriterGuard,
+};
 use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::Conn;
@@ -265,6 +267,14 @@ impl Engine for PostgresEngine {
         conn.postgres()?
             .batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
             .with_context(|| format!("locking table {table}"))
+    }
+
+    fn insert_columns(&self, conn: &mut Conn, tables: &[TableRows<'_>]) -> Result<bool> {
+        super::columns::insert_with_unnest(conn.postgres()?, tables).with_context(|| {
+            let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
+            format!("inserting rows into {}", names.join(", "))
+        })?;
+        Ok(true)
     }
 
     fn notify(&self, conn: &mut Conn, channel: &str, payload: &str) -> Result<()> {

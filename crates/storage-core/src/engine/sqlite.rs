@@ -1,6 +1,6 @@
 //! The embedded default: one SQLite file, WAL, one writer at a time.
 
-use super::{Engine, Sequence, SequenceHealth, SequenceRepair, TxnOptions, WriterGuard};
+use super::{Engine, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions, WriterGuard};
 use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::Conn;
@@ -269,6 +269,10 @@ impl Engine for SqliteEngine {
     fn lock_table(&self, _conn: &mut Conn, _table: &str) -> Result<()> {
         // A write transaction already holds the whole database (BEGIN IMMEDIATE).
         Ok(())
+    }
+
+    fn insert_columns(&self, _conn: &mut Conn, _tables: &[TableRows<'_>]) -> Result<bool> {
+        Ok(false)
     }
 
     fn notify(&self, _conn: &mut Conn, _channel: &str, _payload: &str) -> Result<()> {
