@@ -12,11 +12,11 @@
 //!
 //! A lock alone is not enough: a PostgreSQL session ends under a running
 //! process (server restart, `pg_terminate_backend`, a pooler's idle timeout)
-//! and the lock with it, and an SQLite file can be reached under another name
-//! (a hard link) or deleted and replaced while a process writes to the file it
-//! opened. So the claim is also proven inside the database: once it holds the
-//! lock and has migrated, the process raises the epoch in the one-row table
-//! `main_process_claim` ([`Database::open_claimed`](crate::Database::open_claimed)),
+//! and the lock with it, and an SQLite file can be deleted and replaced while a
+//! process writes to the file it opened. So the claim is also proven inside the
+//! database: once it holds the lock and has migrated, the process raises the
+//! epoch in the one-row table `main_process_claim`
+//! ([`Database::open_claimed`](crate::Database::open_claimed)),
 //! and every write transaction it runs afterwards begins by checking that the
 //! epoch is still its own ([`Engine::prove_claim`](crate::Engine::prove_claim)). A newcomer's raise
 //! waits for the transactions that already proved the old epoch (PostgreSQL:
@@ -24,6 +24,12 @@
 //! processes' writes never interleave. The process that lost fails that
 //! transaction with [`ErrorKind::ClaimLost`], logs why, and calls the hook the
 //! binary installed ([`on_claim_lost`]), which ends it.
+//!
+//! The epoch cannot stop a second process that reaches an SQLite file under
+//! another name (a hard link): SQLite keeps its WAL state beside each name, so
+//! the two would not see each other's commits, the epoch included. The SQLite
+//! lock is therefore taken on the file itself as well as beside its path, and
+//! keeps such a process out (`engine/sqlite_claim.rs`).
 
 use crate::config::DatabaseConfig;
 use crate::conn::Conn;

@@ -1,8 +1,9 @@
 //! The main-process claim as fencing: every write transaction of a claimed
 //! database proves the claim's epoch; a newcomer's claim stops the old holder
 //! before it commits anything more, and waits for what it had already proven;
-//! SQLite claims find one lock whatever the spelling of the path, and a
-//! database file deleted or replaced under the holder stops it; a PostgreSQL
+//! SQLite claims find one lock whatever the spelling of the path or the name of
+//! the file (a hard link, in this process or another), and a database file
+//! deleted or replaced under the holder stops it; a PostgreSQL
 //! claim whose session ends is taken again when nobody else took it, and lost
 //! when somebody did.
 
@@ -281,31 +282,97 @@ fn sqlite_claim_is_one_whatever_the_path_says() {
     refused(t.url());
 }
 
-/// A hard link is another name for the file that no path resolution finds:
-/// a second claim through it gets its own lock. Then either SQLite refuses the
-/// second name of a file in WAL use (what it does while the first holder has
-/// it open), or the second claim's epoch stops the first holder: never two
-/// writers.
+/// A hard link is another name for the file that no path resolution finds: a
+/// second claim through it is refused all the same, by the lock on the file
+/// itself, and the first holder writes on. (The two-process case is
+/// [`sqlite_a_claim_through_a_hard_link_in_another_process_is_refused`].)
 #[test]
-fn sqlite_a_second_claim_through_a_hard_link_never_makes_two_writers() {
+fn sqlite_a_second_claim_through_a_hard_link_is_refused() {
     let t = TestDb::sqlite();
-    let (_first_claim, first) = claimed(t.url());
+    let (first_claim, first) = claimed(t.url());
     insert_group(&first, 1).unwrap();
     let path = sqlite_path(&t);
     let link = path.with_file_name("hard-link.db");
     std::fs::hard_link(&path, &link).unwrap();
-    let config = DatabaseConfig::parse(&sqlite_url(&link), OpenMode::Writer).unwrap();
-    let second_claim = MainProcessClaim::acquire(&config, Duration::ZERO).unwrap();
-    match Database::open_claimed(config, &second_claim) {
-        Err(e) => {
-            assert!(!e.is_claim_lost(), "{e}");
-            insert_group(&first, 2).unwrap();
-            assert_eq!(groups(&first), 2);
-        }
-        Ok(second) => {
-            assert_claim_lost(insert_group(&first, 2), "claimed sqlite:");
-            insert_group(&second, 3).unwrap();
-            assert_eq!(groups(&second), 2);
+    refused(&sqlite_url(&link));
+    insert_group(&first, 2).unwrap();
+    assert_eq!(groups(&first), 2);
+    // Let go, the file can be claimed through the link (and then not through
+    // its first name).
+    drop((first_claim, first));
+    let (_second_claim, second) = claimed(&sqlite_url(&link));
+    refused(t.url());
+    insert_group(&second, 3).unwrap();
+    assert_eq!(groups(&second), 3);
+}
+
+/// Set in the child process of
+/// [`sqlite_a_claim_through_a_hard_link_in_another_process_is_refused`]: the
+/// hard link it claims through.
+const CHILD_LINK_VAR: &str = "HS_TEST_CLAIM_THROUGH_LINK";
+
+/// A second main process reaching the database through a hard link in another
+/// folder is refused while the first holds its claim. SQLite keeps WAL state
+/// per name across processes (`test.db-wal` and `hard-link.db-wal`), so the two
+/// would not see each other's commits, nor the epoch raised by the other: only a
+/// lock on the file itself keeps the second one out. The second process is this
+/// test's own executable, run again for this test alone.
+#[test]
+fn sqlite_a_claim_through_a_hard_link_in_another_process_is_refused() {
+    if let Some(link) = std::env::var_os(CHILD_LINK_VAR) {
+        return claim_through_link_in_this_process(Path::new(&link));
+    }
+    let t = TestDb::sqlite();
+    let (_claim, db) = claimed(t.url());
+    insert_group(&db, 1).unwrap();
+    let path = sqlite_path(&t);
+    let elsewhere = path.parent().unwrap().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let link = elsewhere.join("hard-link.db");
+    std::fs::hard_link(&path, &link).unwrap();
+
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "sqlite_a_claim_through_a_hard_link_in_another_process_is_refused",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_LINK_VAR, &link)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    assert!(child.status.success(), "the second process failed: {said}");
+    assert!(
+        said.contains("second main process: refused: in use"),
+        "the second main process was not refused: {said}"
+    );
+    assert!(
+        !elsewhere.join("hard-link.db-wal").exists(),
+        "the second process opened the database through the link"
+    );
+    // The first holder writes on, alone.
+    insert_group(&db, 2).unwrap();
+    assert_eq!(groups(&db), 2);
+}
+
+/// The second process: claims the database through `link`, and if it gets
+/// the claim, opens it and writes (what a second `hs-main` would do).
+fn claim_through_link_in_this_process(link: &Path) {
+    let config = DatabaseConfig::parse(&sqlite_url(link), OpenMode::Writer).unwrap();
+    match MainProcessClaim::acquire(&config, Duration::ZERO) {
+        Err(e) => println!("second main process: refused: {e}"),
+        Ok(claim) => {
+            let db = Database::open_claimed(config, &claim).unwrap();
+            insert_group(&db, 100).unwrap();
+            println!(
+                "second main process: claimed and wrote through {}",
+                link.display()
+            );
         }
     }
 }
