@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, OpenMode, StoreConfig};
 use storage_events::{
-    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventsStore, Notification,
-    RoomBatch,
+    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
+    Notification, RoomBatch,
 };
 use storage_slaved::{SlavedStore, APPLICATION_NAME};
 use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap};
@@ -46,35 +46,36 @@ impl Main {
         .unwrap();
         let prevs: Vec<&str> = self.last.iter().map(String::as_str).collect();
         let events = vec![testing::state_event(ROOM, id, &prevs, slot, Some(group))];
-        let current = self.store.get_forward_extremities(ROOM).unwrap();
-        let persisted = self
-            .store
-            .persist_batch(&RoomBatch {
-                room_id: ROOM.into(),
-                new_extremities: new_forward_extremities(&current, &events, &Default::default()),
-                current_state: CurrentStateDelta {
-                    removed: vec![],
-                    added: vec![(key(slot.0, slot.1), id.to_owned(), None)],
-                },
-                events,
-            })
-            .unwrap();
+        let current_state = CurrentStateDelta {
+            removed: vec![],
+            added: vec![(key(slot.0, slot.1), id.to_owned(), None)],
+        };
         self.group = Some(group);
-        self.last = Some(id.to_owned());
-        persisted.max_stream_ordering
+        self.persist(id, events, current_state)
     }
 
     /// Persists a message `id` (no change of state); returns its position.
     fn message(&mut self, id: &str) -> i64 {
         let prevs: Vec<&str> = self.last.iter().map(String::as_str).collect();
         let events = vec![testing::event(ROOM, id, &prevs, self.group)];
+        self.persist(id, events, CurrentStateDelta::default())
+    }
+
+    /// Persists `events` (the last of them `id`) as one batch after the room's
+    /// extremities; returns the batch's highest position.
+    fn persist(
+        &mut self,
+        id: &str,
+        events: Vec<EventToPersist>,
+        current_state: CurrentStateDelta,
+    ) -> i64 {
         let current = self.store.get_forward_extremities(ROOM).unwrap();
         let persisted = self
             .store
             .persist_batch(&RoomBatch {
                 room_id: ROOM.into(),
                 new_extremities: new_forward_extremities(&current, &events, &Default::default()),
-                current_state: CurrentStateDelta::default(),
+                current_state,
                 events,
             })
             .unwrap();
