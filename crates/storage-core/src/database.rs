@@ -1,6 +1,7 @@
 //! The database handle: a pool of connections to one engine, and
 //! `run_interaction`, the only way storage code touches the database.
 
+use crate::checkpoint::Checkpointer;
 use crate::claim::{self, ClaimState, MainProcessClaim};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::{Conn, ConnManager, ConnectGate, GateCloser};
@@ -29,6 +30,10 @@ struct Inner {
     /// Set for the main process ([`Database::open_claimed`]): every write
     /// transaction proves the claim first.
     claim: OnceLock<Arc<ClaimState>>,
+    /// A writer's checkpoint thread, where the engine wants one; told of every
+    /// committed write transaction. Dropped (and its connection closed) before
+    /// the gate waits.
+    checkpointer: Option<Checkpointer>,
     /// Last: fields drop in order, and the gate waits, once the pool is gone,
     /// for the connections its threads still hold to be closed.
     _gate: GateCloser,
@@ -121,12 +126,18 @@ impl Database {
                 engine: engine.clone(),
                 gate: gate.clone(),
             });
+        let checkpointer = match config.mode {
+            OpenMode::ReadOnly => None,
+            _ if !engine.checkpoints_in_background() => None,
+            _ => Some(Checkpointer::start(engine.clone())?),
+        };
         let db = Database {
             inner: Arc::new(Inner {
                 engine,
                 pool,
                 mode: config.mode,
                 claim: OnceLock::new(),
+                checkpointer,
                 _gate: GateCloser(gate),
             }),
         };
@@ -259,6 +270,11 @@ impl Database {
         loop {
             match run_attempt(engine, claim, &mut conn, desc, &options, attempt, &mut f) {
                 Ok((value, after)) => {
+                    if !options.read_only {
+                        if let Some(checkpointer) = &self.inner.checkpointer {
+                            checkpointer.written();
+                        }
+                    }
                     metrics::global().record_txn(
                         desc,
                         true,

@@ -7,6 +7,7 @@
 //! and queries and reach the database only through [`Database::run_interaction`].
 
 pub mod cache;
+mod checkpoint;
 mod claim;
 pub mod config;
 mod conn;

@@ -122,6 +122,46 @@ fn sqlite_busy_database_is_retried() {
     assert!(stats.retries >= 1, "{stats:?}");
 }
 
+/// On SQLite, what write transactions commit reaches the database file
+/// through the writer's checkpoint thread shortly after, while the
+/// write-ahead log is far smaller than the size at which SQLite would
+/// checkpoint inside a COMMIT (1,000 pages by default): commits only append
+/// to the log.
+#[test]
+fn sqlite_commits_are_checkpointed_in_the_background() {
+    let t = TestDb::sqlite();
+    let db = t.open();
+    let storage_core::DatabaseUrl::Sqlite(path) = db.url().clone() else {
+        unreachable!("an SQLite test database")
+    };
+    let before = std::fs::metadata(&path).unwrap().len();
+    // About 200 pages of rows, in 20 commits.
+    let long_id = "e".repeat(400);
+    for tx in 0..20 {
+        db.run_interaction("write_rows", |txn| {
+            for i in 0..100 {
+                txn.conn().batch_execute(&format!(
+                    "INSERT INTO state_groups (id, room_id, event_id) \
+                     VALUES ({}, '!r:test', '${long_id}')",
+                    tx * 100 + i + 1
+                ))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    let grown = || std::fs::metadata(&path).unwrap().len() >= before + 600 * 1024;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !grown() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        grown(),
+        "the database file is still {} bytes ({before} before the writes)",
+        std::fs::metadata(&path).unwrap().len()
+    );
+}
+
 /// A second claim fails (after its wait) with an error naming the database and
 /// what to do; once the first is dropped, a new claim succeeds. The claims here
 /// are in one process, on separate connections or file handles, as two

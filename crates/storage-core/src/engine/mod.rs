@@ -160,6 +160,20 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Opens a new connection with this engine's per-connection settings applied.
     fn connect(&self) -> Result<Conn>;
 
+    /// Whether committed writes wait in a write-ahead log of this process's
+    /// that a background thread of the writer moves into the database
+    /// ([`checkpoint`](Self::checkpoint), see `checkpoint.rs`), rather than the
+    /// commit that filled it.
+    fn checkpoints_in_background(&self) -> bool {
+        false
+    }
+
+    /// Moves what the write-ahead log holds into the database as far as open
+    /// readers allow, waiting for nobody; on a connection of its own.
+    fn checkpoint(&self, _conn: &mut Conn) -> Result<()> {
+        Ok(())
+    }
+
     /// Begins a transaction. The guard, if any, must be held until it has ended.
     fn begin<'e>(
         &'e self,

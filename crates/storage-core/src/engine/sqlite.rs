@@ -45,6 +45,11 @@ pub struct SqliteEngine {
     opened: AtomicBool,
 }
 
+/// The write-ahead log's size (in pages) past which a COMMIT checkpoints it
+/// itself: only when the writer's checkpoint thread (`checkpoint.rs`), which
+/// keeps it far smaller, falls behind. SQLite's default is 1,000.
+const WAL_BACKSTOP_PAGES: u32 = 10_000;
+
 #[derive(QueryableByName)]
 struct MaxId {
     #[diesel(sql_type = BigInt)]
@@ -181,12 +186,24 @@ impl Engine for SqliteEngine {
             self.config.busy_timeout_ms
         );
         if !self.read_only() {
-            pragmas.push_str(" PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;");
+            pragmas.push_str(&format!(
+                " PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                 PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES};"
+            ));
         }
         c.batch_execute(&pragmas)
             .with_context(|| format!("configuring SQLite database {}", self.path.display()))?;
         self.opened.store(true, Ordering::SeqCst);
         Ok(Conn::Sqlite(c))
+    }
+
+    fn checkpoints_in_background(&self) -> bool {
+        !self.read_only()
+    }
+
+    fn checkpoint(&self, conn: &mut Conn) -> Result<()> {
+        conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+            .with_context(|| format!("checkpointing {}", self.path.display()))
     }
 
     fn begin<'e>(
