@@ -134,7 +134,19 @@ impl<'a> Transaction<'a> {
     /// ([`Engine::insert_columns`]); `false` where the caller inserts them
     /// table by table.
     pub fn insert_columns(&mut self, tables: &[crate::TableRows<'_>]) -> Result<bool> {
-        self.engine.insert_columns(self.conn, tables)
+        self.engine.insert_columns(self.conn, tables, None)
+    }
+
+    /// [`Self::insert_columns`] in a statement that also does what
+    /// [`Self::notify`] does; when it answers `false`, the caller notifies.
+    pub fn insert_columns_and_notify(
+        &mut self,
+        tables: &[crate::TableRows<'_>],
+        channel: &str,
+        payload: &str,
+    ) -> Result<bool> {
+        self.engine
+            .insert_columns(self.conn, tables, Some((channel, payload)))
     }
 
     /// Locks `table` against other writers until this transaction ends.

@@ -124,7 +124,20 @@ impl EventsStore {
             StateStore::event_state_group_rows(&mappings),
             extremity_rows(&batch.room_id, &batch.new_extremities),
         ];
-        if insert_events(txn, &new, &positions, &self.instance_name, with_events)? {
+        let max = *positions.iter().max().expect("at least one new event");
+        // Workers apply the position (reading the invalidations when there are
+        // some) and measure their lag from the time.
+        let invalidated = !batch.current_state.is_empty();
+        let notification = Notification::new(max, invalidated).payload();
+        let written_with_events = insert_events(
+            txn,
+            &new,
+            &positions,
+            &self.instance_name,
+            with_events,
+            &notification,
+        )?;
+        if written_with_events {
             self.state
                 .cache_event_state_groups_after_commit(txn, &mappings);
         } else {
@@ -139,8 +152,7 @@ impl EventsStore {
                 &batch.current_state.added,
             )?;
         }
-        let max = *positions.iter().max().expect("at least one new event");
-        if !batch.current_state.is_empty() {
+        if invalidated {
             with_conn!(txn.conn(), |c| diesel::insert_into(
                 cache_invalidations::table
             )
@@ -151,13 +163,9 @@ impl EventsStore {
             ))
             .execute(c))?;
         }
-        // Workers apply the position (reading the invalidations when there are
-        // some) and measure their lag from the time.
-        let invalidated = !batch.current_state.is_empty();
-        txn.notify(
-            REPLICATION_CHANNEL,
-            &Notification::new(max, invalidated).payload(),
-        )?;
+        if !written_with_events {
+            txn.notify(REPLICATION_CHANNEL, &notification)?;
+        }
         let position = self.position.clone();
         txn.call_after(move || {
             report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));
@@ -267,15 +275,17 @@ struct JsonRow<'a> {
 }
 
 /// Inserts the events' rows (events, JSON, edges, auth edges, rejections)
-/// and `with_events`' in one statement where the engine does; otherwise the
-/// events' rows a multi-row INSERT per table, and answers `false`: the caller
-/// inserts `with_events`' rows itself.
+/// and `with_events`' in one statement that also sends the replication
+/// `notification`, where the engine does; otherwise the events' rows a
+/// multi-row INSERT per table, and answers `false`: the caller inserts
+/// `with_events`' rows and notifies itself.
 fn insert_events<'a>(
     txn: &mut Transaction<'_>,
     new: &[&'a EventToPersist],
     positions: &[i64],
     instance_name: &'a str,
     with_events: Vec<TableRows<'a>>,
+    notification: &str,
 ) -> Result<bool> {
     let received = now_ms();
     let event_rows: Vec<EventRow<'_>> = new
@@ -340,7 +350,7 @@ fn insert_events<'a>(
         .collect();
     let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
     tables.extend(with_events);
-    if txn.insert_columns(&tables)? {
+    if txn.insert_columns_and_notify(&tables, REPLICATION_CHANNEL, notification)? {
         return Ok(true);
     }
     for chunk in event_rows.chunks(CHUNK) {

@@ -80,9 +80,11 @@ impl TableRows<'_> {
 }
 
 /// `WITH t0 AS (INSERT INTO .. SELECT * FROM unnest($1::bigint[], ..)), ..
-/// SELECT 1`: every table's rows in one statement.
+/// SELECT 1`: every table's rows in one statement; `SELECT pg_notify($n,
+/// $m)` at the end instead when it also notifies.
 struct UnnestInsert<'q, 'a> {
     tables: Vec<&'q TableRows<'a>>,
+    notify: Option<(&'q str, &'q str)>,
 }
 
 impl QueryId for UnnestInsert<'_, '_> {
@@ -115,21 +117,32 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
             }
             out.push_sql(")");
         }
-        out.push_sql(" SELECT 1");
+        match &self.notify {
+            Some((channel, payload)) => {
+                out.push_sql(" SELECT pg_notify(");
+                out.push_bind_param::<Text, _>(*channel)?;
+                out.push_sql(", ");
+                out.push_bind_param::<Text, _>(*payload)?;
+                out.push_sql(")");
+            }
+            None => out.push_sql(" SELECT 1"),
+        }
         Ok(())
     }
 }
 
 impl RunQueryDsl<diesel::PgConnection> for UnnestInsert<'_, '_> {}
 
-/// Inserts every table's rows in one statement (none when all are empty).
+/// Inserts every table's rows in one statement, which also sends `notify`
+/// (channel, payload) when given (none at all when there is neither).
 pub(crate) fn insert_with_unnest(
     conn: &mut diesel::PgConnection,
     tables: &[TableRows<'_>],
+    notify: Option<(&str, &str)>,
 ) -> QueryResult<()> {
     let tables: Vec<&TableRows<'_>> = tables.iter().filter(|t| !t.is_empty()).collect();
-    if tables.is_empty() {
+    if tables.is_empty() && notify.is_none() {
         return Ok(());
     }
-    UnnestInsert { tables }.execute(conn).map(|_| ())
+    UnnestInsert { tables, notify }.execute(conn).map(|_| ())
 }

@@ -208,8 +208,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// round trips (PostgreSQL: a data-modifying CTE per table over `unnest`
     /// of bound arrays, see [`columns`]). `false` where the engine inserts
     /// nothing this way (SQLite: in-process statements cost no round trip),
-    /// and the caller inserts table by table.
-    fn insert_columns(&self, conn: &mut Conn, tables: &[TableRows<'_>]) -> Result<bool>;
+    /// and the caller inserts table by table. With `notify` (channel,
+    /// payload), the same statement also does what [`Self::notify`] does.
+    fn insert_columns(
+        &self,
+        conn: &mut Conn,
+        tables: &[TableRows<'_>],
+        notify: Option<(&str, &str)>,
+    ) -> Result<bool>;
 
     /// Wakes the processes listening on `channel` once the transaction commits
     /// (PostgreSQL NOTIFY); nothing where one process is all there is.

@@ -269,11 +269,18 @@ impl Engine for PostgresEngine {
             .with_context(|| format!("locking table {table}"))
     }
 
-    fn insert_columns(&self, conn: &mut Conn, tables: &[TableRows<'_>]) -> Result<bool> {
-        super::columns::insert_with_unnest(conn.postgres()?, tables).with_context(|| {
-            let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
-            format!("inserting rows into {}", names.join(", "))
-        })?;
+    fn insert_columns(
+        &self,
+        conn: &mut Conn,
+        tables: &[TableRows<'_>],
+        notify: Option<(&str, &str)>,
+    ) -> Result<bool> {
+        super::columns::insert_with_unnest(conn.postgres()?, tables, notify).with_context(
+            || {
+                let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
+                format!("inserting rows into {}", names.join(", "))
+            },
+        )?;
         Ok(true)
     }
 

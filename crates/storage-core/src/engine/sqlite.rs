@@ -288,7 +288,12 @@ impl Engine for SqliteEngine {
         Ok(())
     }
 
-    fn insert_columns(&self, _conn: &mut Conn, _tables: &[TableRows<'_>]) -> Result<bool> {
+    fn insert_columns(
+        &self,
+        _conn: &mut Conn,
+        _tables: &[TableRows<'_>],
+        _notify: Option<(&str, &str)>,
+    ) -> Result<bool> {
         Ok(false)
     }
 
