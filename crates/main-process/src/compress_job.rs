@@ -14,10 +14,11 @@
 //! recorded: the next pass compresses it again, which carries on from what the
 //! cut-short pass committed (the plan depends only on the groups' states).
 
+use crate::background::{BackgroundJobs, StopSignal};
 use crate::compress_cmd::{compress_rooms, describe};
 use std::collections::HashMap;
 use std::time::Duration;
-use storage_core::{log_context, Result};
+use storage_core::Result;
 use storage_events::EventsStore;
 use storage_state::compress::{self, CompressOptions};
 use storage_state::StateGroup;
@@ -35,28 +36,29 @@ pub struct CompressJob {
     pub max_rows_per_second: u64,
 }
 
-/// Starts the job for the life of the process.
-pub fn spawn(events: EventsStore, job: CompressJob) {
-    log_context::spawn("state compression", move || {
+/// Starts the job, until the server stops.
+pub fn spawn(jobs: &mut BackgroundJobs, events: EventsStore, job: CompressJob) {
+    jobs.spawn("state compression", move |stop| {
         log::info!(
             "compressing state groups every {} s, at most {} rows a second",
             job.every.as_secs(),
             job.max_rows_per_second
         );
-        std::thread::sleep(job.every.min(FIRST_PASS_AFTER));
-        loop {
-            if let Err(e) = pass(&events, &job) {
+        let mut wait = job.every.min(FIRST_PASS_AFTER);
+        while !stop.wait(wait) {
+            if let Err(e) = pass(&events, &job, stop) {
                 log::warn!("state compression pass failed (the next pass goes on): {e}");
             }
-            std::thread::sleep(job.every);
+            wait = job.every;
         }
     });
 }
 
 /// One pass over the rooms with groups newer than the recorded progress (of
 /// this process's earlier passes, or of an earlier process); returns the rooms
-/// it went over.
-pub fn pass(events: &EventsStore, job: &CompressJob) -> Result<Vec<String>> {
+/// it found. Stops between rooms once `stop` is raised: the rooms left are
+/// not recorded, and the next server's pass goes over them.
+pub fn pass(events: &EventsStore, job: &CompressJob, stop: &StopSignal) -> Result<Vec<String>> {
     let db = events.database();
     let done: HashMap<String, StateGroup> = compress::load_progress(db)?;
     let mut rooms = Vec::new();
@@ -81,6 +83,9 @@ pub fn pass(events: &EventsStore, job: &CompressJob) -> Result<Vec<String>> {
         ..Default::default()
     };
     for (room, top) in rooms.iter().zip(highest) {
+        if stop.is_raised() {
+            break;
+        }
         let reports = compress_rooms(
             events.state(),
             Some(events),

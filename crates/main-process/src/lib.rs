@@ -3,6 +3,7 @@
 //! and background jobs). The binary `hs-main` is a thin shell over this library;
 //! the persistence queue and the HTTP API live in their own crates.
 
+pub mod background;
 #[cfg(any(test, feature = "testing"))]
 pub mod bench_room;
 pub mod cli;

@@ -2,10 +2,11 @@
 //! `hs-main serve`: delete the state groups that no event's state needs (see
 //! `storage_state::purge`).
 
+use crate::background::BackgroundJobs;
 use crate::cli::Failure;
 use http_api::settings::Settings;
 use std::time::Duration;
-use storage_core::{log_context, Database};
+use storage_core::Database;
 use storage_state::{highest_state_group, purge_unneeded_groups};
 
 /// The command: this process holds the database's claim, so no main process
@@ -32,9 +33,9 @@ pub fn run(settings: &Settings, dry_run: bool) -> Result<(), Failure> {
 /// minutes), each time up to the highest group of the run before: a group
 /// younger than one interval is never a candidate, so a write in flight keeps
 /// the groups computed for it. On a thread of its own (log context "state
-/// group purge") for the life of the process.
-pub fn spawn_purging(db: Database, every: Duration) {
-    log_context::spawn("state group purge", move || {
+/// group purge") until the server stops.
+pub fn spawn_purging(jobs: &mut BackgroundJobs, db: Database, every: Duration) {
+    jobs.spawn("state group purge", move |stop| {
         let mut bound = None;
         loop {
             if let Some(up_to) = bound {
@@ -52,7 +53,9 @@ pub fn spawn_purging(db: Database, every: Duration) {
                 Ok(highest) => bound = Some(highest),
                 Err(e) => log::warn!("{e}"),
             }
-            std::thread::sleep(every);
+            if stop.wait(every) {
+                break;
+            }
         }
     });
 }

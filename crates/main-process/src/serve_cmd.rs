@@ -4,6 +4,7 @@
 //! through the persistence queue. With `--read-only`, only the read half, over
 //! any database (Synapse's included), claiming and writing nothing.
 
+use crate::background::BackgroundJobs;
 use crate::cli::Failure;
 use http_api::settings::Settings;
 use http_api::wire::{ContextedEvent, WriteOutcome};
@@ -11,7 +12,6 @@ use http_api::{self as http, ApiState, EventWriter, HealthCheck, Limits, DATABAS
 use persistence::Pipeline;
 use std::sync::Arc;
 use std::time::Duration;
-use storage_core::log_context;
 use storage_core::{Database, Error, OpenMode};
 use storage_events::{EventReads, EventsStore};
 
@@ -45,9 +45,9 @@ impl EventWriter for MainWriter {
 /// Prunes the replication stream's invalidations now and every `every`,
 /// keeping the newest `keep` stream positions of them for workers that fall
 /// behind (a worker further behind drops all its current-state caches), on a
-/// thread of its own for the life of the process.
-fn spawn_pruning(events: EventsStore, keep: i64, every: Duration) {
-    log_context::spawn("replication pruning", move || loop {
+/// thread of its own until the server stops.
+fn spawn_pruning(jobs: &mut BackgroundJobs, events: EventsStore, keep: i64, every: Duration) {
+    jobs.spawn("replication pruning", move |stop| loop {
         match events.prune_cache_invalidations(keep) {
             Ok(0) => {}
             Ok(n) => {
@@ -55,7 +55,9 @@ fn spawn_pruning(events: EventsStore, keep: i64, every: Duration) {
             }
             Err(e) => log::warn!("{e}"),
         }
-        std::thread::sleep(every);
+        if stop.wait(every) {
+            break;
+        }
     });
 }
 
@@ -70,7 +72,10 @@ fn limits(settings: &Settings) -> Limits {
 }
 
 /// `hs-main serve`: claims and migrates the database, starts the background
-/// jobs the settings ask for, and serves until Ctrl-C or SIGTERM.
+/// jobs the settings ask for, and serves until Ctrl-C or SIGTERM. Then, with
+/// the requests in flight answered, stops the jobs and closes the database
+/// before it returns (on SQLite, the last connection closed checkpoints the
+/// write-ahead log and removes it and the shared-memory file).
 pub fn run(settings: &Settings) -> Result<(), Failure> {
     let token = settings.token.clone();
     let listen = settings.listen;
@@ -83,12 +88,16 @@ pub fn run(settings: &Settings) -> Result<(), Failure> {
     let health = vec![ApiState::database_check(db.clone())];
     let pipeline = Pipeline::open(db, &settings.store_config("main"))?;
     let events = pipeline.builder.events().clone();
+    // Dropped before the claim and the database, whichever way this returns.
+    let mut jobs = BackgroundJobs::default();
     spawn_pruning(
+        &mut jobs,
         events.clone(),
         settings.cache_invalidations_keep,
         Duration::from_secs(settings.cache_invalidations_every),
     );
     crate::purge_cmd::spawn_purging(
+        &mut jobs,
         events.database().clone(),
         Duration::from_secs(settings.purge_state_groups_every),
     );
@@ -97,13 +106,17 @@ pub fn run(settings: &Settings) -> Result<(), Failure> {
             every: Duration::from_secs(secs),
             max_rows_per_second: settings.compress_max_rows_per_second,
         };
-        crate::compress_job::spawn(events.clone(), job);
+        crate::compress_job::spawn(&mut jobs, events.clone(), job);
     }
-    http::serve(
+    drop(events);
+    let served = http::serve(
         listen,
         http::router(main_api(pipeline, token, health)),
         limits(settings),
-    )?;
+    );
+    jobs.stop();
+    log::info!("background jobs stopped; closing the database");
+    served?;
     Ok(())
 }
 
