@@ -25,9 +25,13 @@ const EVENT_BATCH: usize = 500;
 
 /// The capability to read state groups and to store new ones, implemented once,
 /// by [`StateStore`], which the main process and replica workers both build.
-/// `store_state_group` is here, beside the reads, because any process that
-/// resolves state (a replica worker too) stores the result itself; ids come from
-/// the engine's shared generator.
+/// `store_state_group` is here, beside the reads, for a context builder that
+/// writes each group at once (one without deferred writes, tests); the write
+/// path prepares groups instead
+/// ([`StateStore::prepare_state_group`]) and writes them in the batch's
+/// transaction, a replica worker's too: it takes the id from the engine's shared
+/// generator and the main process adopts the group
+/// ([`StateStore::adopt_prepared_group`]).
 pub trait StateGroupAccess {
     /// Stores a state group and returns its id: a delta with an edge to
     /// `prev_group` when given and its chain is shorter than
