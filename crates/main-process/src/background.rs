@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use storage_core::log_context;
 
 /// Raised once, when the server stops; the jobs wait on it between passes.
@@ -20,19 +20,11 @@ pub struct StopSignal {
 impl StopSignal {
     /// Waits up to `timeout` for the signal; whether it was raised.
     pub fn wait(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
-        while !*stopped {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            stopped = self
-                .raised
-                .wait_timeout(stopped, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let (stopped, _) = self
+            .raised
+            .wait_timeout_while(stopped, timeout, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
         *stopped
     }
 
@@ -102,5 +94,14 @@ mod tests {
         // Without the signal, this join would wait an hour.
         jobs.stop();
         assert_eq!(passes.try_iter().count(), 0);
+    }
+
+    #[test]
+    fn a_wait_without_the_signal_ends_after_its_timeout() {
+        let signal = StopSignal::default();
+        assert!(!signal.wait(Duration::from_millis(10)));
+        assert!(!signal.is_raised());
+        signal.raise();
+        assert!(signal.wait(Duration::from_secs(3600)));
     }
 }
