@@ -131,22 +131,25 @@ impl<'a> Transaction<'a> {
     }
 
     /// Inserts several tables' rows in one statement where the engine does
-    /// ([`Engine::insert_columns`]); `false` where the caller inserts them
-    /// table by table.
-    pub fn insert_columns(&mut self, tables: &[crate::TableRows<'_>]) -> Result<bool> {
-        self.engine.insert_columns(self.conn, tables, None)
+    /// ([`Engine::insert_columns`]), building them with `tables` only then;
+    /// `false` where the caller inserts them table by table.
+    pub fn insert_columns<'r>(
+        &mut self,
+        tables: impl Fn() -> Vec<crate::TableRows<'r>>,
+    ) -> Result<bool> {
+        self.engine.insert_columns(self.conn, &tables, None)
     }
 
     /// [`Self::insert_columns`] in a statement that also does what
     /// [`Self::notify`] does; when it answers `false`, the caller notifies.
-    pub fn insert_columns_and_notify(
+    pub fn insert_columns_and_notify<'r>(
         &mut self,
-        tables: &[crate::TableRows<'_>],
+        tables: impl Fn() -> Vec<crate::TableRows<'r>>,
         channel: &str,
         payload: &str,
     ) -> Result<bool> {
         self.engine
-            .insert_columns(self.conn, tables, Some((channel, payload)))
+            .insert_columns(self.conn, &tables, Some((channel, payload)))
     }
 
     /// Locks `table` against other writers until this transaction ends.

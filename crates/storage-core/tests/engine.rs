@@ -248,13 +248,13 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
         .unwrap()
     };
     let failed = db.run_interaction("insert_columns_then_fail", |txn| {
-        txn.insert_columns(&tables())?;
+        txn.insert_columns(tables)?;
         Err::<(), _>(storage_core::Error::other("rolled back"))
     });
     assert!(failed.is_err());
     assert!(edges().is_empty());
     let inserted = db
-        .run_interaction("insert_columns", |txn| txn.insert_columns(&tables()))
+        .run_interaction("insert_columns", |txn| txn.insert_columns(tables))
         .unwrap();
     if t.engine() == "sqlite" {
         assert!(!inserted);
@@ -272,6 +272,6 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
         vec![edge("$b", "$a", Some("!r")), edge("$c", "$b", None)]
     );
     // The table that asked for no skipping fails the statement on a conflict.
-    let again = db.run_interaction("insert_columns_again", |txn| txn.insert_columns(&tables()));
+    let again = db.run_interaction("insert_columns_again", |txn| txn.insert_columns(tables));
     assert!(again.is_err(), "{again:?}");
 }

@@ -120,10 +120,12 @@ impl EventsStore {
         // The room's extremities are replaced: the old ones go first, the new
         // ones are inserted with the events.
         delete_extremities(txn, &batch.room_id)?;
-        let with_events = vec![
-            StateStore::event_state_group_rows(&mappings),
-            extremity_rows(&batch.room_id, &batch.new_extremities),
-        ];
+        let with_events = || {
+            vec![
+                StateStore::event_state_group_rows(&mappings),
+                extremity_rows(&batch.room_id, &batch.new_extremities),
+            ]
+        };
         let max = *positions.iter().max().expect("at least one new event");
         // Workers apply the position (reading the invalidations when there are
         // some) and measure their lag from the time.
@@ -284,7 +286,7 @@ fn insert_events<'a>(
     new: &[&'a EventToPersist],
     positions: &[i64],
     instance_name: &'a str,
-    with_events: Vec<TableRows<'a>>,
+    with_events: impl Fn() -> Vec<TableRows<'a>>,
     notification: &str,
 ) -> Result<bool> {
     let received = now_ms();
@@ -348,9 +350,12 @@ fn insert_events<'a>(
         .iter()
         .filter_map(|e| e.rejected.as_deref().map(|r| (e.event_id.as_str(), r)))
         .collect();
-    let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
-    tables.extend(with_events);
-    if txn.insert_columns_and_notify(&tables, REPLICATION_CHANNEL, notification)? {
+    let tables = || {
+        let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
+        tables.extend(with_events());
+        tables
+    };
+    if txn.insert_columns_and_notify(tables, REPLICATION_CHANNEL, notification)? {
         return Ok(true);
     }
     for chunk in event_rows.chunks(CHUNK) {

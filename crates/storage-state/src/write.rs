@@ -152,7 +152,7 @@ impl<'a> GroupRows<'a> {
         if self.groups.is_empty() && self.edges.is_empty() && self.state.is_empty() {
             return Ok(());
         }
-        if txn.insert_columns(&self.columns())? {
+        if txn.insert_columns(|| self.columns())? {
             self.groups.clear();
             self.edges.clear();
             self.state.clear();

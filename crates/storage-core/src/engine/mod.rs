@@ -208,12 +208,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// round trips (PostgreSQL: a data-modifying CTE per table over `unnest`
     /// of bound arrays, see [`columns`]). `false` where the engine inserts
     /// nothing this way (SQLite: in-process statements cost no round trip),
-    /// and the caller inserts table by table. With `notify` (channel,
-    /// payload), the same statement also does what [`Self::notify`] does.
-    fn insert_columns(
+    /// and the caller inserts table by table. `tables` builds the rows, called
+    /// only by an engine that inserts them so: where the answer is `false`,
+    /// no column is gathered for nothing. With `notify` (channel, payload),
+    /// the same statement also does what [`Self::notify`] does.
+    fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
-        tables: &[TableRows<'_>],
+        tables: &dyn Fn() -> Vec<TableRows<'a>>,
         notify: Option<(&str, &str)>,
     ) -> Result<bool>;
 

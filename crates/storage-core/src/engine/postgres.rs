@@ -269,13 +269,14 @@ impl Engine for PostgresEngine {
             .with_context(|| format!("locking table {table}"))
     }
 
-    fn insert_columns(
+    fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
-        tables: &[TableRows<'_>],
+        tables: &dyn Fn() -> Vec<TableRows<'a>>,
         notify: Option<(&str, &str)>,
     ) -> Result<bool> {
-        super::columns::insert_with_unnest(conn.postgres()?, tables, notify).with_context(
+        let tables = tables();
+        super::columns::insert_with_unnest(conn.postgres()?, &tables, notify).with_context(
             || {
                 let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
                 format!("inserting rows into {}", names.join(", "))

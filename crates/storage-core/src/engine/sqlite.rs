@@ -288,10 +288,10 @@ impl Engine for SqliteEngine {
         Ok(())
     }
 
-    fn insert_columns(
+    fn insert_columns<'a>(
         &self,
         _conn: &mut Conn,
-        _tables: &[TableRows<'_>],
+        _tables: &dyn Fn() -> Vec<TableRows<'a>>,
         _notify: Option<(&str, &str)>,
     ) -> Result<bool> {
         Ok(false)
