@@ -228,6 +228,7 @@ fn fetch_split(
     let per_slot = filter.has_concrete_slots() && (groups.len() == 1 || cheap_round_trips);
     let key_arms = sql::key_arms(txn.engine());
     let in_chain = sql::InChain::new(txn.engine());
+    let row_ids = sql::RowIds::new(txn.engine());
     let mut result: HashMap<StateGroup, SplitState> = HashMap::with_capacity(groups.len());
     if per_hop {
         for &group in groups {
@@ -246,7 +247,7 @@ fn fetch_split(
         }
     } else {
         for batch in groups.chunks(GROUP_BATCH) {
-            walk_recursive(txn.conn(), batch, filter, key_arms, &mut result)?;
+            walk_recursive(txn.conn(), batch, filter, key_arms, &row_ids, &mut result)?;
         }
     }
     let empty: Vec<StateGroup> = groups
@@ -334,10 +335,15 @@ fn walk_recursive(
     groups: &[StateGroup],
     filter: &StateFilter,
     key_arms: usize,
+    row_ids: &sql::RowIds,
     result: &mut HashMap<StateGroup, SplitState>,
 ) -> Result<()> {
     let mut newest = NewestRows::default();
-    sql::chain_rows(conn, groups, filter, key_arms, |row| newest.add(row))?;
+    if filter.is_full() && row_ids.available() {
+        sql::chain_rows_by_range(conn, groups, row_ids, |row| newest.add(row))?;
+    } else {
+        sql::chain_rows(conn, groups, filter, key_arms, |row| newest.add(row))?;
+    }
     newest.finish(result);
     Ok(())
 }
@@ -449,6 +455,7 @@ fn walk_per_hop(
         &[current],
         &slots_filter(&remaining),
         key_arms,
+        &sql::RowIds::none(),
         &mut rest,
     )?;
     if let Some(rest) = rest.remove(&current) {

@@ -53,6 +53,31 @@ impl InChain {
     }
 }
 
+/// How the engine names a state row's insertion-ordered id
+/// ([`Engine::insertion_row_id`](storage_core::Engine::insertion_row_id)) in
+/// the two places [`chain_rows_by_range`] needs it; `None` where rows have none.
+#[derive(Debug, Clone)]
+pub(crate) struct RowIds(Option<(String, String)>);
+
+impl RowIds {
+    pub(crate) fn new(engine: &dyn storage_core::Engine) -> Self {
+        RowIds(
+            engine
+                .insertion_row_id("x")
+                .zip(engine.insertion_row_id("s")),
+        )
+    }
+
+    /// No ids: every read seeks through the index.
+    pub(crate) fn none() -> Self {
+        RowIds(None)
+    }
+
+    pub(crate) fn available(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 /// A value to bind, in placeholder order.
 #[derive(Debug, Clone)]
 pub(crate) enum Bind {
@@ -312,6 +337,60 @@ pub(crate) fn chain_rows(
     if !st.push_arms(filter, CHAIN_SELECT, key_arms) {
         return Ok(());
     }
+    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+}
+
+/// [`chain_rows`] for the full state (every row on the chains), each group's
+/// rows read by their range of insertion-ordered ids ([`RowIds`]) where that
+/// range is dense, and through the index otherwise.
+///
+/// A group's rows are inserted by one statement, so on SQLite they normally
+/// fill one range of rowids; scanning the range reads the table in order,
+/// where the index on `(state_group, type, state_key)` costs a seek into the
+/// table per row for `event_id`. The range and the count come from the index
+/// alone (covering). The range is taken when at most half its rows belong to
+/// other groups (`hi - lo < 2n`), and the `state_group` condition keeps only
+/// the group's own rows, so the answer is exact either way: a group whose
+/// rows are scattered (written piecemeal, or by another writer than ours) is
+/// sought through the index as before. The unary `+` keeps SQLite from
+/// seeking that condition through the index instead of the range.
+///
+/// Measured (callgrind, the state resolution benchmark: three merges, each
+/// reading two 30,664-row snapshots cold): 1,889M instructions against 3,042M
+/// with the index alone.
+pub(crate) fn chain_rows_by_range(
+    conn: &mut Conn,
+    groups: &[StateGroup],
+    row_ids: &RowIds,
+    each: impl FnMut(ChainRow),
+) -> Result<()> {
+    let Some((x_id, s_id)) = &row_ids.0 else {
+        return chain_rows(conn, groups, &StateFilter::all(), KEY_ARMS, each);
+    };
+    let mut st = Statement::default();
+    let seeds = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
+    let of_group = "FROM state_groups_state x WHERE x.state_group = c.state_group";
+    st.sql = format!(
+        "{}, \
+         ranges AS MATERIALIZED ( \
+             SELECT c.root AS root, c.state_group AS state_group, \
+                 (SELECT MIN({x_id}) {of_group}) AS lo, \
+                 (SELECT MAX({x_id}) {of_group}) AS hi, \
+                 (SELECT COUNT(*) {of_group}) AS n \
+             FROM chain c \
+         ) \
+         SELECT r.root AS root, s.state_group AS state_group, s.type AS type_, \
+             s.state_key AS state_key, s.event_id AS event_id \
+         FROM ranges r CROSS JOIN state_groups_state s \
+         WHERE r.hi - r.lo < 2 * r.n AND {s_id} BETWEEN r.lo AND r.hi \
+             AND +s.state_group = r.state_group \
+         UNION ALL \
+         SELECT r.root AS root, s.state_group AS state_group, s.type AS type_, \
+             s.state_key AS state_key, s.event_id AS event_id \
+         FROM ranges r CROSS JOIN state_groups_state s \
+         WHERE r.hi - r.lo >= 2 * r.n AND s.state_group = r.state_group",
+        chain_cte(&seeds)
+    );
     st.for_each_row::<ChainRowType, ChainRow>(conn, each)
 }
 

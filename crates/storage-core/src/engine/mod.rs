@@ -157,6 +157,16 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// every value and sorts them.
     fn seeking_each_of(&self, column: &str, values: &str) -> String;
 
+    /// An expression for the id under which the engine keeps the row `alias`
+    /// of a table without a primary key, in insertion order, so that rows
+    /// inserted together (a state group's, by one statement) lie in one range
+    /// of ids that a scan of the table reads in order: SQLite's `rowid`. Read
+    /// by that range, such rows cost no seek each through an index that does
+    /// not hold every column read (Synapse's on `state_groups_state` lacks
+    /// `event_id`). `None` where rows have no such id: a PostgreSQL heap is
+    /// not ordered by insertion.
+    fn insertion_row_id(&self, alias: &str) -> Option<String>;
+
     /// Opens a new connection with this engine's per-connection settings applied.
     fn connect(&self) -> Result<Conn>;
 

@@ -114,6 +114,10 @@ impl Engine for PostgresEngine {
         format!("{column} = ANY(ARRAY({values}))")
     }
 
+    fn insertion_row_id(&self, _alias: &str) -> Option<String> {
+        None
+    }
+
     fn connect(&self) -> Result<Conn> {
         let mut c = PgConnection::establish(&self.url)
             .with_context(|| format!("connecting to {}", self.config.url.redacted()))?;

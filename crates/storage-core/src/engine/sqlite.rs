@@ -177,6 +177,10 @@ impl Engine for SqliteEngine {
         format!("{column} IN ({values})")
     }
 
+    fn insertion_row_id(&self, alias: &str) -> Option<String> {
+        Some(format!("{alias}.rowid"))
+    }
+
     fn connect(&self) -> Result<Conn> {
         let target = self.open_target()?;
         let mut c = SqliteConnection::establish(&target)

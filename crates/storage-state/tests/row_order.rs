@@ -1,0 +1,159 @@
+//! Full-state reads do not depend on where a group's rows lie in the table.
+//!
+//! On SQLite a group's rows are read by their range of rowids when that range
+//! is dense (they were inserted together), and through the index otherwise
+//! (`storage_state::sql::chain_rows_by_range`). Here the rows are written by
+//! hand in orders the store never writes: two groups' rows interleaved one by
+//! one (a range half of whose rows belong to the other group: still read by
+//! range, the other group's rows filtered out), and a group whose rows are
+//! spread among three others' (read through the index), with deltas that
+//! override their prev group's slots. Each group's full state, read cold,
+//! must be exactly what its rows say, one group at a time and all at once.
+//! Each test runs on SQLite and PostgreSQL.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use storage_core::testing::TestDb;
+use storage_state::{StateFilter, StateGroupAccess};
+
+storage_core::engine_tests!(full_state_reads_agree_wherever_the_rows_lie);
+
+/// One state row: group, type, state key, event id.
+type Row = (i64, String, String, String);
+
+fn member_rows(group: i64, users: std::ops::Range<usize>, tag: &str) -> Vec<Row> {
+    users
+        .map(|u| {
+            (
+                group,
+                MEMBER.to_owned(),
+                format!("@u{u}:test"),
+                format!("${tag}-{u}"),
+            )
+        })
+        .collect()
+}
+
+fn insert(t: &TestDb, rows: &[Row]) {
+    let values: Vec<String> = rows
+        .iter()
+        .map(|(g, ty, k, e)| format!("({g}, '{ROOM}', '{ty}', '{k}', '{e}')"))
+        .collect();
+    t.raw_connection()
+        .batch_execute(&format!(
+            "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) \
+             VALUES {}",
+            values.join(", ")
+        ))
+        .expect("inserting state rows");
+}
+
+/// Every second row from `a`, the others from `b`, while both last.
+fn interleave(a: Vec<Row>, b: Vec<Row>) -> Vec<Row> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (a.into_iter(), b.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
+    let store = store(t);
+    let mut raw = t.raw_connection();
+    // 1: a snapshot; 2 and 3: deltas on 1; 4: a snapshot; 5, 6, 7: snapshots
+    // whose rows surround 4's; 8: a delta on 4.
+    raw.batch_execute(&format!(
+        "INSERT INTO state_groups (id, room_id, event_id) VALUES \
+         (1, '{ROOM}', '$g1'), (2, '{ROOM}', '$g2'), (3, '{ROOM}', '$g3'), \
+         (4, '{ROOM}', '$g4'), (5, '{ROOM}', '$g5'), (6, '{ROOM}', '$g6'), \
+         (7, '{ROOM}', '$g7'), (8, '{ROOM}', '$g8'); \
+         INSERT INTO state_group_edges (state_group, prev_state_group) VALUES \
+         (2, 1), (3, 1), (8, 4)"
+    ))
+    .expect("inserting groups");
+    drop(raw);
+
+    let mut rows: Vec<Row> = member_rows(1, 0..40, "one");
+    rows.push((1, CREATE.to_owned(), String::new(), "$create".to_owned()));
+    insert(t, &rows);
+    // 2 overrides members 0..30 and adds 40..50; 3 overrides 10..40.
+    let two = member_rows(2, 0..30, "two")
+        .into_iter()
+        .chain(member_rows(2, 40..50, "two"))
+        .collect();
+    let three = member_rows(3, 10..40, "three");
+    let both = interleave(two, three);
+    insert(t, &both);
+    // 4's rows one in four, between rows of 5, 6 and 7.
+    let mut spread = Vec::new();
+    for u in 0..30 {
+        for g in [5, 6, 7, 4] {
+            spread.extend(member_rows(g, u..u + 1, &format!("g{g}")));
+        }
+    }
+    spread.push((4, NAME.to_owned(), String::new(), "$name".to_owned()));
+    insert(t, &spread);
+    // 8: part of its rows in one statement, the rest after other groups'.
+    insert(t, &member_rows(8, 0..5, "eight"));
+    insert(t, &member_rows(5, 100..120, "late"));
+    insert(t, &member_rows(8, 25..35, "eight"));
+
+    // What each group's state must be, from the rows and the edges.
+    let mut own: BTreeMap<i64, BTreeMap<(String, String), String>> = BTreeMap::new();
+    let all_rows = rows
+        .iter()
+        .chain(&both)
+        .chain(&spread)
+        .cloned()
+        .chain(member_rows(8, 0..5, "eight"))
+        .chain(member_rows(5, 100..120, "late"))
+        .chain(member_rows(8, 25..35, "eight"));
+    for (g, ty, k, e) in all_rows {
+        own.entry(g).or_default().insert((ty, k), e);
+    }
+    let prev = BTreeMap::from([(2, 1), (3, 1), (8, 4)]);
+    let expected = |g: i64| {
+        let mut state = prev.get(&g).map(|p| own[p].clone()).unwrap_or_default();
+        state.extend(own[&g].clone());
+        state
+    };
+    let as_map = |state: &storage_state::StateMap| -> BTreeMap<(String, String), String> {
+        state
+            .iter()
+            .map(|((ty, k), e)| ((ty.to_string(), k.to_string()), e.to_string()))
+            .collect()
+    };
+
+    let groups: Vec<i64> = (1..=8).collect();
+    for &g in &groups {
+        let read = cold(&store)
+            .get_state_for_groups(&[g], &StateFilter::all())
+            .unwrap();
+        assert_eq!(as_map(&read[&g]), expected(g), "group {g} read alone");
+    }
+    let read = cold(&store)
+        .get_state_for_groups(&groups, &StateFilter::all())
+        .unwrap();
+    for &g in &groups {
+        assert_eq!(
+            as_map(&read[&g]),
+            expected(g),
+            "group {g} read with the others"
+        );
+    }
+    // The overrides took: not merely every row of the chain.
+    assert_eq!(
+        expected(2)[&(MEMBER.to_owned(), "@u5:test".to_owned())],
+        "$two-5"
+    );
+    assert_eq!(
+        expected(3)[&(MEMBER.to_owned(), "@u5:test".to_owned())],
+        "$one-5"
+    );
+    assert_eq!(expected(8).len(), 31 + 5);
+}
