@@ -48,17 +48,10 @@ pub(crate) fn conflicted_slots(states: &[&storage_state::StateMap]) -> BTreeSet<
     let Some((first, rest)) = states.split_first() else {
         return slots;
     };
-    for (slot, event) in first.iter() {
-        if rest.iter().any(|s| s.get(slot) != Some(event)) {
-            slots.insert(slot.clone());
-        }
-    }
+    // A slot some state disagrees with the first on; two cold states are
+    // compared side by side in their arrays' order, not looked up slot by slot.
     for state in rest {
-        for slot in state.keys() {
-            if !first.contains_key(slot) {
-                slots.insert(slot.clone());
-            }
-        }
+        slots.extend(first.differing_keys(state).into_iter().cloned());
     }
     slots
 }

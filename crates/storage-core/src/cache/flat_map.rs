@@ -252,6 +252,80 @@ where
         big
     }
 
+    /// The keys on which `self` and `other` differ: a different value, or a
+    /// key one of them lacks. Each once, in no particular order.
+    ///
+    /// Two maps whose arrays were built apart (two groups' states read cold)
+    /// have their entries in the same order, by hash under the process's one
+    /// seed: the arrays are walked side by side, comparing the entries of
+    /// equal hashes, with no key hashed and no search. A key either overlay
+    /// holds is settled by looking it up in both maps instead. Measured on the
+    /// state resolution benchmark (two 30,664-entry states): a lookup per
+    /// entry of one map in the other cost 14 ms of a 189 ms resolution.
+    pub fn differing_keys<'a>(&'a self, other: &'a Self) -> Vec<&'a K>
+    where
+        V: PartialEq,
+    {
+        let mut out = Vec::new();
+        let overlaid = |k: &K| {
+            (!self.overlay.is_empty() && self.overlay.contains_key(k))
+                || (!other.overlay.is_empty() && other.overlay.contains_key(k))
+        };
+        for (k, _) in self.overlay.iter() {
+            if self.get(k) != other.get(k) {
+                out.push(k);
+            }
+        }
+        for (k, _) in other.overlay.iter() {
+            if !self.overlay.contains_key(k) && self.get(k) != other.get(k) {
+                out.push(k);
+            }
+        }
+        let (a, b) = (&*self.flat, &*other.flat);
+        if std::ptr::eq(a, b) {
+            return out;
+        }
+        let (mut i, mut j) = (0, 0);
+        while i < a.hashes.len() || j < b.hashes.len() {
+            let ha = a.hashes.get(i).copied().unwrap_or(u64::MAX);
+            let hb = b.hashes.get(j).copied().unwrap_or(u64::MAX);
+            // An array walked to its end yields to the other.
+            let a_first = j >= b.hashes.len() || (i < a.hashes.len() && ha < hb);
+            let b_first = i >= a.hashes.len() || (j < b.hashes.len() && hb < ha);
+            if a_first {
+                let k = &a.entries[i].0;
+                if !overlaid(k) {
+                    out.push(k);
+                }
+                i += 1;
+            } else if b_first {
+                let k = &b.entries[j].0;
+                if !overlaid(k) {
+                    out.push(k);
+                }
+                j += 1;
+            } else {
+                // One hash in both: compare the runs' entries by key.
+                let ie = i + a.hashes[i..].iter().take_while(|h| **h == ha).count();
+                let je = j + b.hashes[j..].iter().take_while(|h| **h == ha).count();
+                let (ra, rb) = (&a.entries[i..ie], &b.entries[j..je]);
+                for (k, v) in ra {
+                    let same = rb.iter().any(|(k2, v2)| k == k2 && v == v2);
+                    if !same && !overlaid(k) {
+                        out.push(k);
+                    }
+                }
+                for (k, _) in rb {
+                    if !ra.iter().any(|(k2, _)| k == k2) && !overlaid(k) {
+                        out.push(k);
+                    }
+                }
+                (i, j) = (ie, je);
+            }
+        }
+        out
+    }
+
     /// What the map holds in bytes: the array's entries and hashes, and the
     /// overlay's entries at `overlay_entry` each (see
     /// [`map_bytes`](super::map_bytes)), each entry's heap data through `heap`.
@@ -433,6 +507,62 @@ where
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// `differing_keys` against comparing every key, on maps built apart
+    /// (arrays only), changed through their overlays, and copies sharing an
+    /// array.
+    #[test]
+    fn differing_keys_are_the_keys_whose_values_differ() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let brute = |a: &FlatMap<u64, u64>, b: &FlatMap<u64, u64>| {
+            let mut keys: Vec<u64> = a
+                .keys()
+                .chain(b.keys())
+                .copied()
+                .filter(|k| a.get(k) != b.get(k))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys
+        };
+        let fast = |a: &FlatMap<u64, u64>, b: &FlatMap<u64, u64>| {
+            let mut keys: Vec<u64> = a.differing_keys(b).into_iter().copied().collect();
+            keys.sort_unstable();
+            let n = keys.len();
+            keys.dedup();
+            assert_eq!(n, keys.len(), "a key given twice");
+            keys
+        };
+        for round in 0..200 {
+            let n = 1 + (next() % 300) as usize;
+            let a: FlatMap<u64, u64> = (0..n).map(|_| (next() % 400, next() % 3)).collect();
+            let b: FlatMap<u64, u64> = (0..n).map(|_| (next() % 400, next() % 3)).collect();
+            assert_eq!(fast(&a, &b), brute(&a, &b), "round {round}, built apart");
+            assert_eq!(fast(&b, &a), brute(&b, &a), "round {round}, swapped");
+            let (mut a2, mut b2) = (a.clone(), b.clone());
+            for _ in 0..(next() % 20) {
+                let k = next() % 400;
+                match next() % 3 {
+                    0 => drop(a2.remove(&k)),
+                    1 => drop(a2.insert(k, next() % 3)),
+                    _ => drop(b2.insert(k, next() % 3)),
+                }
+            }
+            assert_eq!(fast(&a2, &b2), brute(&a2, &b2), "round {round}, overlaid");
+            assert_eq!(fast(&a2, &a), brute(&a2, &a), "round {round}, one array");
+            assert!(fast(&a, &a.clone()).is_empty());
+        }
+        // Overlapping ranges of keys, some values equal, some not.
+        let one: FlatMap<u64, u64> = (0..50).map(|k| (k, k)).collect();
+        let other: FlatMap<u64, u64> = (25..75).map(|k| (k, if k < 40 { k } else { 0 })).collect();
+        assert_eq!(fast(&one, &other), brute(&one, &other));
+    }
 
     /// Random inserts and removes on copies of copies, against std's map.
     #[test]
