@@ -216,11 +216,11 @@ fn a_state_event_costs_a_fixed_number_of_statements(t: &TestDb) {
 /// without the main-process claim's proof (one more per write transaction in
 /// `hs-main`; the test opens the database unclaimed).
 ///
-/// A message on PostgreSQL (7), all in the write transaction: BEGIN, LOCK,
-/// which events are stored, the stream position, the old extremities
-/// (DELETE), one statement inserting the rows of events, event_json,
-/// event_edges, event_auth, event_to_state_groups and the new extremities
-/// and sending the NOTIFY (`Transaction::insert_columns_and_notify`), COMMIT. Nothing is read before
+/// A message on PostgreSQL (5), all in the write transaction: BEGIN with the
+/// LOCK (one message), which events are stored, the stream position, one
+/// statement inserting the rows of events, event_json, event_edges,
+/// event_auth, event_to_state_groups, replacing the room's extremities and
+/// sending the NOTIFY (`Transaction::insert_columns_and_notify`), COMMIT. Nothing is read before
 /// it: the prev event (the room's last batch left it in the event cache), the
 /// forward extremities and the current state (kept up to date by the writer)
 /// come from memory, and which of the batch's events stored events name as
@@ -228,15 +228,16 @@ fn a_state_event_costs_a_fixed_number_of_statements(t: &TestDb) {
 /// checks that).
 /// A state event adds the group's id (no transaction) and, in the write, its
 /// prev group's room, one statement inserting the group's rows (group, edge,
-/// state), the current state (DELETE, INSERT) and a cache_invalidations row.
+/// state) and the current state (DELETE, INSERT); its cache_invalidations row
+/// goes in the events' statement.
 /// SQLite takes its sequences from memory, has no LOCK or NOTIFY, and inserts
-/// table by table (a message: the 5 tables and the extremities' INSERT in
-/// place of the one statement, which also sends no NOTIFY; a state event: 3
-/// INSERTs for the group).
+/// table by table (a message: the 5 tables and the extremities' DELETE and
+/// INSERT in place of the one statement, which also sends no NOTIFY; a state
+/// event: 3 INSERTs for the group and the cache_invalidations row).
 fn expected(t: &TestDb) -> (usize, usize) {
     match t.engine() {
         "sqlite" => (10, 17),
-        _ => (7, 13),
+        _ => (5, 10),
     }
 }
 

@@ -387,7 +387,7 @@ fn run_attempt<T>(
     let proof = claim.map_or(Ok(()), |c| engine.prove_claim(conn, c));
     let (outcome, callbacks) = match proof {
         Ok(()) => {
-            let mut txn = Transaction::new(conn, engine, desc, attempt);
+            let mut txn = Transaction::new(conn, engine, desc, attempt, options.lock);
             let outcome = f(&mut txn);
             (outcome, txn.into_callbacks())
         }

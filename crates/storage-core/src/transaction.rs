@@ -20,6 +20,9 @@ pub struct Transaction<'a> {
     engine: &'a dyn crate::engine::Engine,
     desc: &'a str,
     attempt: u32,
+    /// The table the engine locked when the transaction began
+    /// ([`crate::TxnOptions::lock`]).
+    locked: Option<&'static str>,
     after: Vec<Callback>,
     on_exception: Vec<Callback>,
 }
@@ -46,12 +49,14 @@ impl<'a> Transaction<'a> {
         engine: &'a dyn Engine,
         desc: &'a str,
         attempt: u32,
+        locked: Option<&'static str>,
     ) -> Self {
         Transaction {
             conn,
             engine,
             desc,
             attempt,
+            locked,
             after: Vec::new(),
             on_exception: Vec::new(),
         }
@@ -152,8 +157,13 @@ impl<'a> Transaction<'a> {
             .insert_columns(self.conn, &tables, Some((channel, payload)))
     }
 
-    /// Locks `table` against other writers until this transaction ends.
+    /// Locks `table` against other writers until this transaction ends;
+    /// nothing more where the transaction began with that lock
+    /// ([`crate::TxnOptions::lock`]).
     pub fn lock_table(&mut self, table: &str) -> Result<()> {
+        if self.locked == Some(table) {
+            return Ok(());
+        }
         self.engine.lock_table(self.conn, table)
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use storage_core::testing::TestDb;
 use storage_core::{
     with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, Sequence,
-    TableRows,
+    TableRows, TxnOptions,
 };
 
 storage_core::engine_tests!(
@@ -17,6 +17,8 @@ storage_core::engine_tests!(
     sequence_behind_table_is_moved_forward,
     one_main_process_claim_at_a_time,
     rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can,
+    replacing_rows_keeps_the_new_deletes_the_rest_of_that_key_only,
+    a_transaction_begun_with_a_lock_holds_it_to_its_end,
 );
 
 const SEQ: Sequence = Sequence {
@@ -215,6 +217,7 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
                     ("is_state", Column::Bool(vec![false, false, false])),
                 ],
                 skip_conflicts: true,
+                replacing: None,
             },
             TableRows {
                 table: "state_groups",
@@ -224,6 +227,7 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
                     ("event_id", Column::Text(vec!["$b"])),
                 ],
                 skip_conflicts: false,
+                replacing: None,
             },
             // No rows: no part of the statement.
             TableRows {
@@ -234,6 +238,7 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
                     ("room_id", Column::Text(vec![])),
                 ],
                 skip_conflicts: false,
+                replacing: None,
             },
         ]
     };
@@ -274,4 +279,100 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
     // The table that asked for no skipping fails the statement on a conflict.
     let again = db.run_interaction("insert_columns_again", |txn| txn.insert_columns(tables));
     assert!(again.is_err(), "{again:?}");
+}
+
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct Extremity {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    event_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    room_id: String,
+}
+
+/// `TableRows::replacing`: the rows of one room become exactly the new ones
+/// (kept where already there, the rest deleted), other rooms' rows stay; with
+/// no new rows, the room's rows are all deleted.
+fn replacing_rows_keeps_the_new_deletes_the_rest_of_that_key_only(t: &TestDb) {
+    let db = t.open();
+    let rows = || -> Vec<(String, String)> {
+        db.with_connection(|_, c| {
+            Ok(with_conn!(c, |c| {
+                diesel::sql_query(
+                "SELECT event_id, room_id FROM event_forward_extremities ORDER BY room_id, event_id"
+            )
+            .load::<Extremity>(c)
+            })?)
+        })
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.room_id, e.event_id))
+        .collect()
+    };
+    let replace = |events: &[&'static str], room: &'static str| {
+        let events = events.to_vec();
+        db.run_interaction("replace_extremities", move |txn| {
+            txn.insert_columns(|| {
+                vec![TableRows {
+                    table: "event_forward_extremities",
+                    columns: vec![
+                        ("event_id", Column::Text(events.clone())),
+                        (
+                            "room_id",
+                            Column::Text(events.iter().map(|_| room).collect()),
+                        ),
+                    ],
+                    skip_conflicts: true,
+                    replacing: Some(("room_id", room)),
+                }]
+            })
+        })
+        .unwrap()
+    };
+    if !replace(&["$a", "$b"], "!r") {
+        assert_eq!(t.engine(), "sqlite");
+        assert!(rows().is_empty());
+        return;
+    }
+    replace(&["$x"], "!other");
+    let pair = |r: &str, e: &str| (r.to_owned(), e.to_owned());
+    assert_eq!(
+        rows(),
+        vec![pair("!other", "$x"), pair("!r", "$a"), pair("!r", "$b")]
+    );
+    replace(&["$b", "$c"], "!r");
+    assert_eq!(
+        rows(),
+        vec![pair("!other", "$x"), pair("!r", "$b"), pair("!r", "$c")]
+    );
+    replace(&[], "!r");
+    assert_eq!(rows(), vec![pair("!other", "$x")]);
+}
+
+/// `TxnOptions::locking`: the table is locked from BEGIN until the
+/// transaction ends (on PostgreSQL another transaction's LOCK of it waits;
+/// on SQLite every write transaction excludes the others anyway), and
+/// `lock_table` of the same table inside it costs nothing more.
+fn a_transaction_begun_with_a_lock_holds_it_to_its_end(t: &TestDb) {
+    let db = t.open();
+    db.run_interaction_with("locked", TxnOptions::locking("events"), |txn| {
+        txn.lock_table("events")?;
+        if t.engine() != "postgres" {
+            return Ok(());
+        }
+        let mut other = t.raw_connection();
+        other.batch_execute("BEGIN; SET LOCAL lock_timeout = '50ms'")?;
+        let waited = other.batch_execute("LOCK TABLE events IN EXCLUSIVE MODE");
+        let text = format!("{:?}", waited);
+        assert!(text.contains("lock timeout"), "{text}");
+        other.batch_execute("ROLLBACK")?;
+        Ok(())
+    })
+    .unwrap();
+    // Released at the end: taken at once now.
+    if t.engine() == "postgres" {
+        let mut other = t.raw_connection();
+        other
+            .batch_execute("BEGIN; SET LOCAL lock_timeout = '1s'; LOCK TABLE events IN EXCLUSIVE MODE; ROLLBACK")
+            .unwrap();
+    }
 }

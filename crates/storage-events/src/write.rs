@@ -16,7 +16,7 @@ use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use storage_core::{with_conn, Column, Result, TableRows, Transaction};
+use storage_core::{with_conn, Column, Result, TableRows, Transaction, TxnOptions};
 use storage_state::StateStore;
 
 impl EventsStore {
@@ -41,9 +41,13 @@ impl EventsStore {
     }
 
     fn write_batch(&self, batch: &RoomBatch, assumed_new: bool) -> Result<Option<PersistedBatch>> {
-        let result = self.db.run_interaction("persist_events", |txn| {
-            self.write_batch_txn(txn, batch, assumed_new)
-        });
+        // The events table is locked from the start: stream positions follow
+        // commit order, and PostgreSQL takes the lock with BEGIN.
+        let result =
+            self.db
+                .run_interaction_with("persist_events", TxnOptions::locking("events"), |txn| {
+                    self.write_batch_txn(txn, batch, assumed_new)
+                });
         if result.is_err() {
             self.state
                 .forget_prepared_groups(batch.events.iter().flat_map(|e| &e.new_state_groups));
@@ -117,20 +121,23 @@ impl EventsStore {
             .filter(|e| !e.outlier)
             .filter_map(|e| e.state_group.map(|g| (e.event_id.as_str(), g)))
             .collect();
-        // The room's extremities are replaced: the old ones go first, the new
-        // ones are inserted with the events.
-        delete_extremities(txn, &batch.room_id)?;
-        let with_events = || {
-            vec![
-                StateStore::event_state_group_rows(&mappings),
-                extremity_rows(&batch.room_id, &batch.new_extremities),
-            ]
-        };
         let max = *positions.iter().max().expect("at least one new event");
         // Workers apply the position (reading the invalidations when there are
         // some) and measure their lag from the time.
         let invalidated = !batch.current_state.is_empty();
         let notification = Notification::new(max, invalidated).payload();
+        // The room's extremities are replaced by the new ones, with the
+        // events, where the engine writes them in one statement.
+        let with_events = || {
+            let mut tables = vec![
+                StateStore::event_state_group_rows(&mappings),
+                extremity_rows(&batch.room_id, &batch.new_extremities),
+            ];
+            if invalidated {
+                tables.push(invalidation_rows(max, &batch.room_id));
+            }
+            tables
+        };
         let written_with_events = insert_events(
             txn,
             &new,
@@ -144,6 +151,7 @@ impl EventsStore {
                 .cache_event_state_groups_after_commit(txn, &mappings);
         } else {
             self.state.store_event_state_groups_txn(txn, &mappings)?;
+            delete_extremities(txn, &batch.room_id)?;
             insert_extremities(txn, &batch.room_id, &batch.new_extremities)?;
         }
         if !batch.current_state.is_empty() {
@@ -154,7 +162,7 @@ impl EventsStore {
                 &batch.current_state.added,
             )?;
         }
-        if invalidated {
+        if invalidated && !written_with_events {
             with_conn!(txn.conn(), |c| diesel::insert_into(
                 cache_invalidations::table
             )
@@ -473,6 +481,7 @@ fn columns_of<'a>(
                 ),
             ],
             skip_conflicts: false,
+            replacing: None,
         },
         TableRows {
             table: "event_json",
@@ -490,6 +499,7 @@ fn columns_of<'a>(
                 ),
             ],
             skip_conflicts: false,
+            replacing: None,
         },
         TableRows {
             table: "event_edges",
@@ -500,6 +510,7 @@ fn columns_of<'a>(
                 ("is_state", Column::Bool(col(edges, |_| false))),
             ],
             skip_conflicts: true,
+            replacing: None,
         },
         TableRows {
             table: "event_auth",
@@ -509,6 +520,7 @@ fn columns_of<'a>(
                 ("room_id", Column::Text(col(auth, |r| r.2))),
             ],
             skip_conflicts: false,
+            replacing: None,
         },
         TableRows {
             table: "rejections",
@@ -518,6 +530,7 @@ fn columns_of<'a>(
                 ("last_check", Column::Text(col(rejected, |_| now))),
             ],
             skip_conflicts: false,
+            replacing: None,
         },
     ]
 }
@@ -530,7 +543,8 @@ fn delete_extremities(txn: &mut Transaction<'_>, room_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The rows of `extremities`, for the events' statement.
+/// The rows of `extremities`, for the events' statement: they replace the
+/// room's.
 fn extremity_rows<'a>(room_id: &'a str, extremities: &'a [String]) -> TableRows<'a> {
     TableRows {
         table: "event_forward_extremities",
@@ -544,8 +558,22 @@ fn extremity_rows<'a>(room_id: &'a str, extremities: &'a [String]) -> TableRows<
                 Column::Text(extremities.iter().map(|_| room_id).collect()),
             ),
         ],
-        skip_conflicts: false,
+        skip_conflicts: true,
+        replacing: Some(("room_id", room_id)),
     }
+}
+
+/// The `cache_invalidations` row telling workers that the room's current
+/// state changed at `position`, for the events' statement.
+fn invalidation_rows(position: i64, room_id: &str) -> TableRows<'_> {
+    TableRows::insert(
+        "cache_invalidations",
+        vec![
+            ("stream_ordering", Column::BigInt(vec![position])),
+            ("cache_name", Column::Text(vec![CURRENT_STATE_CACHE])),
+            ("cache_key", Column::Text(vec![room_id])),
+        ],
+    )
 }
 
 fn insert_extremities(

@@ -365,6 +365,7 @@ impl StateStore {
                 ),
             ],
             skip_conflicts: false,
+            replacing: None,
         }
     }
 

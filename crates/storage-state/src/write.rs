@@ -195,6 +195,7 @@ impl<'a> GroupRows<'a> {
                     ),
                 ],
                 skip_conflicts: false,
+                replacing: None,
             },
             TableRows {
                 table: "state_group_edges",
@@ -209,6 +210,7 @@ impl<'a> GroupRows<'a> {
                     ),
                 ],
                 skip_conflicts: false,
+                replacing: None,
             },
             TableRows {
                 table: "state_groups_state",
@@ -235,6 +237,7 @@ impl<'a> GroupRows<'a> {
                     ),
                 ],
                 skip_conflicts: false,
+                replacing: None,
             },
         ]
     }

@@ -45,12 +45,25 @@ pub struct TxnOptions {
     /// writer; on PostgreSQL the server refuses writes.
     pub read_only: bool,
     pub isolation: Isolation,
+    /// A table locked against other writers from the transaction's start, as
+    /// [`Engine::lock_table`] does, before it reads anything (so its snapshot
+    /// comes after the lock), and in the same round trip as BEGIN where the
+    /// engine has round trips to save. For a write transaction only.
+    pub lock: Option<&'static str>,
 }
 
 impl TxnOptions {
     pub fn read_only() -> Self {
         TxnOptions {
             read_only: true,
+            ..Default::default()
+        }
+    }
+
+    /// A write transaction that locks `table` from its start ([`Self::lock`]).
+    pub fn locking(table: &'static str) -> Self {
+        TxnOptions {
+            lock: Some(table),
             ..Default::default()
         }
     }
@@ -184,7 +197,8 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Begins a transaction. The guard, if any, must be held until it has ended.
+    /// Begins a transaction, with the lock of [`TxnOptions::lock`] taken. The
+    /// guard, if any, must be held until it has ended.
     fn begin<'e>(
         &'e self,
         conn: &mut Conn,
