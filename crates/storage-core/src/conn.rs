@@ -92,6 +92,14 @@ impl Conn {
         })
     }
 
+    /// Makes the pool discard this connection when it comes back: its server
+    /// session is gone.
+    pub(crate) fn mark_broken(&mut self) {
+        with_conn!(self, |c| {
+            AnsiTransactionManager::transaction_manager_status_mut(c).set_in_error()
+        })
+    }
+
     fn is_broken(&mut self) -> bool {
         with_conn!(self, |c| c.is_broken())
     }

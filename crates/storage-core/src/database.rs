@@ -6,7 +6,7 @@ use crate::claim::{self, ClaimState, MainProcessClaim};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::{Conn, ConnManager, ConnectGate, GateCloser};
 use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::metrics;
 use crate::transaction::Transaction;
 use std::sync::{Arc, OnceLock};
@@ -181,7 +181,20 @@ impl Database {
         f: impl FnOnce(&dyn Engine, &mut Conn) -> Result<T>,
     ) -> Result<T> {
         let mut conn = self.inner.pool.get()?;
-        f(&*self.inner.engine, &mut conn)
+        let result = f(&*self.inner.engine, &mut conn);
+        if let Err(e) = &result {
+            let gone = matches!(e.kind(), ErrorKind::Unavailable(_))
+                || e.database_error()
+                    .is_some_and(|d| self.inner.engine.is_disconnect(d));
+            if gone {
+                // diesel notices a dead connection only when a statement was
+                // sent; a kept-prepared statement's first use fails in its
+                // PREPARE, which it does not count, and the pool would hand
+                // the dead connection out again and again.
+                conn.mark_broken();
+            }
+        }
+        result
     }
 
     /// Whether the database answers a trivial statement within about `wait`
