@@ -13,6 +13,7 @@ storage_core::engine_tests!(
     a_message_costs_a_fixed_number_of_statements,
     a_state_event_costs_a_fixed_number_of_statements,
     a_forwarded_write_costs_the_worker_at_most_the_group_id,
+    the_main_process_claim_costs_postgres_no_statement,
 );
 
 /// Whether statements are being recorded, and those recorded.
@@ -40,6 +41,11 @@ impl diesel::connection::Instrumentation for Recorder {
         if sql.starts_with("PRAGMA wal_checkpoint") {
             return;
         }
+        // Nor the PostgreSQL claim's watcher, which pings the claim's own
+        // session every second.
+        if sql == "SELECT 1" {
+            return;
+        }
         STATEMENTS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -59,10 +65,20 @@ fn install() {
 /// after `before` were written one request each (so caches are as warm as a
 /// running server's).
 fn statements_of_one_write(t: &TestDb, before: &[String], line: &str) -> Vec<String> {
+    statements_of_one_write_to(|| t.open(), before, line)
+}
+
+/// [`statements_of_one_write`] to the database `open` opens (once no other
+/// test counts: opening sends statements).
+fn statements_of_one_write_to(
+    open: impl FnOnce() -> storage_core::Database,
+    before: &[String],
+    line: &str,
+) -> Vec<String> {
     install();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let pipeline =
-        persistence::Pipeline::open(t.open(), &storage_core::StoreConfig::default()).unwrap();
+        persistence::Pipeline::open(open(), &storage_core::StoreConfig::default()).unwrap();
     let room = ROOM;
     let write = |l: &str| {
         let events = event_context::contexts_for(&pipeline.builder, room, &[l.to_owned()]).unwrap();
@@ -212,9 +228,55 @@ fn a_state_event_costs_a_fixed_number_of_statements(t: &TestDb) {
     );
 }
 
+/// As `hs-main` writes, under the main-process claim: a message costs what it
+/// costs unclaimed plus the claim's proof, which on PostgreSQL is no
+/// statement of its own (its row is locked in the BEGIN message and its epoch
+/// read by the batch's statement), on SQLite one (in-process).
+fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
+    let lines = room();
+    let mut claim = None;
+    let open = || {
+        let config =
+            storage_core::DatabaseConfig::parse(t.url(), storage_core::OpenMode::Writer).unwrap();
+        let held =
+            storage_core::MainProcessClaim::acquire(&config, std::time::Duration::ZERO).unwrap();
+        let db = storage_core::Database::open_claimed(config, &held).unwrap();
+        claim = Some(held);
+        db
+    };
+    let statements = statements_of_one_write_to(open, &lines[..21], &lines[21]);
+    drop(claim);
+    let proof = match t.engine() {
+        "sqlite" => 1,
+        _ => 0,
+    };
+    assert_eq!(
+        statements.len(),
+        expected(t).0 + proof,
+        "statements of one message under the claim on {}:\n{}",
+        t.engine(),
+        statements.join("\n")
+    );
+    if t.engine() == "postgres" {
+        assert!(
+            statements[0].contains("FOR SHARE"),
+            "the claim's row is locked with BEGIN: {}",
+            statements[0]
+        );
+        assert!(
+            statements
+                .iter()
+                .any(|s| s.contains("pg_notify") && s.contains("epoch")),
+            "the batch's statement reads the epoch:\n{}",
+            statements.join("\n")
+        );
+    }
+}
+
 /// (a message, a state event): the statements each costs on `t`'s engine,
-/// without the main-process claim's proof (one more per write transaction in
-/// `hs-main`; the test opens the database unclaimed).
+/// without the main-process claim (the test opens the database unclaimed;
+/// for what the claim adds, see
+/// [`the_main_process_claim_costs_postgres_no_statement`]).
 ///
 /// A message on PostgreSQL (5), all in the write transaction: BEGIN with the
 /// LOCK (one message), which events are stored, the stream position, one

@@ -17,11 +17,14 @@
 //! database: once it holds the lock and has migrated, the process raises the
 //! epoch in the one-row table `main_process_claim`
 //! ([`Database::open_claimed`](crate::Database::open_claimed)),
-//! and every write transaction it runs afterwards begins by checking that the
-//! epoch is still its own ([`Engine::prove_claim`](crate::Engine::prove_claim)). A newcomer's raise
-//! waits for the transactions that already proved the old epoch (PostgreSQL:
-//! they hold the row `FOR SHARE`; SQLite: one writer at a time), so the two
-//! processes' writes never interleave. The process that lost fails that
+//! and every write transaction it runs afterwards checks, before it commits,
+//! that the epoch is still its own ([`Engine::prove_claim`](crate::Engine::prove_claim)):
+//! SQLite first thing; PostgreSQL holds the row `FOR SHARE` from its BEGIN
+//! message and reads the epoch in the batch's own statement (or just before
+//! COMMIT), which costs no round trip of its own. A newcomer's raise waits
+//! for the transactions that hold the old epoch (PostgreSQL: the row lock;
+//! SQLite: one writer at a time), so the two processes' writes never
+//! interleave. The process that lost fails that
 //! transaction with [`ErrorKind::ClaimLost`], logs why, and calls the hook the
 //! binary installed ([`on_claim_lost`]), which ends it.
 //!

@@ -243,7 +243,7 @@ impl Database {
         let mut conn = self.inner.pool.get().with_context(|| desc.to_owned())?;
         let engine = &*self.inner.engine;
         let guard = engine
-            .begin(&mut conn, &TxnOptions::read_only())
+            .begin(&mut conn, &TxnOptions::read_only(), false)
             .map_err(|e| Error::from(e).context(format!("{desc}: beginning the snapshot")))?;
         let result = f(&mut conn);
         // It wrote nothing: ending it is all there is to do.
@@ -388,7 +388,7 @@ fn run_attempt<T>(
     attempt: u32,
     f: &mut impl FnMut(&mut Transaction<'_>) -> Result<T>,
 ) -> AttemptResult<T> {
-    let guard = match engine.begin(conn, options) {
+    let guard = match engine.begin(conn, options, claim.is_some()) {
         Ok(guard) => guard,
         Err(e) => {
             return Err((
@@ -397,14 +397,27 @@ fn run_attempt<T>(
             ))
         }
     };
-    let proof = claim.map_or(Ok(()), |c| engine.prove_claim(conn, c));
+    // The claim proven first, or (where BEGIN locked its row) before COMMIT,
+    // by the transaction's batch statement if it has one.
+    let (first, before_commit) = match claim {
+        Some(c) if engine.proves_claim_before_commit() => (None, Some(c)),
+        c => (c, None),
+    };
+    let proof = first.map_or(Ok(()), |c| engine.prove_claim(conn, c));
     let (outcome, callbacks) = match proof {
         Ok(()) => {
-            let mut txn = Transaction::new(conn, engine, desc, attempt, options.lock);
+            let mut txn =
+                Transaction::new(conn, engine, desc, attempt, options.lock, before_commit);
             let outcome = f(&mut txn);
             (outcome, txn.into_callbacks())
         }
         Err(e) => (Err(e), crate::transaction::Callbacks::default()),
+    };
+    let outcome = match (outcome, before_commit) {
+        (Ok(value), Some(c)) if callbacks.claim_unproven => {
+            engine.prove_claim(conn, c).map(|()| value)
+        }
+        (outcome, _) => outcome,
     };
     let result = match outcome {
         Ok(value) => match conn.commit() {

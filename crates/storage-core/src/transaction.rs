@@ -1,5 +1,6 @@
 //! The transaction handed to the closure of [`crate::Database::run_interaction`].
 
+use crate::claim::ClaimState;
 use crate::conn::Conn;
 use crate::engine::{Engine, Sequence};
 use crate::error::Result;
@@ -23,6 +24,10 @@ pub struct Transaction<'a> {
     /// The table the engine locked when the transaction began
     /// ([`crate::TxnOptions::lock`]).
     locked: Option<&'static str>,
+    /// The main-process claim while it is still to be proven before COMMIT
+    /// ([`Engine::proves_claim_before_commit`]): taken by the first batch
+    /// statement that proves it on the way.
+    claim: Option<&'a ClaimState>,
     after: Vec<Callback>,
     on_exception: Vec<Callback>,
 }
@@ -41,6 +46,8 @@ impl std::fmt::Debug for Transaction<'_> {
 pub(crate) struct Callbacks {
     pub(crate) after: Vec<Callback>,
     pub(crate) on_exception: Vec<Callback>,
+    /// Whether the claim still has to be proven before COMMIT.
+    pub(crate) claim_unproven: bool,
 }
 
 impl<'a> Transaction<'a> {
@@ -50,6 +57,7 @@ impl<'a> Transaction<'a> {
         desc: &'a str,
         attempt: u32,
         locked: Option<&'static str>,
+        claim: Option<&'a ClaimState>,
     ) -> Self {
         Transaction {
             conn,
@@ -57,6 +65,7 @@ impl<'a> Transaction<'a> {
             desc,
             attempt,
             locked,
+            claim,
             after: Vec::new(),
             on_exception: Vec::new(),
         }
@@ -66,6 +75,7 @@ impl<'a> Transaction<'a> {
         Callbacks {
             after: self.after,
             on_exception: self.on_exception,
+            claim_unproven: self.claim.is_some(),
         }
     }
 
@@ -142,7 +152,7 @@ impl<'a> Transaction<'a> {
         &mut self,
         tables: impl Fn() -> Vec<crate::TableRows<'r>>,
     ) -> Result<bool> {
-        self.engine.insert_columns(self.conn, &tables, None)
+        self.insert_columns_proving(&tables, None)
     }
 
     /// [`Self::insert_columns`] in a statement that also does what
@@ -153,8 +163,22 @@ impl<'a> Transaction<'a> {
         channel: &str,
         payload: &str,
     ) -> Result<bool> {
-        self.engine
-            .insert_columns(self.conn, &tables, Some((channel, payload)))
+        self.insert_columns_proving(&tables, Some((channel, payload)))
+    }
+
+    /// Where the claim is still to be proven, the statement proves it too.
+    fn insert_columns_proving<'r>(
+        &mut self,
+        tables: &dyn Fn() -> Vec<crate::TableRows<'r>>,
+        notify: Option<(&str, &str)>,
+    ) -> Result<bool> {
+        let inserted = self
+            .engine
+            .insert_columns(self.conn, tables, notify, self.claim)?;
+        if inserted {
+            self.claim = None;
+        }
+        Ok(inserted)
     }
 
     /// Locks `table` against other writers until this transaction ends;

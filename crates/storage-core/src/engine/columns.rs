@@ -5,10 +5,11 @@
 //! Values are always bound, never written into the SQL; table and column
 //! names are the callers' constants.
 
+use crate::claim::ClaimRow;
 use diesel::pg::Pg;
-use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
-use diesel::{QueryResult, RunQueryDsl};
+use diesel::{OptionalExtension, QueryResult, RunQueryDsl};
 
 /// One column's values, one a row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +103,15 @@ impl<'a> TableRows<'a> {
 struct UnnestInsert<'q, 'a> {
     tables: Vec<&'q TableRows<'a>>,
     notify: Option<(&'q str, &'q str)>,
+    /// Whether it ends reading the main-process claim's row (the claim
+    /// proven in the same round trip), rather than with nothing to read.
+    read_claim: bool,
+}
+
+/// What it reads when it reads the claim's row: that row's columns first (a
+/// NOTIFY's void value may follow, unread).
+impl Query for UnnestInsert<'_, '_> {
+    type SqlType = (BigInt, Text, BigInt);
 }
 
 impl QueryId for UnnestInsert<'_, '_> {
@@ -157,15 +167,28 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
                 out.push_sql(&format!(" AND ({names}) NOT IN (SELECT * FROM {rows}))"));
             }
         }
+        let (claim_columns, claim_from) = super::postgres_claim::CLAIM_ROW;
+        out.push_sql(" SELECT ");
+        if self.read_claim {
+            out.push_sql(claim_columns);
+            if self.notify.is_some() {
+                out.push_sql(", ");
+            }
+        }
         match &self.notify {
             Some((channel, payload)) => {
-                out.push_sql(" SELECT pg_notify(");
+                out.push_sql("pg_notify(");
                 out.push_bind_param::<Text, _>(*channel)?;
                 out.push_sql(", ");
                 out.push_bind_param::<Text, _>(*payload)?;
                 out.push_sql(")");
             }
-            None => out.push_sql(" SELECT 1"),
+            None if !self.read_claim => out.push_sql("1"),
+            None => {}
+        }
+        if self.read_claim {
+            out.push_sql(" FROM ");
+            out.push_sql(claim_from);
         }
         Ok(())
     }
@@ -189,18 +212,29 @@ fn push_unnest<'b>(t: &'b TableRows<'_>, out: &mut AstPass<'_, 'b, Pg>) -> Query
 impl RunQueryDsl<diesel::PgConnection> for UnnestInsert<'_, '_> {}
 
 /// Inserts every table's rows in one statement, which also sends `notify`
-/// (channel, payload) when given (none at all when there is neither).
+/// (channel, payload) when given, and with `read_claim` answers the claim's
+/// row (none at all when there is nothing to do).
 pub(crate) fn insert_with_unnest(
     conn: &mut diesel::PgConnection,
     tables: &[TableRows<'_>],
     notify: Option<(&str, &str)>,
-) -> QueryResult<()> {
+    read_claim: bool,
+) -> QueryResult<Option<ClaimRow>> {
     let tables: Vec<&TableRows<'_>> = tables
         .iter()
         .filter(|t| !t.is_empty() || t.replacing.is_some())
         .collect();
-    if tables.is_empty() && notify.is_none() {
-        return Ok(());
+    if tables.is_empty() && notify.is_none() && !read_claim {
+        return Ok(None);
     }
-    UnnestInsert { tables, notify }.execute(conn).map(|_| ())
+    let statement = UnnestInsert {
+        tables,
+        notify,
+        read_claim,
+    };
+    if read_claim {
+        statement.get_result::<ClaimRow>(conn).optional()
+    } else {
+        statement.execute(conn).map(|_| None)
+    }
 }

@@ -198,12 +198,27 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     }
 
     /// Begins a transaction, with the lock of [`TxnOptions::lock`] taken. The
-    /// guard, if any, must be held until it has ended.
+    /// guard, if any, must be held until it has ended. With `claimed`, the
+    /// transaction will prove the main-process claim: an engine that
+    /// [proves it before COMMIT](Self::proves_claim_before_commit) locks the
+    /// claim's row here, in the same round trip.
     fn begin<'e>(
         &'e self,
         conn: &mut Conn,
         options: &TxnOptions,
+        claimed: bool,
     ) -> diesel::QueryResult<WriterGuard<'e>>;
+
+    /// Whether a write transaction of a claimed database proves the claim
+    /// just before COMMIT (or in its batch's statement,
+    /// [`insert_columns`](Self::insert_columns)) rather than first: where
+    /// [`begin`](Self::begin) already locked the claim's row, so that a
+    /// newcomer's raise waits for the transaction from its start all the same
+    /// (PostgreSQL: the proof's round trip is saved). `false`: the proof is
+    /// the transaction's first statement (SQLite, where it costs no round trip).
+    fn proves_claim_before_commit(&self) -> bool {
+        false
+    }
 
     /// Whether running the transaction again may succeed: a serialization failure
     /// or deadlock on PostgreSQL, a busy or locked database on SQLite.
@@ -235,12 +250,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// and the caller inserts table by table. `tables` builds the rows, called
     /// only by an engine that inserts them so: where the answer is `false`,
     /// no column is gathered for nothing. With `notify` (channel, payload),
-    /// the same statement also does what [`Self::notify`] does.
+    /// the same statement also does what [`Self::notify`] does; with `claim`,
+    /// it also proves the claim as [`Self::prove_claim`] does (an error if it
+    /// is lost; proven when the answer is `true`).
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
         tables: &dyn Fn() -> Vec<TableRows<'a>>,
         notify: Option<(&str, &str)>,
+        claim: Option<&ClaimState>,
     ) -> Result<bool>;
 
     /// Wakes the processes listening on `channel` once the transaction commits
@@ -287,13 +305,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// process dies; `None` when another process holds it.
     fn try_claim_main_process(&self, claim: &Arc<ClaimState>) -> Result<Option<ClaimHandle>>;
 
-    /// The first statement of every write transaction of a claimed database:
-    /// proves that this process still holds its claim (the epoch it raised is
-    /// still the database's), so that it never writes beside a newer main
-    /// process; fails with [`crate::ErrorKind::ClaimLost`] otherwise. On
-    /// PostgreSQL the row is read `FOR SHARE`, so a newcomer's raise waits for
-    /// the transactions that proved the old epoch; SQLite also checks that the
-    /// file at the path is still the file claimed.
+    /// Part of every write transaction of a claimed database, before it
+    /// commits: proves that this process still holds its claim (the epoch it
+    /// raised is still the database's), so that it never commits beside a
+    /// newer main process; fails with [`crate::ErrorKind::ClaimLost`]
+    /// otherwise. The first statement, unless the engine
+    /// [proves it before COMMIT](Self::proves_claim_before_commit). On
+    /// PostgreSQL the row is held `FOR SHARE` from BEGIN, so a newcomer's
+    /// raise waits for the transactions that will prove the old epoch; SQLite
+    /// also checks that the file at the path is still the file claimed.
     fn prove_claim(&self, conn: &mut Conn, claim: &ClaimState) -> Result<()>;
 
     /// After a write transaction of a claimed database committed: whether what

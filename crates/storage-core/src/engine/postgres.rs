@@ -172,6 +172,7 @@ impl Engine for PostgresEngine {
         &'e self,
         conn: &mut Conn,
         options: &TxnOptions,
+        claimed: bool,
     ) -> diesel::QueryResult<WriterGuard<'e>> {
         let isolation = match options.isolation {
             Isolation::ReadCommitted => "READ COMMITTED",
@@ -180,16 +181,24 @@ impl Engine for PostgresEngine {
         };
         let access = if options.read_only { " READ ONLY" } else { "" };
         let mut begin = format!("BEGIN ISOLATION LEVEL {isolation}{access}");
+        // One simple-query message, one round trip. LOCK takes no snapshot,
+        // so the transaction's first read comes after the lock; the claim's
+        // row is that first read.
+        let mut more = false;
         if let Some(table) = options.lock {
-            // One simple-query message, one round trip: LOCK takes no
-            // snapshot, so the transaction's first read comes after the lock.
             begin.push_str(&format!("; {}", lock_statement(table)));
+            more = true;
+        }
+        if claimed && !options.read_only {
+            begin.push_str(&format!("; {}", super::postgres_claim::LOCK_ROW));
+            more = true;
         }
         if let Err(e) = conn.begin_with(&begin) {
-            // The BEGIN may have run and the LOCK failed: diesel does not
-            // count the transaction as open, so end it here, or the
-            // connection's next BEGIN would find it aborted.
-            if options.lock.is_some() {
+            // The BEGIN may have run and what followed it failed (a
+            // serialization failure on the claim's row): diesel does not count
+            // the transaction as open, so end it here, or the connection's
+            // next BEGIN would find it aborted.
+            if more {
                 let _ = conn.batch_execute("ROLLBACK");
             }
             return Err(e);
@@ -332,14 +341,18 @@ impl Engine for PostgresEngine {
         conn: &mut Conn,
         tables: &dyn Fn() -> Vec<TableRows<'a>>,
         notify: Option<(&str, &str)>,
+        claim: Option<&ClaimState>,
     ) -> Result<bool> {
         let tables = tables();
-        super::columns::insert_with_unnest(conn.postgres()?, &tables, notify).with_context(
-            || {
-                let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
-                format!("inserting rows into {}", names.join(", "))
-            },
-        )?;
+        let row =
+            super::columns::insert_with_unnest(conn.postgres()?, &tables, notify, claim.is_some())
+                .with_context(|| {
+                    let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
+                    format!("inserting rows into {}", names.join(", "))
+                })?;
+        if let Some(claim) = claim {
+            super::postgres_claim::expect_row(claim, row)?;
+        }
         Ok(true)
     }
 
@@ -416,6 +429,10 @@ impl Engine for PostgresEngine {
         claim: &Arc<ClaimState>,
     ) -> Result<Option<super::ClaimHandle>> {
         super::postgres_claim::try_claim(&self.url, &self.config.url.redacted(), claim)
+    }
+
+    fn proves_claim_before_commit(&self) -> bool {
+        true
     }
 
     fn prove_claim(&self, conn: &mut Conn, claim: &ClaimState) -> Result<()> {

@@ -287,7 +287,33 @@ fn lock_holder(conn: &mut PgConnection) -> String {
     found.map_or_else(|_| "another session".to_owned(), |h| h.who)
 }
 
-/// The first statement of a write transaction: the claim row, `FOR SHARE`.
+/// Sent with BEGIN by a write transaction of a claimed database: the claim's
+/// row held `FOR SHARE` from the start (a newcomer's raise of the epoch waits
+/// for the transaction), its epoch checked before COMMIT ([`prove`], or the
+/// batch's statement: [`CLAIM_ROW`]).
+pub(super) const LOCK_ROW: &str = "SELECT 1 FROM main_process_claim WHERE id = 1 FOR SHARE";
+
+/// The claim's row, as the batch's statement reads it after its inserts
+/// (`SELECT {columns} FROM {from}`): columns in [`ClaimRow`]'s order.
+pub(super) const CLAIM_ROW: (&str, &str) = (
+    "epoch, holder, claimed_at",
+    "main_process_claim WHERE id = 1",
+);
+
+/// The claim proven by the row a statement read ([`CLAIM_ROW`]); none read
+/// means the row is gone, which only another process can have done.
+pub(super) fn expect_row(claim: &ClaimState, row: Option<ClaimRow>) -> Result<()> {
+    match row {
+        Some(row) => claim.expect_epoch(&row),
+        None => Err(crate::Error::other(format!(
+            "the main-process claim's row of {} is missing",
+            claim.url()
+        ))),
+    }
+}
+
+/// Before COMMIT of a write transaction (the row is already held since
+/// BEGIN: [`LOCK_ROW`]): the claim row's epoch is still ours.
 pub(super) fn prove(conn: &mut Conn, claim: &ClaimState) -> Result<()> {
     claim.check()?;
     let row = main_process_claim::table

@@ -214,6 +214,7 @@ impl Engine for SqliteEngine {
         &'e self,
         conn: &mut Conn,
         options: &TxnOptions,
+        _claimed: bool,
     ) -> diesel::QueryResult<WriterGuard<'e>> {
         if options.read_only {
             conn.begin_with("BEGIN DEFERRED")?;
@@ -297,6 +298,7 @@ impl Engine for SqliteEngine {
         _conn: &mut Conn,
         _tables: &dyn Fn() -> Vec<TableRows<'a>>,
         _notify: Option<(&str, &str)>,
+        _claim: Option<&ClaimState>,
     ) -> Result<bool> {
         Ok(false)
     }
