@@ -44,7 +44,8 @@ pub fn bare_chain_rows(
     db.run_read("bare_chain_rows", |txn| {
         let mut n = 0;
         let key_arms = sql::key_arms(txn.engine());
-        sql::chain_rows(txn.conn(), &[group], filter, key_arms, |_| n += 1)?;
+        let row_ids = sql::RowIds::new(txn.engine());
+        sql::chain_rows_for(txn.conn(), &[group], filter, key_arms, &row_ids, |_| n += 1)?;
         Ok(n)
     })
 }

@@ -339,11 +339,9 @@ fn walk_recursive(
     result: &mut HashMap<StateGroup, SplitState>,
 ) -> Result<()> {
     let mut newest = NewestRows::default();
-    if filter.is_full() && row_ids.available() {
-        sql::chain_rows_by_range(conn, groups, row_ids, |row| newest.add(row))?;
-    } else {
-        sql::chain_rows(conn, groups, filter, key_arms, |row| newest.add(row))?;
-    }
+    sql::chain_rows_for(conn, groups, filter, key_arms, row_ids, |row| {
+        newest.add(row)
+    })?;
     newest.finish(result);
     Ok(())
 }

@@ -72,10 +72,6 @@ impl RowIds {
     pub(crate) fn none() -> Self {
         RowIds(None)
     }
-
-    pub(crate) fn available(&self) -> bool {
-        self.0.is_some()
-    }
 }
 
 /// A value to bind, in placeholder order.
@@ -338,6 +334,23 @@ pub(crate) fn chain_rows(
         return Ok(());
     }
     st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+}
+
+/// [`chain_rows`], the full state read by [`chain_rows_by_range`] where the
+/// engine has insertion-ordered row ids: what the store's reads run.
+pub(crate) fn chain_rows_for(
+    conn: &mut Conn,
+    groups: &[StateGroup],
+    filter: &StateFilter,
+    key_arms: usize,
+    row_ids: &RowIds,
+    each: impl FnMut(ChainRow),
+) -> Result<()> {
+    if filter.is_full() && row_ids.0.is_some() {
+        chain_rows_by_range(conn, groups, row_ids, each)
+    } else {
+        chain_rows(conn, groups, filter, key_arms, each)
+    }
 }
 
 /// [`chain_rows`] for the full state (every row on the chains), each group's
