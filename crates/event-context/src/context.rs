@@ -300,7 +300,7 @@ impl ContextBuilder {
     ) -> Result<()> {
         let mut versions: HashMap<String, Option<RoomVersionId>> = HashMap::new();
         // Every event asked for so far, so that none is asked for twice.
-        let mut asked: HashSet<OwnedEventId> = HashSet::new();
+        let mut asked: HashSet<OwnedEventId, foldhash::fast::RandomState> = HashSet::default();
         let mut level: Vec<OwnedEventId> = start
             .into_iter()
             .filter(|id| !loaded.contains_key(id) && asked.insert(id.clone()))
@@ -648,7 +648,7 @@ impl ContextBuilder {
             .collect::<Result<_>>()?;
         // ruma asks for events one at a time, for every event of the sets and
         // their auth chains: loaded beforehand, a few queries in all.
-        let mut loaded = Loaded::new();
+        let mut loaded = Loaded::default();
         let start: HashSet<&OwnedEventId> = sets.iter().flat_map(|s| s.values()).collect();
         self.load_with_auth_chains(start.into_iter().cloned().collect(), pending, &mut loaded)?;
         let fallback = self.fetcher(pending);
