@@ -278,8 +278,9 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 /// for what the claim adds, see
 /// [`the_main_process_claim_costs_postgres_no_statement`]).
 ///
-/// A message on PostgreSQL (5), all in the write transaction: BEGIN with the
-/// LOCK (one message), which events are stored, the stream position, one
+/// A message on PostgreSQL (4), all in the write transaction: BEGIN with the
+/// LOCK (one message), which events are stored and the stream positions of
+/// the others (one statement), one
 /// statement inserting the rows of events, event_json, event_edges,
 /// event_auth, event_to_state_groups, replacing the room's extremities and
 /// sending the NOTIFY (`Transaction::insert_columns_and_notify`), COMMIT. Nothing is read before
@@ -289,17 +290,18 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 /// prev events needs no read while none of them is stored (the transaction
 /// checks that).
 /// A state event adds the group's id (no transaction) and, in the write, its
-/// prev group's room, one statement inserting the group's rows (group, edge,
-/// state) and the current state (DELETE, INSERT); its cache_invalidations row
-/// goes in the events' statement.
+/// prev group's room and one statement inserting the group's rows (group,
+/// edge, state); its cache_invalidations row and the current state's change
+/// go in the events' statement.
 /// SQLite takes its sequences from memory, has no LOCK or NOTIFY, and inserts
 /// table by table (a message: the 5 tables and the extremities' DELETE and
 /// INSERT in place of the one statement, which also sends no NOTIFY; a state
-/// event: 3 INSERTs for the group and the cache_invalidations row).
+/// event: 3 INSERTs for the group, the cache_invalidations row and the
+/// current state's DELETE and INSERT).
 fn expected(t: &TestDb) -> (usize, usize) {
     match t.engine() {
         "sqlite" => (10, 17),
-        _ => (5, 10),
+        _ => (4, 7),
     }
 }
 

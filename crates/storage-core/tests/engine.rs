@@ -8,8 +8,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 use storage_core::testing::TestDb;
 use storage_core::{
-    with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, Sequence,
-    TableRows, TxnOptions,
+    with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, RowsWrite,
+    Sequence, TableRows, TxnOptions,
 };
 
 storage_core::engine_tests!(
@@ -19,6 +19,8 @@ storage_core::engine_tests!(
     rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can,
     replacing_rows_keeps_the_new_deletes_the_rest_of_that_key_only,
     a_transaction_begun_with_a_lock_holds_it_to_its_end,
+    upserted_and_deleted_rows_change_only_their_rows,
+    stored_keys_and_ids_for_the_others_come_in_one_statement,
 );
 
 const SEQ: Sequence = Sequence {
@@ -216,8 +218,7 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
                     ),
                     ("is_state", Column::Bool(vec![false, false, false])),
                 ],
-                skip_conflicts: true,
-                replacing: None,
+                write: RowsWrite::InsertSkippingConflicts,
             },
             TableRows {
                 table: "state_groups",
@@ -226,8 +227,7 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
                     ("room_id", Column::Text(vec!["!r"])),
                     ("event_id", Column::Text(vec!["$b"])),
                 ],
-                skip_conflicts: false,
-                replacing: None,
+                write: RowsWrite::Insert,
             },
             // No rows: no part of the statement.
             TableRows {
@@ -237,8 +237,7 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
                     ("auth_id", Column::Text(vec![])),
                     ("room_id", Column::Text(vec![])),
                 ],
-                skip_conflicts: false,
-                replacing: None,
+                write: RowsWrite::Insert,
             },
         ]
     };
@@ -321,8 +320,10 @@ fn replacing_rows_keeps_the_new_deletes_the_rest_of_that_key_only(t: &TestDb) {
                             Column::Text(events.iter().map(|_| room).collect()),
                         ),
                     ],
-                    skip_conflicts: true,
-                    replacing: Some(("room_id", room)),
+                    write: RowsWrite::Replace {
+                        column: "room_id",
+                        value: room,
+                    },
                 }]
             })
         })
@@ -375,4 +376,155 @@ fn a_transaction_begun_with_a_lock_holds_it_to_its_end(t: &TestDb) {
             .batch_execute("BEGIN; SET LOCAL lock_timeout = '1s'; LOCK TABLE events IN EXCLUSIVE MODE; ROLLBACK")
             .unwrap();
     }
+}
+
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct Slot {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    state_key: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    event_id: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    membership: Option<String>,
+}
+
+/// `RowsWrite::Upsert` and `RowsWrite::Delete` in one statement (a room's
+/// current state changing): a deleted slot goes, an existing slot gets the
+/// new event and membership, a new slot is inserted, the rest stays.
+fn upserted_and_deleted_rows_change_only_their_rows(t: &TestDb) {
+    let db = t.open();
+    let slots = || -> Vec<(String, String, Option<String>)> {
+        db.with_connection(|_, c| {
+            Ok(with_conn!(c, |c| diesel::sql_query(
+                "SELECT state_key, event_id, membership FROM current_state_events \
+                 ORDER BY state_key"
+            )
+            .load::<Slot>(c))?)
+        })
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.state_key, s.event_id, s.membership))
+        .collect()
+    };
+    let member = |k: &str, e: &str, m: &str| (k.to_owned(), e.to_owned(), Some(m.to_owned()));
+    let write = |deleted: Vec<&'static str>,
+                 upserted: Vec<(&'static str, &'static str, &'static str)>| {
+        db.run_interaction("change_current_state", move |txn| {
+            txn.insert_columns(|| {
+                vec![
+                    TableRows {
+                        table: "current_state_events",
+                        columns: vec![
+                            (
+                                "room_id",
+                                Column::Text(deleted.iter().map(|_| "!r").collect()),
+                            ),
+                            (
+                                "type",
+                                Column::Text(deleted.iter().map(|_| "m.room.member").collect()),
+                            ),
+                            ("state_key", Column::Text(deleted.clone())),
+                        ],
+                        write: RowsWrite::Delete,
+                    },
+                    TableRows {
+                        table: "current_state_events",
+                        columns: vec![
+                            (
+                                "event_id",
+                                Column::Text(upserted.iter().map(|u| u.1).collect()),
+                            ),
+                            (
+                                "room_id",
+                                Column::Text(upserted.iter().map(|_| "!r").collect()),
+                            ),
+                            (
+                                "type",
+                                Column::Text(upserted.iter().map(|_| "m.room.member").collect()),
+                            ),
+                            (
+                                "state_key",
+                                Column::Text(upserted.iter().map(|u| u.0).collect()),
+                            ),
+                            (
+                                "membership",
+                                Column::OptText(upserted.iter().map(|u| Some(u.2)).collect()),
+                            ),
+                        ],
+                        write: RowsWrite::Upsert {
+                            key: &["room_id", "type", "state_key"],
+                        },
+                    },
+                ]
+            })
+        })
+        .unwrap()
+    };
+    if !write(
+        vec![],
+        vec![
+            ("@a", "$a1", "join"),
+            ("@b", "$b1", "join"),
+            ("@c", "$c1", "join"),
+        ],
+    ) {
+        assert_eq!(t.engine(), "sqlite");
+        assert!(slots().is_empty());
+        return;
+    }
+    assert_eq!(
+        slots(),
+        vec![
+            member("@a", "$a1", "join"),
+            member("@b", "$b1", "join"),
+            member("@c", "$c1", "join")
+        ]
+    );
+    write(
+        vec!["@a"],
+        vec![("@b", "$b2", "leave"), ("@d", "$d1", "invite")],
+    );
+    assert_eq!(
+        slots(),
+        vec![
+            member("@b", "$b2", "leave"),
+            member("@c", "$c1", "join"),
+            member("@d", "$d1", "invite")
+        ]
+    );
+}
+
+/// `next_ids_for_new_keys`: the keys the table holds, and ascending ids
+/// from its sequence, past any handed out before, one for each other key;
+/// none when every key is held. SQLite answers that the caller does both.
+fn stored_keys_and_ids_for_the_others_come_in_one_statement(t: &TestDb) {
+    let db = t.open();
+    db.with_connection(|_, c| {
+        insert_group(c, 1);
+        Ok(())
+    })
+    .unwrap();
+    let before = db
+        .run_interaction("ids", |txn| txn.next_ids(&SEQ, 1))
+        .unwrap()[0];
+    let found = db
+        .run_interaction("new_keys", |txn| {
+            txn.next_ids_for_new_keys(&SEQ, "event_id", &["$b", "$e", "$c"])
+        })
+        .unwrap();
+    let Some((stored, ids)) = found else {
+        assert_eq!(t.engine(), "sqlite");
+        return;
+    };
+    assert_eq!(stored, ["$e".to_owned()].into_iter().collect());
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] > before && ids[1] > ids[0], "{before} then {ids:?}");
+    let (stored, ids) = db
+        .run_interaction("no_new_keys", |txn| {
+            txn.next_ids_for_new_keys(&SEQ, "event_id", &["$e"])
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(ids.is_empty());
 }

@@ -16,7 +16,7 @@ use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use storage_core::{with_conn, Column, Result, TableRows, Transaction, TxnOptions};
+use storage_core::{with_conn, Column, Result, RowsWrite, TableRows, Transaction, TxnOptions};
 use storage_state::StateStore;
 
 impl EventsStore {
@@ -82,8 +82,20 @@ impl EventsStore {
         assumed_new: bool,
     ) -> Result<Option<PersistedBatch>> {
         txn.lock_table("events")?;
-        let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
-        let stored: HashSet<String> = load_existing(txn, &ids)?;
+        let mut distinct = HashSet::new();
+        let ids: Vec<&str> = batch
+            .events
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .filter(|id| distinct.insert(*id))
+            .collect();
+        // Which are stored, and the new ones' stream positions, in one
+        // statement where the engine has round trips to save.
+        let (stored, positions): (HashSet<String>, Option<Vec<i64>>) =
+            match txn.next_ids_for_new_keys(&EVENTS_STREAM_SEQUENCE, "event_id", &ids)? {
+                Some((stored, positions)) => (stored, Some(positions)),
+                None => (load_existing(txn, &ids)?, None),
+            };
         if assumed_new && !stored.is_empty() {
             return Ok(None);
         }
@@ -114,7 +126,17 @@ impl EventsStore {
                 max_stream_ordering: self.position.load(Ordering::SeqCst),
             }));
         }
-        let positions = txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?;
+        let positions = match positions {
+            Some(p) if p.len() == new.len() => p,
+            Some(p) => {
+                return Err(storage_core::Error::other(format!(
+                    "internal: {} stream positions for {} new events",
+                    p.len(),
+                    new.len()
+                )))
+            }
+            None => txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?,
+        };
         insert_rooms(txn, &new)?;
         let mappings: Vec<(&str, i64)> = new
             .iter()
@@ -135,6 +157,11 @@ impl EventsStore {
             ];
             if invalidated {
                 tables.push(invalidation_rows(max, &batch.room_id));
+                tables.extend(StateStore::current_state_rows(
+                    &batch.room_id,
+                    &batch.current_state.removed,
+                    &batch.current_state.added,
+                ));
             }
             tables
         };
@@ -154,12 +181,20 @@ impl EventsStore {
             delete_extremities(txn, &batch.room_id)?;
             insert_extremities(txn, &batch.room_id, &batch.new_extremities)?;
         }
-        if !batch.current_state.is_empty() {
+        let current = &batch.current_state;
+        if written_with_events && invalidated {
+            self.state.current_state_written_txn(
+                txn,
+                &batch.room_id,
+                &current.removed,
+                &current.added,
+            );
+        } else if invalidated {
             self.state.update_current_state_txn(
                 txn,
                 &batch.room_id,
-                &batch.current_state.removed,
-                &batch.current_state.added,
+                &current.removed,
+                &current.added,
             )?;
         }
         if invalidated && !written_with_events {
@@ -480,8 +515,7 @@ fn columns_of<'a>(
                     Column::OptText(col(events, |r| r.rejection_reason)),
                 ),
             ],
-            skip_conflicts: false,
-            replacing: None,
+            write: RowsWrite::Insert,
         },
         TableRows {
             table: "event_json",
@@ -498,8 +532,7 @@ fn columns_of<'a>(
                     Column::OptInt(col(json, |r| r.format_version)),
                 ),
             ],
-            skip_conflicts: false,
-            replacing: None,
+            write: RowsWrite::Insert,
         },
         TableRows {
             table: "event_edges",
@@ -509,8 +542,7 @@ fn columns_of<'a>(
                 ("room_id", Column::OptText(col(edges, |r| Some(r.2)))),
                 ("is_state", Column::Bool(col(edges, |_| false))),
             ],
-            skip_conflicts: true,
-            replacing: None,
+            write: RowsWrite::InsertSkippingConflicts,
         },
         TableRows {
             table: "event_auth",
@@ -519,8 +551,7 @@ fn columns_of<'a>(
                 ("auth_id", Column::Text(col(auth, |r| r.1))),
                 ("room_id", Column::Text(col(auth, |r| r.2))),
             ],
-            skip_conflicts: false,
-            replacing: None,
+            write: RowsWrite::Insert,
         },
         TableRows {
             table: "rejections",
@@ -529,8 +560,7 @@ fn columns_of<'a>(
                 ("reason", Column::Text(col(rejected, |r| r.1))),
                 ("last_check", Column::Text(col(rejected, |_| now))),
             ],
-            skip_conflicts: false,
-            replacing: None,
+            write: RowsWrite::Insert,
         },
     ]
 }
@@ -558,8 +588,10 @@ fn extremity_rows<'a>(room_id: &'a str, extremities: &'a [String]) -> TableRows<
                 Column::Text(extremities.iter().map(|_| room_id).collect()),
             ),
         ],
-        skip_conflicts: true,
-        replacing: Some(("room_id", room_id)),
+        write: RowsWrite::Replace {
+            column: "room_id",
+            value: room_id,
+        },
     }
 }
 

@@ -16,8 +16,8 @@ use diesel::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use storage_core::{
-    with_conn, Column, Database, Error, InternedText, OpenMode, Result, SharedText, StoreConfig,
-    TableRows, Transaction,
+    with_conn, Column, Database, Error, InternedText, OpenMode, Result, RowsWrite, SharedText,
+    StoreConfig, TableRows, Transaction,
 };
 
 /// Event ids per lookup statement.
@@ -364,8 +364,7 @@ impl StateStore {
                     Column::BigInt(mappings.iter().map(|(_, g)| *g).collect()),
                 ),
             ],
-            skip_conflicts: false,
-            replacing: None,
+            write: RowsWrite::Insert,
         }
     }
 
@@ -434,6 +433,85 @@ impl StateStore {
                 .values(&rows)
                 .execute(c))?;
         }
+        self.current_state_written_txn(txn, room_id, removed, added);
+        Ok(())
+    }
+
+    /// The change of [`Self::update_current_state_txn`] as rows for a
+    /// statement that writes several tables ([`Transaction::insert_columns`]):
+    /// the `removed` slots deleted, the `added` ones inserted or their row's
+    /// event and membership replaced. Once the statement ran, the caller
+    /// calls [`Self::current_state_written_txn`].
+    pub fn current_state_rows<'a>(
+        room_id: &'a str,
+        removed: &'a [StateKey],
+        added: &'a [(StateKey, String, Option<String>)],
+    ) -> Vec<TableRows<'a>> {
+        // A slot both removed and added is only added (replaced): the two
+        // parts of one statement must touch different rows.
+        let added_keys: std::collections::HashSet<&StateKey> =
+            added.iter().map(|(k, _, _)| k).collect();
+        let removed: Vec<&StateKey> = removed.iter().filter(|k| !added_keys.contains(k)).collect();
+        vec![
+            TableRows {
+                table: "current_state_events",
+                columns: vec![
+                    (
+                        "room_id",
+                        Column::Text(removed.iter().map(|_| room_id).collect()),
+                    ),
+                    (
+                        "type",
+                        Column::Text(removed.iter().map(|(t, _)| &**t).collect()),
+                    ),
+                    (
+                        "state_key",
+                        Column::Text(removed.iter().map(|(_, k)| &**k).collect()),
+                    ),
+                ],
+                write: RowsWrite::Delete,
+            },
+            TableRows {
+                table: "current_state_events",
+                columns: vec![
+                    (
+                        "event_id",
+                        Column::Text(added.iter().map(|(_, e, _)| e.as_str()).collect()),
+                    ),
+                    (
+                        "room_id",
+                        Column::Text(added.iter().map(|_| room_id).collect()),
+                    ),
+                    (
+                        "type",
+                        Column::Text(added.iter().map(|((t, _), _, _)| &**t).collect()),
+                    ),
+                    (
+                        "state_key",
+                        Column::Text(added.iter().map(|((_, k), _, _)| &**k).collect()),
+                    ),
+                    (
+                        "membership",
+                        Column::OptText(added.iter().map(|(_, _, m)| m.as_deref()).collect()),
+                    ),
+                ],
+                write: RowsWrite::Upsert {
+                    key: &["room_id", "type", "state_key"],
+                },
+            },
+        ]
+    }
+
+    /// After the rows of [`Self::current_state_rows`] were written in `txn`:
+    /// once committed, the room's cached current state (if any) is replaced
+    /// by the changed one.
+    pub fn current_state_written_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        room_id: &str,
+        removed: &[StateKey],
+        added: &[(StateKey, String, Option<String>)],
+    ) {
         // The room's next write reads its current state: when it is cached,
         // the cache gets the new state, so that read stays in memory. Only
         // this process writes the room, one batch at a time, so the cached
@@ -458,7 +536,6 @@ impl StateStore {
                 caches.current_state.insert(room, state);
             }
         });
-        Ok(())
     }
 
     /// What one of the two state caches alone can answer for `group` under

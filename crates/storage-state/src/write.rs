@@ -9,7 +9,7 @@ use crate::types::{StateGroup, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 use diesel::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
-use storage_core::{with_conn, Column, Error, Result, Sequence, TableRows, Transaction};
+use storage_core::{with_conn, Column, Error, Result, RowsWrite, Sequence, TableRows, Transaction};
 
 /// Where state group ids come from.
 pub const STATE_GROUP_SEQUENCE: Sequence = Sequence {
@@ -194,8 +194,7 @@ impl<'a> GroupRows<'a> {
                         Column::Text(groups.iter().map(|g| g.event_id).collect()),
                     ),
                 ],
-                skip_conflicts: false,
-                replacing: None,
+                write: RowsWrite::Insert,
             },
             TableRows {
                 table: "state_group_edges",
@@ -209,8 +208,7 @@ impl<'a> GroupRows<'a> {
                         Column::BigInt(edges.iter().map(|e| e.prev_state_group).collect()),
                     ),
                 ],
-                skip_conflicts: false,
-                replacing: None,
+                write: RowsWrite::Insert,
             },
             TableRows {
                 table: "state_groups_state",
@@ -236,8 +234,7 @@ impl<'a> GroupRows<'a> {
                         Column::Text(state.iter().map(|r| r.event_id).collect()),
                     ),
                 ],
-                skip_conflicts: false,
-                replacing: None,
+                write: RowsWrite::Insert,
             },
         ]
     }

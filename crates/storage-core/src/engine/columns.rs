@@ -59,31 +59,48 @@ impl Column<'_> {
     }
 }
 
-/// One table's new rows: every column the same length.
+/// One table's rows, every column the same length, and what to do with them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableRows<'a> {
     pub table: &'static str,
     pub columns: Vec<(&'static str, Column<'a>)>,
-    /// Rows that would break a unique constraint are left out, as
+    pub write: RowsWrite<'a>,
+}
+
+/// What [`TableRows`] do to their table. Every part of one statement sees the
+/// table as it was before the statement, in no set order: two parts on one
+/// table must touch different rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowsWrite<'a> {
+    /// Inserted; one that breaks a unique constraint fails the statement.
+    Insert,
+    /// Inserted, those that would break a unique constraint left out, as
     /// `ON CONFLICT DO NOTHING` does.
-    pub skip_conflicts: bool,
-    /// `(column, value)`: the table's rows with `column = value` become
-    /// exactly the new rows, in the same statement: those not among them are
-    /// deleted, and new rows already there are kept (so the table needs a
-    /// unique constraint over the columns, and conflicts are skipped). Kept
-    /// in the statement with no new rows too, deleting them all. A room's
-    /// forward extremities are replaced so, without a DELETE of their own.
-    pub replacing: Option<(&'static str, &'a str)>,
+    InsertSkippingConflicts,
+    /// The table's rows with `column = value` become exactly these: those
+    /// not among them are deleted, and those already there are kept (so the
+    /// table needs a unique constraint over the columns). Kept in the
+    /// statement with no rows too, deleting them all. A room's forward
+    /// extremities are replaced so, without a DELETE of their own.
+    Replace {
+        column: &'static str,
+        value: &'a str,
+    },
+    /// Inserted, or where a row with the same values in the `key` columns
+    /// (a unique constraint's) exists, its other columns set to these (`ON
+    /// CONFLICT (key) DO UPDATE`): a room's current state.
+    Upsert { key: &'static [&'static str] },
+    /// The rows equal to these on every column given are deleted.
+    Delete,
 }
 
 impl<'a> TableRows<'a> {
-    /// Rows inserted as they are ([`Self::skip_conflicts`] false, replacing nothing).
+    /// Rows inserted as they are ([`RowsWrite::Insert`]).
     pub fn insert(table: &'static str, columns: Vec<(&'static str, Column<'a>)>) -> Self {
         TableRows {
             table,
             columns,
-            skip_conflicts: false,
-            replacing: None,
+            write: RowsWrite::Insert,
         }
     }
 
@@ -133,38 +150,58 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
                 .map(|(n, _)| *n)
                 .collect::<Vec<_>>()
                 .join(", ");
+            let table = t.table;
+            if t.write == RowsWrite::Delete {
+                out.push_sql(&format!(
+                    "t{i} AS (DELETE FROM {table} WHERE ({names}) IN (SELECT * FROM "
+                ));
+                push_unnest(t, &mut out)?;
+                out.push_sql("))");
+                continue;
+            }
             // The new rows: read twice when replacing, so named first.
-            let rows = if t.replacing.is_some() {
+            let replacing = matches!(t.write, RowsWrite::Replace { .. });
+            if replacing {
                 out.push_sql(&format!("n{i} ({names}) AS (SELECT * FROM "));
                 push_unnest(t, &mut out)?;
                 out.push_sql("), ");
-                format!("n{i}")
-            } else {
-                String::new()
-            };
-            out.push_sql(&format!(
-                "t{i} AS (INSERT INTO {} ({names}) SELECT * FROM ",
-                t.table
-            ));
-            if rows.is_empty() {
-                push_unnest(t, &mut out)?;
-            } else {
-                out.push_sql(&rows);
             }
-            if t.skip_conflicts || t.replacing.is_some() {
-                out.push_sql(" ON CONFLICT DO NOTHING");
+            out.push_sql(&format!(
+                "t{i} AS (INSERT INTO {table} ({names}) SELECT * FROM "
+            ));
+            if replacing {
+                out.push_sql(&format!("n{i}"));
+            } else {
+                push_unnest(t, &mut out)?;
+            }
+            match &t.write {
+                RowsWrite::Insert | RowsWrite::Delete => {}
+                RowsWrite::InsertSkippingConflicts | RowsWrite::Replace { .. } => {
+                    out.push_sql(" ON CONFLICT DO NOTHING")
+                }
+                RowsWrite::Upsert { key } => {
+                    let set: Vec<String> = t
+                        .columns
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .filter(|n| !key.contains(n))
+                        .map(|n| format!("{n} = EXCLUDED.{n}"))
+                        .collect();
+                    out.push_sql(&format!(
+                        " ON CONFLICT ({}) DO UPDATE SET {}",
+                        key.join(", "),
+                        set.join(", ")
+                    ));
+                }
             }
             out.push_sql(")");
-            if let Some((column, value)) = &t.replacing {
+            if let RowsWrite::Replace { column, value } = &t.write {
                 // Both parts see the rows as they were before the statement:
                 // the DELETE spares the new rows, which the INSERT skips when
                 // they are there already.
-                out.push_sql(&format!(
-                    ", d{i} AS (DELETE FROM {} WHERE {column} = ",
-                    t.table
-                ));
+                out.push_sql(&format!(", d{i} AS (DELETE FROM {table} WHERE {column} = "));
                 out.push_bind_param::<Text, _>(*value)?;
-                out.push_sql(&format!(" AND ({names}) NOT IN (SELECT * FROM {rows}))"));
+                out.push_sql(&format!(" AND ({names}) NOT IN (SELECT * FROM n{i}))"));
             }
         }
         let (claim_columns, claim_from) = super::postgres_claim::CLAIM_ROW;
@@ -222,7 +259,7 @@ pub(crate) fn insert_with_unnest(
 ) -> QueryResult<Option<ClaimRow>> {
     let tables: Vec<&TableRows<'_>> = tables
         .iter()
-        .filter(|t| !t.is_empty() || t.replacing.is_some())
+        .filter(|t| !t.is_empty() || matches!(t.write, RowsWrite::Replace { .. }))
         .collect();
     if tables.is_empty() && notify.is_none() && !read_claim {
         return Ok(None);
