@@ -278,9 +278,8 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 /// for what the claim adds, see
 /// [`the_main_process_claim_costs_postgres_no_statement`]).
 ///
-/// A message on PostgreSQL (4), all in the write transaction: BEGIN with the
-/// LOCK (one message), which events are stored and the stream positions of
-/// the others (one statement), one
+/// A message on PostgreSQL (5), all in the write transaction: BEGIN with the
+/// LOCK (one message), which events are stored, the stream position, one
 /// statement inserting the rows of events, event_json, event_edges,
 /// event_auth, event_to_state_groups, replacing the room's extremities and
 /// sending the NOTIFY (`Transaction::insert_columns_and_notify`), COMMIT. Nothing is read before
@@ -301,7 +300,7 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 fn expected(t: &TestDb) -> (usize, usize) {
     match t.engine() {
         "sqlite" => (10, 17),
-        _ => (4, 7),
+        _ => (5, 8),
     }
 }
 

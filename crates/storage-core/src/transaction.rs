@@ -113,18 +113,6 @@ impl<'a> Transaction<'a> {
         self.engine.next_ids(self.conn, sequence, n)
     }
 
-    /// [`Engine::next_ids_for_new_keys`]: which of `keys` are stored, and an id
-    /// for each of the others, where the engine does both in one statement.
-    pub fn next_ids_for_new_keys(
-        &mut self,
-        sequence: &Sequence,
-        key_column: &str,
-        keys: &[&str],
-    ) -> Result<Option<(std::collections::HashSet<String>, Vec<i64>)>> {
-        self.engine
-            .next_ids_for_new_keys(self.conn, sequence, key_column, keys)
-    }
-
     /// One new id from `sequence`.
     pub fn next_id(&mut self, sequence: &Sequence) -> Result<i64> {
         let ids = self.next_ids(sequence, 1)?;

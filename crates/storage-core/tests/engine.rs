@@ -20,7 +20,6 @@ storage_core::engine_tests!(
     replacing_rows_keeps_the_new_deletes_the_rest_of_that_key_only,
     a_transaction_begun_with_a_lock_holds_it_to_its_end,
     upserted_and_deleted_rows_change_only_their_rows,
-    stored_keys_and_ids_for_the_others_come_in_one_statement,
 );
 
 const SEQ: Sequence = Sequence {
@@ -492,39 +491,4 @@ fn upserted_and_deleted_rows_change_only_their_rows(t: &TestDb) {
             member("@d", "$d1", "invite")
         ]
     );
-}
-
-/// `next_ids_for_new_keys`: the keys the table holds, and ascending ids
-/// from its sequence, past any handed out before, one for each other key;
-/// none when every key is held. SQLite answers that the caller does both.
-fn stored_keys_and_ids_for_the_others_come_in_one_statement(t: &TestDb) {
-    let db = t.open();
-    db.with_connection(|_, c| {
-        insert_group(c, 1);
-        Ok(())
-    })
-    .unwrap();
-    let before = db
-        .run_interaction("ids", |txn| txn.next_ids(&SEQ, 1))
-        .unwrap()[0];
-    let found = db
-        .run_interaction("new_keys", |txn| {
-            txn.next_ids_for_new_keys(&SEQ, "event_id", &["$b", "$e", "$c"])
-        })
-        .unwrap();
-    let Some((stored, ids)) = found else {
-        assert_eq!(t.engine(), "sqlite");
-        return;
-    };
-    assert_eq!(stored, ["$e".to_owned()].into_iter().collect());
-    assert_eq!(ids.len(), 2);
-    assert!(ids[0] > before && ids[1] > ids[0], "{before} then {ids:?}");
-    let (stored, ids) = db
-        .run_interaction("no_new_keys", |txn| {
-            txn.next_ids_for_new_keys(&SEQ, "event_id", &["$e"])
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.len(), 1);
-    assert!(ids.is_empty());
 }

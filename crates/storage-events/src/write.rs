@@ -82,20 +82,8 @@ impl EventsStore {
         assumed_new: bool,
     ) -> Result<Option<PersistedBatch>> {
         txn.lock_table("events")?;
-        let mut distinct = HashSet::new();
-        let ids: Vec<&str> = batch
-            .events
-            .iter()
-            .map(|e| e.event_id.as_str())
-            .filter(|id| distinct.insert(*id))
-            .collect();
-        // Which are stored, and the new ones' stream positions, in one
-        // statement where the engine has round trips to save.
-        let (stored, positions): (HashSet<String>, Option<Vec<i64>>) =
-            match txn.next_ids_for_new_keys(&EVENTS_STREAM_SEQUENCE, "event_id", &ids)? {
-                Some((stored, positions)) => (stored, Some(positions)),
-                None => (load_existing(txn, &ids)?, None),
-            };
+        let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
+        let stored: HashSet<String> = load_existing(txn, &ids)?;
         if assumed_new && !stored.is_empty() {
             return Ok(None);
         }
@@ -126,17 +114,7 @@ impl EventsStore {
                 max_stream_ordering: self.position.load(Ordering::SeqCst),
             }));
         }
-        let positions = match positions {
-            Some(p) if p.len() == new.len() => p,
-            Some(p) => {
-                return Err(storage_core::Error::other(format!(
-                    "internal: {} stream positions for {} new events",
-                    p.len(),
-                    new.len()
-                )))
-            }
-            None => txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?,
-        };
+        let positions = txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?;
         insert_rooms(txn, &new)?;
         let mappings: Vec<(&str, i64)> = new
             .iter()

@@ -232,22 +232,6 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// `n` new ids from `sequence`, ascending, inside the caller's transaction.
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
 
-    /// Which of `keys` (distinct) the table `sequence` numbers already holds
-    /// in `key_column`, and `sequence`'s next ids, ascending, one for each of
-    /// the others: a batch's stored events and the stream positions of its
-    /// new ones, in one statement where each costs a round trip
-    /// (PostgreSQL). `None` where the engine does not (SQLite: the caller
-    /// reads, then takes [`Self::next_ids`]).
-    fn next_ids_for_new_keys(
-        &self,
-        _conn: &mut Conn,
-        _sequence: &Sequence,
-        _key_column: &str,
-        _keys: &[&str],
-    ) -> Result<Option<(std::collections::HashSet<String>, Vec<i64>)>> {
-        Ok(None)
-    }
-
     /// Reads `sequence` and the highest id of its table, changing nothing.
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth>;
 

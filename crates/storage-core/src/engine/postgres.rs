@@ -12,7 +12,7 @@ use diesel::connection::SimpleConnection;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Untyped};
+use diesel::sql_types::{BigInt, Bool, Text, Untyped};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use std::sync::Arc;
 
@@ -63,52 +63,6 @@ impl QueryFragment<Pg> for NextIds<'_> {
 }
 
 impl RunQueryDsl<PgConnection> for NextIds<'_> {}
-
-/// [`Engine::next_ids_for_new_keys`] in one statement: the stored keys (with
-/// no id), then an id for each key not stored (with no key).
-struct NewKeyIds<'a> {
-    sequence: &'a Sequence,
-    key_column: &'a str,
-    keys: &'a [&'a str],
-}
-
-impl QueryId for NewKeyIds<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl Query for NewKeyIds<'_> {
-    type SqlType = Untyped;
-}
-
-impl QueryFragment<Pg> for NewKeyIds<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
-        let (table, column) = (self.sequence.table, self.key_column);
-        out.push_sql(&format!(
-            "WITH s AS (SELECT DISTINCT {column} AS key FROM {table} WHERE {column} = ANY("
-        ));
-        out.push_bind_param::<Array<Text>, _>(self.keys)?;
-        out.push_sql(
-            ")) SELECT key, NULL::bigint AS id FROM s UNION ALL \
-             SELECT NULL, nextval(",
-        );
-        out.push_bind_param::<Text, _>(self.sequence.name)?;
-        out.push_sql("::regclass) FROM generate_series(1, cardinality(");
-        out.push_bind_param::<Array<Text>, _>(self.keys)?;
-        out.push_sql(") - (SELECT count(*) FROM s))");
-        Ok(())
-    }
-}
-
-impl RunQueryDsl<PgConnection> for NewKeyIds<'_> {}
-
-#[derive(QueryableByName)]
-struct KeyOrId {
-    #[diesel(sql_type = Nullable<Text>)]
-    key: Option<String>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    id: Option<i64>,
-}
 
 #[derive(QueryableByName)]
 struct Access {
@@ -291,42 +245,6 @@ impl Engine for PostgresEngine {
         let mut ids: Vec<i64> = rows.into_iter().map(|r| r.id).collect();
         ids.sort_unstable();
         Ok(ids)
-    }
-
-    fn next_ids_for_new_keys(
-        &self,
-        conn: &mut Conn,
-        sequence: &Sequence,
-        key_column: &str,
-        keys: &[&str],
-    ) -> Result<Option<(std::collections::HashSet<String>, Vec<i64>)>> {
-        let rows: Vec<KeyOrId> = NewKeyIds {
-            sequence,
-            key_column,
-            keys,
-        }
-        .load(conn.postgres()?)
-        .with_context(|| {
-            format!(
-                "finding which of {} keys {} holds, and ids from {} for the others",
-                keys.len(),
-                sequence.table,
-                sequence.name
-            )
-        })?;
-        let mut stored = std::collections::HashSet::new();
-        let mut ids = Vec::new();
-        for row in rows {
-            match (row.key, row.id) {
-                (Some(key), _) => {
-                    stored.insert(key);
-                }
-                (None, Some(id)) => ids.push(id),
-                (None, None) => {}
-            }
-        }
-        ids.sort_unstable();
-        Ok(Some((stored, ids)))
     }
 
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
