@@ -13,6 +13,9 @@
 //! (copied there on the first run, reused by later ones), and with
 //! `HS_BENCH_PROFILE=merge` the run only computes the contexts of the three
 //! merges, `HS_BENCH_ITERATIONS` times over (default once), nothing else.
+//! Each merge stores its resolved group in FILE, so FILE is not the same
+//! database after a run: give each binary compared its own copy of a fresh
+//! FILE, or their counts differ for that reason alone (by up to half, seen).
 
 use diesel::RunQueryDsl;
 use event_context::ruma::RoomVersionId;
