@@ -151,42 +151,40 @@ impl EventsStore {
             with_events,
             &notification,
         )?;
+        let current = &batch.current_state;
         if written_with_events {
             self.state
                 .cache_event_state_groups_after_commit(txn, &mappings);
+            if invalidated {
+                self.state.current_state_written_txn(
+                    txn,
+                    &batch.room_id,
+                    &current.removed,
+                    &current.added,
+                );
+            }
         } else {
+            // The engine wrote only the events' rows: the rest table by table.
             self.state.store_event_state_groups_txn(txn, &mappings)?;
             delete_extremities(txn, &batch.room_id)?;
             insert_extremities(txn, &batch.room_id, &batch.new_extremities)?;
-        }
-        let current = &batch.current_state;
-        if written_with_events && invalidated {
-            self.state.current_state_written_txn(
-                txn,
-                &batch.room_id,
-                &current.removed,
-                &current.added,
-            );
-        } else if invalidated {
-            self.state.update_current_state_txn(
-                txn,
-                &batch.room_id,
-                &current.removed,
-                &current.added,
-            )?;
-        }
-        if invalidated && !written_with_events {
-            with_conn!(txn.conn(), |c| diesel::insert_into(
-                cache_invalidations::table
-            )
-            .values((
-                cache_invalidations::stream_ordering.eq(max),
-                cache_invalidations::cache_name.eq(CURRENT_STATE_CACHE),
-                cache_invalidations::cache_key.eq(&batch.room_id),
-            ))
-            .execute(c))?;
-        }
-        if !written_with_events {
+            if invalidated {
+                self.state.update_current_state_txn(
+                    txn,
+                    &batch.room_id,
+                    &current.removed,
+                    &current.added,
+                )?;
+                with_conn!(txn.conn(), |c| diesel::insert_into(
+                    cache_invalidations::table
+                )
+                .values((
+                    cache_invalidations::stream_ordering.eq(max),
+                    cache_invalidations::cache_name.eq(CURRENT_STATE_CACHE),
+                    cache_invalidations::cache_key.eq(&batch.room_id),
+                ))
+                .execute(c))?;
+            }
             txn.notify(REPLICATION_CHANNEL, &notification)?;
         }
         let position = self.position.clone();
