@@ -508,18 +508,22 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// A reproducible stream of pseudo-random numbers from `seed`.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     /// `differing_keys` against comparing every key, on maps built apart
     /// (arrays only), changed through their overlays, and copies sharing an
     /// array.
     #[test]
     fn differing_keys_are_the_keys_whose_values_differ() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15_u64);
         let brute = |a: &FlatMap<u64, u64>, b: &FlatMap<u64, u64>| {
             let mut keys: Vec<u64> = a
                 .keys()
@@ -567,20 +571,14 @@ mod tests {
     /// Random inserts and removes on copies of copies, against std's map.
     #[test]
     fn behaves_like_a_hash_map() {
-        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d_u64);
         let base: Vec<(u64, u64)> = (0..500).map(|i| (next() % 700, i)).collect();
         let mut flat: FlatMap<u64, u64> = base.iter().copied().collect();
         let mut std: HashMap<u64, u64> = base.iter().copied().collect();
         let mut copies = Vec::new();
         for round in 0..3_000 {
             let k = next() % 900;
-            if next() % 3 == 0 {
+            if next().is_multiple_of(3) {
                 assert_eq!(flat.remove(&k), std.remove(&k), "remove {k}");
             } else {
                 assert_eq!(flat.insert(k, round), std.insert(k, round), "insert {k}");
