@@ -112,6 +112,6 @@ impl Pipeline {
             .iter()
             .map(|(p, c)| ContextBuilder::to_persist(p, c))
             .collect();
-        Ok(self.queue.enqueue(room_id, rows).wait()?)
+        Ok(self.queue.write(room_id, rows)?)
     }
 }

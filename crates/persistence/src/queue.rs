@@ -1,9 +1,13 @@
 //! The persistence queue: events for a room wait here until that room's loop
 //! writes them in a batch.
 //!
-//! Per room, at most one loop runs at a time, on a thread of its own under its
-//! own log context (never the context of the request that happened to start
-//! it); rooms proceed in parallel. A call to [`PersistenceQueue::enqueue`] that
+//! Per room, at most one loop runs at a time, under its own log context (never
+//! the context of the request that happened to start it); rooms proceed in
+//! parallel. The loop runs on a thread of its own, except that a caller of
+//! [`PersistenceQueue::write`] who finds no loop running for the room writes
+//! its own item on its own thread (it would only wait meanwhile), and hands
+//! whatever arrived meanwhile to a loop thread: a lone writer pays no thread
+//! start and no hand-off between threads per request. A call to [`PersistenceQueue::enqueue`] that
 //! finds the room's last waiting item with room to spare joins it, so that
 //! callers arriving while a batch is being written share the next one. Every
 //! caller of an item gets the same outcome: the batch's stream positions, or
@@ -23,7 +27,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use storage_core::{log_context, metrics, Error};
+use storage_core::log_context::{self, LogContext};
+use storage_core::{metrics, Error};
 use storage_events::{EventToPersist, PersistedBatch};
 
 /// What every caller of a batch receives.
@@ -177,12 +182,47 @@ impl PersistenceQueue {
         self.enqueue_item(room_id, events, Some(chain.0))
     }
 
+    /// Queues `events` (all of one room, independent of any other item) and
+    /// waits for the outcome of the batch they went into, like
+    /// `enqueue(..).wait()`. When no loop runs for the room, this thread writes
+    /// the item itself and then starts a loop only if more items arrived.
+    pub fn write(&self, room_id: &str, events: Vec<EventToPersist>) -> BatchOutcome {
+        let (handle, start_loop) = self.push(room_id, events, None);
+        if start_loop {
+            let more = LogContext::new(loop_name(room_id)).scope(|| {
+                if let Some(item) = next_item(&self.inner, room_id) {
+                    write_item(&self.inner, room_id, item);
+                }
+                keep_loop(&self.inner, room_id)
+            });
+            if more {
+                self.spawn_loop(room_id);
+            }
+        }
+        handle.wait()
+    }
+
     fn enqueue_item(
         &self,
         room_id: &str,
         events: Vec<EventToPersist>,
         chain: Option<u64>,
     ) -> Handle {
+        let (handle, start_loop) = self.push(room_id, events, chain);
+        if start_loop {
+            self.spawn_loop(room_id);
+        }
+        handle
+    }
+
+    /// Adds the events to the room's queue; whether no loop ran for the room
+    /// (the caller must see that one does).
+    fn push(
+        &self,
+        room_id: &str,
+        events: Vec<EventToPersist>,
+        chain: Option<u64>,
+    ) -> (Handle, bool) {
         let (tx, rx) = bounded(1);
         let n = events.len();
         let start_loop = {
@@ -206,18 +246,22 @@ impl PersistenceQueue {
         };
         self.inner.depth.fetch_add(n, Ordering::SeqCst);
         self.publish_depth();
-        if start_loop {
-            let inner = self.inner.clone();
-            let running = self.last.0.clone();
-            let room = room_id.to_owned();
-            log_context::spawn(format!("persistence loop {room_id}"), move || {
-                // Locals drop in reverse order, on unwinding too: `inner` first.
-                let _running = running;
-                let inner = inner;
-                run_loop(&inner, &room);
-            });
-        }
-        Handle { rx }
+        (Handle { rx }, start_loop)
+    }
+
+    /// Starts the room's loop on a thread of its own.
+    fn spawn_loop(&self, room_id: &str) {
+        let inner = self.inner.clone();
+        let running = self.last.0.clone();
+        let room = room_id.to_owned();
+        log_context::spawn(loop_name(room_id), move || {
+            // Locals drop in reverse order, on unwinding too: `inner` first.
+            let _running = running;
+            let inner = inner;
+            while let Some(item) = next_item(&inner, &room) {
+                write_item(&inner, &room, item);
+            }
+        });
     }
 
     fn publish_depth(&self) {
@@ -233,39 +277,52 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Drains one room's queue, item by item, until it is empty.
-fn run_loop(inner: &Inner, room_id: &str) {
-    loop {
-        let item = {
-            let mut rooms = inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
-            let next = rooms.get_mut(room_id).and_then(VecDeque::pop_front);
-            if next.is_none() {
-                // Under the same lock as `enqueue`: a later caller starts a new loop.
-                rooms.remove(room_id);
-                return;
-            }
-            next
-        };
-        let Some(Item {
-            events,
-            waiters,
-            chain,
-        }) = item
-        else {
-            return;
-        };
-        let earlier_failure = chain.and_then(|c| lock(&inner.failed_chains).get(&c).cloned());
-        let outcome: BatchOutcome = match earlier_failure {
-            Some(e) => {
-                (inner.discard)(&events);
-                Err(Arc::new(Error::other(format!(
-                    "{} events in {room_id} not written: an earlier batch they follow failed ({e})",
-                    events.len()
-                ))))
-            }
-            None => match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                (inner.persist)(room_id, &events)
-            })) {
+fn loop_name(room_id: &str) -> String {
+    format!("persistence loop {room_id}")
+}
+
+/// The room's next item; none once its queue is empty, and then the room's
+/// loop has ended (under the same lock as `push`: a later caller starts a new
+/// one).
+fn next_item(inner: &Inner, room_id: &str) -> Option<Item> {
+    let mut rooms = lock(&inner.rooms);
+    let next = rooms.get_mut(room_id).and_then(VecDeque::pop_front);
+    if next.is_none() {
+        rooms.remove(room_id);
+    }
+    next
+}
+
+/// Whether items wait in the room's queue; if none does, the room's loop
+/// ends here (as in [`next_item`]).
+fn keep_loop(inner: &Inner, room_id: &str) -> bool {
+    let mut rooms = lock(&inner.rooms);
+    let waiting = rooms.get(room_id).is_some_and(|q| !q.is_empty());
+    if !waiting {
+        rooms.remove(room_id);
+    }
+    waiting
+}
+
+/// Writes one item (unless its chain failed earlier) and hands every caller
+/// of it the outcome.
+fn write_item(inner: &Inner, room_id: &str, item: Item) {
+    let Item {
+        events,
+        waiters,
+        chain,
+    } = item;
+    let earlier_failure = chain.and_then(|c| lock(&inner.failed_chains).get(&c).cloned());
+    let outcome: BatchOutcome = match earlier_failure {
+        Some(e) => {
+            (inner.discard)(&events);
+            Err(Arc::new(Error::other(format!(
+                "{} events in {room_id} not written: an earlier batch they follow failed ({e})",
+                events.len()
+            ))))
+        }
+        None => {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| (inner.persist)(room_id, &events))) {
                 Ok(Ok(batch)) => {
                     metrics::global().record_persisted_batch(events.len());
                     Ok(Arc::new(batch))
@@ -277,33 +334,33 @@ fn run_loop(inner: &Inner, room_id: &str) {
                     "persisting {} events in {room_id}: the persister panicked",
                     events.len()
                 )))),
-            },
-        };
-        if let (Some(c), Err(e)) = (chain, &outcome) {
-            lock(&inner.failed_chains)
-                .entry(c)
-                .or_insert_with(|| e.clone());
-        }
-        inner.depth.fetch_sub(events.len(), Ordering::SeqCst);
-        metrics::global().set_gauge(
-            "hs_persistence_queue_depth",
-            "Events waiting in the persistence queue",
-            inner.depth.load(Ordering::SeqCst) as f64,
-        );
-        let delivered = waiters
-            .iter()
-            .filter(|w| w.send(outcome.clone()).is_ok())
-            .count();
-        match &outcome {
-            Ok(batch) => log::debug!(
-                "persisted {} events in {room_id} (up to stream position {})",
-                batch.positions.len(),
-                batch.max_stream_ordering
-            ),
-            Err(e) if delivered == 0 => {
-                log::error!("unhandled persistence failure, no caller was waiting: {e:?}")
             }
-            Err(e) => log::debug!("persistence failure delivered to {delivered} callers: {e}"),
         }
+    };
+    if let (Some(c), Err(e)) = (chain, &outcome) {
+        lock(&inner.failed_chains)
+            .entry(c)
+            .or_insert_with(|| e.clone());
+    }
+    inner.depth.fetch_sub(events.len(), Ordering::SeqCst);
+    metrics::global().set_gauge(
+        "hs_persistence_queue_depth",
+        "Events waiting in the persistence queue",
+        inner.depth.load(Ordering::SeqCst) as f64,
+    );
+    let delivered = waiters
+        .iter()
+        .filter(|w| w.send(outcome.clone()).is_ok())
+        .count();
+    match &outcome {
+        Ok(batch) => log::debug!(
+            "persisted {} events in {room_id} (up to stream position {})",
+            batch.positions.len(),
+            batch.max_stream_ordering
+        ),
+        Err(e) if delivered == 0 => {
+            log::error!("unhandled persistence failure, no caller was waiting: {e:?}")
+        }
+        Err(e) => log::debug!("persistence failure delivered to {delivered} callers: {e}"),
     }
 }

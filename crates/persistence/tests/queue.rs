@@ -206,6 +206,81 @@ fn the_loop_runs_in_its_own_log_context() {
     assert_eq!(line.context, "persistence loop !ctx");
 }
 
+/// `write` with no loop running for the room: the caller's own thread writes
+/// its item (under the loop's context, not the request's), the caller gets
+/// its answer as soon as that batch is written, and what arrived meanwhile is
+/// written by a loop thread, not by the caller.
+#[test]
+fn a_lone_writer_writes_its_own_item_and_hands_the_rest_to_a_loop() {
+    type Call = (Vec<String>, std::thread::ThreadId, String);
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let (entered_tx, entered) = crossbeam_channel::bounded::<()>(0);
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(0);
+    let (proceed, proceed_rx) = crossbeam_channel::bounded::<()>(1);
+    let c = calls.clone();
+    let queue = PersistenceQueue::new(
+        10,
+        Box::new(move |_, events| {
+            let n = {
+                let mut calls = c.lock().unwrap();
+                calls.push((
+                    events.iter().map(|e| e.event_id.clone()).collect(),
+                    std::thread::current().id(),
+                    storage_core::log_context::current_name(),
+                ));
+                calls.len()
+            };
+            let wait = Duration::from_secs(10);
+            if n == 1 {
+                entered_tx.send(()).unwrap();
+                release_rx.recv_timeout(wait).unwrap();
+            } else if n == 2 && proceed_rx.recv_timeout(wait).is_err() {
+                return Err(Error::other("the first writer never returned"));
+            }
+            Ok(ok_batch(events))
+        }),
+    );
+    let (answered_tx, answered) = crossbeam_channel::bounded(1);
+    let writer = std::thread::scope(|s| {
+        let q = &queue;
+        let writer = s.spawn(move || {
+            LogContext::new("request-a").scope(|| {
+                let outcome = q.write("!r", vec![event("!r", "$1", Some(1))]);
+                answered_tx
+                    .send((outcome, storage_core::log_context::current_name()))
+                    .unwrap();
+            });
+            std::thread::current().id()
+        });
+        entered.recv().unwrap(); // $1 is being written
+        let later = queue.enqueue("!r", vec![event("!r", "$2", Some(1))]);
+        release.send(()).unwrap();
+        let (outcome, context) = answered
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the writer answered while $2 still waited to be written");
+        assert_eq!(outcome.unwrap().positions.len(), 1);
+        assert_eq!(context, "request-a", "the caller's context is back");
+        proceed.send(()).unwrap();
+        assert!(later.wait().is_ok());
+        writer.join().unwrap()
+    });
+    // The loop ended with its queue: the next lone writer writes inline again.
+    queue.write("!r", vec![event("!r", "$3", Some(1))]).unwrap();
+    let calls = calls.lock().unwrap();
+    let loop_ctx = "persistence loop !r";
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(
+        (calls[0].0.as_slice(), calls[0].1),
+        (&["$1".to_owned()][..], writer)
+    );
+    assert_eq!(calls[1].0, ["$2"]);
+    assert_ne!(calls[1].1, writer, "$2 was written by a loop thread");
+    assert_ne!(calls[1].1, std::thread::current().id());
+    assert_eq!(calls[2].1, std::thread::current().id());
+    assert!(calls.iter().all(|c| c.2 == loop_ctx), "{calls:?}");
+    assert_eq!(queue.depth(), 0);
+}
+
 #[test]
 fn a_panicking_persister_fails_its_callers() {
     let calls = Arc::new(AtomicUsize::new(0));
