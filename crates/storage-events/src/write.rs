@@ -10,7 +10,7 @@ use crate::schema::{
     cache_invalidations, event_auth, event_edges, event_forward_extremities, event_json, events,
     rejections, rooms,
 };
-use crate::store::{EventsStore, CHUNK, EVENTS_STREAM_SEQUENCE};
+use crate::store::{EventsStore, EVENTS_STREAM_SEQUENCE};
 use crate::types::{EventToPersist, PersistedBatch, RoomBatch};
 use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -297,9 +297,9 @@ struct JsonRow<'a> {
 
 /// Inserts the events' rows (events, JSON, edges, auth edges, rejections)
 /// and `with_events`' in one statement that also sends the replication
-/// `notification`, where the engine does; otherwise the events' rows a
-/// multi-row INSERT per table, and answers `false`: the caller inserts
-/// `with_events`' rows and notifies itself.
+/// `notification`, where the engine does; otherwise the events' rows one
+/// INSERT each, and answers `false`: the caller inserts `with_events`' rows
+/// and notifies itself.
 fn insert_events<'a>(
     txn: &mut Transaction<'_>,
     new: &[&'a EventToPersist],
@@ -377,63 +377,49 @@ fn insert_events<'a>(
     if txn.insert_columns_and_notify(tables, REPLICATION_CHANNEL, notification)? {
         return Ok(true);
     }
-    for chunk in event_rows.chunks(CHUNK) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(events::table)
-            .values(chunk)
-            .execute(c))?;
-    }
-    for chunk in json_rows.chunks(CHUNK) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(event_json::table)
-            .values(chunk)
-            .execute(c))?;
-    }
-    let edges: Vec<_> = edges
-        .iter()
-        .map(|(e, p, r)| {
-            (
-                event_edges::event_id.eq(*e),
-                event_edges::prev_event_id.eq(*p),
-                event_edges::room_id.eq(Some(*r)),
-                event_edges::is_state.eq(false),
-            )
-        })
-        .collect();
-    for chunk in edges.chunks(CHUNK) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(event_edges::table)
-            .values(chunk)
-            .on_conflict_do_nothing()
-            .execute(c))?;
-    }
-    let auth: Vec<_> = auth
-        .iter()
-        .map(|(e, a, r)| {
-            (
-                event_auth::event_id.eq(*e),
-                event_auth::auth_id.eq(*a),
-                event_auth::room_id.eq(*r),
-            )
-        })
-        .collect();
-    for chunk in auth.chunks(CHUNK) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(event_auth::table)
-            .values(chunk)
-            .execute(c))?;
-    }
-    let rejected: Vec<_> = rejected
-        .iter()
-        .map(|(e, reason)| {
-            (
-                rejections::event_id.eq(*e),
-                rejections::reason.eq(*reason),
-                rejections::last_check.eq(now.as_str()),
-            )
-        })
-        .collect();
-    for chunk in rejected.chunks(CHUNK) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(rejections::table)
-            .values(chunk)
-            .execute(c))?;
-    }
+    // Row by row, each table's single-row INSERT prepared once and reused
+    // (SQLite, where a statement costs no round trip): a multi-row INSERT may
+    // fail halfway, so SQLite writes every page it changes to a statement
+    // journal first, and diesel prepares it afresh each time.
+    with_conn!(txn.conn(), |c| {
+        for row in &event_rows {
+            diesel::insert_into(events::table).values(row).execute(c)?;
+        }
+        for row in &json_rows {
+            diesel::insert_into(event_json::table)
+                .values(row)
+                .execute(c)?;
+        }
+        for (e, p, r) in &edges {
+            diesel::insert_into(event_edges::table)
+                .values((
+                    event_edges::event_id.eq(*e),
+                    event_edges::prev_event_id.eq(*p),
+                    event_edges::room_id.eq(Some(*r)),
+                    event_edges::is_state.eq(false),
+                ))
+                .on_conflict_do_nothing()
+                .execute(c)?;
+        }
+        for (e, a, r) in &auth {
+            diesel::insert_into(event_auth::table)
+                .values((
+                    event_auth::event_id.eq(*e),
+                    event_auth::auth_id.eq(*a),
+                    event_auth::room_id.eq(*r),
+                ))
+                .execute(c)?;
+        }
+        for (e, reason) in &rejected {
+            diesel::insert_into(rejections::table)
+                .values((
+                    rejections::event_id.eq(*e),
+                    rejections::reason.eq(*reason),
+                    rejections::last_check.eq(now.as_str()),
+                ))
+                .execute(c)?;
+        }
+    });
     Ok(false)
 }
 
@@ -589,21 +575,16 @@ fn insert_extremities(
     room_id: &str,
     extremities: &[String],
 ) -> Result<()> {
-    let rows: Vec<_> = extremities
-        .iter()
-        .map(|e| {
-            (
-                event_forward_extremities::event_id.eq(e.as_str()),
-                event_forward_extremities::room_id.eq(room_id),
-            )
-        })
-        .collect();
-    for chunk in rows.chunks(CHUNK) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(
-            event_forward_extremities::table
-        )
-        .values(chunk)
-        .execute(c))?;
-    }
+    // Row by row, as the events' rows (see `insert_events`).
+    with_conn!(txn.conn(), |c| {
+        for e in extremities {
+            diesel::insert_into(event_forward_extremities::table)
+                .values((
+                    event_forward_extremities::event_id.eq(e.as_str()),
+                    event_forward_extremities::room_id.eq(room_id),
+                ))
+                .execute(c)?;
+        }
+    });
     Ok(())
 }
