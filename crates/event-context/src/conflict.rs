@@ -27,12 +27,19 @@
 //! laid over the first state, is the answer it gives for the whole states.
 //! `crates/main-process/tests/resolution.rs` checks that on fork-heavy rooms
 //! against the resolution over whole states.
+//!
+//! Nor are the whole states needed to find the conflict: a context reads the
+//! groups' differences as such (`StateStore::get_state_differences`), the
+//! other slots above one by one ([`ConflictSource`]), and stores the result
+//! as a delta on an input. Only a resolution that needs `chain(U)` reads a
+//! whole state (the first group's, for `U`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ruma::{EventId, OwnedEventId, RoomVersionId};
 use storage_core::{Error, Result};
+use storage_state::StateDifferences;
 
 use crate::auth_chain::{auth_chain, conflicted_state_subgraph};
 use crate::room_version::{room_version_rules, state_res_rules};
@@ -47,27 +54,104 @@ pub(crate) type Loaded = HashMap<OwnedEventId, Option<Arc<Pdu>>, foldhash::fast:
 
 /// The slots on which `states` disagree: a value that differs, or a slot that
 /// some of them lack.
+#[cfg(test)]
 pub(crate) fn conflicted_slots(states: &[&storage_state::StateMap]) -> BTreeSet<StateKey> {
-    let mut slots = BTreeSet::new();
-    let Some((first, rest)) = states.split_first() else {
-        return slots;
-    };
-    // A slot some state disagrees with the first on; two cold states are
-    // compared side by side in their arrays' order, not looked up slot by slot.
-    for state in rest {
-        slots.extend(first.differing_keys(state).into_iter().cloned());
-    }
-    slots
+    storage_state::differences_of_states(states)
+        .into_keys()
+        .collect()
 }
 
-/// A resolution from the states' conflict: the resolved state, the slots
-/// outside which it equals every input, and whether the auth difference needed
-/// the unconflicted events' auth chain.
+/// The states a resolution merges, as [`resolve_by_conflict`] reads them:
+/// what they disagree on, and only the few other slots it asks for.
+pub(crate) trait ConflictSource {
+    /// How many states.
+    fn len(&self) -> usize;
+    /// Per slot on which they disagree, each state's value.
+    fn differences(&self) -> &StateDifferences;
+    /// The value every state holds on each of `slots` (none of them
+    /// conflicted) that they hold.
+    fn agreed(&self, slots: &BTreeSet<StateKey>) -> Result<storage_state::StateMap>;
+    /// The events of every slot they agree on.
+    fn unconflicted(&self) -> Result<Vec<Arc<str>>>;
+}
+
+/// Whole states held in memory, as a [`ConflictSource`].
+pub(crate) struct WholeStates<'a> {
+    states: &'a [&'a storage_state::StateMap],
+    differences: StateDifferences,
+}
+
+impl<'a> WholeStates<'a> {
+    pub(crate) fn new(states: &'a [&'a storage_state::StateMap]) -> Self {
+        WholeStates {
+            states,
+            differences: storage_state::differences_of_states(states),
+        }
+    }
+}
+
+impl ConflictSource for WholeStates<'_> {
+    fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    fn differences(&self) -> &StateDifferences {
+        &self.differences
+    }
+
+    fn agreed(&self, slots: &BTreeSet<StateKey>) -> Result<storage_state::StateMap> {
+        let Some(first) = self.states.first() else {
+            return Ok(Default::default());
+        };
+        Ok(slots
+            .iter()
+            .filter_map(|slot| first.get_key_value(slot))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn unconflicted(&self) -> Result<Vec<Arc<str>>> {
+        let Some(first) = self.states.first() else {
+            return Ok(Vec::new());
+        };
+        Ok(first
+            .iter()
+            .filter(|(slot, _)| !self.differences.contains_key(*slot))
+            .map(|(_, id)| id.clone())
+            .collect())
+    }
+}
+
+/// A resolution from the states' conflict: the resolved state and each input
+/// state on `slots`, outside which the result equals every input, and whether
+/// the auth difference needed the unconflicted events' auth chain.
 #[derive(Debug)]
 pub(crate) struct ByConflict {
-    pub(crate) state: storage_state::StateMap,
+    pub(crate) resolved: storage_state::StateMap,
+    pub(crate) inputs: Vec<storage_state::StateMap>,
     pub(crate) slots: BTreeSet<StateKey>,
     pub(crate) asked_unconflicted_chain: bool,
+}
+
+impl ByConflict {
+    /// The whole resolved state, given the first input's whole state: only
+    /// the slots that change (an insert into a map sharing its nodes with the
+    /// group's copies the node path down to the slot).
+    pub(crate) fn over(&self, first: &storage_state::StateMap) -> storage_state::StateMap {
+        let mut state = first.clone();
+        for slot in &self.slots {
+            match self.resolved.get(slot) {
+                Some(id) if first.get(slot) != Some(id) => {
+                    state.insert(slot.clone(), id.clone());
+                }
+                None if first.contains_key(slot) => {
+                    state.remove(slot);
+                }
+                _ => {}
+            }
+        }
+        state
+    }
 }
 
 pub(crate) fn parse_event_id(id: &str) -> Result<OwnedEventId> {
@@ -78,8 +162,8 @@ pub(crate) fn parse_event_id(id: &str) -> Result<OwnedEventId> {
     })
 }
 
-/// Resolves `states` (two or more) from their conflict, with the slots
-/// outside which the result equals every one of `states`; `None` for no
+/// Resolves the states of `source` (two or more) from their conflict, on the
+/// slots outside which the result equals every one of them; `None` for no
 /// states. `load` loads events with their auth chains into a [`Loaded`];
 /// `fallback` finds any event it left out. An event in the auth chains of the
 /// conflicted events that is neither conflicted itself nor in all of those
@@ -89,7 +173,7 @@ pub(crate) fn parse_event_id(id: &str) -> Result<OwnedEventId> {
 /// names the resolution in errors.
 pub(crate) fn resolve_by_conflict(
     room_version: &RoomVersionId,
-    states: &[&storage_state::StateMap],
+    source: &dyn ConflictSource,
     mut load: impl FnMut(Vec<OwnedEventId>, &mut Loaded) -> Result<()>,
     fallback: impl Fn(&EventId) -> Option<Arc<Pdu>>,
     in_unconflicted_chain: impl FnOnce(
@@ -100,24 +184,25 @@ pub(crate) fn resolve_by_conflict(
 ) -> Result<Option<ByConflict>> {
     let rules = room_version_rules(room_version)
         .ok_or_else(|| Error::other(format!("{what}: unsupported room version {room_version}")))?;
-    let Some(first) = states.first() else {
+    let n = source.len();
+    if n == 0 {
         return Ok(None);
-    };
-    let conflicted = conflicted_slots(states);
-    if conflicted.is_empty() {
+    }
+    let differences = source.differences();
+    if differences.is_empty() {
         return Ok(Some(ByConflict {
-            state: (*first).clone(),
-            slots: conflicted,
+            resolved: Default::default(),
+            inputs: vec![Default::default(); n],
+            slots: BTreeSet::new(),
             asked_unconflicted_chain: false,
         }));
     }
-    let per_state: Vec<Vec<OwnedEventId>> = states
-        .iter()
-        .map(|s| {
-            conflicted
-                .iter()
-                .filter_map(|slot| s.get(slot))
-                .map(|id| parse_event_id(id))
+    let per_state: Vec<Vec<OwnedEventId>> = (0..n)
+        .map(|i| {
+            differences
+                .values()
+                .filter_map(|values| values[i].as_deref())
+                .map(parse_event_id)
                 .collect()
         })
         .collect::<Result<_>>()?;
@@ -149,14 +234,11 @@ pub(crate) fn resolve_by_conflict(
         let mut full_conflicted: HashSet<OwnedEventId> = conflicted_events.clone();
         asked_unconflicted_chain = !undecided.is_empty();
         if asked_unconflicted_chain {
-            let unconflicted: Vec<&str> = first
-                .iter()
-                .filter(|(slot, _)| !conflicted.contains(*slot))
-                .map(|(_, id)| &**id)
-                .collect();
+            let unconflicted = source.unconflicted()?;
             // In every state's full chain: given to every chain, so that ruma's
             // auth difference leaves them out as the full chains would.
-            let in_u = in_unconflicted_chain(unconflicted, &undecided)?;
+            let in_u =
+                in_unconflicted_chain(unconflicted.iter().map(|id| &**id).collect(), &undecided)?;
             for chain in &mut chains {
                 chain.extend(in_u.iter().cloned());
             }
@@ -169,7 +251,7 @@ pub(crate) fn resolve_by_conflict(
             ));
         }
         // The slots ruma's checks may read, and those the checks may fill.
-        let mut slots = conflicted;
+        let mut slots: BTreeSet<StateKey> = differences.keys().cloned().collect();
         slots.insert(storage_state::key("m.room.power_levels", ""));
         slots.insert(storage_state::key("m.room.create", ""));
         for pdu in full_conflicted.iter().filter_map(|id| fetch(id)) {
@@ -181,15 +263,31 @@ pub(crate) fn resolve_by_conflict(
         (chains, slots)
     };
 
-    let reduced: Vec<StateMap> = states
+    let outside: BTreeSet<StateKey> = slots
         .iter()
-        .map(|s| {
+        .filter(|slot| !differences.contains_key(*slot))
+        .cloned()
+        .collect();
+    let agreed = source.agreed(&outside)?;
+    let inputs: Vec<storage_state::StateMap> = (0..n)
+        .map(|i| {
             slots
                 .iter()
                 .filter_map(|slot| {
-                    s.get(slot)
-                        .map(|id| Ok((slot.clone(), parse_event_id(id)?)))
+                    let value = match differences.get(slot) {
+                        Some(values) => values[i].clone(),
+                        None => agreed.get(slot).cloned(),
+                    };
+                    value.map(|id| (slot.clone(), id))
                 })
+                .collect()
+        })
+        .collect();
+    let reduced: Vec<StateMap> = inputs
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|(slot, id)| Ok((slot.clone(), parse_event_id(id)?)))
                 .collect()
         })
         .collect::<Result<_>>()?;
@@ -204,24 +302,27 @@ pub(crate) fn resolve_by_conflict(
         Some(pdu) => pdu.clone(),
         None => fallback(id),
     };
-    let resolved = resolve_state_with_auth_chains(room_version, &reduced, chains, fetch)
+    let by_ruma = resolve_state_with_auth_chains(room_version, &reduced, chains, fetch)
         .map_err(|e| Error::other(format!("{what}: {e}")))?;
-    // Only the slots that change: an insert into a map sharing its nodes with
-    // the group's copies the node path down to the slot.
-    let mut state = (*first).clone();
-    for slot in &slots {
-        match resolved.get(slot) {
-            Some(id) if first.get(slot).map(|e| &**e) != Some(id.as_str()) => {
-                state.insert(slot.clone(), Arc::from(id.as_str()));
-            }
-            None if first.contains_key(slot) => {
-                state.remove(slot);
-            }
-            _ => {}
-        }
-    }
+    // The inputs' strings where they hold the same event: shared, not copied.
+    let resolved = slots
+        .iter()
+        .filter_map(|slot| {
+            let id = by_ruma.get(slot)?;
+            let shared = inputs
+                .iter()
+                .filter_map(|s| s.get(slot))
+                .find(|e| ***e == *id.as_str())
+                .cloned();
+            Some((
+                slot.clone(),
+                shared.unwrap_or_else(|| Arc::from(id.as_str())),
+            ))
+        })
+        .collect();
     Ok(Some(ByConflict {
-        state,
+        resolved,
+        inputs,
         slots,
         asked_unconflicted_chain,
     }))

@@ -8,7 +8,7 @@
 //! stored as a group of its own. A state event that passes its auth rules gets a
 //! new group: a delta of one entry, itself, on the group before it.
 
-use crate::conflict::{parse_event_id, Loaded};
+use crate::conflict::{parse_event_id, ByConflict, ConflictSource, Loaded, WholeStates};
 use crate::{
     auth_types_for_pdu, check_auth_against_state, check_auth_events, resolve_state, Pdu, StateKey,
     StateMap,
@@ -21,7 +21,8 @@ use storage_core::cache::LruCache;
 use storage_core::{Error, Result, StoreConfig};
 use storage_events::{EventReads, EventToPersist, EventsStore, StoredEvent};
 use storage_state::{
-    NewStateGroup, PreparedStateGroup, StateFilter, StateGroup, StateGroupAccess, StateStore,
+    NewStateGroup, PreparedStateGroup, StateDifferences, StateFilter, StateGroup, StateGroupAccess,
+    StateStore,
 };
 
 /// Where an event stands in its room's state.
@@ -491,17 +492,14 @@ impl ContextBuilder {
             1 => prev_groups.first().copied(),
             _ => {
                 let groups: Vec<StateGroup> = prev_groups.into_iter().collect();
-                Some(
-                    self.resolve_groups_preparing(
-                        room_id,
-                        &pdu.room_version,
-                        event_id,
-                        &groups,
-                        pending,
-                        &mut prepared,
-                    )?
-                    .0,
-                )
+                Some(self.resolve_groups_preparing(
+                    room_id,
+                    &pdu.room_version,
+                    event_id,
+                    &groups,
+                    pending,
+                    &mut prepared,
+                )?)
             }
         };
 
@@ -579,14 +577,10 @@ impl ContextBuilder {
         storage_state::StateMap,
         HashMap<StateGroup, storage_state::StateMap>,
     )> {
-        let (resolved, stored, _) =
-            self.resolve_with_slots(room_id, room_version, groups, pending)?;
-        Ok((resolved, stored))
+        self.resolve_with_slots(room_id, room_version, groups, pending)
     }
 
-    /// [`Self::resolve_state_of_groups`], with the slots outside which the
-    /// result equals every group's state when it was resolved by the conflict
-    /// (`None`: it may differ anywhere).
+    /// [`Self::resolve_state_of_groups`].
     #[allow(clippy::type_complexity)]
     fn resolve_with_slots(
         &self,
@@ -597,7 +591,6 @@ impl ContextBuilder {
     ) -> Result<(
         storage_state::StateMap,
         HashMap<StateGroup, storage_state::StateMap>,
-        Option<BTreeSet<StateKey>>,
     )> {
         let stored = self
             .state
@@ -607,30 +600,116 @@ impl ContextBuilder {
         let by_conflict = if states.len() < 2 {
             None
         } else {
-            crate::conflict::resolve_by_conflict(
-                room_version,
-                &states,
-                |start, loaded| self.load_with_auth_chains(start, pending, loaded),
-                self.fetcher(pending),
-                |unconflicted, undecided| self.auth_chain_holds(unconflicted, undecided, pending),
-                &what,
-            )?
+            self.resolve_from(room_version, &WholeStates::new(&states), pending, &what)?
         };
-        let (resolved, slots) = match by_conflict {
-            Some(r) => {
-                self.resolved_by_conflict.fetch_add(1, Ordering::Relaxed);
-                if r.asked_unconflicted_chain {
-                    self.asked_unconflicted_chain
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                (r.state, Some(r.slots))
+        let resolved = match by_conflict {
+            Some(r) => r.over(states[0]),
+            None => self.resolve_whole_states(room_version, &states, pending, &what)?,
+        };
+        Ok((resolved, stored))
+    }
+
+    /// Resolves the states of `source` from their conflict (see
+    /// [`crate::conflict`]), counted.
+    fn resolve_from(
+        &self,
+        room_version: &RoomVersionId,
+        source: &dyn ConflictSource,
+        pending: &PendingEvents,
+        what: &str,
+    ) -> Result<Option<ByConflict>> {
+        let r = crate::conflict::resolve_by_conflict(
+            room_version,
+            source,
+            |start, loaded| self.load_with_auth_chains(start, pending, loaded),
+            self.fetcher(pending),
+            |unconflicted, undecided| self.auth_chain_holds(unconflicted, undecided, pending),
+            what,
+        )?;
+        if let Some(r) = &r {
+            self.resolved_by_conflict.fetch_add(1, Ordering::Relaxed);
+            if r.asked_unconflicted_chain {
+                self.asked_unconflicted_chain
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            None => (
-                self.resolve_whole_states(room_version, &states, pending, &what)?,
-                None,
-            ),
+        }
+        Ok(r)
+    }
+
+    /// Resolves `groups` (two or more, written or prepared) from what their
+    /// states disagree on, read as such ([`StateStore::get_state_differences`]):
+    /// no group's whole state is read unless the auth difference needs the
+    /// unconflicted events, or no input can be the base of a delta. Says which
+    /// input equals the result, else the result as a delta on an input.
+    fn resolve_by_differences(
+        &self,
+        room_id: &str,
+        room_version: &RoomVersionId,
+        groups: &[StateGroup],
+        pending: &PendingEvents,
+    ) -> Result<Resolution> {
+        let what = format!("resolving the state of {room_id} over groups {groups:?}");
+        let source = GroupStates {
+            store: &self.state,
+            first: *groups
+                .first()
+                .ok_or_else(|| Error::other(format!("{what}: no groups")))?,
+            len: groups.len(),
+            differences: self.state.get_state_differences(groups)?,
         };
-        Ok((resolved, stored, slots))
+        let r = self
+            .resolve_from(room_version, &source, pending, &what)?
+            .ok_or_else(|| Error::other(format!("{what}: no groups")))?;
+        // Outside `slots` the result and every input agree: only those slots
+        // are compared (a few thousand, not the whole room).
+        let same =
+            |s: &storage_state::StateMap| r.slots.iter().all(|k| s.get(k) == r.resolved.get(k));
+        if let Some((g, _)) = groups.iter().zip(&r.inputs).find(|(_, s)| same(s)) {
+            return Ok(Resolution::Input(*g));
+        }
+        let inputs = groups.iter().copied().zip(&r.inputs);
+        Ok(match delta_base_within(&r.resolved, inputs, &r.slots) {
+            Some((prev, delta)) => Resolution::Delta(prev, delta),
+            None => {
+                // Every input holds a slot the result lacks: the whole state.
+                let first = self
+                    .state
+                    .get_state_for_groups(&[source.first], &StateFilter::all())?
+                    .remove(&source.first)
+                    .unwrap_or_default();
+                Resolution::Whole(r.over(&first))
+            }
+        })
+    }
+
+    /// [`Self::resolve_by_differences`]'s result as a whole state, for tests
+    /// that check it against the resolution over whole states.
+    #[doc(hidden)]
+    pub fn resolve_state_of_groups_by_differences(
+        &self,
+        room_id: &str,
+        room_version: &RoomVersionId,
+        groups: &[StateGroup],
+        pending: &PendingEvents,
+    ) -> Result<storage_state::StateMap> {
+        let read = |g: StateGroup| -> Result<storage_state::StateMap> {
+            Ok(self
+                .state
+                .get_state_for_groups(&[g], &StateFilter::all())?
+                .remove(&g)
+                .unwrap_or_default())
+        };
+        Ok(
+            match self.resolve_by_differences(room_id, room_version, groups, pending)? {
+                Resolution::Input(g) => read(g)?,
+                Resolution::Delta(prev, delta) => {
+                    let mut state = read(prev)?;
+                    state.extend(delta);
+                    state
+                }
+                Resolution::Whole(state) => state,
+            },
+        )
     }
 
     /// Resolves `states` with ruma over the whole states and the full auth
@@ -692,7 +771,7 @@ impl ContextBuilder {
         pending: &PendingEvents,
     ) -> Result<(StateGroup, storage_state::StateMap)> {
         let mut prepared = Vec::new();
-        let resolved = self.resolve_groups_preparing(
+        let group = self.resolve_groups_preparing(
             room_id,
             room_version,
             for_event,
@@ -708,11 +787,16 @@ impl ContextBuilder {
                 "resolve_groups on a builder that defers group writes",
             ));
         }
-        Ok(resolved)
+        let state = self
+            .state
+            .get_state_for_groups(&[group], &StateFilter::all())?
+            .remove(&group)
+            .unwrap_or_default();
+        Ok((group, state))
     }
 
     /// [`Self::resolve_groups`], a new group prepared into `prepared` when
-    /// this builder defers group writes.
+    /// this builder defers group writes; the group only.
     fn resolve_groups_preparing(
         &self,
         room_id: &str,
@@ -721,7 +805,7 @@ impl ContextBuilder {
         groups: &[StateGroup],
         pending: &PendingEvents,
         prepared: &mut Vec<Arc<PreparedStateGroup>>,
-    ) -> Result<(StateGroup, storage_state::StateMap)> {
+    ) -> Result<StateGroup> {
         let key: Vec<StateGroup> = groups.to_vec();
         // A cached group is reused only while it is sure to stay: its event is
         // still being written by this caller, or an event references it. A
@@ -729,48 +813,22 @@ impl ContextBuilder {
         // deleted it (or may, before this event commits).
         if let Some((g, creator)) = self.resolutions.get(&key) {
             if pending.contains(&creator) || self.state.is_group_referenced(g)? {
-                let state = self
-                    .state
-                    .get_state_for_groups(&[g], &StateFilter::all())?
-                    .remove(&g)
-                    .unwrap_or_default();
-                return Ok((g, state));
+                return Ok(g);
             }
         }
-        let (resolved, inputs, slots) =
-            self.resolve_with_slots(room_id, room_version, groups, pending)?;
-        // Outside `slots` the result and every input agree: only those slots
-        // are compared (a few thousand, not the whole room).
-        let same = |g: &StateGroup| match &slots {
-            Some(slots) => slots.iter().all(|k| inputs[g].get(k) == resolved.get(k)),
-            None => inputs[g] == resolved,
-        };
-        let group = match groups.iter().find(|g| same(g)) {
-            Some(g) => *g,
-            None => {
-                let inputs = groups.iter().map(|g| (*g, &inputs[g]));
-                let base = match &slots {
-                    Some(slots) => delta_base_within(&resolved, inputs, slots),
-                    None => choose_delta_base(&resolved, inputs),
-                };
-                let (prev_group, delta_ids) = match &base {
-                    Some((prev, delta)) => (Some(*prev), Some(delta)),
-                    None => (None, None),
-                };
-                self.new_group(
-                    NewStateGroup {
-                        event_id: for_event,
-                        room_id,
-                        prev_group,
-                        delta_ids,
-                        current_state_ids: Some(&resolved),
-                    },
-                    prepared,
-                )?
-            }
+        let group = match self.resolve_by_differences(room_id, room_version, groups, pending)? {
+            Resolution::Input(g) => g,
+            Resolution::Delta(prev, delta) => self.new_group(
+                NewStateGroup::delta(for_event, room_id, prev, &delta),
+                prepared,
+            )?,
+            Resolution::Whole(state) => self.new_group(
+                NewStateGroup::snapshot(for_event, room_id, &state),
+                prepared,
+            )?,
         };
         self.resolutions.insert(key, (group, for_event.to_owned()));
-        Ok((group, resolved))
+        Ok(group)
     }
 
     /// The row to store for `pdu` with its context.
@@ -795,6 +853,66 @@ impl ContextBuilder {
             membership,
             new_state_groups: context.new_state_groups.clone(),
         }
+    }
+}
+
+/// What a resolution of groups settles on ([`ContextBuilder::resolve_by_differences`]).
+enum Resolution {
+    /// This input group's state.
+    Input(StateGroup),
+    /// This input group's state with the delta applied.
+    Delta(StateGroup, storage_state::StateMap),
+    /// A state no input can be the base of.
+    Whole(storage_state::StateMap),
+}
+
+/// Groups' states as a [`ConflictSource`]: what they disagree on, read as
+/// such; any other slot the resolution asks for read from the first group
+/// (they all hold the same there).
+struct GroupStates<'a> {
+    store: &'a StateStore,
+    first: StateGroup,
+    len: usize,
+    differences: StateDifferences,
+}
+
+impl GroupStates<'_> {
+    fn first_state(&self, filter: &StateFilter) -> Result<storage_state::StateMap> {
+        Ok(self
+            .store
+            .get_state_for_groups(&[self.first], filter)?
+            .remove(&self.first)
+            .unwrap_or_default())
+    }
+}
+
+impl ConflictSource for GroupStates<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn differences(&self) -> &StateDifferences {
+        &self.differences
+    }
+
+    fn agreed(&self, slots: &BTreeSet<StateKey>) -> Result<storage_state::StateMap> {
+        if slots.is_empty() {
+            return Ok(Default::default());
+        }
+        self.first_state(&StateFilter::from_types(
+            slots.iter().map(|(t, k)| (&**t, Some(&**k))),
+        ))
+    }
+
+    fn unconflicted(&self) -> Result<Vec<Arc<str>>> {
+        // The auth difference needs the unconflicted events' chain: the one
+        // case that reads a whole state.
+        Ok(self
+            .first_state(&StateFilter::all())?
+            .iter()
+            .filter(|(slot, _)| !self.differences.contains_key(*slot))
+            .map(|(_, id)| id.clone())
+            .collect())
     }
 }
 

@@ -59,6 +59,12 @@ fn resolving_by_the_conflict_agrees_with_resolving_whole_states(t: &TestDb) {
         let version = builder.events().get_room_version(room).unwrap().unwrap();
         let version = RoomVersionId::try_from(version).unwrap();
         let pending = PendingEvents::default();
+        // What a merge's context stores, from cold caches: read as the
+        // groups' differences, the result as a delta on one of them.
+        let by_differences = builder
+            .resolve_state_of_groups_by_differences(room, &version, &groups, &pending)
+            .unwrap();
+        let builder = ContextBuilder::new(EventsStore::new(db.clone(), &config).unwrap(), &config);
         let (resolved, _) = builder
             .resolve_state_of_groups(room, &version, &groups, &pending)
             .unwrap();
@@ -68,6 +74,12 @@ fn resolving_by_the_conflict_agrees_with_resolving_whole_states(t: &TestDb) {
         assert!(
             resolved == whole,
             "{room}, merge {} of groups {groups:?}: by the conflict {resolved:?}, \
+             over whole states {whole:?}",
+            event["event_id"]
+        );
+        assert!(
+            by_differences == whole,
+            "{room}, merge {} of groups {groups:?}: by the differences {by_differences:?}, \
              over whole states {whole:?}",
             event["event_id"]
         );

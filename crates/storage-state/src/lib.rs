@@ -9,6 +9,7 @@
 
 mod caches;
 pub mod compress;
+mod differences;
 mod filter;
 mod lookup;
 pub mod purge;
@@ -22,6 +23,7 @@ mod unwritten;
 mod write;
 
 pub use caches::{Delta, StateCaches};
+pub use differences::{of_states as differences_of_states, StateDifferences};
 pub use filter::StateFilter;
 pub use lookup::{room_state, StateLookupError};
 pub use purge::{highest_state_group, purge_unneeded_groups, PurgeReport};

@@ -17,7 +17,7 @@ use crate::types::{Slot, StateGroup, MEMBER};
 use diesel::backend::Backend;
 use diesel::connection::DefaultLoadingMode;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{BigInt, HasSqlType, Text};
+use diesel::sql_types::{BigInt, HasSqlType, Nullable, Text};
 use diesel::{
     PgConnection, QueryResult, Queryable, QueryableByName, RunQueryDsl, SqliteConnection,
 };
@@ -494,6 +494,78 @@ pub(crate) fn newest_slot_rows(
         st.push_arms(&rest, CHAIN_SELECT, key_arms);
     }
     st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+}
+
+/// `(root, state_group)` for every group on the chains below `groups` (each
+/// seed included, beside itself): group ids only, no state row read.
+pub(crate) fn chain_groups(conn: &mut Conn, groups: &[StateGroup]) -> Result<Vec<(i64, i64)>> {
+    let mut st = Statement::default();
+    let seeds = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
+    st.sql = chain_cte(&seeds) + " SELECT root, state_group FROM chain";
+    let mut out = Vec::new();
+    st.for_each_row::<(BigInt, BigInt), (i64, i64)>(conn, |r| out.push(r))?;
+    Ok(out)
+}
+
+/// The rows of `groups` themselves (no chain walked), each tagged with its own
+/// group as root.
+pub(crate) fn rows_of_groups(
+    conn: &mut Conn,
+    groups: &[StateGroup],
+    each: impl FnMut(ChainRow),
+) -> Result<()> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let mut st = Statement::default();
+    let ids = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
+    st.sql = format!(
+        "SELECT s.state_group AS root, s.state_group AS state_group, s.type AS type_, \
+             s.state_key AS state_key, s.event_id AS event_id \
+         FROM state_groups_state s WHERE s.state_group IN ({ids})"
+    );
+    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+}
+
+/// A slot on which the own rows of two groups disagree: each group's event
+/// (`None`: the group has no row for the slot).
+#[derive(Queryable, Debug)]
+pub(crate) struct DifferingRow {
+    pub(crate) event_type: InternedText,
+    pub(crate) state_key: SharedText,
+    pub(crate) first: Option<SharedText>,
+    pub(crate) second: Option<SharedText>,
+}
+
+type DifferingRowType = (Text, Text, Nullable<Text>, Nullable<Text>);
+
+/// The slots on which the own rows of groups `a` and `b` (two snapshots, as
+/// state resolution compares them) disagree, compared by the database: only
+/// those rows come back, not the tens of thousands the two hold alike. One
+/// full join on the slot (PostgreSQL hashes one group's rows and probes with
+/// the other's, one pass each): a `LEFT JOIN` beside a `NOT EXISTS` for the
+/// slots only `b` holds read both groups twice (92 ms against 53 ms for two
+/// 30,856-row snapshots, EXPLAIN ANALYZE).
+pub(crate) fn differing_rows(
+    conn: &mut Conn,
+    a: StateGroup,
+    b: StateGroup,
+    each: impl FnMut(DifferingRow),
+) -> Result<()> {
+    let mut st = Statement::default();
+    let (pa, pb) = (st.placeholder(Bind::Int(a)), st.placeholder(Bind::Int(b)));
+    st.sql = format!(
+        "SELECT COALESCE(x.type, y.type) AS type_, \
+             COALESCE(x.state_key, y.state_key) AS state_key, \
+             x.event_id AS first, y.event_id AS second \
+         FROM (SELECT s.type, s.state_key, s.event_id FROM state_groups_state s \
+               WHERE s.state_group = {pa}) x \
+         FULL JOIN (SELECT s.type, s.state_key, s.event_id FROM state_groups_state s \
+               WHERE s.state_group = {pb}) y \
+             ON y.type = x.type AND y.state_key = x.state_key \
+         WHERE x.event_id IS DISTINCT FROM y.event_id"
+    );
+    st.for_each_row::<DifferingRowType, DifferingRow>(conn, each)
 }
 
 #[derive(Queryable, Debug)]

@@ -3,6 +3,7 @@
 //! workers both use.
 
 use crate::caches::{Delta, StateCaches};
+use crate::differences::{self, StateDifferences};
 use crate::filter::StateFilter;
 use crate::read;
 use crate::schema::{
@@ -290,6 +291,38 @@ impl StateStore {
         groups: impl IntoIterator<Item = &'a Arc<PreparedStateGroup>>,
     ) {
         self.unwritten.remove(groups.into_iter().map(|g| g.group));
+    }
+
+    /// What the states of `groups` disagree on: per slot where some differ,
+    /// each group's value, in the order of `groups` (see
+    /// [`crate::differences`]). Compared in memory when every group's whole
+    /// state is held here (prepared, or cached whole); otherwise read as
+    /// such, no group's whole state built. Unknown groups are an error.
+    pub fn get_state_differences(&self, groups: &[StateGroup]) -> Result<StateDifferences> {
+        let held: Option<Vec<StateMap>> = groups
+            .iter()
+            .map(|g| {
+                self.unwritten
+                    .full_state(*g)
+                    .or_else(|| self.caches.full_states.get(g))
+            })
+            .collect();
+        let states = match held {
+            Some(states) => states,
+            // A prepared group's state is in memory only.
+            None if groups
+                .iter()
+                .any(|g| self.unwritten.full_state(*g).is_some()) =>
+            {
+                let mut read = self.get_state_for_groups(groups, &StateFilter::all())?;
+                groups
+                    .iter()
+                    .map(|g| read.remove(g).unwrap_or_default())
+                    .collect()
+            }
+            None => return differences::read(&self.caches, &self.db, groups),
+        };
+        Ok(differences::of_states(&states.iter().collect::<Vec<_>>()))
     }
 
     /// [`StateGroupAccess::get_state_for_groups`] for groups some of which are
