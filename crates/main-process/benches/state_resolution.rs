@@ -5,9 +5,11 @@
 //! on 1,696 state events (Synapse took ~400 ms over such a conflict, its issue
 //! 2910). Everything is imported through `hs-main import`'s code; then an event
 //! whose prev events are the two fork tips gets its context from
-//! `ContextBuilder::compute_event_context` with fresh (cold) caches: both groups'
-//! full state read, resolved with ruma, the result stored as a group. On SQLite
-//! and (with `HS_TEST_POSTGRES_URL`) PostgreSQL.
+//! `ContextBuilder::compute_event_context` with fresh (cold) caches: what the
+//! two groups disagree on read from the database (each fork's tip sits on a
+//! snapshot of its own, so the two snapshots are compared there), resolved with
+//! ruma, the result stored as a delta on one tip. On SQLite and (with
+//! `HS_TEST_POSTGRES_URL`) PostgreSQL.
 //!
 //! For profiling on SQLite: `HS_BENCH_DB=FILE` keeps the imported room in FILE
 //! (copied there on the first run, reused by later ones), and with
@@ -32,6 +34,9 @@ use storage_state::{StateFilter, StateGroupAccess};
 /// The figures to report are those of the full size.
 const HQ_MEMBERS: usize = 30_661;
 const HQ_LEAVES_PER_FORK: usize = 848;
+/// Leaves on each of two short forks from the same point, whose groups share
+/// the chain below it: a fork as a live server mostly sees.
+const SHORT_LEAVES_PER_FORK: usize = 20;
 
 /// The room's members and each fork's leaves.
 fn size() -> (usize, usize) {
@@ -122,6 +127,13 @@ fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
     if profiling {
         return;
     }
+    alternated(&db, &room.merges, room.leaves.len(), "long forks");
+    alternated(
+        &db,
+        &room.short_merges,
+        room.short_leaves.len(),
+        "short forks",
+    );
 
     // The same two groups resolved over their whole states, every event of
     // both loaded (what a resolution whose conflict is not enough falls back
@@ -166,19 +178,96 @@ fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
     );
 }
 
+/// The groups on the chain of `group`, itself included.
+fn chain(builder: &ContextBuilder, group: i64) -> Vec<i64> {
+    let mut out = vec![group];
+    while let Some((prev, _)) = builder
+        .state()
+        .get_state_group_delta(*out.last().expect("a group"))
+        .expect("a group's delta")
+    {
+        out.push(prev);
+    }
+    out
+}
+
+/// The merges in `merges`: each context from cold caches (what the groups
+/// disagree on read as such), against the resolution that reads both whole
+/// states first (what a context did before; nothing stored), alternately.
+/// `what` names the forks; says whether the tips' groups share a chain.
+fn alternated(db: &Database, merges: &[String], conflicted: usize, what: &str) {
+    let config = StoreConfig::default();
+    let fresh = || {
+        ContextBuilder::new(
+            EventsStore::new(db.clone(), &config).expect("store"),
+            &config,
+        )
+    };
+    let e = db.engine().name();
+    let (mut by_differences, mut whole_states) = (Vec::new(), Vec::new());
+    let mut shared = true;
+    for line in merges {
+        let pdu = Pdu::from_json(line, Some(&RoomVersionId::V10)).expect("merge event");
+        let builder = fresh();
+        let tips: Vec<&str> = pdu.prev_events.iter().map(|id| id.as_str()).collect();
+        let mut groups: Vec<i64> = builder
+            .state()
+            .get_state_group_for_events(&tips)
+            .expect("the tips' groups")
+            .into_values()
+            .collect();
+        groups.sort();
+        let below: std::collections::HashSet<i64> =
+            chain(&builder, groups[0]).into_iter().collect();
+        shared &= chain(&builder, groups[1]).iter().any(|g| below.contains(g));
+
+        let builder = fresh();
+        let start = Instant::now();
+        builder
+            .resolve_state_of_groups(
+                ROOM,
+                &RoomVersionId::V10,
+                &groups,
+                &PendingEvents::default(),
+            )
+            .expect("resolution over the whole states read");
+        whole_states.push(start.elapsed());
+
+        let builder = fresh();
+        let start = Instant::now();
+        builder
+            .compute_event_context(&pdu, false, &PendingEvents::default())
+            .expect("context of the merge");
+        by_differences.push(start.elapsed());
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    println!(
+        "{e:<9} {what} ({conflicted} conflicted, tips sharing a chain: {shared}), cold caches: \
+         compute_event_context median {:8.1} ms; resolving over both whole states read \
+         (no group stored) median {:8.1} ms ({} runs each, alternated)",
+        median(&mut by_differences),
+        median(&mut whole_states),
+        merges.len()
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let (members, leaves) = size();
-    let room = forked_room(ROOM, members, leaves, 3);
+    let short = SHORT_LEAVES_PER_FORK.min(members / 20);
+    let room = forked_room(ROOM, members, (leaves, short), 3);
     let dir = std::env::temp_dir().join(format!("hs-bench-resolution-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary folder");
     let file = dir.join("room.jsonl");
     write_room_file(&file, &room.lines);
     println!(
         "state resolution: {members} members, two forks of {leaves} leaves each, \
-         merged by one event"
+         merged by one event; two short forks of {short} leaves each, merged too"
     );
     for db in &TestDb::for_bench("state") {
         run(db, &file, &room, members);

@@ -337,6 +337,12 @@ pub struct ForkedRoom {
     pub merges: Vec<String>,
     /// Each leave of both forks: the member and the leave event's id.
     pub leaves: Vec<(String, String)>,
+    /// Events merging the tips of two short forks from the same point, not
+    /// in `lines`: their groups share the chain below the fork (when it
+    /// crosses no snapshot), as forks on a live server mostly do.
+    pub short_merges: Vec<String>,
+    /// Each leave of both short forks: the member and the leave event's id.
+    pub short_leaves: Vec<(String, String)>,
 }
 
 /// A member of a room whose members come from many servers, as Matrix HQ's do.
@@ -348,17 +354,20 @@ fn member(i: usize) -> String {
 /// forks at the last join into two branches on each of which `leaves_per_fork`
 /// different members leave, so that the forks disagree on
 /// `2 * leaves_per_fork` state events; `merges` messages from the admin each
-/// have both tips as prev events. The admin, who creates the room, is
+/// have both tips as prev events. Two short forks from the same point make
+/// `short_leaves_per_fork` other members leave each, and as many messages
+/// merge their tips. The admin, who creates the room, is
 /// `@user0:server0.example.org`, so `room_id` must be on `server0.example.org`.
 pub fn forked_room(
     room_id: &str,
     members: usize,
-    leaves_per_fork: usize,
+    (leaves_per_fork, short_leaves_per_fork): (usize, usize),
     merges: usize,
 ) -> ForkedRoom {
     assert!(
-        2 * leaves_per_fork < members,
-        "{members} members cannot leave {leaves_per_fork} times on each of two forks"
+        2 * (leaves_per_fork + short_leaves_per_fork) < members,
+        "{members} members cannot leave {leaves_per_fork} and {short_leaves_per_fork} times \
+         on each of two forks"
     );
     assert!(
         room_id.ends_with(":server0.example.org"),
@@ -380,15 +389,34 @@ pub fn forked_room(
         }
         tips.push(prev);
     }
+    let mut short_leaves = Vec::new();
+    let mut short_tips = Vec::new();
+    for f in 0..2 {
+        let mut prev = fork.clone();
+        for i in 0..short_leaves_per_fork {
+            let u = member(1 + 2 * leaves_per_fork + f * short_leaves_per_fork + i);
+            prev = b.leave(&u, &prev);
+            short_leaves.push((u, prev.clone()));
+        }
+        short_tips.push(prev);
+    }
     let imported = b.lines.len();
     let admin = b.admin.clone();
     for n in 0..merges {
         b.message(&admin, format!("merge {n}"), &tips);
     }
-    let merges = b.lines.split_off(imported);
+    if short_leaves_per_fork > 0 {
+        for n in 0..merges {
+            b.message(&admin, format!("short merge {n}"), &short_tips);
+        }
+    }
+    let mut long_merges = b.lines.split_off(imported);
+    let short_merges = long_merges.split_off(merges);
     ForkedRoom {
         lines: b.lines,
-        merges,
+        merges: long_merges,
         leaves,
+        short_merges,
+        short_leaves,
     }
 }

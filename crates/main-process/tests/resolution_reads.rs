@@ -25,7 +25,7 @@ const LEAVES_PER_FORK: usize = 5;
 const MOST_READS: u64 = 6;
 
 fn resolution_reads_events_in_a_few_queries(t: &TestDb) {
-    let room = forked_room(ROOM, MEMBERS, LEAVES_PER_FORK, 1);
+    let room = forked_room(ROOM, MEMBERS, (LEAVES_PER_FORK, 0), 1);
     let merge = &room.merges[0];
 
     let dir = tempfile_dir(t);
