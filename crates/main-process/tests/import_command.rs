@@ -438,8 +438,9 @@ fn first_batch_with_a_rejected_event_and_a_fork_persists(t: &TestDb) {
 /// where the failed batch began.
 fn a_failed_batch_stops_its_room_and_only_its_room(t: &TestDb) {
     let dir = tempdir();
-    // An import writes a room in batches of BATCH events: r0's second batch fails.
-    let batch = main_process::import_cmd::BATCH;
+    // An import writes a room in batches of `batch_size` events: r0's second
+    // batch fails.
+    let batch = main_process::import_cmd::batch_size(t.open().engine());
     let events = e2e_rooms(batch * 5 / 2, 60);
     let a: Vec<&Value> = events
         .iter()
