@@ -143,14 +143,7 @@ fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
         EventsStore::new(db.clone(), &config).expect("store"),
         &config,
     );
-    let tips: Vec<&str> = pdu.prev_events.iter().map(|id| id.as_str()).collect();
-    let mut groups: Vec<i64> = builder
-        .state()
-        .get_state_group_for_events(&tips)
-        .expect("the tips' groups")
-        .into_values()
-        .collect();
-    groups.sort();
+    let groups = tip_groups(&builder, &pdu);
     let start = Instant::now();
     let whole = builder
         .resolve_whole_states_of_groups(
@@ -176,6 +169,19 @@ fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
         room.lines.len(),
         took.as_secs_f64() * 1e3
     );
+}
+
+/// The groups of the merge event's prev events (the forks' tips), in order.
+fn tip_groups(builder: &ContextBuilder, merge: &Pdu) -> Vec<i64> {
+    let tips: Vec<&str> = merge.prev_events.iter().map(|id| id.as_str()).collect();
+    let mut groups: Vec<i64> = builder
+        .state()
+        .get_state_group_for_events(&tips)
+        .expect("the tips' groups")
+        .into_values()
+        .collect();
+    groups.sort();
+    groups
 }
 
 /// The groups on the chain of `group`, itself included.
@@ -209,14 +215,7 @@ fn alternated(db: &Database, merges: &[String], conflicted: usize, what: &str) {
     for line in merges {
         let pdu = Pdu::from_json(line, Some(&RoomVersionId::V10)).expect("merge event");
         let builder = fresh();
-        let tips: Vec<&str> = pdu.prev_events.iter().map(|id| id.as_str()).collect();
-        let mut groups: Vec<i64> = builder
-            .state()
-            .get_state_group_for_events(&tips)
-            .expect("the tips' groups")
-            .into_values()
-            .collect();
-        groups.sort();
+        let groups = tip_groups(&builder, &pdu);
         let below: std::collections::HashSet<i64> =
             chain(&builder, groups[0]).into_iter().collect();
         shared &= chain(&builder, groups[1]).iter().any(|g| below.contains(g));
