@@ -360,35 +360,16 @@ impl StateStore {
         txn: &mut Transaction<'_>,
         mappings: &[(&str, StateGroup)],
     ) -> Result<()> {
-        if write::row_by_row(txn) {
-            with_conn!(txn.conn(), |c| {
-                for (e, g) in mappings {
-                    diesel::insert_into(event_to_state_groups::table)
-                        .values((
-                            event_to_state_groups::event_id.eq(*e),
-                            event_to_state_groups::state_group.eq(*g),
-                        ))
-                        .execute(c)?;
-                }
-            });
-        } else {
-            for chunk in mappings.chunks(EVENT_BATCH) {
-                let rows: Vec<_> = chunk
-                    .iter()
-                    .map(|(e, g)| {
-                        (
-                            event_to_state_groups::event_id.eq(*e),
-                            event_to_state_groups::state_group.eq(*g),
-                        )
-                    })
-                    .collect();
-                with_conn!(txn.conn(), |c| diesel::insert_into(
-                    event_to_state_groups::table
+        let rows: Vec<_> = mappings
+            .iter()
+            .map(|(e, g)| {
+                (
+                    event_to_state_groups::event_id.eq(*e),
+                    event_to_state_groups::state_group.eq(*g),
                 )
-                .values(&rows)
-                .execute(c))?;
-            }
-        }
+            })
+            .collect();
+        write::insert_all!(txn, event_to_state_groups::table, &rows, EVENT_BATCH);
         self.cache_event_state_groups_after_commit(txn, mappings);
         Ok(())
     }
@@ -462,39 +443,19 @@ impl StateStore {
                 .execute(c))?;
             }
         }
-        if write::row_by_row(txn) {
-            with_conn!(txn.conn(), |c| {
-                for ((t, k), e, m) in added {
-                    diesel::insert_into(cse::table)
-                        .values((
-                            cse::event_id.eq(e.as_str()),
-                            cse::room_id.eq(room_id),
-                            cse::type_.eq(&**t),
-                            cse::state_key.eq(&**k),
-                            cse::membership.eq(m.as_deref()),
-                        ))
-                        .execute(c)?;
-                }
-            });
-        } else {
-            for chunk in added.chunks(EVENT_BATCH) {
-                let rows: Vec<_> = chunk
-                    .iter()
-                    .map(|((t, k), e, m)| {
-                        (
-                            cse::event_id.eq(e.as_str()),
-                            cse::room_id.eq(room_id),
-                            cse::type_.eq(&**t),
-                            cse::state_key.eq(&**k),
-                            cse::membership.eq(m.as_deref()),
-                        )
-                    })
-                    .collect();
-                with_conn!(txn.conn(), |c| diesel::insert_into(cse::table)
-                    .values(&rows)
-                    .execute(c))?;
-            }
-        }
+        let rows: Vec<_> = added
+            .iter()
+            .map(|((t, k), e, m)| {
+                (
+                    cse::event_id.eq(e.as_str()),
+                    cse::room_id.eq(room_id),
+                    cse::type_.eq(&**t),
+                    cse::state_key.eq(&**k),
+                    cse::membership.eq(m.as_deref()),
+                )
+            })
+            .collect();
+        write::insert_all!(txn, cse::table, &rows, EVENT_BATCH);
         self.current_state_written_txn(txn, room_id, removed, added);
         Ok(())
     }

@@ -21,6 +21,27 @@ pub const STATE_GROUP_SEQUENCE: Sequence = Sequence {
 /// Rows per INSERT statement (5 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 1_000;
 
+/// Inserts `$rows` (a slice, or a reference to a Vec, of rows of `$table`)
+/// in `$txn`: a prepared single-row INSERT each where [`row_by_row`], else
+/// `$chunk` rows a statement. The one place that choice is made; a macro
+/// because each table's INSERT has diesel types of its own per backend.
+macro_rules! insert_all {
+    ($txn:ident, $table:expr, $rows:expr, $chunk:expr) => {
+        if $crate::write::row_by_row($txn) {
+            storage_core::with_conn!($txn.conn(), |c| for row in $rows {
+                diesel::insert_into($table).values(row).execute(c)?;
+            });
+        } else {
+            for chunk in $rows.chunks($chunk) {
+                storage_core::with_conn!($txn.conn(), |c| diesel::insert_into($table)
+                    .values(chunk)
+                    .execute(c))?;
+            }
+        }
+    };
+}
+pub(crate) use insert_all;
+
 /// What to store: the argument of `store_state_group` (and of its `_txn` and
 /// `prepare_` forms). [`snapshot`](Self::snapshot) and [`delta`](Self::delta)
 /// build the two usual shapes; a delta that also knows the full state sets
@@ -159,33 +180,8 @@ impl<'a> GroupRows<'a> {
             self.state.clear();
             return Ok(());
         }
-        if row_by_row(txn) {
-            with_conn!(txn.conn(), |c| {
-                for row in &self.groups {
-                    diesel::insert_into(state_groups::table)
-                        .values(row)
-                        .execute(c)?;
-                }
-                for row in &self.edges {
-                    diesel::insert_into(state_group_edges::table)
-                        .values(row)
-                        .execute(c)?;
-                }
-            });
-        } else {
-            for chunk in self.groups.chunks(INSERT_CHUNK) {
-                with_conn!(txn.conn(), |c| diesel::insert_into(state_groups::table)
-                    .values(chunk)
-                    .execute(c))?;
-            }
-            for chunk in self.edges.chunks(INSERT_CHUNK) {
-                with_conn!(txn.conn(), |c| diesel::insert_into(
-                    state_group_edges::table
-                )
-                .values(chunk)
-                .execute(c))?;
-            }
-        }
+        insert_all!(txn, state_groups::table, &self.groups, INSERT_CHUNK);
+        insert_all!(txn, state_group_edges::table, &self.edges, INSERT_CHUNK);
         insert_rows(txn, &self.state)?;
         self.groups.clear();
         self.edges.clear();
@@ -466,22 +462,6 @@ pub(crate) fn row_by_row(txn: &Transaction<'_>) -> bool {
 /// Inserts `rows` into `state_groups_state`: [`INSERT_CHUNK`] a statement, or
 /// one each where [`row_by_row`].
 pub(crate) fn insert_rows(txn: &mut Transaction<'_>, rows: &[StateRow<'_>]) -> Result<()> {
-    if row_by_row(txn) {
-        with_conn!(txn.conn(), |c| {
-            for row in rows {
-                diesel::insert_into(state_groups_state::table)
-                    .values(row)
-                    .execute(c)?;
-            }
-        });
-        return Ok(());
-    }
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        with_conn!(txn.conn(), |c| diesel::insert_into(
-            state_groups_state::table
-        )
-        .values(chunk)
-        .execute(c))?;
-    }
+    insert_all!(txn, state_groups_state::table, rows, INSERT_CHUNK);
     Ok(())
 }
