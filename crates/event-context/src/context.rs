@@ -672,11 +672,7 @@ impl ContextBuilder {
             Some((prev, delta)) => Resolution::Delta(prev, delta),
             None => {
                 // Every input holds a slot the result lacks: the whole state.
-                let first = self
-                    .state
-                    .get_state_for_groups(&[source.first], &StateFilter::all())?
-                    .remove(&source.first)
-                    .unwrap_or_default();
+                let first = self.whole_state(source.first)?;
                 Resolution::Whole(r.over(&first))
             }
         })
@@ -692,18 +688,11 @@ impl ContextBuilder {
         groups: &[StateGroup],
         pending: &PendingEvents,
     ) -> Result<storage_state::StateMap> {
-        let read = |g: StateGroup| -> Result<storage_state::StateMap> {
-            Ok(self
-                .state
-                .get_state_for_groups(&[g], &StateFilter::all())?
-                .remove(&g)
-                .unwrap_or_default())
-        };
         Ok(
             match self.resolve_by_differences(room_id, room_version, groups, pending)? {
-                Resolution::Input(g) => read(g)?,
+                Resolution::Input(g) => self.whole_state(g)?,
                 Resolution::Delta(prev, delta) => {
-                    let mut state = read(prev)?;
+                    let mut state = self.whole_state(prev)?;
                     state.extend(delta);
                     state
                 }
@@ -787,12 +776,16 @@ impl ContextBuilder {
                 "resolve_groups on a builder that defers group writes",
             ));
         }
-        let state = self
+        Ok((group, self.whole_state(group)?))
+    }
+
+    /// The whole state of `group`, read through the store (its caches first).
+    fn whole_state(&self, group: StateGroup) -> Result<storage_state::StateMap> {
+        Ok(self
             .state
             .get_state_for_groups(&[group], &StateFilter::all())?
             .remove(&group)
-            .unwrap_or_default();
-        Ok((group, state))
+            .unwrap_or_default())
     }
 
     /// [`Self::resolve_groups`], a new group prepared into `prepared` when
