@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use storage_core::{Error, Result, ResultExt};
-use storage_events::{EventReads, EventToPersist};
+use storage_events::{EventReads, EventToPersist, RefreshSchedule};
 
 /// Lines read, parsed and checked against storage at a time.
 const CHUNK: usize = 256;
@@ -122,6 +122,8 @@ struct Importer {
     rooms: HashMap<String, RoomImport>,
     in_flight: VecDeque<InFlight>,
     counts: Counts,
+    /// When to refresh the planner's statistics of the tables being filled.
+    statistics: RefreshSchedule,
 }
 
 /// Imports `files` into `database` with the default settings (what tests and
@@ -148,6 +150,7 @@ pub fn import(settings: &Settings, files: &[PathBuf]) -> std::result::Result<(),
         rooms: HashMap::new(),
         in_flight: VecDeque::new(),
         counts: Counts::default(),
+        statistics: RefreshSchedule::default(),
     };
     let total: u64 = files
         .iter()
@@ -350,6 +353,13 @@ impl Importer {
                 self.counts.skipped += written.skipped.len() as u64;
                 if !written.positions.is_empty() {
                     self.counts.rooms.insert(batch.room.clone());
+                }
+                if self.statistics.due(self.counts.committed) {
+                    // Only the plans depend on it: an import that cannot
+                    // refresh them goes on, slower.
+                    if let Err(e) = self.pipeline.builder.events().refresh_statistics() {
+                        log::warn!("{e}");
+                    }
                 }
                 for (id, reason) in batch.rejected {
                     if skipped.contains(&id) {

@@ -24,6 +24,7 @@ storage_core::engine_tests!(
     a_refused_room_is_unknown_and_leaves_no_groups,
     a_purged_resolution_is_never_reused,
     imported_tables_match_the_recorded_dump,
+    an_import_leaves_the_planner_statistics_of_what_it_wrote,
 );
 
 const ROOM: &str = "!r:example.com";
@@ -870,6 +871,54 @@ fn imported_tables_match_the_recorded_dump(t: &TestDb) {
         "the imported tables differ from the recorded ones; this run's rows are in {}",
         kept.display()
     );
+    storage_events::testing::assert_invariants(&t.open());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[derive(diesel::QueryableByName)]
+struct Estimate {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rows: i64,
+}
+
+/// An import past its first thousand events refreshes the planner's
+/// statistics of the tables it fills (on PostgreSQL; autovacuum cannot analyze
+/// `events` while the writer holds it locked, and plans made for an empty
+/// table scan it whole), and leaves SQLite's planner without statistics.
+fn an_import_leaves_the_planner_statistics_of_what_it_wrote(t: &TestDb) {
+    use diesel::RunQueryDsl;
+    let dir = tempdir();
+    let lines = main_process::bench_room::linear_room("!big:bench.test", 1_100, 20);
+    let file = write(&dir, "big.jsonl", &lines);
+    main_process::import_cmd::run(t.url(), &[file.into()]).expect("the import succeeds");
+    let estimate = |sql: &str| {
+        with_conn!(&mut t.raw_connection(), |c| diesel::sql_query(sql)
+            .get_result::<Estimate>(c))
+        .unwrap()
+        .rows
+    };
+    if t.engine() == "postgres" {
+        // -1 until something analyzes the table, then the rows it had: the
+        // refresh came after the first batch, 1,000 events.
+        for (table, at_least) in [
+            ("events", 1_000),
+            ("event_json", 1_000),
+            ("state_groups", 1),
+            ("state_groups_state", 1),
+        ] {
+            let rows = estimate(&format!(
+                "SELECT reltuples::bigint AS rows FROM pg_class WHERE oid = '{table}'::regclass"
+            ));
+            assert!(
+                rows >= at_least,
+                "{table}: the planner estimates {rows} rows"
+            );
+        }
+    } else {
+        let tables =
+            estimate("SELECT count(*) AS rows FROM sqlite_master WHERE name = 'sqlite_stat1'");
+        assert_eq!(tables, 0, "SQLite was analyzed");
+    }
     storage_events::testing::assert_invariants(&t.open());
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -370,6 +370,11 @@ impl Database {
         Ok(repair)
     }
 
+    /// [`Engine::refresh_statistics`] of `tables`, on a connection of the pool.
+    pub fn refresh_statistics(&self, tables: &[&str]) -> Result<()> {
+        self.with_connection(|engine, conn| engine.refresh_statistics(conn, tables))
+    }
+
     fn repair_sequence(&self, sequence: &Sequence) -> Result<Option<SequenceRepair>> {
         self.with_connection(|engine, conn| engine.sync_sequence(conn, sequence))
             .with_context(|| format!("checking sequence {}", sequence.name))

@@ -11,6 +11,7 @@ mod invariants;
 mod read;
 mod replication;
 pub mod schema;
+mod statistics;
 mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -24,5 +25,6 @@ pub use replication::{
     report_stream_position, Notification, ReplicationBatch, ALL_CACHES, CURRENT_STATE_CACHE,
     REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
+pub use statistics::{RefreshSchedule, TABLES_A_BATCH_GROWS};
 pub use store::{EventsStore, EVENTS_STREAM_SEQUENCE};
 pub use types::{CurrentStateDelta, EventToPersist, PersistedBatch, RoomBatch};

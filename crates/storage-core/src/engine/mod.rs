@@ -243,6 +243,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Locks `table` against other writers until the transaction ends.
     fn lock_table(&self, conn: &mut Conn, table: &str) -> Result<()>;
 
+    /// Brings the query planner's statistics of `tables` up to date, outside
+    /// any transaction. For a bulk load into tables that were small when the
+    /// planner last looked: PostgreSQL's autovacuum cannot analyze `events`
+    /// while writers hold it locked ([`Self::lock_table`] conflicts with
+    /// ANALYZE), and a plan made for an empty table (a sequential scan) stays
+    /// in every connection's prepared statements until statistics change.
+    fn refresh_statistics(&self, conn: &mut Conn, tables: &[&str]) -> Result<()>;
+
     /// Inserts the rows of several tables in one statement where that saves
     /// round trips (PostgreSQL: a data-modifying CTE per table over `unnest`
     /// of bound arrays, see [`columns`]). `false` where the engine inserts

@@ -336,6 +336,15 @@ impl Engine for PostgresEngine {
             .with_context(|| format!("locking table {table}"))
     }
 
+    fn refresh_statistics(&self, conn: &mut Conn, tables: &[&str]) -> Result<()> {
+        // ANALYZE samples at most 300 x default_statistics_target rows a
+        // table, so its cost does not grow with the table. It invalidates the
+        // cached plans of the statements that read these tables.
+        conn.postgres()?
+            .batch_execute(&format!("ANALYZE {}", tables.join(", ")))
+            .with_context(|| format!("analyzing {}", tables.join(", ")))
+    }
+
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
