@@ -113,6 +113,9 @@ pub struct ContextBuilder {
     /// Of those, the resolutions whose auth difference needed the unconflicted
     /// events' auth chain.
     asked_unconflicted_chain: Arc<AtomicU64>,
+    /// Snapshots whose origin their event vouched for (see
+    /// [`crate::origins`]).
+    pub(crate) snapshot_origins: Arc<AtomicU64>,
     /// Whether new groups are prepared for the event's batch to write rather
     /// than written at once.
     defer_group_writes: bool,
@@ -153,6 +156,7 @@ impl ContextBuilder {
             event_reads: Arc::new(AtomicU64::new(0)),
             resolved_by_conflict: Arc::new(AtomicU64::new(0)),
             asked_unconflicted_chain: Arc::new(AtomicU64::new(0)),
+            snapshot_origins: Arc::new(AtomicU64::new(0)),
             defer_group_writes: false,
         }
     }
@@ -248,6 +252,12 @@ impl ContextBuilder {
     /// chain (stored ids) to settle their auth difference.
     pub fn resolutions_asking_unconflicted_chain(&self) -> u64 {
         self.asked_unconflicted_chain.load(Ordering::Relaxed)
+    }
+
+    /// Snapshots that comparisons of groups went through by their origin (the
+    /// prev group of their event) rather than by their rows.
+    pub fn snapshot_origins_followed(&self) -> u64 {
+        self.snapshot_origins.load(Ordering::Relaxed)
     }
 
     /// `get_events`, counted.
@@ -655,7 +665,13 @@ impl ContextBuilder {
                 .first()
                 .ok_or_else(|| Error::other(format!("{what}: no groups")))?,
             len: groups.len(),
-            differences: self.state.get_state_differences(groups)?,
+            differences: self.state.get_state_differences(
+                groups,
+                &crate::origins::EventOrigins {
+                    builder: self,
+                    pending,
+                },
+            )?,
         };
         let r = self
             .resolve_from(room_version, &source, pending, &what)?

@@ -25,6 +25,7 @@ pub mod context;
 mod error;
 pub mod event_id;
 pub mod incoming;
+mod origins;
 mod parse;
 pub mod pdu;
 pub mod resolve;

@@ -6,27 +6,35 @@
 //! at Matrix HQ's size two forks disagree on 1,696 of ~31,000 slots, and
 //! reading both whole states only to compare them was half of a resolution's
 //! time (issue 14). A group's state is its chain's rows, newest per slot, so
-//! two chains can differ only on
+//! two chains can differ only on the slots of the rows above the highest
+//! group both chains pass through (on a live server forks are short, and
+//! that is a few rows).
 //!
-//! - the slots of the rows above the highest group both chains pass through
-//!   (on a live server forks are short, and that is a few rows), or, when the
-//!   chains share no group (each fork crossed a snapshot of its own),
-//! - those of the rows above each chain's snapshot, and the slots on which
-//!   the two snapshots differ: PostgreSQL compares them itself
-//!   ([`sql::differing_rows`]) and sends only the differing rows; SQLite,
-//!   whose rows cost little to hand over and whose comparison costs more
-//!   than reading both, has both snapshots read whole (and cached).
+//! A fork longer than a chain may be crosses snapshots of its own, and
+//! there the chains share no group. A snapshot's rows are the whole room,
+//! but the event it was written for says what it is: the state of its prev
+//! event's group with one slot set ([`SnapshotOrigin`], found by the caller's
+//! [`SnapshotOrigins`] from the events tables). So each way down goes on
+//! through its lowest snapshot's origin (the way whose lowest group is the
+//! higher first) until the two meet, standing the snapshot's rows for that
+//! one row, and the forks are compared from where they meet, as forks on a
+//! shared chain are. Only where an origin is missing (a snapshot written for
+//! a rejected event, or one with several prev events) are the two lowest
+//! snapshots compared: PostgreSQL compares them itself
+//! ([`sql::differing_rows`]) and sends only the differing rows; SQLite,
+//! whose rows cost little to hand over and whose comparison costs more than
+//! reading both, has both snapshots read whole (and cached).
 //!
 //! A candidate slot's value on a side is its newest row above that side's base
 //! (the shared group or the snapshot), else the base's value: from the
 //! snapshots' comparison, or, where the bases agree, the one base's state read
-//! for those slots alone (through the caches).
+//! for those slots alone (through the caches for a few; for many, the rows of
+//! the base's deltas and a seek per slot in its snapshot).
 //!
 //! Measured (`cargo xtask bench state`, state_resolution): two short forks
 //! of the HQ room sharing a chain (40 conflicted) resolve from cold caches in
-//! ~5 ms against ~55 ms reading both whole states; the HQ forks that share no
-//! group (1,696 conflicted, a snapshot each) cost what reading both whole
-//! states costs on SQLite.
+//! ~5 ms against ~55 ms reading both whole states; see the commit that added
+//! the origins for the HQ forks (9 snapshots each, 1,696 conflicted).
 
 use crate::caches::StateCaches;
 use crate::filter::StateFilter;
@@ -66,12 +74,63 @@ type Both = (Option<Arc<str>>, Option<Arc<str>>);
 /// Two groups' values on each slot where they differ.
 type PairDifferences = HashMap<StateKey, Both>;
 
+/// What a snapshot was made from, as the event it was written for shows:
+/// the state of `prev` (a group with the smaller id) with `slot` set to
+/// `event_id`. A snapshot with an origin stands, in a comparison, for that
+/// one row over `prev`'s chain, so that two forks whose chains each crossed
+/// snapshots of their own (a fork longer than
+/// [`MAX_STATE_DELTA_HOPS`](crate::MAX_STATE_DELTA_HOPS)) are compared from
+/// the group where they meet, as forks on a shared chain are, instead of
+/// comparing two snapshots of the whole room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotOrigin {
+    pub prev: StateGroup,
+    pub slot: StateKey,
+    pub event_id: Arc<str>,
+}
+
+/// Finds [`SnapshotOrigin`]s. The state tables cannot say (a snapshot has no
+/// edge); the events tables can, so the events store answers
+/// (storage-events), and [`NoOrigins`] where none is known.
+pub trait SnapshotOrigins {
+    /// The origin of `group`, `None` when its event does not vouch for one.
+    fn snapshot_origin(&self, group: StateGroup) -> Result<Option<SnapshotOrigin>>;
+}
+
+/// No snapshot's origin known: snapshots are compared by their rows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoOrigins;
+
+impl SnapshotOrigins for NoOrigins {
+    fn snapshot_origin(&self, _: StateGroup) -> Result<Option<SnapshotOrigin>> {
+        Ok(None)
+    }
+}
+
+/// Snapshot origins followed per comparison of two groups, at most: each is a
+/// few statements and a chain of up to [`MAX_STATE_DELTA_HOPS`] groups whose
+/// rows are then read, so a fork crossing more snapshots than this is
+/// compared by its snapshots' rows instead. The HQ forks of the state
+/// resolution benchmark (848 leaves each) cross 9 each.
+///
+/// [`MAX_STATE_DELTA_HOPS`]: crate::MAX_STATE_DELTA_HOPS
+const ORIGIN_HOPS: usize = 32;
+
+/// Slots whose value a comparison takes from the base group from which a
+/// filtered read of the base ([`read::state_for_groups`], a statement per
+/// hop and the rest of the chain sought slot by slot) costs more than reading
+/// the rows of the base's deltas and seeking the rest in its snapshot
+/// ([`base_values`]).
+const FEW_BASE_SLOTS: usize = 64;
+
 /// [`StateDifferences`] of `groups`, all written, read from the database
-/// (see the module comment). Unknown groups are an error.
+/// (see the module comment), following the snapshots' `origins`. Unknown
+/// groups are an error.
 pub(crate) fn read(
     caches: &StateCaches,
     db: &Database,
     groups: &[StateGroup],
+    origins: &dyn SnapshotOrigins,
 ) -> Result<StateDifferences> {
     let Some((&first, rest)) = groups.split_first() else {
         return Ok(StateDifferences::new());
@@ -105,8 +164,9 @@ pub(crate) fn read(
             pair(
                 caches,
                 db,
-                (first, &chains[&first]),
-                (other, &chains[&other]),
+                origins,
+                Side::new(first, chains[&first].clone()),
+                Side::new(other, chains[&other].clone()),
             )
         })
         .collect::<Result<_>>()?;
@@ -128,57 +188,164 @@ pub(crate) fn read(
     Ok(out)
 }
 
+/// One group's way down to where a comparison starts: its chain, highest
+/// first, then through each lowest snapshot's origin the chain of the
+/// origin's prev group. Ids fall all the way down (a prev group and an
+/// origin's prev have smaller ids), so the group of a row tells which row is
+/// newer, as on one chain.
+#[derive(Debug)]
+struct Side {
+    group: StateGroup,
+    groups: Vec<StateGroup>,
+    /// The snapshots on `groups` that stand for their origin's one row.
+    by_origin: HashMap<StateGroup, (StateKey, Arc<str>)>,
+}
+
+impl Side {
+    fn new(group: StateGroup, chain: Vec<StateGroup>) -> Self {
+        Side {
+            group,
+            groups: chain,
+            by_origin: HashMap::new(),
+        }
+    }
+
+    fn lowest(&self) -> StateGroup {
+        *self.groups.last().expect("a chain holds its group")
+    }
+
+    /// Goes on below the lowest group through its origin; false when it has
+    /// none (or one that would not lead down).
+    fn extend(&mut self, db: &Database, origins: &dyn SnapshotOrigins) -> Result<bool> {
+        let lowest = self.lowest();
+        let Some(origin) = origins.snapshot_origin(lowest)? else {
+            return Ok(false);
+        };
+        if origin.prev >= lowest {
+            return Ok(false);
+        }
+        let mut chain: Vec<StateGroup> = db.run_read("get_state_chains", |txn| {
+            Ok(sql::chain_groups(txn.conn(), &[origin.prev])?
+                .into_iter()
+                .map(|(_, g)| g)
+                .collect())
+        })?;
+        if chain.is_empty() {
+            return Ok(false);
+        }
+        chain.sort_unstable_by(|a, b| b.cmp(a));
+        chain.dedup();
+        self.by_origin
+            .insert(lowest, (origin.slot, origin.event_id));
+        self.groups.extend(chain);
+        Ok(true)
+    }
+
+    /// The groups above `base` whose own rows count (not the snapshots
+    /// standing for their origins).
+    fn rows_above(&self, base: StateGroup) -> impl Iterator<Item = StateGroup> + '_ {
+        self.groups
+            .iter()
+            .copied()
+            .filter(move |g| *g > base && !self.by_origin.contains_key(g))
+    }
+
+    /// The chain of `group` (on this side) as the database holds it: from
+    /// it down to the first group that is a snapshot standing for its
+    /// origin, or to the lowest.
+    fn real_chain(&self, group: StateGroup) -> &[StateGroup] {
+        let Some(at) = self.groups.iter().position(|g| *g == group) else {
+            return &[];
+        };
+        let rest = &self.groups[at..];
+        let end = rest
+            .iter()
+            .position(|g| self.by_origin.contains_key(g))
+            .map_or(rest.len(), |i| i + 1);
+        &rest[..end]
+    }
+}
+
 /// Where groups `a` and `b` (with their chains, highest first) differ.
 fn pair(
     caches: &StateCaches,
     db: &Database,
-    (a, chain_a): (StateGroup, &[StateGroup]),
-    (b, chain_b): (StateGroup, &[StateGroup]),
+    origins: &dyn SnapshotOrigins,
+    mut side_a: Side,
+    mut side_b: Side,
 ) -> Result<PairDifferences> {
-    if a == b {
+    if side_a.group == side_b.group {
         return Ok(PairDifferences::new());
     }
-    let in_b: HashSet<StateGroup> = chain_b.iter().copied().collect();
-    // The highest group on both chains, else each chain's lowest group (its
-    // snapshot): the bases below which nothing is read row by row.
-    let (base_a, base_b) = match chain_a.iter().find(|g| in_b.contains(g)) {
-        Some(&shared) => (shared, shared),
-        None => (
-            *chain_a.last().expect("a chain holds its group"),
-            *chain_b.last().expect("a chain holds its group"),
-        ),
+    // The highest group on both ways down, else each way's lowest group (its
+    // snapshot): the bases below which nothing is read row by row. Where the
+    // chains do not meet, the side whose lowest group is the higher goes on
+    // through its snapshot's origin (the other cannot reach any group below
+    // that side's) until they meet, or an origin is missing.
+    let mut hops = 0;
+    let (base_a, base_b) = loop {
+        let in_b: HashSet<StateGroup> = side_b.groups.iter().copied().collect();
+        if let Some(&shared) = side_a.groups.iter().find(|g| in_b.contains(g)) {
+            break (shared, shared);
+        }
+        let higher = if side_a.lowest() > side_b.lowest() {
+            &mut side_a
+        } else {
+            &mut side_b
+        };
+        if hops == ORIGIN_HOPS || !higher.extend(db, origins)? {
+            break (side_a.lowest(), side_b.lowest());
+        }
+        hops += 1;
     };
-    let above_a: Vec<StateGroup> = chain_a.iter().copied().filter(|g| *g > base_a).collect();
-    let above_b: Vec<StateGroup> = chain_b.iter().copied().filter(|g| *g > base_b).collect();
-    let above_a_set: HashSet<StateGroup> = above_a.iter().copied().collect();
-    let above_b_set: HashSet<StateGroup> = above_b.iter().copied().collect();
+    let above_a: HashSet<StateGroup> = side_a.rows_above(base_a).collect();
+    let above_b: HashSet<StateGroup> = side_b.rows_above(base_b).collect();
     let mut above: Vec<StateGroup> = above_a.iter().chain(&above_b).copied().collect();
     above.sort_unstable();
     above.dedup();
 
-    // Per side, the newest row above its base for each slot.
-    let mut newest_a: HashMap<StateKey, (StateGroup, Arc<str>)> = HashMap::new();
-    let mut newest_b: HashMap<StateKey, (StateGroup, Arc<str>)> = HashMap::new();
+    // Per side, the newest row above its base for each slot: the origins'
+    // rows first, then the rows read.
+    let origin_rows = |side: &Side, base: StateGroup| {
+        let mut newest: HashMap<StateKey, (StateGroup, Arc<str>)> = HashMap::new();
+        for (&g, (slot, event)) in &side.by_origin {
+            if g <= base {
+                continue;
+            }
+            match newest.get(slot) {
+                Some((h, _)) if *h >= g => {}
+                _ => {
+                    newest.insert(slot.clone(), (g, event.clone()));
+                }
+            }
+        }
+        newest
+    };
+    let (origin_a, origin_b) = (origin_rows(&side_a, base_a), origin_rows(&side_b, base_b));
+    let mut newest_a = origin_a.clone();
+    let mut newest_b = origin_b.clone();
     let mut bases: PairDifferences = PairDifferences::new();
     let compared_by_server = base_a != base_b && !db.engine().round_trips_are_cheap();
     db.run_read("get_state_differences", |txn| {
-        newest_a.clear();
-        newest_b.clear();
+        newest_a.clone_from(&origin_a);
+        newest_b.clone_from(&origin_b);
         bases.clear();
-        sql::rows_of_groups(txn.conn(), &above, |row| {
-            let slot: StateKey = (row.event_type.0, row.state_key.0);
-            for (side, newest) in [(&above_a_set, &mut newest_a), (&above_b_set, &mut newest_b)] {
-                if !side.contains(&row.state_group) {
-                    continue;
-                }
-                match newest.get(&slot) {
-                    Some((g, _)) if *g >= row.state_group => {}
-                    _ => {
-                        newest.insert(slot.clone(), (row.state_group, row.event_id.0.clone()));
+        for chunk in above.chunks(GROUPS_PER_STATEMENT) {
+            sql::rows_of_groups(txn.conn(), chunk, |row| {
+                let slot: StateKey = (row.event_type.0, row.state_key.0);
+                for (side, newest) in [(&above_a, &mut newest_a), (&above_b, &mut newest_b)] {
+                    if !side.contains(&row.state_group) {
+                        continue;
+                    }
+                    match newest.get(&slot) {
+                        Some((g, _)) if *g >= row.state_group => {}
+                        _ => {
+                            newest.insert(slot.clone(), (row.state_group, row.event_id.0.clone()));
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
+        }
         // A server compares the bases itself and sends only what differs. An
         // in-process engine compares far less cheaply than it hands rows
         // over (seeking each slot of one base in the other cost SQLite 620M
@@ -211,11 +378,13 @@ fn pair(
         .collect();
     let base_state = if from_base.is_empty() {
         StateMap::new()
-    } else {
+    } else if from_base.len() <= FEW_BASE_SLOTS {
         let filter = StateFilter::from_types(from_base.iter().map(|(t, k)| (&**t, Some(&**k))));
         read::state_for_groups(caches, db, &[base_a], &filter)?
             .remove(&base_a)
             .unwrap_or_default()
+    } else {
+        base_values(db, side_a.real_chain(base_a), &from_base)?
     };
     let value = |newest: &HashMap<StateKey, (StateGroup, Arc<str>)>,
                  slot: &StateKey,
@@ -242,5 +411,59 @@ fn pair(
             out.insert(slot.clone(), (va, vb));
         }
     }
+    Ok(out)
+}
+
+/// Groups whose rows one statement asks for (binds stay well below either
+/// engine's limit).
+const GROUPS_PER_STATEMENT: usize = 1_000;
+
+/// The values on `slots` of the group heading `chain` (its chain as stored,
+/// highest first, down to its snapshot): the newest rows of its deltas, and
+/// for the slots none of them holds, the snapshot's rows, sought slot by
+/// slot. For many slots (the 1,696 leaves of the HQ forks) this is one pass
+/// over the deltas' rows (a few per group on a live room) and a seek per
+/// slot, where a filtered read seeks each slot in every group of the chain.
+fn base_values(
+    db: &Database,
+    chain: &[StateGroup],
+    slots: &BTreeSet<&StateKey>,
+) -> Result<StateMap> {
+    let Some((&snapshot, deltas)) = chain.split_last() else {
+        return Ok(StateMap::new());
+    };
+    let mut newest: HashMap<StateKey, (StateGroup, Arc<str>)> = HashMap::new();
+    let mut in_snapshot: Vec<(StateKey, Arc<str>)> = Vec::new();
+    db.run_read("get_state_differences.base_values", |txn| {
+        newest.clear();
+        in_snapshot.clear();
+        for chunk in deltas.chunks(GROUPS_PER_STATEMENT) {
+            sql::rows_of_groups(txn.conn(), chunk, |row| {
+                let slot: StateKey = (row.event_type.0, row.state_key.0);
+                if !slots.contains(&slot) {
+                    return;
+                }
+                match newest.get(&slot) {
+                    Some((g, _)) if *g >= row.state_group => {}
+                    _ => {
+                        newest.insert(slot, (row.state_group, row.event_id.0));
+                    }
+                }
+            })?;
+        }
+        let rest: Vec<&StateKey> = slots
+            .iter()
+            .copied()
+            .filter(|s| !newest.contains_key(*s))
+            .collect();
+        for chunk in rest.chunks(sql::SLOTS_PER_STATEMENT) {
+            sql::rows_of_slots(txn.conn(), snapshot, chunk, |row| {
+                in_snapshot.push(((row.event_type.0, row.state_key.0), row.event_id.0));
+            })?;
+        }
+        Ok(())
+    })?;
+    let mut out: StateMap = in_snapshot.drain(..).collect();
+    out.extend(newest.into_iter().map(|(slot, (_, event))| (slot, event)));
     Ok(out)
 }

@@ -23,7 +23,10 @@ mod unwritten;
 mod write;
 
 pub use caches::{Delta, StateCaches};
-pub use differences::{of_states as differences_of_states, StateDifferences};
+pub use differences::{
+    of_states as differences_of_states, NoOrigins, SnapshotOrigin, SnapshotOrigins,
+    StateDifferences,
+};
 pub use filter::StateFilter;
 pub use lookup::{room_state, StateLookupError};
 pub use purge::{highest_state_group, purge_unneeded_groups, PurgeReport};

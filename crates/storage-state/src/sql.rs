@@ -527,6 +527,46 @@ pub(crate) fn rows_of_groups(
     st.for_each_row::<ChainRowType, ChainRow>(conn, each)
 }
 
+/// Slots one [`rows_of_slots`] statement asks for: two binds each, well
+/// below either engine's limit (SQLite 32,766, PostgreSQL 65,535).
+pub(crate) const SLOTS_PER_STATEMENT: usize = 1_000;
+
+/// The own rows of `group` (no chain walked) on `slots`, each sought
+/// through the index: the slots are a `VALUES` list joined to the rows, the
+/// list first (CROSS JOIN, for SQLite), so that each slot is one seek on
+/// `(state_group, type, state_key)` where `state_key IN (..)` let PostgreSQL
+/// read every member row of the group and filter them (see
+/// [`Statement::filter_arms`]). Each row tagged with `group` as root.
+pub(crate) fn rows_of_slots(
+    conn: &mut Conn,
+    group: StateGroup,
+    slots: &[&crate::types::StateKey],
+    each: impl FnMut(ChainRow),
+) -> Result<()> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let mut st = Statement::default();
+    let g = st.placeholder(Bind::Int(group));
+    let values: Vec<String> = slots
+        .iter()
+        .map(|(t, k)| {
+            let t = st.placeholder(Bind::Text(t.to_string()));
+            let k = st.placeholder(Bind::Text(k.to_string()));
+            format!("({t}, {k})")
+        })
+        .collect();
+    st.sql = format!(
+        "WITH slots(type, state_key) AS (VALUES {}) \
+         SELECT {g} AS root, s.state_group AS state_group, s.type AS type_, \
+             s.state_key AS state_key, s.event_id AS event_id \
+         FROM slots k CROSS JOIN state_groups_state s \
+         WHERE s.state_group = {g} AND s.type = k.type AND s.state_key = k.state_key",
+        values.join(", ")
+    );
+    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+}
+
 /// A slot on which the own rows of two groups disagree: each group's event
 /// (`None`: the group has no row for the slot).
 #[derive(Queryable, Debug)]

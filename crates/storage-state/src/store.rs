@@ -3,7 +3,7 @@
 //! workers both use.
 
 use crate::caches::{Delta, StateCaches};
-use crate::differences::{self, StateDifferences};
+use crate::differences::{self, SnapshotOrigins, StateDifferences};
 use crate::filter::StateFilter;
 use crate::read;
 use crate::schema::{
@@ -99,6 +99,19 @@ impl StateStore {
                 )
             )
             .get_result::<bool>(c))?)
+        })
+    }
+
+    /// The event `group` was written for (`state_groups.event_id`), `None`
+    /// for an unknown group. What a snapshot's origin is found from (see
+    /// [`SnapshotOrigins`]).
+    pub fn get_state_group_event(&self, group: StateGroup) -> Result<Option<String>> {
+        self.db.run_read("get_state_group_event", |txn| {
+            Ok(with_conn!(txn.conn(), |c| state_groups::table
+                .select(state_groups::event_id)
+                .find(group)
+                .first::<String>(c)
+                .optional())?)
         })
     }
 
@@ -297,8 +310,14 @@ impl StateStore {
     /// each group's value, in the order of `groups` (see
     /// [`crate::differences`]). Compared in memory when every group's whole
     /// state is held here (prepared, or cached whole); otherwise read as
-    /// such, no group's whole state built. Unknown groups are an error.
-    pub fn get_state_differences(&self, groups: &[StateGroup]) -> Result<StateDifferences> {
+    /// such, no group's whole state built, through the `origins` of the
+    /// snapshots the groups' chains end in where they do not meet.
+    /// Unknown groups are an error.
+    pub fn get_state_differences(
+        &self,
+        groups: &[StateGroup],
+        origins: &dyn SnapshotOrigins,
+    ) -> Result<StateDifferences> {
         let held: Option<Vec<StateMap>> = groups
             .iter()
             .map(|g| {
@@ -320,7 +339,7 @@ impl StateStore {
                     .map(|g| read.remove(g).unwrap_or_default())
                     .collect()
             }
-            None => return differences::read(&self.caches, &self.db, groups),
+            None => return differences::read(&self.caches, &self.db, groups, origins),
         };
         Ok(differences::of_states(&states.iter().collect::<Vec<_>>()))
     }

@@ -4,21 +4,26 @@
 //! whole states gives: forks on a shared chain, forks on snapshots of their
 //! own, slots present on one side only or "removed" (a snapshot without a
 //! slot its sibling holds), values set back to the base's, three groups at
-//! once, and the warm path from cached states. Each test runs on SQLite and
-//! PostgreSQL.
+//! once, and the warm path from cached states; forks whose chains cross
+//! snapshots of their own, compared through the snapshots' origins where
+//! they are known, by the snapshots' rows from where they are not. Each test
+//! runs on SQLite and PostgreSQL.
 
 mod common;
 
 use common::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use storage_core::testing::TestDb;
 use storage_state::{
-    NewStateGroup, StateDifferences, StateFilter, StateGroup, StateGroupAccess, StateMap,
-    StateStore,
+    NewStateGroup, NoOrigins, SnapshotOrigin, SnapshotOrigins, StateDifferences, StateFilter,
+    StateGroup, StateGroupAccess, StateMap, StateStore,
 };
 
 storage_core::engine_tests!(
     forks_on_a_shared_chain,
     forks_on_snapshots_of_their_own,
+    forks_through_snapshot_origins,
     unknown_groups_are_an_error,
 );
 
@@ -46,14 +51,23 @@ fn expected(store: &StateStore, groups: &[StateGroup]) -> StateDifferences {
 /// Compares the cold read, then the warm (cached whole states) comparison,
 /// with [`expected`]; returns the differences.
 fn check(store: &StateStore, groups: &[StateGroup]) -> StateDifferences {
+    check_with(store, groups, &NoOrigins)
+}
+
+/// [`check`], the cold read following `origins`.
+fn check_with(
+    store: &StateStore,
+    groups: &[StateGroup],
+    origins: &dyn SnapshotOrigins,
+) -> StateDifferences {
     let want = expected(store, groups);
     let fresh = cold(store);
-    let got = fresh.get_state_differences(groups).unwrap();
+    let got = fresh.get_state_differences(groups, origins).unwrap();
     assert_eq!(got, want, "read cold, groups {groups:?}");
     fresh
         .get_state_for_groups(groups, &StateFilter::all())
         .unwrap();
-    let warm = fresh.get_state_differences(groups).unwrap();
+    let warm = fresh.get_state_differences(groups, origins).unwrap();
     assert_eq!(warm, want, "from cached states, groups {groups:?}");
     want
 }
@@ -150,13 +164,155 @@ fn forks_on_snapshots_of_their_own(t: &TestDb) {
     check(&store, &[c, snap_b, a]);
 }
 
+/// Snapshot origins given by the test, each asked for counted.
+#[derive(Default)]
+struct Origins {
+    known: HashMap<StateGroup, SnapshotOrigin>,
+    asked: RefCell<Vec<StateGroup>>,
+}
+
+impl Origins {
+    fn add(&mut self, snapshot: StateGroup, prev: StateGroup, slot: (&str, &str), event: &str) {
+        self.known.insert(
+            snapshot,
+            SnapshotOrigin {
+                prev,
+                slot: storage_state::key(slot.0, slot.1),
+                event_id: event.into(),
+            },
+        );
+    }
+}
+
+impl SnapshotOrigins for Origins {
+    fn snapshot_origin(&self, group: StateGroup) -> storage_core::Result<Option<SnapshotOrigin>> {
+        self.asked.borrow_mut().push(group);
+        Ok(self.known.get(&group).cloned())
+    }
+}
+
+/// A snapshot of `prev`'s state with `slot` set to `event`, as a writer
+/// stores it when `prev`'s chain is too long, and its origin.
+fn snapshot_over(
+    store: &StateStore,
+    origins: &mut Origins,
+    prev: StateGroup,
+    slot: (&str, &str),
+    event: &str,
+) -> StateGroup {
+    let mut full = cold(store)
+        .get_state_for_groups(&[prev], &StateFilter::all())
+        .unwrap()
+        .remove(&prev)
+        .unwrap();
+    full.insert(storage_state::key(slot.0, slot.1), event.into());
+    let g = store
+        .store_state_group(&NewStateGroup::snapshot(event, ROOM, &full))
+        .unwrap();
+    origins.add(g, prev, slot, event);
+    g
+}
+
+fn member_leaves(
+    store: &StateStore,
+    mut group: StateGroup,
+    users: std::ops::Range<usize>,
+) -> StateGroup {
+    for u in users {
+        let user = format!("@u{u}:test");
+        let leave = format!("$leave{u}");
+        group = delta(store, group, &leave, &[(MEMBER, &user, &leave)]);
+    }
+    group
+}
+
+fn forks_through_snapshot_origins(t: &TestDb) {
+    let store = store(t);
+    let root = store
+        .store_state_group(&NewStateGroup::snapshot("$root", ROOM, &room_state()))
+        .unwrap();
+    // The shared chain changes a member the forks then leave alone, and one
+    // a fork changes again.
+    let shared = delta(&store, root, "$s1", &[(MEMBER, "@u1:test", "$ban1")]);
+    let shared = delta(&store, shared, "$s2", &[(MEMBER, "@u2:test", "$ban2")]);
+    let mut origins = Origins::default();
+    // Fork a crosses one snapshot, fork b two; each snapshot's own slot,
+    // and rows above them.
+    let a1 = delta(&store, shared, "$a1", &[("m.topic", "", "$topic-a")]);
+    let snap_a = snapshot_over(&store, &mut origins, a1, (MEMBER, "@u3:test"), "$leave3a");
+    let a = delta(&store, snap_a, "$a2", &[(MEMBER, "@u2:test", "$join2")]);
+    let b = delta(&store, shared, "$b1", &[(NAME, "", "$name-b")]);
+    let snap_b1 = snapshot_over(&store, &mut origins, b, (MEMBER, "@u4:test"), "$leave4b");
+    let b = delta(&store, snap_b1, "$b2", &[(MEMBER, "@u3:test", "$leave3b")]);
+    let snap_b2 = snapshot_over(&store, &mut origins, b, ("m.topic", ""), "$topic-b");
+    let b = delta(&store, snap_b2, "$b3", &[(MEMBER, "@u5:test", "$leave5")]);
+    let got = check_with(&store, &[a, b], &origins);
+    let slots: Vec<(&str, &str)> = got.keys().map(|(t, k)| (&**t, &**k)).collect();
+    assert_eq!(
+        slots,
+        [
+            (MEMBER, "@u2:test"),
+            (MEMBER, "@u3:test"),
+            (MEMBER, "@u4:test"),
+            (MEMBER, "@u5:test"),
+            (NAME, ""),
+            ("m.topic", "")
+        ]
+    );
+    let asked = origins.asked.borrow().clone();
+    assert!(
+        [snap_a, snap_b1, snap_b2].iter().all(|g| asked.contains(g)),
+        "the snapshots' origins were followed: asked {asked:?}"
+    );
+    // The origins stand for the snapshots' rows, which are not read: an
+    // origin that disagrees with its snapshot's rows shows in the answer.
+    let mut lying = Origins {
+        known: origins.known.clone(),
+        ..Default::default()
+    };
+    lying.add(snap_a, a1, (MEMBER, "@u3:test"), "$not-the-row");
+    let fresh = cold(&store);
+    let told = fresh.get_state_differences(&[a, b], &lying).unwrap();
+    assert_eq!(
+        told[&storage_state::key(MEMBER, "@u3:test")][0].as_deref(),
+        Some("$not-the-row"),
+        "{told:?}"
+    );
+    check_with(&store, &[b, a], &origins);
+
+    // One origin missing (fork b's lower snapshot): compared from the
+    // snapshots where the ways down stop.
+    let mut partial = Origins {
+        known: origins.known.clone(),
+        ..Default::default()
+    };
+    partial.known.remove(&snap_b1);
+    check_with(&store, &[a, b], &partial);
+    check_with(&store, &[b, a], &partial);
+
+    // Forks that each leave many members (more than a filtered read of the
+    // base takes): the base's values read from its deltas' rows and its
+    // snapshot's, sought slot by slot.
+    // Fork d's leaves past the room's 50 members are slots the base lacks;
+    // both forks make 10 members leave alike.
+    let c = member_leaves(&store, shared, 5..45);
+    let c = snapshot_over(&store, &mut origins, c, (MEMBER, "@u1:test"), "$join1");
+    let c = delta(&store, c, "$c2", &[(MEMBER, "@u2:test", "$kick2")]);
+    let d = member_leaves(&store, shared, 45..90);
+    let d = snapshot_over(&store, &mut origins, d, (NAME, ""), "$name-d");
+    let d = member_leaves(&store, d, 10..20);
+    let got = check_with(&store, &[c, d], &origins);
+    assert_eq!(got.len(), 30 + 45 + 3, "{got:?}");
+    check_with(&store, &[d, c, a], &origins);
+}
+
 fn unknown_groups_are_an_error(t: &TestDb) {
     let store = store(t);
     let g = store
         .store_state_group(&NewStateGroup::snapshot("$root", ROOM, &room_state()))
         .unwrap();
     let err = cold(&store)
-        .get_state_differences(&[g, 987_654])
+        .get_state_differences(&[g, 987_654], &NoOrigins)
         .unwrap_err();
     assert!(err.to_string().contains("987654"), "{err}");
 }
