@@ -152,7 +152,12 @@ impl RoomPersister {
                     return Ok(CurrentStateDelta::default());
                 }
                 if let Some(delta) = delta_within_batch(batch, *old, *group) {
-                    let old_state = self.events.state().get_current_state_ids(room_id)?;
+                    // Only the delta's slots: no whole state read for a
+                    // state event in a large room.
+                    let old_state = self
+                        .events
+                        .state()
+                        .get_current_state_for_slots(room_id, delta.keys())?;
                     let changed: Vec<(&StateKey, &Arc<str>)> = delta
                         .iter()
                         .filter(|(k, v)| old_state.get(*k) != Some(*v))

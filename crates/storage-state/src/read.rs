@@ -105,6 +105,21 @@ fn cached_part(
     (Part::Map(state), entry.full)
 }
 
+/// The whole state of `group` if the caches hold it (an O(1) copy), else
+/// `None`; reads nothing.
+pub(crate) fn cached_full_state(caches: &StateCaches, group: StateGroup) -> Option<StateMap> {
+    if let Some(state) = caches.full_states.get(&group) {
+        return Some(state);
+    }
+    let all = StateFilter::all();
+    let (members, m_complete) = cached_part(&caches.members, group, &all);
+    if !m_complete {
+        return None;
+    }
+    let (non_members, nm_complete) = cached_part(&caches.non_members, group, &all);
+    nm_complete.then(|| members.join(non_members))
+}
+
 /// The state of `groups` under `filter`, cache first.
 pub(crate) fn state_for_groups(
     caches: &StateCaches,

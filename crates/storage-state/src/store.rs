@@ -11,7 +11,7 @@ use crate::schema::{
     state_groups_state,
 };
 use crate::types::{StateGroup, StateKey, StateMap};
-use crate::unwritten::{PreparedStateGroup, UnwrittenGroups};
+use crate::unwritten::{PreparedStateGroup, UnwrittenGroups, UnwrittenState};
 use crate::write::{self, GroupRows, NewStateGroup, StoredInTxn, STATE_GROUP_SEQUENCE};
 use diesel::prelude::*;
 use std::collections::HashMap;
@@ -102,6 +102,49 @@ impl StateStore {
         })
     }
 
+    /// The room's current state on `slots` alone: from the cached current
+    /// state when there is one, else those rows of `current_state_events`
+    /// (a statement per event type), not the room's whole state. What a
+    /// writer moving the room along one line compares its delta with.
+    pub fn get_current_state_for_slots<'a>(
+        &self,
+        room_id: &str,
+        slots: impl IntoIterator<Item = &'a StateKey>,
+    ) -> Result<StateMap> {
+        let slots: Vec<&StateKey> = slots.into_iter().collect();
+        if let Some(state) = self.caches.current_state.get(&room_id.to_owned()) {
+            return Ok(slots
+                .iter()
+                .filter_map(|k| state.get_key_value(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect());
+        }
+        let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for (t, k) in &slots {
+            by_type.entry(&**t).or_default().push(&**k);
+        }
+        self.db.run_read("get_current_state_for_slots", |txn| {
+            let mut state = StateMap::new();
+            for (t, keys) in &by_type {
+                for chunk in keys.chunks(EVENT_BATCH) {
+                    let rows: Vec<(InternedText, SharedText, SharedText)> =
+                        with_conn!(txn.conn(), |c| current_state_events::table
+                            .select((
+                                current_state_events::type_,
+                                current_state_events::state_key,
+                                current_state_events::event_id,
+                            ))
+                            .filter(current_state_events::room_id.eq(room_id))
+                            .filter(current_state_events::type_.eq(*t))
+                            .filter(current_state_events::state_key.eq_any(chunk))
+                            .load(c))?;
+                    state.extend(rows.into_iter().map(|(t, k, e)| ((t.0, k.0), e.0)));
+                }
+            }
+            Ok(state)
+        })
+    }
+
     /// The event `group` was written for (`state_groups.event_id`), `None`
     /// for an unknown group. What a snapshot's origin is found from (see
     /// [`SnapshotOrigins`]).
@@ -164,7 +207,7 @@ impl StateStore {
     /// statement (the sequence), no transaction.
     pub fn prepare_state_group(&self, new: &NewStateGroup<'_>) -> Result<Arc<PreparedStateGroup>> {
         new.validate()?;
-        let state = self.full_state_of(new)?;
+        let state = self.full_state_of(new);
         // Often the first statement of a write (everything before it is
         // served from memory): a connection the server dropped shows here,
         // and is told as the database being unavailable, as in a transaction.
@@ -198,37 +241,39 @@ impl StateStore {
         new: &NewStateGroup<'_>,
     ) -> Result<Arc<PreparedStateGroup>> {
         new.validate()?;
-        if self.unwritten.full_state(group).is_some() {
+        if self.unwritten.contains(group) {
             return Err(Error::invalid_argument(format!(
                 "state group {group} is already prepared here: its id was given twice"
             )));
         }
-        let state = self.full_state_of(new)?;
+        let state = self.full_state_of(new);
         let prepared = Arc::new(PreparedStateGroup::new(group, new, state));
         self.unwritten.insert(prepared.clone());
         Ok(prepared)
     }
 
-    /// The full state of the group `new` describes: given, or its prev
-    /// group's (prepared, cached or read) with the delta applied.
-    fn full_state_of(&self, new: &NewStateGroup<'_>) -> Result<StateMap> {
-        Ok(
-            match (new.current_state_ids, new.prev_group, new.delta_ids) {
-                (Some(current), _, _) => current.clone(),
-                (None, Some(prev), Some(delta)) => {
-                    let mut state = match self.unwritten.full_state(prev) {
-                        Some(s) => s,
-                        None => self
-                            .get_state_for_groups(&[prev], &StateFilter::all())?
-                            .remove(&prev)
-                            .unwrap_or_default(),
-                    };
-                    state.extend(delta.iter().map(|(k, v)| (k.clone(), v.clone())));
-                    state
-                }
-                _ => unreachable!("validate() refuses a group with neither state nor a delta"),
-            },
-        )
+    /// The full state of the group `new` describes when it costs no read:
+    /// given, or its prev group's with the delta applied, where the prepared
+    /// deltas below it end in a group held whole (prepared, or by the caches). `None` otherwise: reads of the prepared group then
+    /// take the slots they ask for from its delta and its prev group.
+    fn full_state_of(&self, new: &NewStateGroup<'_>) -> Option<StateMap> {
+        match (new.current_state_ids, new.prev_group, new.delta_ids) {
+            (Some(current), _, _) => Some(current.clone()),
+            (None, Some(prev), Some(delta)) => {
+                let mut state = match self.unwritten.state(prev, &StateFilter::all()) {
+                    Some(UnwrittenState::Known(state)) => state,
+                    Some(UnwrittenState::Over { set, below, .. }) => {
+                        let mut state = read::cached_full_state(&self.caches, below)?;
+                        state.extend(set);
+                        state
+                    }
+                    None => read::cached_full_state(&self.caches, prev)?,
+                };
+                state.extend(delta.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Some(state)
+            }
+            _ => unreachable!("validate() refuses a group with neither state nor a delta"),
+        }
     }
 
     /// Prepared groups that another process (the main process, for a worker)
@@ -251,7 +296,7 @@ impl StateStore {
                 seqs,
                 g.group,
                 g.room_id.clone(),
-                Some(g.full_state()),
+                g.full_state(),
                 derived_from,
             );
         }
@@ -329,10 +374,7 @@ impl StateStore {
         let states = match held {
             Some(states) => states,
             // A prepared group's state is in memory only.
-            None if groups
-                .iter()
-                .any(|g| self.unwritten.full_state(*g).is_some()) =>
-            {
+            None if groups.iter().any(|g| self.unwritten.contains(*g)) => {
                 let mut read = self.get_state_for_groups(groups, &StateFilter::all())?;
                 groups
                     .iter()
@@ -355,7 +397,18 @@ impl StateStore {
         let mut written = Vec::new();
         for &g in groups {
             match self.unwritten.state(g, filter) {
-                Some(state) => {
+                Some(UnwrittenState::Known(state)) => {
+                    result.insert(g, state);
+                }
+                Some(UnwrittenState::Over { set, below, rest }) => {
+                    let mut state = if rest.is_empty() {
+                        StateMap::new()
+                    } else {
+                        read::state_for_groups(&self.caches, &self.db, &[below], &rest)?
+                            .remove(&below)
+                            .unwrap_or_default()
+                    };
+                    state.extend(set);
                     result.insert(g, state);
                 }
                 None => written.push(g),

@@ -698,6 +698,28 @@ fn current_state_of_a_room(t: &TestDb) {
         *store.get_current_state_ids(ROOM).unwrap(),
         state(&[(CREATE, "", "$c"), (MEMBER, "@a:test", "$j")])
     );
+    // A few slots: from the cache, and from the rows by a store without it.
+    let slots = [
+        storage_state::key(MEMBER, "@a:test"),
+        storage_state::key(MEMBER, "@nobody:test"),
+        storage_state::key(NAME, ""),
+    ];
+    let want = state(&[(MEMBER, "@a:test", "$j")]);
+    assert_eq!(
+        store.get_current_state_for_slots(ROOM, &slots).unwrap(),
+        want
+    );
+    let fresh = cold(&store);
+    assert_eq!(
+        fresh.get_current_state_for_slots(ROOM, &slots).unwrap(),
+        want
+    );
+    assert_eq!(
+        fresh
+            .get_current_state_for_slots(ROOM, &[storage_state::key(CREATE, "")])
+            .unwrap(),
+        state(&[(CREATE, "", "$c")])
+    );
 }
 
 /// Every read of the state after an event checks its group's room: after a
