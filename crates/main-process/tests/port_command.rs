@@ -62,6 +62,7 @@ fn fill_source(t: &TestDb, events: usize) {
             .persist_batch(&RoomBatch {
                 room_id: ROOM.into(),
                 new_extremities: new_forward_extremities(&current, &batch, &Default::default()),
+                old_extremities: current.clone(),
                 current_state: CurrentStateDelta {
                     removed: vec![],
                     added: slot.map(|s| (s, id.clone(), None)).into_iter().collect(),

@@ -100,6 +100,7 @@ impl RoomPersister {
         Ok(RoomBatch {
             room_id: room_id.to_owned(),
             events: batch.to_vec(),
+            old_extremities: current.to_vec(),
             new_extremities,
             current_state,
         })

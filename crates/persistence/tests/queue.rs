@@ -368,6 +368,7 @@ fn real_queue(store: &EventsStore) -> PersistenceQueue {
             let mut batch = RoomBatch {
                 room_id: room.to_owned(),
                 new_extremities: new_forward_extremities(&current, events, &referenced),
+                old_extremities: current.clone(),
                 events: events.to_vec(),
                 current_state: CurrentStateDelta::default(),
             };

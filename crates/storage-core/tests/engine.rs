@@ -17,7 +17,6 @@ storage_core::engine_tests!(
     sequence_behind_table_is_moved_forward,
     one_main_process_claim_at_a_time,
     rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can,
-    replacing_rows_keeps_the_new_deletes_the_rest_of_that_key_only,
     a_transaction_begun_with_a_lock_holds_it_to_its_end,
     upserted_and_deleted_rows_change_only_their_rows,
 );
@@ -277,75 +276,6 @@ fn rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can(t: &T
     // The table that asked for no skipping fails the statement on a conflict.
     let again = db.run_interaction("insert_columns_again", |txn| txn.insert_columns(tables));
     assert!(again.is_err(), "{again:?}");
-}
-
-#[derive(diesel::QueryableByName, Debug, PartialEq)]
-struct Extremity {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    event_id: String,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    room_id: String,
-}
-
-/// `TableRows::replacing`: the rows of one room become exactly the new ones
-/// (kept where already there, the rest deleted), other rooms' rows stay; with
-/// no new rows, the room's rows are all deleted.
-fn replacing_rows_keeps_the_new_deletes_the_rest_of_that_key_only(t: &TestDb) {
-    let db = t.open();
-    let rows = || -> Vec<(String, String)> {
-        db.with_connection(|_, c| {
-            Ok(with_conn!(c, |c| {
-                diesel::sql_query(
-                "SELECT event_id, room_id FROM event_forward_extremities ORDER BY room_id, event_id"
-            )
-            .load::<Extremity>(c)
-            })?)
-        })
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.room_id, e.event_id))
-        .collect()
-    };
-    let replace = |events: &[&'static str], room: &'static str| {
-        let events = events.to_vec();
-        db.run_interaction("replace_extremities", move |txn| {
-            txn.insert_columns(|| {
-                vec![TableRows {
-                    table: "event_forward_extremities",
-                    columns: vec![
-                        ("event_id", Column::Text(events.clone())),
-                        (
-                            "room_id",
-                            Column::Text(events.iter().map(|_| room).collect()),
-                        ),
-                    ],
-                    write: RowsWrite::Replace {
-                        column: "room_id",
-                        value: room,
-                    },
-                }]
-            })
-        })
-        .unwrap()
-    };
-    if !replace(&["$a", "$b"], "!r") {
-        assert_eq!(t.engine(), "sqlite");
-        assert!(rows().is_empty());
-        return;
-    }
-    replace(&["$x"], "!other");
-    let pair = |r: &str, e: &str| (r.to_owned(), e.to_owned());
-    assert_eq!(
-        rows(),
-        vec![pair("!other", "$x"), pair("!r", "$a"), pair("!r", "$b")]
-    );
-    replace(&["$b", "$c"], "!r");
-    assert_eq!(
-        rows(),
-        vec![pair("!other", "$x"), pair("!r", "$b"), pair("!r", "$c")]
-    );
-    replace(&[], "!r");
-    assert_eq!(rows(), vec![pair("!other", "$x")]);
 }
 
 /// `TxnOptions::locking`: the table is locked from BEGIN until the

@@ -67,6 +67,11 @@ impl CurrentStateDelta {
 pub struct RoomBatch {
     pub room_id: String,
     pub events: Vec<EventToPersist>,
+    /// The room's forward extremities before the batch, those `new_extremities`
+    /// was worked out from: the batch deletes the rows of those not among the
+    /// new ones by their event id, never the room's rows as a whole (which on
+    /// PostgreSQL walks every row the room's earlier batches left dead).
+    pub old_extremities: Vec<String>,
     /// The room's forward extremities after the batch.
     pub new_extremities: Vec<String>,
     pub current_state: CurrentStateDelta,

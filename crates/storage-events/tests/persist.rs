@@ -19,6 +19,7 @@ storage_core::engine_tests!(
     failed_batch_leaves_nothing,
     old_cache_invalidations_are_pruned,
     events_name_the_instance_that_wrote_them,
+    a_batch_changes_only_the_extremities_it_moves,
 );
 
 const ROOM: &str = "!room:test";
@@ -50,6 +51,7 @@ fn batch(
     RoomBatch {
         room_id: ROOM.into(),
         new_extremities: new_forward_extremities(&current, &events, &referenced),
+        old_extremities: current.clone(),
         events,
         current_state: CurrentStateDelta {
             removed: vec![],
@@ -395,4 +397,71 @@ fn events_name_the_instance_that_wrote_them(t: &TestDb) {
     .unwrap();
     assert_eq!(names, vec![Some("main-7".to_owned())]);
     testing::assert_invariants(store.database());
+}
+
+/// A batch deletes the old extremities it replaces and inserts its new ones,
+/// by event: one it keeps stays, and another room's are untouched.
+fn a_batch_changes_only_the_extremities_it_moves(t: &TestDb) {
+    let store = stores(t);
+    const OTHER: &str = "!other:test";
+    let extremities = |room: &str| {
+        let mut raw = t.raw_connection();
+        let mut rows = with_conn!(&mut raw, |c| event_forward_extremities::table
+            .filter(event_forward_extremities::room_id.eq(room))
+            .select(event_forward_extremities::event_id)
+            .load::<String>(c))
+        .unwrap();
+        rows.sort();
+        rows
+    };
+    let group = |room: &str, create: &str| {
+        store
+            .state()
+            .store_state_group(&NewStateGroup::snapshot(
+                create,
+                room,
+                &StateMap::from_iter([(key("m.room.create", ""), create.into())]),
+            ))
+            .unwrap()
+    };
+    let g = group(ROOM, "$create");
+    let create = event("$create", &[], Some(("m.room.create", "")), Some(g));
+    store
+        .persist_batch(&batch(
+            &store,
+            vec![create],
+            &[("m.room.create", "", "$create")],
+        ))
+        .unwrap();
+    let write = |events: Vec<EventToPersist>| {
+        store.persist_batch(&batch(&store, events, &[])).unwrap();
+    };
+    let og = group(OTHER, "$ocreate");
+    let ocreate = testing::state_event(OTHER, "$ocreate", &[], ("m.room.create", ""), Some(og));
+    store
+        .persist_batch(&RoomBatch {
+            room_id: OTHER.into(),
+            old_extremities: vec![],
+            new_extremities: vec!["$ocreate".into()],
+            events: vec![ocreate],
+            current_state: CurrentStateDelta {
+                removed: vec![],
+                added: vec![(key("m.room.create", ""), "$ocreate".into(), None)],
+            },
+        })
+        .unwrap();
+    // A fork: both stay.
+    write(vec![
+        event("$a", &["$create"], None, Some(g)),
+        event("$b", &["$create"], None, Some(g)),
+    ]);
+    assert_eq!(extremities(ROOM), ["$a", "$b"]);
+    // One replaced, the other kept.
+    write(vec![event("$c", &["$a"], None, Some(g))]);
+    assert_eq!(extremities(ROOM), ["$b", "$c"]);
+    // Both merged into one.
+    write(vec![event("$d", &["$b", "$c"], None, Some(g))]);
+    assert_eq!(extremities(ROOM), ["$d"]);
+    assert_eq!(extremities(OTHER), ["$ocreate"]);
+    testing::assert_invariants(&t.open());
 }

@@ -75,6 +75,7 @@ impl Main {
             .persist_batch(&RoomBatch {
                 room_id: ROOM.into(),
                 new_extremities: new_forward_extremities(&current, &events, &Default::default()),
+                old_extremities: current.clone(),
                 current_state,
                 events,
             })

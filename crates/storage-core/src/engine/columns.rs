@@ -64,28 +64,19 @@ impl Column<'_> {
 pub struct TableRows<'a> {
     pub table: &'static str,
     pub columns: Vec<(&'static str, Column<'a>)>,
-    pub write: RowsWrite<'a>,
+    pub write: RowsWrite,
 }
 
 /// What [`TableRows`] do to their table. Every part of one statement sees the
 /// table as it was before the statement, in no set order: two parts on one
 /// table must touch different rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RowsWrite<'a> {
+pub enum RowsWrite {
     /// Inserted; one that breaks a unique constraint fails the statement.
     Insert,
     /// Inserted, those that would break a unique constraint left out, as
     /// `ON CONFLICT DO NOTHING` does.
     InsertSkippingConflicts,
-    /// The table's rows with `column = value` become exactly these: those
-    /// not among them are deleted, and those already there are kept (so the
-    /// table needs a unique constraint over the columns). Kept in the
-    /// statement with no rows too, deleting them all. A room's forward
-    /// extremities are replaced so, without a DELETE of their own.
-    Replace {
-        column: &'static str,
-        value: &'a str,
-    },
     /// Inserted, or where a row with the same values in the `key` columns
     /// (a unique constraint's) exists, its other columns set to these (`ON
     /// CONFLICT (key) DO UPDATE`): a room's current state.
@@ -159,26 +150,13 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
                 out.push_sql("))");
                 continue;
             }
-            // The new rows: read twice when replacing, so named first.
-            let replacing = matches!(t.write, RowsWrite::Replace { .. });
-            if replacing {
-                out.push_sql(&format!("n{i} ({names}) AS (SELECT * FROM "));
-                push_unnest(t, &mut out)?;
-                out.push_sql("), ");
-            }
             out.push_sql(&format!(
                 "t{i} AS (INSERT INTO {table} ({names}) SELECT * FROM "
             ));
-            if replacing {
-                out.push_sql(&format!("n{i}"));
-            } else {
-                push_unnest(t, &mut out)?;
-            }
+            push_unnest(t, &mut out)?;
             match &t.write {
                 RowsWrite::Insert | RowsWrite::Delete => {}
-                RowsWrite::InsertSkippingConflicts | RowsWrite::Replace { .. } => {
-                    out.push_sql(" ON CONFLICT DO NOTHING")
-                }
+                RowsWrite::InsertSkippingConflicts => out.push_sql(" ON CONFLICT DO NOTHING"),
                 RowsWrite::Upsert { key } => {
                     let set: Vec<String> = t
                         .columns
@@ -195,14 +173,6 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
                 }
             }
             out.push_sql(")");
-            if let RowsWrite::Replace { column, value } = &t.write {
-                // Both parts see the rows as they were before the statement:
-                // the DELETE spares the new rows, which the INSERT skips when
-                // they are there already.
-                out.push_sql(&format!(", d{i} AS (DELETE FROM {table} WHERE {column} = "));
-                out.push_bind_param::<Text, _>(*value)?;
-                out.push_sql(&format!(" AND ({names}) NOT IN (SELECT * FROM n{i}))"));
-            }
         }
         let (claim_columns, claim_from) = super::postgres_claim::CLAIM_ROW;
         out.push_sql(" SELECT ");
@@ -257,10 +227,7 @@ pub(crate) fn insert_with_unnest(
     notify: Option<(&str, &str)>,
     read_claim: bool,
 ) -> QueryResult<Option<ClaimRow>> {
-    let tables: Vec<&TableRows<'_>> = tables
-        .iter()
-        .filter(|t| !t.is_empty() || matches!(t.write, RowsWrite::Replace { .. }))
-        .collect();
+    let tables: Vec<&TableRows<'_>> = tables.iter().filter(|t| !t.is_empty()).collect();
     if tables.is_empty() && notify.is_none() && !read_claim {
         return Ok(None);
     }
