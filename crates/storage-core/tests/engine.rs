@@ -8,12 +8,13 @@ use std::sync::mpsc;
 use std::time::Duration;
 use storage_core::testing::TestDb;
 use storage_core::{
-    with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, RowsWrite,
-    Sequence, TableRows, TxnOptions,
+    with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, Present,
+    RowsWrite, Sequence, TableRows, TxnOptions,
 };
 
 storage_core::engine_tests!(
     ids_are_unique_and_ascending,
+    ids_and_present_values_in_one_statement_where_the_engine_can,
     sequence_behind_table_is_moved_forward,
     one_main_process_claim_at_a_time,
     rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can,
@@ -63,6 +64,46 @@ fn ids_are_unique_and_ascending(t: &TestDb) {
     all.dedup();
     assert_eq!(all.len(), n, "duplicate ids handed out");
     assert_eq!(n, 300);
+}
+
+/// `next_ids_and_present`: on PostgreSQL the ids, ascending and after those
+/// handed out before, and which of the values the column holds, from one
+/// statement; on SQLite nothing (the caller does both itself).
+fn ids_and_present_values_in_one_statement_where_the_engine_can(t: &TestDb) {
+    let db = t.open();
+    let mut raw = t.raw_connection();
+    insert_group(&mut raw, 1);
+    let before = db
+        .run_interaction("alloc", |txn| txn.next_ids(&SEQ, 1))
+        .unwrap();
+    let lookup = Present {
+        table: "state_groups",
+        column: "event_id",
+        values: &["$nope", "$e", "$other"],
+    };
+    let answer = db
+        .run_interaction("alloc_and_look", |txn| {
+            txn.next_ids_and_present(&SEQ, 3, &lookup)
+        })
+        .unwrap();
+    let Some((ids, present)) = answer else {
+        assert_eq!(t.engine(), "sqlite");
+        return;
+    };
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(ids[0] > before[0], "{ids:?} after {before:?}");
+    assert_eq!(present, std::collections::HashSet::from(["$e".to_owned()]));
+    // Nothing present, no ids: each half answers alone.
+    let none = Present {
+        values: &[],
+        ..lookup
+    };
+    let (ids, present) = db
+        .run_interaction("alloc_none", |txn| txn.next_ids_and_present(&SEQ, 0, &none))
+        .unwrap()
+        .expect("the same engine");
+    assert!(ids.is_empty() && present.is_empty());
 }
 
 /// A database holding groups up to 500 whose sequence says 1 (a port or restore

@@ -16,7 +16,9 @@ use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use storage_core::{with_conn, Column, Result, RowsWrite, TableRows, Transaction, TxnOptions};
+use storage_core::{
+    with_conn, Column, Present, Result, RowsWrite, TableRows, Transaction, TxnOptions,
+};
 use storage_state::StateStore;
 
 impl EventsStore {
@@ -83,7 +85,21 @@ impl EventsStore {
     ) -> Result<Option<PersistedBatch>> {
         txn.lock_table("events")?;
         let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
-        let stored: HashSet<String> = load_existing(txn, &ids)?;
+        // Which are stored, and where the engine saves a round trip so, a
+        // position for every event in the same statement: those of events
+        // found stored are never used (a gap in the stream, as a rolled-back
+        // write leaves; positions still follow commit order, taken under the
+        // lock).
+        let lookup = Present {
+            table: "events",
+            column: "event_id",
+            values: &ids,
+        };
+        let (stored, taken) =
+            match txn.next_ids_and_present(&EVENTS_STREAM_SEQUENCE, ids.len(), &lookup)? {
+                Some((positions, stored)) => (stored, Some(positions)),
+                None => (load_existing(txn, &ids)?, None),
+            };
         if assumed_new && !stored.is_empty() {
             return Ok(None);
         }
@@ -114,7 +130,13 @@ impl EventsStore {
                 max_stream_ordering: self.position.load(Ordering::SeqCst),
             }));
         }
-        let positions = txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?;
+        let positions = match taken {
+            Some(mut positions) => {
+                positions.truncate(new.len());
+                positions
+            }
+            None => txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?,
+        };
         insert_rooms(txn, &new)?;
         let mappings: Vec<(&str, i64)> = new
             .iter()

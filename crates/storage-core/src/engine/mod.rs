@@ -87,6 +87,17 @@ pub struct Sequence {
     pub column: &'static str,
 }
 
+/// Which of `values` the `column` of `table` holds: a lookup by key that an
+/// engine can make in the statement taking a sequence's ids
+/// ([`Engine::next_ids_and_present`]). Table and column names are the
+/// callers' constants.
+#[derive(Debug, Clone, Copy)]
+pub struct Present<'a> {
+    pub table: &'static str,
+    pub column: &'static str,
+    pub values: &'a [&'a str],
+}
+
 /// A sequence found behind its table's highest id, and moved past it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SequenceRepair {
@@ -231,6 +242,20 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// `n` new ids from `sequence`, ascending, inside the caller's transaction.
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
+
+    /// `n` new ids from `sequence`, ascending, and which of `lookup`'s values
+    /// its column holds, in one statement where that saves a round trip
+    /// (PostgreSQL: a write's check of which of its events are stored and its
+    /// stream positions). `None` where the engine has no round trip to save
+    /// (SQLite): the caller reads the values and takes its ids itself, as
+    /// many as it then needs.
+    fn next_ids_and_present(
+        &self,
+        conn: &mut Conn,
+        sequence: &Sequence,
+        n: usize,
+        lookup: &Present<'_>,
+    ) -> Result<Option<(Vec<i64>, std::collections::HashSet<String>)>>;
 
     /// Reads `sequence` and the highest id of its table, changing nothing.
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth>;

@@ -1,7 +1,8 @@
 //! PostgreSQL, for scale and for replica workers.
 
 use super::{
-    Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions, WriterGuard,
+    Engine, Isolation, Present, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions,
+    WriterGuard,
 };
 use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
@@ -12,7 +13,7 @@ use diesel::connection::SimpleConnection;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{BigInt, Bool, Text, Untyped};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Untyped};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use std::sync::Arc;
 
@@ -63,6 +64,53 @@ impl QueryFragment<Pg> for NextIds<'_> {
 }
 
 impl RunQueryDsl<PgConnection> for NextIds<'_> {}
+
+/// [`NextIds`] and, in the same statement, which of some values a table's
+/// column holds: `SELECT nextval(..) AS id, NULL AS present FROM
+/// generate_series(..) UNION ALL SELECT NULL, column FROM table WHERE column
+/// = ANY($3)`. A write asks which of its events are stored and takes its
+/// stream positions in one round trip (~85 us here), both under the events
+/// table's lock.
+struct NextIdsAndPresent<'a> {
+    ids: NextIds<'a>,
+    lookup: &'a Present<'a>,
+}
+
+impl QueryId for NextIdsAndPresent<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for NextIdsAndPresent<'_> {
+    type SqlType = Untyped;
+}
+
+impl QueryFragment<Pg> for NextIdsAndPresent<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
+        out.push_sql("SELECT nextval(");
+        out.push_bind_param::<Text, _>(self.ids.sequence)?;
+        out.push_sql("::regclass) AS id, NULL::text AS present FROM generate_series(1, ");
+        out.push_bind_param::<BigInt, _>(&self.ids.n)?;
+        let Present { table, column, .. } = self.lookup;
+        out.push_sql(&format!(
+            ") UNION ALL SELECT NULL, {column} FROM {table} WHERE {column} = ANY("
+        ));
+        out.push_bind_param::<Array<Text>, _>(self.lookup.values)?;
+        out.push_sql(")");
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<PgConnection> for NextIdsAndPresent<'_> {}
+
+/// A row of [`NextIdsAndPresent`]: an id or a value found.
+#[derive(QueryableByName)]
+struct IdOrPresent {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    id: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    present: Option<String>,
+}
 
 #[derive(QueryableByName)]
 struct Access {
@@ -245,6 +293,48 @@ impl Engine for PostgresEngine {
         let mut ids: Vec<i64> = rows.into_iter().map(|r| r.id).collect();
         ids.sort_unstable();
         Ok(ids)
+    }
+
+    fn next_ids_and_present(
+        &self,
+        conn: &mut Conn,
+        sequence: &Sequence,
+        n: usize,
+        lookup: &Present<'_>,
+    ) -> Result<Option<(Vec<i64>, std::collections::HashSet<String>)>> {
+        let rows: Vec<IdOrPresent> = NextIdsAndPresent {
+            ids: NextIds {
+                sequence: sequence.name,
+                n: n as i64,
+            },
+            lookup,
+        }
+        .load(conn.postgres()?)
+        .with_context(|| {
+            format!(
+                "allocating {n} ids from {} and reading which of {} values {}.{} holds",
+                sequence.name,
+                lookup.values.len(),
+                lookup.table,
+                lookup.column
+            )
+        })?;
+        let mut ids = Vec::with_capacity(n);
+        let mut present = std::collections::HashSet::new();
+        for row in rows {
+            match row {
+                IdOrPresent { id: Some(id), .. } => ids.push(id),
+                IdOrPresent {
+                    present: Some(value),
+                    ..
+                } => {
+                    present.insert(value);
+                }
+                IdOrPresent { .. } => {}
+            }
+        }
+        ids.sort_unstable();
+        Ok(Some((ids, present)))
     }
 
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {

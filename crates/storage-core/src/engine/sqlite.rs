@@ -263,6 +263,17 @@ impl Engine for SqliteEngine {
         Ok(ids)
     }
 
+    fn next_ids_and_present(
+        &self,
+        _conn: &mut Conn,
+        _sequence: &Sequence,
+        _n: usize,
+        _lookup: &super::Present<'_>,
+    ) -> Result<Option<(Vec<i64>, std::collections::HashSet<String>)>> {
+        // Ids come from memory, and a statement costs no round trip.
+        Ok(None)
+    }
+
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
         let sql = format!(
             "SELECT COALESCE(MAX({}), 0) AS id FROM {}",
