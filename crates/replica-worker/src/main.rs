@@ -103,9 +103,18 @@ impl ForwardingWriter {
         room_id: &str,
         events: &[(Pdu, EventContext)],
     ) -> Result<WriteOutcome, Error> {
-        let body = serde_json::json!({
-            "events": events.iter().map(|(p, c)| ContextedEvent::new(p, c)).collect::<Vec<_>>(),
-        });
+        /// The request's body, serialized straight to its text (a `json!`
+        /// value would first build a tree of every field).
+        #[derive(serde::Serialize)]
+        struct Body {
+            events: Vec<ContextedEvent>,
+        }
+        let body = Body {
+            events: events
+                .iter()
+                .map(|(p, c)| ContextedEvent::new(p, c))
+                .collect(),
+        };
         let url = format!(
             "{}/_hs/v1/internal/rooms/{}/events",
             self.main.trim_end_matches('/'),
