@@ -22,6 +22,19 @@ storage_core::engine_tests!(
     forks_across_snapshots_resolve_through_their_origins,
 );
 
+/// The distinct groups after `events`, in order: what a merge of them resolves.
+fn groups_after(builder: &ContextBuilder, events: &[&str]) -> Vec<i64> {
+    let mut groups: Vec<i64> = builder
+        .state()
+        .get_state_group_for_events(events)
+        .unwrap()
+        .into_values()
+        .collect();
+    groups.sort();
+    groups.dedup();
+    groups
+}
+
 fn resolving_by_the_conflict_agrees_with_resolving_whole_states(t: &TestDb) {
     let events = fork_heavy_rooms(2026, 3, 110);
     let dir = std::env::temp_dir().join(format!(
@@ -50,14 +63,7 @@ fn resolving_by_the_conflict_agrees_with_resolving_whole_states(t: &TestDb) {
         }
         // A builder of its own for each merge: every cache cold.
         let builder = ContextBuilder::new(EventsStore::new(db.clone(), &config).unwrap(), &config);
-        let mut groups: Vec<i64> = builder
-            .state()
-            .get_state_group_for_events(&prevs)
-            .unwrap()
-            .into_values()
-            .collect();
-        groups.sort();
-        groups.dedup();
+        let groups = groups_after(&builder, &prevs);
         if groups.len() < 2 {
             continue;
         }
@@ -144,13 +150,7 @@ fn forks_across_snapshots_resolve_through_their_origins(t: &TestDb) {
             .map(|p| p.as_str().unwrap())
             .collect();
         let builder = ContextBuilder::new(EventsStore::new(db.clone(), &config).unwrap(), &config);
-        let mut groups: Vec<i64> = builder
-            .state()
-            .get_state_group_for_events(&prevs)
-            .unwrap()
-            .into_values()
-            .collect();
-        groups.sort();
+        let groups = groups_after(&builder, &prevs);
         assert_eq!(groups.len(), 2, "two tips, two groups: {groups:?}");
         let pending = PendingEvents::default();
         let by_differences = builder
@@ -167,7 +167,9 @@ fn forks_across_snapshots_resolve_through_their_origins(t: &TestDb) {
             whole.len()
         );
         assert!(whole.len() > 300, "the resolved state holds the room");
-        if expect_origins {
+        // Where statements are cheap (SQLite); PostgreSQL compares the
+        // snapshots itself.
+        if expect_origins && db.engine().round_trips_are_cheap() {
             assert!(
                 followed >= 2,
                 "each fork's snapshot was gone through by its origin: {followed} followed"

@@ -254,8 +254,9 @@ impl StateStore {
 
     /// The full state of the group `new` describes when it costs no read:
     /// given, or its prev group's with the delta applied, where the prepared
-    /// deltas below it end in a group held whole (prepared, or by the caches). `None` otherwise: reads of the prepared group then
-    /// take the slots they ask for from its delta and its prev group.
+    /// deltas below it end in a group held whole (prepared, or by the
+    /// caches). `None` otherwise: reads of the prepared group then take the
+    /// slots they ask for from its delta and its prev group.
     fn full_state_of(&self, new: &NewStateGroup<'_>) -> Option<StateMap> {
         match (new.current_state_ids, new.prev_group, new.delta_ids) {
             (Some(current), _, _) => Some(current.clone()),

@@ -259,13 +259,18 @@ fn forks_through_snapshot_origins(t: &TestDb) {
             ("m.topic", "")
         ]
     );
+    // Origins are followed where statements are cheap (SQLite); PostgreSQL
+    // compares the snapshots itself (see `differences::pair`).
+    let follows = store.database().engine().round_trips_are_cheap();
     let asked = origins.asked.borrow().clone();
-    assert!(
+    assert_eq!(
         [snap_a, snap_b1, snap_b2].iter().all(|g| asked.contains(g)),
-        "the snapshots' origins were followed: asked {asked:?}"
+        follows,
+        "the snapshots' origins followed where statements are cheap: asked {asked:?}"
     );
     // The origins stand for the snapshots' rows, which are not read: an
-    // origin that disagrees with its snapshot's rows shows in the answer.
+    // origin that disagrees with its snapshot's rows shows in the answer
+    // (where they are followed).
     let mut lying = Origins {
         known: origins.known.clone(),
         ..Default::default()
@@ -275,7 +280,7 @@ fn forks_through_snapshot_origins(t: &TestDb) {
     let told = fresh.get_state_differences(&[a, b], &lying).unwrap();
     assert_eq!(
         told[&storage_state::key(MEMBER, "@u3:test")][0].as_deref(),
-        Some("$not-the-row"),
+        Some(if follows { "$not-the-row" } else { "$leave3a" }),
         "{told:?}"
     );
     check_with(&store, &[b, a], &origins);
