@@ -324,7 +324,15 @@ fn postgres_serve_survives_all_its_sessions_ending() {
 /// raise of the epoch, as a newcomer makes once it holds the lock): it stops at
 /// its next write with the claim-lost status and one line naming the
 /// newcomer; what it committed before stays, and importing again finishes.
+///
+/// The import reads standard input, and the lines after the first part are
+/// written only once the epoch is raised: however fast it writes, it has a
+/// batch left to write after the takeover.
 fn import_stops_when_another_main_process_claims(db: &TestDb) {
+    use std::io::Write;
+    /// More events than one batch holds on either engine (2,500 on SQLite,
+    /// 1,000 on PostgreSQL), so the first part commits something.
+    const FIRST_PART: usize = 2_600;
     let dir = TempDir(tempdir("import-fenced"));
     let file = dir.0.join("room.jsonl");
     let mut room = Room::default();
@@ -333,14 +341,19 @@ fn import_stops_when_another_main_process_claims(db: &TestDb) {
         events.push(message(&mut room, &format!("topic{i}")));
     }
     let ids: Vec<String> = events.iter().map(id_of).collect();
-    let text: String = events.iter().map(|e| format!("{e}\n")).collect();
-    std::fs::write(&file, text).unwrap();
+    let lines: Vec<String> = events.iter().map(|e| format!("{e}\n")).collect();
+    std::fs::write(&file, lines.concat()).unwrap();
     let log = dir.0.join("import.log");
     let mut import = hs_main_command()
-        .args(["--database", db.url(), "import", file.to_str().unwrap()])
+        .args(["--database", db.url(), "import", "-"])
+        .stdin(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .stdout(std::process::Stdio::null())
         .spawn()
+        .unwrap();
+    let mut stdin = import.stdin.take().expect("a pipe");
+    stdin
+        .write_all(lines[..FIRST_PART].concat().as_bytes())
         .unwrap();
     // Once it has committed something, another main process claims.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -354,6 +367,10 @@ fn import_stops_when_another_main_process_claims(db: &TestDb) {
              holder = 'test newcomer', claimed_at = 0",
         )
         .unwrap();
+    // It may stop reading as soon as it finds the claim lost: a broken pipe
+    // here is that, not a failure.
+    let _ = stdin.write_all(lines[FIRST_PART..].concat().as_bytes());
+    drop(stdin);
     let status = import.wait().unwrap();
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(EXIT_CLAIM_LOST), "{stderr}");
