@@ -552,21 +552,18 @@ fn columns_of<'a>(
 /// The batch's change of the room's extremities: (the old ones that are no
 /// longer, the new ones that were not).
 fn extremity_change(batch: &RoomBatch) -> (Vec<&str>, Vec<&str>) {
-    let old: HashSet<&str> = batch.old_extremities.iter().map(String::as_str).collect();
-    let new: HashSet<&str> = batch.new_extremities.iter().map(String::as_str).collect();
-    let gone = batch
-        .old_extremities
-        .iter()
-        .map(String::as_str)
-        .filter(|e| !new.contains(e))
-        .collect();
-    let added = batch
-        .new_extremities
-        .iter()
-        .map(String::as_str)
-        .filter(|e| !old.contains(e))
-        .collect();
-    (gone, added)
+    fn not_in<'a>(these: &'a [String], those: &[String]) -> Vec<&'a str> {
+        let those: HashSet<&str> = those.iter().map(String::as_str).collect();
+        these
+            .iter()
+            .map(String::as_str)
+            .filter(|e| !those.contains(e))
+            .collect()
+    }
+    (
+        not_in(&batch.old_extremities, &batch.new_extremities),
+        not_in(&batch.new_extremities, &batch.old_extremities),
+    )
 }
 
 /// Deletes the extremity rows of `gone` by their event: an event is of one

@@ -76,6 +76,20 @@ type Both = (Option<Arc<str>>, Option<Arc<str>>);
 /// Two groups' values on each slot where they differ.
 type PairDifferences = HashMap<StateKey, Both>;
 
+/// Per slot, the newest row seen: its group and its event.
+type Newest = HashMap<StateKey, (StateGroup, Arc<str>)>;
+
+/// Keeps the row of `group` for `slot` unless a row of a higher group (a
+/// newer one on the chain) is already kept.
+fn keep_newest(newest: &mut Newest, slot: &StateKey, group: StateGroup, event: &Arc<str>) {
+    match newest.get(slot) {
+        Some((g, _)) if *g >= group => {}
+        _ => {
+            newest.insert(slot.clone(), (group, event.clone()));
+        }
+    }
+}
+
 /// What a snapshot was made from, as the event it was written for shows:
 /// the state of `prev` (a group with the smaller id) with `slot` set to
 /// `event_id`. A snapshot with an origin stands, in a comparison, for that
@@ -125,6 +139,24 @@ const ORIGIN_HOPS: usize = 32;
 /// ([`base_values`]).
 const FEW_BASE_SLOTS: usize = 64;
 
+/// The chain of each of `groups` that exists, its ids highest first (each
+/// group's prev group has the smaller id); an unknown group has none.
+fn chains_of(db: &Database, groups: &[StateGroup]) -> Result<HashMap<StateGroup, Vec<StateGroup>>> {
+    let mut chains: HashMap<StateGroup, Vec<StateGroup>> = HashMap::new();
+    db.run_read("get_state_chains", |txn| {
+        chains.clear();
+        for (root, group) in sql::chain_groups(txn.conn(), groups)? {
+            chains.entry(root).or_default().push(group);
+        }
+        Ok(())
+    })?;
+    for chain in chains.values_mut() {
+        chain.sort_unstable_by(|a, b| b.cmp(a));
+        chain.dedup();
+    }
+    Ok(chains)
+}
+
 /// [`StateDifferences`] of `groups`, all written, read from the database
 /// (see the module comment), following the snapshots' `origins`. Unknown
 /// groups are an error.
@@ -137,14 +169,7 @@ pub(crate) fn read(
     let Some((&first, rest)) = groups.split_first() else {
         return Ok(StateDifferences::new());
     };
-    let mut chains: HashMap<StateGroup, Vec<StateGroup>> = HashMap::new();
-    db.run_read("get_state_chains", |txn| {
-        chains.clear();
-        for (root, group) in sql::chain_groups(txn.conn(), groups)? {
-            chains.entry(root).or_default().push(group);
-        }
-        Ok(())
-    })?;
+    let chains = chains_of(db, groups)?;
     let unknown: Vec<StateGroup> = groups
         .iter()
         .copied()
@@ -154,11 +179,6 @@ pub(crate) fn read(
         return Err(Error::not_found(format!(
             "unknown state group(s) {unknown:?}"
         )));
-    }
-    for chain in chains.values_mut() {
-        // Highest first: each group's prev group has the smaller id.
-        chain.sort_unstable_by(|a, b| b.cmp(a));
-        chain.dedup();
     }
     let pairs: Vec<PairDifferences> = rest
         .iter()
@@ -226,17 +246,9 @@ impl Side {
         if origin.prev >= lowest {
             return Ok(false);
         }
-        let mut chain: Vec<StateGroup> = db.run_read("get_state_chains", |txn| {
-            Ok(sql::chain_groups(txn.conn(), &[origin.prev])?
-                .into_iter()
-                .map(|(_, g)| g)
-                .collect())
-        })?;
-        if chain.is_empty() {
+        let Some(chain) = chains_of(db, &[origin.prev])?.remove(&origin.prev) else {
             return Ok(false);
-        }
-        chain.sort_unstable_by(|a, b| b.cmp(a));
-        chain.dedup();
+        };
         self.by_origin
             .insert(lowest, (origin.slot, origin.event_id));
         self.groups.extend(chain);
@@ -315,17 +327,12 @@ fn pair(
     // Per side, the newest row above its base for each slot: the origins'
     // rows first, then the rows read.
     let origin_rows = |side: &Side, base: StateGroup| {
-        let mut newest: HashMap<StateKey, (StateGroup, Arc<str>)> = HashMap::new();
+        let mut newest = Newest::new();
         for (&g, (slot, event)) in &side.by_origin {
             if g <= base {
                 continue;
             }
-            match newest.get(slot) {
-                Some((h, _)) if *h >= g => {}
-                _ => {
-                    newest.insert(slot.clone(), (g, event.clone()));
-                }
-            }
+            keep_newest(&mut newest, slot, g, event);
         }
         newest
     };
@@ -345,12 +352,7 @@ fn pair(
                     if !side.contains(&row.state_group) {
                         continue;
                     }
-                    match newest.get(&slot) {
-                        Some((g, _)) if *g >= row.state_group => {}
-                        _ => {
-                            newest.insert(slot.clone(), (row.state_group, row.event_id.0.clone()));
-                        }
-                    }
+                    keep_newest(newest, &slot, row.state_group, &row.event_id.0);
                 }
             })?;
         }
@@ -440,7 +442,7 @@ fn base_values(
     let Some((&snapshot, deltas)) = chain.split_last() else {
         return Ok(StateMap::new());
     };
-    let mut newest: HashMap<StateKey, (StateGroup, Arc<str>)> = HashMap::new();
+    let mut newest = Newest::new();
     let mut in_snapshot: Vec<(StateKey, Arc<str>)> = Vec::new();
     db.run_read("get_state_differences.base_values", |txn| {
         newest.clear();
@@ -451,12 +453,7 @@ fn base_values(
                 if !slots.contains(&slot) {
                     return;
                 }
-                match newest.get(&slot) {
-                    Some((g, _)) if *g >= row.state_group => {}
-                    _ => {
-                        newest.insert(slot, (row.state_group, row.event_id.0));
-                    }
-                }
+                keep_newest(&mut newest, &slot, row.state_group, &row.event_id.0);
             })?;
         }
         let rest: Vec<&StateKey> = slots
