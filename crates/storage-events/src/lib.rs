@@ -22,8 +22,8 @@ pub use extremities::new_forward_extremities;
 pub use invariants::{check_invariants, Violation};
 pub use read::{EventReads, StoredEvent};
 pub use replication::{
-    report_stream_position, Notification, ReplicationBatch, ALL_CACHES, CURRENT_STATE_CACHE,
-    REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
+    report_stream_position, Invalidations, Notification, ReplicationBatch, ALL_CACHES,
+    CURRENT_STATE_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 pub use statistics::{RefreshSchedule, TABLES_A_BATCH_GROWS};
 pub use store::{EventsStore, EVENTS_STREAM_SEQUENCE};

@@ -25,21 +25,45 @@ pub const STATE_GROUP_SHAPE_CACHE: &str = "state_group_shape";
 pub const ALL_CACHES: &str = "*";
 
 /// A notification on [`REPLICATION_CHANNEL`]: `"<position> <ms since the
-/// epoch> <0|1>"`, the committed position, when it was committed (workers
-/// measure their lag from it), and whether the transaction wrote cache
-/// invalidations. A worker that followed every notification since its position
-/// applies one without invalidations by taking its position, reading nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// epoch> <what was invalidated>"`, the committed position, when it was
+/// committed (workers measure their lag from it), and the transaction's cache
+/// invalidations (see [`Invalidations`]). A worker that followed every
+/// notification since its position applies one that carries its invalidations
+/// (or has none) without reading anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
     pub position: i64,
     pub committed_ms: i64,
-    /// Whether the position may come with invalidations to read (true for a
-    /// payload without the flag, from an older main process).
-    pub invalidations: bool,
+    pub invalidations: Invalidations,
 }
 
+/// What a notification says of the cache invalidations written at its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidations {
+    /// None (a batch of messages): `0`.
+    None,
+    /// The current state of this one room, the only invalidation a batch of
+    /// events writes: `c <room id>`. Carried so that every worker need not
+    /// read it back for every state event; the `cache_invalidations` row is
+    /// written all the same, for a worker that catches up.
+    CurrentState(String),
+    /// Some, to be read from `cache_invalidations`: `1`, and what a payload
+    /// says that this process does not know.
+    Read,
+}
+
+/// PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more; a room id
+/// longer than this (the spec allows 255) travels as [`Invalidations::Read`].
+const MAX_CARRIED_ROOM_ID: usize = 1_000;
+
 impl Notification {
-    pub fn new(position: i64, invalidations: bool) -> Self {
+    pub fn new(position: i64, invalidations: Invalidations) -> Self {
+        let invalidations = match invalidations {
+            Invalidations::CurrentState(room) if room.len() > MAX_CARRIED_ROOM_ID => {
+                Invalidations::Read
+            }
+            other => other,
+        };
         Notification {
             position,
             committed_ms: now_ms(),
@@ -48,20 +72,27 @@ impl Notification {
     }
 
     pub fn payload(&self) -> String {
-        format!(
-            "{} {} {}",
-            self.position,
-            self.committed_ms,
-            u8::from(self.invalidations)
-        )
+        let (position, ms) = (self.position, self.committed_ms);
+        match &self.invalidations {
+            Invalidations::None => format!("{position} {ms} 0"),
+            Invalidations::CurrentState(room) => format!("{position} {ms} c {room}"),
+            Invalidations::Read => format!("{position} {ms} 1"),
+        }
     }
 
     /// `None` for a payload that is not a notification.
     pub fn parse(payload: &str) -> Option<Notification> {
-        let mut parts = payload.split(' ');
+        // A room id is the rest of the payload, whatever it holds.
+        let mut parts = payload.splitn(4, ' ');
         let position = parts.next()?.parse().ok()?;
         let committed_ms = parts.next()?.parse().ok()?;
-        let invalidations = parts.next() != Some("0");
+        let invalidations = match (parts.next(), parts.next()) {
+            (Some("0"), None) => Invalidations::None,
+            (Some("c"), Some(room)) if !room.is_empty() => {
+                Invalidations::CurrentState(room.to_owned())
+            }
+            _ => Invalidations::Read,
+        };
         Some(Notification {
             position,
             committed_ms,
@@ -147,7 +178,7 @@ impl EventsStore {
         .execute(c))?;
         txn.notify(
             REPLICATION_CHANNEL,
-            &Notification::new(position, true).payload(),
+            &Notification::new(position, Invalidations::Read).payload(),
         )?;
         let reported = self.position.clone();
         txn.call_after(move || {
@@ -216,4 +247,52 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Invalidations, Notification, MAX_CARRIED_ROOM_ID};
+
+    #[test]
+    fn payloads_read_back_as_written() {
+        for invalidations in [
+            Invalidations::None,
+            Invalidations::Read,
+            Invalidations::CurrentState("!a:example.org".to_owned()),
+            // Whatever a room id holds after its prefix travels whole.
+            Invalidations::CurrentState("!with space c 1:example.org".to_owned()),
+        ] {
+            let n = Notification::new(42, invalidations);
+            assert_eq!(Notification::parse(&n.payload()), Some(n));
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_carried_is_read() {
+        let long = format!("!{}:example.org", "x".repeat(MAX_CARRIED_ROOM_ID));
+        let n = Notification::new(7, Invalidations::CurrentState(long));
+        assert_eq!(n.invalidations, Invalidations::Read);
+        assert!(n.payload().len() < 8_000);
+        // An older main process's payload, or one this process does not know.
+        for payload in [
+            "7 1700000000000",
+            "7 1700000000000 1",
+            "7 1700000000000 c",
+            "7 1700000000000 x y",
+        ] {
+            let n = Notification::parse(payload).unwrap();
+            assert_eq!(
+                (n.position, n.invalidations),
+                (7, Invalidations::Read),
+                "{payload}"
+            );
+        }
+        assert_eq!(
+            Notification::parse("7 1700000000000 0")
+                .unwrap()
+                .invalidations,
+            Invalidations::None
+        );
+        assert_eq!(Notification::parse("garbage"), None);
+    }
 }

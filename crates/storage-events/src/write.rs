@@ -4,7 +4,8 @@
 
 use crate::read::{load_existing, StoredEvent};
 use crate::replication::{
-    now_ms, report_stream_position, Notification, CURRENT_STATE_CACHE, REPLICATION_CHANNEL,
+    now_ms, report_stream_position, Invalidations, Notification, CURRENT_STATE_CACHE,
+    REPLICATION_CHANNEL,
 };
 use crate::schema::{
     cache_invalidations, event_auth, event_edges, event_forward_extremities, event_json, events,
@@ -144,10 +145,18 @@ impl EventsStore {
             .filter_map(|e| e.state_group.map(|g| (e.event_id.as_str(), g)))
             .collect();
         let max = *positions.iter().max().expect("at least one new event");
-        // Workers apply the position (reading the invalidations when there are
-        // some) and measure their lag from the time.
+        // Workers apply the position and the room's current-state
+        // invalidation it carries, and measure their lag from the time.
         let invalidated = !batch.current_state.is_empty();
-        let notification = Notification::new(max, invalidated).payload();
+        let notification = Notification::new(
+            max,
+            if invalidated {
+                Invalidations::CurrentState(batch.room_id.clone())
+            } else {
+                Invalidations::None
+            },
+        )
+        .payload();
         // The room's extremities become the new ones, with the events, where
         // the engine writes them in one statement: the old ones no longer
         // among them deleted, the new ones not among the old inserted.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
 use storage_events::{
-    report_stream_position, EventReads, EventsStore, Notification, ALL_CACHES, CURRENT_STATE_CACHE,
-    REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
+    report_stream_position, EventReads, EventsStore, Invalidations, Notification, ALL_CACHES,
+    CURRENT_STATE_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 use storage_state::StateStore;
 
@@ -119,17 +119,26 @@ impl SlavedStore {
     /// Applies the notifications drained from the listening connection, all
     /// those committed since this store's position (none missed: the
     /// connection listened throughout), and returns the new position. When
-    /// none says it wrote invalidations, the highest position is taken as it
-    /// is, with nothing read (a batch of messages); otherwise, or for a
-    /// payload that does not parse, [`Self::catch_up`] reads what is new.
+    /// each has no invalidations (a batch of messages) or carries them (a
+    /// room's current state), they are applied and the highest position is
+    /// taken, with nothing read; otherwise, or for a payload that does not
+    /// parse, [`Self::catch_up`] reads what is new.
     pub fn apply_notifications(&self, payloads: &[String]) -> Result<i64> {
         let notifications: Option<Vec<Notification>> =
             payloads.iter().map(|p| Notification::parse(p)).collect();
         let Some(notifications) = notifications else {
             return self.catch_up();
         };
-        if notifications.iter().any(|n| n.invalidations) {
+        if notifications
+            .iter()
+            .any(|n| n.invalidations == Invalidations::Read)
+        {
             return self.catch_up();
+        }
+        for n in &notifications {
+            if let Invalidations::CurrentState(room) = &n.invalidations {
+                self.state().invalidate_current_state(room);
+            }
         }
         if let Some(highest) = notifications.iter().map(|n| n.position).max() {
             let previous = self.position.fetch_max(highest, Ordering::SeqCst);

@@ -10,7 +10,7 @@ use storage_core::testing::TestDb;
 use storage_core::{with_conn, OpenMode, StoreConfig};
 use storage_events::{
     new_forward_extremities, testing, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
-    Notification, RoomBatch,
+    Invalidations, Notification, RoomBatch,
 };
 use storage_slaved::{SlavedStore, APPLICATION_NAME};
 use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap};
@@ -163,10 +163,10 @@ fn catch_up_applies_invalidations_then_reports_the_position() {
     storage_events::testing::assert_invariants(&t.open());
 }
 
-/// A batch's notification says whether it wrote invalidations: a state
-/// change does, a message does not.
+/// A batch's notification says what it invalidated: a state change carries
+/// its room's current state, a message nothing.
 #[test]
-fn a_batch_announces_whether_it_wrote_invalidations() {
+fn a_batch_announces_what_it_invalidated() {
     let Some(t) = TestDb::postgres() else { return };
     let mut main = Main::new(&t);
     main.write("$create", ("m.room.create", ""));
@@ -186,29 +186,32 @@ fn a_batch_announces_whether_it_wrote_invalidations() {
     };
     let position = main.write("$topic", ("m.room.topic", ""));
     let n = next();
-    assert_eq!((n.position, n.invalidations), (position, true));
+    assert_eq!(
+        (n.position, n.invalidations),
+        (position, Invalidations::CurrentState(ROOM.to_owned()))
+    );
     let position = main.message("$message");
     let n = next();
-    assert_eq!((n.position, n.invalidations), (position, false));
+    assert_eq!(
+        (n.position, n.invalidations),
+        (position, Invalidations::None)
+    );
     storage_events::testing::assert_invariants(&t.open());
 }
 
-/// Notifications without invalidations are applied by taking their
-/// position, reading nothing; one with invalidations, or one that does not
-/// say (an older main process), is applied by reading what is new.
+/// Notifications without invalidations, or carrying them, are applied by
+/// taking their position, reading nothing; one that says to read them, or
+/// does not say (an older main process), is applied by reading what is new.
 #[test]
-fn notifications_without_invalidations_cost_no_read() {
+fn notifications_that_carry_their_invalidations_cost_no_read() {
     let Some(t) = TestDb::postgres() else { return };
     let (mut main, worker) = room_with_a_cached_topic(&t);
     let stored = main.write("$topic2", ("m.room.topic", ""));
     // Positions beyond what is stored tell which way a notification went: a
     // read stops at the stored one.
     let payload = |position: i64, flag: &str| format!("{position} 1700000000000{flag}");
-    for says_invalidations in [payload(stored + 5, " 1"), payload(stored + 5, "")] {
-        assert_eq!(
-            worker.apply_notifications(&[says_invalidations]).unwrap(),
-            stored
-        );
+    for says_read in [payload(stored + 5, " 1"), payload(stored + 5, "")] {
+        assert_eq!(worker.apply_notifications(&[says_read]).unwrap(), stored);
         assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
     }
     let messages = [payload(stored + 1, " 0"), payload(stored + 2, " 0")];
@@ -220,6 +223,30 @@ fn notifications_without_invalidations_cost_no_read() {
         stored + 2
     );
     assert!(worker.replication_health().is_ok());
+}
+
+/// A room's current-state invalidation carried in the notification is applied
+/// as it is: the cached state goes, nothing is read.
+#[test]
+fn a_carried_invalidation_drops_the_cached_current_state() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (mut main, worker) = room_with_a_cached_topic(&t);
+    let stored = main.write("$topic2", ("m.room.topic", ""));
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    // A position beyond what is stored: a read would stop at the stored one.
+    let carried = [
+        format!("{} 1700000000000 0", stored + 4),
+        format!("{} 1700000000000 c {ROOM}", stored + 5),
+    ];
+    assert_eq!(worker.apply_notifications(&carried).unwrap(), stored + 5);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+    // Another room's invalidation leaves this one's cache alone.
+    let elsewhere = main.write("$topic3", ("m.room.topic", ""));
+    assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+    let other = [format!("{} 1700000000000 c !other:test", elsewhere + 10)];
+    assert_eq!(worker.apply_notifications(&other).unwrap(), elsewhere + 10);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 #[test]
