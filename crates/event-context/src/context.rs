@@ -22,7 +22,7 @@ use storage_core::{Error, Result, StoreConfig};
 use storage_events::{EventReads, EventToPersist, EventsStore, StoredEvent};
 use storage_state::{
     NewStateGroup, PreparedStateGroup, StateDifferences, StateFilter, StateGroup, StateGroupAccess,
-    StateStore,
+    StateStore, StoredOrigins,
 };
 
 /// Where an event stands in its room's state.
@@ -113,9 +113,9 @@ pub struct ContextBuilder {
     /// Of those, the resolutions whose auth difference needed the unconflicted
     /// events' auth chain.
     asked_unconflicted_chain: Arc<AtomicU64>,
-    /// Snapshots whose origin their event vouched for (see
-    /// [`crate::origins`]).
-    pub(crate) snapshot_origins: Arc<AtomicU64>,
+    /// The snapshots' origins comparisons of groups go through, found from
+    /// the stored events and counted ([`storage_state::StoredOrigins`]).
+    snapshot_origins: Arc<StoredOrigins>,
     /// Whether new groups are prepared for the event's batch to write rather
     /// than written at once.
     defer_group_writes: bool,
@@ -156,7 +156,7 @@ impl ContextBuilder {
             event_reads: Arc::new(AtomicU64::new(0)),
             resolved_by_conflict: Arc::new(AtomicU64::new(0)),
             asked_unconflicted_chain: Arc::new(AtomicU64::new(0)),
-            snapshot_origins: Arc::new(AtomicU64::new(0)),
+            snapshot_origins: Arc::new(StoredOrigins::default()),
             defer_group_writes: false,
         }
     }
@@ -257,7 +257,7 @@ impl ContextBuilder {
     /// Snapshots that comparisons of groups went through by their origin (the
     /// prev group of their event) rather than by their rows.
     pub fn snapshot_origins_followed(&self) -> u64 {
-        self.snapshot_origins.load(Ordering::Relaxed)
+        self.snapshot_origins.followed()
     }
 
     /// `get_events`, counted.
@@ -665,13 +665,9 @@ impl ContextBuilder {
                 .first()
                 .ok_or_else(|| Error::other(format!("{what}: no groups")))?,
             len: groups.len(),
-            differences: self.state.get_state_differences(
-                groups,
-                &crate::origins::EventOrigins {
-                    builder: self,
-                    pending,
-                },
-            )?,
+            differences: self
+                .state
+                .get_state_differences(groups, &*self.snapshot_origins)?,
         };
         let r = self
             .resolve_from(room_version, &source, pending, &what)?

@@ -25,7 +25,6 @@ pub mod context;
 mod error;
 pub mod event_id;
 pub mod incoming;
-mod origins;
 mod parse;
 pub mod pdu;
 pub mod resolve;

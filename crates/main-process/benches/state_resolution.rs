@@ -7,8 +7,9 @@
 //! whose prev events are the two fork tips gets its context from
 //! `ContextBuilder::compute_event_context` with fresh (cold) caches: what the
 //! two groups disagree on read from the database (each fork's tip sits on a
-//! snapshot of its own, so the two snapshots are compared there), resolved with
-//! ruma, the result stored as a delta on one tip. On SQLite and (with
+//! snapshot of its own: the forks are compared from where they meet, through
+//! the snapshots' origins), resolved with ruma, the result stored as a delta
+//! on one tip. On SQLite and (with
 //! `HS_TEST_POSTGRES_URL`) PostgreSQL.
 //!
 //! For profiling on SQLite: `HS_BENCH_DB=FILE` keeps the imported room in FILE
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{Conn, Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::EventsStore;
-use storage_state::{StateFilter, StateGroupAccess};
+use storage_state::{NoOrigins, StateFilter, StateGroupAccess, StateStore, StoredOrigins};
 
 /// Matrix HQ's joined members; `HS_BENCH_RESOLUTION_MEMBERS` shrinks the room
 /// (and the forks, to a tenth of it at most) for quicker runs while working.
@@ -134,6 +135,7 @@ fn run(t: &TestDb, file: &std::path::Path, room: &ForkedRoom, members: usize) {
         room.short_leaves.len(),
         "short forks",
     );
+    differences_by_origins(&db, &room.merges);
 
     // The same two groups resolved over their whole states, every event of
     // both loaded (what a resolution whose conflict is not enough falls back
@@ -250,6 +252,52 @@ fn alternated(db: &Database, merges: &[String], conflicted: usize, what: &str) {
         median(&mut by_differences),
         median(&mut whole_states),
         merges.len()
+    );
+}
+
+/// What the HQ forks' tips disagree on, read from cold caches through the
+/// snapshots' origins (what a context reads: one statement per snapshot
+/// crossed, [`StoredOrigins`]) against comparing the snapshots the tips'
+/// chains end in by their rows ([`NoOrigins`]: on PostgreSQL the server
+/// compares them), alternately, twice per merge; both must agree.
+fn differences_by_origins(db: &Database, merges: &[String]) {
+    let config = StoreConfig::default();
+    let fresh = || StateStore::new(db.clone(), &config).expect("store");
+    let e = db.engine().name();
+    let (mut by_origins, mut by_rows) = (Vec::new(), Vec::new());
+    let mut followed = 0;
+    for line in merges.iter().chain(merges) {
+        let pdu = Pdu::from_json(line, Some(&RoomVersionId::V10)).expect("merge event");
+        let builder = ContextBuilder::new(
+            EventsStore::new(db.clone(), &config).expect("store"),
+            &config,
+        );
+        let groups = tip_groups(&builder, &pdu);
+        let origins = StoredOrigins::default();
+        let start = Instant::now();
+        let through = fresh()
+            .get_state_differences(&groups, &origins)
+            .expect("differences through the origins");
+        by_origins.push(start.elapsed());
+        followed = origins.followed();
+        let start = Instant::now();
+        let compared = fresh()
+            .get_state_differences(&groups, &NoOrigins)
+            .expect("differences of the snapshots' rows");
+        by_rows.push(start.elapsed());
+        assert!(through == compared, "both ways find the same differences");
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    println!(
+        "{e:<9} what the long forks' tips disagree on, cold caches: through {followed} \
+         snapshots' origins median {:8.1} ms; the snapshots compared by their rows median \
+         {:8.1} ms ({} runs each, alternated)",
+        median(&mut by_origins),
+        median(&mut by_rows),
+        by_rows.len()
     );
 }
 

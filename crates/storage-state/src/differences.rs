@@ -14,18 +14,17 @@
 //! there the chains share no group. A snapshot's rows are the whole room,
 //! but the event it was written for says what it is: the state of its prev
 //! event's group with one slot set ([`SnapshotOrigin`], found by the caller's
-//! [`SnapshotOrigins`] from the events tables). So each way down goes on
-//! through its lowest snapshot's origin (the way whose lowest group is the
-//! higher first) until the two meet, standing the snapshot's rows for that
-//! one row, and the forks are compared from where they meet, as forks on a
-//! shared chain are. That costs a few statements per snapshot crossed, so
-//! only an engine whose statements are cheap (SQLite) goes that way. Where
-//! an origin is missing (a snapshot written for a rejected event, or one
-//! with several prev events), or on PostgreSQL, the two lowest snapshots are
-//! compared: PostgreSQL compares them itself
-//! ([`sql::differing_rows`]) and sends only the differing rows; SQLite,
-//! whose rows cost little to hand over and whose comparison costs more than
-//! reading both, has both snapshots read whole (and cached).
+//! [`SnapshotOrigins`], in practice [`StoredOrigins`] from the events tables).
+//! So each way down goes on through its lowest snapshot's origin (the way
+//! whose lowest group is the higher first) until the two meet, standing the
+//! snapshot's rows for that one row, and the forks are compared from where
+//! they meet, as forks on a shared chain are: one statement per snapshot
+//! crossed, in one read transaction, on both engines. Where an origin is
+//! missing (a snapshot written for a rejected event, or one with several
+//! prev events), the two lowest snapshots are compared: PostgreSQL compares
+//! them itself ([`sql::differing_rows`]) and sends only the differing rows;
+//! SQLite, whose rows cost little to hand over and whose comparison costs
+//! more than reading both, has both snapshots read whole (and cached).
 //!
 //! A candidate slot's value on a side is its newest row above that side's base
 //! (the shared group or the snapshot), else the base's value: from the
@@ -44,8 +43,9 @@ use crate::read;
 use crate::sql;
 use crate::types::{StateGroup, StateKey, StateMap};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use storage_core::{Database, Error, Result};
+use storage_core::{Conn, Database, Error, Result};
 
 /// Per slot on which some of the groups asked about disagree, each group's
 /// value there (`None`: the group lacks the slot), in the order the groups were
@@ -105,12 +105,35 @@ pub struct SnapshotOrigin {
     pub event_id: Arc<str>,
 }
 
-/// Finds [`SnapshotOrigin`]s. The state tables cannot say (a snapshot has no
-/// edge); the events tables can, so the events store answers
-/// (storage-events), and [`NoOrigins`] where none is known.
+/// Finds [`SnapshotOrigin`]s, within the read transaction of the comparison
+/// that walks through them (`conn`). The state tables cannot say (a snapshot
+/// has no edge); the events tables can ([`StoredOrigins`]); [`NoOrigins`]
+/// where none is known.
 pub trait SnapshotOrigins {
     /// The origin of `group`, `None` when its event does not vouch for one.
-    fn snapshot_origin(&self, group: StateGroup) -> Result<Option<SnapshotOrigin>>;
+    fn snapshot_origin(&self, conn: &mut Conn, group: StateGroup)
+        -> Result<Option<SnapshotOrigin>>;
+
+    /// The origin of `group` and the chain of its prev group (ids highest
+    /// first, the prev group itself included; none: it does not exist). By
+    /// default [`Self::snapshot_origin`] and then a walk of the chain: two
+    /// statements.
+    fn origin_and_chain(
+        &self,
+        conn: &mut Conn,
+        group: StateGroup,
+    ) -> Result<Option<(SnapshotOrigin, Vec<StateGroup>)>> {
+        let Some(origin) = self.snapshot_origin(conn, group)? else {
+            return Ok(None);
+        };
+        let mut chain: Vec<StateGroup> = sql::chain_groups(conn, &[origin.prev])?
+            .into_iter()
+            .map(|(_, g)| g)
+            .collect();
+        chain.sort_unstable_by(|a, b| b.cmp(a));
+        chain.dedup();
+        Ok(Some((origin, chain)))
+    }
 }
 
 /// No snapshot's origin known: snapshots are compared by their rows.
@@ -118,14 +141,76 @@ pub trait SnapshotOrigins {
 pub struct NoOrigins;
 
 impl SnapshotOrigins for NoOrigins {
-    fn snapshot_origin(&self, _: StateGroup) -> Result<Option<SnapshotOrigin>> {
+    fn snapshot_origin(&self, _: &mut Conn, _: StateGroup) -> Result<Option<SnapshotOrigin>> {
         Ok(None)
     }
 }
 
+/// Snapshot origins as the stored events show them, counted.
+///
+/// The state after an accepted state event is the state before it with the
+/// event's slot set to it, and the state before an event with one prev event
+/// is the state after that prev event. So a group written for such an event,
+/// and still the event's group, is the prev event's group with one slot set,
+/// whatever rows it was stored as: a snapshot, when the prev group's chain
+/// was already [`MAX_STATE_DELTA_HOPS`](crate::MAX_STATE_DELTA_HOPS) long.
+/// An event rejected, not a state event, with several prev events (its state
+/// before is a resolution), or no longer mapped to the group vouches for
+/// nothing. Each hop is one statement ([`sql::origin_chain`]): the origin and
+/// the next chain together.
+#[derive(Debug, Default)]
+pub struct StoredOrigins {
+    followed: AtomicU64,
+}
+
+impl StoredOrigins {
+    /// Snapshots whose origin was found so far.
+    pub fn followed(&self) -> u64 {
+        self.followed.load(Ordering::Relaxed)
+    }
+}
+
+impl SnapshotOrigins for StoredOrigins {
+    fn snapshot_origin(
+        &self,
+        conn: &mut Conn,
+        group: StateGroup,
+    ) -> Result<Option<SnapshotOrigin>> {
+        Ok(self
+            .origin_and_chain(conn, group)?
+            .map(|(origin, _)| origin))
+    }
+
+    fn origin_and_chain(
+        &self,
+        conn: &mut Conn,
+        group: StateGroup,
+    ) -> Result<Option<(SnapshotOrigin, Vec<StateGroup>)>> {
+        let mut origin = None;
+        let mut chain = Vec::new();
+        sql::origin_chain(conn, group, |row| {
+            if let (Some(t), Some(k), Some(e)) = (row.event_type, row.state_key, row.event_id) {
+                origin = Some(SnapshotOrigin {
+                    prev: row.state_group,
+                    slot: (t.0, k.0),
+                    event_id: e.0,
+                });
+            }
+            chain.push(row.state_group);
+        })?;
+        let Some(origin) = origin else {
+            return Ok(None);
+        };
+        chain.sort_unstable_by(|a, b| b.cmp(a));
+        chain.dedup();
+        self.followed.fetch_add(1, Ordering::Relaxed);
+        Ok(Some((origin, chain)))
+    }
+}
+
 /// Snapshot origins followed per comparison of two groups, at most: each is a
-/// few statements and a chain of up to [`MAX_STATE_DELTA_HOPS`] groups whose
-/// rows are then read, so a fork crossing more snapshots than this is
+/// statement and a chain of up to [`MAX_STATE_DELTA_HOPS`] groups whose rows
+/// are then read, so a fork crossing more snapshots than this is
 /// compared by its snapshots' rows instead. The HQ forks of the state
 /// resolution benchmark (848 leaves each) cross 9 each.
 ///
@@ -215,7 +300,7 @@ pub(crate) fn read(
 /// origin's prev group. Ids fall all the way down (a prev group and an
 /// origin's prev have smaller ids), so the group of a row tells which row is
 /// newer, as on one chain.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Side {
     group: StateGroup,
     groups: Vec<StateGroup>,
@@ -238,17 +323,14 @@ impl Side {
 
     /// Goes on below the lowest group through its origin; false when it has
     /// none (or one that would not lead down).
-    fn extend(&mut self, db: &Database, origins: &dyn SnapshotOrigins) -> Result<bool> {
+    fn extend(&mut self, conn: &mut Conn, origins: &dyn SnapshotOrigins) -> Result<bool> {
         let lowest = self.lowest();
-        let Some(origin) = origins.snapshot_origin(lowest)? else {
+        let Some((origin, chain)) = origins.origin_and_chain(conn, lowest)? else {
             return Ok(false);
         };
-        if origin.prev >= lowest {
+        if origin.prev >= lowest || chain.is_empty() {
             return Ok(false);
         }
-        let Some(chain) = chains_of(db, &[origin.prev])?.remove(&origin.prev) else {
-            return Ok(false);
-        };
         self.by_origin
             .insert(lowest, (origin.slot, origin.event_id));
         self.groups.extend(chain);
@@ -280,6 +362,12 @@ impl Side {
     }
 }
 
+/// The highest group on both ways down, if any.
+fn shared_group(a: &Side, b: &Side) -> Option<StateGroup> {
+    let in_b: HashSet<StateGroup> = b.groups.iter().copied().collect();
+    a.groups.iter().copied().find(|g| in_b.contains(g))
+}
+
 /// Where groups `a` and `b` (with their chains, highest first) differ.
 fn pair(
     caches: &StateCaches,
@@ -295,28 +383,32 @@ fn pair(
     // snapshot): the bases below which nothing is read row by row. Where the
     // chains do not meet, the side whose lowest group is the higher goes on
     // through its snapshot's origin (the other cannot reach any group below
-    // that side's) until they meet, or an origin is missing. Only where
-    // statements are cheap: each snapshot crossed costs four (its event, the
-    // event's group, the prev event's, the next chain), about 75 for the HQ
-    // forks, which on PostgreSQL cost more than its comparing the two
-    // snapshots itself in one (compute_event_context over the HQ forks,
-    // state_resolution bench, alternated: 244-321 ms against 129-171 ms).
-    let follow_origins = db.engine().round_trips_are_cheap();
-    let mut hops = 0;
-    let (base_a, base_b) = loop {
-        let in_b: HashSet<StateGroup> = side_b.groups.iter().copied().collect();
-        if let Some(&shared) = side_a.groups.iter().find(|g| in_b.contains(g)) {
-            break (shared, shared);
+    // that side's) until they meet, or an origin is missing: one statement
+    // per snapshot crossed, all in one read transaction (on PostgreSQL each
+    // statement is a round trip; the HQ forks cross 18 snapshots).
+    let (base_a, base_b) = match shared_group(&side_a, &side_b) {
+        Some(shared) => (shared, shared),
+        None => {
+            let (start_a, start_b) = (side_a.clone(), side_b.clone());
+            db.run_read("get_state_differences.walk", |txn| {
+                side_a.clone_from(&start_a);
+                side_b.clone_from(&start_b);
+                for _ in 0..ORIGIN_HOPS {
+                    let higher = if side_a.lowest() > side_b.lowest() {
+                        &mut side_a
+                    } else {
+                        &mut side_b
+                    };
+                    if !higher.extend(txn.conn(), origins)? {
+                        break;
+                    }
+                    if let Some(shared) = shared_group(&side_a, &side_b) {
+                        return Ok((shared, shared));
+                    }
+                }
+                Ok((side_a.lowest(), side_b.lowest()))
+            })?
         }
-        let higher = if side_a.lowest() > side_b.lowest() {
-            &mut side_a
-        } else {
-            &mut side_b
-        };
-        if !follow_origins || hops == ORIGIN_HOPS || !higher.extend(db, origins)? {
-            break (side_a.lowest(), side_b.lowest());
-        }
-        hops += 1;
     };
     let above_a: HashSet<StateGroup> = side_a.rows_above(base_a).collect();
     let above_b: HashSet<StateGroup> = side_b.rows_above(base_b).collect();

@@ -25,7 +25,7 @@ mod write;
 pub use caches::{Delta, StateCaches};
 pub use differences::{
     of_states as differences_of_states, NoOrigins, SnapshotOrigin, SnapshotOrigins,
-    StateDifferences,
+    StateDifferences, StoredOrigins,
 };
 pub use filter::StateFilter;
 pub use lookup::{room_state, StateLookupError};

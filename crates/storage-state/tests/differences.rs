@@ -15,15 +15,17 @@ use common::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use storage_core::testing::TestDb;
+use storage_core::Transaction;
 use storage_state::{
     NewStateGroup, NoOrigins, SnapshotOrigin, SnapshotOrigins, StateDifferences, StateFilter,
-    StateGroup, StateGroupAccess, StateMap, StateStore,
+    StateGroup, StateGroupAccess, StateMap, StateStore, StoredOrigins,
 };
 
 storage_core::engine_tests!(
     forks_on_a_shared_chain,
     forks_on_snapshots_of_their_own,
     forks_through_snapshot_origins,
+    stored_origins_are_what_the_events_vouch_for,
     unknown_groups_are_an_error,
 );
 
@@ -185,7 +187,11 @@ impl Origins {
 }
 
 impl SnapshotOrigins for Origins {
-    fn snapshot_origin(&self, group: StateGroup) -> storage_core::Result<Option<SnapshotOrigin>> {
+    fn snapshot_origin(
+        &self,
+        _: &mut storage_core::Conn,
+        group: StateGroup,
+    ) -> storage_core::Result<Option<SnapshotOrigin>> {
         self.asked.borrow_mut().push(group);
         Ok(self.known.get(&group).cloned())
     }
@@ -259,18 +265,14 @@ fn forks_through_snapshot_origins(t: &TestDb) {
             ("m.topic", "")
         ]
     );
-    // Origins are followed where statements are cheap (SQLite); PostgreSQL
-    // compares the snapshots itself (see `differences::pair`).
-    let follows = store.database().engine().round_trips_are_cheap();
+    // The snapshots' origins are followed, on both engines.
     let asked = origins.asked.borrow().clone();
-    assert_eq!(
+    assert!(
         [snap_a, snap_b1, snap_b2].iter().all(|g| asked.contains(g)),
-        follows,
-        "the snapshots' origins followed where statements are cheap: asked {asked:?}"
+        "the snapshots' origins followed: asked {asked:?}"
     );
     // The origins stand for the snapshots' rows, which are not read: an
-    // origin that disagrees with its snapshot's rows shows in the answer
-    // (where they are followed).
+    // origin that disagrees with its snapshot's rows shows in the answer.
     let mut lying = Origins {
         known: origins.known.clone(),
         ..Default::default()
@@ -280,7 +282,7 @@ fn forks_through_snapshot_origins(t: &TestDb) {
     let told = fresh.get_state_differences(&[a, b], &lying).unwrap();
     assert_eq!(
         told[&storage_state::key(MEMBER, "@u3:test")][0].as_deref(),
-        Some(if follows { "$not-the-row" } else { "$leave3a" }),
+        Some("$not-the-row"),
         "{told:?}"
     );
     check_with(&store, &[b, a], &origins);
@@ -309,6 +311,167 @@ fn forks_through_snapshot_origins(t: &TestDb) {
     let got = check_with(&store, &[c, d], &origins);
     assert_eq!(got.len(), 30 + 45 + 3, "{got:?}");
     check_with(&store, &[d, c, a], &origins);
+}
+
+/// Writes the events rows [`StoredOrigins`] reads for `event`: its row in
+/// `events` (a state event on `slot`, else a message) and an `event_edges`
+/// row per prev event, as the events store writes them (the state store
+/// writes neither table, so the test does).
+fn event_rows(store: &StateStore, event: &str, slot: Option<(&str, &str)>, prevs: &[&str]) {
+    use diesel::sql_types::{Nullable, Text};
+    use diesel::RunQueryDsl;
+    let (event_type, state_key) = match slot {
+        Some((t, k)) => (t, Some(k)),
+        None => ("m.room.message", None),
+    };
+    store
+        .database()
+        .run_interaction("test_event_rows", |txn: &mut Transaction<'_>| {
+            storage_core::with_conn!(txn.conn(), |c| diesel::sql_query(
+                "INSERT INTO events (stream_ordering, topological_ordering, event_id, type, \
+                 room_id, outlier, state_key) VALUES \
+                 ((SELECT COALESCE(MAX(stream_ordering), 0) + 1 FROM events), 0, $1, $2, $3, \
+                 FALSE, $4)",
+            )
+            .bind::<Text, _>(event)
+            .bind::<Text, _>(event_type)
+            .bind::<Text, _>(ROOM)
+            .bind::<Nullable<Text>, _>(state_key)
+            .execute(c))?;
+            for prev in prevs {
+                storage_core::with_conn!(txn.conn(), |c| diesel::sql_query(
+                    "INSERT INTO event_edges (event_id, prev_event_id, room_id) VALUES ($1, $2, $3)",
+                )
+                .bind::<Text, _>(event)
+                .bind::<Text, _>(*prev)
+                .bind::<Text, _>(ROOM)
+                .execute(c))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Runs `sql` (no binds) on the test database.
+fn execute(store: &StateStore, sql: &str) {
+    use diesel::RunQueryDsl;
+    store
+        .database()
+        .run_interaction("test_execute", |txn: &mut Transaction<'_>| {
+            storage_core::with_conn!(txn.conn(), |c| diesel::sql_query(sql).execute(c))?;
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// The origins the stored events vouch for ([`StoredOrigins`], one
+/// statement per snapshot crossed): two forks crossing snapshots of their
+/// own are compared from where they meet, and give what comparing whole
+/// states gives; a snapshot's event that is rejected, has two prev events,
+/// or no longer maps to the snapshot vouches for nothing, and the answer
+/// stays right (the snapshots' rows compared instead).
+fn stored_origins_are_what_the_events_vouch_for(t: &TestDb) {
+    let store = store(t);
+    let root = store
+        .store_state_group(&NewStateGroup::snapshot("$root", ROOM, &room_state()))
+        .unwrap();
+    let shared = delta(&store, root, "$s1", &[(MEMBER, "@u1:test", "$ban1")]);
+    // Each group's event: a state event on the slot its group sets, one
+    // prev event (the event of the group below), mapped to its group.
+    let mut mappings = vec![("$root", root), ("$s1", shared)];
+    event_rows(&store, "$root", Some((CREATE, "")), &[]);
+    event_rows(&store, "$s1", Some((MEMBER, "@u1:test")), &["$root"]);
+    let mut unused = Origins::default();
+    let a1 = delta(&store, shared, "$a1", &[("m.topic", "", "$a1")]);
+    event_rows(&store, "$a1", Some(("m.topic", "")), &["$s1"]);
+    let snap_a = snapshot_over(&store, &mut unused, a1, (MEMBER, "@u3:test"), "$a2");
+    event_rows(&store, "$a2", Some((MEMBER, "@u3:test")), &["$a1"]);
+    let a = delta(&store, snap_a, "$a3", &[(MEMBER, "@u2:test", "$a3")]);
+    event_rows(&store, "$a3", Some((MEMBER, "@u2:test")), &["$a2"]);
+    let b1 = delta(&store, shared, "$b1", &[(NAME, "", "$b1")]);
+    event_rows(&store, "$b1", Some((NAME, "")), &["$s1"]);
+    let snap_b = snapshot_over(&store, &mut unused, b1, (MEMBER, "@u4:test"), "$b2");
+    event_rows(&store, "$b2", Some((MEMBER, "@u4:test")), &["$b1"]);
+    let b = delta(&store, snap_b, "$b3", &[(MEMBER, "@u3:test", "$b3")]);
+    event_rows(&store, "$b3", Some((MEMBER, "@u3:test")), &["$b2"]);
+    mappings.extend([
+        ("$a1", a1),
+        ("$a2", snap_a),
+        ("$a3", a),
+        ("$b1", b1),
+        ("$b2", snap_b),
+        ("$b3", b),
+    ]);
+    map_events(&store, &mappings);
+
+    let followed = |groups: &[StateGroup]| {
+        let stored = StoredOrigins::default();
+        check_with(&store, groups, &stored);
+        stored.followed()
+    };
+    assert_eq!(followed(&[a, b]), 2, "both snapshots gone through");
+    assert_eq!(followed(&[b, a]), 2);
+    // The origin comes from the events, not the snapshot's rows: an event
+    // on another slot than the snapshot set shows in the answer.
+    execute(
+        &store,
+        "UPDATE events SET state_key = '@u5:test' WHERE event_id = '$a2'",
+    );
+    let got = cold(&store)
+        .get_state_differences(&[a, b], &StoredOrigins::default())
+        .unwrap();
+    assert_eq!(
+        got[&storage_state::key(MEMBER, "@u5:test")][0].as_deref(),
+        Some("$a2"),
+        "{got:?}"
+    );
+    execute(
+        &store,
+        "UPDATE events SET state_key = '@u3:test' WHERE event_id = '$a2'",
+    );
+    // Rejected: no origin.
+    execute(
+        &store,
+        "UPDATE events SET rejection_reason = 'auth' WHERE event_id = '$a2'",
+    );
+    assert_eq!(
+        followed(&[a, b]),
+        1,
+        "fork a's snapshot compared by its rows"
+    );
+    execute(
+        &store,
+        "UPDATE events SET rejection_reason = NULL WHERE event_id = '$a2'",
+    );
+    // Two prev events: no origin.
+    execute(
+        &store,
+        "INSERT INTO event_edges (event_id, prev_event_id, room_id) \
+         VALUES ('$b2', '$a1', '!abc123:test')",
+    );
+    // Fork b's snapshot is the higher, so the walk stops there: the two
+    // snapshots compared by their rows.
+    assert_eq!(
+        followed(&[a, b]),
+        0,
+        "fork b's snapshot vouches for nothing"
+    );
+    execute(
+        &store,
+        "DELETE FROM event_edges WHERE event_id = '$b2' AND prev_event_id = '$a1'",
+    );
+    assert_eq!(followed(&[a, b]), 2);
+    // The event mapped to another group: no origin; a message: none.
+    execute(
+        &store,
+        "UPDATE event_to_state_groups SET state_group = 0 WHERE event_id = '$a2'",
+    );
+    assert_eq!(followed(&[a, b]), 1, "fork a's event maps elsewhere");
+    execute(
+        &store,
+        "UPDATE events SET state_key = NULL WHERE event_id = '$b2'",
+    );
+    assert_eq!(followed(&[a, b]), 0, "neither snapshot vouched for");
 }
 
 fn unknown_groups_are_an_error(t: &TestDb) {
