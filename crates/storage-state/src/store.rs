@@ -193,6 +193,7 @@ impl StateStore {
             txn,
             &self.caches,
             new,
+            None,
             group,
             &mut StoredInTxn::default(),
             &mut rows,
@@ -328,7 +329,16 @@ impl StateStore {
         let news: Vec<NewStateGroup<'_>> = groups.iter().map(|g| g.as_new()).collect();
         let mut rows = GroupRows::default();
         for (g, new) in groups.iter().zip(&news) {
-            write::store_txn(txn, &self.caches, new, g.group, &mut stored, &mut rows)?;
+            let known = g.known_state();
+            write::store_txn(
+                txn,
+                &self.caches,
+                new,
+                known,
+                g.group,
+                &mut stored,
+                &mut rows,
+            )?;
         }
         rows.flush(txn)?;
         let unwritten = self.unwritten.clone();

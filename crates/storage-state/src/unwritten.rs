@@ -62,6 +62,12 @@ impl PreparedStateGroup {
         self.state.clone()
     }
 
+    /// Its full state if held, borrowed: what its store writes when the
+    /// group must be a snapshot.
+    pub(crate) fn known_state(&self) -> Option<&StateMap> {
+        self.state.as_ref()
+    }
+
     /// The arguments that store it.
     pub fn as_new(&self) -> NewStateGroup<'_> {
         NewStateGroup {
