@@ -251,7 +251,10 @@ impl<'a> GroupRows<'a> {
         ]
     }
 
+    /// Adds the rows of `state` as `group`'s, in the order of the
+    /// `(state_group, type, state_key)` index (see [`in_index_order`]).
     fn add_state(&mut self, group: StateGroup, room_id: &'a str, state: &'a StateMap) {
+        let start = self.state.len();
         self.state.extend(state.iter().map(|((t, k), e)| StateRow {
             state_group: group,
             room_id,
@@ -259,6 +262,7 @@ impl<'a> GroupRows<'a> {
             state_key: k,
             event_id: e,
         }));
+        in_index_order(&mut self.state[start..]);
     }
 }
 
@@ -355,9 +359,17 @@ pub(crate) fn store_txn<'a>(
     let caches = caches.clone();
     let room_id = new.room_id.to_owned();
     let delta_entry = delta_base.map(|(prev, delta, _)| (prev, Arc::new(delta.clone())));
+    // A snapshot cut from a chain is still its prev group's state with its
+    // delta applied: the caches derive it from the prev group's entries
+    // when they hold those, rather than split the room's whole state anew.
+    let derived_from = match (&delta_entry, new.prev_group, new.delta_ids) {
+        (Some(entry), _, _) => Some(entry.clone()),
+        (None, Some(prev), Some(delta)) => Some((prev, Arc::new(delta.clone()))),
+        _ => None,
+    };
     txn.call_after(move || {
         let seqs = (seq_members, seq_non_members);
-        let derived_from = delta_entry.clone();
+        let derived_from = derived_from.clone();
         prefill(&caches, seqs, group, room_id, full_state, derived_from);
         caches.deltas.insert(group, delta_entry);
         caches.chain_lengths.insert(group, chain_len);
@@ -447,7 +459,7 @@ fn insert_state_rows(
     room_id: &str,
     state: &StateMap,
 ) -> Result<()> {
-    let rows: Vec<StateRow<'_>> = state
+    let mut rows: Vec<StateRow<'_>> = state
         .iter()
         .map(|((t, k), e)| StateRow {
             state_group: group,
@@ -457,7 +469,19 @@ fn insert_state_rows(
             event_id: e,
         })
         .collect();
+    in_index_order(&mut rows);
     insert_rows(txn, &rows)
+}
+
+/// Sorts one group's rows by `(type, state_key)`, the order of the index
+/// on `(state_group, type, state_key)`, rather than a map's hash order: each
+/// row then goes at the index's end (on SQLite an append to its last leaf
+/// page, split by the quick path), not between rows of the same group
+/// already there (a cell array moved aside in the page, a page split in the
+/// middle) . The rows stored are the same; a snapshot's 5,000 rows a
+/// snapshot are sorted in well under a millisecond.
+fn in_index_order(rows: &mut [StateRow<'_>]) {
+    rows.sort_unstable_by(|a, b| (a.type_, a.state_key).cmp(&(b.type_, b.state_key)));
 }
 
 /// Whether rows are inserted one a statement, each table's single-row INSERT

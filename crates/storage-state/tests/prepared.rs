@@ -238,4 +238,39 @@ fn a_prepared_chain_past_the_hop_limit_snapshots_the_state_it_holds(t: &TestDb) 
         assert_eq!(got, wants[i], "prepared group #{i}, read from the database");
     }
     assert_eq!(writer.prepared_groups_waiting(), 0);
+    // The writer's caches, filled at the commit (the snapshot's derived from
+    // its prev group's entries), hold the same states.
+    for i in [limit - 1, limit, limit + 1] {
+        let group = prepared[i].group;
+        let got = writer
+            .get_state_for_groups(&[group], &StateFilter::all())
+            .unwrap()
+            .remove(&group)
+            .unwrap();
+        assert_eq!(
+            got, wants[i],
+            "prepared group #{i}, from the writer's caches"
+        );
+    }
+    if t.engine() == "sqlite" {
+        // The snapshot's rows went in in the index's order (type, state
+        // key), so that each lands at the index's end: rowids say the order.
+        let snapshot = prepared[limit].group;
+        use diesel::prelude::*;
+        use storage_state::schema::state_groups_state as sgs;
+        let mut raw = t.raw_connection();
+        let stored: Vec<(String, String)> = storage_core::with_conn!(&mut raw, |c| sgs::table
+            .filter(sgs::state_group.eq(snapshot))
+            .order(diesel::dsl::sql::<diesel::sql_types::BigInt>("rowid"))
+            .select((sgs::type_, sgs::state_key))
+            .load(c))
+        .unwrap();
+        let mut sorted = stored.clone();
+        sorted.sort();
+        assert_eq!(stored.len(), wants[limit].len());
+        assert!(
+            stored == sorted,
+            "the snapshot's rows were not inserted in index order"
+        );
+    }
 }
