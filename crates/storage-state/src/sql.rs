@@ -86,6 +86,12 @@ pub(crate) enum Bind {
 pub(crate) struct Statement {
     pub(crate) sql: String,
     pub(crate) binds: Vec<Bind>,
+    /// Whether the connection keeps it prepared, by its text: only for a
+    /// statement whose text never varies (most are built for their binds'
+    /// number, and would fill the cache). Planning the same statement anew
+    /// each time costs PostgreSQL more than running it for some
+    /// ([`origin_chain`]).
+    pub(crate) prepared: bool,
 }
 
 impl Statement {
@@ -227,7 +233,7 @@ impl Statement {
     where
         R: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
     {
-        let Statement { sql, binds } = self;
+        let Statement { sql, binds, .. } = self;
         with_conn!(conn, |c| {
             let mut q = diesel::sql_query(sql).into_boxed();
             for b in binds {
@@ -263,7 +269,9 @@ where
     String: diesel::serialize::ToSql<Text, DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        out.unsafe_to_cache_prepared();
+        if !self.statement.prepared {
+            out.unsafe_to_cache_prepared();
+        }
         // The SQL holds `$n` only as placeholders (every value is bound); each
         // becomes the backend's own placeholder for bind n.
         let mut rest = self.statement.sql.as_str();
@@ -535,12 +543,17 @@ type OriginRowType = (Nullable<Text>, Nullable<Text>, Nullable<Text>, BigInt);
 /// through the HQ forks' 18 snapshots cost more than comparing two snapshots
 /// of the whole room. The origin's text comes once, not on every chain row
 /// (repeated, its decoding doubled the statement's cost on SQLite, callgrind).
+/// Kept prepared: PostgreSQL took ~3 ms to plan it each time (its log, the
+/// HQ forks, a loaded machine), more than the rest of the hop.
 pub(crate) fn origin_chain(
     conn: &mut Conn,
     group: StateGroup,
     each: impl FnMut(OriginRow),
 ) -> Result<()> {
-    let mut st = Statement::default();
+    let mut st = Statement {
+        prepared: true,
+        ..Statement::default()
+    };
     let g = st.placeholder(Bind::Int(group));
     st.sql = format!(
         "WITH RECURSIVE origin(prev, type_, state_key, event_id) AS MATERIALIZED ( \
@@ -755,6 +768,7 @@ pub(crate) fn chain_stats(conn: &mut Conn) -> Result<ChainStats> {
                      CAST(COALESCE(AVG(n), 0) AS DOUBLE PRECISION) AS average FROM depth"
             .to_owned(),
         binds: Vec::new(),
+        prepared: false,
     };
     let mut rows: Vec<ChainStats> = st.load(conn)?;
     Ok(rows.pop().unwrap_or(ChainStats {
@@ -819,6 +833,7 @@ pub(crate) fn unreferenced_groups(conn: &mut Conn) -> Result<(i64, i64)> {
                       (SELECT 1 FROM needed n WHERE n.id = g.id)) \
                       AS unneeded",
         binds: Vec::new(),
+        prepared: false,
     };
     let rows: Vec<Unreferenced> = st.load(conn)?;
     Ok(rows
