@@ -52,14 +52,29 @@ impl Query for NextIds<'_> {
     type SqlType = Untyped;
 }
 
-impl QueryFragment<Pg> for NextIds<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
+impl<'a> NextIds<'a> {
+    /// `SELECT nextval(..) AS id{columns} FROM generate_series(..)`: the ids,
+    /// beside `columns` (more select items, each after a comma) when a
+    /// statement adds rows of its own to them.
+    fn walk_select<'b>(
+        &'b self,
+        out: &mut AstPass<'_, 'b, Pg>,
+        columns: &str,
+    ) -> diesel::QueryResult<()> {
         out.push_sql("SELECT nextval(");
         out.push_bind_param::<Text, _>(self.sequence)?;
-        out.push_sql("::regclass) AS id FROM generate_series(1, ");
+        out.push_sql(&format!(
+            "::regclass) AS id{columns} FROM generate_series(1, "
+        ));
         out.push_bind_param::<BigInt, _>(&self.n)?;
         out.push_sql(")");
         Ok(())
+    }
+}
+
+impl QueryFragment<Pg> for NextIds<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
+        self.walk_select(&mut out, "")
     }
 }
 
@@ -87,13 +102,10 @@ impl Query for NextIdsAndPresent<'_> {
 
 impl QueryFragment<Pg> for NextIdsAndPresent<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
-        out.push_sql("SELECT nextval(");
-        out.push_bind_param::<Text, _>(self.ids.sequence)?;
-        out.push_sql("::regclass) AS id, NULL::text AS present FROM generate_series(1, ");
-        out.push_bind_param::<BigInt, _>(&self.ids.n)?;
+        self.ids.walk_select(&mut out, ", NULL::text AS present")?;
         let Present { table, column, .. } = self.lookup;
         out.push_sql(&format!(
-            ") UNION ALL SELECT NULL, {column} FROM {table} WHERE {column} = ANY("
+            " UNION ALL SELECT NULL, {column} FROM {table} WHERE {column} = ANY("
         ));
         out.push_bind_param::<Array<Text>, _>(self.lookup.values)?;
         out.push_sql(")");
