@@ -126,12 +126,12 @@ pub trait SnapshotOrigins {
         let Some(origin) = self.snapshot_origin(conn, group)? else {
             return Ok(None);
         };
-        let mut chain: Vec<StateGroup> = sql::chain_groups(conn, &[origin.prev])?
-            .into_iter()
-            .map(|(_, g)| g)
-            .collect();
-        chain.sort_unstable_by(|a, b| b.cmp(a));
-        chain.dedup();
+        let chain = highest_first(
+            sql::chain_groups(conn, &[origin.prev])?
+                .into_iter()
+                .map(|(_, g)| g)
+                .collect(),
+        );
         Ok(Some((origin, chain)))
     }
 }
@@ -201,10 +201,8 @@ impl SnapshotOrigins for StoredOrigins {
         let Some(origin) = origin else {
             return Ok(None);
         };
-        chain.sort_unstable_by(|a, b| b.cmp(a));
-        chain.dedup();
         self.followed.fetch_add(1, Ordering::Relaxed);
-        Ok(Some((origin, chain)))
+        Ok(Some((origin, highest_first(chain))))
     }
 }
 
@@ -235,11 +233,18 @@ fn chains_of(db: &Database, groups: &[StateGroup]) -> Result<HashMap<StateGroup,
         }
         Ok(())
     })?;
-    for chain in chains.values_mut() {
-        chain.sort_unstable_by(|a, b| b.cmp(a));
-        chain.dedup();
-    }
-    Ok(chains)
+    Ok(chains
+        .into_iter()
+        .map(|(root, chain)| (root, highest_first(chain)))
+        .collect())
+}
+
+/// A chain's groups once each, highest first: each group's prev group has
+/// the smaller id, so this is the order down the chain.
+fn highest_first(mut chain: Vec<StateGroup>) -> Vec<StateGroup> {
+    chain.sort_unstable_by(|a, b| b.cmp(a));
+    chain.dedup();
+    chain
 }
 
 /// [`StateDifferences`] of `groups`, all written, read from the database
