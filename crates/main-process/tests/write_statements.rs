@@ -278,12 +278,12 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 /// for what the claim adds, see
 /// [`the_main_process_claim_costs_postgres_no_statement`]).
 ///
-/// A message on PostgreSQL (4), all in the write transaction: BEGIN with the
-/// LOCK (one message), which events are stored and the stream position (one
-/// statement), one statement inserting the rows of events, event_json,
-/// event_edges, event_auth, event_to_state_groups, deleting the replaced
-/// extremity, inserting the new one and sending the NOTIFY
-/// (`Transaction::insert_columns_and_notify`), COMMIT. Nothing is read before
+/// A message on PostgreSQL (4), all in the write transaction: BEGIN, which
+/// events are stored, one statement taking the stream position (under the
+/// stream positions lock, held from there to COMMIT), inserting the rows of
+/// events, event_json, event_edges, event_auth, event_to_state_groups,
+/// deleting the replaced extremity, inserting the new one and sending the
+/// NOTIFY (`Transaction::insert_columns_taking_positions`), COMMIT. Nothing is read before
 /// it: the prev event (the room's last batch left it in the event cache), the
 /// forward extremities and the current state (kept up to date by the writer)
 /// come from memory, and which of the batch's events stored events name as
@@ -293,7 +293,7 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 /// prev group's room and one statement inserting the group's rows (group,
 /// edge, state); its cache_invalidations row and the current state's change
 /// go in the events' statement.
-/// SQLite takes its sequences from memory, has no LOCK or NOTIFY, and inserts
+/// SQLite takes its sequences from memory, has no lock or NOTIFY, and inserts
 /// row by row, a prepared single-row INSERT each (no round trip to save, and
 /// no statement journal to keep: a message: the events, JSON, edge and
 /// event-to-group rows, an INSERT per auth event (3 here), and the

@@ -113,18 +113,12 @@ impl<'a> Transaction<'a> {
         self.engine.next_ids(self.conn, sequence, n)
     }
 
-    /// `n` new ids from `sequence` and which of `lookup`'s values are there,
-    /// in one statement where the engine saves a round trip so
-    /// ([`Engine::next_ids_and_present`]); `None` where the caller does both
-    /// itself.
-    pub fn next_ids_and_present(
-        &mut self,
-        sequence: &Sequence,
-        n: usize,
-        lookup: &crate::Present<'_>,
-    ) -> Result<Option<(Vec<i64>, std::collections::HashSet<String>)>> {
-        self.engine
-            .next_ids_and_present(self.conn, sequence, n, lookup)
+    /// `n` new ids from `sequence` as stream positions, under the stream
+    /// positions lock held until this transaction ends
+    /// ([`Engine::stream_positions`]): take them as late as the transaction
+    /// can.
+    pub fn stream_positions(&mut self, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        self.engine.stream_positions(self.conn, sequence, n)
     }
 
     /// One new id from `sequence`.
@@ -166,30 +160,37 @@ impl<'a> Transaction<'a> {
         &mut self,
         tables: impl Fn() -> Vec<crate::TableRows<'r>>,
     ) -> Result<bool> {
-        self.insert_columns_proving(&tables, None)
+        Ok(self.insert_columns_proving(&tables, None, None)?.is_some())
     }
 
-    /// [`Self::insert_columns`] in a statement that also does what
-    /// [`Self::notify`] does; when it answers `false`, the caller notifies.
-    pub fn insert_columns_and_notify<'r>(
+    /// [`Self::insert_columns`] in a statement that also takes `n` stream
+    /// positions from `sequence` ([`Self::stream_positions`]: the last
+    /// thing the transaction should do before COMMIT), filling the tables'
+    /// columns of positions, and does what [`Self::notify`] does with the
+    /// highest position followed by `payload`. Answers the positions; `None`
+    /// where the caller takes them, inserts and notifies itself.
+    pub fn insert_columns_taking_positions<'r>(
         &mut self,
+        sequence: &Sequence,
+        n: usize,
         tables: impl Fn() -> Vec<crate::TableRows<'r>>,
         channel: &str,
         payload: &str,
-    ) -> Result<bool> {
-        self.insert_columns_proving(&tables, Some((channel, payload)))
+    ) -> Result<Option<Vec<i64>>> {
+        self.insert_columns_proving(&tables, Some((sequence, n)), Some((channel, payload)))
     }
 
     /// Where the claim is still to be proven, the statement proves it too.
     fn insert_columns_proving<'r>(
         &mut self,
         tables: &dyn Fn() -> Vec<crate::TableRows<'r>>,
+        positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<i64>>> {
         let inserted = self
             .engine
-            .insert_columns(self.conn, tables, notify, self.claim)?;
-        if inserted {
+            .insert_columns(self.conn, tables, positions, notify, self.claim)?;
+        if inserted.is_some() {
             self.claim = None;
         }
         Ok(inserted)

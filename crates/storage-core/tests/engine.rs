@@ -8,13 +8,13 @@ use std::sync::mpsc;
 use std::time::Duration;
 use storage_core::testing::TestDb;
 use storage_core::{
-    with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, Present,
-    RowsWrite, Sequence, TableRows, TxnOptions,
+    with_conn, Column, Conn, DatabaseConfig, ErrorKind, MainProcessClaim, OpenMode, RowsWrite,
+    Sequence, TableRows, TxnOptions,
 };
 
 storage_core::engine_tests!(
     ids_are_unique_and_ascending,
-    ids_and_present_values_in_one_statement_where_the_engine_can,
+    stream_positions_are_taken_under_a_lock_held_to_the_end,
     sequence_behind_table_is_moved_forward,
     one_main_process_claim_at_a_time,
     rows_given_by_column_are_inserted_in_one_statement_where_the_engine_can,
@@ -66,44 +66,133 @@ fn ids_are_unique_and_ascending(t: &TestDb) {
     assert_eq!(n, 300);
 }
 
-/// `next_ids_and_present`: on PostgreSQL the ids, ascending and after those
-/// handed out before, and which of the values the column holds, from one
-/// statement; on SQLite nothing (the caller does both itself).
-fn ids_and_present_values_in_one_statement_where_the_engine_can(t: &TestDb) {
-    let db = t.open();
-    let mut raw = t.raw_connection();
-    insert_group(&mut raw, 1);
-    let before = db
-        .run_interaction("alloc", |txn| txn.next_ids(&SEQ, 1))
+/// The events' stream, as the migrations define it.
+const STREAM: Sequence = Sequence {
+    name: "events_stream_seq",
+    table: "events",
+    column: "stream_ordering",
+};
+
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct Invalidation {
+    #[diesel(sql_type = BigInt)]
+    stream_ordering: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    cache_key: String,
+}
+
+/// Another connection's attempt at the stream positions lock while a
+/// transaction holds it: `true` when it had to give up waiting.
+fn stream_lock_is_held(t: &TestDb) -> bool {
+    let mut other = t.raw_connection();
+    other
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '50ms'")
         .unwrap();
-    let lookup = Present {
-        table: "state_groups",
-        column: "event_id",
-        values: &["$nope", "$e", "$other"],
-    };
-    let answer = db
-        .run_interaction("alloc_and_look", |txn| {
-            txn.next_ids_and_present(&SEQ, 3, &lookup)
+    let waited = other.batch_execute("LOCK TABLE stream_positions_lock IN EXCLUSIVE MODE");
+    other.batch_execute("ROLLBACK").unwrap();
+    match waited {
+        Ok(()) => false,
+        Err(e) => {
+            assert!(format!("{e:?}").contains("lock timeout"), "{e:?}");
+            true
+        }
+    }
+}
+
+/// Stream positions, ascending and after those taken before, taken with the
+/// stream positions lock that is held until the transaction ends: alone
+/// (`stream_positions`), or by the statement inserting the rows they number
+/// (`insert_columns_taking_positions`, PostgreSQL: each row of a column of
+/// positions its own, in row order, the highest in a column of the highest,
+/// and in the NOTIFY's payload; SQLite answers that the caller does it).
+fn stream_positions_are_taken_under_a_lock_held_to_the_end(t: &TestDb) {
+    let db = t.open();
+    let postgres = t.engine() == "postgres";
+    let before = db
+        .run_interaction("positions", |txn| {
+            let taken = txn.stream_positions(&STREAM, 2)?;
+            if postgres {
+                assert!(stream_lock_is_held(t));
+            }
+            Ok(taken)
         })
         .unwrap();
-    let Some((ids, present)) = answer else {
-        assert_eq!(t.engine(), "sqlite");
+    assert_eq!(before.len(), 2);
+    assert!(before[0] < before[1], "{before:?}");
+    if postgres {
+        assert!(!stream_lock_is_held(t), "released at the end");
+    }
+    let mut listener = postgres.then(|| db.engine().listen("hs_test", "test").unwrap());
+    let tables = || {
+        vec![
+            TableRows::insert(
+                "cache_invalidations",
+                vec![
+                    ("stream_ordering", Column::Position),
+                    ("cache_name", Column::Text(vec!["each", "each", "each"])),
+                    ("cache_key", Column::Text(vec!["a", "b", "c"])),
+                ],
+            ),
+            TableRows::insert(
+                "cache_invalidations",
+                vec![
+                    ("cache_name", Column::Text(vec!["highest"])),
+                    ("stream_ordering", Column::HighestPosition),
+                    ("cache_key", Column::Text(vec!["h"])),
+                ],
+            ),
+        ]
+    };
+    let taken = db
+        .run_interaction("insert_taking_positions", |txn| {
+            let taken =
+                txn.insert_columns_taking_positions(&STREAM, 3, tables, "hs_test", " rest")?;
+            if taken.is_some() {
+                assert!(stream_lock_is_held(t));
+            }
+            Ok(taken)
+        })
+        .unwrap();
+    let Some(taken) = taken else {
+        assert!(!postgres);
         return;
     };
-    assert_eq!(ids.len(), 3);
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-    assert!(ids[0] > before[0], "{ids:?} after {before:?}");
-    assert_eq!(present, std::collections::HashSet::from(["$e".to_owned()]));
-    // Nothing present, no ids: each half answers alone.
-    let none = Present {
-        values: &[],
-        ..lookup
+    assert_eq!(taken.len(), 3);
+    assert!(taken.windows(2).all(|w| w[0] < w[1]), "{taken:?}");
+    assert!(taken[0] > before[1], "{taken:?} after {before:?}");
+    assert!(!stream_lock_is_held(t), "released at the end");
+    let rows = db
+        .with_connection(|_, c| {
+            Ok(with_conn!(c, |c| diesel::sql_query(
+                "SELECT stream_ordering, cache_key FROM cache_invalidations ORDER BY cache_key"
+            )
+            .load::<Invalidation>(c))?)
+        })
+        .unwrap();
+    let row = |p: i64, k: &str| Invalidation {
+        stream_ordering: p,
+        cache_key: k.into(),
     };
-    let (ids, present) = db
-        .run_interaction("alloc_none", |txn| txn.next_ids_and_present(&SEQ, 0, &none))
-        .unwrap()
-        .expect("the same engine");
-    assert!(ids.is_empty() && present.is_empty());
+    assert_eq!(
+        rows,
+        vec![
+            row(taken[0], "a"),
+            row(taken[1], "b"),
+            row(taken[2], "c"),
+            row(taken[2], "h")
+        ]
+    );
+    let listener = listener.as_mut().expect("PostgreSQL listens");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let payload = loop {
+        listener.ping().unwrap();
+        if let Some(p) = listener.drain().unwrap().pop() {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no notification");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(payload, format!("{} rest", taken[2]));
 }
 
 /// A database holding groups up to 500 whose sequence says 1 (a port or restore

@@ -72,11 +72,17 @@ impl Notification {
     }
 
     pub fn payload(&self) -> String {
-        let (position, ms) = (self.position, self.committed_ms);
+        format!("{}{}", self.position, self.payload_after_position())
+    }
+
+    /// What follows the position in [`Self::payload`]: for a statement that
+    /// takes the position itself and puts it in front.
+    pub fn payload_after_position(&self) -> String {
+        let ms = self.committed_ms;
         match &self.invalidations {
-            Invalidations::None => format!("{position} {ms} 0"),
-            Invalidations::CurrentState(room) => format!("{position} {ms} c {room}"),
-            Invalidations::Read => format!("{position} {ms} 1"),
+            Invalidations::None => format!(" {ms} 0"),
+            Invalidations::CurrentState(room) => format!(" {ms} c {room}"),
+            Invalidations::Read => format!(" {ms} 1"),
         }
     }
 
@@ -160,8 +166,9 @@ impl EventsStore {
         if groups.is_empty() || !txn.engine().supports_multiple_processes() {
             return Ok(());
         }
-        txn.lock_table("events")?;
-        let position = txn.next_id(&crate::store::EVENTS_STREAM_SEQUENCE)?;
+        // Last, as a batch of events takes its positions: the lock is held
+        // from here to COMMIT.
+        let position = txn.stream_positions(&crate::store::EVENTS_STREAM_SEQUENCE, 1)?[0];
         let key = groups
             .iter()
             .map(i64::to_string)

@@ -17,9 +17,7 @@ use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use storage_core::{
-    with_conn, Column, Present, Result, RowsWrite, TableRows, Transaction, TxnOptions,
-};
+use storage_core::{with_conn, Column, Result, RowsWrite, TableRows, Transaction};
 use storage_state::StateStore;
 
 impl EventsStore {
@@ -44,13 +42,9 @@ impl EventsStore {
     }
 
     fn write_batch(&self, batch: &RoomBatch, assumed_new: bool) -> Result<Option<PersistedBatch>> {
-        // The events table is locked from the start: stream positions follow
-        // commit order, and PostgreSQL takes the lock with BEGIN.
-        let result =
-            self.db
-                .run_interaction_with("persist_events", TxnOptions::locking("events"), |txn| {
-                    self.write_batch_txn(txn, batch, assumed_new)
-                });
+        let result = self.db.run_interaction("persist_events", |txn| {
+            self.write_batch_txn(txn, batch, assumed_new)
+        });
         if result.is_err() {
             self.state
                 .forget_prepared_groups(batch.events.iter().flat_map(|e| &e.new_state_groups));
@@ -66,8 +60,9 @@ impl EventsStore {
     /// Writes a batch: the state groups prepared for its events, events, their
     /// JSON, edges, auth edges, rejections, the state group after each non-outlier, the new forward
     /// extremities and the change of current state. Events already stored are skipped. Stream
-    /// positions are taken while the events table is locked, so that they
-    /// increase in commit order.
+    /// positions are taken last, under the stream positions lock held to
+    /// COMMIT ([`Transaction::stream_positions`]), so that they increase in
+    /// commit order while batches of other rooms do the rest meanwhile.
     pub fn persist_batch_txn(
         &self,
         txn: &mut Transaction<'_>,
@@ -84,23 +79,10 @@ impl EventsStore {
         batch: &RoomBatch,
         assumed_new: bool,
     ) -> Result<Option<PersistedBatch>> {
-        txn.lock_table("events")?;
         let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
-        // Which are stored, and where the engine saves a round trip so, a
-        // position for every event in the same statement: those of events
-        // found stored are never used (a gap in the stream, as a rolled-back
-        // write leaves; positions still follow commit order, taken under the
-        // lock).
-        let lookup = Present {
-            table: "events",
-            column: "event_id",
-            values: &ids,
-        };
-        let (stored, taken) =
-            match txn.next_ids_and_present(&EVENTS_STREAM_SEQUENCE, ids.len(), &lookup)? {
-                Some((positions, stored)) => (stored, Some(positions)),
-                None => (load_existing(txn, &ids)?, None),
-            };
+        // Read with no lock held: only this process writes events, one
+        // batch of a room at a time, and an event is of one room.
+        let stored = load_existing(txn, &ids)?;
         if assumed_new && !stored.is_empty() {
             return Ok(None);
         }
@@ -131,32 +113,24 @@ impl EventsStore {
                 max_stream_ordering: self.position.load(Ordering::SeqCst),
             }));
         }
-        let positions = match taken {
-            Some(mut positions) => {
-                positions.truncate(new.len());
-                positions
-            }
-            None => txn.next_ids(&EVENTS_STREAM_SEQUENCE, new.len())?,
-        };
         insert_rooms(txn, &new)?;
         let mappings: Vec<(&str, i64)> = new
             .iter()
             .filter(|e| !e.outlier)
             .filter_map(|e| e.state_group.map(|g| (e.event_id.as_str(), g)))
             .collect();
-        let max = *positions.iter().max().expect("at least one new event");
         // Workers apply the position and the room's current-state
-        // invalidation it carries, and measure their lag from the time.
+        // invalidation it carries, and measure their lag from the time. Its
+        // position is the batch's highest, taken last.
         let invalidated = !batch.current_state.is_empty();
-        let notification = Notification::new(
-            max,
+        let mut notification = Notification::new(
+            0,
             if invalidated {
                 Invalidations::CurrentState(batch.room_id.clone())
             } else {
                 Invalidations::None
             },
-        )
-        .payload();
+        );
         // The room's extremities become the new ones, with the events, where
         // the engine writes them in one statement: the old ones no longer
         // among them deleted, the new ones not among the old inserted.
@@ -165,7 +139,7 @@ impl EventsStore {
             let mut tables = vec![StateStore::event_state_group_rows(&mappings)];
             tables.extend(extremity_rows(&batch.room_id, &gone, &added));
             if invalidated {
-                tables.push(invalidation_rows(max, &batch.room_id));
+                tables.push(invalidation_rows(&batch.room_id));
                 tables.extend(StateStore::current_state_rows(
                     &batch.room_id,
                     &batch.current_state.removed,
@@ -174,14 +148,14 @@ impl EventsStore {
             }
             tables
         };
-        let written_with_events = insert_events(
+        let (positions, written_with_events) = insert_events(
             txn,
             &new,
-            &positions,
             &self.instance_name,
             with_events,
-            &notification,
+            &notification.payload_after_position(),
         )?;
+        let max = *positions.iter().max().expect("at least one new event");
         let current = &batch.current_state;
         if written_with_events {
             self.state
@@ -216,7 +190,8 @@ impl EventsStore {
                 ))
                 .execute(c))?;
             }
-            txn.notify(REPLICATION_CHANNEL, &notification)?;
+            notification.position = max;
+            txn.notify(REPLICATION_CHANNEL, &notification.payload())?;
         }
         let position = self.position.clone();
         txn.call_after(move || {
@@ -326,41 +301,21 @@ struct JsonRow<'a> {
     format_version: Option<i32>,
 }
 
-/// Inserts the events' rows (events, JSON, edges, auth edges, rejections)
-/// and `with_events`' in one statement that also sends the replication
-/// `notification`, where the engine does; otherwise the events' rows one
+/// Takes the events' stream positions and inserts their rows (events,
+/// JSON, edges, auth edges, rejections) and `with_events`' in one statement
+/// that also sends the replication notification (the highest position, then
+/// `after_position`), where the engine does, and answers the positions and
+/// `true`. Otherwise takes the positions, inserts the events' rows one
 /// INSERT each, and answers `false`: the caller inserts `with_events`' rows
 /// and notifies itself.
 fn insert_events<'a>(
     txn: &mut Transaction<'_>,
     new: &[&'a EventToPersist],
-    positions: &[i64],
     instance_name: &'a str,
     with_events: impl Fn() -> Vec<TableRows<'a>>,
-    notification: &str,
-) -> Result<bool> {
+    after_position: &str,
+) -> Result<(Vec<i64>, bool)> {
     let received = now_ms();
-    let event_rows: Vec<EventRow<'_>> = new
-        .iter()
-        .zip(positions)
-        .map(|(e, p)| EventRow {
-            stream_ordering: *p,
-            topological_ordering: e.depth,
-            event_id: &e.event_id,
-            type_: &e.event_type,
-            room_id: &e.room_id,
-            processed: true,
-            outlier: e.outlier,
-            depth: e.depth,
-            origin_server_ts: Some(e.origin_server_ts),
-            received_ts: Some(received),
-            sender: Some(&e.sender),
-            contains_url: Some(false),
-            instance_name: Some(instance_name),
-            state_key: e.state_key.as_deref(),
-            rejection_reason: e.rejected.as_deref(),
-        })
-        .collect();
     let json_rows: Vec<JsonRow<'_>> = new
         .iter()
         .map(|e| JsonRow {
@@ -400,18 +355,49 @@ fn insert_events<'a>(
         .iter()
         .filter_map(|e| e.rejected.as_deref().map(|r| (e.event_id.as_str(), r)))
         .collect();
+    let event_row = |e: &'a EventToPersist, position: i64| EventRow {
+        stream_ordering: position,
+        topological_ordering: e.depth,
+        event_id: &e.event_id,
+        type_: &e.event_type,
+        room_id: &e.room_id,
+        processed: true,
+        outlier: e.outlier,
+        depth: e.depth,
+        origin_server_ts: Some(e.origin_server_ts),
+        received_ts: Some(received),
+        sender: Some(&e.sender),
+        contains_url: Some(false),
+        instance_name: Some(instance_name),
+        state_key: e.state_key.as_deref(),
+        rejection_reason: e.rejected.as_deref(),
+    };
+    // The events' positions are the statement's to fill (`Column::Position`).
+    let unpositioned: Vec<EventRow<'a>> = new.iter().map(|e| event_row(e, 0)).collect();
     let tables = || {
-        let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
+        let mut tables = columns_of(&unpositioned, &json_rows, &edges, &auth, &rejected, &now);
         tables.extend(with_events());
         tables
     };
-    if txn.insert_columns_and_notify(tables, REPLICATION_CHANNEL, notification)? {
-        return Ok(true);
+    if let Some(positions) = txn.insert_columns_taking_positions(
+        &EVENTS_STREAM_SEQUENCE,
+        new.len(),
+        tables,
+        REPLICATION_CHANNEL,
+        after_position,
+    )? {
+        return Ok((positions, true));
     }
     // Row by row, each table's single-row INSERT prepared once and reused
     // (SQLite, where a statement costs no round trip): a multi-row INSERT may
     // fail halfway, so SQLite writes every page it changes to a statement
     // journal first, and diesel prepares it afresh each time.
+    let positions = txn.stream_positions(&EVENTS_STREAM_SEQUENCE, new.len())?;
+    let event_rows: Vec<EventRow<'_>> = new
+        .iter()
+        .zip(&positions)
+        .map(|(e, p)| event_row(e, *p))
+        .collect();
     with_conn!(txn.conn(), |c| {
         for row in &event_rows {
             diesel::insert_into(events::table).values(row).execute(c)?;
@@ -451,7 +437,7 @@ fn insert_events<'a>(
                 .execute(c)?;
         }
     });
-    Ok(false)
+    Ok((positions, false))
 }
 
 /// The same rows, column by column, for an engine that inserts them all in
@@ -471,10 +457,7 @@ fn columns_of<'a>(
         TableRows {
             table: "events",
             columns: vec![
-                (
-                    "stream_ordering",
-                    Column::BigInt(col(events, |r| r.stream_ordering)),
-                ),
+                ("stream_ordering", Column::Position),
                 (
                     "topological_ordering",
                     Column::BigInt(col(events, |r| r.topological_ordering)),
@@ -617,12 +600,12 @@ fn extremity_rows<'a>(room_id: &'a str, gone: &[&'a str], added: &[&'a str]) -> 
 }
 
 /// The `cache_invalidations` row telling workers that the room's current
-/// state changed at `position`, for the events' statement.
-fn invalidation_rows(position: i64, room_id: &str) -> TableRows<'_> {
+/// state changed at the batch's highest position, for the events' statement.
+fn invalidation_rows(room_id: &str) -> TableRows<'_> {
     TableRows::insert(
         "cache_invalidations",
         vec![
-            ("stream_ordering", Column::BigInt(vec![position])),
+            ("stream_ordering", Column::HighestPosition),
             ("cache_name", Column::Text(vec![CURRENT_STATE_CACHE])),
             ("cache_key", Column::Text(vec![room_id])),
         ],

@@ -21,11 +21,20 @@ pub enum Column<'a> {
     Bool(Vec<bool>),
     OptBool(Vec<Option<bool>>),
     OptInt(Vec<Option<i32>>),
+    /// Each row the next of the stream positions the statement takes
+    /// ([`super::Engine::insert_columns`] with positions), in row order: the
+    /// first row the lowest. Holds no values; the table's other columns say
+    /// how many rows it has.
+    Position,
+    /// Every row the highest of the stream positions the statement takes.
+    HighestPosition,
 }
 
 impl Column<'_> {
-    fn len(&self) -> usize {
-        match self {
+    /// How many values it holds; `None` for a column of positions, which
+    /// the statement fills.
+    fn len(&self) -> Option<usize> {
+        Some(match self {
             Column::Text(v) => v.len(),
             Column::OptText(v) => v.len(),
             Column::BigInt(v) => v.len(),
@@ -33,7 +42,8 @@ impl Column<'_> {
             Column::Bool(v) => v.len(),
             Column::OptBool(v) => v.len(),
             Column::OptInt(v) => v.len(),
-        }
+            Column::Position | Column::HighestPosition => return None,
+        })
     }
 
     /// The array type PostgreSQL reads the bound values as.
@@ -43,6 +53,19 @@ impl Column<'_> {
             Column::BigInt(_) | Column::OptBigInt(_) => "bigint[]",
             Column::Bool(_) | Column::OptBool(_) => "boolean[]",
             Column::OptInt(_) => "integer[]",
+            Column::Position | Column::HighestPosition => {
+                unreachable!("a column of positions binds no values")
+            }
+        }
+    }
+
+    /// What fills a column of positions (the rows joined with theirs);
+    /// `None` for a column of values.
+    fn position_sql(&self) -> Option<&'static str> {
+        match self {
+            Column::Position => Some("positions.id"),
+            Column::HighestPosition => Some("(SELECT max(id) FROM positions)"),
+            _ => None,
         }
     }
 
@@ -55,6 +78,9 @@ impl Column<'_> {
             Column::Bool(v) => out.push_bind_param::<Array<Bool>, _>(v),
             Column::OptBool(v) => out.push_bind_param::<Array<Nullable<Bool>>, _>(v),
             Column::OptInt(v) => out.push_bind_param::<Array<Nullable<Integer>>, _>(v),
+            Column::Position | Column::HighestPosition => {
+                unreachable!("a column of positions binds no values")
+            }
         }
     }
 }
@@ -95,9 +121,15 @@ impl<'a> TableRows<'a> {
         }
     }
 
-    /// How many rows it holds (0 with no columns).
+    /// How many rows it holds: as many as its first column of values (0
+    /// with none).
     pub fn len(&self) -> usize {
-        self.columns.first().map_or(0, |(_, c)| c.len())
+        self.columns.iter().find_map(|(_, c)| c.len()).unwrap_or(0)
+    }
+
+    /// Whether a column is filled with the statement's stream positions.
+    fn takes_positions(&self) -> bool {
+        self.columns.iter().any(|(_, c)| c.len().is_none())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -105,36 +137,60 @@ impl<'a> TableRows<'a> {
     }
 }
 
+/// The stream positions a statement takes ([`super::Engine::insert_columns`]):
+/// `count` new ids of `sequence` (a sequence's name), under the stream
+/// positions lock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TakePositions<'q> {
+    pub(crate) sequence: &'q str,
+    pub(crate) count: i64,
+}
+
 /// `WITH t0 AS (INSERT INTO .. SELECT * FROM unnest($1::bigint[], ..)), ..
 /// SELECT 1`: every table's rows in one statement; `SELECT pg_notify($n,
-/// $m)` at the end instead when it also notifies.
-struct UnnestInsert<'q, 'a> {
+/// $m)` at the end instead when it also notifies. With positions to take,
+/// `WITH positions AS (SELECT n, id FROM take_stream_positions(..)), ..`
+/// first (the migration's function: it locks the stream's lock table, then
+/// takes them), the tables with columns of positions fill them from it, the
+/// NOTIFY's payload follows the highest, and the statement answers them
+/// first, as an array in row order. `ST` is the SQL type of what it answers.
+struct UnnestInsert<'q, 'a, ST> {
     tables: Vec<&'q TableRows<'a>>,
+    positions: Option<TakePositions<'q>>,
     notify: Option<(&'q str, &'q str)>,
     /// Whether it ends reading the main-process claim's row (the claim
     /// proven in the same round trip), rather than with nothing to read.
     read_claim: bool,
+    answer: std::marker::PhantomData<ST>,
 }
 
-/// What it reads when it reads the claim's row: that row's columns first (a
-/// NOTIFY's void value may follow, unread).
-impl Query for UnnestInsert<'_, '_> {
-    type SqlType = (BigInt, Text, BigInt);
+impl<ST> Query for UnnestInsert<'_, '_, ST> {
+    type SqlType = ST;
 }
 
-impl QueryId for UnnestInsert<'_, '_> {
+impl<ST> QueryId for UnnestInsert<'_, '_, ST> {
     type QueryId = ();
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
+impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         // Cached as a prepared statement per shape (which tables have rows:
         // a handful), keyed by its SQL: parsing and planning it afresh cost
         // the server 0.23 ms of a message's write (measured with
         // log_min_duration_statement=0), more than a round trip.
+        let mut first = true;
+        if let Some(positions) = &self.positions {
+            out.push_sql("WITH positions AS (SELECT n, id FROM take_stream_positions(");
+            out.push_bind_param::<Text, _>(positions.sequence)?;
+            out.push_sql("::regclass, ");
+            out.push_bind_param::<BigInt, _>(&positions.count)?;
+            out.push_sql("))");
+            first = false;
+        }
         for (i, t) in self.tables.iter().enumerate() {
-            out.push_sql(if i == 0 { "WITH " } else { ", " });
+            out.push_sql(if first { "WITH " } else { ", " });
+            first = false;
             let names = t
                 .columns
                 .iter()
@@ -150,10 +206,36 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
                 out.push_sql("))");
                 continue;
             }
-            out.push_sql(&format!(
-                "t{i} AS (INSERT INTO {table} ({names}) SELECT * FROM "
-            ));
-            push_unnest(t, &mut out)?;
+            out.push_sql(&format!("t{i} AS (INSERT INTO {table} ({names}) SELECT "));
+            if t.takes_positions() {
+                // The values' columns named u0, u1, .. and the row's number
+                // after them, which is the number of its position.
+                let mut values = 0;
+                let mut select = Vec::new();
+                for (_, column) in &t.columns {
+                    match column.position_sql() {
+                        Some(sql) => select.push(sql.to_owned()),
+                        None => {
+                            select.push(format!("r{i}.u{values}"));
+                            values += 1;
+                        }
+                    }
+                }
+                let aliases: Vec<String> = (0..values).map(|j| format!("u{j}")).collect();
+                out.push_sql(&select.join(", "));
+                out.push_sql(" FROM ");
+                push_unnest(t, &mut out)?;
+                out.push_sql(&format!(
+                    " WITH ORDINALITY AS r{i}({}, ord)",
+                    aliases.join(", ")
+                ));
+                if t.columns.iter().any(|(_, c)| *c == Column::Position) {
+                    out.push_sql(&format!(" JOIN positions ON positions.n = r{i}.ord"));
+                }
+            } else {
+                out.push_sql("* FROM ");
+                push_unnest(t, &mut out)?;
+            }
             match &t.write {
                 RowsWrite::Insert | RowsWrite::Delete => {}
                 RowsWrite::InsertSkippingConflicts => out.push_sql(" ON CONFLICT DO NOTHING"),
@@ -175,22 +257,30 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
             out.push_sql(")");
         }
         let (claim_columns, claim_from) = super::postgres_claim::CLAIM_ROW;
-        out.push_sql(" SELECT ");
-        if self.read_claim {
-            out.push_sql(claim_columns);
-            if self.notify.is_some() {
-                out.push_sql(", ");
-            }
+        let mut select = Vec::new();
+        if self.positions.is_some() {
+            select.push("ARRAY(SELECT id FROM positions ORDER BY n)");
         }
+        if self.read_claim {
+            select.push(claim_columns);
+        }
+        out.push_sql(" SELECT ");
+        out.push_sql(&select.join(", "));
         match &self.notify {
             Some((channel, payload)) => {
+                if !select.is_empty() {
+                    out.push_sql(", ");
+                }
                 out.push_sql("pg_notify(");
                 out.push_bind_param::<Text, _>(*channel)?;
                 out.push_sql(", ");
+                if self.positions.is_some() {
+                    out.push_sql("(SELECT max(id) FROM positions) || ");
+                }
                 out.push_bind_param::<Text, _>(*payload)?;
                 out.push_sql(")");
             }
-            None if !self.read_claim => out.push_sql("1"),
+            None if select.is_empty() => out.push_sql("1"),
             None => {}
         }
         if self.read_claim {
@@ -201,10 +291,12 @@ impl QueryFragment<Pg> for UnnestInsert<'_, '_> {
     }
 }
 
-/// `unnest($1::bigint[], $2::text[], ..)`: one bound array per column.
+/// `unnest($1::bigint[], $2::text[], ..)`: one bound array per column of
+/// values.
 fn push_unnest<'b>(t: &'b TableRows<'_>, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
     out.push_sql("unnest(");
-    for (j, (_, column)) in t.columns.iter().enumerate() {
+    let values = t.columns.iter().filter(|(_, c)| c.len().is_some());
+    for (j, (_, column)) in values.enumerate() {
         if j > 0 {
             out.push_sql(", ");
         }
@@ -216,29 +308,80 @@ fn push_unnest<'b>(t: &'b TableRows<'_>, out: &mut AstPass<'_, 'b, Pg>) -> Query
     Ok(())
 }
 
-impl RunQueryDsl<diesel::PgConnection> for UnnestInsert<'_, '_> {}
+impl<ST> RunQueryDsl<diesel::PgConnection> for UnnestInsert<'_, '_, ST> {}
 
-/// Inserts every table's rows in one statement, which also sends `notify`
-/// (channel, payload) when given, and with `read_claim` answers the claim's
-/// row (none at all when there is nothing to do).
+/// What [`insert_with_unnest`] read: the positions it took (none unless
+/// asked), and the claim's row when asked to read it (`None` if it is gone).
+pub(crate) struct Inserted {
+    pub(crate) positions: Vec<i64>,
+    pub(crate) claim: Option<ClaimRow>,
+}
+
+/// Inserts every table's rows in one statement, which also takes
+/// `positions` and sends `notify` (channel, payload) when given, and with
+/// `read_claim` answers the claim's row.
 pub(crate) fn insert_with_unnest(
     conn: &mut diesel::PgConnection,
     tables: &[TableRows<'_>],
+    positions: Option<TakePositions<'_>>,
     notify: Option<(&str, &str)>,
     read_claim: bool,
-) -> QueryResult<Option<ClaimRow>> {
+) -> QueryResult<Inserted> {
     let tables: Vec<&TableRows<'_>> = tables.iter().filter(|t| !t.is_empty()).collect();
-    if tables.is_empty() && notify.is_none() && !read_claim {
-        return Ok(None);
-    }
-    let statement = UnnestInsert {
-        tables,
-        notify,
-        read_claim,
+    let nothing = Inserted {
+        positions: Vec::new(),
+        claim: None,
     };
-    if read_claim {
-        statement.get_result::<ClaimRow>(conn).optional()
-    } else {
-        statement.execute(conn).map(|_| None)
+    if tables.is_empty() && positions.is_none() && notify.is_none() && !read_claim {
+        return Ok(nothing);
+    }
+    fn statement<'q, 'a, ST>(
+        tables: Vec<&'q TableRows<'a>>,
+        positions: Option<TakePositions<'q>>,
+        notify: Option<(&'q str, &'q str)>,
+        read_claim: bool,
+    ) -> UnnestInsert<'q, 'a, ST> {
+        UnnestInsert {
+            tables,
+            positions,
+            notify,
+            read_claim,
+            answer: std::marker::PhantomData,
+        }
+    }
+    type ClaimColumns = (BigInt, Text, BigInt);
+    match (positions.is_some(), read_claim) {
+        (false, false) => statement::<()>(tables, positions, notify, read_claim)
+            .execute(conn)
+            .map(|_| nothing),
+        (false, true) => Ok(Inserted {
+            positions: Vec::new(),
+            claim: statement::<ClaimColumns>(tables, positions, notify, read_claim)
+                .get_result::<ClaimRow>(conn)
+                .optional()?,
+        }),
+        (true, false) => Ok(Inserted {
+            positions: statement::<Array<BigInt>>(tables, positions, notify, read_claim)
+                .get_result::<Vec<i64>>(conn)?,
+            claim: None,
+        }),
+        (true, true) => {
+            let row = statement::<(Array<BigInt>, BigInt, Text, BigInt)>(
+                tables, positions, notify, read_claim,
+            )
+            .get_result::<(Vec<i64>, i64, String, i64)>(conn)
+            .optional()?;
+            Ok(match row {
+                Some((positions, epoch, holder, claimed_at)) => Inserted {
+                    positions,
+                    claim: Some(ClaimRow {
+                        epoch,
+                        holder,
+                        claimed_at,
+                    }),
+                },
+                None => nothing,
+            })
+        }
     }
 }

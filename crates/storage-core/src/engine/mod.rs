@@ -87,17 +87,6 @@ pub struct Sequence {
     pub column: &'static str,
 }
 
-/// Which of `values` the `column` of `table` holds: a lookup by key that an
-/// engine can make in the statement taking a sequence's ids
-/// ([`Engine::next_ids_and_present`]). Table and column names are the
-/// callers' constants.
-#[derive(Debug, Clone, Copy)]
-pub struct Present<'a> {
-    pub table: &'static str,
-    pub column: &'static str,
-    pub values: &'a [&'a str],
-}
-
 /// A sequence found behind its table's highest id, and moved past it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SequenceRepair {
@@ -243,19 +232,16 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// `n` new ids from `sequence`, ascending, inside the caller's transaction.
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
 
-    /// `n` new ids from `sequence`, ascending, and which of `lookup`'s values
-    /// its column holds, in one statement where that saves a round trip
-    /// (PostgreSQL: a write's check of which of its events are stored and its
-    /// stream positions). `None` where the engine has no round trip to save
-    /// (SQLite): the caller reads the values and takes its ids itself, as
-    /// many as it then needs.
-    fn next_ids_and_present(
-        &self,
-        conn: &mut Conn,
-        sequence: &Sequence,
-        n: usize,
-        lookup: &Present<'_>,
-    ) -> Result<Option<(Vec<i64>, std::collections::HashSet<String>)>>;
+    /// `n` new ids from `sequence`, ascending, as stream positions: taken
+    /// under the stream positions lock, held until the transaction ends, so
+    /// that positions become visible in the order they were taken (no reader
+    /// sees a position while a lower one may still commit). Taken as late
+    /// as the transaction can: other writers wait for it from then until its
+    /// COMMIT. PostgreSQL: the `take_stream_positions` function of the
+    /// migrations, which locks `stream_positions_lock` (a table no one
+    /// writes) and then takes them; SQLite: [`Self::next_ids`], a write
+    /// transaction holding the whole database already.
+    fn stream_positions(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
 
     /// Reads `sequence` and the highest id of its table, changing nothing.
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth>;
@@ -270,29 +256,34 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// Brings the query planner's statistics of `tables` up to date, outside
     /// any transaction. For a bulk load into tables that were small when the
-    /// planner last looked: PostgreSQL's autovacuum cannot analyze `events`
-    /// while writers hold it locked ([`Self::lock_table`] conflicts with
-    /// ANALYZE), and a plan made for an empty table (a sequential scan) stays
+    /// planner last looked: PostgreSQL's autovacuum analyzes them on its own
+    /// schedule, not when the load needs it, and a plan made for an empty table (a sequential scan) stays
     /// in every connection's prepared statements until statistics change.
     fn refresh_statistics(&self, conn: &mut Conn, tables: &[&str]) -> Result<()>;
 
     /// Inserts the rows of several tables in one statement where that saves
     /// round trips (PostgreSQL: a data-modifying CTE per table over `unnest`
-    /// of bound arrays, see [`columns`]). `false` where the engine inserts
+    /// of bound arrays, see [`columns`]). `None` where the engine inserts
     /// nothing this way (SQLite: in-process statements cost no round trip),
     /// and the caller inserts table by table. `tables` builds the rows, called
-    /// only by an engine that inserts them so: where the answer is `false`,
-    /// no column is gathered for nothing. With `notify` (channel, payload),
-    /// the same statement also does what [`Self::notify`] does; with `claim`,
-    /// it also proves the claim as [`Self::prove_claim`] does (an error if it
-    /// is lost; proven when the answer is `true`).
+    /// only by an engine that inserts them so: where the answer is `None`,
+    /// no column is gathered for nothing. With `positions` (a sequence, how
+    /// many), the same statement takes that many stream positions as
+    /// [`Self::stream_positions`] does, fills the tables' columns of
+    /// positions ([`Column::Position`], [`Column::HighestPosition`]) with
+    /// them and answers them (none otherwise). With `notify` (channel,
+    /// payload), it also does what [`Self::notify`] does, the payload after
+    /// the highest position taken when it takes some; with `claim`, it also
+    /// proves the claim as [`Self::prove_claim`] does (an error if it is
+    /// lost; proven when the answer is `Some`).
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
         tables: &dyn Fn() -> Vec<TableRows<'a>>,
+        positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
-    ) -> Result<bool>;
+    ) -> Result<Option<Vec<i64>>>;
 
     /// Wakes the processes listening on `channel` once the transaction commits
     /// (PostgreSQL NOTIFY); nothing where one process is all there is.

@@ -1,8 +1,7 @@
 //! PostgreSQL, for scale and for replica workers.
 
 use super::{
-    Engine, Isolation, Present, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions,
-    WriterGuard,
+    Engine, Isolation, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions, WriterGuard,
 };
 use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
@@ -13,7 +12,7 @@ use diesel::connection::SimpleConnection;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Untyped};
+use diesel::sql_types::{BigInt, Bool, Text, Untyped};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use std::sync::Arc;
 
@@ -35,7 +34,7 @@ struct Id {
 
 /// `n` new ids from a sequence: `SELECT nextval($1::regclass) AS id FROM
 /// generate_series(1, $2)`, a query of its own rather than `sql_query`, which
-/// diesel never keeps prepared: every write takes its stream position this
+/// diesel never keeps prepared: every new state group takes its id this
 /// way, and parsing and planning it each time cost the server more than
 /// running it (0.05 of 0.06 ms, measured with log_min_duration_statement=0).
 struct NextIds<'a> {
@@ -52,76 +51,24 @@ impl Query for NextIds<'_> {
     type SqlType = Untyped;
 }
 
-impl<'a> NextIds<'a> {
-    /// `SELECT nextval(..) AS id{columns} FROM generate_series(..)`: the ids,
-    /// beside `columns` (more select items, each after a comma) when a
-    /// statement adds rows of its own to them.
-    fn walk_select<'b>(
-        &'b self,
-        out: &mut AstPass<'_, 'b, Pg>,
-        columns: &str,
-    ) -> diesel::QueryResult<()> {
+impl QueryFragment<Pg> for NextIds<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
         out.push_sql("SELECT nextval(");
         out.push_bind_param::<Text, _>(self.sequence)?;
-        out.push_sql(&format!(
-            "::regclass) AS id{columns} FROM generate_series(1, "
-        ));
+        out.push_sql("::regclass) AS id FROM generate_series(1, ");
         out.push_bind_param::<BigInt, _>(&self.n)?;
         out.push_sql(")");
         Ok(())
     }
 }
 
-impl QueryFragment<Pg> for NextIds<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
-        self.walk_select(&mut out, "")
-    }
-}
-
 impl RunQueryDsl<PgConnection> for NextIds<'_> {}
 
-/// [`NextIds`] and, in the same statement, which of some values a table's
-/// column holds: `SELECT nextval(..) AS id, NULL AS present FROM
-/// generate_series(..) UNION ALL SELECT NULL, column FROM table WHERE column
-/// = ANY($3)`. A write asks which of its events are stored and takes its
-/// stream positions in one round trip (~85 us here), both under the events
-/// table's lock.
-struct NextIdsAndPresent<'a> {
-    ids: NextIds<'a>,
-    lookup: &'a Present<'a>,
-}
-
-impl QueryId for NextIdsAndPresent<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl Query for NextIdsAndPresent<'_> {
-    type SqlType = Untyped;
-}
-
-impl QueryFragment<Pg> for NextIdsAndPresent<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
-        self.ids.walk_select(&mut out, ", NULL::text AS present")?;
-        let Present { table, column, .. } = self.lookup;
-        out.push_sql(&format!(
-            " UNION ALL SELECT NULL, {column} FROM {table} WHERE {column} = ANY("
-        ));
-        out.push_bind_param::<Array<Text>, _>(self.lookup.values)?;
-        out.push_sql(")");
-        Ok(())
-    }
-}
-
-impl RunQueryDsl<PgConnection> for NextIdsAndPresent<'_> {}
-
-/// A row of [`NextIdsAndPresent`]: an id or a value found.
+/// A row of `take_stream_positions` (the migrations' function).
 #[derive(QueryableByName)]
-struct IdOrPresent {
-    #[diesel(sql_type = Nullable<BigInt>)]
-    id: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
-    present: Option<String>,
+struct Position {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
 }
 
 #[derive(QueryableByName)]
@@ -307,46 +254,14 @@ impl Engine for PostgresEngine {
         Ok(ids)
     }
 
-    fn next_ids_and_present(
-        &self,
-        conn: &mut Conn,
-        sequence: &Sequence,
-        n: usize,
-        lookup: &Present<'_>,
-    ) -> Result<Option<(Vec<i64>, std::collections::HashSet<String>)>> {
-        let rows: Vec<IdOrPresent> = NextIdsAndPresent {
-            ids: NextIds {
-                sequence: sequence.name,
-                n: n as i64,
-            },
-            lookup,
-        }
-        .load(conn.postgres()?)
-        .with_context(|| {
-            format!(
-                "allocating {n} ids from {} and reading which of {} values {}.{} holds",
-                sequence.name,
-                lookup.values.len(),
-                lookup.table,
-                lookup.column
-            )
-        })?;
-        let mut ids = Vec::with_capacity(n);
-        let mut present = std::collections::HashSet::new();
-        for row in rows {
-            match row {
-                IdOrPresent { id: Some(id), .. } => ids.push(id),
-                IdOrPresent {
-                    present: Some(value),
-                    ..
-                } => {
-                    present.insert(value);
-                }
-                IdOrPresent { .. } => {}
-            }
-        }
-        ids.sort_unstable();
-        Ok(Some((ids, present)))
+    fn stream_positions(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        let rows: Vec<Position> =
+            diesel::sql_query("SELECT id FROM take_stream_positions($1::regclass, $2) ORDER BY n")
+                .bind::<Text, _>(sequence.name)
+                .bind::<BigInt, _>(n as i64)
+                .load(conn.postgres()?)
+                .with_context(|| format!("taking {n} stream positions from {}", sequence.name))?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
@@ -451,20 +366,37 @@ impl Engine for PostgresEngine {
         &self,
         conn: &mut Conn,
         tables: &dyn Fn() -> Vec<TableRows<'a>>,
+        positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<i64>>> {
         let tables = tables();
-        let row =
-            super::columns::insert_with_unnest(conn.postgres()?, &tables, notify, claim.is_some())
-                .with_context(|| {
-                    let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
-                    format!("inserting rows into {}", names.join(", "))
-                })?;
+        let take = positions.map(|(sequence, n)| super::columns::TakePositions {
+            sequence: sequence.name,
+            count: n as i64,
+        });
+        let inserted = super::columns::insert_with_unnest(
+            conn.postgres()?,
+            &tables,
+            take,
+            notify,
+            claim.is_some(),
+        )
+        .with_context(|| {
+            let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
+            match positions {
+                Some((sequence, n)) => format!(
+                    "inserting rows into {}, taking {n} stream positions from {}",
+                    names.join(", "),
+                    sequence.name
+                ),
+                None => format!("inserting rows into {}", names.join(", ")),
+            }
+        })?;
         if let Some(claim) = claim {
-            super::postgres_claim::expect_row(claim, row)?;
+            super::postgres_claim::expect_row(claim, inserted.claim)?;
         }
-        Ok(true)
+        Ok(Some(inserted.positions))
     }
 
     fn notify(&self, conn: &mut Conn, channel: &str, payload: &str) -> Result<()> {

@@ -263,15 +263,10 @@ impl Engine for SqliteEngine {
         Ok(ids)
     }
 
-    fn next_ids_and_present(
-        &self,
-        _conn: &mut Conn,
-        _sequence: &Sequence,
-        _n: usize,
-        _lookup: &super::Present<'_>,
-    ) -> Result<Option<(Vec<i64>, std::collections::HashSet<String>)>> {
-        // Ids come from memory, and a statement costs no round trip.
-        Ok(None)
+    fn stream_positions(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        // A write transaction holds the whole database (BEGIN IMMEDIATE)
+        // until it ends: it is the lock.
+        self.next_ids(conn, sequence, n)
     }
 
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
@@ -315,10 +310,11 @@ impl Engine for SqliteEngine {
         &self,
         _conn: &mut Conn,
         _tables: &dyn Fn() -> Vec<TableRows<'a>>,
+        _positions: Option<(&Sequence, usize)>,
         _notify: Option<(&str, &str)>,
         _claim: Option<&ClaimState>,
-    ) -> Result<bool> {
-        Ok(false)
+    ) -> Result<Option<Vec<i64>>> {
+        Ok(None)
     }
 
     fn notify(&self, _conn: &mut Conn, _channel: &str, _payload: &str) -> Result<()> {
