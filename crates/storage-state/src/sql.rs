@@ -22,7 +22,8 @@ use diesel::{
     PgConnection, QueryResult, Queryable, QueryableByName, RunQueryDsl, SqliteConnection,
 };
 use std::marker::PhantomData;
-use storage_core::{with_conn, Conn, InternedText, Result, SharedText};
+use std::sync::{Arc, OnceLock};
+use storage_core::{intern, with_conn, Conn, InternedText, Result, SharedText};
 
 /// Keys of one type up to which each gets an arm of its own (SQLite allows 500
 /// arms in a compound SELECT), on an engine that may not seek each value of an
@@ -317,12 +318,37 @@ impl<ST, C> RunQueryDsl<C> for ByPosition<ST> {}
 pub(crate) struct ChainRow {
     pub(crate) root: i64,
     pub(crate) state_group: i64,
-    pub(crate) event_type: InternedText,
+    #[diesel(deserialize_as = Option<InternedText>)]
+    pub(crate) event_type: EventType,
     pub(crate) state_key: SharedText,
     pub(crate) event_id: SharedText,
 }
 
-type ChainRowType = (BigInt, BigInt, Text, Text, Text);
+type ChainRowType = (BigInt, BigInt, Nullable<Text>, Text, Text);
+
+/// A row's event type, read from a column that may give the member type as
+/// `NULL` ([`member_type_or_null`]): most rows of a large room are members,
+/// and a `NULL` costs diesel no text to read, check and intern.
+#[derive(Debug)]
+pub(crate) struct EventType(pub(crate) Arc<str>);
+
+impl From<Option<InternedText>> for EventType {
+    fn from(t: Option<InternedText>) -> Self {
+        static MEMBER_TYPE: OnceLock<Arc<str>> = OnceLock::new();
+        EventType(t.map_or_else(
+            || MEMBER_TYPE.get_or_init(|| intern(MEMBER)).clone(),
+            |t| t.0,
+        ))
+    }
+}
+
+/// The event type of row `s` as a [`ChainRow`] column, `NULL` for the member
+/// type (bound as `member`, a placeholder). Measured (callgrind, a cold full
+/// read of the HQ room, 88,269 rows, 88,074 of them members): 619M
+/// instructions a read against 656M with the type read as text.
+fn member_type_or_null(member: &str) -> String {
+    format!("NULLIF(s.type, {member})")
+}
 
 /// The recursive walk: for each of `groups`, every row matching `filter` on its
 /// chain down to the snapshot, tagged with the group it came from. The caller keeps,
@@ -362,26 +388,33 @@ pub(crate) fn chain_rows_for(
 }
 
 /// [`chain_rows`] for the full state (every row on the chains), each group's
-/// rows read by their range of insertion-ordered ids ([`RowIds`]) where that
-/// range is dense, and through the index otherwise.
+/// rows read through the index where they were inserted in its order, and by
+/// their range of insertion-ordered ids ([`RowIds`]) otherwise.
 ///
-/// A group's rows are inserted by one statement, so on SQLite they normally
-/// fill one range of rowids; scanning the range reads the table in order,
-/// where the index on `(state_group, type, state_key)` costs a seek into the
-/// table per row for `event_id`. Each group's range and count come from the
-/// index alone (covering), in one pass over the chain's entries, grouped in
-/// index order (no sort). The range is taken when at most half its rows belong to
-/// other groups (`hi - lo < 2n`), and the `state_group` condition keeps only
-/// the group's own rows, so the answer is exact either way: a group whose
-/// rows are scattered (written piecemeal, or by another writer than ours) is
-/// sought through the index as before. The unary `+` keeps SQLite from
-/// seeking that condition through the index instead of the range.
+/// Reading a row through the index on `(state_group, type, state_key)` costs
+/// a seek into the table for `event_id`. Where a group's rows were inserted in
+/// the index's order (as this store writes them), those seeks go row after
+/// row through the table and SQLite finds each next to the one before; where
+/// they were inserted in another order (Synapse's, older databases: a
+/// map's), each seek lands somewhere else in the group's pages, and scanning
+/// the group's range of rowids reads the table in order instead. Which order a
+/// group's rows lie in is probed from the index alone (covering): its first
+/// two entries and its last two, four seeks a group, are consecutive rowids
+/// when the rows were inserted in index order (a group of one row counts as
+/// ordered). Only the other groups pay for their ranges: each one's range and
+/// count, in one pass over their index entries, grouped in index order (no
+/// sort). The range is taken when at most half its rows belong to other groups
+/// (`hi - lo < 2n`), and the `state_group` condition keeps only the group's
+/// own rows, so the answer is exact either way, as it is for a group the
+/// probe misjudges: a group whose rows are scattered (written piecemeal) is
+/// sought through the index. The unary `+` keeps SQLite from seeking that
+/// condition through the index instead of the range.
 ///
-/// Measured (callgrind, the state resolution benchmark, three cold merges
-/// each reading two chains of ~34,000 rows): the state reads took 1,287M
-/// instructions against 1,489M through the index alone, of which SQLite's
-/// 674M against 875M (its seeks into the table, 457M, gone); the seeks are
-/// cache misses, so the time drops further than the instructions.
+/// Measured (callgrind, a cold full read of the HQ room of `cargo xtask bench
+/// state`, instructions a read): rows in index order 656M against 777M when
+/// every group went by its range (the ranges' pass over the index alone cost
+/// more than the seeks it saves there); rows in hash order 774M against 772M
+/// (the probes).
 pub(crate) fn chain_rows_by_range(
     conn: &mut Conn,
     groups: &[StateGroup],
@@ -393,31 +426,53 @@ pub(crate) fn chain_rows_by_range(
     };
     let mut st = Statement::default();
     let seeds = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
+    let type_ = member_type_or_null(&st.placeholder(Bind::Text(MEMBER.to_owned())));
+    let probe = |order: &str, offset: u8| {
+        format!(
+            "(SELECT {x_id} FROM state_groups_state x WHERE x.state_group = c.state_group \
+             ORDER BY x.type {order}, x.state_key {order} LIMIT 1 OFFSET {offset})"
+        )
+    };
     st.sql = format!(
         "{}, \
+         judged AS MATERIALIZED ( \
+             SELECT c.root AS root, c.state_group AS state_group, \
+                 COALESCE({} = {} + 1 AND {} = {} - 1, 1) AS ordered \
+             FROM chain c \
+         ), \
          counted AS MATERIALIZED ( \
              SELECT x.state_group AS state_group, MIN({x_id}) AS lo, MAX({x_id}) AS hi, \
                  COUNT(*) AS n \
              FROM state_groups_state x \
-             WHERE x.state_group IN (SELECT state_group FROM chain) \
+             WHERE x.state_group IN (SELECT state_group FROM judged WHERE NOT ordered) \
              GROUP BY x.state_group \
          ), \
          ranges AS MATERIALIZED ( \
-             SELECT c.root AS root, k.state_group AS state_group, k.lo AS lo, k.hi AS hi, \
+             SELECT j.root AS root, k.state_group AS state_group, k.lo AS lo, k.hi AS hi, \
                  k.n AS n \
-             FROM chain c CROSS JOIN counted k WHERE k.state_group = c.state_group \
+             FROM judged j CROSS JOIN counted k \
+             WHERE NOT j.ordered AND k.state_group = j.state_group \
          ) \
-         SELECT r.root AS root, s.state_group AS state_group, s.type AS type_, \
+         SELECT j.root AS root, s.state_group AS state_group, {type_} AS type_, \
+             s.state_key AS state_key, s.event_id AS event_id \
+         FROM judged j CROSS JOIN state_groups_state s \
+         WHERE j.ordered AND s.state_group = j.state_group \
+         UNION ALL \
+         SELECT r.root AS root, s.state_group AS state_group, {type_} AS type_, \
              s.state_key AS state_key, s.event_id AS event_id \
          FROM ranges r CROSS JOIN state_groups_state s \
          WHERE r.hi - r.lo < 2 * r.n AND {s_id} BETWEEN r.lo AND r.hi \
              AND +s.state_group = r.state_group \
          UNION ALL \
-         SELECT r.root AS root, s.state_group AS state_group, s.type AS type_, \
+         SELECT r.root AS root, s.state_group AS state_group, {type_} AS type_, \
              s.state_key AS state_key, s.event_id AS event_id \
          FROM ranges r CROSS JOIN state_groups_state s \
          WHERE r.hi - r.lo >= 2 * r.n AND s.state_group = r.state_group",
-        chain_cte(&seeds)
+        chain_cte(&seeds),
+        probe("ASC", 1),
+        probe("ASC", 0),
+        probe("DESC", 1),
+        probe("DESC", 0),
     );
     st.for_each_row::<ChainRowType, ChainRow>(conn, each)
 }

@@ -7,7 +7,11 @@
 //! one (a range half of whose rows belong to the other group: still read by
 //! range, the other group's rows filtered out), and a group whose rows are
 //! spread among three others' (read through the index), with deltas that
-//! override their prev group's slots. Each group's full state, read cold,
+//! override their prev group's slots. Groups whose rows were inserted in index
+//! order (as the store writes them) are read through the index: one so
+//! written, a delta on it, a group of one row, and one whose ends alone are in
+//! index order (the probe that tells the orders apart looks only at the ends:
+//! misjudged, it must still read right). Each group's full state, read cold,
 //! must be exactly what its rows say, one group at a time and all at once.
 //! Each test runs on SQLite and PostgreSQL.
 
@@ -50,6 +54,12 @@ fn insert(t: &TestDb, rows: &[Row]) {
         .expect("inserting state rows");
 }
 
+/// `rows` in the order of the index on `(state_group, type, state_key)`.
+fn in_index_order(mut rows: Vec<Row>) -> Vec<Row> {
+    rows.sort();
+    rows
+}
+
 /// Every second row from `a`, the others from `b`, while both last.
 fn interleave(a: Vec<Row>, b: Vec<Row>) -> Vec<Row> {
     let mut out = Vec::new();
@@ -66,14 +76,17 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
     let store = store(t);
     let mut raw = t.raw_connection();
     // 1: a snapshot; 2 and 3: deltas on 1; 4: a snapshot; 5, 6, 7: snapshots
-    // whose rows surround 4's; 8: a delta on 4.
+    // whose rows surround 4's; 8: a delta on 4; 9: a snapshot in index order,
+    // 10: a delta on 9 in index order; 11: one row; 12: only its ends in
+    // index order.
     raw.batch_execute(&format!(
         "INSERT INTO state_groups (id, room_id, event_id) VALUES \
          (1, '{ROOM}', '$g1'), (2, '{ROOM}', '$g2'), (3, '{ROOM}', '$g3'), \
          (4, '{ROOM}', '$g4'), (5, '{ROOM}', '$g5'), (6, '{ROOM}', '$g6'), \
-         (7, '{ROOM}', '$g7'), (8, '{ROOM}', '$g8'); \
+         (7, '{ROOM}', '$g7'), (8, '{ROOM}', '$g8'), (9, '{ROOM}', '$g9'), \
+         (10, '{ROOM}', '$g10'), (11, '{ROOM}', '$g11'), (12, '{ROOM}', '$g12'); \
          INSERT INTO state_group_edges (state_group, prev_state_group) VALUES \
-         (2, 1), (3, 1), (8, 4)"
+         (2, 1), (3, 1), (8, 4), (10, 9)"
     ))
     .expect("inserting groups");
     drop(raw);
@@ -103,6 +116,29 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
     insert(t, &member_rows(5, 100..120, "late"));
     insert(t, &member_rows(8, 25..35, "eight"));
 
+    // 9 and 10 in index order, each in one statement: 9 holds the create and
+    // name events (its first and last rows) beside 40 members; 10 overrides
+    // 9's name and members 0..10 and adds 50..60.
+    let mut nine = member_rows(9, 0..40, "nine");
+    nine.push((9, CREATE.to_owned(), String::new(), "$create9".to_owned()));
+    nine.push((9, NAME.to_owned(), String::new(), "$name9".to_owned()));
+    let nine = in_index_order(nine);
+    insert(t, &nine);
+    let ten = in_index_order(
+        member_rows(10, 0..10, "ten")
+            .into_iter()
+            .chain(member_rows(10, 50..60, "ten"))
+            .chain([(10, NAME.to_owned(), String::new(), "$name10".to_owned())])
+            .collect(),
+    );
+    insert(t, &ten);
+    let eleven = vec![(11, CREATE.to_owned(), String::new(), "$create11".to_owned())];
+    insert(t, &eleven);
+    // 12: its first two and last two rows in index order, the rest reversed.
+    let mut twelve = in_index_order(member_rows(12, 0..20, "twelve"));
+    twelve[2..18].reverse();
+    insert(t, &twelve);
+
     // What each group's state must be, from the rows and the edges.
     let mut own: BTreeMap<i64, BTreeMap<(String, String), String>> = BTreeMap::new();
     let all_rows = rows
@@ -112,11 +148,15 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
         .cloned()
         .chain(member_rows(8, 0..5, "eight"))
         .chain(member_rows(5, 100..120, "late"))
-        .chain(member_rows(8, 25..35, "eight"));
+        .chain(member_rows(8, 25..35, "eight"))
+        .chain(nine)
+        .chain(ten)
+        .chain(eleven)
+        .chain(twelve);
     for (g, ty, k, e) in all_rows {
         own.entry(g).or_default().insert((ty, k), e);
     }
-    let prev = BTreeMap::from([(2, 1), (3, 1), (8, 4)]);
+    let prev = BTreeMap::from([(2, 1), (3, 1), (8, 4), (10, 9)]);
     let expected = |g: i64| {
         let mut state = prev.get(&g).map(|p| own[p].clone()).unwrap_or_default();
         state.extend(own[&g].clone());
@@ -129,7 +169,7 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
             .collect()
     };
 
-    let groups: Vec<i64> = (1..=8).collect();
+    let groups: Vec<i64> = (1..=12).collect();
     for &g in &groups {
         let read = cold(&store)
             .get_state_for_groups(&[g], &StateFilter::all())
@@ -156,4 +196,9 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
         "$one-5"
     );
     assert_eq!(expected(8).len(), 31 + 5);
+    assert_eq!(
+        expected(10)[&(MEMBER.to_owned(), "@u0:test".to_owned())],
+        "$ten-0"
+    );
+    assert_eq!(expected(10).len(), 2 + 50);
 }
