@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use storage_core::{with_conn, Column, Result, RowsWrite, TableRows, Transaction};
-use storage_state::StateStore;
+use storage_state::{PendingGroupRows, StateStore};
 
 impl EventsStore {
     /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).
@@ -45,6 +45,13 @@ impl EventsStore {
         let result = self.db.run_interaction("persist_events", |txn| {
             self.write_batch_txn(txn, batch, assumed_new)
         });
+        if let Err(e) = &result {
+            if assumed_new && self.some_stored_after_all(e, batch)? {
+                // Nothing was written; the caller works the batch out again
+                // with its prepared groups.
+                return Ok(None);
+            }
+        }
         if result.is_err() {
             self.state
                 .forget_prepared_groups(batch.events.iter().flat_map(|e| &e.new_state_groups));
@@ -79,13 +86,18 @@ impl EventsStore {
         batch: &RoomBatch,
         assumed_new: bool,
     ) -> Result<Option<PersistedBatch>> {
-        let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
-        // Read with no lock held: only this process writes events, one
-        // batch of a room at a time, and an event is of one room.
-        let stored = load_existing(txn, &ids)?;
-        if assumed_new && !stored.is_empty() {
-            return Ok(None);
-        }
+        // A batch assumed new reads nothing: should one of its events be
+        // stored after all, inserting it again breaks the uniqueness of
+        // event ids and the transaction fails (see `some_stored_after_all`).
+        // Otherwise which are stored is read, with no lock held: only this
+        // process writes events, one batch of a room at a time, and an event
+        // is of one room.
+        let stored = if assumed_new {
+            HashSet::new()
+        } else {
+            let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
+            load_existing(txn, &ids)?
+        };
         // Every prepared group, those of events found already stored too: a
         // later event of the batch may have its state in one of them.
         let groups: Vec<_> = batch
@@ -93,7 +105,22 @@ impl EventsStore {
             .iter()
             .flat_map(|e| e.new_state_groups.iter().cloned())
             .collect();
-        self.state.store_prepared_groups_txn(txn, &groups)?;
+        // Their rows go in the events' statement where the engine writes it.
+        self.state
+            .store_prepared_groups_then(txn, &groups, |txn, group_rows| {
+                self.write_events_txn(txn, batch, &stored, group_rows)
+            })
+            .map(Some)
+    }
+
+    /// The batch's events not among `stored`, and what goes with them.
+    fn write_events_txn(
+        &self,
+        txn: &mut Transaction<'_>,
+        batch: &RoomBatch,
+        stored: &HashSet<String>,
+        group_rows: &mut PendingGroupRows<'_>,
+    ) -> Result<PersistedBatch> {
         let mut seen = HashSet::new();
         let new: Vec<&EventToPersist> = batch
             .events
@@ -107,11 +134,11 @@ impl EventsStore {
             .map(|e| e.event_id.clone())
             .collect();
         if new.is_empty() {
-            return Ok(Some(PersistedBatch {
+            return Ok(PersistedBatch {
                 positions: HashMap::new(),
                 skipped,
                 max_stream_ordering: self.position.load(Ordering::SeqCst),
-            }));
+            });
         }
         insert_rooms(txn, &new)?;
         let mappings: Vec<(&str, i64)> = new
@@ -136,7 +163,8 @@ impl EventsStore {
         // among them deleted, the new ones not among the old inserted.
         let (gone, added) = extremity_change(batch);
         let with_events = || {
-            let mut tables = vec![StateStore::event_state_group_rows(&mappings)];
+            let mut tables = group_rows.columns();
+            tables.push(StateStore::event_state_group_rows(&mappings));
             tables.extend(extremity_rows(&batch.room_id, &gone, &added));
             if invalidated {
                 tables.push(invalidation_rows(&batch.room_id));
@@ -158,6 +186,7 @@ impl EventsStore {
         let max = *positions.iter().max().expect("at least one new event");
         let current = &batch.current_state;
         if written_with_events {
+            group_rows.written();
             self.state
                 .cache_event_state_groups_after_commit(txn, &mappings);
             if invalidated {
@@ -198,7 +227,7 @@ impl EventsStore {
             report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));
         });
         self.remember_after_commit(txn, batch, &new, &positions);
-        Ok(Some(PersistedBatch {
+        Ok(PersistedBatch {
             positions: new
                 .iter()
                 .zip(&positions)
@@ -206,11 +235,38 @@ impl EventsStore {
                 .collect(),
             skipped,
             max_stream_ordering: max,
-        }))
+        })
     }
 }
 
 impl EventsStore {
+    /// Whether the failure `error` of a batch assumed new came of some of its
+    /// events being stored after all (a retried or replayed event): an event
+    /// id that is not unique, and stored events among the batch's, read
+    /// afresh.
+    fn some_stored_after_all(
+        &self,
+        error: &storage_core::Error,
+        batch: &RoomBatch,
+    ) -> Result<bool> {
+        use diesel::result::{DatabaseErrorKind, Error as DieselError};
+        let unique = matches!(
+            error.database_error(),
+            Some(DieselError::DatabaseError(
+                DatabaseErrorKind::UniqueViolation,
+                _
+            ))
+        );
+        if !unique {
+            return Ok(false);
+        }
+        let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
+        let stored = self.db.run_read("persist_events.stored_after_all", |txn| {
+            load_existing(txn, &ids)
+        })?;
+        Ok(!stored.is_empty())
+    }
+
     /// Once committed, the room's new forward extremities and those of the
     /// batch's events among them are kept in memory: the room's next batch
     /// starts from those extremities, and its events name those events as

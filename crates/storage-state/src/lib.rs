@@ -31,7 +31,7 @@ pub use filter::StateFilter;
 pub use lookup::{room_state, StateLookupError};
 pub use purge::{highest_state_group, purge_unneeded_groups, PurgeReport};
 pub use report::{state_report, unreferenced_groups, StateReport, UnreferencedGroups};
-pub use store::{CacheKind, StateGroupAccess, StateStore};
+pub use store::{CacheKind, PendingGroupRows, StateGroupAccess, StateStore};
 pub use types::{key, Slot, StateGroup, StateKey, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 pub use unwritten::PreparedStateGroup;
 pub use write::{NewStateGroup, STATE_GROUP_SEQUENCE};

@@ -322,8 +322,22 @@ impl StateStore {
         txn: &mut Transaction<'_>,
         groups: &[Arc<PreparedStateGroup>],
     ) -> Result<()> {
+        self.store_prepared_groups_then(txn, groups, |_, _| Ok(()))
+    }
+
+    /// [`Self::store_prepared_groups_txn`], handing the groups' rows not
+    /// inserted yet to `then`, for its own statement: where the engine
+    /// inserts them with its rows ([`PendingGroupRows::columns`]), `then`
+    /// says so ([`PendingGroupRows::written`]); any it did not write are
+    /// inserted after it.
+    pub fn store_prepared_groups_then<R>(
+        &self,
+        txn: &mut Transaction<'_>,
+        groups: &[Arc<PreparedStateGroup>],
+        then: impl FnOnce(&mut Transaction<'_>, &mut PendingGroupRows<'_>) -> Result<R>,
+    ) -> Result<R> {
         if groups.is_empty() {
-            return Ok(());
+            return then(txn, &mut PendingGroupRows(GroupRows::default()));
         }
         let mut stored = StoredInTxn::default();
         let news: Vec<NewStateGroup<'_>> = groups.iter().map(|g| g.as_new()).collect();
@@ -340,11 +354,13 @@ impl StateStore {
                 &mut rows,
             )?;
         }
-        rows.flush(txn)?;
+        let mut pending = PendingGroupRows(rows);
+        let out = then(txn, &mut pending)?;
+        pending.0.flush(txn)?;
         let unwritten = self.unwritten.clone();
         let ids: Vec<StateGroup> = groups.iter().map(|g| g.group).collect();
         txn.call_after(move || unwritten.remove(ids));
-        Ok(())
+        Ok(out)
     }
 
     /// How many prepared groups are held in memory, waiting for their batch
@@ -856,5 +872,28 @@ impl StateGroupAccess for StateStore {
             )
             .get_result::<bool>(c))?)
         })
+    }
+}
+
+/// The rows of a transaction's new groups not inserted yet
+/// ([`StateStore::store_prepared_groups_then`]).
+pub struct PendingGroupRows<'a>(GroupRows<'a>);
+
+impl std::fmt::Debug for PendingGroupRows<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingGroupRows").finish_non_exhaustive()
+    }
+}
+
+impl<'a> PendingGroupRows<'a> {
+    /// The rows, column by column, for a statement that inserts several
+    /// tables' ([`Transaction::insert_columns`]).
+    pub fn columns(&self) -> Vec<TableRows<'a>> {
+        self.0.columns()
+    }
+
+    /// The statement given [`Self::columns`] inserted them.
+    pub fn written(&mut self) {
+        self.0 = GroupRows::default();
     }
 }

@@ -190,7 +190,7 @@ impl<'a> GroupRows<'a> {
     }
 
     /// The same rows, column by column.
-    fn columns(&self) -> Vec<TableRows<'a>> {
+    pub(crate) fn columns(&self) -> Vec<TableRows<'a>> {
         let (groups, edges, state) = (&self.groups, &self.edges, &self.state);
         vec![
             TableRows {
@@ -422,18 +422,24 @@ pub(crate) fn prefill(
 }
 
 /// The chain length of `prev` (itself included), after checking that it exists
-/// and belongs to `room_id`.
+/// and belongs to `room_id`: read, unless the caches know its room (they
+/// hold only groups that exist: filled once a group's write committed, or
+/// from reads of stored groups; a group an event references is never
+/// purged).
 fn prev_chain_length(
     txn: &mut Transaction<'_>,
     caches: &StateCaches,
     prev: StateGroup,
     room_id: &str,
 ) -> Result<usize> {
-    let prev_room: Option<String> = with_conn!(txn.conn(), |c| state_groups::table
-        .select(state_groups::room_id)
-        .find(prev)
-        .first::<String>(c)
-        .optional())?;
+    let prev_room: Option<String> = match caches.group_rooms.get(&prev) {
+        Some(room) => Some(room),
+        None => with_conn!(txn.conn(), |c| state_groups::table
+            .select(state_groups::room_id)
+            .find(prev)
+            .first::<String>(c)
+            .optional())?,
+    };
     match prev_room {
         None => {
             return Err(Error::invalid_argument(format!(
