@@ -500,9 +500,28 @@ pub(crate) fn row_by_row(txn: &Transaction<'_>) -> bool {
     txn.engine().round_trips_are_cheap()
 }
 
-/// Inserts `rows` into `state_groups_state`: [`INSERT_CHUNK`] a statement, or
-/// one each where [`row_by_row`].
+/// Inserts `rows` into `state_groups_state`: [`INSERT_CHUNK`] a statement.
+///
+/// Where [`row_by_row`] (SQLite) too, unlike the other tables: this one has no
+/// unique index, so a multi-row INSERT cannot fail halfway on a duplicate and
+/// SQLite keeps no statement journal for it. There whole chunks go in as
+/// [`sql::StateRowsInsert`], kept prepared; the remainder row by row.
 pub(crate) fn insert_rows(txn: &mut Transaction<'_>, rows: &[StateRow<'_>]) -> Result<()> {
-    insert_all!(txn, state_groups_state::table, rows, INSERT_CHUNK);
+    if !row_by_row(txn) {
+        insert_all!(txn, state_groups_state::table, rows, INSERT_CHUNK);
+        return Ok(());
+    }
+    let mut chunks = rows.chunks_exact(INSERT_CHUNK);
+    for chunk in &mut chunks {
+        let chunk: &[StateRow<'_>; INSERT_CHUNK] =
+            chunk.try_into().expect("chunks_exact gives whole chunks");
+        with_conn!(txn.conn(), |c| sql::StateRowsInsert(chunk).execute(c))?;
+    }
+    insert_all!(
+        txn,
+        state_groups_state::table,
+        chunks.remainder(),
+        INSERT_CHUNK
+    );
     Ok(())
 }

@@ -19,11 +19,14 @@ use storage_state::{
 storage_core::engine_tests!(
     a_delta_on_a_cold_group_is_prepared_without_reading_its_state,
     a_prepared_chain_past_the_hop_limit_snapshots_the_state_it_holds,
+    snapshots_of_thousands_of_rows_are_stored_whole_by_one_kept_statement,
 );
 
 thread_local! {
     /// The statements this thread's connections sent while `COUNTING`.
     static STATEMENTS: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+    /// The statements this thread's connections prepared and kept meanwhile.
+    static KEPT: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Records, on the thread that runs them, the statements of connections
@@ -33,12 +36,19 @@ struct Recorder;
 
 impl diesel::connection::Instrumentation for Recorder {
     fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
-        if let diesel::connection::InstrumentationEvent::StartQuery { query, .. } = event {
-            STATEMENTS.with(|s| {
+        use diesel::connection::InstrumentationEvent as Event;
+        match event {
+            Event::StartQuery { query, .. } => STATEMENTS.with(|s| {
                 if let Some(s) = s.borrow_mut().as_mut() {
                     s.push(query.to_string());
                 }
-            });
+            }),
+            Event::CacheQuery { sql, .. } => STATEMENTS.with(|s| {
+                if s.borrow().is_some() {
+                    KEPT.with(|k| k.borrow_mut().push(sql.to_owned()));
+                }
+            }),
+            _ => {}
         }
     }
 }
@@ -54,6 +64,7 @@ fn install_recorder() {
 /// The statements `f` sends on this thread (over connections opened after
 /// [`install_recorder`]).
 fn recording<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    KEPT.with(|k| k.borrow_mut().clear());
     STATEMENTS.with(|s| *s.borrow_mut() = Some(Vec::new()));
     let out = f();
     let sent = STATEMENTS
@@ -273,4 +284,56 @@ fn a_prepared_chain_past_the_hop_limit_snapshots_the_state_it_holds(t: &TestDb) 
             "the snapshot's rows were not inserted in index order"
         );
     }
+}
+
+/// Snapshots of 2,347 and 1,502 rows (whole chunks of 1,000 rows and a
+/// remainder) stored in one transaction read back whole from a cold store. On
+/// SQLite the whole chunks go in by one multi-row INSERT that the connection
+/// prepares once and keeps for the three chunks, where diesel's own multi-row
+/// INSERT would be prepared afresh for each (and never kept).
+fn snapshots_of_thousands_of_rows_are_stored_whole_by_one_kept_statement(t: &TestDb) {
+    install_recorder();
+    let writer = store(t);
+    let (big, small) = (room(2_345), room(1_500));
+    let (stored, sent) = recording(|| {
+        writer
+            .database()
+            .run_interaction("two_snapshots", |txn: &mut Transaction<'_>| {
+                let a = writer
+                    .store_state_group_txn(txn, &NewStateGroup::snapshot("$a", ROOM, &big))?;
+                let b = writer
+                    .store_state_group_txn(txn, &NewStateGroup::snapshot("$b", ROOM, &small))?;
+                Ok((a, b))
+            })
+    });
+    let (a, b) = stored.unwrap();
+    let fresh = cold(&writer);
+    for (group, want) in [(a, &big), (b, &small)] {
+        let got = fresh
+            .get_state_for_groups(&[group], &StateFilter::all())
+            .unwrap()
+            .remove(&group)
+            .unwrap();
+        assert_eq!(&got, want, "snapshot {group} read from the database");
+        check_reads(&fresh, group, want, "a snapshot of thousands of rows");
+    }
+    if t.engine() != "sqlite" {
+        return;
+    }
+    let whole_chunk = |sql: &String| {
+        sql.starts_with("INSERT INTO")
+            && sql.contains("state_groups_state")
+            && sql.matches("), (").count() == 999
+    };
+    let runs = sent.iter().filter(|sql| whole_chunk(sql)).count();
+    assert_eq!(
+        runs, 3,
+        "whole chunks of 1,000 rows inserted one a statement"
+    );
+    let kept: Vec<String> = KEPT.with(|k| k.borrow().clone());
+    let kept_chunks = kept.iter().filter(|sql| whole_chunk(sql)).count();
+    assert_eq!(
+        kept_chunks, 1,
+        "the whole-chunk INSERT is prepared once and kept, not once a chunk"
+    );
 }
