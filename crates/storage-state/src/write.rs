@@ -23,7 +23,8 @@ const INSERT_CHUNK: usize = 1_000;
 
 /// Inserts `$rows` (a slice, or a reference to a Vec, of rows of `$table`)
 /// in `$txn`: a prepared single-row INSERT each where [`row_by_row`], else
-/// `$chunk` rows a statement. The one place that choice is made; a macro
+/// `$chunk` rows a statement. The one place that choice is made, but for
+/// `state_groups_state`'s whole chunks on SQLite ([`insert_rows`]); a macro
 /// because each table's INSERT has diesel types of its own per backend.
 macro_rules! insert_all {
     ($txn:ident, $table:expr, $rows:expr, $chunk:expr) => {
