@@ -230,8 +230,9 @@ fn a_state_event_costs_a_fixed_number_of_statements(t: &TestDb) {
 
 /// As `hs-main` writes, under the main-process claim: a message costs what it
 /// costs unclaimed plus the claim's proof, which on PostgreSQL is no
-/// statement of its own (its row is locked in the BEGIN message and its epoch
-/// read by the batch's statement), on SQLite one (in-process).
+/// statement of its own (the batch's statement, sent alone, holds its row
+/// and checks its epoch inside the server before it writes, then reads it),
+/// on SQLite one (in-process).
 fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
     let lines = room();
     let mut claim = None;
@@ -245,6 +246,7 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
         db
     };
     let statements = statements_of_one_write_to(open, &lines[..21], &lines[21]);
+    let held_epoch = claim.as_ref().and_then(|c| c.epoch());
     drop(claim);
     let proof = match t.engine() {
         "sqlite" => 1,
@@ -258,9 +260,11 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
         statements.join("\n")
     );
     if t.engine() == "postgres" {
+        let epoch = held_epoch.expect("a claimed database's epoch");
         assert!(
-            statements[0].contains("FOR SHARE"),
-            "the claim's row is locked with BEGIN: {}",
+            statements[0].contains("take_stream_positions_claimed")
+                && statements[0].contains(&format!("Some({epoch})")),
+            "the batch's statement proves the claim's epoch {epoch} in the server: {}",
             statements[0]
         );
         assert!(
@@ -278,19 +282,20 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 /// for what the claim adds, see
 /// [`the_main_process_claim_costs_postgres_no_statement`]).
 ///
-/// A message on PostgreSQL (3), all in the write transaction: BEGIN, one
-/// statement taking the stream position (under the stream positions lock,
-/// held from there to COMMIT), inserting the rows of events, event_json,
-/// event_edges, event_auth, event_to_state_groups, deleting the replaced
-/// extremity, inserting the new one and sending the NOTIFY
-/// (`Transaction::insert_columns_taking_positions`), COMMIT. Nothing is
+/// A message on PostgreSQL (1): one statement, sent outside any transaction
+/// and committed on its own (no BEGIN, no COMMIT), taking the stream
+/// position (under the stream positions lock, held until it commits),
+/// inserting the rows of events, event_json, event_edges, event_auth,
+/// event_to_state_groups, deleting the replaced extremity, inserting the new
+/// one and sending the NOTIFY
+/// (`Transaction::insert_columns_taking_positions`). Nothing is
 /// read: the prev event (the room's last batch left it in the event cache),
 /// the forward extremities and the current state (kept up to date by the
 /// writer) come from memory, and neither which of the batch's events are
 /// stored nor which stored events name them as prev events is read while
 /// none of them is stored (were one stored, inserting it would fail the
 /// transaction, and the batch would be written again knowing).
-/// A state event adds the group's id (no transaction); the group's rows
+/// A state event adds the group's id (before it, alone too); the group's rows
 /// (group, edge, state: its prev group's room and chain length are cached),
 /// its cache_invalidations row and the current state's change go in the
 /// events' statement.
@@ -304,7 +309,7 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
 fn expected(t: &TestDb) -> (usize, usize) {
     match t.engine() {
         "sqlite" => (11, 17),
-        _ => (3, 4),
+        _ => (1, 2),
     }
 }
 

@@ -8,7 +8,7 @@ use crate::conn::{Conn, ConnManager, ConnectGate, GateCloser};
 use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::metrics;
-use crate::transaction::Transaction;
+use crate::transaction::{Begun, Transaction};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -393,13 +393,25 @@ fn run_attempt<T>(
     attempt: u32,
     f: &mut impl FnMut(&mut Transaction<'_>) -> Result<T>,
 ) -> AttemptResult<T> {
-    let guard = match engine.begin(conn, options, claim.is_some()) {
-        Ok(guard) => guard,
-        Err(e) => {
-            return Err((
-                Error::from(e).context("beginning the transaction"),
-                Vec::new(),
-            ))
+    // A batch's transaction whose statement may commit on its own sends its
+    // BEGIN only before another statement (`Transaction::conn`); the claim
+    // is then proven by that statement, inside the server.
+    let deferred = options.batch
+        && !options.read_only
+        && options.lock.is_none()
+        && engine.commits_batch_statement_alone()
+        && engine.proves_claim_before_commit();
+    let guard = if deferred {
+        None
+    } else {
+        match engine.begin(conn, options, claim.is_some()) {
+            Ok(guard) => guard,
+            Err(e) => {
+                return Err((
+                    Error::from(e).context("beginning the transaction"),
+                    Vec::new(),
+                ))
+            }
         }
     };
     // The claim proven first, or (where BEGIN locked its row) before COMMIT,
@@ -411,21 +423,40 @@ fn run_attempt<T>(
     let proof = first.map_or(Ok(()), |c| engine.prove_claim(conn, c));
     let (outcome, callbacks) = match proof {
         Ok(()) => {
-            let mut txn =
-                Transaction::new(conn, engine, desc, attempt, options.lock, before_commit);
+            let begun = if deferred {
+                Begun::Deferred(*options, claim.is_some())
+            } else {
+                Begun::Yes
+            };
+            let mut txn = Transaction::new(
+                conn,
+                engine,
+                desc,
+                attempt,
+                options.lock,
+                before_commit,
+                begun,
+            );
             let outcome = f(&mut txn);
             (outcome, txn.into_callbacks())
         }
         Err(e) => (Err(e), crate::transaction::Callbacks::default()),
     };
+    let (outcome, open) = match callbacks.begun {
+        // The attempt fails whatever `f` made of it.
+        Some(Begun::Failed(e)) => (Err(e), true),
+        // Committed by its one statement, or nothing sent at all.
+        Some(Begun::Committed | Begun::Deferred(..)) => (outcome, false),
+        Some(Begun::Yes) | None => (outcome, true),
+    };
     let outcome = match (outcome, before_commit) {
-        (Ok(value), Some(c)) if callbacks.claim_unproven => {
+        (Ok(value), Some(c)) if callbacks.claim_unproven && open => {
             engine.prove_claim(conn, c).map(|()| value)
         }
         (outcome, _) => outcome,
     };
     let result = match outcome {
-        Ok(value) => match conn.commit() {
+        Ok(value) => match if open { conn.commit() } else { Ok(()) } {
             // A commit that did not land where the claim says is not acknowledged.
             Ok(()) => match claim.map_or(Ok(()), |c| engine.confirm_claim_after_commit(c)) {
                 Ok(()) => Ok((value, callbacks.after)),

@@ -2,10 +2,26 @@
 
 use crate::claim::ClaimState;
 use crate::conn::Conn;
-use crate::engine::{Engine, Sequence};
-use crate::error::Result;
+use crate::engine::{Engine, Sequence, TxnOptions};
+use crate::error::{Error, Result};
 
 type Callback = Box<dyn FnOnce() + 'static>;
+
+/// Where a transaction stands with its BEGIN.
+pub(crate) enum Begun {
+    /// Sent (every transaction but those of [`TxnOptions::batch`]).
+    Yes,
+    /// Not yet ([`TxnOptions::batch`]): sent before the first statement,
+    /// unless that is the batch's statement, which then commits on its own.
+    Deferred(TxnOptions, bool),
+    /// The batch's statement committed on its own: nothing may follow it.
+    Committed,
+    /// A deferred BEGIN failed (or a statement followed the one that
+    /// committed): the attempt fails with this error, and meanwhile the
+    /// connection is in a read-only transaction, so whatever its caller
+    /// sends writes nothing.
+    Failed(Error),
+}
 
 /// One attempt at a transaction: its connection, and the callbacks it registered.
 ///
@@ -28,6 +44,7 @@ pub struct Transaction<'a> {
     /// ([`Engine::proves_claim_before_commit`]): taken by the first batch
     /// statement that proves it on the way.
     claim: Option<&'a ClaimState>,
+    begun: Begun,
     after: Vec<Callback>,
     on_exception: Vec<Callback>,
 }
@@ -48,6 +65,7 @@ pub(crate) struct Callbacks {
     pub(crate) on_exception: Vec<Callback>,
     /// Whether the claim still has to be proven before COMMIT.
     pub(crate) claim_unproven: bool,
+    pub(crate) begun: Option<Begun>,
 }
 
 impl<'a> Transaction<'a> {
@@ -58,6 +76,7 @@ impl<'a> Transaction<'a> {
         attempt: u32,
         locked: Option<&'static str>,
         claim: Option<&'a ClaimState>,
+        begun: Begun,
     ) -> Self {
         Transaction {
             conn,
@@ -66,6 +85,7 @@ impl<'a> Transaction<'a> {
             attempt,
             locked,
             claim,
+            begun,
             after: Vec::new(),
             on_exception: Vec::new(),
         }
@@ -76,12 +96,40 @@ impl<'a> Transaction<'a> {
             after: self.after,
             on_exception: self.on_exception,
             claim_unproven: self.claim.is_some(),
+            begun: Some(self.begun),
         }
     }
 
     /// The connection, for queries: `with_conn!(txn.conn(), |c| ...)`.
     pub fn conn(&mut self) -> &mut Conn {
+        self.begin_if_deferred();
         self.conn
+    }
+
+    /// Sends a deferred BEGIN ([`Begun::Deferred`]) before a statement.
+    fn begin_if_deferred(&mut self) {
+        let failure = match std::mem::replace(&mut self.begun, Begun::Yes) {
+            Begun::Yes => return,
+            Begun::Deferred(options, claimed) => {
+                match self.engine.begin(self.conn, &options, claimed) {
+                    // Only an engine that holds no guard defers its BEGIN.
+                    Ok(_) => return,
+                    Err(e) => Error::from(e).context("beginning the transaction"),
+                }
+            }
+            Begun::Committed => Error::other(format!(
+                "internal: {}: a statement after the one that committed the transaction",
+                self.desc
+            )),
+            Begun::Failed(e) => {
+                self.begun = Begun::Failed(e);
+                return;
+            }
+        };
+        // What the caller sends next must write nothing: the error is the
+        // attempt's outcome whatever it does.
+        let _ = self.conn.begin_with("BEGIN READ ONLY");
+        self.begun = Begun::Failed(failure);
     }
 
     pub fn engine(&self) -> &dyn Engine {
@@ -110,6 +158,7 @@ impl<'a> Transaction<'a> {
 
     /// `n` new ids from `sequence`, ascending.
     pub fn next_ids(&mut self, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        self.begin_if_deferred();
         self.engine.next_ids(self.conn, sequence, n)
     }
 
@@ -118,6 +167,7 @@ impl<'a> Transaction<'a> {
     /// ([`Engine::stream_positions`]): take them as late as the transaction
     /// can.
     pub fn stream_positions(&mut self, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        self.begin_if_deferred();
         self.engine.stream_positions(self.conn, sequence, n)
     }
 
@@ -132,6 +182,7 @@ impl<'a> Transaction<'a> {
         &mut self,
         sequence: &Sequence,
     ) -> Result<crate::engine::SequenceHealth> {
+        self.begin_if_deferred();
         self.engine.inspect_sequence(self.conn, sequence)
     }
 
@@ -140,16 +191,19 @@ impl<'a> Transaction<'a> {
         &mut self,
         tables: &[&str],
     ) -> Result<Vec<crate::engine::TableStatistics>> {
+        self.begin_if_deferred();
         self.engine.table_statistics(self.conn, tables)
     }
 
     /// [`Engine::most_common_values`] of `table.column`.
     pub fn most_common_values(&mut self, table: &str, column: &str) -> Result<Vec<(String, f64)>> {
+        self.begin_if_deferred();
         self.engine.most_common_values(self.conn, table, column)
     }
 
     /// Wakes listeners on `channel` once this transaction commits.
     pub fn notify(&mut self, channel: &str, payload: &str) -> Result<()> {
+        self.begin_if_deferred();
         self.engine.notify(self.conn, channel, payload)
     }
 
@@ -181,17 +235,27 @@ impl<'a> Transaction<'a> {
     }
 
     /// Where the claim is still to be proven, the statement proves it too.
+    /// The batch's statement of a transaction whose BEGIN was deferred
+    /// ([`TxnOptions::batch`]) and that sent nothing yet is the whole
+    /// transaction: sent alone, it commits on its own.
     fn insert_columns_proving<'r>(
         &mut self,
         tables: &dyn Fn() -> Vec<crate::TableRows<'r>>,
         positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
     ) -> Result<Option<Vec<i64>>> {
+        let alone = positions.is_some() && matches!(self.begun, Begun::Deferred(..));
+        if !alone {
+            self.begin_if_deferred();
+        }
         let inserted = self
             .engine
-            .insert_columns(self.conn, tables, positions, notify, self.claim)?;
+            .insert_columns(self.conn, tables, positions, notify, self.claim, alone)?;
         if inserted.is_some() {
             self.claim = None;
+            if alone {
+                self.begun = Begun::Committed;
+            }
         }
         Ok(inserted)
     }
@@ -203,6 +267,7 @@ impl<'a> Transaction<'a> {
         if self.locked == Some(table) {
             return Ok(());
         }
+        self.begin_if_deferred();
         self.engine.lock_table(self.conn, table)
     }
 }

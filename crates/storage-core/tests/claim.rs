@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{
-    with_conn, Conn, Database, DatabaseConfig, Error, ErrorKind, MainProcessClaim, OpenMode,
+    with_conn, Column, Conn, Database, DatabaseConfig, Error, ErrorKind, MainProcessClaim,
+    OpenMode, Sequence, TableRows, TxnOptions,
 };
 
 storage_core::engine_tests!(
     writes_prove_the_claim_and_reads_do_not,
     a_write_that_proved_the_old_epoch_commits_before_the_newcomer_reads,
+    a_batch_statement_committed_alone_proves_the_claim_in_the_server,
 );
 
 fn claimed(url: &str) -> (MainProcessClaim, Database) {
@@ -60,6 +62,96 @@ fn groups(db: &Database) -> i64 {
         .n)
     })
     .unwrap()
+}
+
+const STREAM: Sequence = Sequence {
+    name: "events_stream_seq",
+    table: "events",
+    column: "stream_ordering",
+};
+
+/// A batch's transaction ([`TxnOptions::batch`]) whose one statement takes a
+/// stream position for a `cache_invalidations` row keyed `key`: on
+/// PostgreSQL that statement is sent alone and commits on its own; SQLite,
+/// which answers that the caller inserts, takes the position and inserts.
+fn batch_write(db: &Database, key: &str) -> storage_core::Result<()> {
+    db.run_interaction_with("batch_write", TxnOptions::batch(), |txn| {
+        let tables = || {
+            vec![TableRows::insert(
+                "cache_invalidations",
+                vec![
+                    ("stream_ordering", Column::Position),
+                    ("cache_name", Column::Text(vec!["batch"])),
+                    ("cache_key", Column::Text(vec![key])),
+                ],
+            )]
+        };
+        if txn
+            .insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?
+            .is_none()
+        {
+            let position = txn.stream_positions(&STREAM, 1)?[0];
+            with_conn!(txn.conn(), |c| diesel::sql_query(
+                "INSERT INTO cache_invalidations (stream_ordering, cache_name, cache_key) \
+                 VALUES ($1, 'batch', $2)"
+            )
+            .bind::<BigInt, _>(position)
+            .bind::<diesel::sql_types::Text, _>(key)
+            .execute(c))?;
+        }
+        Ok(())
+    })
+}
+
+fn batch_rows(db: &Database) -> i64 {
+    db.run_read("count_batch_rows", |txn| {
+        Ok(with_conn!(txn.conn(), |c| diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM cache_invalidations WHERE cache_name = 'batch'"
+        )
+        .get_result::<N>(c))?
+        .n)
+    })
+    .unwrap()
+}
+
+/// A batch's statement sent with no BEGIN and no COMMIT (PostgreSQL) proves
+/// the claim all the same, inside the server, before it writes: once a
+/// newcomer raised the epoch it fails with ClaimLost naming both epochs and
+/// commits nothing; and one sent while the newcomer's raise is in flight
+/// waits for it (the claim's row held FOR SHARE by the statement), then is
+/// fenced. On SQLite the same writes go through its writer's own proof.
+fn a_batch_statement_committed_alone_proves_the_claim_in_the_server(t: &TestDb) {
+    let (claim, db) = claimed(t.url());
+    let ours = claim.epoch().unwrap();
+    batch_write(&db, "a").unwrap();
+    batch_write(&db, "b").unwrap();
+    assert_eq!(batch_rows(&db), 2);
+    if t.engine() == "postgres" {
+        let mut raw = t.raw_connection();
+        raw.batch_execute("BEGIN").unwrap();
+        raw.batch_execute(NEWCOMER_RAISES).unwrap();
+        let writer = {
+            let db = db.clone();
+            std::thread::spawn(move || batch_write(&db, "waited"))
+        };
+        let pid = waiting_backend(t);
+        wait_until_blocked(t.url(), pid);
+        raw.batch_execute("COMMIT").unwrap();
+        let err = assert_claim_lost(writer.join().unwrap(), "test newcomer");
+        assert!(
+            err.to_string().contains(&format!(
+                "claim epoch {}, this process held {ours}",
+                ours + 1
+            )),
+            "{err}"
+        );
+    } else {
+        t.raw_connection().batch_execute(NEWCOMER_RAISES).unwrap();
+        assert_claim_lost(batch_write(&db, "after"), "test newcomer");
+    }
+    assert_eq!(batch_rows(&db), 2, "the fenced write committed nothing");
+    assert_claim_lost(batch_write(&db, "later"), "test newcomer");
+    assert_eq!(batch_rows(&db), 2);
 }
 
 /// What a newcomer does once it holds the lock and has migrated.

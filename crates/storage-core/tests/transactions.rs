@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use storage_core::cache::LruCache;
 use storage_core::testing::TestDb;
-use storage_core::{with_conn, Conn, Database, Error, Transaction, TxnOptions};
+use storage_core::{
+    with_conn, Column, Conn, Database, Error, Sequence, TableRows, Transaction, TxnOptions,
+};
 
 storage_core::engine_tests!(
     call_after_runs_only_after_commit,
@@ -18,6 +20,7 @@ storage_core::engine_tests!(
     persistent_retryable_failure_gives_up_with_context,
     non_retryable_error_is_not_retried,
     concurrent_serializable_conflict_retries_once,
+    a_batch_transaction_with_a_statement_before_its_batch_is_one_transaction,
 );
 
 #[derive(QueryableByName)]
@@ -310,4 +313,64 @@ fn concurrent_serializable_conflict_retries_once(t: &TestDb) {
         })
         .unwrap();
     assert_eq!(rows.v, 2);
+}
+
+/// A batch's transaction ([`TxnOptions::batch`], whose BEGIN PostgreSQL
+/// defers in case its batch statement is all it sends) that sends a
+/// statement before that statement begins there: both commit together, or,
+/// when the transaction fails after them, neither does.
+fn a_batch_transaction_with_a_statement_before_its_batch_is_one_transaction(t: &TestDb) {
+    const STREAM: Sequence = Sequence {
+        name: "events_stream_seq",
+        table: "events",
+        column: "stream_ordering",
+    };
+    let db = setup(t);
+    let positions = |db: &Database| {
+        db.run_read("count_positions", |txn| {
+            Ok(with_conn!(txn.conn(), |c| diesel::sql_query(
+                "SELECT COUNT(*) AS v FROM cache_invalidations WHERE cache_name = 'kv'"
+            )
+            .get_result::<Value>(c))?
+            .v)
+        })
+        .unwrap()
+    };
+    let write = |k: &'static str, fail: bool| {
+        db.run_interaction_with("batch_after_a_statement", TxnOptions::batch(), |txn| {
+            insert(txn, k, 1)?;
+            let tables = || {
+                vec![TableRows::insert(
+                    "cache_invalidations",
+                    vec![
+                        ("stream_ordering", Column::Position),
+                        ("cache_name", Column::Text(vec!["kv"])),
+                        ("cache_key", Column::Text(vec![k])),
+                    ],
+                )]
+            };
+            if txn
+                .insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?
+                .is_none()
+            {
+                txn.stream_positions(&STREAM, 1)?;
+                with_conn!(txn.conn(), |c| diesel::sql_query(
+                    "INSERT INTO cache_invalidations (stream_ordering, cache_name, cache_key) \
+                     VALUES (0, 'kv', $1)"
+                )
+                .bind::<Text, _>(k)
+                .execute(c))?;
+            }
+            if fail {
+                return Err(Error::other("failing after the batch's statement"));
+            }
+            Ok(())
+        })
+    };
+    write("kept", false).unwrap();
+    assert_eq!(read(&db, "kept"), Some(1));
+    assert_eq!(positions(&db), 1);
+    write("dropped", true).unwrap_err();
+    assert_eq!(read(&db, "dropped"), None, "rolled back with the batch");
+    assert_eq!(positions(&db), 1, "the batch's rows rolled back too");
 }

@@ -17,7 +17,7 @@ use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use storage_core::{with_conn, Column, Result, RowsWrite, TableRows, Transaction};
+use storage_core::{with_conn, Column, Result, RowsWrite, TableRows, Transaction, TxnOptions};
 use storage_state::{PendingGroupRows, StateStore};
 
 impl EventsStore {
@@ -42,9 +42,13 @@ impl EventsStore {
     }
 
     fn write_batch(&self, batch: &RoomBatch, assumed_new: bool) -> Result<Option<PersistedBatch>> {
-        let result = self.db.run_interaction("persist_events", |txn| {
-            self.write_batch_txn(txn, batch, assumed_new)
-        });
+        // On PostgreSQL a batch that reads nothing first is its one
+        // statement, committed on its own: no BEGIN, no COMMIT.
+        let result = self
+            .db
+            .run_interaction_with("persist_events", TxnOptions::batch(), |txn| {
+                self.write_batch_txn(txn, batch, assumed_new)
+            });
         if let Err(e) = &result {
             if assumed_new && self.some_stored_after_all(e, batch)? {
                 // Nothing was written; the caller works the batch out again

@@ -139,11 +139,16 @@ impl<'a> TableRows<'a> {
 
 /// The stream positions a statement takes ([`super::Engine::insert_columns`]):
 /// `count` new ids of `sequence` (a sequence's name), under the stream
-/// positions lock.
+/// positions lock. With `claimed`, the statement commits on its own (it is
+/// sent outside a transaction): the migration's
+/// `take_stream_positions_claimed` first holds the main-process claim's row
+/// and fails, writing nothing, unless its epoch is the one given (`None`
+/// checks nothing).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TakePositions<'q> {
     pub(crate) sequence: &'q str,
     pub(crate) count: i64,
+    pub(crate) claimed: Option<Option<i64>>,
 }
 
 /// `WITH t0 AS (INSERT INTO .. SELECT * FROM unnest($1::bigint[], ..)), ..
@@ -181,10 +186,19 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
         // log_min_duration_statement=0), more than a round trip.
         let mut first = true;
         if let Some(positions) = &self.positions {
-            out.push_sql("WITH positions AS (SELECT n, id FROM take_stream_positions(");
+            out.push_sql(if positions.claimed.is_some() {
+                "WITH positions AS (SELECT n, id FROM take_stream_positions_claimed("
+            } else {
+                "WITH positions AS (SELECT n, id FROM take_stream_positions("
+            });
             out.push_bind_param::<Text, _>(positions.sequence)?;
             out.push_sql("::regclass, ");
             out.push_bind_param::<BigInt, _>(&positions.count)?;
+            if let Some(epoch) = &positions.claimed {
+                out.push_sql(", ");
+                out.push_bind_param::<Nullable<BigInt>, _>(epoch)?;
+                out.push_sql("::bigint");
+            }
             out.push_sql("))");
             first = false;
         }

@@ -50,6 +50,14 @@ pub struct TxnOptions {
     /// comes after the lock), and in the same round trip as BEGIN where the
     /// engine has round trips to save. For a write transaction only.
     pub lock: Option<&'static str>,
+    /// A write transaction that may end up a single statement, the batch's
+    /// statement taking stream positions
+    /// ([`Transaction::insert_columns_taking_positions`](crate::Transaction::insert_columns_taking_positions)):
+    /// where the engine [commits such a statement on its
+    /// own](Engine::commits_batch_statement_alone), BEGIN is sent only if
+    /// another statement comes first, and otherwise that statement is the
+    /// whole transaction, with no BEGIN and no COMMIT.
+    pub batch: bool,
 }
 
 impl TxnOptions {
@@ -64,6 +72,14 @@ impl TxnOptions {
     pub fn locking(table: &'static str) -> Self {
         TxnOptions {
             lock: Some(table),
+            ..Default::default()
+        }
+    }
+
+    /// A write transaction that may be its batch's statement alone ([`Self::batch`]).
+    pub fn batch() -> Self {
+        TxnOptions {
+            batch: true,
             ..Default::default()
         }
     }
@@ -220,6 +236,17 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether the batch statement of a transaction of [`TxnOptions::batch`]
+    /// that sent nothing before it is sent outside any transaction, and
+    /// commits on its own ([`Self::insert_columns`] with `alone`): BEGIN
+    /// and COMMIT are round trips saved (PostgreSQL). The statement then
+    /// proves the claim inside the server, failing before anything is
+    /// written when it is lost. `false` where a transaction's bounds cost
+    /// nothing (SQLite).
+    fn commits_batch_statement_alone(&self) -> bool {
+        false
+    }
+
     /// Whether running the transaction again may succeed: a serialization failure
     /// or deadlock on PostgreSQL, a busy or locked database on SQLite.
     fn is_retryable(&self, error: &diesel::result::Error) -> bool;
@@ -275,7 +302,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// payload), it also does what [`Self::notify`] does, the payload after
     /// the highest position taken when it takes some; with `claim`, it also
     /// proves the claim as [`Self::prove_claim`] does (an error if it is
-    /// lost; proven when the answer is `Some`).
+    /// lost; proven when the answer is `Some`). With `alone` (only with
+    /// positions, where [`Self::commits_batch_statement_alone`]), no
+    /// transaction is open: the statement is one, committed when it
+    /// answers, and the claim is proven inside it before anything is written.
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
@@ -283,6 +313,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
+        alone: bool,
     ) -> Result<Option<Vec<i64>>>;
 
     /// Wakes the processes listening on `channel` once the transaction commits

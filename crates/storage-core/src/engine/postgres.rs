@@ -369,11 +369,17 @@ impl Engine for PostgresEngine {
         positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
+        alone: bool,
     ) -> Result<Option<Vec<i64>>> {
+        if alone {
+            // Lost already: not even sent.
+            claim.map_or(Ok(()), ClaimState::check)?;
+        }
         let tables = tables();
         let take = positions.map(|(sequence, n)| super::columns::TakePositions {
             sequence: sequence.name,
             count: n as i64,
+            claimed: alone.then(|| claim.and_then(ClaimState::epoch)),
         });
         let inserted = super::columns::insert_with_unnest(
             conn.postgres()?,
@@ -381,7 +387,17 @@ impl Engine for PostgresEngine {
             take,
             notify,
             claim.is_some(),
-        )
+        );
+        let inserted = match (inserted, claim) {
+            (Err(e), Some(claim)) if alone && super::postgres_claim::is_claim_taken(&e) => {
+                // Nothing was written: the claim is lost, which the row
+                // read afresh says how.
+                return Err(super::postgres_claim::prove(conn, claim)
+                    .err()
+                    .unwrap_or_else(|| e.into()));
+            }
+            (inserted, _) => inserted,
+        }
         .with_context(|| {
             let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
             match positions {
@@ -397,6 +413,10 @@ impl Engine for PostgresEngine {
             super::postgres_claim::expect_row(claim, inserted.claim)?;
         }
         Ok(Some(inserted.positions))
+    }
+
+    fn commits_batch_statement_alone(&self) -> bool {
+        true
     }
 
     fn notify(&self, conn: &mut Conn, channel: &str, payload: &str) -> Result<()> {

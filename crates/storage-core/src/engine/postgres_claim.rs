@@ -300,6 +300,18 @@ pub(super) const CLAIM_ROW: (&str, &str) = (
     "main_process_claim WHERE id = 1",
 );
 
+/// Whether `error` is `take_stream_positions_claimed` (the migrations)
+/// refusing a statement that commits on its own because the claim's epoch
+/// is not the one it was given: another process claimed the database.
+pub(super) fn is_claim_taken(error: &diesel::result::Error) -> bool {
+    match error {
+        diesel::result::Error::DatabaseError(_, info) => {
+            info.message().starts_with("main-process claim epoch ")
+        }
+        _ => false,
+    }
+}
+
 /// The claim proven by the row a statement read ([`CLAIM_ROW`]); none read
 /// means the row is gone, which only another process can have done.
 pub(super) fn expect_row(claim: &ClaimState, row: Option<ClaimRow>) -> Result<()> {

@@ -313,6 +313,7 @@ impl Engine for SqliteEngine {
         _positions: Option<(&Sequence, usize)>,
         _notify: Option<(&str, &str)>,
         _claim: Option<&ClaimState>,
+        _alone: bool,
     ) -> Result<Option<Vec<i64>>> {
         Ok(None)
     }

@@ -1,0 +1,1 @@
+DROP FUNCTION take_stream_positions_claimed(regclass, bigint, bigint);
