@@ -207,22 +207,22 @@ impl<'a> Transaction<'a> {
         self.engine.notify(self.conn, channel, payload)
     }
 
-    /// Inserts several tables' rows in one statement where the engine does
-    /// ([`Engine::insert_columns`]), building them with `tables` only then;
-    /// `false` where the caller inserts them table by table.
+    /// Inserts several tables' rows ([`Engine::insert_columns`]: one
+    /// statement on PostgreSQL).
     pub fn insert_columns<'r>(
         &mut self,
         tables: impl Fn() -> Vec<crate::TableRows<'r>>,
-    ) -> Result<bool> {
-        Ok(self.insert_columns_proving(&tables, None, None)?.is_some())
+    ) -> Result<()> {
+        self.insert_columns_proving(&tables, None, None)?;
+        Ok(())
     }
 
-    /// [`Self::insert_columns`] in a statement that also takes `n` stream
-    /// positions from `sequence` ([`Self::stream_positions`]: the last
-    /// thing the transaction should do before COMMIT), filling the tables'
-    /// columns of positions, and does what [`Self::notify`] does with the
-    /// highest position followed by `payload`. Answers the positions; `None`
-    /// where the caller takes them, inserts and notifies itself.
+    /// [`Self::insert_columns`], also taking `n` stream positions from
+    /// `sequence` ([`Self::stream_positions`]: the last thing the
+    /// transaction should do before COMMIT), filling the tables' columns of
+    /// positions, and doing what [`Self::notify`] does with the highest
+    /// position followed by `payload`, in the same statement on PostgreSQL.
+    /// Answers the positions.
     pub fn insert_columns_taking_positions<'r>(
         &mut self,
         sequence: &Sequence,
@@ -230,7 +230,7 @@ impl<'a> Transaction<'a> {
         tables: impl Fn() -> Vec<crate::TableRows<'r>>,
         channel: &str,
         payload: &str,
-    ) -> Result<Option<Vec<i64>>> {
+    ) -> Result<Vec<i64>> {
         self.insert_columns_proving(&tables, Some((sequence, n)), Some((channel, payload)))
     }
 
@@ -243,7 +243,7 @@ impl<'a> Transaction<'a> {
         tables: &dyn Fn() -> Vec<crate::TableRows<'r>>,
         positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
-    ) -> Result<Option<Vec<i64>>> {
+    ) -> Result<Vec<i64>> {
         let alone = positions.is_some() && matches!(self.begun, Begun::Deferred(..));
         if !alone {
             self.begin_if_deferred();
@@ -251,11 +251,9 @@ impl<'a> Transaction<'a> {
         let inserted = self
             .engine
             .insert_columns(self.conn, tables, positions, notify, self.claim, alone)?;
-        if inserted.is_some() {
-            self.claim = None;
-            if alone {
-                self.begun = Begun::Committed;
-            }
+        self.claim = None;
+        if alone {
+            self.begun = Begun::Committed;
         }
         Ok(inserted)
     }

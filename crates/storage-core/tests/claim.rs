@@ -72,8 +72,8 @@ const STREAM: Sequence = Sequence {
 
 /// A batch's transaction ([`TxnOptions::batch`]) whose one statement takes a
 /// stream position for a `cache_invalidations` row keyed `key`: on
-/// PostgreSQL that statement is sent alone and commits on its own; SQLite,
-/// which answers that the caller inserts, takes the position and inserts.
+/// PostgreSQL that statement is sent alone and commits on its own; SQLite
+/// runs it in its transaction.
 fn batch_write(db: &Database, key: &str) -> storage_core::Result<()> {
     db.run_interaction_with("batch_write", TxnOptions::batch(), |txn| {
         let tables = || {
@@ -86,19 +86,7 @@ fn batch_write(db: &Database, key: &str) -> storage_core::Result<()> {
                 ],
             )]
         };
-        if txn
-            .insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?
-            .is_none()
-        {
-            let position = txn.stream_positions(&STREAM, 1)?[0];
-            with_conn!(txn.conn(), |c| diesel::sql_query(
-                "INSERT INTO cache_invalidations (stream_ordering, cache_name, cache_key) \
-                 VALUES ($1, 'batch', $2)"
-            )
-            .bind::<BigInt, _>(position)
-            .bind::<diesel::sql_types::Text, _>(key)
-            .execute(c))?;
-        }
+        txn.insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?;
         Ok(())
     })
 }

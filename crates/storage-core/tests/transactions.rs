@@ -349,18 +349,7 @@ fn a_batch_transaction_with_a_statement_before_its_batch_is_one_transaction(t: &
                     ],
                 )]
             };
-            if txn
-                .insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?
-                .is_none()
-            {
-                txn.stream_positions(&STREAM, 1)?;
-                with_conn!(txn.conn(), |c| diesel::sql_query(
-                    "INSERT INTO cache_invalidations (stream_ordering, cache_name, cache_key) \
-                     VALUES (0, 'kv', $1)"
-                )
-                .bind::<Text, _>(k)
-                .execute(c))?;
-            }
+            txn.insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?;
             if fail {
                 return Err(Error::other("failing after the batch's statement"));
             }

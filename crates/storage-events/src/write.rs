@@ -7,10 +7,7 @@ use crate::replication::{
     now_ms, report_stream_position, Invalidations, Notification, CURRENT_STATE_CACHE,
     REPLICATION_CHANNEL,
 };
-use crate::schema::{
-    cache_invalidations, event_auth, event_edges, event_forward_extremities, event_json, events,
-    rejections, rooms,
-};
+use crate::schema::rooms;
 use crate::store::{EventsStore, EVENTS_STREAM_SEQUENCE};
 use crate::types::{EventToPersist, PersistedBatch, RoomBatch};
 use diesel::prelude::*;
@@ -154,7 +151,7 @@ impl EventsStore {
         // invalidation it carries, and measure their lag from the time. Its
         // position is the batch's highest, taken last.
         let invalidated = !batch.current_state.is_empty();
-        let mut notification = Notification::new(
+        let notification = Notification::new(
             0,
             if invalidated {
                 Invalidations::CurrentState(batch.room_id.clone())
@@ -180,7 +177,7 @@ impl EventsStore {
             }
             tables
         };
-        let (positions, written_with_events) = insert_events(
+        let positions = insert_events(
             txn,
             &new,
             &self.instance_name,
@@ -188,43 +185,17 @@ impl EventsStore {
             &notification.payload_after_position(),
         )?;
         let max = *positions.iter().max().expect("at least one new event");
-        let current = &batch.current_state;
-        if written_with_events {
-            group_rows.written();
-            self.state
-                .cache_event_state_groups_after_commit(txn, &mappings);
-            if invalidated {
-                self.state.current_state_written_txn(
-                    txn,
-                    &batch.room_id,
-                    &current.removed,
-                    &current.added,
-                );
-            }
-        } else {
-            // The engine wrote only the events' rows: the rest table by table.
-            self.state.store_event_state_groups_txn(txn, &mappings)?;
-            delete_extremities(txn, &gone)?;
-            insert_extremities(txn, &batch.room_id, &added)?;
-            if invalidated {
-                self.state.update_current_state_txn(
-                    txn,
-                    &batch.room_id,
-                    &current.removed,
-                    &current.added,
-                )?;
-                with_conn!(txn.conn(), |c| diesel::insert_into(
-                    cache_invalidations::table
-                )
-                .values((
-                    cache_invalidations::stream_ordering.eq(max),
-                    cache_invalidations::cache_name.eq(CURRENT_STATE_CACHE),
-                    cache_invalidations::cache_key.eq(&batch.room_id),
-                ))
-                .execute(c))?;
-            }
-            notification.position = max;
-            txn.notify(REPLICATION_CHANNEL, &notification.payload())?;
+        group_rows.written();
+        self.state
+            .cache_event_state_groups_after_commit(txn, &mappings);
+        if invalidated {
+            let current = &batch.current_state;
+            self.state.current_state_written_txn(
+                txn,
+                &batch.room_id,
+                &current.removed,
+                &current.added,
+            );
         }
         let position = self.position.clone();
         txn.call_after(move || {
@@ -329,11 +300,9 @@ fn insert_rooms(txn: &mut Transaction<'_>, new: &[&EventToPersist]) -> Result<()
     Ok(())
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = events)]
-#[diesel(treat_none_as_default_value = false)]
+/// An event's row but its stream position, which the statement fills
+/// ([`Column::Position`]).
 struct EventRow<'a> {
-    stream_ordering: i64,
     topological_ordering: i64,
     event_id: &'a str,
     type_: &'a str,
@@ -350,9 +319,6 @@ struct EventRow<'a> {
     rejection_reason: Option<&'a str>,
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = event_json)]
-#[diesel(treat_none_as_default_value = false)]
 struct JsonRow<'a> {
     event_id: &'a str,
     room_id: &'a str,
@@ -362,19 +328,18 @@ struct JsonRow<'a> {
 }
 
 /// Takes the events' stream positions and inserts their rows (events,
-/// JSON, edges, auth edges, rejections) and `with_events`' in one statement
-/// that also sends the replication notification (the highest position, then
-/// `after_position`), where the engine does, and answers the positions and
-/// `true`. Otherwise takes the positions, inserts the events' rows one
-/// INSERT each, and answers `false`: the caller inserts `with_events`' rows
-/// and notifies itself.
+/// JSON, edges, auth edges, rejections) and `with_events`' with them
+/// ([`Transaction::insert_columns_taking_positions`]: one statement on
+/// PostgreSQL, which also sends the replication notification, the highest
+/// position then `after_position`). Answers the positions, in the order of
+/// `new`.
 fn insert_events<'a>(
     txn: &mut Transaction<'_>,
     new: &[&'a EventToPersist],
     instance_name: &'a str,
     with_events: impl Fn() -> Vec<TableRows<'a>>,
     after_position: &str,
-) -> Result<(Vec<i64>, bool)> {
+) -> Result<Vec<i64>> {
     let received = now_ms();
     let json_rows: Vec<JsonRow<'_>> = new
         .iter()
@@ -415,93 +380,40 @@ fn insert_events<'a>(
         .iter()
         .filter_map(|e| e.rejected.as_deref().map(|r| (e.event_id.as_str(), r)))
         .collect();
-    let event_row = |e: &'a EventToPersist, position: i64| EventRow {
-        stream_ordering: position,
-        topological_ordering: e.depth,
-        event_id: &e.event_id,
-        type_: &e.event_type,
-        room_id: &e.room_id,
-        processed: true,
-        outlier: e.outlier,
-        depth: e.depth,
-        origin_server_ts: Some(e.origin_server_ts),
-        received_ts: Some(received),
-        sender: Some(&e.sender),
-        contains_url: Some(false),
-        instance_name: Some(instance_name),
-        state_key: e.state_key.as_deref(),
-        rejection_reason: e.rejected.as_deref(),
-    };
-    // The events' positions are the statement's to fill (`Column::Position`).
-    let unpositioned: Vec<EventRow<'a>> = new.iter().map(|e| event_row(e, 0)).collect();
+    let event_rows: Vec<EventRow<'a>> = new
+        .iter()
+        .map(|e| EventRow {
+            topological_ordering: e.depth,
+            event_id: &e.event_id,
+            type_: &e.event_type,
+            room_id: &e.room_id,
+            processed: true,
+            outlier: e.outlier,
+            depth: e.depth,
+            origin_server_ts: Some(e.origin_server_ts),
+            received_ts: Some(received),
+            sender: Some(&e.sender),
+            contains_url: Some(false),
+            instance_name: Some(instance_name),
+            state_key: e.state_key.as_deref(),
+            rejection_reason: e.rejected.as_deref(),
+        })
+        .collect();
     let tables = || {
-        let mut tables = columns_of(&unpositioned, &json_rows, &edges, &auth, &rejected, &now);
+        let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
         tables.extend(with_events());
         tables
     };
-    if let Some(positions) = txn.insert_columns_taking_positions(
+    txn.insert_columns_taking_positions(
         &EVENTS_STREAM_SEQUENCE,
         new.len(),
         tables,
         REPLICATION_CHANNEL,
         after_position,
-    )? {
-        return Ok((positions, true));
-    }
-    // Row by row, each table's single-row INSERT prepared once and reused
-    // (SQLite, where a statement costs no round trip): a multi-row INSERT may
-    // fail halfway, so SQLite writes every page it changes to a statement
-    // journal first, and diesel prepares it afresh each time.
-    let positions = txn.stream_positions(&EVENTS_STREAM_SEQUENCE, new.len())?;
-    let event_rows: Vec<EventRow<'_>> = new
-        .iter()
-        .zip(&positions)
-        .map(|(e, p)| event_row(e, *p))
-        .collect();
-    with_conn!(txn.conn(), |c| {
-        for row in &event_rows {
-            diesel::insert_into(events::table).values(row).execute(c)?;
-        }
-        for row in &json_rows {
-            diesel::insert_into(event_json::table)
-                .values(row)
-                .execute(c)?;
-        }
-        for (e, p, r) in &edges {
-            diesel::insert_into(event_edges::table)
-                .values((
-                    event_edges::event_id.eq(*e),
-                    event_edges::prev_event_id.eq(*p),
-                    event_edges::room_id.eq(Some(*r)),
-                    event_edges::is_state.eq(false),
-                ))
-                .on_conflict_do_nothing()
-                .execute(c)?;
-        }
-        for (e, a, r) in &auth {
-            diesel::insert_into(event_auth::table)
-                .values((
-                    event_auth::event_id.eq(*e),
-                    event_auth::auth_id.eq(*a),
-                    event_auth::room_id.eq(*r),
-                ))
-                .execute(c)?;
-        }
-        for (e, reason) in &rejected {
-            diesel::insert_into(rejections::table)
-                .values((
-                    rejections::event_id.eq(*e),
-                    rejections::reason.eq(*reason),
-                    rejections::last_check.eq(now.as_str()),
-                ))
-                .execute(c)?;
-        }
-    });
-    Ok((positions, false))
+    )
 }
 
-/// The same rows, column by column, for an engine that inserts them all in
-/// one statement ([`Transaction::insert_columns`]).
+/// The events' rows, column by column ([`Transaction::insert_columns`]).
 fn columns_of<'a>(
     events: &[EventRow<'a>],
     json: &[JsonRow<'a>],
@@ -618,24 +530,11 @@ fn extremity_change(batch: &RoomBatch) -> (Vec<&str>, Vec<&str>) {
     )
 }
 
-/// Deletes the extremity rows of `gone` by their event: an event is of one
-/// room (`events.event_id` is unique, and a room's extremities are its own
-/// events), and the unique index on (event, room) leads with it.
-fn delete_extremities(txn: &mut Transaction<'_>, gone: &[&str]) -> Result<()> {
-    if gone.is_empty() {
-        return Ok(());
-    }
-    with_conn!(txn.conn(), |c| diesel::delete(
-        event_forward_extremities::table.filter(event_forward_extremities::event_id.eq_any(gone))
-    )
-    .execute(c))?;
-    Ok(())
-}
-
 /// The extremity rows of `gone` deleted and those of `added` inserted, for
-/// the events' statement. Deleted by their event (see
-/// [`delete_extremities`]), which PostgreSQL finds through the unique index
-/// on (event, room): a DELETE of the room's rows went through the room's
+/// the events' statement. Deleted by their event: an event is of one room
+/// (`events.event_id` is unique, and a room's extremities are its own
+/// events), and PostgreSQL finds it through the unique index on (event,
+/// room), which leads with it: a DELETE of the room's rows went through the room's
 /// index, as a bitmap scan that walked every entry the room's earlier
 /// batches left dead (4 to 88 us over 2,000 writes, until autovacuum), and
 /// with both columns given the planner still takes that index.
@@ -670,19 +569,4 @@ fn invalidation_rows(room_id: &str) -> TableRows<'_> {
             ("cache_key", Column::Text(vec![room_id])),
         ],
     )
-}
-
-fn insert_extremities(txn: &mut Transaction<'_>, room_id: &str, added: &[&str]) -> Result<()> {
-    // Row by row, as the events' rows (see `insert_events`).
-    with_conn!(txn.conn(), |c| {
-        for e in added {
-            diesel::insert_into(event_forward_extremities::table)
-                .values((
-                    event_forward_extremities::event_id.eq(*e),
-                    event_forward_extremities::room_id.eq(room_id),
-                ))
-                .execute(c)?;
-        }
-    });
-    Ok(())
 }

@@ -1,5 +1,4 @@
-//! The raw SQL of the state read path, in one place, and the one INSERT of
-//! state rows that diesel cannot keep prepared ([`StateRowsInsert`]).
+//! The raw SQL of the state read path, in one place.
 //!
 //! diesel's DSL cannot say `WITH RECURSIVE`, and a [`StateFilter`] becomes a
 //! clause with a varying number of parameters, shared by the recursive walk and
@@ -15,11 +14,9 @@
 
 use crate::filter::StateFilter;
 use crate::types::{Slot, StateGroup, MEMBER};
-use crate::write::StateRow;
 use diesel::backend::Backend;
 use diesel::connection::DefaultLoadingMode;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, HasSqlType, Nullable, Text};
 use diesel::{
     PgConnection, QueryResult, Queryable, QueryableByName, RunQueryDsl, SqliteConnection,
@@ -898,44 +895,6 @@ pub(crate) fn unreferenced_groups(conn: &mut Conn) -> Result<(i64, i64)> {
         .first()
         .map_or((0, 0), |r| (r.unreferenced, r.unneeded)))
 }
-
-/// The multi-row INSERT of `N` state rows, written out because diesel cannot
-/// keep one prepared: its multi-row INSERT borrows the rows, so its type has
-/// no `'static` query id, and it marks itself not to be kept. Prepared afresh,
-/// a 1,000-row statement cost SQLite about as much to parse as to run
-/// (callgrind of the import's writer: 245M of the state rows' 641M
-/// instructions in `sqlite3_prepare_v3`). This one's text depends only on its
-/// type, so a connection prepares it once.
-pub(crate) struct StateRowsInsert<'a, const N: usize>(pub(crate) &'a [StateRow<'a>; N]);
-
-impl<const N: usize> QueryId for StateRowsInsert<'_, N> {
-    type QueryId = StateRowsInsert<'static, N>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<DB: Backend, const N: usize> QueryFragment<DB> for StateRowsInsert<'_, N>
-where
-    i64: ToSql<BigInt, DB>,
-    str: ToSql<Text, DB>,
-{
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        out.push_sql(
-            "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) VALUES ",
-        );
-        for (i, row) in self.0.iter().enumerate() {
-            out.push_sql(if i == 0 { "(" } else { ", (" });
-            out.push_bind_param::<BigInt, _>(&row.state_group)?;
-            for text in [row.room_id, row.type_, row.state_key, row.event_id] {
-                out.push_sql(", ");
-                out.push_bind_param::<Text, _>(text)?;
-            }
-            out.push_sql(")");
-        }
-        Ok(())
-    }
-}
-
-impl<C, const N: usize> RunQueryDsl<C> for StateRowsInsert<'_, N> {}
 
 #[cfg(test)]
 mod tests {

@@ -459,16 +459,7 @@ impl StateStore {
         txn: &mut Transaction<'_>,
         mappings: &[(&str, StateGroup)],
     ) -> Result<()> {
-        let rows: Vec<_> = mappings
-            .iter()
-            .map(|(e, g)| {
-                (
-                    event_to_state_groups::event_id.eq(*e),
-                    event_to_state_groups::state_group.eq(*g),
-                )
-            })
-            .collect();
-        write::insert_all!(txn, event_to_state_groups::table, &rows, EVENT_BATCH);
+        txn.insert_columns(|| vec![Self::event_state_group_rows(mappings)])?;
         self.cache_event_state_groups_after_commit(txn, mappings);
         Ok(())
     }
@@ -513,56 +504,10 @@ impl StateStore {
         });
     }
 
-    /// Applies a change to `current_state_events` inside a caller's transaction:
-    /// `removed` slots are deleted, `added` ones inserted or replaced (the
-    /// event id and, for members, the membership). Once committed, the room's
-    /// cached current state (if any) is replaced by the changed one.
-    pub fn update_current_state_txn(
-        &self,
-        txn: &mut Transaction<'_>,
-        room_id: &str,
-        removed: &[StateKey],
-        added: &[(StateKey, String, Option<String>)],
-    ) -> Result<()> {
-        use current_state_events as cse;
-        // One DELETE per event type (a batch of joins is one statement, not one
-        // per member), in chunks of state keys.
-        let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
-        for (t, k) in removed.iter().chain(added.iter().map(|(key, _, _)| key)) {
-            by_type.entry(&**t).or_default().push(&**k);
-        }
-        for (t, keys) in by_type {
-            for chunk in keys.chunks(EVENT_BATCH) {
-                with_conn!(txn.conn(), |c| diesel::delete(
-                    cse::table
-                        .filter(cse::room_id.eq(room_id))
-                        .filter(cse::type_.eq(t))
-                        .filter(cse::state_key.eq_any(chunk))
-                )
-                .execute(c))?;
-            }
-        }
-        let rows: Vec<_> = added
-            .iter()
-            .map(|((t, k), e, m)| {
-                (
-                    cse::event_id.eq(e.as_str()),
-                    cse::room_id.eq(room_id),
-                    cse::type_.eq(&**t),
-                    cse::state_key.eq(&**k),
-                    cse::membership.eq(m.as_deref()),
-                )
-            })
-            .collect();
-        write::insert_all!(txn, cse::table, &rows, EVENT_BATCH);
-        self.current_state_written_txn(txn, room_id, removed, added);
-        Ok(())
-    }
-
-    /// The change of [`Self::update_current_state_txn`] as rows for a
-    /// statement that writes several tables ([`Transaction::insert_columns`]):
-    /// the `removed` slots deleted, the `added` ones inserted or their row's
-    /// event and membership replaced. Once the statement ran, the caller
+    /// A change of a room's `current_state_events` as rows for
+    /// [`Transaction::insert_columns`]: the `removed` slots deleted, the
+    /// `added` ones inserted or their row's event (and, for members, its
+    /// membership) replaced. Once the statement ran, the caller
     /// calls [`Self::current_state_written_txn`].
     pub fn current_state_rows<'a>(
         room_id: &'a str,

@@ -3,7 +3,7 @@
 use crate::caches::StateCaches;
 use crate::filter::StateFilter;
 use crate::read;
-use crate::schema::{state_group_edges, state_groups, state_groups_state};
+use crate::schema::state_groups;
 use crate::sql;
 use crate::types::{StateGroup, StateMap, MAX_STATE_DELTA_HOPS, MEMBER};
 use diesel::prelude::*;
@@ -17,31 +17,6 @@ pub const STATE_GROUP_SEQUENCE: Sequence = Sequence {
     table: "state_groups",
     column: "id",
 };
-
-/// Rows per INSERT statement (5 parameters each, well under SQLite's limit).
-const INSERT_CHUNK: usize = 1_000;
-
-/// Inserts `$rows` (a slice, or a reference to a Vec, of rows of `$table`)
-/// in `$txn`: a prepared single-row INSERT each where [`row_by_row`], else
-/// `$chunk` rows a statement. The one place that choice is made, but for
-/// `state_groups_state`'s whole chunks on SQLite ([`insert_rows`]); a macro
-/// because each table's INSERT has diesel types of its own per backend.
-macro_rules! insert_all {
-    ($txn:ident, $table:expr, $rows:expr, $chunk:expr) => {
-        if $crate::write::row_by_row($txn) {
-            storage_core::with_conn!($txn.conn(), |c| for row in $rows {
-                diesel::insert_into($table).values(row).execute(c)?;
-            });
-        } else {
-            for chunk in $rows.chunks($chunk) {
-                storage_core::with_conn!($txn.conn(), |c| diesel::insert_into($table)
-                    .values(chunk)
-                    .execute(c))?;
-            }
-        }
-    };
-}
-pub(crate) use insert_all;
 
 /// What to store: the argument of `store_state_group` (and of its `_txn` and
 /// `prepare_` forms). [`snapshot`](Self::snapshot) and [`delta`](Self::delta)
@@ -120,10 +95,7 @@ impl<'a> NewStateGroup<'a> {
     }
 }
 
-/// One row of `state_groups_state`, for batch inserts.
-#[derive(Insertable)]
-#[diesel(table_name = state_groups_state)]
-#[diesel(treat_none_as_default_value = false)]
+/// One row of `state_groups_state`.
 pub(crate) struct StateRow<'a> {
     pub(crate) state_group: i64,
     pub(crate) room_id: &'a str,
@@ -150,40 +122,24 @@ pub(crate) struct GroupRows<'a> {
     state: Vec<StateRow<'a>>,
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = state_groups)]
-#[diesel(treat_none_as_default_value = false)]
 struct GroupRow<'a> {
     id: i64,
     room_id: &'a str,
     event_id: &'a str,
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = state_group_edges)]
-#[diesel(treat_none_as_default_value = false)]
 struct EdgeRow {
     state_group: i64,
     prev_state_group: i64,
 }
 
 impl<'a> GroupRows<'a> {
-    /// Inserts the rows gathered so far: in one statement where the engine
-    /// does ([`Transaction::insert_columns`]), else table by table, a
-    /// statement per row where [`row_by_row`].
+    /// Inserts the rows gathered so far ([`Transaction::insert_columns`]).
     pub(crate) fn flush(&mut self, txn: &mut Transaction<'_>) -> Result<()> {
         if self.groups.is_empty() && self.edges.is_empty() && self.state.is_empty() {
             return Ok(());
         }
-        if txn.insert_columns(|| self.columns())? {
-            self.groups.clear();
-            self.edges.clear();
-            self.state.clear();
-            return Ok(());
-        }
-        insert_all!(txn, state_groups::table, &self.groups, INSERT_CHUNK);
-        insert_all!(txn, state_group_edges::table, &self.edges, INSERT_CHUNK);
-        insert_rows(txn, &self.state)?;
+        txn.insert_columns(|| self.columns())?;
         self.groups.clear();
         self.edges.clear();
         self.state.clear();
@@ -223,32 +179,7 @@ impl<'a> GroupRows<'a> {
                 ],
                 write: RowsWrite::Insert,
             },
-            TableRows {
-                table: "state_groups_state",
-                columns: vec![
-                    (
-                        "state_group",
-                        Column::BigInt(state.iter().map(|r| r.state_group).collect()),
-                    ),
-                    (
-                        "room_id",
-                        Column::Text(state.iter().map(|r| r.room_id).collect()),
-                    ),
-                    (
-                        "type",
-                        Column::Text(state.iter().map(|r| r.type_).collect()),
-                    ),
-                    (
-                        "state_key",
-                        Column::Text(state.iter().map(|r| r.state_key).collect()),
-                    ),
-                    (
-                        "event_id",
-                        Column::Text(state.iter().map(|r| r.event_id).collect()),
-                    ),
-                ],
-                write: RowsWrite::Insert,
-            },
+            state_rows(state),
         ]
     }
 
@@ -491,38 +422,37 @@ fn in_index_order(rows: &mut [StateRow<'_>]) {
     rows.sort_unstable_by(|a, b| (a.type_, a.state_key).cmp(&(b.type_, b.state_key)));
 }
 
-/// Whether rows are inserted one a statement, each table's single-row INSERT
-/// prepared once and reused, rather than many a statement: where a statement
-/// costs no round trip (SQLite). There a multi-row INSERT, which may fail
-/// halfway, first copies every page it changes to a statement journal (11% of
-/// the SQLite import writer's time, 1.1 GB of writes to a temporary file for
-/// 50,000 events), and diesel prepares it afresh each time.
-pub(crate) fn row_by_row(txn: &Transaction<'_>) -> bool {
-    txn.engine().round_trips_are_cheap()
+/// `rows` as `state_groups_state`'s, column by column.
+fn state_rows<'a>(rows: &[StateRow<'a>]) -> TableRows<'a> {
+    TableRows {
+        table: "state_groups_state",
+        columns: vec![
+            (
+                "state_group",
+                Column::BigInt(rows.iter().map(|r| r.state_group).collect()),
+            ),
+            (
+                "room_id",
+                Column::Text(rows.iter().map(|r| r.room_id).collect()),
+            ),
+            ("type", Column::Text(rows.iter().map(|r| r.type_).collect())),
+            (
+                "state_key",
+                Column::Text(rows.iter().map(|r| r.state_key).collect()),
+            ),
+            (
+                "event_id",
+                Column::Text(rows.iter().map(|r| r.event_id).collect()),
+            ),
+        ],
+        write: RowsWrite::Insert,
+    }
 }
 
-/// Inserts `rows` into `state_groups_state`: [`INSERT_CHUNK`] a statement.
-///
-/// Where [`row_by_row`] (SQLite) too, unlike the other tables: this one has no
-/// unique index, so a multi-row INSERT cannot fail halfway on a duplicate and
-/// SQLite keeps no statement journal for it. There whole chunks go in as
-/// [`sql::StateRowsInsert`], kept prepared; the remainder row by row.
+/// Inserts `rows` into `state_groups_state` ([`Transaction::insert_columns`]).
 pub(crate) fn insert_rows(txn: &mut Transaction<'_>, rows: &[StateRow<'_>]) -> Result<()> {
-    if !row_by_row(txn) {
-        insert_all!(txn, state_groups_state::table, rows, INSERT_CHUNK);
+    if rows.is_empty() {
         return Ok(());
     }
-    let mut chunks = rows.chunks_exact(INSERT_CHUNK);
-    for chunk in &mut chunks {
-        let chunk: &[StateRow<'_>; INSERT_CHUNK] =
-            chunk.try_into().expect("chunks_exact gives whole chunks");
-        with_conn!(txn.conn(), |c| sql::StateRowsInsert(chunk).execute(c))?;
-    }
-    insert_all!(
-        txn,
-        state_groups_state::table,
-        chunks.remainder(),
-        INSERT_CHUNK
-    );
-    Ok(())
+    txn.insert_columns(|| vec![state_rows(rows)])
 }

@@ -19,7 +19,7 @@ use storage_state::{
 storage_core::engine_tests!(
     a_delta_on_a_cold_group_is_prepared_without_reading_its_state,
     a_prepared_chain_past_the_hop_limit_snapshots_the_state_it_holds,
-    snapshots_of_thousands_of_rows_are_stored_whole_by_one_kept_statement,
+    snapshots_of_thousands_of_rows_are_stored_by_a_few_kept_statements,
 );
 
 thread_local! {
@@ -286,12 +286,12 @@ fn a_prepared_chain_past_the_hop_limit_snapshots_the_state_it_holds(t: &TestDb) 
     }
 }
 
-/// Snapshots of 2,347 and 1,502 rows (whole chunks of 1,000 rows and a
-/// remainder) stored in one transaction read back whole from a cold store. On
-/// SQLite the whole chunks go in by one multi-row INSERT that the connection
-/// prepares once and keeps for the three chunks, where diesel's own multi-row
+/// Snapshots of 2,347 and 1,502 rows stored in one transaction read back
+/// whole from a cold store. On SQLite their rows go in by multi-row INSERTs
+/// of a power of two rows each, at most 256, each such statement prepared
+/// once and kept however many times it runs, where diesel's own multi-row
 /// INSERT would be prepared afresh for each (and never kept).
-fn snapshots_of_thousands_of_rows_are_stored_whole_by_one_kept_statement(t: &TestDb) {
+fn snapshots_of_thousands_of_rows_are_stored_by_a_few_kept_statements(t: &TestDb) {
     install_recorder();
     let writer = store(t);
     let (big, small) = (room(2_345), room(1_500));
@@ -320,20 +320,33 @@ fn snapshots_of_thousands_of_rows_are_stored_whole_by_one_kept_statement(t: &Tes
     if t.engine() != "sqlite" {
         return;
     }
-    let whole_chunk = |sql: &String| {
-        sql.starts_with("INSERT INTO")
-            && sql.contains("state_groups_state")
-            && sql.matches("), (").count() == 999
+    let state_inserts = |sqls: &[String]| -> Vec<String> {
+        sqls.iter()
+            .filter(|sql| sql.starts_with("INSERT OR FAIL INTO state_groups_state"))
+            .cloned()
+            .collect()
     };
-    let runs = sent.iter().filter(|sql| whole_chunk(sql)).count();
-    assert_eq!(
-        runs, 3,
-        "whole chunks of 1,000 rows inserted one a statement"
+    let rows_of = |sql: &String| sql.matches("), (").count() + 1;
+    let run = state_inserts(&sent);
+    let rows: usize = run.iter().map(rows_of).sum();
+    assert_eq!(rows, big.len() + small.len(), "every row inserted once");
+    assert!(
+        run.iter()
+            .all(|sql| rows_of(sql).is_power_of_two() && rows_of(sql) <= 256),
+        "statements of a power of two rows, at most 256"
     );
-    let kept: Vec<String> = KEPT.with(|k| k.borrow().clone());
-    let kept_chunks = kept.iter().filter(|sql| whole_chunk(sql)).count();
+    let whole = run.iter().filter(|sql| rows_of(sql) == 256).count();
+    assert!(whole >= 14, "{whole} statements of 256 rows");
+    let kept = state_inserts(&KEPT.with(|k| k.borrow().clone()));
     assert_eq!(
-        kept_chunks, 1,
-        "the whole-chunk INSERT is prepared once and kept, not once a chunk"
+        kept.iter().filter(|sql| rows_of(sql) == 256).count(),
+        1,
+        "the 256-row INSERT is prepared once and kept, not once a run"
+    );
+    assert!(
+        run.len() > kept.len(),
+        "{} run, {} kept",
+        run.len(),
+        kept.len()
     );
 }

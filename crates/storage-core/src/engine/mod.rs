@@ -13,6 +13,7 @@ mod postgres_claim;
 mod postgres_statistics;
 mod sqlite;
 mod sqlite_claim;
+mod sqlite_columns;
 mod sqlite_statistics;
 
 pub use columns::{Column, RowsWrite, TableRows};
@@ -288,24 +289,23 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// in every connection's prepared statements until statistics change.
     fn refresh_statistics(&self, conn: &mut Conn, tables: &[&str]) -> Result<()>;
 
-    /// Inserts the rows of several tables in one statement where that saves
-    /// round trips (PostgreSQL: a data-modifying CTE per table over `unnest`
-    /// of bound arrays, see [`columns`]). `None` where the engine inserts
-    /// nothing this way (SQLite: in-process statements cost no round trip),
-    /// and the caller inserts table by table. `tables` builds the rows, called
-    /// only by an engine that inserts them so: where the answer is `None`,
-    /// no column is gathered for nothing. With `positions` (a sequence, how
-    /// many), the same statement takes that many stream positions as
+    /// Inserts (deletes, upserts) the rows of several tables: on PostgreSQL
+    /// in one statement, each statement being a round trip (a
+    /// data-modifying CTE per table over `unnest` of bound arrays, see
+    /// [`columns`]); on SQLite, where a statement costs no round trip, table
+    /// after table in multi-row statements kept prepared
+    /// ([`sqlite_columns`]). `tables` builds the rows. With `positions` (a
+    /// sequence, how many), it first takes that many stream positions as
     /// [`Self::stream_positions`] does, fills the tables' columns of
     /// positions ([`Column::Position`], [`Column::HighestPosition`]) with
     /// them and answers them (none otherwise). With `notify` (channel,
     /// payload), it also does what [`Self::notify`] does, the payload after
     /// the highest position taken when it takes some; with `claim`, it also
     /// proves the claim as [`Self::prove_claim`] does (an error if it is
-    /// lost; proven when the answer is `Some`). With `alone` (only with
-    /// positions, where [`Self::commits_batch_statement_alone`]), no
-    /// transaction is open: the statement is one, committed when it
-    /// answers, and the claim is proven inside it before anything is written.
+    /// lost). With `alone` (only with positions, where
+    /// [`Self::commits_batch_statement_alone`]), no transaction is open: the
+    /// statement is one, committed when it answers, and the claim is proven
+    /// inside it before anything is written.
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
@@ -314,7 +314,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
         alone: bool,
-    ) -> Result<Option<Vec<i64>>>;
+    ) -> Result<Vec<i64>>;
 
     /// Wakes the processes listening on `channel` once the transaction commits
     /// (PostgreSQL NOTIFY); nothing where one process is all there is.

@@ -370,7 +370,7 @@ impl Engine for PostgresEngine {
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
         alone: bool,
-    ) -> Result<Option<Vec<i64>>> {
+    ) -> Result<Vec<i64>> {
         if alone {
             // Lost already: not even sent.
             claim.map_or(Ok(()), ClaimState::check)?;
@@ -412,7 +412,7 @@ impl Engine for PostgresEngine {
         if let Some(claim) = claim {
             super::postgres_claim::expect_row(claim, inserted.claim)?;
         }
-        Ok(Some(inserted.positions))
+        Ok(inserted.positions)
     }
 
     fn commits_batch_statement_alone(&self) -> bool {

@@ -308,14 +308,30 @@ impl Engine for SqliteEngine {
 
     fn insert_columns<'a>(
         &self,
-        _conn: &mut Conn,
-        _tables: &dyn Fn() -> Vec<TableRows<'a>>,
-        _positions: Option<(&Sequence, usize)>,
+        conn: &mut Conn,
+        tables: &dyn Fn() -> Vec<TableRows<'a>>,
+        positions: Option<(&Sequence, usize)>,
         _notify: Option<(&str, &str)>,
-        _claim: Option<&ClaimState>,
+        claim: Option<&ClaimState>,
         _alone: bool,
-    ) -> Result<Option<Vec<i64>>> {
-        Ok(None)
+    ) -> Result<Vec<i64>> {
+        // Nobody else to notify; the claim and the positions as their own
+        // calls do them (in-process, no round trip to save).
+        if let Some(claim) = claim {
+            self.prove_claim(conn, claim)?;
+        }
+        let taken = match positions {
+            Some((sequence, n)) => self.stream_positions(conn, sequence, n)?,
+            None => Vec::new(),
+        };
+        let tables = tables();
+        super::sqlite_columns::write_tables(conn.sqlite()?, &tables, &taken).with_context(
+            || {
+                let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
+                format!("inserting rows into {}", names.join(", "))
+            },
+        )?;
+        Ok(taken)
     }
 
     fn notify(&self, _conn: &mut Conn, _channel: &str, _payload: &str) -> Result<()> {

@@ -1,0 +1,147 @@
+//! [`TableRows`] on SQLite ([`super::Engine::insert_columns`]): each table's
+//! rows in multi-row statements of a power-of-two number of rows, so that a
+//! connection keeps a handful of prepared statements per table (diesel keeps
+//! a statement by its SQL) and a batch of any size reuses them.
+//!
+//! Statements cost no round trip here; what a statement per row costs is
+//! diesel's work to find the kept statement (its SQL rebuilt and hashed) and
+//! SQLite's to start and end it: a third of the import writer's instructions
+//! (callgrind). The inserts are `OR FAIL`: a multi-row INSERT that may fail
+//! halfway with `ABORT`, SQLite's default, first copies every page it
+//! changes to a statement journal so as to undo its own rows; with `FAIL` the
+//! rows before the failing one stay, and the error rolls the whole
+//! transaction back anyway (no caller goes on after a failed statement, as
+//! none can on PostgreSQL).
+
+use super::columns::{Column, RowsWrite, TableRows};
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+use diesel::sqlite::Sqlite;
+use diesel::{QueryResult, RunQueryDsl, SqliteConnection};
+
+/// The most rows in one statement. Past a few hundred rows the statement's
+/// own start and end cost nothing a row, while its prepared program grows
+/// with it; kept under SQLite's 32,766 parameters for the widest table.
+const MAX_ROWS: usize = 256;
+
+/// Inserts (or deletes, upserts) every table's rows, table after table, the
+/// columns of positions filled from `positions` (row `i` the `i`-th, the
+/// highest for [`Column::HighestPosition`]).
+pub(crate) fn write_tables(
+    conn: &mut SqliteConnection,
+    tables: &[TableRows<'_>],
+    positions: &[i64],
+) -> QueryResult<()> {
+    let highest = positions.iter().copied().max().unwrap_or(0);
+    for table in tables {
+        let width = table.columns.len().max(1);
+        let most = MAX_ROWS.min(32_766 / width).max(1);
+        let mut start = 0;
+        let len = table.len();
+        while start < len {
+            // The largest power of two that fits what is left.
+            let left = (len - start).min(most);
+            let rows = 1 << (usize::BITS - 1 - left.leading_zeros());
+            RowsStatement {
+                table,
+                rows: start..start + rows,
+                positions,
+                highest,
+            }
+            .execute(conn)?;
+            start += rows;
+        }
+    }
+    Ok(())
+}
+
+/// Rows `rows` of one table: `INSERT OR FAIL INTO t (..) VALUES (..), ..`
+/// (with `ON CONFLICT` for [`RowsWrite::InsertSkippingConflicts`] and
+/// [`RowsWrite::Upsert`]), or `DELETE FROM t WHERE (..) IN (VALUES ..)`.
+struct RowsStatement<'q, 'a> {
+    table: &'q TableRows<'a>,
+    rows: std::ops::Range<usize>,
+    positions: &'q [i64],
+    highest: i64,
+}
+
+impl QueryId for RowsStatement<'_, '_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        let t = self.table;
+        let names = t
+            .columns
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if t.write == RowsWrite::Delete {
+            out.push_sql(&format!(
+                "DELETE FROM {} WHERE ({names}) IN (VALUES ",
+                t.table
+            ));
+        } else {
+            out.push_sql(&format!(
+                "INSERT OR FAIL INTO {} ({names}) VALUES ",
+                t.table
+            ));
+        }
+        for i in self.rows.clone() {
+            out.push_sql(if i == self.rows.start { "(" } else { ", (" });
+            for (j, (_, column)) in t.columns.iter().enumerate() {
+                if j > 0 {
+                    out.push_sql(", ");
+                }
+                self.push_value(column, i, &mut out)?;
+            }
+            out.push_sql(")");
+        }
+        match &t.write {
+            RowsWrite::Insert => {}
+            RowsWrite::Delete => out.push_sql(")"),
+            RowsWrite::InsertSkippingConflicts => out.push_sql(" ON CONFLICT DO NOTHING"),
+            RowsWrite::Upsert { key } => {
+                let set: Vec<String> = t
+                    .columns
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .filter(|n| !key.contains(n))
+                    .map(|n| format!("{n} = excluded.{n}"))
+                    .collect();
+                out.push_sql(&format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    key.join(", "),
+                    set.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'q> RowsStatement<'q, '_> {
+    fn push_value<'b>(
+        &'b self,
+        column: &'b Column<'_>,
+        i: usize,
+        out: &mut AstPass<'_, 'b, Sqlite>,
+    ) -> QueryResult<()> {
+        match column {
+            Column::Text(v) => out.push_bind_param::<Text, _>(&v[i]),
+            Column::OptText(v) => out.push_bind_param::<Nullable<Text>, _>(&v[i]),
+            Column::BigInt(v) => out.push_bind_param::<BigInt, _>(&v[i]),
+            Column::OptBigInt(v) => out.push_bind_param::<Nullable<BigInt>, _>(&v[i]),
+            Column::Bool(v) => out.push_bind_param::<Bool, _>(&v[i]),
+            Column::OptBool(v) => out.push_bind_param::<Nullable<Bool>, _>(&v[i]),
+            Column::OptInt(v) => out.push_bind_param::<Nullable<Integer>, _>(&v[i]),
+            Column::Position => out.push_bind_param::<BigInt, _>(&self.positions[i]),
+            Column::HighestPosition => out.push_bind_param::<BigInt, _>(&self.highest),
+        }
+    }
+}
+
+impl RunQueryDsl<SqliteConnection> for RowsStatement<'_, '_> {}
