@@ -254,6 +254,38 @@ fn sqlite_busy_database_is_retried() {
     assert!(stats.retries >= 1, "{stats:?}");
 }
 
+/// The bundled SQLite is built for connections used by one thread at a
+/// time, as the pool hands them out (`.cargo/config.toml`): no mutex taken
+/// around each call into a connection, and no global lock around each
+/// allocation to keep memory statistics.
+#[test]
+fn sqlite_is_built_without_per_call_locks() {
+    #[derive(diesel::QueryableByName)]
+    struct CompileOption {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        compile_options: String,
+    }
+    let t = TestDb::sqlite();
+    let db = t.open();
+    let options: Vec<String> = db
+        .with_connection(|_, conn| {
+            Ok(with_conn!(conn, |c| diesel::sql_query(
+                "SELECT compile_options FROM pragma_compile_options"
+            )
+            .load::<CompileOption>(c))?)
+        })
+        .unwrap()
+        .into_iter()
+        .map(|o| o.compile_options)
+        .collect();
+    for wanted in ["THREADSAFE=2", "DEFAULT_MEMSTATUS=0"] {
+        assert!(
+            options.iter().any(|o| o == wanted),
+            "SQLite was built without {wanted}: {options:?}"
+        );
+    }
+}
+
 /// On SQLite, what write transactions commit reaches the database file
 /// through the writer's checkpoint thread shortly after, while the
 /// write-ahead log is far smaller than the size at which SQLite would
