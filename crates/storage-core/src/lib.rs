@@ -30,8 +30,8 @@ pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};
 pub use engine::{
-    Column, Engine, Isolation, Listener, RowsWrite, Sequence, SequenceHealth, SequenceRepair,
-    TableRows, TableStatistics, TxnOptions,
+    json_texts, Column, Engine, Isolation, Listener, RowsWrite, Sequence, SequenceHealth,
+    SequenceRepair, TableRows, TableStatistics, TxnOptions,
 };
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use layout::{detect_layout, refuse_foreign_database, require_synapse_database, Layout};

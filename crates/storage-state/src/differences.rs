@@ -442,17 +442,15 @@ fn pair(
         newest_a.clone_from(&origin_a);
         newest_b.clone_from(&origin_b);
         bases.clear();
-        for chunk in above.chunks(GROUPS_PER_STATEMENT) {
-            sql::rows_of_groups(txn.conn(), chunk, |row| {
-                let slot: StateKey = (row.event_type.0, row.state_key.0);
-                for (side, newest) in [(&above_a, &mut newest_a), (&above_b, &mut newest_b)] {
-                    if !side.contains(&row.state_group) {
-                        continue;
-                    }
-                    keep_newest(newest, &slot, row.state_group, &row.event_id.0);
+        sql::rows_of_groups(txn.conn(), db.engine(), &above, |row| {
+            let slot: StateKey = (row.event_type.0, row.state_key.0);
+            for (side, newest) in [(&above_a, &mut newest_a), (&above_b, &mut newest_b)] {
+                if !side.contains(&row.state_group) {
+                    continue;
                 }
-            })?;
-        }
+                keep_newest(newest, &slot, row.state_group, &row.event_id.0);
+            }
+        })?;
         // A server compares the bases itself and sends only what differs. An
         // in-process engine compares far less cheaply than it hands rows
         // over (seeking each slot of one base in the other cost SQLite 620M
@@ -521,10 +519,6 @@ fn pair(
     Ok(out)
 }
 
-/// Groups whose rows one statement asks for (binds stay well below either
-/// engine's limit).
-const GROUPS_PER_STATEMENT: usize = 1_000;
-
 /// The values on `slots` of the group heading `chain` (its chain as stored,
 /// highest first, down to its snapshot): the newest rows of its deltas, and
 /// for the slots none of them holds, the snapshot's rows, sought slot by
@@ -544,25 +538,21 @@ fn base_values(
     db.run_read("get_state_differences.base_values", |txn| {
         newest.clear();
         in_snapshot.clear();
-        for chunk in deltas.chunks(GROUPS_PER_STATEMENT) {
-            sql::rows_of_groups(txn.conn(), chunk, |row| {
-                let slot: StateKey = (row.event_type.0, row.state_key.0);
-                if !slots.contains(&slot) {
-                    return;
-                }
-                keep_newest(&mut newest, &slot, row.state_group, &row.event_id.0);
-            })?;
-        }
+        sql::rows_of_groups(txn.conn(), db.engine(), deltas, |row| {
+            let slot: StateKey = (row.event_type.0, row.state_key.0);
+            if !slots.contains(&slot) {
+                return;
+            }
+            keep_newest(&mut newest, &slot, row.state_group, &row.event_id.0);
+        })?;
         let rest: Vec<&StateKey> = slots
             .iter()
             .copied()
             .filter(|s| !newest.contains_key(*s))
             .collect();
-        for chunk in rest.chunks(sql::SLOTS_PER_STATEMENT) {
-            sql::rows_of_slots(txn.conn(), snapshot, chunk, |row| {
-                in_snapshot.push(((row.event_type.0, row.state_key.0), row.event_id.0));
-            })?;
-        }
+        sql::rows_of_slots(txn.conn(), db.engine(), snapshot, &rest, |row| {
+            in_snapshot.push(((row.event_type.0, row.state_key.0), row.event_id.0));
+        })?;
         Ok(())
     })?;
     let mut out: StateMap = in_snapshot.drain(..).collect();

@@ -645,37 +645,52 @@ pub(crate) fn origin_chain(
 }
 
 /// The rows of `groups` themselves (no chain walked), each tagged with its own
-/// group as root.
+/// group as root. The groups are one bound JSON array, as the slots of
+/// [`rows_of_slots`] are: one statement for any number, kept prepared.
 pub(crate) fn rows_of_groups(
     conn: &mut Conn,
+    engine: &dyn storage_core::Engine,
     groups: &[StateGroup],
     each: impl FnMut(ChainRow),
 ) -> Result<()> {
     if groups.is_empty() {
         return Ok(());
     }
-    let mut st = Statement::default();
-    let ids = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
+    let mut st = Statement {
+        prepared: true,
+        ..Statement::default()
+    };
+    let ids: Vec<String> = groups.iter().map(i64::to_string).collect();
+    let list = st.placeholder(Bind::Text(storage_core::json_texts(
+        ids.iter().map(String::as_str),
+    )));
+    let groups = format!(
+        "SELECT CAST(g.state_group AS BIGINT) FROM ({}) g",
+        engine.json_texts(&list, "state_group")
+    );
     st.sql = format!(
         "SELECT s.state_group AS root, s.state_group AS state_group, s.type AS type_, \
              s.state_key AS state_key, s.event_id AS event_id \
-         FROM state_groups_state s WHERE s.state_group IN ({ids})"
+         FROM state_groups_state s WHERE {}",
+        engine.seeking_each_of("s.state_group", &groups)
     );
     st.for_each_row::<ChainRowType, ChainRow>(conn, each)
 }
 
-/// Slots one [`rows_of_slots`] statement asks for: two binds each, well
-/// below either engine's limit (SQLite 32,766, PostgreSQL 65,535).
-pub(crate) const SLOTS_PER_STATEMENT: usize = 1_000;
-
 /// The own rows of `group` (no chain walked) on `slots`, each sought
-/// through the index: the slots are a `VALUES` list joined to the rows, the
-/// list first (CROSS JOIN, for SQLite), so that each slot is one seek on
-/// `(state_group, type, state_key)` where `state_key IN (..)` let PostgreSQL
-/// read every member row of the group and filter them (see
-/// [`Statement::filter_arms`]). Each row tagged with `group` as root.
+/// through the index: the slots are rows of one bound JSON text
+/// ([`Engine::json_text_pairs`]) joined to the rows, the list first (CROSS JOIN,
+/// for SQLite), so that each slot is one seek on `(state_group, type,
+/// state_key)` where `state_key IN (..)` let PostgreSQL read every member
+/// row of the group and filter them (see [`Statement::filter_arms`]). One
+/// statement text for any number of slots, kept prepared: a `VALUES` list
+/// of two binds per slot was a new statement per call, parsed and planned
+/// each time. Each row tagged with `group` as root.
+///
+/// [`Engine::json_text_pairs`]: storage_core::Engine::json_text_pairs
 pub(crate) fn rows_of_slots(
     conn: &mut Conn,
+    engine: &dyn storage_core::Engine,
     group: StateGroup,
     slots: &[&crate::types::StateKey],
     each: impl FnMut(ChainRow),
@@ -683,23 +698,22 @@ pub(crate) fn rows_of_slots(
     if slots.is_empty() {
         return Ok(());
     }
-    let mut st = Statement::default();
+    let mut st = Statement {
+        prepared: true,
+        ..Statement::default()
+    };
     let g = st.placeholder(Bind::Int(group));
-    let values: Vec<String> = slots
-        .iter()
-        .map(|(t, k)| {
-            let t = st.placeholder(Bind::Text(t.to_string()));
-            let k = st.placeholder(Bind::Text(k.to_string()));
-            format!("({t}, {k})")
-        })
-        .collect();
+    let pairs: Vec<(&str, &str)> = slots.iter().map(|(t, k)| (&**t, &**k)).collect();
+    // The list's placeholder comes second, after the group's.
+    let list = format!("${}", st.binds.len() + 1);
+    let (slots, json) = engine.json_text_pairs(&list, "type", "state_key", &pairs);
+    st.placeholder(Bind::Text(json));
     st.sql = format!(
-        "WITH slots(type, state_key) AS (VALUES {}) \
+        "WITH slots(type, state_key) AS ({slots}) \
          SELECT {g} AS root, s.state_group AS state_group, s.type AS type_, \
              s.state_key AS state_key, s.event_id AS event_id \
          FROM slots k CROSS JOIN state_groups_state s \
-         WHERE s.state_group = {g} AND s.type = k.type AND s.state_key = k.state_key",
-        values.join(", ")
+         WHERE s.state_group = {g} AND s.type = k.type AND s.state_key = k.state_key"
     );
     st.for_each_row::<ChainRowType, ChainRow>(conn, each)
 }

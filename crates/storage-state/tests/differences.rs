@@ -94,8 +94,13 @@ fn room_state() -> StateMap {
             format!("$join{u}").into(),
         );
     }
+    s.insert(storage_state::key(MEMBER, ODD), "$join-odd".into());
     s
 }
+
+/// A state key that JSON must escape (slots are sent to the database as one
+/// JSON array when many are sought).
+const ODD: &str = "@\"odd\\key\u{1}\u{e9}\u{1F600},]}:test";
 
 fn forks_on_a_shared_chain(t: &TestDb) {
     let store = store(t);
@@ -308,8 +313,13 @@ fn forks_through_snapshot_origins(t: &TestDb) {
     let d = member_leaves(&store, shared, 45..90);
     let d = snapshot_over(&store, &mut origins, d, (NAME, ""), "$name-d");
     let d = member_leaves(&store, d, 10..20);
+    let d = delta(&store, d, "$leave-odd", &[(MEMBER, ODD, "$leave-odd")]);
     let got = check_with(&store, &[c, d], &origins);
-    assert_eq!(got.len(), 30 + 45 + 3, "{got:?}");
+    assert_eq!(got.len(), 30 + 45 + 3 + 1, "{got:?}");
+    assert_eq!(
+        got[&storage_state::key(MEMBER, ODD)],
+        [Some("$join-odd".into()), Some("$leave-odd".into())]
+    );
     check_with(&store, &[d, c, a], &origins);
 }
 

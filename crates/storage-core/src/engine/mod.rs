@@ -28,6 +28,30 @@ use crate::conn::Conn;
 use crate::error::Result;
 use std::sync::{Arc, MutexGuard};
 
+/// The JSON text [`Engine::json_texts`] reads: an array of `texts`.
+pub fn json_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
+    let texts: Vec<&str> = texts.into_iter().collect();
+    serde_json::to_string(&texts).expect("texts always serialize")
+}
+
+/// A JSON object whose members are the distinct first texts of `pairs`,
+/// each holding the array of the second texts paired with it (SQLite's
+/// [`Engine::json_text_pairs`]).
+fn json_pairs_by_first(pairs: &[(&str, &str)]) -> String {
+    let mut by_first: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (first, second) in pairs {
+        by_first.entry(first).or_default().push(second);
+    }
+    serde_json::to_string(&by_first).expect("texts always serialize")
+}
+
+/// A JSON array of `pairs`, each an array of its two texts (PostgreSQL's
+/// [`Engine::json_text_pairs`]).
+fn json_pairs_as_arrays(pairs: &[(&str, &str)]) -> String {
+    let pairs: Vec<[&str; 2]> = pairs.iter().map(|(a, b)| [*a, *b]).collect();
+    serde_json::to_string(&pairs).expect("texts always serialize")
+}
+
 /// Transaction isolation on PostgreSQL. SQLite transactions are always serializable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Isolation {
@@ -186,6 +210,35 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// index condition): its `IN (subquery)` is a join that reads the rows of
     /// every value and sorts them.
     fn seeking_each_of(&self, column: &str, values: &str) -> String;
+
+    /// A subquery of one row per text of a JSON array of texts bound as one
+    /// text at `param` (`$n`; build it with [`crate::json_texts`]), the text
+    /// as `column`. One statement text for any number of rows, so the
+    /// connection keeps it prepared, where a `VALUES` list or an `IN (..)`
+    /// list is a new statement for each length, parsed and planned again
+    /// (SQLite: ~0.7M instructions per statement of a thousand binds,
+    /// callgrind): SQLite's `json_each`, PostgreSQL's
+    /// `json_array_elements_text`.
+    fn json_texts(&self, param: &str, column: &str) -> String;
+
+    /// [`Self::json_texts`] for `pairs` of texts, as columns `first` and
+    /// `second`: the SQL, and the JSON text to bind at `param`. SQLite reads
+    /// an object of each distinct first text's array of second texts, the
+    /// members and then each one's array, so that no row has to be taken
+    /// apart (`->>` on each row's own array parsed it again, ~1,800
+    /// instructions a row, callgrind) and pairs sharing their first text (the
+    /// member type of state slots) send it once. PostgreSQL reads an array of
+    /// two-text arrays: for a function of a function's rows its planner
+    /// guesses 10,000 rows and reads every row of the table side into a hash
+    /// (a whole snapshot of the HQ room for 1,696 slots), where for one
+    /// function's 100 it seeks each row through the index.
+    fn json_text_pairs(
+        &self,
+        param: &str,
+        first: &str,
+        second: &str,
+        pairs: &[(&str, &str)],
+    ) -> (String, String);
 
     /// An expression for the id under which the engine keeps the row `alias`
     /// of a table without a primary key, in insertion order, so that rows

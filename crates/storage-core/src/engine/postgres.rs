@@ -161,6 +161,26 @@ impl Engine for PostgresEngine {
         format!("{column} = ANY(ARRAY({values}))")
     }
 
+    fn json_texts(&self, param: &str, column: &str) -> String {
+        format!("SELECT j.value AS {column} FROM json_array_elements_text({param}::json) j")
+    }
+
+    fn json_text_pairs(
+        &self,
+        param: &str,
+        first: &str,
+        second: &str,
+        pairs: &[(&str, &str)],
+    ) -> (String, String) {
+        (
+            format!(
+                "SELECT j.value ->> 0 AS {first}, j.value ->> 1 AS {second} \
+                 FROM json_array_elements({param}::json) j"
+            ),
+            super::json_pairs_as_arrays(pairs),
+        )
+    }
+
     fn insertion_row_id(&self, _alias: &str) -> Option<String> {
         None
     }

@@ -177,6 +177,26 @@ impl Engine for SqliteEngine {
         format!("{column} IN ({values})")
     }
 
+    fn json_texts(&self, param: &str, column: &str) -> String {
+        format!("SELECT j.value AS {column} FROM json_each({param}) j")
+    }
+
+    fn json_text_pairs(
+        &self,
+        param: &str,
+        first: &str,
+        second: &str,
+        pairs: &[(&str, &str)],
+    ) -> (String, String) {
+        (
+            format!(
+                "SELECT f.key AS {first}, s.value AS {second} \
+                 FROM json_each({param}) f, json_each(f.value) s"
+            ),
+            super::json_pairs_by_first(pairs),
+        )
+    }
+
     fn insertion_row_id(&self, alias: &str) -> Option<String> {
         Some(format!("{alias}.rowid"))
     }
