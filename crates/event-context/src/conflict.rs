@@ -250,16 +250,23 @@ pub(crate) fn resolve_by_conflict(
                 fetch,
             ));
         }
-        // The slots ruma's checks may read, and those the checks may fill.
-        let mut slots: BTreeSet<StateKey> = differences.keys().cloned().collect();
-        slots.insert(storage_state::key("m.room.power_levels", ""));
-        slots.insert(storage_state::key("m.room.create", ""));
+        // The slots ruma's checks may read, and those the checks may fill:
+        // gathered in a hash set, then ordered. Thousands of events name the
+        // same few slots (the create event, the power levels, each member's
+        // own), and each insert into the ordered set compared slots a dozen
+        // times (HQ forks: 20,000 inserts for 1,700 slots, 50M of 1,406M
+        // instructions per three merges, callgrind).
+        let mut named: HashSet<StateKey, foldhash::fast::RandomState> = HashSet::default();
+        named.insert(storage_state::key("m.room.power_levels", ""));
+        named.insert(storage_state::key("m.room.create", ""));
         for pdu in full_conflicted.iter().filter_map(|id| fetch(id)) {
-            slots.extend(pdu.state_map_key());
+            named.extend(pdu.state_map_key());
             if let Ok(types) = auth_types_for_pdu(&pdu) {
-                slots.extend(types);
+                named.extend(types);
             }
         }
+        let mut slots: BTreeSet<StateKey> = differences.keys().cloned().collect();
+        slots.extend(named);
         (chains, slots)
     };
 
