@@ -262,7 +262,7 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
     if t.engine() == "postgres" {
         let epoch = held_epoch.expect("a claimed database's epoch");
         assert!(
-            statements[0].contains("take_stream_positions_claimed")
+            statements[0].contains("prove_main_process_claim")
                 && statements[0].contains(&format!("Some({epoch})")),
             "the batch's statement proves the claim's epoch {epoch} in the server: {}",
             statements[0]

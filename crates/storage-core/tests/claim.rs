@@ -21,6 +21,7 @@ storage_core::engine_tests!(
     writes_prove_the_claim_and_reads_do_not,
     a_write_that_proved_the_old_epoch_commits_before_the_newcomer_reads,
     a_batch_statement_committed_alone_proves_the_claim_in_the_server,
+    a_batch_statement_writes_its_rows_without_positions_before_taking_the_lock,
 );
 
 fn claimed(url: &str) -> (MainProcessClaim, Database) {
@@ -140,6 +141,126 @@ fn a_batch_statement_committed_alone_proves_the_claim_in_the_server(t: &TestDb) 
     assert_eq!(batch_rows(&db), 2, "the fenced write committed nothing");
     assert_claim_lost(batch_write(&db, "later"), "test newcomer");
     assert_eq!(batch_rows(&db), 2);
+}
+
+/// A batch's statement (a state group, which needs no position, and a
+/// `cache_invalidations` row, which does) proves the claim before it writes
+/// anything, then writes its rows that need no position, and only then takes
+/// the stream positions lock: held by another transaction, it finds the
+/// statement waiting for that relation with its group's row already written
+/// (another insert of that id has to wait for it), while one waiting for
+/// the claim's row has written nothing yet (the same insert goes through).
+/// On SQLite, which writes one batch at a time, both rows are written.
+fn a_batch_statement_writes_its_rows_without_positions_before_taking_the_lock(t: &TestDb) {
+    let (_claim, db) = claimed(t.url());
+    let write = |db: &Database, group: i64, key: &'static str| {
+        db.run_interaction_with("batch_write_group", TxnOptions::batch(), |txn| {
+            let tables = || {
+                vec![
+                    TableRows::insert(
+                        "state_groups",
+                        vec![
+                            ("id", Column::BigInt(vec![group])),
+                            ("room_id", Column::Text(vec!["!r:test"])),
+                            ("event_id", Column::Text(vec!["$e"])),
+                        ],
+                    ),
+                    TableRows::insert(
+                        "cache_invalidations",
+                        vec![
+                            ("stream_ordering", Column::Position),
+                            ("cache_name", Column::Text(vec!["batch"])),
+                            ("cache_key", Column::Text(vec![key])),
+                        ],
+                    ),
+                ]
+            };
+            txn.insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?;
+            Ok(())
+        })
+    };
+    if t.engine() != "postgres" {
+        write(&db, 1, "a").unwrap();
+        assert_eq!((groups(&db), batch_rows(&db)), (1, 1));
+        return;
+    }
+    // Waiting for the claim's row: nothing written yet.
+    let mut holder = t.raw_connection();
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM main_process_claim WHERE id = 1 FOR UPDATE")
+        .unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || write(&db, 1, "a"))
+    };
+    let pid = waiting_backend(t);
+    wait_until_blocked(t.url(), pid);
+    let waits = waits_for(t, pid);
+    assert!(matches!(&*waits, "transactionid" | "tuple"), "{waits}");
+    assert!(
+        !group_row_is_written(t, 1),
+        "written before the claim was proven"
+    );
+    holder.batch_execute("ROLLBACK").unwrap();
+    writer.join().unwrap().unwrap();
+    assert_eq!((groups(&db), batch_rows(&db)), (1, 1));
+    // Waiting for the stream positions lock: its group is already written.
+    holder
+        .batch_execute("BEGIN; LOCK TABLE stream_positions_lock IN EXCLUSIVE MODE")
+        .unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || write(&db, 2, "b"))
+    };
+    let pid = waiting_backend(t);
+    wait_until_blocked(t.url(), pid);
+    assert_eq!(waits_for(t, pid), "relation");
+    assert!(
+        group_row_is_written(t, 2),
+        "the lock was taken before the group's row"
+    );
+    holder.batch_execute("COMMIT").unwrap();
+    writer.join().unwrap().unwrap();
+    assert_eq!((groups(&db), batch_rows(&db)), (2, 2));
+}
+
+/// What backend `pid` waits for (pg_stat_activity's `wait_event`).
+fn waits_for(t: &TestDb, pid: i64) -> String {
+    #[derive(QueryableByName)]
+    struct Event {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        wait_event: String,
+    }
+    with_conn!(&mut t.raw_connection(), |c| diesel::sql_query(
+        "SELECT coalesce(wait_event, '') AS wait_event FROM pg_stat_activity WHERE pid = $1"
+    )
+    .bind::<Integer, _>(pid as i32)
+    .get_result::<Event>(c))
+    .unwrap()
+    .wait_event
+}
+
+/// Whether an uncommitted insert of state group `id` exists: another insert
+/// of that id waits for it (given up after 50 ms, as only a writer still
+/// running holds it up) rather than going through (and rolled back).
+fn group_row_is_written(t: &TestDb, id: i64) -> bool {
+    let mut other = t.raw_connection();
+    other
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '50ms'")
+        .unwrap();
+    let inserted = with_conn!(&mut other, |c| diesel::sql_query(
+        "INSERT INTO state_groups (id, room_id, event_id) VALUES ($1, '!other:test', '$o')"
+    )
+    .bind::<BigInt, _>(id)
+    .execute(c));
+    other.batch_execute("ROLLBACK").unwrap();
+    match inserted {
+        Ok(_) => false,
+        Err(e) => {
+            assert!(format!("{e:?}").contains("lock timeout"), "{e:?}");
+            true
+        }
+    }
 }
 
 /// What a newcomer does once it holds the lock and has migrated.

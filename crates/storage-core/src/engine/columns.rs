@@ -140,8 +140,8 @@ impl<'a> TableRows<'a> {
 /// The stream positions a statement takes ([`super::Engine::insert_columns`]):
 /// `count` new ids of `sequence` (a sequence's name), under the stream
 /// positions lock. With `claimed`, the statement commits on its own (it is
-/// sent outside a transaction): the migration's
-/// `take_stream_positions_claimed` first holds the main-process claim's row
+/// sent outside a transaction): the migration's `prove_main_process_claim`
+/// first, before anything is written, holds the main-process claim's row
 /// and fails, writing nothing, unless its epoch is the one given (`None`
 /// checks nothing).
 #[derive(Debug, Clone, Copy)]
@@ -154,11 +154,19 @@ pub(crate) struct TakePositions<'q> {
 /// `WITH t0 AS (INSERT INTO .. SELECT * FROM unnest($1::bigint[], ..)), ..
 /// SELECT 1`: every table's rows in one statement; `SELECT pg_notify($n,
 /// $m)` at the end instead when it also notifies. With positions to take,
-/// `WITH positions AS (SELECT n, id FROM take_stream_positions(..)), ..`
-/// first (the migration's function: it locks the stream's lock table, then
-/// takes them), the tables with columns of positions fill them from it, the
-/// NOTIFY's payload follows the highest, and the statement answers them
-/// first, as an array in row order. `ST` is the SQL type of what it answers.
+/// the tables that need none first, each answering 1 a row it wrote
+/// (`RETURNING 1`), then `positions AS (SELECT n, id FROM
+/// take_stream_positions(.., $k + 0 * (SELECT count(*) FROM (SELECT 1 FROM
+/// t0 UNION ALL ..))))` (the migration's function: it locks the stream's lock
+/// table, then takes them), which PostgreSQL cannot call before those rows
+/// are all written (a data-modifying CTE runs when first read, and otherwise
+/// only after the main query, which reads the positions first): the lock is
+/// held for the rows that need positions and the commit only. Then the
+/// tables with columns of positions fill them from it, the NOTIFY's payload
+/// follows the highest, and the statement answers them first, as an array in
+/// row order. A statement that commits on its own begins with `claim AS
+/// (SELECT prove_main_process_claim(..))`, which every table's rows and the
+/// positions wait for. `ST` is the SQL type of what it answers.
 struct UnnestInsert<'q, 'a, ST> {
     tables: Vec<&'q TableRows<'a>>,
     positions: Option<TakePositions<'q>>,
@@ -184,91 +192,58 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
         // a handful), keyed by its SQL: parsing and planning it afresh cost
         // the server 0.23 ms of a message's write (measured with
         // log_min_duration_statement=0), more than a round trip.
+        let claimed = self.positions.as_ref().and_then(|p| p.claimed.as_ref());
         let mut first = true;
+        if let Some(epoch) = claimed {
+            // Proven before anything is written: every part below reads it.
+            out.push_sql("WITH claim AS (SELECT prove_main_process_claim(");
+            out.push_bind_param::<Nullable<BigInt>, _>(epoch)?;
+            out.push_sql("::bigint) AS proven)");
+            first = false;
+        }
+        // The rows that need no position first, then the positions, which
+        // read them all (so PostgreSQL writes them before it takes the lock),
+        // then the rows that need them.
+        let (free, positioned): (Vec<_>, Vec<_>) = self
+            .tables
+            .iter()
+            .enumerate()
+            .partition(|(_, t)| !t.takes_positions());
+        for (i, t) in &free {
+            out.push_sql(if first { "WITH " } else { ", " });
+            first = false;
+            push_table(*i, t, &mut out, claimed.is_some(), self.positions.is_some())?;
+        }
         if let Some(positions) = &self.positions {
-            out.push_sql(if positions.claimed.is_some() {
-                "WITH positions AS (SELECT n, id FROM take_stream_positions_claimed("
-            } else {
-                "WITH positions AS (SELECT n, id FROM take_stream_positions("
-            });
+            out.push_sql(if first { "WITH " } else { ", " });
+            first = false;
+            out.push_sql("positions AS (SELECT n, id FROM take_stream_positions(");
             out.push_bind_param::<Text, _>(positions.sequence)?;
             out.push_sql("::regclass, ");
             out.push_bind_param::<BigInt, _>(&positions.count)?;
-            if let Some(epoch) = &positions.claimed {
-                out.push_sql(", ");
-                out.push_bind_param::<Nullable<BigInt>, _>(epoch)?;
-                out.push_sql("::bigint");
-            }
-            out.push_sql("))");
-            first = false;
-        }
-        for (i, t) in self.tables.iter().enumerate() {
-            out.push_sql(if first { "WITH " } else { ", " });
-            first = false;
-            let names = t
-                .columns
-                .iter()
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let table = t.table;
-            if t.write == RowsWrite::Delete {
+            out.push_sql("::bigint");
+            if !free.is_empty() {
+                // An argument the function cannot be called without: every
+                // row above written (each answers 1 a row), none counted.
+                let written: Vec<String> = free
+                    .iter()
+                    .map(|(i, _)| format!("SELECT 1 FROM t{i}"))
+                    .collect();
                 out.push_sql(&format!(
-                    "t{i} AS (DELETE FROM {table} WHERE ({names}) IN (SELECT * FROM "
+                    " + 0 * (SELECT count(*) FROM ({}) AS written)",
+                    written.join(" UNION ALL ")
                 ));
-                push_unnest(t, &mut out)?;
-                out.push_sql("))");
-                continue;
-            }
-            out.push_sql(&format!("t{i} AS (INSERT INTO {table} ({names}) SELECT "));
-            if t.takes_positions() {
-                // The values' columns named u0, u1, .. and the row's number
-                // after them, which is the number of its position.
-                let mut values = 0;
-                let mut select = Vec::new();
-                for (_, column) in &t.columns {
-                    match column.position_sql() {
-                        Some(sql) => select.push(sql.to_owned()),
-                        None => {
-                            select.push(format!("r{i}.u{values}"));
-                            values += 1;
-                        }
-                    }
-                }
-                let aliases: Vec<String> = (0..values).map(|j| format!("u{j}")).collect();
-                out.push_sql(&select.join(", "));
-                out.push_sql(" FROM ");
-                push_unnest(t, &mut out)?;
-                out.push_sql(&format!(
-                    " WITH ORDINALITY AS r{i}({}, ord)",
-                    aliases.join(", ")
-                ));
-                if t.columns.iter().any(|(_, c)| *c == Column::Position) {
-                    out.push_sql(&format!(" JOIN positions ON positions.n = r{i}.ord"));
-                }
-            } else {
-                out.push_sql("* FROM ");
-                push_unnest(t, &mut out)?;
-            }
-            match &t.write {
-                RowsWrite::Insert | RowsWrite::Delete => {}
-                RowsWrite::InsertSkippingConflicts => out.push_sql(" ON CONFLICT DO NOTHING"),
-                RowsWrite::Upsert { key } => {
-                    let set: Vec<String> = t
-                        .columns
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .filter(|n| !key.contains(n))
-                        .map(|n| format!("{n} = EXCLUDED.{n}"))
-                        .collect();
-                    out.push_sql(&format!(
-                        " ON CONFLICT ({}) DO UPDATE SET {}",
-                        key.join(", "),
-                        set.join(", ")
-                    ));
-                }
             }
             out.push_sql(")");
+            if claimed.is_some() {
+                out.push_sql(" WHERE (SELECT proven FROM claim)");
+            }
+            out.push_sql(")");
+        }
+        for (i, t) in &positioned {
+            out.push_sql(if first { "WITH " } else { ", " });
+            first = false;
+            push_table(*i, t, &mut out, false, false)?;
         }
         let (claim_columns, claim_from) = super::postgres_claim::CLAIM_ROW;
         let mut select = Vec::new();
@@ -303,6 +278,94 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
         }
         Ok(())
     }
+}
+
+/// One table's part of an [`UnnestInsert`]: `t{i} AS (INSERT INTO ..)` (or
+/// `DELETE`). With `gated`, it writes nothing until the claim is proven (the
+/// statement's `claim`); with `returning`, it answers 1 for each row it
+/// wrote, for the positions to read.
+fn push_table<'b>(
+    i: usize,
+    t: &'b TableRows<'_>,
+    out: &mut AstPass<'_, 'b, Pg>,
+    gated: bool,
+    returning: bool,
+) -> QueryResult<()> {
+    let names = t
+        .columns
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let table = t.table;
+    let gate = if gated {
+        " AND (SELECT proven FROM claim)"
+    } else {
+        ""
+    };
+    let returning = if returning { " RETURNING 1" } else { "" };
+    if t.write == RowsWrite::Delete {
+        out.push_sql(&format!(
+            "t{i} AS (DELETE FROM {table} WHERE ({names}) IN (SELECT * FROM "
+        ));
+        push_unnest(t, out)?;
+        out.push_sql(&format!("){gate}{returning})"));
+        return Ok(());
+    }
+    out.push_sql(&format!("t{i} AS (INSERT INTO {table} ({names}) SELECT "));
+    if t.takes_positions() {
+        // The values' columns named u0, u1, .. and the row's number
+        // after them, which is the number of its position.
+        let mut values = 0;
+        let mut select = Vec::new();
+        for (_, column) in &t.columns {
+            match column.position_sql() {
+                Some(sql) => select.push(sql.to_owned()),
+                None => {
+                    select.push(format!("r{i}.u{values}"));
+                    values += 1;
+                }
+            }
+        }
+        let aliases: Vec<String> = (0..values).map(|j| format!("u{j}")).collect();
+        out.push_sql(&select.join(", "));
+        out.push_sql(" FROM ");
+        push_unnest(t, out)?;
+        out.push_sql(&format!(
+            " WITH ORDINALITY AS r{i}({}, ord)",
+            aliases.join(", ")
+        ));
+        if t.columns.iter().any(|(_, c)| *c == Column::Position) {
+            out.push_sql(&format!(" JOIN positions ON positions.n = r{i}.ord"));
+        }
+    } else {
+        out.push_sql("* FROM ");
+        push_unnest(t, out)?;
+    }
+    if gated {
+        out.push_sql(" WHERE (SELECT proven FROM claim)");
+    }
+    match &t.write {
+        RowsWrite::Insert | RowsWrite::Delete => {}
+        RowsWrite::InsertSkippingConflicts => out.push_sql(" ON CONFLICT DO NOTHING"),
+        RowsWrite::Upsert { key } => {
+            let set: Vec<String> = t
+                .columns
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| !key.contains(n))
+                .map(|n| format!("{n} = EXCLUDED.{n}"))
+                .collect();
+            out.push_sql(&format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                key.join(", "),
+                set.join(", ")
+            ));
+        }
+    }
+    out.push_sql(returning);
+    out.push_sql(")");
+    Ok(())
 }
 
 /// `unnest($1::bigint[], $2::text[], ..)`: one bound array per column of

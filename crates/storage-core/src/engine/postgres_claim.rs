@@ -300,7 +300,7 @@ pub(super) const CLAIM_ROW: (&str, &str) = (
     "main_process_claim WHERE id = 1",
 );
 
-/// Whether `error` is `take_stream_positions_claimed` (the migrations)
+/// Whether `error` is `prove_main_process_claim` (the migrations)
 /// refusing a statement that commits on its own because the claim's epoch
 /// is not the one it was given: another process claimed the database.
 pub(super) fn is_claim_taken(error: &diesel::result::Error) -> bool {

@@ -1,0 +1,1 @@
+DROP FUNCTION prove_main_process_claim(bigint);
