@@ -135,6 +135,31 @@ impl<'a> TableRows<'a> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// What follows an INSERT of these rows, the same on both engines:
+    /// ` ON CONFLICT DO NOTHING` where conflicting rows are skipped, ` ON
+    /// CONFLICT (key) DO UPDATE SET ..` (the other columns) for an upsert,
+    /// nothing otherwise.
+    pub(crate) fn on_conflict(&self) -> String {
+        match &self.write {
+            RowsWrite::Insert | RowsWrite::Delete => String::new(),
+            RowsWrite::InsertSkippingConflicts => " ON CONFLICT DO NOTHING".to_owned(),
+            RowsWrite::Upsert { key } => {
+                let set: Vec<String> = self
+                    .columns
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .filter(|n| !key.contains(n))
+                    .map(|n| format!("{n} = excluded.{n}"))
+                    .collect();
+                format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    key.join(", "),
+                    set.join(", ")
+                )
+            }
+        }
+    }
 }
 
 /// The stream positions a statement takes ([`super::Engine::insert_columns`]):
@@ -345,24 +370,7 @@ fn push_table<'b>(
     if gated {
         out.push_sql(" WHERE (SELECT proven FROM claim)");
     }
-    match &t.write {
-        RowsWrite::Insert | RowsWrite::Delete => {}
-        RowsWrite::InsertSkippingConflicts => out.push_sql(" ON CONFLICT DO NOTHING"),
-        RowsWrite::Upsert { key } => {
-            let set: Vec<String> = t
-                .columns
-                .iter()
-                .map(|(n, _)| *n)
-                .filter(|n| !key.contains(n))
-                .map(|n| format!("{n} = EXCLUDED.{n}"))
-                .collect();
-            out.push_sql(&format!(
-                " ON CONFLICT ({}) DO UPDATE SET {}",
-                key.join(", "),
-                set.join(", ")
-            ));
-        }
-    }
+    out.push_sql(&t.on_conflict());
     out.push_sql(returning);
     out.push_sql(")");
     Ok(())

@@ -100,24 +100,10 @@ impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
             }
             out.push_sql(")");
         }
-        match &t.write {
-            RowsWrite::Insert => {}
-            RowsWrite::Delete => out.push_sql(")"),
-            RowsWrite::InsertSkippingConflicts => out.push_sql(" ON CONFLICT DO NOTHING"),
-            RowsWrite::Upsert { key } => {
-                let set: Vec<String> = t
-                    .columns
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .filter(|n| !key.contains(n))
-                    .map(|n| format!("{n} = excluded.{n}"))
-                    .collect();
-                out.push_sql(&format!(
-                    " ON CONFLICT ({}) DO UPDATE SET {}",
-                    key.join(", "),
-                    set.join(", ")
-                ));
-            }
+        if t.write == RowsWrite::Delete {
+            out.push_sql(")");
+        } else {
+            out.push_sql(&t.on_conflict());
         }
         Ok(())
     }
