@@ -106,7 +106,7 @@ impl EventsStore {
             .iter()
             .flat_map(|e| e.new_state_groups.iter().cloned())
             .collect();
-        // Their rows go in the events' statement where the engine writes it.
+        // Their rows go in the events' statement.
         self.state
             .store_prepared_groups_then(txn, &groups, |txn, group_rows| {
                 self.write_events_txn(txn, batch, &stored, group_rows)

@@ -326,10 +326,10 @@ impl StateStore {
     }
 
     /// [`Self::store_prepared_groups_txn`], handing the groups' rows not
-    /// inserted yet to `then`, for its own statement: where the engine
-    /// inserts them with its rows ([`PendingGroupRows::columns`]), `then`
-    /// says so ([`PendingGroupRows::written`]); any it did not write are
-    /// inserted after it.
+    /// inserted yet to `then`, for its own statement: when it inserts them
+    /// with its rows ([`PendingGroupRows::columns`]), `then` says so
+    /// ([`PendingGroupRows::written`]); any it did not write are inserted
+    /// after it.
     pub fn store_prepared_groups_then<R>(
         &self,
         txn: &mut Transaction<'_>,

@@ -136,6 +136,16 @@ impl<'a> TableRows<'a> {
         self.len() == 0
     }
 
+    /// The columns' names, comma-separated, as an INSERT or a row value
+    /// names them.
+    pub(crate) fn column_names(&self) -> String {
+        self.columns
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// What follows an INSERT of these rows, the same on both engines:
     /// ` ON CONFLICT DO NOTHING` where conflicting rows are skipped, ` ON
     /// CONFLICT (key) DO UPDATE SET ..` (the other columns) for an upsert,
@@ -316,12 +326,7 @@ fn push_table<'b>(
     gated: bool,
     returning: bool,
 ) -> QueryResult<()> {
-    let names = t
-        .columns
-        .iter()
-        .map(|(n, _)| *n)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let names = t.column_names();
     let table = t.table;
     let gate = if gated {
         " AND (SELECT proven FROM claim)"

@@ -24,6 +24,10 @@ use diesel::{QueryResult, RunQueryDsl, SqliteConnection};
 /// with it; kept under SQLite's 32,766 parameters for the widest table.
 const MAX_ROWS: usize = 256;
 
+/// The most parameters SQLite binds in one statement
+/// (`SQLITE_MAX_VARIABLE_NUMBER`'s default since 3.32).
+const MAX_PARAMETERS: usize = 32_766;
+
 /// Inserts (or deletes, upserts) every table's rows, table after table, the
 /// columns of positions filled from `positions` (row `i` the `i`-th, the
 /// highest for [`Column::HighestPosition`]).
@@ -35,7 +39,7 @@ pub(crate) fn write_tables(
     let highest = positions.iter().copied().max().unwrap_or(0);
     for table in tables {
         let width = table.columns.len().max(1);
-        let most = MAX_ROWS.min(32_766 / width).max(1);
+        let most = MAX_ROWS.min(MAX_PARAMETERS / width).max(1);
         let mut start = 0;
         let len = table.len();
         while start < len {
@@ -73,12 +77,7 @@ impl QueryId for RowsStatement<'_, '_> {
 impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
         let t = self.table;
-        let names = t
-            .columns
-            .iter()
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let names = t.column_names();
         if t.write == RowsWrite::Delete {
             out.push_sql(&format!(
                 "DELETE FROM {} WHERE ({names}) IN (VALUES ",
@@ -109,7 +108,7 @@ impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
     }
 }
 
-impl<'q> RowsStatement<'q, '_> {
+impl RowsStatement<'_, '_> {
     fn push_value<'b>(
         &'b self,
         column: &'b Column<'_>,
