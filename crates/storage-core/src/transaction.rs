@@ -209,11 +209,8 @@ impl<'a> Transaction<'a> {
 
     /// Inserts several tables' rows ([`Engine::insert_columns`]: one
     /// statement on PostgreSQL).
-    pub fn insert_columns<'r>(
-        &mut self,
-        tables: impl Fn() -> Vec<crate::TableRows<'r>>,
-    ) -> Result<()> {
-        self.insert_columns_proving(&tables, None, None)?;
+    pub fn insert_columns(&mut self, tables: &[crate::TableRows<'_>]) -> Result<()> {
+        self.insert_columns_proving(tables, None, None)?;
         Ok(())
     }
 
@@ -223,24 +220,24 @@ impl<'a> Transaction<'a> {
     /// positions, and doing what [`Self::notify`] does with the highest
     /// position followed by `payload`, in the same statement on PostgreSQL.
     /// Answers the positions.
-    pub fn insert_columns_taking_positions<'r>(
+    pub fn insert_columns_taking_positions(
         &mut self,
         sequence: &Sequence,
         n: usize,
-        tables: impl Fn() -> Vec<crate::TableRows<'r>>,
+        tables: &[crate::TableRows<'_>],
         channel: &str,
         payload: &str,
     ) -> Result<Vec<i64>> {
-        self.insert_columns_proving(&tables, Some((sequence, n)), Some((channel, payload)))
+        self.insert_columns_proving(tables, Some((sequence, n)), Some((channel, payload)))
     }
 
     /// Where the claim is still to be proven, the statement proves it too.
     /// The batch's statement of a transaction whose BEGIN was deferred
     /// ([`TxnOptions::batch`]) and that sent nothing yet is the whole
     /// transaction: sent alone, it commits on its own.
-    fn insert_columns_proving<'r>(
+    fn insert_columns_proving(
         &mut self,
-        tables: &dyn Fn() -> Vec<crate::TableRows<'r>>,
+        tables: &[crate::TableRows<'_>],
         positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
     ) -> Result<Vec<i64>> {

@@ -87,7 +87,7 @@ fn batch_write(db: &Database, key: &str) -> storage_core::Result<()> {
                 ],
             )]
         };
-        txn.insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?;
+        txn.insert_columns_taking_positions(&STREAM, 1, &tables(), "hs_test", "")?;
         Ok(())
     })
 }
@@ -175,7 +175,7 @@ fn a_batch_statement_writes_its_rows_without_positions_before_taking_the_lock(t:
                     ),
                 ]
             };
-            txn.insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?;
+            txn.insert_columns_taking_positions(&STREAM, 1, &tables(), "hs_test", "")?;
             Ok(())
         })
     };

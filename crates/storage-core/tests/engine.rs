@@ -146,7 +146,7 @@ fn stream_positions_are_taken_under_a_lock_held_to_the_end(t: &TestDb) {
     let taken = db
         .run_interaction("insert_taking_positions", |txn| {
             let taken =
-                txn.insert_columns_taking_positions(&STREAM, 3, tables, "hs_test", " rest")?;
+                txn.insert_columns_taking_positions(&STREAM, 3, &tables(), "hs_test", " rest")?;
             if postgres {
                 assert!(stream_lock_is_held(t));
             }
@@ -412,12 +412,12 @@ fn rows_given_by_column_are_inserted_conflicts_skipped_where_asked(t: &TestDb) {
         .unwrap()
     };
     let failed = db.run_interaction("insert_columns_then_fail", |txn| {
-        txn.insert_columns(tables)?;
+        txn.insert_columns(&tables())?;
         Err::<(), _>(storage_core::Error::other("rolled back"))
     });
     assert!(failed.is_err());
     assert!(edges().is_empty());
-    db.run_interaction("insert_columns", |txn| txn.insert_columns(tables))
+    db.run_interaction("insert_columns", |txn| txn.insert_columns(&tables()))
         .unwrap();
     let edge = |e: &str, p: &str, r: Option<&str>| Edge {
         event_id: e.into(),
@@ -429,7 +429,7 @@ fn rows_given_by_column_are_inserted_conflicts_skipped_where_asked(t: &TestDb) {
         vec![edge("$b", "$a", Some("!r")), edge("$c", "$b", None)]
     );
     // The table that asked for no skipping fails the statement on a conflict.
-    let again = db.run_interaction("insert_columns_again", |txn| txn.insert_columns(tables));
+    let again = db.run_interaction("insert_columns_again", |txn| txn.insert_columns(&tables()));
     assert!(again.is_err(), "{again:?}");
 }
 
@@ -494,53 +494,51 @@ fn upserted_and_deleted_rows_change_only_their_rows(t: &TestDb) {
     let write = |deleted: Vec<&'static str>,
                  upserted: Vec<(&'static str, &'static str, &'static str)>| {
         db.run_interaction("change_current_state", move |txn| {
-            txn.insert_columns(|| {
-                vec![
-                    TableRows {
-                        table: "current_state_events",
-                        columns: vec![
-                            (
-                                "room_id",
-                                Column::Text(deleted.iter().map(|_| "!r").collect()),
-                            ),
-                            (
-                                "type",
-                                Column::Text(deleted.iter().map(|_| "m.room.member").collect()),
-                            ),
-                            ("state_key", Column::Text(deleted.clone())),
-                        ],
-                        write: RowsWrite::Delete,
+            txn.insert_columns(&[
+                TableRows {
+                    table: "current_state_events",
+                    columns: vec![
+                        (
+                            "room_id",
+                            Column::Text(deleted.iter().map(|_| "!r").collect()),
+                        ),
+                        (
+                            "type",
+                            Column::Text(deleted.iter().map(|_| "m.room.member").collect()),
+                        ),
+                        ("state_key", Column::Text(deleted.clone())),
+                    ],
+                    write: RowsWrite::Delete,
+                },
+                TableRows {
+                    table: "current_state_events",
+                    columns: vec![
+                        (
+                            "event_id",
+                            Column::Text(upserted.iter().map(|u| u.1).collect()),
+                        ),
+                        (
+                            "room_id",
+                            Column::Text(upserted.iter().map(|_| "!r").collect()),
+                        ),
+                        (
+                            "type",
+                            Column::Text(upserted.iter().map(|_| "m.room.member").collect()),
+                        ),
+                        (
+                            "state_key",
+                            Column::Text(upserted.iter().map(|u| u.0).collect()),
+                        ),
+                        (
+                            "membership",
+                            Column::OptText(upserted.iter().map(|u| Some(u.2)).collect()),
+                        ),
+                    ],
+                    write: RowsWrite::Upsert {
+                        key: &["room_id", "type", "state_key"],
                     },
-                    TableRows {
-                        table: "current_state_events",
-                        columns: vec![
-                            (
-                                "event_id",
-                                Column::Text(upserted.iter().map(|u| u.1).collect()),
-                            ),
-                            (
-                                "room_id",
-                                Column::Text(upserted.iter().map(|_| "!r").collect()),
-                            ),
-                            (
-                                "type",
-                                Column::Text(upserted.iter().map(|_| "m.room.member").collect()),
-                            ),
-                            (
-                                "state_key",
-                                Column::Text(upserted.iter().map(|u| u.0).collect()),
-                            ),
-                            (
-                                "membership",
-                                Column::OptText(upserted.iter().map(|u| Some(u.2)).collect()),
-                            ),
-                        ],
-                        write: RowsWrite::Upsert {
-                            key: &["room_id", "type", "state_key"],
-                        },
-                    },
-                ]
-            })
+                },
+            ])
         })
         .unwrap()
     };

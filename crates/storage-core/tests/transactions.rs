@@ -349,7 +349,7 @@ fn a_batch_transaction_with_a_statement_before_its_batch_is_one_transaction(t: &
                     ],
                 )]
             };
-            txn.insert_columns_taking_positions(&STREAM, 1, tables, "hs_test", "")?;
+            txn.insert_columns_taking_positions(&STREAM, 1, &tables(), "hs_test", "")?;
             if fail {
                 return Err(Error::other("failing after the batch's statement"));
             }

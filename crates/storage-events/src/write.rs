@@ -159,24 +159,21 @@ impl EventsStore {
                 Invalidations::None
             },
         );
-        // The room's extremities become the new ones, with the events, where
-        // the engine writes them in one statement: the old ones no longer
-        // among them deleted, the new ones not among the old inserted.
+        // The room's extremities become the new ones, with the events (in
+        // one statement on PostgreSQL): the old ones no longer among them
+        // deleted, the new ones not among the old inserted.
         let (gone, added) = extremity_change(batch);
-        let with_events = || {
-            let mut tables = group_rows.columns();
-            tables.push(StateStore::event_state_group_rows(&mappings));
-            tables.extend(extremity_rows(&batch.room_id, &gone, &added));
-            if invalidated {
-                tables.push(invalidation_rows(&batch.room_id));
-                tables.extend(StateStore::current_state_rows(
-                    &batch.room_id,
-                    &batch.current_state.removed,
-                    &batch.current_state.added,
-                ));
-            }
-            tables
-        };
+        let mut with_events = group_rows.columns();
+        with_events.push(StateStore::event_state_group_rows(&mappings));
+        with_events.extend(extremity_rows(&batch.room_id, &gone, &added));
+        if invalidated {
+            with_events.push(invalidation_rows(&batch.room_id));
+            with_events.extend(StateStore::current_state_rows(
+                &batch.room_id,
+                &batch.current_state.removed,
+                &batch.current_state.added,
+            ));
+        }
         let positions = insert_events(
             txn,
             &new,
@@ -337,7 +334,7 @@ fn insert_events<'a>(
     txn: &mut Transaction<'_>,
     new: &[&'a EventToPersist],
     instance_name: &'a str,
-    with_events: impl Fn() -> Vec<TableRows<'a>>,
+    with_events: Vec<TableRows<'a>>,
     after_position: &str,
 ) -> Result<Vec<i64>> {
     let received = now_ms();
@@ -399,15 +396,12 @@ fn insert_events<'a>(
             rejection_reason: e.rejected.as_deref(),
         })
         .collect();
-    let tables = || {
-        let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
-        tables.extend(with_events());
-        tables
-    };
+    let mut tables = columns_of(&event_rows, &json_rows, &edges, &auth, &rejected, &now);
+    tables.extend(with_events);
     txn.insert_columns_taking_positions(
         &EVENTS_STREAM_SEQUENCE,
         new.len(),
-        tables,
+        &tables,
         REPLICATION_CHANNEL,
         after_position,
     )

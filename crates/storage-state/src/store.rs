@@ -459,7 +459,7 @@ impl StateStore {
         txn: &mut Transaction<'_>,
         mappings: &[(&str, StateGroup)],
     ) -> Result<()> {
-        txn.insert_columns(|| vec![Self::event_state_group_rows(mappings)])?;
+        txn.insert_columns(&[Self::event_state_group_rows(mappings)])?;
         self.cache_event_state_groups_after_commit(txn, mappings);
         Ok(())
     }

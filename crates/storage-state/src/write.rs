@@ -139,7 +139,7 @@ impl<'a> GroupRows<'a> {
         if self.groups.is_empty() && self.edges.is_empty() && self.state.is_empty() {
             return Ok(());
         }
-        txn.insert_columns(|| self.columns())?;
+        txn.insert_columns(&self.columns())?;
         self.groups.clear();
         self.edges.clear();
         self.state.clear();
@@ -454,5 +454,5 @@ pub(crate) fn insert_rows(txn: &mut Transaction<'_>, rows: &[StateRow<'_>]) -> R
     if rows.is_empty() {
         return Ok(());
     }
-    txn.insert_columns(|| vec![state_rows(rows)])
+    txn.insert_columns(&[state_rows(rows)])
 }

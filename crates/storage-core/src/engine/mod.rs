@@ -347,7 +347,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// data-modifying CTE per table over `unnest` of bound arrays, see
     /// [`columns`]); on SQLite, where a statement costs no round trip, table
     /// after table in multi-row statements kept prepared
-    /// ([`sqlite_columns`]). `tables` builds the rows. With `positions` (a
+    /// ([`sqlite_columns`]). With `positions` (a
     /// sequence, how many), it first takes that many stream positions as
     /// [`Self::stream_positions`] does, fills the tables' columns of
     /// positions ([`Column::Position`], [`Column::HighestPosition`]) with
@@ -362,7 +362,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
-        tables: &dyn Fn() -> Vec<TableRows<'a>>,
+        tables: &[TableRows<'a>],
         positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,

@@ -385,7 +385,7 @@ impl Engine for PostgresEngine {
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
-        tables: &dyn Fn() -> Vec<TableRows<'a>>,
+        tables: &[TableRows<'a>],
         positions: Option<(&Sequence, usize)>,
         notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
@@ -395,7 +395,6 @@ impl Engine for PostgresEngine {
             // Lost already: not even sent.
             claim.map_or(Ok(()), ClaimState::check)?;
         }
-        let tables = tables();
         let take = positions.map(|(sequence, n)| super::columns::TakePositions {
             sequence: sequence.name,
             count: n as i64,
@@ -403,7 +402,7 @@ impl Engine for PostgresEngine {
         });
         let inserted = super::columns::insert_with_unnest(
             conn.postgres()?,
-            &tables,
+            tables,
             take,
             notify,
             claim.is_some(),

@@ -329,7 +329,7 @@ impl Engine for SqliteEngine {
     fn insert_columns<'a>(
         &self,
         conn: &mut Conn,
-        tables: &dyn Fn() -> Vec<TableRows<'a>>,
+        tables: &[TableRows<'a>],
         positions: Option<(&Sequence, usize)>,
         _notify: Option<(&str, &str)>,
         claim: Option<&ClaimState>,
@@ -344,13 +344,10 @@ impl Engine for SqliteEngine {
             Some((sequence, n)) => self.stream_positions(conn, sequence, n)?,
             None => Vec::new(),
         };
-        let tables = tables();
-        super::sqlite_columns::write_tables(conn.sqlite()?, &tables, &taken).with_context(
-            || {
-                let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
-                format!("inserting rows into {}", names.join(", "))
-            },
-        )?;
+        super::sqlite_columns::write_tables(conn.sqlite()?, tables, &taken).with_context(|| {
+            let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
+            format!("inserting rows into {}", names.join(", "))
+        })?;
         Ok(taken)
     }
 
