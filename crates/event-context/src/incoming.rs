@@ -53,28 +53,27 @@ impl PduReader {
     /// [`Pdu::check_limits`]. An event of a room with no create event yet is a
     /// not-found error naming the room.
     pub fn read(&mut self, text: &str) -> Result<Pdu> {
-        let head: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        // Read once: what decides the version here, the event from the same
+        // tree next.
+        let tree: serde_json::Value = serde_json::from_str(text).map_err(|e| {
             Error::invalid_argument(format!("malformed event: not valid JSON: {e}"))
         })?;
-        let is_create = head.get("type").and_then(|t| t.as_str()) == Some("m.room.create")
-            && head.get("state_key").and_then(|k| k.as_str()) == Some("");
+        let field = |name: &str| tree.get(name).and_then(|v| v.as_str());
+        let is_create = field("type") == Some("m.room.create") && field("state_key") == Some("");
         let version = if is_create {
             // A create event carries its own version.
             None
         } else {
-            let room_id = head
-                .get("room_id")
-                .and_then(|r| r.as_str())
-                .ok_or_else(|| {
-                    Error::invalid_argument("malformed event: missing field `room_id`")
-                })?;
+            let room_id = field("room_id").ok_or_else(|| {
+                Error::invalid_argument("malformed event: missing field `room_id`")
+            })?;
             Some(self.room_version(room_id)?.ok_or_else(|| {
                 Error::not_found(format!(
                     "event for unknown room {room_id}: its m.room.create event must come first"
                 ))
             })?)
         };
-        let pdu = Pdu::from_json(text, version.as_ref())
+        let pdu = Pdu::from_json_value(tree, version.as_ref())
             .map_err(|e| Error::invalid_argument(format!("malformed event: {e}")))?;
         pdu.check_limits()
             .map_err(|e| Error::invalid_argument(format!("event {} refused: {e}", pdu.event_id)))?;

@@ -24,6 +24,14 @@ pub(crate) fn parse_pdu(json: &str, room_version: Option<&RoomVersionId>) -> Res
     parse(json, room_version, None)
 }
 
+/// [`parse_pdu`] of an event its caller has already read as the tree `value`.
+pub(crate) fn parse_pdu_tree(
+    value: JsonValue,
+    room_version: Option<&RoomVersionId>,
+) -> Result<Pdu, PduError> {
+    parse_tree(value, room_version, None)
+}
+
 /// [`parse_pdu`] for an event read back from storage under `event_id`: the id
 /// is taken as stored and the JSON kept as it is, neither hashed nor
 /// canonicalised again.
@@ -139,6 +147,16 @@ fn parse(
     stored_id: Option<&str>,
 ) -> Result<Pdu, PduError> {
     let value: JsonValue = serde_json::from_str(json).map_err(|e| PduError::from_json_error(&e))?;
+    parse_tree(value, room_version, stored_id.map(|id| (id, json)))
+}
+
+/// [`parse`] of the tree `value`; `stored` is the id and text of an event
+/// read back from storage.
+fn parse_tree(
+    value: JsonValue,
+    room_version: Option<&RoomVersionId>,
+    stored: Option<(&str, &str)>,
+) -> Result<Pdu, PduError> {
     let JsonValue::Object(mut object) = value else {
         return Err(PduError::NotAnObject(json_kind(&value)));
     };
@@ -170,7 +188,7 @@ fn parse(
         None => None,
     };
 
-    let (event_id, json) = if let Some(id) = stored_id {
+    let (event_id, json) = if let Some((id, json)) = stored {
         let id = OwnedEventId::try_from(id).map_err(|e| PduError::invalid("event_id", e))?;
         (id, json.to_owned())
     } else if event_id_in_json(&rules) {

@@ -81,6 +81,15 @@ impl Pdu {
         parse::parse_pdu(json, room_version)
     }
 
+    /// [`Pdu::from_json`] of an event whose text its caller has already read
+    /// as a tree of values (`serde_json::from_str`), which is not read again.
+    pub fn from_json_value(
+        value: serde_json::Value,
+        room_version: Option<&RoomVersionId>,
+    ) -> Result<Pdu, PduError> {
+        parse::parse_pdu_tree(value, room_version)
+    }
+
     /// Reads an event back from storage, where it is stored under `event_id`
     /// as JSON that was checked when it arrived: the id is taken as stored and
     /// the JSON kept as it is, so neither the reference hash nor the canonical
