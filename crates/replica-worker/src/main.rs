@@ -73,6 +73,9 @@ struct ForwardingWriter {
     /// Keeps connections to the main process alive between requests (ureq's
     /// pool): a forwarded write then costs no TCP handshake.
     agent: ureq::Agent,
+    /// Told of each forwarded write's commit, so that its notification is
+    /// looked for at once.
+    replication: SlavedStore,
 }
 
 impl EventWriter for ForwardingWriter {
@@ -81,6 +84,7 @@ impl EventWriter for ForwardingWriter {
         let outcome = self.forward(room_id, &events);
         match &outcome {
             Ok(outcome) => {
+                self.replication.expect_position(outcome.stream_ordering);
                 let skipped = outcome.skipped.iter().map(String::as_str).collect();
                 self.builder.remember_written_elsewhere(&events, &skipped);
             }
@@ -226,6 +230,7 @@ fn run(settings: &Settings) -> Result<(), Error> {
             agent: ureq::AgentBuilder::new()
                 .max_idle_connections_per_host(16)
                 .build(),
+            replication: slaved.clone(),
         }),
         token,
         health,

@@ -8,9 +8,12 @@
 //! worker applies the invalidations up to that position and only then reports
 //! it. It catches up from its last position at start and after a reconnect, is
 //! woken by LISTEN/NOTIFY, and also polls, so a lost notification only delays it.
+//! A write this process forwarded wakes it at once when the main process
+//! answers ([`SlavedStore::expect_position`]): the notification of that commit
+//! is on its way, and the thread need not look for it every millisecond.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
 use storage_events::{
@@ -22,8 +25,10 @@ use storage_state::StateStore;
 /// How often a worker catches up without being woken.
 const POLL: Duration = Duration::from_millis(500);
 
-/// How often a worker looks for notifications: while the last one is younger
-/// than [`BUSY`], and otherwise. An idle worker costs ~0.5% of a core.
+/// How often a worker looks for notifications: while the last one of another
+/// process's commit is younger than [`BUSY`], or one this process's own
+/// forwarded write announced has not arrived yet; and otherwise (a forwarded
+/// write wakes it early). An idle worker costs ~0.5% of a core.
 const BUSY_NAP: Duration = Duration::from_millis(1);
 const IDLE_NAP: Duration = Duration::from_millis(5);
 const BUSY: Duration = Duration::from_secs(1);
@@ -51,6 +56,33 @@ pub struct SlavedStore {
     position: Arc<AtomicI64>,
     /// When the last catch-up succeeded (ms since the epoch).
     caught_up_at: Arc<AtomicI64>,
+    expected: Arc<Expected>,
+}
+
+/// The highest stream position that writes this process forwarded were
+/// committed at, and the wake-up of the replication thread when it rises.
+#[derive(Debug, Default)]
+struct Expected {
+    up_to: Mutex<i64>,
+    risen: Condvar,
+}
+
+impl Expected {
+    fn get(&self) -> i64 {
+        *self.up_to.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits `nap`, or less once the position rises above `seen`.
+    fn wait(&self, seen: i64, nap: Duration) {
+        let up_to = self.up_to.lock().unwrap_or_else(|p| p.into_inner());
+        if *up_to <= seen {
+            drop(
+                self.risen
+                    .wait_timeout_while(up_to, nap, |u| *u <= seen)
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+        }
+    }
 }
 
 impl SlavedStore {
@@ -70,7 +102,23 @@ impl SlavedStore {
             events,
             position,
             caught_up_at: Arc::new(AtomicI64::new(now_ms())),
+            expected: Arc::default(),
         })
+    }
+
+    /// Says that a write this process forwarded was committed at stream
+    /// position `position`: the following thread ([`Self::follow`]) looks for
+    /// its notification now, instead of after its nap.
+    pub fn expect_position(&self, position: i64) {
+        let mut up_to = self
+            .expected
+            .up_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if position > *up_to {
+            *up_to = position;
+            self.expected.risen.notify_all();
+        }
     }
 
     pub fn state(&self) -> &StateStore {
@@ -197,6 +245,7 @@ impl SlavedStore {
         let mut last = Instant::now();
         let mut last_woken = Instant::now() - BUSY;
         while !stop.load(Ordering::SeqCst) {
+            let expected = self.expected.get();
             let payloads = listener.drain()?;
             let woken = !payloads.is_empty();
             let announced: Option<(i64, i64)> = payloads
@@ -205,7 +254,11 @@ impl SlavedStore {
                 .map(|n| (n.position, n.committed_ms))
                 .max();
             if woken {
-                last_woken = Instant::now();
+                // Only another process's commits keep it looking often: this
+                // process's own forwarded writes wake it themselves.
+                if announced.is_none_or(|(pos, _)| pos > expected) {
+                    last_woken = Instant::now();
+                }
                 let applied = self.apply_notifications(&payloads)?;
                 if let Some((pos, ts)) = announced.filter(|(pos, _)| *pos <= applied) {
                     let lag = (now_ms() - ts).max(0) as f64 / 1000.0;
@@ -223,13 +276,17 @@ impl SlavedStore {
                 last = Instant::now();
             } else {
                 // Listener::drain never blocks (diesel does not expose the
-                // socket to wait on): look often while commits are arriving, less
-                // often when idle.
-                std::thread::sleep(if last_woken.elapsed() < BUSY {
+                // socket to wait on): look often while another process's
+                // commits are arriving or a forwarded write's notification
+                // is due, less often otherwise; a forwarded write's answer
+                // wakes it early.
+                let due = expected > self.position();
+                let nap = if due || last_woken.elapsed() < BUSY {
                     BUSY_NAP
                 } else {
                     IDLE_NAP
-                });
+                };
+                self.expected.wait(expected, nap);
             }
         }
         Ok(())
