@@ -7,6 +7,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 /// The largest request body taken (a batch of events): 8 MiB.
@@ -29,7 +30,7 @@ pub(super) async fn refuse_announced_oversize(request: Request, next: Next) -> R
 
 /// A path no route serves: under /_hs/v1/ the token rule still comes first, so
 /// that a caller without the token learns nothing about which paths exist.
-pub(super) async fn unknown_path(State(state): State<ApiState>, request: Request) -> Response {
+pub(super) async fn unknown_path(State(state): State<Arc<ApiState>>, request: Request) -> Response {
     let path = request.uri().path().to_owned();
     if path.starts_with("/_hs/v1/") && !token_matches(&state, &request) {
         return unauthorized();
@@ -43,7 +44,7 @@ pub(super) async fn unknown_path(State(state): State<ApiState>, request: Request
 }
 
 pub(super) async fn require_token(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     request: Request,
     next: Next,
 ) -> Response {

@@ -10,13 +10,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use storage_core::metrics;
 
 /// `{"ok": true, "database": "ok", ...}` while every check passes; otherwise
 /// 503 with `"ok": false`, each check's verdict, and the error format's
 /// `errcode` and `error` naming what is wrong. No token needed: it says
 /// nothing about the data, and a check's detail stays in the log.
-pub(super) async fn health(State(state): State<ApiState>) -> Response {
+pub(super) async fn health(State(state): State<Arc<ApiState>>) -> Response {
     let checks = state.health.clone();
     let verdicts = blocking("GET", move || {
         Ok(checks
@@ -77,7 +78,7 @@ pub(super) struct AtQuery {
 }
 
 pub(super) async fn room_state(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(room_id): Path<String>,
     Query(q): Query<AtQuery>,
 ) -> Result<Response, ApiError> {
@@ -97,12 +98,12 @@ pub(super) async fn room_state(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-pub(super) async fn stream_position(State(state): State<ApiState>) -> Json<Value> {
+pub(super) async fn stream_position(State(state): State<Arc<ApiState>>) -> Json<Value> {
     Json(json!({"events": (state.position)()}))
 }
 
 pub(super) async fn post_events(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(room_id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<WriteOutcome>, ApiError> {
@@ -162,7 +163,7 @@ pub(super) struct ContextedBody {
 }
 
 pub(super) async fn post_contexted(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(room_id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<WriteOutcome>, ApiError> {

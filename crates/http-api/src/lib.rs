@@ -139,6 +139,9 @@ async fn blocking<T: Send + 'static>(
 /// The router: health and metrics open, everything else under the token rule;
 /// in read-only mode the write endpoints answer 405.
 pub fn router(state: ApiState) -> Router {
+    // Shared, not copied: axum clones the state for every request (and its
+    // token, health checks and stores with it).
+    let state = Arc::new(state);
     let (events, contexted) = if state.read_only {
         (post(refuse_write), post(refuse_write))
     } else {
