@@ -76,11 +76,14 @@ impl PendingEvents {
         self.events.contains_key(event_id)
     }
 
-    /// Forgets events now readable from storage.
-    pub fn forget<'a>(&mut self, event_ids: impl IntoIterator<Item = &'a str>) {
-        for id in event_ids {
-            self.events.remove(id);
-        }
+    /// Forgets events now readable from storage, handing back those it held
+    /// (marked rejected as they read back).
+    pub fn forget<'a>(&mut self, event_ids: impl IntoIterator<Item = &'a str>) -> Vec<Arc<Pdu>> {
+        event_ids
+            .into_iter()
+            .filter_map(|id| self.events.remove(id))
+            .map(|(pdu, _)| pdu)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -206,20 +209,40 @@ impl ContextBuilder {
             .flat_map(|(_, c)| c.new_state_groups.iter().cloned())
             .collect();
         self.state.prepared_groups_written_elsewhere(&groups);
+        let mappings: Vec<(&str, StateGroup)> = events
+            .iter()
+            .filter(|(p, _)| !skipped.contains(p.event_id.as_str()))
+            .filter_map(
+                |(pdu, context)| match (context.outlier, context.state_group_after) {
+                    (false, Some(group)) => Some((pdu.event_id.as_str(), group)),
+                    _ => None,
+                },
+            )
+            .collect();
+        self.remember_committed(events, skipped);
+        self.state.remember_event_state_groups(&mappings);
+    }
+
+    /// Events committed as they were (not those of `skipped`, found already
+    /// stored: what is stored for them may differ), cached as they read back:
+    /// the room's next events name them as prev or auth events, and would
+    /// otherwise read and parse each of them again.
+    pub fn remember_committed(&self, events: &[(Pdu, EventContext)], skipped: &HashSet<&str>) {
         let written = events
             .iter()
             .filter(|(p, _)| !skipped.contains(p.event_id.as_str()));
-        let mut mappings: Vec<(&str, StateGroup)> = Vec::new();
         for (pdu, context) in written {
-            if let (false, Some(group)) = (context.outlier, context.state_group_after) {
-                mappings.push((pdu.event_id.as_str(), group));
-            }
             let mut pdu = pdu.clone();
             // As a stored event reads back (see `parse_stored`).
             pdu.rejected = context.rejected.is_some();
-            self.pdus.insert(pdu.event_id.to_string(), Arc::new(pdu));
+            self.remember_committed_pdu(Arc::new(pdu));
         }
-        self.state.remember_event_state_groups(&mappings);
+    }
+
+    /// [`Self::remember_committed`] for one event already marked rejected as
+    /// it reads back (as [`PendingEvents`] hands them back).
+    pub fn remember_committed_pdu(&self, pdu: Arc<Pdu>) {
+        self.pdus.insert(pdu.event_id.to_string(), pdu);
     }
 
     pub fn state(&self) -> &StateStore {

@@ -346,7 +346,7 @@ impl Importer {
         let Some(batch) = self.in_flight.pop_front() else {
             return;
         };
-        match batch.handle.wait() {
+        let committed = match batch.handle.wait() {
             Ok(written) => {
                 let skipped: HashSet<&String> = written.skipped.iter().collect();
                 self.counts.committed += written.positions.len() as u64;
@@ -370,6 +370,7 @@ impl Importer {
                         self.counts.rejected_shown.push((id, reason));
                     }
                 }
+                Some(written)
             }
             Err(e) => {
                 // The shared error keeps its backtrace; the report carries its text.
@@ -388,9 +389,23 @@ impl Importer {
                         error: e.to_string(),
                     });
                 }
+                None
+            }
+        };
+        let forgotten = self.pending.forget(batch.ids.iter().map(String::as_str));
+        if let Some(written) = committed {
+            // The room's next events name its state events as auth events and
+            // its last event as a prev event. Messages are left out: the cache
+            // would hold the whole import.
+            let skipped: HashSet<&str> = written.skipped.iter().map(String::as_str).collect();
+            let last = batch.ids.last().map(String::as_str);
+            for pdu in forgotten {
+                let id = pdu.event_id.as_str();
+                if !skipped.contains(id) && (pdu.is_state() || Some(id) == last) {
+                    self.pipeline.builder.remember_committed_pdu(pdu);
+                }
             }
         }
-        self.pending.forget(batch.ids.iter().map(String::as_str));
     }
 
     /// Sends what is buffered and waits for every batch.

@@ -3,18 +3,22 @@
 //! context of an event merging the forks (fresh caches) must resolve to both
 //! forks' leaves over everyone else's joins, asking storage for events a
 //! handful of times (one per level of the auth DAG, plus the prev events),
-//! where fetching them one at a time asks over 40 times. On SQLite and
-//! PostgreSQL.
+//! where fetching them one at a time asks over 40 times. And events this
+//! process wrote are not asked for again when later events name them. On
+//! SQLite and PostgreSQL.
 
 use event_context::ruma::RoomVersionId;
 use event_context::{ContextBuilder, Pdu, PendingEvents};
-use main_process::bench_room::{forked_room, write_room_file};
+use main_process::bench_room::{forked_room, linear_room, write_room_file};
 use storage_core::testing::TestDb;
 use storage_core::StoreConfig;
 use storage_events::EventsStore;
 use storage_state::{StateFilter, StateGroupAccess};
 
-storage_core::engine_tests!(resolution_reads_events_in_a_few_queries);
+storage_core::engine_tests!(
+    resolution_reads_events_in_a_few_queries,
+    events_written_are_not_read_back,
+);
 
 const ROOM: &str = "!forked:server0.example.org";
 const MEMBERS: usize = 40;
@@ -69,6 +73,45 @@ fn resolution_reads_events_in_a_few_queries(t: &TestDb) {
         t.engine(),
         state.len()
     );
+}
+
+/// Events written one request each, as `POST .../events` writes them: once
+/// the room's members have joined, every later event names only events this
+/// process wrote (its prev event, the sender's join, the create and power
+/// levels events), so none is read from storage again (not even from the
+/// events cache, which would mean parsing its JSON again).
+fn events_written_are_not_read_back(t: &TestDb) {
+    let room = "!written:bench.test";
+    let members = 8;
+    // Every fifth event from the fifth on is a join, up to `members`; the
+    // others are messages by members already joined.
+    let lines = linear_room(room, 80, members);
+    let counted_from = 5 * members + 10;
+    let pipeline = persistence::Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
+    let mut reads_before = 0;
+    for (n, line) in lines.iter().enumerate() {
+        if n == counted_from {
+            reads_before = pipeline.builder.event_reads();
+        }
+        let events =
+            event_context::contexts_for(&pipeline.builder, room, std::slice::from_ref(line))
+                .unwrap_or_else(|e| panic!("{}: line {n}: {e}", t.engine()));
+        assert!(
+            events[0].1.rejected.is_none(),
+            "{}: line {n} rejected",
+            t.engine()
+        );
+        pipeline.persist(room, &events).unwrap();
+    }
+    let reads = pipeline.builder.event_reads() - reads_before;
+    assert_eq!(
+        reads,
+        0,
+        "{}: {} events written one request each read events from storage {reads} times",
+        t.engine(),
+        lines.len() - counted_from
+    );
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 /// A fresh folder for the room file.

@@ -112,6 +112,9 @@ impl Pipeline {
             .iter()
             .map(|(p, c)| ContextBuilder::to_persist(p, c))
             .collect();
-        Ok(self.queue.write(room_id, rows)?)
+        let written = self.queue.write(room_id, rows)?;
+        let skipped = written.skipped.iter().map(String::as_str).collect();
+        self.builder.remember_committed(events, &skipped);
+        Ok(written)
     }
 }
