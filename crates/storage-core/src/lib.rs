@@ -19,6 +19,7 @@ pub mod log_context;
 pub mod logging;
 pub mod metrics;
 mod migrations;
+mod raw_rows;
 mod shared_text;
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
@@ -36,6 +37,7 @@ pub use engine::{
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use layout::{detect_layout, refuse_foreign_database, require_synapse_database, Layout};
 pub use log_context::LogContext;
+pub use raw_rows::{visit_rows, RawBackend, RawRow, RowVisitor};
 pub use shared_text::{intern, InternedText, SharedText};
 pub use transaction::Transaction;
 

@@ -23,7 +23,7 @@ use diesel::{
 };
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
-use storage_core::{intern, with_conn, Conn, InternedText, Result, SharedText};
+use storage_core::{intern, with_conn, Conn, InternedText, Result, RowVisitor, SharedText};
 
 /// Keys of one type up to which each gets an arm of its own (SQLite allows 500
 /// arms in a compound SELECT), on an engine that may not seek each value of an
@@ -228,6 +228,21 @@ impl Statement {
         Ok(())
     }
 
+    /// Runs the statement and hands each row, of the SQL types `ST`, to
+    /// `visitor` undecoded: it reads the fields it wants by position
+    /// ([`storage_core::visit_rows`]).
+    fn visit_rows<ST: 'static>(self, conn: &mut Conn, visitor: &mut impl RowVisitor) -> Result<()>
+    where
+        diesel::sqlite::Sqlite: diesel::expression::QueryMetadata<ST>,
+        diesel::pg::Pg: diesel::expression::QueryMetadata<ST>,
+    {
+        let query = ByPosition::<ST> {
+            statement: self,
+            row: PhantomData,
+        };
+        storage_core::visit_rows(conn, query, visitor)
+    }
+
     /// Runs the statement, its rows read by column name (for the few small
     /// statements whose rows are not state rows).
     fn for_each<R>(self, conn: &mut Conn, mut f: impl FnMut(R)) -> Result<()>
@@ -313,36 +328,31 @@ impl<ST> Query for ByPosition<ST> {
 
 impl<ST, C> RunQueryDsl<C> for ByPosition<ST> {}
 
-/// One state row found on the chain below `root`.
+/// The columns of a state row found on the chain below a group: `(root,
+/// state_group, type, state_key, event_id)`, `root` the group whose chain
+/// it is, the type `NULL` for the member type where the statement says so
+/// ([`member_type_or_null`]). Read field by field by the store's reader
+/// (`read::NewestRows`, a [`RowVisitor`]).
+type ChainRowType = (BigInt, BigInt, Nullable<Text>, Text, Text);
+
+/// The member type, shared: what a `NULL` type column stands for.
+pub(crate) fn member_type() -> Arc<str> {
+    static MEMBER_TYPE: OnceLock<Arc<str>> = OnceLock::new();
+    MEMBER_TYPE.get_or_init(|| intern(MEMBER)).clone()
+}
+
+/// One state row of a group, decoded.
 #[derive(Queryable, Debug)]
-pub(crate) struct ChainRow {
-    pub(crate) root: i64,
+pub(crate) struct GroupRow {
     pub(crate) state_group: i64,
-    #[diesel(deserialize_as = Option<InternedText>)]
-    pub(crate) event_type: EventType,
+    pub(crate) event_type: InternedText,
     pub(crate) state_key: SharedText,
     pub(crate) event_id: SharedText,
 }
 
-type ChainRowType = (BigInt, BigInt, Nullable<Text>, Text, Text);
+type GroupRowType = (BigInt, Text, Text, Text);
 
-/// A row's event type, read from a column that may give the member type as
-/// `NULL` ([`member_type_or_null`]): most rows of a large room are members,
-/// and a `NULL` costs diesel no text to read, check and intern.
-#[derive(Debug)]
-pub(crate) struct EventType(pub(crate) Arc<str>);
-
-impl From<Option<InternedText>> for EventType {
-    fn from(t: Option<InternedText>) -> Self {
-        static MEMBER_TYPE: OnceLock<Arc<str>> = OnceLock::new();
-        EventType(t.map_or_else(
-            || MEMBER_TYPE.get_or_init(|| intern(MEMBER)).clone(),
-            |t| t.0,
-        ))
-    }
-}
-
-/// The event type of row `s` as a [`ChainRow`] column, `NULL` for the member
+/// The event type of row `s` as a chain row's column, `NULL` for the member
 /// type (bound as `member`, a placeholder). Measured (callgrind, a cold full
 /// read of the HQ room, 88,269 rows, 88,074 of them members): 619M
 /// instructions a read against 656M with the type read as text.
@@ -359,7 +369,7 @@ pub(crate) fn chain_rows(
     groups: &[StateGroup],
     filter: &StateFilter,
     key_arms: usize,
-    each: impl FnMut(ChainRow),
+    visitor: &mut impl RowVisitor,
 ) -> Result<()> {
     let mut st = Statement::default();
     let seeds = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
@@ -367,7 +377,7 @@ pub(crate) fn chain_rows(
     if !st.push_arms(filter, CHAIN_SELECT, key_arms) {
         return Ok(());
     }
-    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+    st.visit_rows::<ChainRowType>(conn, visitor)
 }
 
 /// [`chain_rows`], the full state read by [`chain_rows_by_range`] where the
@@ -378,12 +388,12 @@ pub(crate) fn chain_rows_for(
     filter: &StateFilter,
     key_arms: usize,
     row_ids: &RowIds,
-    each: impl FnMut(ChainRow),
+    visitor: &mut impl RowVisitor,
 ) -> Result<()> {
     if filter.is_full() && row_ids.0.is_some() {
-        chain_rows_by_range(conn, groups, row_ids, each)
+        chain_rows_by_range(conn, groups, row_ids, visitor)
     } else {
-        chain_rows(conn, groups, filter, key_arms, each)
+        chain_rows(conn, groups, filter, key_arms, visitor)
     }
 }
 
@@ -419,14 +429,15 @@ pub(crate) fn chain_rows_by_range(
     conn: &mut Conn,
     groups: &[StateGroup],
     row_ids: &RowIds,
-    each: impl FnMut(ChainRow),
+    visitor: &mut impl RowVisitor,
 ) -> Result<()> {
     let Some((x_id, s_id)) = &row_ids.0 else {
-        return chain_rows(conn, groups, &StateFilter::all(), KEY_ARMS, each);
+        return chain_rows(conn, groups, &StateFilter::all(), KEY_ARMS, visitor);
     };
     let mut st = Statement::default();
     let seeds = st.placeholders(groups.iter().map(|g| Bind::Int(*g)));
     let type_ = member_type_or_null(&st.placeholder(Bind::Text(MEMBER.to_owned())));
+    let columns = format!("{type_} AS type_, s.state_key AS state_key, s.event_id AS event_id");
     let probe = |order: &str, offset: u8| {
         format!(
             "(SELECT {x_id} FROM state_groups_state x WHERE x.state_group = c.state_group \
@@ -453,19 +464,16 @@ pub(crate) fn chain_rows_by_range(
              FROM judged j CROSS JOIN counted k \
              WHERE NOT j.ordered AND k.state_group = j.state_group \
          ) \
-         SELECT j.root AS root, s.state_group AS state_group, {type_} AS type_, \
-             s.state_key AS state_key, s.event_id AS event_id \
+         SELECT j.root AS root, s.state_group AS state_group, {columns} \
          FROM judged j CROSS JOIN state_groups_state s \
          WHERE j.ordered AND s.state_group = j.state_group \
          UNION ALL \
-         SELECT r.root AS root, s.state_group AS state_group, {type_} AS type_, \
-             s.state_key AS state_key, s.event_id AS event_id \
+         SELECT r.root AS root, s.state_group AS state_group, {columns} \
          FROM ranges r CROSS JOIN state_groups_state s \
          WHERE r.hi - r.lo < 2 * r.n AND {s_id} BETWEEN r.lo AND r.hi \
              AND +s.state_group = r.state_group \
          UNION ALL \
-         SELECT r.root AS root, s.state_group AS state_group, {type_} AS type_, \
-             s.state_key AS state_key, s.event_id AS event_id \
+         SELECT r.root AS root, s.state_group AS state_group, {columns} \
          FROM ranges r CROSS JOIN state_groups_state s \
          WHERE r.hi - r.lo >= 2 * r.n AND s.state_group = r.state_group",
         chain_cte(&seeds),
@@ -474,7 +482,7 @@ pub(crate) fn chain_rows_by_range(
         probe("DESC", 1),
         probe("DESC", 0),
     );
-    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+    st.visit_rows::<ChainRowType>(conn, visitor)
 }
 
 /// `chain(root, state_group)`: the groups `seeds` (placeholders) and every
@@ -491,7 +499,7 @@ fn chain_cte(seeds: &str) -> String {
     )
 }
 
-/// The rows of every group on the chain, as [`ChainRow`]s; each filter arm
+/// The rows of every group on the chain, as [`ChainRowType`]s; each filter arm
 /// extends its WHERE clause. CROSS JOIN makes SQLite walk the chain first and
 /// seek each group's rows through the index; left to itself, the bundled
 /// SQLite (3.53, without statistics) scanned all of state_groups_state against
@@ -516,7 +524,7 @@ pub(crate) fn newest_slot_rows(
     group: StateGroup,
     filter: &StateFilter,
     key_arms: usize,
-    each: impl FnMut(ChainRow),
+    visitor: &mut impl RowVisitor,
 ) -> Result<()> {
     let mut st = Statement::default();
     let g = st.placeholder(Bind::Int(group));
@@ -529,7 +537,7 @@ pub(crate) fn newest_slot_rows(
         })
         .collect();
     if slots.is_empty() {
-        return chain_rows(conn, &[group], filter, key_arms, each);
+        return chain_rows(conn, &[group], filter, key_arms, visitor);
     }
     let in_chain = &in_chain.0;
     // `newest` is materialized so that each slot's subquery runs once (left to
@@ -556,7 +564,7 @@ pub(crate) fn newest_slot_rows(
         st.sql.push_str(" UNION ALL ");
         st.push_arms(&rest, CHAIN_SELECT, key_arms);
     }
-    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+    st.visit_rows::<ChainRowType>(conn, visitor)
 }
 
 /// `(root, state_group)` for every group on the chains below `groups` (each
@@ -644,14 +652,13 @@ pub(crate) fn origin_chain(
     st.for_each_row::<OriginRowType, OriginRow>(conn, each)
 }
 
-/// The rows of `groups` themselves (no chain walked), each tagged with its own
-/// group as root. The groups are one bound JSON array, as the slots of
+/// The rows of `groups` themselves (no chain walked). The groups are one bound JSON array, as the slots of
 /// [`rows_of_slots`] are: one statement for any number, kept prepared.
 pub(crate) fn rows_of_groups(
     conn: &mut Conn,
     engine: &dyn storage_core::Engine,
     groups: &[StateGroup],
-    each: impl FnMut(ChainRow),
+    each: impl FnMut(GroupRow),
 ) -> Result<()> {
     if groups.is_empty() {
         return Ok(());
@@ -669,12 +676,12 @@ pub(crate) fn rows_of_groups(
         engine.json_texts(&list, "state_group")
     );
     st.sql = format!(
-        "SELECT s.state_group AS root, s.state_group AS state_group, s.type AS type_, \
+        "SELECT s.state_group AS state_group, s.type AS type_, \
              s.state_key AS state_key, s.event_id AS event_id \
          FROM state_groups_state s WHERE {}",
         engine.seeking_each_of("s.state_group", &groups)
     );
-    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+    st.for_each_row::<GroupRowType, GroupRow>(conn, each)
 }
 
 /// The own rows of `group` (no chain walked) on `slots`, each sought
@@ -685,7 +692,7 @@ pub(crate) fn rows_of_groups(
 /// row of the group and filter them (see [`Statement::filter_arms`]). One
 /// statement text for any number of slots, kept prepared: a `VALUES` list
 /// of two binds per slot was a new statement per call, parsed and planned
-/// each time. Each row tagged with `group` as root.
+/// each time.
 ///
 /// [`Engine::json_text_pairs`]: storage_core::Engine::json_text_pairs
 pub(crate) fn rows_of_slots(
@@ -693,7 +700,7 @@ pub(crate) fn rows_of_slots(
     engine: &dyn storage_core::Engine,
     group: StateGroup,
     slots: &[&crate::types::StateKey],
-    each: impl FnMut(ChainRow),
+    each: impl FnMut(GroupRow),
 ) -> Result<()> {
     if slots.is_empty() {
         return Ok(());
@@ -710,12 +717,12 @@ pub(crate) fn rows_of_slots(
     st.placeholder(Bind::Text(json));
     st.sql = format!(
         "WITH slots(type, state_key) AS ({slots}) \
-         SELECT {g} AS root, s.state_group AS state_group, s.type AS type_, \
+         SELECT s.state_group AS state_group, s.type AS type_, \
              s.state_key AS state_key, s.event_id AS event_id \
          FROM slots k CROSS JOIN state_groups_state s \
          WHERE s.state_group = {g} AND s.type = k.type AND s.state_key = k.state_key"
     );
-    st.for_each_row::<ChainRowType, ChainRow>(conn, each)
+    st.for_each_row::<GroupRowType, GroupRow>(conn, each)
 }
 
 /// A slot on which the own rows of two groups disagree: each group's event

@@ -11,7 +11,10 @@
 //! order (as the store writes them) are read through the index: one so
 //! written, a delta on it, a group of one row, and one whose ends alone are in
 //! index order (the probe that tells the orders apart looks only at the ends:
-//! misjudged, it must still read right). Each group's full state, read cold,
+//! misjudged, it must still read right). A delta whose rows are read by range
+//! on a prev group read through the index comes to the reader after its prev
+//! group's rows (the reader keeps each slot's row of the highest group in
+//! whatever order rows arrive). Each group's full state, read cold,
 //! must be exactly what its rows say, one group at a time and all at once.
 //! Each test runs on SQLite and PostgreSQL.
 
@@ -78,15 +81,17 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
     // 1: a snapshot; 2 and 3: deltas on 1; 4: a snapshot; 5, 6, 7: snapshots
     // whose rows surround 4's; 8: a delta on 4; 9: a snapshot in index order,
     // 10: a delta on 9 in index order; 11: one row; 12: only its ends in
-    // index order.
+    // index order; 13: a snapshot in index order, 14: a delta on 13 whose
+    // rows are interleaved with 15's, a snapshot.
     raw.batch_execute(&format!(
         "INSERT INTO state_groups (id, room_id, event_id) VALUES \
          (1, '{ROOM}', '$g1'), (2, '{ROOM}', '$g2'), (3, '{ROOM}', '$g3'), \
          (4, '{ROOM}', '$g4'), (5, '{ROOM}', '$g5'), (6, '{ROOM}', '$g6'), \
          (7, '{ROOM}', '$g7'), (8, '{ROOM}', '$g8'), (9, '{ROOM}', '$g9'), \
-         (10, '{ROOM}', '$g10'), (11, '{ROOM}', '$g11'), (12, '{ROOM}', '$g12'); \
+         (10, '{ROOM}', '$g10'), (11, '{ROOM}', '$g11'), (12, '{ROOM}', '$g12'), \
+         (13, '{ROOM}', '$g13'), (14, '{ROOM}', '$g14'), (15, '{ROOM}', '$g15'); \
          INSERT INTO state_group_edges (state_group, prev_state_group) VALUES \
-         (2, 1), (3, 1), (8, 4), (10, 9)"
+         (2, 1), (3, 1), (8, 4), (10, 9), (14, 13)"
     ))
     .expect("inserting groups");
     drop(raw);
@@ -138,6 +143,17 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
     let mut twelve = in_index_order(member_rows(12, 0..20, "twelve"));
     twelve[2..18].reverse();
     insert(t, &twelve);
+    // 13 in index order; 14 (overriding 13's name and members 0..10, adding
+    // 30..35) interleaved with 15.
+    let mut thirteen = member_rows(13, 0..30, "thirteen");
+    thirteen.push((13, NAME.to_owned(), String::new(), "$name13".to_owned()));
+    let thirteen = in_index_order(thirteen);
+    insert(t, &thirteen);
+    let mut fourteen = member_rows(14, 0..10, "fourteen");
+    fourteen.extend(member_rows(14, 30..35, "fourteen"));
+    fourteen.push((14, NAME.to_owned(), String::new(), "$name14".to_owned()));
+    let fourteen_and_fifteen = interleave(fourteen, member_rows(15, 0..16, "fifteen"));
+    insert(t, &fourteen_and_fifteen);
 
     // What each group's state must be, from the rows and the edges.
     let mut own: BTreeMap<i64, BTreeMap<(String, String), String>> = BTreeMap::new();
@@ -152,11 +168,13 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
         .chain(nine)
         .chain(ten)
         .chain(eleven)
-        .chain(twelve);
+        .chain(twelve)
+        .chain(thirteen)
+        .chain(fourteen_and_fifteen);
     for (g, ty, k, e) in all_rows {
         own.entry(g).or_default().insert((ty, k), e);
     }
-    let prev = BTreeMap::from([(2, 1), (3, 1), (8, 4), (10, 9)]);
+    let prev = BTreeMap::from([(2, 1), (3, 1), (8, 4), (10, 9), (14, 13)]);
     let expected = |g: i64| {
         let mut state = prev.get(&g).map(|p| own[p].clone()).unwrap_or_default();
         state.extend(own[&g].clone());
@@ -169,7 +187,7 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
             .collect()
     };
 
-    let groups: Vec<i64> = (1..=12).collect();
+    let groups: Vec<i64> = (1..=15).collect();
     for &g in &groups {
         let read = cold(&store)
             .get_state_for_groups(&[g], &StateFilter::all())
@@ -201,4 +219,10 @@ fn full_state_reads_agree_wherever_the_rows_lie(t: &TestDb) {
         "$ten-0"
     );
     assert_eq!(expected(10).len(), 2 + 50);
+    assert_eq!(
+        expected(14)[&(MEMBER.to_owned(), "@u3:test".to_owned())],
+        "$fourteen-3"
+    );
+    assert_eq!(expected(14)[&(NAME.to_owned(), String::new())], "$name14");
+    assert_eq!(expected(14).len(), 1 + 35);
 }
