@@ -346,9 +346,11 @@ impl Importer {
         let Some(batch) = self.in_flight.pop_front() else {
             return;
         };
-        let committed = match batch.handle.wait() {
+        // Committed or failed, the batch's events leave `pending`.
+        let forgotten = self.pending.forget(batch.ids.iter().map(String::as_str));
+        match batch.handle.wait() {
             Ok(written) => {
-                let skipped: HashSet<&String> = written.skipped.iter().collect();
+                let skipped: HashSet<&str> = written.skipped.iter().map(String::as_str).collect();
                 self.counts.committed += written.positions.len() as u64;
                 self.counts.skipped += written.skipped.len() as u64;
                 if !written.positions.is_empty() {
@@ -362,7 +364,7 @@ impl Importer {
                     }
                 }
                 for (id, reason) in batch.rejected {
-                    if skipped.contains(&id) {
+                    if skipped.contains(id.as_str()) {
                         continue;
                     }
                     self.counts.rejected += 1;
@@ -370,7 +372,16 @@ impl Importer {
                         self.counts.rejected_shown.push((id, reason));
                     }
                 }
-                Some(written)
+                // The room's next events name its state events as auth events
+                // and its last event as a prev event. Messages are left out:
+                // the cache would hold the whole import.
+                let last = batch.ids.last().map(String::as_str);
+                for pdu in forgotten {
+                    let id = pdu.event_id.as_str();
+                    if !skipped.contains(id) && (pdu.is_state() || Some(id) == last) {
+                        self.pipeline.builder.remember_committed_pdu(pdu);
+                    }
+                }
             }
             Err(e) => {
                 // The shared error keeps its backtrace; the report carries its text.
@@ -388,21 +399,6 @@ impl Importer {
                         at: batch.start,
                         error: e.to_string(),
                     });
-                }
-                None
-            }
-        };
-        let forgotten = self.pending.forget(batch.ids.iter().map(String::as_str));
-        if let Some(written) = committed {
-            // The room's next events name its state events as auth events and
-            // its last event as a prev event. Messages are left out: the cache
-            // would hold the whole import.
-            let skipped: HashSet<&str> = written.skipped.iter().map(String::as_str).collect();
-            let last = batch.ids.last().map(String::as_str);
-            for pdu in forgotten {
-                let id = pdu.event_id.as_str();
-                if !skipped.contains(id) && (pdu.is_state() || Some(id) == last) {
-                    self.pipeline.builder.remember_committed_pdu(pdu);
                 }
             }
         }
