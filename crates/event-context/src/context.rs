@@ -309,12 +309,28 @@ impl ContextBuilder {
     /// Parses a stored event with its room's version, marks it rejected if it
     /// was, and caches it.
     fn parse_stored(&self, stored: &StoredEvent, version: &RoomVersionId) -> Result<Arc<Pdu>> {
-        let event_id = &stored.event_id;
-        let mut pdu = Pdu::from_stored_json(&stored.json, version, event_id)
+        self.parse_stored_row(
+            &stored.event_id,
+            &stored.json,
+            stored.rejected.is_some(),
+            version,
+        )
+    }
+
+    /// [`Self::parse_stored`] of an event's id, JSON and whether it was
+    /// rejected, as its row holds them.
+    fn parse_stored_row(
+        &self,
+        event_id: &str,
+        json: &str,
+        rejected: bool,
+        version: &RoomVersionId,
+    ) -> Result<Arc<Pdu>> {
+        let mut pdu = Pdu::from_stored_json(json, version, event_id)
             .map_err(|e| Error::corrupt(format!("stored event {event_id} does not parse: {e}")))?;
-        pdu.rejected = stored.rejected.is_some();
+        pdu.rejected = rejected;
         let pdu = Arc::new(pdu);
-        self.pdus.insert(event_id.clone(), pdu.clone());
+        self.pdus.insert(event_id.to_owned(), pdu.clone());
         Ok(pdu)
     }
 
@@ -328,11 +344,19 @@ impl ContextBuilder {
     /// for it and logs why, as it does for any event fetched alone.
     fn load_with_auth_chains(
         &self,
+        room_id: &str,
         start: Vec<OwnedEventId>,
         pending: &PendingEvents,
         loaded: &mut Loaded,
     ) -> Result<()> {
-        let mut versions: HashMap<String, Option<RoomVersionId>> = HashMap::new();
+        // The room's version known beforehand, so that its events parse as
+        // their rows come.
+        let mut versions: HashMap<String, Option<RoomVersionId>> = HashMap::from([(
+            room_id.to_owned(),
+            crate::incoming::stored_room_version(&self.events, room_id)
+                .ok()
+                .flatten(),
+        )]);
         // Every event asked for so far, so that none is asked for twice.
         let mut asked: HashSet<OwnedEventId, foldhash::fast::RandomState> = HashSet::default();
         let mut level: Vec<OwnedEventId> = start
@@ -351,17 +375,40 @@ impl ContextBuilder {
                     from_storage.push(id);
                 }
             }
+            // Parsed straight from their rows (nothing copied out of a row
+            // but what the parsed event keeps), except those of a room whose
+            // version is not known yet, read after the statement.
             let query: Vec<&str> = from_storage.iter().map(|id| id.as_str()).collect();
-            let mut stored = if query.is_empty() {
-                HashMap::new()
-            } else {
-                self.read_events(&query)?
-            };
-            for id in from_storage {
-                let Some(event) = stored.remove(id.as_str()) else {
-                    loaded.insert(id.clone(), None);
-                    continue;
-                };
+            let mut returned: HashSet<String> = HashSet::new();
+            let mut later: Vec<StoredEvent> = Vec::new();
+            let mut parsed: Vec<Arc<Pdu>> = Vec::with_capacity(query.len());
+            if !query.is_empty() {
+                self.event_reads.fetch_add(1, Ordering::Relaxed);
+                self.events.visit_events(&query, |row| {
+                    match versions.get(row.room_id) {
+                        Some(Some(v)) => {
+                            match self.parse_stored_row(
+                                row.event_id,
+                                row.json,
+                                row.rejected.is_some(),
+                                v,
+                            ) {
+                                Ok(pdu) => parsed.push(pdu),
+                                Err(_) => {
+                                    returned.insert(row.event_id.to_owned());
+                                }
+                            }
+                        }
+                        Some(None) => {
+                            returned.insert(row.event_id.to_owned());
+                        }
+                        None => later.push(row.to_owned()),
+                    }
+                    Ok(())
+                })?;
+            }
+            for event in later {
+                returned.insert(event.event_id.clone());
                 let version = match versions.get(&event.room_id) {
                     Some(v) => v.clone(),
                     None => {
@@ -373,9 +420,22 @@ impl ContextBuilder {
                     }
                 };
                 if let Some(pdu) = version.and_then(|v| self.parse_stored(&event, &v).ok()) {
-                    found.push((id.clone(), pdu));
+                    parsed.push(pdu);
                 }
             }
+            // Events stored but unreadable are left out; those not stored
+            // are known to be missing.
+            let read: HashSet<&str, foldhash::fast::RandomState> = parsed
+                .iter()
+                .map(|pdu| pdu.event_id.as_str())
+                .chain(returned.iter().map(String::as_str))
+                .collect();
+            for id in from_storage {
+                if !read.contains(id.as_str()) {
+                    loaded.insert(id.clone(), None);
+                }
+            }
+            found.extend(parsed.iter().map(|pdu| (pdu.event_id.clone(), pdu.clone())));
             level = Vec::new();
             for (id, pdu) in found {
                 for auth in &pdu.auth_events {
@@ -633,11 +693,17 @@ impl ContextBuilder {
         let by_conflict = if states.len() < 2 {
             None
         } else {
-            self.resolve_from(room_version, &WholeStates::new(&states), pending, &what)?
+            self.resolve_from(
+                room_id,
+                room_version,
+                &WholeStates::new(&states),
+                pending,
+                &what,
+            )?
         };
         let resolved = match by_conflict {
             Some(r) => r.over(states[0]),
-            None => self.resolve_whole_states(room_version, &states, pending, &what)?,
+            None => self.resolve_whole_states(room_id, room_version, &states, pending, &what)?,
         };
         Ok((resolved, stored))
     }
@@ -646,6 +712,7 @@ impl ContextBuilder {
     /// [`crate::conflict`]), counted.
     fn resolve_from(
         &self,
+        room_id: &str,
         room_version: &RoomVersionId,
         source: &dyn ConflictSource,
         pending: &PendingEvents,
@@ -654,7 +721,7 @@ impl ContextBuilder {
         let r = crate::conflict::resolve_by_conflict(
             room_version,
             source,
-            |start, loaded| self.load_with_auth_chains(start, pending, loaded),
+            |start, loaded| self.load_with_auth_chains(room_id, start, pending, loaded),
             self.fetcher(pending),
             |unconflicted, undecided| self.auth_chain_holds(unconflicted, undecided, pending),
             what,
@@ -693,7 +760,7 @@ impl ContextBuilder {
                 .get_state_differences(groups, &*self.snapshot_origins)?,
         };
         let r = self
-            .resolve_from(room_version, &source, pending, &what)?
+            .resolve_from(room_id, room_version, &source, pending, &what)?
             .ok_or_else(|| Error::other(format!("{what}: no groups")))?;
         // Outside `slots` the result and every input agree: only those slots
         // are compared (a few thousand, not the whole room).
@@ -740,6 +807,7 @@ impl ContextBuilder {
     /// chains of all their events, every one of them loaded.
     fn resolve_whole_states(
         &self,
+        room_id: &str,
         room_version: &RoomVersionId,
         states: &[&storage_state::StateMap],
         pending: &PendingEvents,
@@ -753,7 +821,12 @@ impl ContextBuilder {
         // their auth chains: loaded beforehand, a few queries in all.
         let mut loaded = Loaded::default();
         let start: HashSet<&OwnedEventId> = sets.iter().flat_map(|s| s.values()).collect();
-        self.load_with_auth_chains(start.into_iter().cloned().collect(), pending, &mut loaded)?;
+        self.load_with_auth_chains(
+            room_id,
+            start.into_iter().cloned().collect(),
+            pending,
+            &mut loaded,
+        )?;
         let fallback = self.fetcher(pending);
         let fetch = |id: &EventId| match loaded.get(id) {
             Some(pdu) => pdu.clone(),
@@ -779,7 +852,7 @@ impl ContextBuilder {
             .get_state_for_groups(groups, &StateFilter::all())?;
         let states: Vec<&storage_state::StateMap> = groups.iter().map(|g| &stored[g]).collect();
         let what = format!("resolving the state of {room_id} over groups {groups:?}");
-        self.resolve_whole_states(room_version, &states, pending, &what)
+        self.resolve_whole_states(room_id, room_version, &states, pending, &what)
     }
 
     /// Resolves the state of several groups of `room_id` and returns a group

@@ -15,7 +15,7 @@ use diesel::expression::QueryMetadata;
 use diesel::pg::{Pg, PgValue};
 use diesel::query_builder::{Query, QueryFragment, QueryId};
 use diesel::row::{Field, Row};
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Bool, Integer, SmallInt};
 use diesel::sqlite::{Sqlite, SqliteValue};
 use std::marker::PhantomData;
 
@@ -27,8 +27,11 @@ pub trait RawBackend: Backend + Sized {
         f: impl FnOnce(&str) -> T,
     ) -> diesel::deserialize::Result<T>;
 
-    /// An integer value.
+    /// An integer value (of any integer column: `BIGINT`, `INTEGER`, `SMALLINT`).
     fn int(value: Self::RawValue<'_>) -> diesel::deserialize::Result<i64>;
+
+    /// A boolean value.
+    fn boolean(value: Self::RawValue<'_>) -> diesel::deserialize::Result<bool>;
 }
 
 impl RawBackend for Sqlite {
@@ -46,6 +49,10 @@ impl RawBackend for Sqlite {
     fn int(value: SqliteValue<'_, '_, '_>) -> diesel::deserialize::Result<i64> {
         <i64 as FromSql<BigInt, Sqlite>>::from_sql(value)
     }
+
+    fn boolean(value: SqliteValue<'_, '_, '_>) -> diesel::deserialize::Result<bool> {
+        <bool as FromSql<Bool, Sqlite>>::from_sql(value)
+    }
 }
 
 impl RawBackend for Pg {
@@ -57,7 +64,16 @@ impl RawBackend for Pg {
     }
 
     fn int(value: PgValue<'_>) -> diesel::deserialize::Result<i64> {
-        <i64 as FromSql<BigInt, Pg>>::from_sql(value)
+        // Binary integers are as wide as their column's type.
+        match value.as_bytes().len() {
+            4 => <i32 as FromSql<Integer, Pg>>::from_sql(value).map(i64::from),
+            2 => <i16 as FromSql<SmallInt, Pg>>::from_sql(value).map(i64::from),
+            _ => <i64 as FromSql<BigInt, Pg>>::from_sql(value),
+        }
+    }
+
+    fn boolean(value: PgValue<'_>) -> diesel::deserialize::Result<bool> {
+        <bool as FromSql<Bool, Pg>>::from_sql(value)
     }
 }
 
@@ -79,6 +95,24 @@ impl<'r, 'a, DB: RawBackend, R: Row<'a, DB>> RawRow<'r, DB, R> {
         let field = self.field(idx)?;
         let value = field.value().ok_or_else(|| null(idx))?;
         Ok(DB::int(value).map_err(diesel::result::Error::DeserializationError)?)
+    }
+
+    /// The integer in column `idx`, `None` for NULL.
+    pub fn int_or_null(&self, idx: usize) -> Result<Option<i64>> {
+        let field = self.field(idx)?;
+        let value = field
+            .value()
+            .map(DB::int)
+            .transpose()
+            .map_err(diesel::result::Error::DeserializationError)?;
+        Ok(value)
+    }
+
+    /// The boolean in column `idx`; an error if it is NULL or missing.
+    pub fn boolean(&self, idx: usize) -> Result<bool> {
+        let field = self.field(idx)?;
+        let value = field.value().ok_or_else(|| null(idx))?;
+        Ok(DB::boolean(value).map_err(diesel::result::Error::DeserializationError)?)
     }
 
     /// Hands `f` the text in column `idx`, borrowed from the row and checked

@@ -20,7 +20,7 @@ mod write;
 
 pub use extremities::new_forward_extremities;
 pub use invariants::{check_invariants, Violation};
-pub use read::{EventReads, StoredEvent};
+pub use read::{EventReads, StoredEvent, StoredEventRow};
 pub use replication::{
     report_stream_position, Invalidations, Notification, ReplicationBatch, ALL_CACHES,
     CURRENT_STATE_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,

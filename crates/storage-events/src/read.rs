@@ -6,10 +6,11 @@ use crate::schema::{
 };
 use crate::store::{EventsStore, CHUNK};
 use diesel::prelude::*;
+use diesel::row::Row;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use storage_core::{with_conn, Result, Transaction};
+use storage_core::{with_conn, RawBackend, RawRow, Result, RowVisitor, Transaction};
 
 /// An event as stored: its PDU and what we know of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +22,33 @@ pub struct StoredEvent {
     pub outlier: bool,
     pub rejected: Option<String>,
     pub stream_ordering: i64,
+}
+
+/// A stored event's row as [`EventsStore::visit_events`] hands it over:
+/// [`StoredEvent`]'s fields, the texts borrowed from the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredEventRow<'r> {
+    pub event_id: &'r str,
+    pub room_id: &'r str,
+    pub json: &'r str,
+    pub format_version: Option<i32>,
+    pub outlier: bool,
+    pub rejected: Option<&'r str>,
+    pub stream_ordering: i64,
+}
+
+impl StoredEventRow<'_> {
+    pub fn to_owned(&self) -> StoredEvent {
+        StoredEvent {
+            event_id: self.event_id.to_owned(),
+            room_id: self.room_id.to_owned(),
+            json: self.json.to_owned(),
+            format_version: self.format_version,
+            outlier: self.outlier,
+            rejected: self.rejected.map(str::to_owned),
+            stream_ordering: self.stream_ordering,
+        }
+    }
 }
 
 /// The capability to read stored events: implemented once, by [`EventsStore`],
@@ -61,62 +89,12 @@ impl EventReads for EventsStore {
         if missing.is_empty() {
             return Ok(found);
         }
-        type Row = (
-            String,
-            String,
-            String,
-            Option<i32>,
-            bool,
-            Option<String>,
-            i64,
-        );
-        // The ids as one bound JSON array, each sought through the index
-        // ([`Engine::json_texts`]): one statement text, kept prepared, where
-        // `eq_any` on SQLite is an `IN` list of a bind per id, a new
-        // statement for each length, parsed again every time (HQ-sized state
-        // resolution, callgrind: 3 statements of 500 binds per level).
-        //
-        // [`Engine::json_texts`]: storage_core::Engine::json_texts
-        let engine = self.db.engine();
-        const PARAM: &str = "\u{0}";
-        let condition =
-            engine.seeking_each_of("events.event_id", &engine.json_texts(PARAM, "event_id"));
-        let (before, after) = condition
-            .split_once(PARAM)
-            .expect("the condition holds its parameter");
-        let ids = storage_core::json_texts(missing.iter().copied());
-        let rows: Vec<Row> = self.db.run_read("get_events", |txn| {
-            Ok(with_conn!(txn.conn(), |c| events::table
-                .inner_join(event_json::table.on(event_json::event_id.eq(events::event_id)))
-                .select((
-                    events::event_id,
-                    events::room_id,
-                    event_json::json,
-                    event_json::format_version,
-                    events::outlier,
-                    events::rejection_reason,
-                    events::stream_ordering,
-                ))
-                .filter(
-                    diesel::dsl::sql::<diesel::sql_types::Bool>(before)
-                        .bind::<diesel::sql_types::Text, _>(&ids)
-                        .sql(after)
-                )
-                .load::<Row>(c))?)
+        self.visit_events(&missing, |row| {
+            let e = Arc::new(row.to_owned());
+            self.caches.events.insert(e.event_id.clone(), e.clone());
+            found.insert(e.event_id.clone(), e);
+            Ok(())
         })?;
-        for (event_id, room_id, json, format_version, outlier, rejected, stream_ordering) in rows {
-            let e = Arc::new(StoredEvent {
-                event_id: event_id.clone(),
-                room_id,
-                json,
-                format_version,
-                outlier,
-                rejected,
-                stream_ordering,
-            });
-            self.caches.events.insert(event_id.clone(), e.clone());
-            found.insert(event_id, e);
-        }
         Ok(found)
     }
 
@@ -190,7 +168,92 @@ impl EventReads for EventsStore {
     }
 }
 
+/// Hands each row of the events statement to a closure, its texts borrowed.
+struct EventRows<F>(F);
+
+impl<F: FnMut(StoredEventRow<'_>) -> Result<()>> RowVisitor for EventRows<F> {
+    fn visit<'a, DB: RawBackend, R: Row<'a, DB>>(&mut self, row: RawRow<'_, DB, R>) -> Result<()> {
+        let format_version = match row.int_or_null(3)? {
+            Some(v) => Some(i32::try_from(v).map_err(|_| {
+                storage_core::Error::corrupt(format!(
+                    "an event's format version {v} is out of range"
+                ))
+            })?),
+            None => None,
+        };
+        let (outlier, stream_ordering) = (row.boolean(4)?, row.int(6)?);
+        row.text(0, |event_id| {
+            row.text(1, |room_id| {
+                row.text(2, |json| {
+                    row.text_or_null(5, |rejected| {
+                        (self.0)(StoredEventRow {
+                            event_id,
+                            room_id,
+                            json,
+                            format_version,
+                            outlier,
+                            rejected,
+                            stream_ordering,
+                        })
+                    })?
+                })?
+            })?
+        })?
+    }
+}
+
 impl EventsStore {
+    /// The stored events among `event_ids`, each handed to `f` as its row
+    /// comes, texts borrowed from the row: nothing is allocated for an event,
+    /// and no cache is read or filled ([`EventReads::get_events`] is this,
+    /// with the events cache). For a reader that keeps something else than
+    /// the row: state resolution parses thousands of events straight from
+    /// their rows. A read retried (a busy SQLite) hands its rows again.
+    pub fn visit_events(
+        &self,
+        event_ids: &[&str],
+        f: impl FnMut(StoredEventRow<'_>) -> Result<()>,
+    ) -> Result<()> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
+        // The ids as one bound JSON array, each sought through the index
+        // ([`Engine::json_texts`]): one statement text, kept prepared, where
+        // `eq_any` on SQLite is an `IN` list of a bind per id, a new
+        // statement for each length, parsed again every time (HQ-sized state
+        // resolution, callgrind: 3 statements of 500 binds per level).
+        //
+        // [`Engine::json_texts`]: storage_core::Engine::json_texts
+        let engine = self.db.engine();
+        const PARAM: &str = "\u{0}";
+        let condition =
+            engine.seeking_each_of("events.event_id", &engine.json_texts(PARAM, "event_id"));
+        let (before, after) = condition
+            .split_once(PARAM)
+            .expect("the condition holds its parameter");
+        let ids = storage_core::json_texts(event_ids.iter().copied());
+        let mut rows = EventRows(f);
+        self.db.run_read("get_events", |txn| {
+            let query = events::table
+                .inner_join(event_json::table.on(event_json::event_id.eq(events::event_id)))
+                .select((
+                    events::event_id,
+                    events::room_id,
+                    event_json::json,
+                    event_json::format_version,
+                    events::outlier,
+                    events::rejection_reason,
+                    events::stream_ordering,
+                ))
+                .filter(
+                    diesel::dsl::sql::<diesel::sql_types::Bool>(before)
+                        .bind::<diesel::sql_types::Text, _>(&ids)
+                        .sql(after),
+                );
+            storage_core::visit_rows(txn.conn(), query, &mut rows)
+        })
+    }
+
     /// The auth event ids of each of `event_ids` that has any, from the
     /// `event_auth` rows stored with them: what an auth chain walk needs,
     /// without reading and parsing the events. Not cached: a walk asks for each

@@ -291,6 +291,34 @@ fn outliers_get_no_state_and_rejections_are_recorded(t: &TestDb) {
     .unwrap();
     assert_eq!(flags[1], ("$outlier".to_owned(), true, None));
     assert_eq!(flags[2].2.as_deref(), Some("sender is not in the room"));
+    // Read back as stored, through the events cache and from the rows alike
+    // (each engine's integer widths and booleans).
+    let asked = ["$create", "$outlier", "$rejected", "$missing"];
+    let cold = EventsStore::new(store.database().clone(), &StoreConfig::default()).unwrap();
+    let got = cold.get_events(&asked).unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(!got["$create"].outlier && got["$create"].rejected.is_none());
+    assert!(got["$outlier"].outlier && got["$outlier"].rejected.is_none());
+    assert_eq!(
+        got["$rejected"].rejected.as_deref(),
+        Some("sender is not in the room")
+    );
+    for e in got.values() {
+        assert_eq!(e.format_version, Some(3));
+        assert_eq!(e.room_id, ROOM);
+        assert_eq!(e.json, format!(r#"{{"event_id":"{}"}}"#, e.event_id));
+    }
+    assert!(got["$create"].stream_ordering < got["$outlier"].stream_ordering);
+    let mut rows = Vec::new();
+    cold.visit_events(&asked, |row| {
+        rows.push(row.to_owned());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(row, *got[&row.event_id]);
+    }
     let edges: i64 = with_conn!(&mut raw, |c| event_edges::table.count().get_result(c)).unwrap();
     assert_eq!(edges, 1, "outliers have no place in the DAG");
     let extremities: Vec<String> = with_conn!(&mut raw, |c| event_forward_extremities::table
