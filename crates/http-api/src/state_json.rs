@@ -23,33 +23,50 @@ pub fn to_json(state: &StateMap) -> String {
 }
 
 /// [`to_json`] written to `out`. Serialized straight from the state map's
-/// strings, only sorted on the way: no intermediate tree is built.
+/// strings, only sorted on the way: no intermediate tree is built. The slots
+/// are grouped by type first (a room has a few types, their strings shared
+/// by every slot of the type: matched by address before their text), then
+/// each type's slots sorted by state key alone: sorting the HQ room's 37,939
+/// slots as (type, state key, event) pairs compared the type's text first
+/// each time (memcmp was 16% of `hs-main state`'s CPU, perf).
 pub fn write_json(state: &StateMap, out: impl Write) -> std::io::Result<()> {
-    let mut slots: Vec<(&str, &str, &str)> =
-        state.iter().map(|((t, k), e)| (&**t, &**k, &**e)).collect();
-    slots.sort_unstable();
-    serde_json::to_writer(out, &ByType(&slots)).map_err(std::io::Error::from)
+    let mut types: Vec<(&str, Vec<(&str, &str)>)> = Vec::new();
+    for ((t, k), e) in state.iter() {
+        let t: &str = t;
+        let at = match types
+            .iter()
+            .position(|(u, _)| std::ptr::eq(*u, t) || *u == t)
+        {
+            Some(at) => at,
+            None => {
+                types.push((t, Vec::new()));
+                types.len() - 1
+            }
+        };
+        types[at].1.push((k, e));
+    }
+    types.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (_, slots) in &mut types {
+        slots.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
+    serde_json::to_writer(out, &ByType(&types)).map_err(std::io::Error::from)
 }
 
-/// Sorted slots, as an object of types.
-struct ByType<'a>(&'a [(&'a str, &'a str, &'a str)]);
+/// Slots grouped by type, each group sorted, as an object of types.
+struct ByType<'a>(&'a [(&'a str, Vec<(&'a str, &'a str)>)]);
 
 /// The slots of one type, as an object of state keys.
-struct OfType<'a>(&'a [(&'a str, &'a str, &'a str)]);
+struct OfType<'a>(&'a [(&'a str, &'a str)]);
 
 impl Serialize for ByType<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(
-            self.0
-                .chunk_by(|a, b| a.0 == b.0)
-                .map(|slots| (slots[0].0, OfType(slots))),
-        )
+        s.collect_map(self.0.iter().map(|(t, slots)| (t, OfType(slots))))
     }
 }
 
 impl Serialize for OfType<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.0.iter().map(|(_, k, e)| (k, e)))
+        s.collect_map(self.0.iter().map(|(k, e)| (k, e)))
     }
 }
 
@@ -57,6 +74,7 @@ impl Serialize for OfType<'_> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::sync::Arc;
     use storage_state::key;
 
     #[test]
@@ -66,6 +84,9 @@ mod tests {
             (key("m.room.create", ""), "$1"),
             (key("m.room.member", "@a:x"), "$3"),
             (key("weird \"type\"", "k\\ey\u{e9}"), "$4\n"),
+            // The same type in a string of its own (not interned): one group.
+            ((Arc::from("m.room.member"), Arc::from("@c:x")), "$5"),
+            ((Arc::from("m.room.member"), Arc::from("@0:x")), "$6"),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.into()))
@@ -76,7 +97,9 @@ mod tests {
         }
         let text = to_json(&state);
         assert_eq!(text, serde_json::to_string(&expected).unwrap());
-        assert!(text.starts_with(r#"{"m.room.create":{"":"$1"},"m.room.member":{"@a:x""#));
+        assert!(
+            text.starts_with(r#"{"m.room.create":{"":"$1"},"m.room.member":{"@0:x":"$6","@a:x""#)
+        );
         assert_eq!(to_json(&StateMap::new()), "{}");
     }
 }
