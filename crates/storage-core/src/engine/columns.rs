@@ -8,8 +8,11 @@
 use crate::claim::ClaimRow;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::{self, IsNull, Output, ToSql};
+use diesel::sql_types::HasSqlType;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel::{OptionalExtension, QueryResult, RunQueryDsl};
+use std::io::Write;
 
 /// One column's values, one a row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,20 +73,119 @@ impl Column<'_> {
     }
 
     fn push_bind<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        // Each bound by `ToSql` below, as the array type it is read as.
         match self {
-            Column::Text(v) => out.push_bind_param::<Array<Text>, _>(v),
-            Column::OptText(v) => out.push_bind_param::<Array<Nullable<Text>>, _>(v),
-            Column::BigInt(v) => out.push_bind_param::<Array<BigInt>, _>(v),
-            Column::OptBigInt(v) => out.push_bind_param::<Array<Nullable<BigInt>>, _>(v),
-            Column::Bool(v) => out.push_bind_param::<Array<Bool>, _>(v),
-            Column::OptBool(v) => out.push_bind_param::<Array<Nullable<Bool>>, _>(v),
-            Column::OptInt(v) => out.push_bind_param::<Array<Nullable<Integer>>, _>(v),
+            Column::Text(_) => out.push_bind_param::<Array<Text>, _>(self),
+            Column::OptText(_) => out.push_bind_param::<Array<Nullable<Text>>, _>(self),
+            Column::BigInt(_) => out.push_bind_param::<Array<BigInt>, _>(self),
+            Column::OptBigInt(_) => out.push_bind_param::<Array<Nullable<BigInt>>, _>(self),
+            Column::Bool(_) => out.push_bind_param::<Array<Bool>, _>(self),
+            Column::OptBool(_) => out.push_bind_param::<Array<Nullable<Bool>>, _>(self),
+            Column::OptInt(_) => out.push_bind_param::<Array<Nullable<Integer>>, _>(self),
+            Column::Position | Column::HighestPosition => {
+                unreachable!("a column of positions binds no values")
+            }
+        }
+    }
+
+    /// The values as a PostgreSQL array in its binary format, byte for byte
+    /// what diesel's own `Vec<T>` binds send, but written in one pass into
+    /// one buffer of the right size, then into the bind's: diesel's writes
+    /// every element into a buffer of its own and grows the bind's a few
+    /// bytes at a time, which cost ~64,000 instructions of a message's
+    /// statement (~25 arrays, most of one element).
+    fn write_array(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result {
+        match self {
+            Column::Text(v) => {
+                let oid = <Pg as HasSqlType<Text>>::metadata(out.metadata_lookup()).oid()?;
+                write_array(out, oid, v, |s| Some(s.as_bytes()))
+            }
+            Column::OptText(v) => {
+                let oid = <Pg as HasSqlType<Text>>::metadata(out.metadata_lookup()).oid()?;
+                write_array(out, oid, v, |s| s.map(str::as_bytes))
+            }
+            Column::BigInt(v) => {
+                let oid = <Pg as HasSqlType<BigInt>>::metadata(out.metadata_lookup()).oid()?;
+                write_array(out, oid, v, |n| Some(n.to_be_bytes()))
+            }
+            Column::OptBigInt(v) => {
+                let oid = <Pg as HasSqlType<BigInt>>::metadata(out.metadata_lookup()).oid()?;
+                write_array(out, oid, v, |n| n.map(i64::to_be_bytes))
+            }
+            Column::Bool(v) => {
+                let oid = <Pg as HasSqlType<Bool>>::metadata(out.metadata_lookup()).oid()?;
+                write_array(out, oid, v, |b| Some([u8::from(*b)]))
+            }
+            Column::OptBool(v) => {
+                let oid = <Pg as HasSqlType<Bool>>::metadata(out.metadata_lookup()).oid()?;
+                write_array(out, oid, v, |b| b.map(|b| [u8::from(b)]))
+            }
+            Column::OptInt(v) => {
+                let oid = <Pg as HasSqlType<Integer>>::metadata(out.metadata_lookup()).oid()?;
+                write_array(out, oid, v, |n| n.map(i32::to_be_bytes))
+            }
             Column::Position | Column::HighestPosition => {
                 unreachable!("a column of positions binds no values")
             }
         }
     }
 }
+
+/// A one-dimensional PostgreSQL array of `values` whose elements are of
+/// type `oid`, each element's bytes given by `bytes` (`None`: NULL), into
+/// `out` in one write.
+fn write_array<T, B: AsRef<[u8]>>(
+    out: &mut Output<'_, '_, Pg>,
+    oid: u32,
+    values: &[T],
+    bytes: impl Fn(&T) -> Option<B>,
+) -> serialize::Result {
+    let size = values
+        .iter()
+        .map(|v| 4 + bytes(v).map_or(0, |b| b.as_ref().len()))
+        .sum::<usize>();
+    let mut buf = Vec::with_capacity(20 + size);
+    // Dimensions, flags (0, as diesel sends them), element type, length,
+    // lower bound.
+    buf.extend_from_slice(&1i32.to_be_bytes());
+    buf.extend_from_slice(&0i32.to_be_bytes());
+    buf.extend_from_slice(&oid.to_be_bytes());
+    buf.extend_from_slice(&i32::try_from(values.len())?.to_be_bytes());
+    buf.extend_from_slice(&1i32.to_be_bytes());
+    for v in values {
+        match bytes(v) {
+            Some(b) => {
+                let b = b.as_ref();
+                buf.extend_from_slice(&i32::try_from(b.len())?.to_be_bytes());
+                buf.extend_from_slice(b);
+            }
+            None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    out.write_all(&buf)?;
+    Ok(IsNull::No)
+}
+
+/// A column binds as the array type [`Column::push_bind`] names for it.
+macro_rules! column_to_sql {
+    ($($sql:ty),*) => {$(
+        impl ToSql<$sql, Pg> for Column<'_> {
+            fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+                self.write_array(out)
+            }
+        }
+    )*};
+}
+
+column_to_sql!(
+    Array<Text>,
+    Array<Nullable<Text>>,
+    Array<BigInt>,
+    Array<Nullable<BigInt>>,
+    Array<Bool>,
+    Array<Nullable<Bool>>,
+    Array<Nullable<Integer>>
+);
 
 /// One table's rows, every column the same length, and what to do with them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -550,6 +652,62 @@ pub(crate) fn insert_with_unnest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes a column binds are diesel's own for the same values as a
+    /// `Vec`, for every kind of column, NULLs, empty strings, several rows
+    /// and none.
+    #[test]
+    fn columns_bind_as_diesel_binds_their_values() {
+        use diesel::pg::{PgMetadataLookup, PgTypeMetadata};
+        use diesel::query_builder::bind_collector::RawBytesBindCollector;
+        use diesel::query_builder::BindCollector;
+        /// Built-in types never look theirs up.
+        struct NoLookup;
+        impl PgMetadataLookup for NoLookup {
+            fn lookup_type(&mut self, name: &str, _: Option<&str>) -> PgTypeMetadata {
+                unreachable!("looked up {name}")
+            }
+        }
+        fn binds<ST, A, B>(ours: &A, diesels: &B) -> (Vec<u8>, Vec<u8>)
+        where
+            Pg: HasSqlType<ST>,
+            A: ToSql<ST, Pg>,
+            B: ToSql<ST, Pg>,
+        {
+            let mut collector = RawBytesBindCollector::<Pg>::new();
+            collector
+                .push_bound_value::<ST, A>(ours, &mut NoLookup)
+                .unwrap();
+            collector
+                .push_bound_value::<ST, B>(diesels, &mut NoLookup)
+                .unwrap();
+            let mut b = collector.binds.into_iter().map(Option::unwrap);
+            (b.next().unwrap(), b.next().unwrap())
+        }
+        let texts = vec!["$a", "", "{\"json\": \"\u{e9}\"}"];
+        let opt_texts = vec![Some("x"), None, Some("")];
+        let bigints = vec![0, -1, i64::MAX, 1 << 40];
+        let opt_bigints = vec![None, Some(7), Some(i64::MIN)];
+        let bools = vec![true, false];
+        let opt_bools = vec![Some(false), None, Some(true)];
+        let opt_ints = vec![Some(3), None, Some(-2)];
+        let cases = [
+            binds::<Array<Text>, _, _>(&Column::Text(texts.clone()), &texts),
+            binds::<Array<Text>, _, _>(&Column::Text(vec![]), &Vec::<&str>::new()),
+            binds::<Array<Nullable<Text>>, _, _>(&Column::OptText(opt_texts.clone()), &opt_texts),
+            binds::<Array<BigInt>, _, _>(&Column::BigInt(bigints.clone()), &bigints),
+            binds::<Array<Nullable<BigInt>>, _, _>(
+                &Column::OptBigInt(opt_bigints.clone()),
+                &opt_bigints,
+            ),
+            binds::<Array<Bool>, _, _>(&Column::Bool(bools.clone()), &bools),
+            binds::<Array<Nullable<Bool>>, _, _>(&Column::OptBool(opt_bools.clone()), &opt_bools),
+            binds::<Array<Nullable<Integer>>, _, _>(&Column::OptInt(opt_ints.clone()), &opt_ints),
+        ];
+        for (i, (ours, diesels)) in cases.iter().enumerate() {
+            assert_eq!(ours, diesels, "case {i}");
+        }
+    }
 
     /// The statement's text for every kind of part at once, as the server
     /// gets it (its prepared statement is cached under this text): the
