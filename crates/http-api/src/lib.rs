@@ -11,9 +11,11 @@
 //! own answers to unparsable requests the same format (and their access
 //! line). `settings` is the configuration both binaries read (file, flags,
 //! environment); it lives here because this is the crate both binaries
-//! share, as does `build.rs`'s [`BUILD_REVISION`].
+//! share, as does `build.rs`'s [`BUILD_REVISION`], and the memory allocator
+//! (`allocator`).
 
 mod access;
+mod allocator;
 mod errors;
 mod guards;
 mod handlers;
