@@ -34,5 +34,38 @@ pub(crate) fn from_ruma(state: state_res::StateMap<OwnedEventId>) -> StateMap {
 }
 
 pub(crate) fn key_from_ruma((event_type, state_key): (StateEventType, String)) -> StateKey {
-    storage_state::key(&event_type.to_string(), &state_key)
+    // The types the auth rules name, without formatting each through
+    // `Display` into a new string (state resolution converts every
+    // conflicted event's auth types: 10,176 calls per three merges of the HQ
+    // forks).
+    let name = match &event_type {
+        StateEventType::RoomCreate => "m.room.create",
+        StateEventType::RoomMember => "m.room.member",
+        StateEventType::RoomPowerLevels => "m.room.power_levels",
+        StateEventType::RoomJoinRules => "m.room.join_rules",
+        StateEventType::RoomThirdPartyInvite => "m.room.third_party_invite",
+        other => return storage_state::key(&other.to_string(), &state_key),
+    };
+    storage_state::key(name, &state_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_types_are_spelled_as_ruma_spells_them() {
+        for t in [
+            StateEventType::RoomCreate,
+            StateEventType::RoomMember,
+            StateEventType::RoomPowerLevels,
+            StateEventType::RoomJoinRules,
+            StateEventType::RoomThirdPartyInvite,
+            StateEventType::RoomName,
+            StateEventType::from("org.example.custom"),
+        ] {
+            let (name, key) = key_from_ruma((t.clone(), "k".to_owned()));
+            assert_eq!((&*name, &*key), (t.to_string().as_str(), "k"));
+        }
+    }
 }
