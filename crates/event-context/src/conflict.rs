@@ -37,6 +37,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use ruma::state_res::utils::event_id_set::EventIdSet;
 use ruma::{EventId, OwnedEventId, RoomVersionId};
 use storage_core::{Error, Result};
 use storage_state::StateDifferences;
@@ -216,7 +217,7 @@ pub(crate) fn resolve_by_conflict(
             Some(pdu) => pdu.clone(),
             None => fallback(id),
         };
-        let mut chains: Vec<HashSet<OwnedEventId>> = per_state
+        let mut chains: Vec<EventIdSet<OwnedEventId>> = per_state
             .iter()
             .map(|events| auth_chain(events.iter().map(|id| &**id), fetch))
             .collect();
@@ -224,7 +225,7 @@ pub(crate) fn resolve_by_conflict(
             .iter()
             .flatten()
             .filter(|id| {
-                !conflicted_events.contains(*id) && !chains.iter().all(|c| c.contains(*id))
+                !conflicted_events.contains(*id) && !chains.iter().all(|c| c.contains(id))
             })
             .cloned()
             .collect();

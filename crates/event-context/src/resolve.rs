@@ -7,7 +7,7 @@
 //! are resolved with v2.0 here, where Synapse uses v1 (see
 //! [`state_res_rules`](crate::state_res_rules)).
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use ruma::{
     state_res::{self, utils::event_id_set::EventIdSet},
@@ -45,7 +45,7 @@ pub fn resolve_state(
 pub fn resolve_state_with_auth_chains(
     room_version: &RoomVersionId,
     state_sets: &[StateMap],
-    auth_chains: Vec<HashSet<OwnedEventId>>,
+    auth_chains: Vec<EventIdSet<OwnedEventId>>,
     fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
 ) -> Result<StateMap, ResolveError> {
     let rules = room_version_rules(room_version)
@@ -57,10 +57,6 @@ pub fn resolve_state_with_auth_chains(
     }
 
     let ruma_sets: Vec<_> = state_sets.iter().map(to_ruma).collect();
-    let auth_chains: Vec<EventIdSet<OwnedEventId>> = auth_chains
-        .into_iter()
-        .map(|chain| chain.into_iter().collect())
-        .collect();
     let resolved = state_res::resolve(
         &rules.authorization,
         &state_res_rules(&rules),
