@@ -47,12 +47,21 @@ pub fn auth_types_for_event(
 
 /// [`auth_types_for_event`] for an event already read.
 pub fn auth_types_for_pdu(pdu: &Pdu) -> Result<Vec<StateKey>, String> {
-    auth_types_for_event(
-        &pdu.room_version,
-        &pdu.event_type,
+    Ok(ruma_auth_types_for_pdu(pdu)?
+        .into_iter()
+        .map(key_from_ruma)
+        .collect())
+}
+
+/// [`auth_types_for_pdu`] as ruma names them, with the rules and the event
+/// type the event was read with (not looked up again for each event).
+pub(crate) fn ruma_auth_types_for_pdu(pdu: &Pdu) -> Result<Vec<(StateEventType, String)>, String> {
+    state_res::auth_types_for_event(
+        &pdu.kind,
         &pdu.sender,
         pdu.state_key.as_deref(),
         &pdu.content,
+        &pdu.rules.authorization,
     )
 }
 

@@ -37,14 +37,17 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use ruma::events::StateEventType;
 use ruma::state_res::utils::event_id_set::EventIdSet;
 use ruma::{EventId, OwnedEventId, RoomVersionId};
 use storage_core::{Error, Result};
 use storage_state::StateDifferences;
 
+use crate::auth::ruma_auth_types_for_pdu;
 use crate::auth_chain::{auth_chain, conflicted_state_subgraph};
 use crate::room_version::{room_version_rules, state_res_rules};
-use crate::{auth_types_for_pdu, resolve_state_with_auth_chains, Pdu, StateKey, StateMap};
+use crate::state_map::key_from_ruma;
+use crate::{resolve_state_with_auth_chains, Pdu, StateKey, StateMap};
 
 /// Events loaded for a resolution: `None` for one known to be missing.
 /// Hashed with foldhash under a per-process random seed rather than SipHash:
@@ -224,9 +227,7 @@ pub(crate) fn resolve_by_conflict(
         let undecided: HashSet<OwnedEventId> = chains
             .iter()
             .flatten()
-            .filter(|id| {
-                !conflicted_events.contains(*id) && !chains.iter().all(|c| c.contains(id))
-            })
+            .filter(|id| !conflicted_events.contains(*id) && !chains.iter().all(|c| c.contains(id)))
             .cloned()
             .collect();
         // The full conflicted set: the conflicted events ruma can fetch, the
@@ -252,22 +253,30 @@ pub(crate) fn resolve_by_conflict(
             ));
         }
         // The slots ruma's checks may read, and those the checks may fill:
-        // gathered in a hash set, then ordered. Thousands of events name the
-        // same few slots (the create event, the power levels, each member's
-        // own), and each insert into the ordered set compared slots a dozen
-        // times (HQ forks: 20,000 inserts for 1,700 slots, 50M of 1,406M
-        // instructions per three merges, callgrind).
-        let mut named: HashSet<StateKey, foldhash::fast::RandomState> = HashSet::default();
-        named.insert(storage_state::key("m.room.power_levels", ""));
-        named.insert(storage_state::key("m.room.create", ""));
-        for pdu in full_conflicted.iter().filter_map(|id| fetch(id)) {
-            named.extend(pdu.state_map_key());
-            if let Ok(types) = auth_types_for_pdu(&pdu) {
+        // gathered in hash sets as the events and ruma name them, then made
+        // slots and ordered. Thousands of events name the same few slots (the
+        // create event, the power levels, each member's own): each insert
+        // into the ordered set compared slots a dozen times (HQ forks: 20,000
+        // inserts for 1,700 slots, 50M of 1,406M instructions per three
+        // merges, callgrind), and making each named slot a `StateKey` before
+        // the set dropped it again cost 18M of 1,271M.
+        let pdus: Vec<Arc<Pdu>> = full_conflicted.iter().filter_map(|id| fetch(id)).collect();
+        let mut own: HashSet<(&str, &str), foldhash::fast::RandomState> = HashSet::default();
+        let mut named: HashSet<(StateEventType, String), foldhash::fast::RandomState> =
+            HashSet::default();
+        named.insert((StateEventType::RoomPowerLevels, String::new()));
+        named.insert((StateEventType::RoomCreate, String::new()));
+        for pdu in &pdus {
+            if let Some(state_key) = &pdu.state_key {
+                own.insert((&pdu.event_type, state_key));
+            }
+            if let Ok(types) = ruma_auth_types_for_pdu(pdu) {
                 named.extend(types);
             }
         }
         let mut slots: BTreeSet<StateKey> = differences.keys().cloned().collect();
-        slots.extend(named);
+        slots.extend(own.into_iter().map(|(t, k)| storage_state::key(t, k)));
+        slots.extend(named.into_iter().map(key_from_ruma));
         (chains, slots)
     };
 
