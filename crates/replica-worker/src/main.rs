@@ -159,16 +159,8 @@ impl ForwardingWriter {
 }
 
 /// Percent-encodes a path segment (room ids hold `!` and `:`).
-fn encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            b => format!("%{b:02X}"),
-        })
-        .collect()
+fn encode(segment: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(segment, storage_core::config::URL_UNRESERVED)
 }
 
 /// `--main` must be a plain-HTTP URL (the main process's API, on loopback or

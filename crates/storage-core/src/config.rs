@@ -91,15 +91,16 @@ pub fn postgres_url_from_keywords<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]
     format!("postgresql://?{}", query.join("&"))
 }
 
+/// What percent-encoding leaves as it is in a URL part: RFC 3986's unreserved
+/// characters (letters, digits, `-`, `_`, `.`, `~`).
+pub const URL_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            b => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, URL_UNRESERVED).to_string()
 }
 
 /// `host=...`: a keyword, optional spaces, then `=`.
