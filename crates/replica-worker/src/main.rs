@@ -73,18 +73,20 @@ struct ForwardingWriter {
     /// Keeps connections to the main process alive between requests (ureq's
     /// pool): a forwarded write then costs no TCP handshake.
     agent: ureq::Agent,
-    /// Told of each forwarded write's commit, so that its notification is
-    /// looked for at once.
+    /// Told of each write being forwarded and of its commit, so that its
+    /// notification is looked for at once and not taken for another
+    /// process's.
     replication: SlavedStore,
 }
 
 impl EventWriter for ForwardingWriter {
     fn write(&self, room_id: &str, pdus: Vec<String>) -> Result<WriteOutcome, Error> {
         let events = event_context::contexts_for(&self.builder, room_id, &pdus)?;
+        let forwarding = self.replication.forwarding();
         let outcome = self.forward(room_id, &events);
         match &outcome {
             Ok(outcome) => {
-                self.replication.expect_position(outcome.stream_ordering);
+                forwarding.committed_at(outcome.stream_ordering);
                 let skipped = outcome.skipped.iter().map(String::as_str).collect();
                 self.builder.remember_written_elsewhere(&events, &skipped);
             }

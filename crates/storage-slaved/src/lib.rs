@@ -9,8 +9,8 @@
 //! it. It catches up from its last position at start and after a reconnect, is
 //! woken by LISTEN/NOTIFY, and also polls, so a lost notification only delays it.
 //! A write this process forwarded wakes it at once when the main process
-//! answers ([`SlavedStore::expect_position`]): the notification of that commit
-//! is on its way, and the thread need not look for it every millisecond.
+//! answers ([`SlavedStore::forwarding`]): the notification of that commit is on
+//! its way, and the thread need not look for it every millisecond.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -60,28 +60,79 @@ pub struct SlavedStore {
 }
 
 /// The highest stream position that writes this process forwarded were
-/// committed at, and the wake-up of the replication thread when it rises.
+/// committed at, how many are still awaiting the main process's answer, and
+/// the wake-up of the replication thread when the position rises.
 #[derive(Debug, Default)]
 struct Expected {
-    up_to: Mutex<i64>,
+    forwards: Mutex<Forwards>,
     risen: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct Forwards {
+    up_to: i64,
+    in_flight: usize,
+}
+
 impl Expected {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Forwards> {
+        self.forwards.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn get(&self) -> i64 {
-        *self.up_to.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().up_to
+    }
+
+    fn forwarding(&self) -> Forwarding<'_> {
+        self.lock().in_flight += 1;
+        Forwarding { expected: self }
+    }
+
+    /// Whether a notification of a commit at `position` (`None`: one whose
+    /// payload did not parse) is another process's. A forwarded write's own
+    /// notification often arrives before the main process's answer does, so
+    /// while one awaits its answer, none is counted as another's.
+    fn is_another_process_commit(&self, position: Option<i64>) -> bool {
+        let forwards = self.lock();
+        forwards.in_flight == 0 && position.is_none_or(|p| p > forwards.up_to)
     }
 
     /// Waits `nap`, or less once the position rises above `seen`.
     fn wait(&self, seen: i64, nap: Duration) {
-        let up_to = self.up_to.lock().unwrap_or_else(|p| p.into_inner());
-        if *up_to <= seen {
+        let forwards = self.lock();
+        if forwards.up_to <= seen {
             drop(
                 self.risen
-                    .wait_timeout_while(up_to, nap, |u| *u <= seen)
+                    .wait_timeout_while(forwards, nap, |f| f.up_to <= seen)
                     .unwrap_or_else(|p| p.into_inner()),
             );
         }
+    }
+}
+
+/// A write this process is forwarding to the main process
+/// ([`SlavedStore::forwarding`]), until it is answered or given up.
+#[derive(Debug)]
+pub struct Forwarding<'a> {
+    expected: &'a Expected,
+}
+
+impl Forwarding<'_> {
+    /// The main process committed the write at stream position `position`:
+    /// the following thread ([`SlavedStore::follow`]) looks for its
+    /// notification now, instead of after its nap.
+    pub fn committed_at(self, position: i64) {
+        let mut forwards = self.expected.lock();
+        if position > forwards.up_to {
+            forwards.up_to = position;
+            self.expected.risen.notify_all();
+        }
+    }
+}
+
+impl Drop for Forwarding<'_> {
+    fn drop(&mut self) {
+        self.expected.lock().in_flight -= 1;
     }
 }
 
@@ -106,19 +157,13 @@ impl SlavedStore {
         })
     }
 
-    /// Says that a write this process forwarded was committed at stream
-    /// position `position`: the following thread ([`Self::follow`]) looks for
-    /// its notification now, instead of after its nap.
-    pub fn expect_position(&self, position: i64) {
-        let mut up_to = self
-            .expected
-            .up_to
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if position > *up_to {
-            *up_to = position;
-            self.expected.risen.notify_all();
-        }
+    /// Says that a write is being forwarded to the main process; tell the
+    /// returned guard the position it was committed at
+    /// ([`Forwarding::committed_at`]). Meanwhile notifications are not taken
+    /// for another process's commits (which make the following thread look
+    /// every millisecond for a while): this write's own may come first.
+    pub fn forwarding(&self) -> Forwarding<'_> {
+        self.expected.forwarding()
     }
 
     pub fn state(&self) -> &StateStore {
@@ -256,7 +301,10 @@ impl SlavedStore {
             if woken {
                 // Only another process's commits keep it looking often: this
                 // process's own forwarded writes wake it themselves.
-                if announced.is_none_or(|(pos, _)| pos > expected) {
+                if self
+                    .expected
+                    .is_another_process_commit(announced.map(|(pos, _)| pos))
+                {
                     last_woken = Instant::now();
                 }
                 let applied = self.apply_notifications(&payloads)?;
@@ -307,5 +355,32 @@ impl Drop for Follower {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_forwarded_commits_are_not_taken_for_another_process() {
+        let expected = Expected::default();
+        // Nothing forwarded: any notification is another process's.
+        assert!(expected.is_another_process_commit(Some(5)));
+        assert!(expected.is_another_process_commit(None));
+        // A forward awaiting its answer: its commit's notification may come
+        // first, whatever position it names.
+        let forwarding = expected.forwarding();
+        assert!(!expected.is_another_process_commit(Some(7)));
+        assert!(!expected.is_another_process_commit(None));
+        forwarding.committed_at(7);
+        assert_eq!(expected.get(), 7);
+        // Answered: up to its position the commits were this process's own.
+        assert!(!expected.is_another_process_commit(Some(7)));
+        assert!(expected.is_another_process_commit(Some(8)));
+        // Given up without an answer: no longer awaited, position unchanged.
+        drop(expected.forwarding());
+        assert!(expected.is_another_process_commit(Some(8)));
+        assert_eq!(expected.get(), 7);
     }
 }
