@@ -219,27 +219,36 @@ impl EventsStore {
         // statement text, kept prepared, where `eq_any` on SQLite is an `IN`
         // list of a bind per id, a new statement for each length, parsed
         // again every time (HQ-sized state resolution, callgrind: 3
-        // statements of 500 binds per level). The array drives the join,
-        // each id sought in both tables: as `events.event_id IN (..)`, SQLite
-        // first copied the ids into a B-tree of their own and sought each
-        // row's id in it again (HQ forks, callgrind: ~7,000 of ~20,000
-        // instructions an event, the sqlite3 shell on the same rows). Each id
-        // is asked once: a join, unlike `IN`, returns a row per id asked.
+        // statements of 500 binds per level). Where the engine joins such a
+        // list ([`Engine::joins_value_lists`]: SQLite), the array drives the
+        // join, each id sought in both tables; elsewhere the rows are those
+        // of `events.event_id = ANY(..)`. Each id is asked once: a join,
+        // unlike `IN`, returns a row per id asked.
         //
         // [`Engine::json_texts`]: storage_core::Engine::json_texts
+        // [`Engine::joins_value_lists`]: storage_core::Engine::joins_value_lists
         let mut asked: Vec<&str> = event_ids.to_vec();
         asked.sort_unstable();
         asked.dedup();
         let ids = storage_core::json_texts(asked.iter().copied());
-        let sql = format!(
-            "SELECT events.event_id, events.room_id, event_json.json, \
+        let engine = self.db.engine();
+        let list = engine.json_texts("$1", "event_id");
+        let columns = "events.event_id, events.room_id, event_json.json, \
              event_json.format_version, events.outlier, events.rejection_reason, \
-             events.stream_ordering \
-             FROM ({}) ids \
-             JOIN events ON events.event_id = ids.event_id \
-             JOIN event_json ON event_json.event_id = ids.event_id",
-            self.db.engine().json_texts("$1", "event_id")
-        );
+             events.stream_ordering";
+        let sql = if engine.joins_value_lists() {
+            format!(
+                "SELECT {columns} FROM ({list}) ids \
+                 JOIN events ON events.event_id = ids.event_id \
+                 JOIN event_json ON event_json.event_id = ids.event_id"
+            )
+        } else {
+            format!(
+                "SELECT {columns} FROM events \
+                 JOIN event_json ON event_json.event_id = events.event_id WHERE {}",
+                engine.seeking_each_of("events.event_id", &list)
+            )
+        };
         let mut rows = EventRows(f);
         self.db.run_read("get_events", |txn| {
             let query = diesel::sql_query(&sql).bind::<diesel::sql_types::Text, _>(&ids);

@@ -157,6 +157,10 @@ impl Engine for PostgresEngine {
         false
     }
 
+    fn joins_value_lists(&self) -> bool {
+        false
+    }
+
     fn seeking_each_of(&self, column: &str, values: &str) -> String {
         format!("{column} = ANY(ARRAY({values}))")
     }

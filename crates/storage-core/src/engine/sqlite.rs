@@ -173,6 +173,10 @@ impl Engine for SqliteEngine {
         true
     }
 
+    fn joins_value_lists(&self) -> bool {
+        true
+    }
+
     fn seeking_each_of(&self, column: &str, values: &str) -> String {
         format!("{column} IN ({values})")
     }
