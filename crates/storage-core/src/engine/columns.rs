@@ -5,6 +5,7 @@
 //! Values are always bound, never written into the SQL; table and column
 //! names are the callers' constants.
 
+use super::statement_slots::{self, InSlot, Slots, Slotted};
 use crate::claim::ClaimRow;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
@@ -34,6 +35,22 @@ pub enum Column<'a> {
 }
 
 impl Column<'_> {
+    /// Which of the kinds it is, as a number: what a statement's shape
+    /// keeps of it.
+    fn kind(&self) -> u8 {
+        match self {
+            Column::Text(_) => 0,
+            Column::OptText(_) => 1,
+            Column::BigInt(_) => 2,
+            Column::OptBigInt(_) => 3,
+            Column::Bool(_) => 4,
+            Column::OptBool(_) => 5,
+            Column::OptInt(_) => 6,
+            Column::Position => 7,
+            Column::HighestPosition => 8,
+        }
+    }
+
     /// How many values it holds; `None` for a column of positions, which
     /// the statement fills.
     fn len(&self) -> Option<usize> {
@@ -198,7 +215,7 @@ pub struct TableRows<'a> {
 /// What [`TableRows`] do to their table. Every part of one statement sees the
 /// table as it was before the statement, in no set order: two parts on one
 /// table must touch different rows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RowsWrite {
     /// Inserted; one that breaks a unique constraint fails the statement.
     Insert,
@@ -239,15 +256,8 @@ impl<'a> TableRows<'a> {
     }
 
     /// The columns' names, comma-separated, as an INSERT or a row value
-    /// names them.
-    pub(crate) fn column_names(&self) -> String {
-        let mut names = String::new();
-        self.write_column_names(&mut |s| names.push_str(s));
-        names
-    }
-
-    /// [`Self::column_names`], handed to `push` piece by piece.
-    fn write_column_names(&self, push: &mut dyn FnMut(&str)) {
+    /// names them, handed to `push` piece by piece.
+    pub(super) fn write_column_names(&self, push: &mut dyn FnMut(&str)) {
         for (i, (name, _)) in self.columns.iter().enumerate() {
             if i > 0 {
                 push(", ");
@@ -259,15 +269,8 @@ impl<'a> TableRows<'a> {
     /// What follows an INSERT of these rows, the same on both engines:
     /// ` ON CONFLICT DO NOTHING` where conflicting rows are skipped, ` ON
     /// CONFLICT (key) DO UPDATE SET ..` (the other columns) for an upsert,
-    /// nothing otherwise.
-    pub(crate) fn on_conflict(&self) -> String {
-        let mut clause = String::new();
-        self.write_on_conflict(&mut |s| clause.push_str(s));
-        clause
-    }
-
-    /// [`Self::on_conflict`], handed to `push` piece by piece.
-    fn write_on_conflict(&self, push: &mut dyn FnMut(&str)) {
+    /// nothing otherwise; handed to `push` piece by piece.
+    pub(super) fn write_on_conflict(&self, push: &mut dyn FnMut(&str)) {
         match &self.write {
             RowsWrite::Insert | RowsWrite::Delete => {}
             RowsWrite::InsertSkippingConflicts => push(" ON CONFLICT DO NOTHING"),
@@ -325,7 +328,7 @@ pub(crate) struct TakePositions<'q> {
 /// (SELECT prove_main_process_claim(..))`, which every table's rows and the
 /// positions wait for. `ST` is the SQL type of what it answers.
 struct UnnestInsert<'q, 'a, ST> {
-    tables: Vec<&'q TableRows<'a>>,
+    tables: &'q [&'q TableRows<'a>],
     positions: Option<TakePositions<'q>>,
     notify: Option<(&'q str, &'q str)>,
     /// Whether it ends reading the main-process claim's row (the claim
@@ -343,18 +346,46 @@ impl<ST> QueryId for UnnestInsert<'_, '_, ST> {
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
+/// What an [`UnnestInsert`]'s SQL and the types of its binds depend on: its
+/// slot's key ([`super::statement_slots`]). The values (the sequence's name,
+/// the claim's epoch, the channel and payload) are binds.
+#[derive(PartialEq, Eq, Hash)]
+struct UnnestShape {
+    /// Each table's name, columns and write, in order.
+    tables: Vec<(&'static str, ColumnShapes, RowsWrite)>,
+    /// Whether it takes positions, and if so whether it commits on its own.
+    positions: Option<bool>,
+    notify: bool,
+    read_claim: bool,
+}
+
+/// A table's columns: each one's name and [`Column::kind`].
+type ColumnShapes = Vec<(&'static str, u8)>;
+
+/// The kind of the slots of [`UnnestInsert`]s.
+struct Unnest;
+
+static SLOTS: Slots<Unnest, UnnestShape> = Slots::new();
+
 impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
+    /// Always: its values are all bound. Said here so that diesel does not
+    /// walk it once more to find out.
+    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
+        Ok(true)
+    }
+
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         // Cached as a prepared statement per shape (which tables have rows:
-        // a handful), keyed by its SQL: parsing and planning it afresh cost
-        // the server 0.23 ms of a message's write (measured with
-        // log_min_duration_statement=0), more than a round trip.
+        // a handful), kept under its shape's slot (`insert_with_unnest`):
+        // parsing and planning it afresh cost the server 0.23 ms of a
+        // message's write (measured with log_min_duration_statement=0),
+        // more than a round trip.
         //
-        // diesel walks this several times a statement (the SQL for the
-        // cache's key, whether it may be cached, the binds), so it is
-        // written straight in pieces, nothing allocated: built with
-        // `format!` on every walk it cost 155,000 of the 745,000
-        // instructions hs-main spent on a message posted over HTTP.
+        // diesel walks this on every execution to collect its binds (and
+        // to build its SQL when it prepares it), so it is written straight
+        // in pieces, nothing allocated: built with `format!` on every walk
+        // it cost 155,000 of the 745,000 instructions hs-main spent on a
+        // message posted over HTTP.
         let claimed = self.positions.as_ref().and_then(|p| p.claimed.as_ref());
         let mut first = true;
         if let Some(epoch) = claimed {
@@ -598,54 +629,115 @@ pub(crate) fn insert_with_unnest(
     if tables.is_empty() && positions.is_none() && notify.is_none() && !read_claim {
         return Ok(nothing);
     }
-    fn statement<'q, 'a, ST>(
-        tables: Vec<&'q TableRows<'a>>,
-        positions: Option<TakePositions<'q>>,
-        notify: Option<(&'q str, &'q str)>,
-        read_claim: bool,
-    ) -> UnnestInsert<'q, 'a, ST> {
-        UnnestInsert {
+    let shape = UnnestShape {
+        tables: tables
+            .iter()
+            .map(|t| {
+                let columns = t.columns.iter().map(|(n, c)| (*n, c.kind())).collect();
+                (t.table, columns, t.write.clone())
+            })
+            .collect(),
+        positions: positions.map(|p| p.claimed.is_some()),
+        notify: notify.is_some(),
+        read_claim,
+    };
+    let sql = || {
+        let statement = statement::<()>(&tables, positions, notify, read_claim);
+        statement_slots::sql_of(&statement, &Pg)
+    };
+    let run = RunUnnest {
+        conn,
+        tables: &tables,
+        positions,
+        notify,
+        read_claim,
+    };
+    SLOTS.run(shape, sql, run)
+}
+
+/// [`insert_with_unnest`]'s statement, to run on `conn` with its answer
+/// read.
+struct RunUnnest<'c, 'q, 'a> {
+    conn: &'c mut diesel::PgConnection,
+    tables: &'q [&'q TableRows<'a>],
+    positions: Option<TakePositions<'q>>,
+    notify: Option<(&'q str, &'q str)>,
+    read_claim: bool,
+}
+
+impl InSlot<Unnest> for RunUnnest<'_, '_, '_> {
+    type Output = QueryResult<Inserted>;
+
+    fn run<const N: usize>(self) -> QueryResult<Inserted> {
+        let RunUnnest {
+            conn,
             tables,
             positions,
             notify,
             read_claim,
-            answer: std::marker::PhantomData,
+        } = self;
+        let nothing = Inserted {
+            positions: Vec::new(),
+            claim: None,
+        };
+        fn slotted<'q, 'a, ST, const N: usize>(
+            tables: &'q [&'q TableRows<'a>],
+            positions: Option<TakePositions<'q>>,
+            notify: Option<(&'q str, &'q str)>,
+            read_claim: bool,
+        ) -> Slotted<Unnest, UnnestInsert<'q, 'a, ST>, N> {
+            Slotted::new(statement(tables, positions, notify, read_claim))
+        }
+        type ClaimColumns = (BigInt, Text, BigInt);
+        match (positions.is_some(), read_claim) {
+            (false, false) => slotted::<(), N>(tables, positions, notify, read_claim)
+                .execute(conn)
+                .map(|_| nothing),
+            (false, true) => Ok(Inserted {
+                positions: Vec::new(),
+                claim: slotted::<ClaimColumns, N>(tables, positions, notify, read_claim)
+                    .get_result::<ClaimRow>(conn)
+                    .optional()?,
+            }),
+            (true, false) => Ok(Inserted {
+                positions: slotted::<Array<BigInt>, N>(tables, positions, notify, read_claim)
+                    .get_result::<Vec<i64>>(conn)?,
+                claim: None,
+            }),
+            (true, true) => {
+                let row = slotted::<(Array<BigInt>, BigInt, Text, BigInt), N>(
+                    tables, positions, notify, read_claim,
+                )
+                .get_result::<(Vec<i64>, i64, String, i64)>(conn)
+                .optional()?;
+                Ok(match row {
+                    Some((positions, epoch, holder, claimed_at)) => Inserted {
+                        positions,
+                        claim: Some(ClaimRow {
+                            epoch,
+                            holder,
+                            claimed_at,
+                        }),
+                    },
+                    None => nothing,
+                })
+            }
         }
     }
-    type ClaimColumns = (BigInt, Text, BigInt);
-    match (positions.is_some(), read_claim) {
-        (false, false) => statement::<()>(tables, positions, notify, read_claim)
-            .execute(conn)
-            .map(|_| nothing),
-        (false, true) => Ok(Inserted {
-            positions: Vec::new(),
-            claim: statement::<ClaimColumns>(tables, positions, notify, read_claim)
-                .get_result::<ClaimRow>(conn)
-                .optional()?,
-        }),
-        (true, false) => Ok(Inserted {
-            positions: statement::<Array<BigInt>>(tables, positions, notify, read_claim)
-                .get_result::<Vec<i64>>(conn)?,
-            claim: None,
-        }),
-        (true, true) => {
-            let row = statement::<(Array<BigInt>, BigInt, Text, BigInt)>(
-                tables, positions, notify, read_claim,
-            )
-            .get_result::<(Vec<i64>, i64, String, i64)>(conn)
-            .optional()?;
-            Ok(match row {
-                Some((positions, epoch, holder, claimed_at)) => Inserted {
-                    positions,
-                    claim: Some(ClaimRow {
-                        epoch,
-                        holder,
-                        claimed_at,
-                    }),
-                },
-                None => nothing,
-            })
-        }
+}
+
+fn statement<'q, 'a, ST>(
+    tables: &'q [&'q TableRows<'a>],
+    positions: Option<TakePositions<'q>>,
+    notify: Option<(&'q str, &'q str)>,
+    read_claim: bool,
+) -> UnnestInsert<'q, 'a, ST> {
+    UnnestInsert {
+        tables,
+        positions,
+        notify,
+        read_claim,
+        answer: std::marker::PhantomData,
     }
 }
 
@@ -759,8 +851,9 @@ mod tests {
                 write: RowsWrite::InsertSkippingConflicts,
             },
         ];
+        let all: Vec<&TableRows<'_>> = tables.iter().collect();
         let statement = UnnestInsert::<()> {
-            tables: tables.iter().collect(),
+            tables: &all,
             positions: Some(TakePositions {
                 sequence: "events_stream_seq",
                 count: 2,
@@ -787,7 +880,7 @@ mod tests {
         );
         // Rows alone: nothing to answer.
         let statement = UnnestInsert::<()> {
-            tables: tables[..1].iter().collect(),
+            tables: &all[..1],
             positions: None,
             notify: None,
             read_claim: false,

@@ -15,6 +15,7 @@ mod sqlite;
 mod sqlite_claim;
 mod sqlite_columns;
 mod sqlite_statistics;
+mod statement_slots;
 
 pub use columns::{Column, RowsWrite, TableRows};
 pub use listen::Listener;

@@ -14,6 +14,7 @@
 //! none can on PostgreSQL).
 
 use super::columns::{Column, RowsWrite, TableRows};
+use super::statement_slots::{self, InSlot, Slots, Slotted};
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 use diesel::sqlite::Sqlite;
@@ -46,13 +47,27 @@ pub(crate) fn write_tables(
             // The largest power of two that fits what is left.
             let left = (len - start).min(most);
             let rows = 1 << (usize::BITS - 1 - left.leading_zeros());
-            RowsStatement {
+            let statement = RowsStatement {
                 table,
                 rows: start..start + rows,
                 positions,
                 highest,
-            }
-            .execute(conn)?;
+            };
+            let shape = RowsShape {
+                table: table.table,
+                columns: table.columns.iter().map(|(name, _)| *name).collect(),
+                write: table.write.clone(),
+                rows,
+            };
+            let sql = || statement_slots::sql_of(&statement, &Sqlite);
+            SLOTS.run(
+                shape,
+                sql,
+                RunRows {
+                    conn,
+                    statement: statement.clone(),
+                },
+            )?;
             start += rows;
         }
     }
@@ -62,11 +77,41 @@ pub(crate) fn write_tables(
 /// Rows `rows` of one table: `INSERT OR FAIL INTO t (..) VALUES (..), ..`
 /// (with `ON CONFLICT` for [`RowsWrite::InsertSkippingConflicts`] and
 /// [`RowsWrite::Upsert`]), or `DELETE FROM t WHERE (..) IN (VALUES ..)`.
+#[derive(Clone)]
 struct RowsStatement<'q, 'a> {
     table: &'q TableRows<'a>,
     rows: std::ops::Range<usize>,
     positions: &'q [i64],
     highest: i64,
+}
+
+/// What a [`RowsStatement`]'s SQL depends on: its slot's key
+/// ([`super::statement_slots`]).
+#[derive(PartialEq, Eq, Hash)]
+struct RowsShape {
+    table: &'static str,
+    columns: Vec<&'static str>,
+    write: RowsWrite,
+    rows: usize,
+}
+
+/// The kind of the slots of [`RowsStatement`]s.
+struct Rows;
+
+static SLOTS: Slots<Rows, RowsShape> = Slots::new();
+
+/// A [`RowsStatement`] to run on `conn`.
+struct RunRows<'c, 'q, 'a> {
+    conn: &'c mut SqliteConnection,
+    statement: RowsStatement<'q, 'a>,
+}
+
+impl InSlot<Rows> for RunRows<'_, '_, '_> {
+    type Output = QueryResult<usize>;
+
+    fn run<const N: usize>(self) -> QueryResult<usize> {
+        Slotted::<Rows, _, N>::new(self.statement).execute(self.conn)
+    }
 }
 
 impl QueryId for RowsStatement<'_, '_> {
@@ -76,18 +121,22 @@ impl QueryId for RowsStatement<'_, '_> {
 
 impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        // Written in pieces, nothing allocated: diesel walks it to bind its
+        // values on every execution (and to build its SQL only when it
+        // prepares it, the statement kept under its slot).
         let t = self.table;
-        let names = t.column_names();
         if t.write == RowsWrite::Delete {
-            out.push_sql(&format!(
-                "DELETE FROM {} WHERE ({names}) IN (VALUES ",
-                t.table
-            ));
+            out.push_sql("DELETE FROM ");
+            out.push_sql(t.table);
+            out.push_sql(" WHERE (");
+            t.write_column_names(&mut |s| out.push_sql(s));
+            out.push_sql(") IN (VALUES ");
         } else {
-            out.push_sql(&format!(
-                "INSERT OR FAIL INTO {} ({names}) VALUES ",
-                t.table
-            ));
+            out.push_sql("INSERT OR FAIL INTO ");
+            out.push_sql(t.table);
+            out.push_sql(" (");
+            t.write_column_names(&mut |s| out.push_sql(s));
+            out.push_sql(") VALUES ");
         }
         for i in self.rows.clone() {
             out.push_sql(if i == self.rows.start { "(" } else { ", (" });
@@ -102,9 +151,15 @@ impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
         if t.write == RowsWrite::Delete {
             out.push_sql(")");
         } else {
-            out.push_sql(&t.on_conflict());
+            t.write_on_conflict(&mut |s| out.push_sql(s));
         }
         Ok(())
+    }
+
+    /// Always: its values are all bound. Said here so that diesel does not
+    /// walk it once more to find out.
+    fn is_safe_to_cache_prepared(&self, _backend: &Sqlite) -> QueryResult<bool> {
+        Ok(true)
     }
 }
 
@@ -128,5 +183,3 @@ impl RowsStatement<'_, '_> {
         }
     }
 }
-
-impl RunQueryDsl<SqliteConnection> for RowsStatement<'_, '_> {}
