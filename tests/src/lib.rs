@@ -135,11 +135,10 @@ pub fn worker(db: &TestDb, main: &str, port: u16, name: &str) -> Process {
     start("hs-worker", &args, port)
 }
 
+/// A room or event id percent-encoded for a request path or query, as
+/// hs-worker encodes it.
 pub fn encode(s: &str) -> String {
-    s.replace('!', "%21")
-        .replace(':', "%3A")
-        .replace('$', "%24")
-        .replace('@', "%40")
+    storage_core::config::percent_encode(s)
 }
 
 /// Posts events to [`ROOM`]; an error answer reads "<status>: <body>".

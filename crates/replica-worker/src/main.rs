@@ -124,7 +124,7 @@ impl ForwardingWriter {
         let url = format!(
             "{}/_hs/v1/internal/rooms/{}/events",
             self.main.trim_end_matches('/'),
-            encode(room_id)
+            storage_core::config::percent_encode(room_id)
         );
         let mut request = self.agent.post(&url);
         if let Some(t) = &self.token {
@@ -158,11 +158,6 @@ impl ForwardingWriter {
             ))),
         }
     }
-}
-
-/// Percent-encodes a path segment (room ids hold `!` and `:`).
-fn encode(segment: &str) -> percent_encoding::PercentEncode<'_> {
-    percent_encoding::utf8_percent_encode(segment, storage_core::config::URL_UNRESERVED)
 }
 
 /// `--main` must be a plain-HTTP URL (the main process's API, on loopback or

@@ -93,13 +93,15 @@ pub fn postgres_url_from_keywords<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]
 
 /// What percent-encoding leaves as it is in a URL part: RFC 3986's unreserved
 /// characters (letters, digits, `-`, `_`, `.`, `~`).
-pub const URL_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+const URL_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
 
-fn percent_encode(s: &str) -> String {
+/// `s` percent-encoded as one URL part (a libpq URL's keyword or value, a
+/// request path's segment such as a room id, or a query value).
+pub fn percent_encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, URL_UNRESERVED).to_string()
 }
 
