@@ -9,8 +9,9 @@
 //!   again with each group's rows rewritten in a hash order (as Synapse wrote
 //!   them) instead of the index's (as the store writes them).
 //!
-//! Memory is counted by a counting global allocator (`stats_alloc`), so every
-//! figure here includes two relaxed atomic additions per allocation.
+//! Memory is counted by a counting global allocator (`stats_alloc`) around
+//! jemalloc, the allocator `hs-main` and `hs-worker` run on, so every figure
+//! here includes two relaxed atomic additions per allocation.
 //!
 //! `HS_BENCH_KEEP=DIR` keeps the HQ room's SQLite file in DIR and prints the
 //! command pair that times `hs-main state` on it against the sqlite3 shell
@@ -20,8 +21,7 @@
 use diesel::connection::SimpleConnection;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
-use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
-use std::alloc::System;
+use stats_alloc::{Region, StatsAlloc};
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, Conn, StoreConfig};
@@ -30,7 +30,8 @@ use storage_state::{
 };
 
 #[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+static GLOBAL: StatsAlloc<tikv_jemallocator::Jemalloc> =
+    StatsAlloc::new(tikv_jemallocator::Jemalloc);
 
 const MEMBERS: usize = 10_000;
 const HOPS: usize = 99;
@@ -460,7 +461,7 @@ fn run_hq(t: &TestDb) {
 
     // The bytes the caches hold for the full state: allocated while a cold read
     // filled them, less what was freed, with the answer itself dropped.
-    let region = Region::new(GLOBAL);
+    let region = Region::new(&GLOBAL);
     let measured_store = fresh(&store);
     let got = measured_store
         .get_state_for_groups(&[group], &all)
