@@ -193,13 +193,19 @@ fn lock_path(canonical: &Path) -> PathBuf {
 
 /// Inside `BEGIN IMMEDIATE`: the file is still the one claimed, and the epoch
 /// still this process's. One indexed read and one `stat`.
+///
+/// The read has no `LIMIT` (the id is the table's key: one row at most).
+/// diesel's `first` binds its `LIMIT` as a parameter, and SQLite (3.47 on)
+/// plans a bound `LIMIT` as the value it held when the statement was last
+/// prepared, so binding it again expires the statement: the kept statement
+/// was parsed and planned again in every write transaction.
 pub(super) fn prove(conn: &mut Conn, claim: &ClaimState) -> Result<()> {
     claim.check()?;
     claim.expect_same_file()?;
     let row = main_process_claim::table
         .filter(main_process_claim::id.eq(1))
         .select(ClaimRow::as_select())
-        .first(conn.sqlite()?)
+        .get_result(conn.sqlite()?)
         .context("reading the main-process claim")?;
     claim.expect_epoch(&row)
 }
