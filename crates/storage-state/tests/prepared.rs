@@ -288,7 +288,8 @@ fn a_prepared_chain_past_the_hop_limit_snapshots_the_state_it_holds(t: &TestDb) 
 
 /// Snapshots of 2,347 and 1,502 rows stored in one transaction read back
 /// whole from a cold store. On SQLite their rows go in by multi-row INSERTs
-/// of a power of two rows each, at most 256, each such statement prepared
+/// of a power of two rows each, at most 256 (the last few, fewer than 8,
+/// in one statement of as many rows), each such statement prepared
 /// once and kept however many times it runs, where diesel's own multi-row
 /// INSERT would be prepared afresh for each (and never kept).
 fn snapshots_of_thousands_of_rows_are_stored_by_a_few_kept_statements(t: &TestDb) {
@@ -332,8 +333,8 @@ fn snapshots_of_thousands_of_rows_are_stored_by_a_few_kept_statements(t: &TestDb
     assert_eq!(rows, big.len() + small.len(), "every row inserted once");
     assert!(
         run.iter()
-            .all(|sql| rows_of(sql).is_power_of_two() && rows_of(sql) <= 256),
-        "statements of a power of two rows, at most 256"
+            .all(|sql| (rows_of(sql).is_power_of_two() || rows_of(sql) < 8) && rows_of(sql) <= 256),
+        "statements of a power of two rows, at most 256, or of fewer than 8"
     );
     let whole = run.iter().filter(|sql| rows_of(sql) == 256).count();
     assert!(whole >= 14, "{whole} statements of 256 rows");

@@ -1,7 +1,8 @@
 //! [`TableRows`] on SQLite ([`super::Engine::insert_columns`]): each table's
-//! rows in multi-row statements of a power-of-two number of rows, so that a
-//! connection keeps a handful of prepared statements per table (diesel keeps
-//! a statement by its SQL) and a batch of any size reuses them.
+//! rows in multi-row statements of a power-of-two number of rows (or of
+//! fewer than [`EXACT_BELOW`], as many as there are), so that a connection
+//! keeps a handful of prepared statements per table (diesel keeps a statement
+//! by its SQL) and a batch of any size reuses them.
 //!
 //! Statements cost no round trip here; what a statement per row costs is
 //! diesel's work to find the kept statement (its SQL rebuilt and hashed) and
@@ -25,6 +26,11 @@ use diesel::{QueryResult, RunQueryDsl, SqliteConnection};
 /// with it; kept under SQLite's 32,766 parameters for the widest table.
 const MAX_ROWS: usize = 256;
 
+/// Fewer rows than this go in one statement of as many rows: a message's
+/// three auth events in one INSERT, not two (2 rows, then 1). A statement's
+/// start and end cost more than a few more kept statements per table.
+const EXACT_BELOW: usize = 8;
+
 /// The most parameters SQLite binds in one statement
 /// (`SQLITE_MAX_VARIABLE_NUMBER`'s default since 3.32).
 const MAX_PARAMETERS: usize = 32_766;
@@ -44,9 +50,14 @@ pub(crate) fn write_tables(
         let mut start = 0;
         let len = table.len();
         while start < len {
-            // The largest power of two that fits what is left.
+            // What is left when it is only a few rows, else the largest
+            // power of two that fits it.
             let left = (len - start).min(most);
-            let rows = 1 << (usize::BITS - 1 - left.leading_zeros());
+            let rows = if left < EXACT_BELOW {
+                left
+            } else {
+                1 << (usize::BITS - 1 - left.leading_zeros())
+            };
             let statement = RowsStatement {
                 table,
                 rows: start..start + rows,
