@@ -261,11 +261,15 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
     );
     // SQLite (3.47 on) plans a bound LIMIT as the value it was prepared
     // with, so binding one again expires the kept statement: it would be
-    // parsed and planned again in every write.
+    // parsed and planned again in every write. And it runs `IN (VALUES ..)`
+    // by building a temporary table, worth it for many rows, not for the
+    // one extremity a message replaces.
     if t.engine() == "sqlite" {
         assert!(
-            statements.iter().all(|s| !s.contains("LIMIT ?")),
-            "a statement of a write binds its LIMIT:\n{}",
+            statements
+                .iter()
+                .all(|s| !s.contains("LIMIT ?") && !s.contains("IN (VALUES")),
+            "a statement of a message binds its LIMIT or builds a temporary table:\n{}",
             statements.join("\n")
         );
     }

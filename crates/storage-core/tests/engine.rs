@@ -474,7 +474,8 @@ struct Slot {
 
 /// `RowsWrite::Upsert` and `RowsWrite::Delete` in one statement (a room's
 /// current state changing): a deleted slot goes, an existing slot gets the
-/// new event and membership, a new slot is inserted, the rest stays.
+/// new event and membership, a new slot is inserted, the rest stays; then
+/// two slots deleted at once.
 fn upserted_and_deleted_rows_change_only_their_rows(t: &TestDb) {
     let db = t.open();
     let slots = || -> Vec<(String, String, Option<String>)> {
@@ -570,4 +571,8 @@ fn upserted_and_deleted_rows_change_only_their_rows(t: &TestDb) {
             member("@d", "$d1", "invite")
         ]
     );
+    // Several rows deleted in one statement (on SQLite one row has its own
+    // shape of statement).
+    write(vec!["@b", "@d"], vec![]);
+    assert_eq!(slots(), vec![member("@c", "$c1", "join")]);
 }

@@ -136,12 +136,16 @@ impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
         // values on every execution (and to build its SQL only when it
         // prepares it, the statement kept under its slot).
         let t = self.table;
+        // One row is deleted by `(..) = (..)`: `IN (VALUES ..)` would have
+        // SQLite build (and throw away) a temporary table of that one row
+        // (a forward extremity replaced by a message, in every write).
+        let one_deleted = t.write == RowsWrite::Delete && self.rows.len() == 1;
         if t.write == RowsWrite::Delete {
             out.push_sql("DELETE FROM ");
             out.push_sql(t.table);
             out.push_sql(" WHERE (");
             t.write_column_names(&mut |s| out.push_sql(s));
-            out.push_sql(") IN (VALUES ");
+            out.push_sql(if one_deleted { ") = " } else { ") IN (VALUES " });
         } else {
             out.push_sql("INSERT OR FAIL INTO ");
             out.push_sql(t.table);
@@ -159,10 +163,10 @@ impl QueryFragment<Sqlite> for RowsStatement<'_, '_> {
             }
             out.push_sql(")");
         }
-        if t.write == RowsWrite::Delete {
-            out.push_sql(")");
-        } else {
+        if t.write != RowsWrite::Delete {
             t.write_on_conflict(&mut |s| out.push_sql(s));
+        } else if !one_deleted {
+            out.push_sql(")");
         }
         Ok(())
     }
