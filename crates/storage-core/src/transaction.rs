@@ -132,7 +132,7 @@ impl<'a> Transaction<'a> {
         self.begun = Begun::Failed(failure);
     }
 
-    pub fn engine(&self) -> &dyn Engine {
+    pub fn engine(&self) -> &'a dyn Engine {
         self.engine
     }
 

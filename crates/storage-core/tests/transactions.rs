@@ -21,6 +21,7 @@ storage_core::engine_tests!(
     non_retryable_error_is_not_retried,
     concurrent_serializable_conflict_retries_once,
     a_batch_transaction_with_a_statement_before_its_batch_is_one_transaction,
+    a_seeking_read_plans_for_seeks_in_its_own_transaction_only,
 );
 
 #[derive(QueryableByName)]
@@ -362,4 +363,69 @@ fn a_batch_transaction_with_a_statement_before_its_batch_is_one_transaction(t: &
     write("dropped", true).unwrap_err();
     assert_eq!(read(&db, "dropped"), None, "rolled back with the batch");
     assert_eq!(positions(&db), 1, "the batch's rows rolled back too");
+}
+
+#[derive(QueryableByName)]
+struct PlannerSettings {
+    #[diesel(sql_type = Text)]
+    seqscan: String,
+    #[diesel(sql_type = Text)]
+    plan_cache: String,
+}
+
+/// PostgreSQL's planner settings where the transaction runs, `None` on SQLite
+/// (no planner settings: a seeking read there is a read like any other).
+fn planner_settings(txn: &mut Transaction<'_>) -> storage_core::Result<Option<(String, String)>> {
+    match txn.conn() {
+        Conn::Postgres(c) => {
+            let s = diesel::sql_query(
+                "SELECT current_setting('enable_seqscan') AS seqscan, \
+                     current_setting('plan_cache_mode') AS plan_cache",
+            )
+            .get_result::<PlannerSettings>(c)?;
+            Ok(Some((s.seqscan, s.plan_cache)))
+        }
+        Conn::Sqlite(_) => Ok(None),
+    }
+}
+
+fn a_seeking_read_plans_for_seeks_in_its_own_transaction_only(t: &TestDb) {
+    let db = setup(t);
+    db.run_interaction("seed", |txn| insert(txn, "a", 1))
+        .unwrap();
+    let postgres = t.engine() == "postgres";
+    let defaults = || {
+        db.run_read("plain_read", planner_settings)
+            .unwrap()
+            .map(|(seqscan, plan_cache)| {
+                assert_eq!(seqscan, "on", "sequential scans allowed outside");
+                assert_eq!(plan_cache, "auto");
+            })
+    };
+    assert_eq!(defaults().is_some(), postgres);
+    let (settings, v) = db
+        .run_interaction_with("seeking_read", TxnOptions::read_seeking(), |txn| {
+            Ok((planner_settings(txn)?, read_on(txn.conn(), "a")))
+        })
+        .unwrap();
+    assert_eq!(v, Some(1), "the seeking read reads");
+    if postgres {
+        assert_eq!(
+            settings,
+            Some(("off".to_owned(), "force_generic_plan".to_owned()))
+        );
+        let written =
+            db.run_interaction_with("seeking_read_writes", TxnOptions::read_seeking(), |txn| {
+                insert(txn, "b", 2)
+            });
+        assert!(
+            written.is_err(),
+            "the server refuses a seeking read's writes"
+        );
+    }
+    // Settings for the transaction only: every connection has its defaults
+    // after it (the pool's connections taken one after another).
+    for _ in 0..4 {
+        defaults();
+    }
 }

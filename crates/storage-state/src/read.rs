@@ -13,7 +13,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use storage_core::cache::{flat_hash, DictionaryCache};
 use storage_core::{
-    intern, with_conn, Conn, Error, RawBackend, RawRow, Result, RowVisitor, Transaction,
+    intern, with_conn, Conn, Engine, Error, RawBackend, RawRow, Result, RowVisitor, Transaction,
+    TxnOptions,
 };
 
 /// Groups per recursive query.
@@ -167,7 +168,13 @@ pub(crate) fn state_for_groups(
     // Fetch a little more than asked, so that the caches get whole dictionaries.
     let db_filter = filter.return_expanded();
     let incomplete: Vec<StateGroup> = incomplete.into_iter().collect();
-    let fetched = db.run_read("get_state_for_groups", |txn| {
+    // A read of named slots seeks each through the index: planned so.
+    let options = if reads_per_slot(db.engine(), &incomplete, &db_filter) {
+        TxnOptions::read_seeking()
+    } else {
+        TxnOptions::read_only()
+    };
+    let fetched = db.run_interaction_with("get_state_for_groups", options, |txn| {
         fetch_split(txn, &incomplete, &db_filter)
     })?;
 
@@ -235,17 +242,12 @@ fn fetch_split(
     groups: &[StateGroup],
     filter: &StateFilter,
 ) -> Result<HashMap<StateGroup, SplitState>> {
-    // A client-side walk pays one statement per hop; it wins only where statements
-    // are cheap and a filter without wildcards lets it stop early.
-    let cheap_round_trips = txn.engine().round_trips_are_cheap();
-    let per_hop = cheap_round_trips && !filter.has_wildcards();
-    // Slots named one by one are each sought from the top of the chain down
-    // to the first group holding them: a statement per group, so for one
-    // group, or where statements are cheap.
-    let per_slot = filter.has_concrete_slots() && (groups.len() == 1 || cheap_round_trips);
-    let key_arms = sql::key_arms(txn.engine());
-    let in_chain = sql::InChain::new(txn.engine());
-    let row_ids = sql::RowIds::new(txn.engine());
+    let engine = txn.engine();
+    let per_hop = reads_per_hop(engine, filter);
+    let per_slot = reads_per_slot(engine, groups, filter);
+    let key_arms = sql::key_arms(engine);
+    let in_chain = sql::InChain::new(engine);
+    let row_ids = sql::RowIds::new(engine);
     let mut result: HashMap<StateGroup, SplitState> = HashMap::with_capacity(groups.len());
     if per_hop {
         for &group in groups {
@@ -257,7 +259,15 @@ fn fetch_split(
     } else if per_slot {
         for &group in groups {
             let mut newest = NewestRows::new(&[group]);
-            sql::newest_slot_rows(txn.conn(), &in_chain, group, filter, key_arms, &mut newest)?;
+            sql::newest_slot_rows(
+                txn.conn(),
+                engine,
+                &in_chain,
+                group,
+                filter,
+                key_arms,
+                &mut newest,
+            )?;
             newest.finish(&mut result);
         }
     } else {
@@ -289,6 +299,23 @@ fn fetch_split(
         result.entry(group).or_default();
     }
     Ok(result)
+}
+
+/// Whether [`fetch_split`] walks the chain one statement per hop: a
+/// client-side walk pays a statement per hop, and wins only where statements
+/// are cheap and a filter without wildcards lets it stop early.
+fn reads_per_hop(engine: &dyn Engine, filter: &StateFilter) -> bool {
+    engine.round_trips_are_cheap() && !filter.has_wildcards()
+}
+
+/// Whether [`fetch_split`] seeks the slots `filter` names one by one, each
+/// from the top of the chain down to the first group holding it
+/// ([`sql::newest_slot_rows`], a statement per group: so for one group, or
+/// where statements are cheap), where the per-hop walk does not.
+fn reads_per_slot(engine: &dyn Engine, groups: &[StateGroup], filter: &StateFilter) -> bool {
+    !reads_per_hop(engine, filter)
+        && filter.has_concrete_slots()
+        && (groups.len() == 1 || engine.round_trips_are_cheap())
 }
 
 fn split(state: StateMap) -> SplitState {
