@@ -56,14 +56,14 @@ impl Part {
     /// The two caches' parts of one group's state (they never share a key)
     /// as one map. A few named entries beside a map (lazy-loaded members
     /// beside the other state) go straight into the map's overlay, without
-    /// first becoming a map of their own.
+    /// first becoming a map of their own, nor being looked up there.
     fn join(self, other: Part) -> StateMap {
         match (self, other) {
             // `union` adds the smaller to the larger.
             (Part::Map(a), Part::Map(b)) => a.union(b),
             (Part::Map(mut map), Part::Entries(entries))
             | (Part::Entries(entries), Part::Map(mut map)) => {
-                map.extend(entries);
+                map.extend_absent(entries);
                 map
             }
             (Part::Entries(mut a), Part::Entries(b)) => {
@@ -81,31 +81,77 @@ fn cached_part(
 ) -> (Part, bool) {
     let entry = cache.get(&group);
     if filter.is_full() {
-        // Shares the cached map: no copy.
-        return (Part::Map(entry.value.clone()), entry.full);
+        return whole(&entry);
     }
     if !filter.include_others() && !filter.has_wildcards() {
-        // A filter naming its keys (an auth check, lazy-loaded members): looked
-        // up key by key rather than by a pass over thousands of entries.
-        // Borrowed slots: no key is built; the answer shares the cache's.
-        let mut complete = true;
-        let mut found = Vec::new();
-        for slot in filter.concrete_slots() {
-            match entry.value.get_key_value(&slot) {
-                Some((k, v)) => found.push((k.clone(), v.clone())),
-                None => complete &= entry.full || entry.known_absent.contains(&slot),
-            }
-        }
-        return (Part::Entries(found), complete);
+        return named(&entry, filter.concrete_slots());
     }
+    matching(&entry, filter)
+}
+
+type Entry = storage_core::cache::DictionaryEntry<StateKey, Arc<str>>;
+
+/// All that `entry` holds: the cached map shared, no copy.
+fn whole(entry: &Entry) -> (Part, bool) {
+    (Part::Map(entry.value.clone()), entry.full)
+}
+
+/// The entries of `slots`, named one by one (an auth check, lazy-loaded
+/// members): looked up key by key rather than by a pass over thousands of
+/// entries. Borrowed slots: no key is built; the answer shares the cache's.
+fn named<'a>(entry: &Entry, slots: impl Iterator<Item = Slot<'a>>) -> (Part, bool) {
+    let mut complete = true;
+    let mut found = Vec::new();
+    for slot in slots {
+        match entry.value.get_key_value(&slot) {
+            Some((k, v)) => found.push((k.clone(), v.clone())),
+            None => complete &= entry.full || entry.known_absent.contains(&slot),
+        }
+    }
+    (Part::Entries(found), complete)
+}
+
+/// The entries of `entry` that `filter` includes; wildcards can only be
+/// answered by a whole dictionary.
+fn matching(entry: &Entry, filter: &StateFilter) -> (Part, bool) {
     let state = entry
         .value
         .iter()
         .filter(|((t, k), _)| filter.includes(t, k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    // Wildcards can only be answered by a whole dictionary.
     (Part::Map(state), entry.full)
+}
+
+/// [`cached_part`] of each cache under its half of `filter`
+/// ([`StateFilter::get_member_split`]), members first, without building
+/// the halves: a warm lazy-loading read copied its 20 member keys into a
+/// filter of their own on every read.
+fn cached_parts(
+    caches: &StateCaches,
+    group: StateGroup,
+    filter: &StateFilter,
+) -> ((Part, bool), (Part, bool)) {
+    let members = caches.members.get(&group);
+    let members = match filter.types().get(MEMBER) {
+        Some(Some(keys)) => named(&members, keys.iter().map(|k| Slot(MEMBER, k))),
+        Some(None) => whole(&members),
+        None if filter.include_others() => whole(&members),
+        None => named(&members, std::iter::empty()),
+    };
+    let others = caches.non_members.get(&group);
+    let other_types = || filter.types().iter().filter(|(t, _)| t.as_str() != MEMBER);
+    let others = if filter.include_others() && other_types().next().is_none() {
+        whole(&others)
+    } else if !filter.include_others() && other_types().all(|(_, keys)| keys.is_some()) {
+        let slots = filter.concrete_slots().filter(|Slot(t, _)| *t != MEMBER);
+        named(&others, slots)
+    } else {
+        // For every type but the member type, `filter` includes what its
+        // half does.
+        matching(&others, filter)
+    };
+    (members, others)
 }
 
 /// The whole state of `group` if the caches hold it (an O(1) copy), else
@@ -130,7 +176,6 @@ pub(crate) fn state_for_groups(
     groups: &[StateGroup],
     filter: &StateFilter,
 ) -> Result<HashMap<StateGroup, StateMap>> {
-    let (member_filter, non_member_filter) = filter.get_member_split();
     let full = filter.is_full();
     let mut result = HashMap::new();
     let mut incomplete = BTreeSet::new();
@@ -144,9 +189,8 @@ pub(crate) fn state_for_groups(
                 continue;
             }
         }
-        let (non_members, nm_complete) =
-            cached_part(&caches.non_members, group, &non_member_filter);
-        let (members, m_complete) = cached_part(&caches.members, group, &member_filter);
+        let ((members, m_complete), (non_members, nm_complete)) =
+            cached_parts(caches, group, filter);
         if nm_complete && m_complete {
             let state = members.join(non_members);
             if full {
@@ -514,4 +558,95 @@ fn walk_per_hop(
 
 fn slots_filter(slots: &HashSet<StateKey>) -> StateFilter {
     StateFilter::from_types(slots.iter().map(|(t, k)| (&**t, Some(&**k))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::key;
+    use std::collections::{BTreeMap, BTreeSet};
+    use storage_core::StoreConfig;
+
+    fn map(entries: &[(&str, &str, &str)]) -> StateMap {
+        entries
+            .iter()
+            .map(|(t, k, e)| (key(t, k), Arc::from(*e)))
+            .collect()
+    }
+
+    fn filter(types: &[(&str, Option<&[&str]>)], others: bool) -> StateFilter {
+        let types: BTreeMap<String, Option<BTreeSet<String>>> = types
+            .iter()
+            .map(|(t, keys)| {
+                let keys = keys.map(|ks| ks.iter().map(|k| k.to_string()).collect());
+                (t.to_string(), keys)
+            })
+            .collect();
+        StateFilter::new(types, others)
+    }
+
+    /// The parts read without building the filter's halves are the parts
+    /// read under its halves, whatever the caches know of a group.
+    #[test]
+    fn cached_parts_are_the_parts_of_the_member_split() {
+        let caches = StateCaches::new(&StoreConfig::default());
+        let members = map(&[(MEMBER, "@a", "$a"), (MEMBER, "@b", "$b")]);
+        let others = map(&[("m.room.name", "", "$n"), ("m.room.topic", "", "$t")]);
+        // Group 1: members fetched for two keys (one absent), others whole.
+        let fetched = [key(MEMBER, "@a"), key(MEMBER, "@z")];
+        caches.members.update(
+            caches.members.sequence(),
+            1,
+            members.clone(),
+            Some(&fetched),
+        );
+        caches
+            .non_members
+            .update(caches.non_members.sequence(), 1, others.clone(), None);
+        // Group 2: members whole, others fetched for one slot.
+        caches
+            .members
+            .update(caches.members.sequence(), 2, members.clone(), None);
+        let fetched = [key("m.room.name", "")];
+        caches.non_members.update(
+            caches.non_members.sequence(),
+            2,
+            map(&[("m.room.name", "", "$n")]),
+            Some(&fetched),
+        );
+        // Group 3: nothing known.
+        let filters = [
+            StateFilter::all(),
+            StateFilter::none(),
+            StateFilter::from_lazy_load_member_list(["@a", "@z"]),
+            StateFilter::from_lazy_load_member_list(["@b"]),
+            filter(&[(MEMBER, None)], false),
+            filter(
+                &[(MEMBER, Some(&["@a"])), ("m.room.name", Some(&[""]))],
+                false,
+            ),
+            filter(&[("m.room.name", None)], false),
+            filter(&[("m.room.name", None), (MEMBER, Some(&["@b"]))], false),
+            filter(&[("m.room.name", Some(&[]))], true),
+            filter(
+                &[(MEMBER, Some(&["@a"])), ("m.room.topic", Some(&[""]))],
+                true,
+            ),
+            filter(&[(MEMBER, Some(&[]))], true),
+        ];
+        for group in 1..=3 {
+            for f in &filters {
+                let (member_half, other_half) = f.get_member_split();
+                let halves = (
+                    cached_part(&caches.members, group, &member_half),
+                    cached_part(&caches.non_members, group, &other_half),
+                );
+                let parts = cached_parts(&caches, group, f);
+                let open = |((m, mc), (o, oc)): ((Part, bool), (Part, bool))| {
+                    (m.into_map(), mc, o.into_map(), oc)
+                };
+                assert_eq!(open(parts), open(halves), "group {group}, {f:?}");
+            }
+        }
+    }
 }

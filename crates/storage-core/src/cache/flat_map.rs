@@ -202,6 +202,18 @@ where
         old
     }
 
+    /// Adds `entries`, whose keys the map does not hold (the two parts of a
+    /// state that never share a key): each goes into the overlay without
+    /// first being looked up, as [`insert`](Self::insert) must to count it.
+    pub fn extend_absent(&mut self, entries: impl IntoIterator<Item = (K, V)>) {
+        for (key, value) in entries {
+            debug_assert!(!self.contains_key(&key), "extend_absent: a key held");
+            self.len += 1;
+            self.overlay.insert(key, Some(value));
+            self.merge_if_large();
+        }
+    }
+
     /// Removes `key`; the value it had, if any.
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
     where
@@ -601,6 +613,22 @@ mod tests {
             assert!(rebuilt == flat, "rebuilt == flat");
             assert!(flat.eq(&rebuilt), "flat == rebuilt");
         }
+    }
+
+    #[test]
+    fn extend_absent_is_extending() {
+        let base: FlatMap<String, u32> = (0..100).map(|i| (format!("@u{i}:x"), i)).collect();
+        // Past the array's size too, so that the overlay is merged on the way.
+        let more: Vec<(String, u32)> = (100..300).map(|i| (format!("@u{i}:x"), i)).collect();
+        let mut absent = base.clone();
+        absent.extend_absent(more.clone());
+        let mut extended = base.clone();
+        extended.extend(more);
+        assert_eq!(absent.len(), 300);
+        assert!(absent == extended, "absent == extended");
+        assert!(extended.eq(&absent), "extended == absent");
+        assert_eq!(absent.get("@u250:x"), Some(&250));
+        assert_eq!(base.len(), 100, "the copy it came from unchanged");
     }
 
     #[test]
