@@ -433,8 +433,11 @@ impl NewestRows {
         }
         for (root, slots) in self.newest {
             // Built whole, not inserted one by one: each map is sorted into
-            // its array once, from the hashes already taken.
-            let (mut members, mut others) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+            // its array once, from the hashes already taken. The members
+            // (most of a room's state) sized once, not grown by doubling.
+            let n = slots.len();
+            let mut members = (Vec::with_capacity(n), Vec::with_capacity(n));
+            let mut others = (Vec::new(), Vec::new());
             for NewestRow {
                 hash,
                 key,
