@@ -9,6 +9,13 @@
 use crate::types::{key, Slot, StateKey, StateMap, MEMBER};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The members a filter asks for ([`StateFilter::member_half`]).
+pub(crate) enum MemberHalf<'a> {
+    All,
+    Keys(&'a BTreeSet<String>),
+    Nothing,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateFilter {
     types: BTreeMap<String, Option<BTreeSet<String>>>,
@@ -181,14 +188,13 @@ impl StateFilter {
     /// Splits into the part served by the member cache and the part served by
     /// the non-member cache.
     pub fn get_member_split(&self) -> (StateFilter, StateFilter) {
-        let member = match self.types.get(MEMBER) {
-            Some(None) => StateFilter::all(),
-            Some(Some(keys)) => Self::new(
+        let member = match self.member_half() {
+            MemberHalf::All => StateFilter::all(),
+            MemberHalf::Keys(keys) => Self::new(
                 BTreeMap::from([(MEMBER.to_owned(), Some(keys.clone()))]),
                 false,
             ),
-            None if self.include_others => StateFilter::all(),
-            None => StateFilter::none(),
+            MemberHalf::Nothing => StateFilter::none(),
         };
         let non_member_types = self
             .types
@@ -197,6 +203,17 @@ impl StateFilter {
             .map(|(t, k)| (t.clone(), k.clone()))
             .collect();
         (member, Self::new(non_member_types, self.include_others))
+    }
+
+    /// What the member half of [`Self::get_member_split`] asks of the members,
+    /// borrowed: for a reader of the members' cache that builds no filter.
+    pub(crate) fn member_half(&self) -> MemberHalf<'_> {
+        match self.types.get(MEMBER) {
+            Some(None) => MemberHalf::All,
+            Some(Some(keys)) => MemberHalf::Keys(keys),
+            None if self.include_others => MemberHalf::All,
+            None => MemberHalf::Nothing,
+        }
     }
 
     /// The filter to fetch from the database so that the caches fill well: a

@@ -2,7 +2,7 @@
 //! enough, otherwise from the database, filling the caches on the way.
 
 use crate::caches::StateCaches;
-use crate::filter::StateFilter;
+use crate::filter::{MemberHalf, StateFilter};
 use crate::schema::state_groups;
 use crate::sql;
 use crate::types::{Slot, StateGroup, StateKey, StateMap, MEMBER};
@@ -133,11 +133,10 @@ fn cached_parts(
     filter: &StateFilter,
 ) -> ((Part, bool), (Part, bool)) {
     let members = caches.members.get(&group);
-    let members = match filter.types().get(MEMBER) {
-        Some(Some(keys)) => named(&members, keys.iter().map(|k| Slot(MEMBER, k))),
-        Some(None) => whole(&members),
-        None if filter.include_others() => whole(&members),
-        None => named(&members, std::iter::empty()),
+    let members = match filter.member_half() {
+        MemberHalf::All => whole(&members),
+        MemberHalf::Keys(keys) => named(&members, keys.iter().map(|k| Slot(MEMBER, k))),
+        MemberHalf::Nothing => named(&members, std::iter::empty()),
     };
     let others = caches.non_members.get(&group);
     let other_types = || filter.types().iter().filter(|(t, _)| t.as_str() != MEMBER);
