@@ -1,8 +1,8 @@
 //! [`TableRows`] on SQLite ([`super::Engine::insert_columns`]): each table's
 //! rows in multi-row statements of a power-of-two number of rows (or of
 //! fewer than [`EXACT_BELOW`], as many as there are), so that a connection
-//! keeps a handful of prepared statements per table (diesel keeps a statement
-//! by its SQL) and a batch of any size reuses them.
+//! keeps a handful of prepared statements per table (each shape under a slot
+//! of its own, [`statement_slots`]) and a batch of any size reuses them.
 //!
 //! Statements cost no round trip here; what a statement per row costs is
 //! diesel's work to find the kept statement (its SQL rebuilt and hashed) and
