@@ -115,6 +115,9 @@ impl Conn {
 pub(crate) struct ConnManager {
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) gate: Arc<ConnectGate>,
+    /// Run on each new connection: the pool of seeking reads' sessions
+    /// ([`Engine::seeking_session`]).
+    pub(crate) session: Option<&'static str>,
 }
 
 /// Whether the pool may still open connections, how many it is opening, and
@@ -264,7 +267,14 @@ impl r2d2::ManageConnection for ConnManager {
     type Error = Error;
 
     fn connect(&self) -> Result<Pooled> {
-        self.gate.attempt(|| self.engine.connect())
+        self.gate.attempt(|| {
+            let mut conn = self.engine.connect()?;
+            if let Some(session) = self.session {
+                conn.batch_execute(session)
+                    .map_err(|e| e.context("setting up a session for seeking reads"))?;
+            }
+            Ok(conn)
+        })
     }
 
     fn is_valid(&self, conn: &mut Pooled) -> Result<()> {

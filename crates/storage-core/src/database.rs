@@ -26,6 +26,9 @@ pub struct Database {
 struct Inner {
     engine: Arc<dyn Engine>,
     pool: r2d2::Pool<ConnManager>,
+    /// Sessions for the reads of [`TxnOptions::seeks_only`], where the engine
+    /// has them ([`Engine::seeking_session`]); opened when first wanted.
+    seeking: Option<r2d2::Pool<ConnManager>>,
     mode: OpenMode,
     /// Set for the main process ([`Database::open_claimed`]): every write
     /// transaction proves the claim first.
@@ -114,18 +117,27 @@ impl Database {
             config.mode
         );
         let gate = Arc::new(ConnectGate::default());
-        let pool = r2d2::Pool::builder()
-            .max_size(config.pool_size)
-            .min_idle(Some(config.min_idle.min(config.pool_size)))
-            // Broken connections are detected on return instead (`has_broken`):
-            // a test query on every checkout costs a round trip per transaction.
-            .test_on_check_out(false)
-            .connection_timeout(config.pool_wait)
-            .error_handler(Box::new(PoolErrorLogger { gate: gate.clone() }))
-            .build_unchecked(ConnManager {
-                engine: engine.clone(),
-                gate: gate.clone(),
-            });
+        let pool = |max_size: u32, min_idle: u32, session: Option<&'static str>| {
+            r2d2::Pool::builder()
+                .max_size(max_size)
+                .min_idle(Some(min_idle.min(max_size)))
+                // Broken connections are detected on return instead (`has_broken`):
+                // a test query on every checkout costs a round trip per transaction.
+                .test_on_check_out(false)
+                .connection_timeout(config.pool_wait)
+                .error_handler(Box::new(PoolErrorLogger { gate: gate.clone() }))
+                .build_unchecked(ConnManager {
+                    engine: engine.clone(),
+                    gate: gate.clone(),
+                    session,
+                })
+        };
+        // Half as many again at most, opened only when wanted: a seeking
+        // read is one short statement.
+        let seeking = engine
+            .seeking_session()
+            .map(|session| pool(config.pool_size.div_ceil(2), 0, Some(session)));
+        let pool = pool(config.pool_size, config.min_idle, None);
         let checkpointer = match config.mode {
             OpenMode::ReadOnly => None,
             _ if !engine.checkpoints_in_background() => None,
@@ -135,6 +147,7 @@ impl Database {
             inner: Arc::new(Inner {
                 engine,
                 pool,
+                seeking,
                 mode: config.mode,
                 claim: OnceLock::new(),
                 checkpointer,
@@ -267,7 +280,13 @@ impl Database {
         mut f: impl FnMut(&mut Transaction<'_>) -> Result<T>,
     ) -> Result<T> {
         let waiting = Instant::now();
-        let mut conn = self.inner.pool.get().with_context(|| desc.to_owned())?;
+        // A seeking read runs on a session of its own where the engine has
+        // them (and then, `run_attempt`, as its statements alone).
+        let pool = match &self.inner.seeking {
+            Some(seeking) if options.seeks_only => seeking,
+            _ => &self.inner.pool,
+        };
+        let mut conn = pool.get().with_context(|| desc.to_owned())?;
         metrics::global().record_pool_wait(waiting.elapsed());
         let start = Instant::now();
         let engine = &*self.inner.engine;
@@ -401,7 +420,10 @@ fn run_attempt<T>(
         && options.lock.is_none()
         && engine.commits_batch_statement_alone()
         && engine.proves_claim_before_commit();
-    let guard = if deferred {
+    // A seeking read on a session of its own ([`Engine::seeking_session`]),
+    // `conn` being one: no transaction, each statement stands alone.
+    let alone = options.seeks_only && engine.seeking_session().is_some();
+    let guard = if deferred || alone {
         None
     } else {
         match engine.begin(conn, options, claim.is_some()) {
@@ -423,7 +445,9 @@ fn run_attempt<T>(
     let proof = first.map_or(Ok(()), |c| engine.prove_claim(conn, c));
     let (outcome, callbacks) = match proof {
         Ok(()) => {
-            let begun = if deferred {
+            let begun = if alone {
+                Begun::Alone
+            } else if deferred {
                 Begun::Deferred(*options, claim.is_some())
             } else {
                 Begun::Yes
@@ -446,7 +470,7 @@ fn run_attempt<T>(
         // The attempt fails whatever `f` made of it.
         Some(Begun::Failed(e)) => (Err(e), true),
         // Committed by its one statement, or nothing sent at all.
-        Some(Begun::Committed | Begun::Deferred(..)) => (outcome, false),
+        Some(Begun::Committed | Begun::Deferred(..) | Begun::Alone) => (outcome, false),
         Some(Begun::Yes) | None => (outcome, true),
     };
     let outcome = match (outcome, before_commit) {

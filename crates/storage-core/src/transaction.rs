@@ -16,6 +16,9 @@ pub(crate) enum Begun {
     Deferred(TxnOptions, bool),
     /// The batch's statement committed on its own: nothing may follow it.
     Committed,
+    /// Never: each statement stands alone (a seeking read on a session of
+    /// its own, [`TxnOptions::seeks_only`]).
+    Alone,
     /// A deferred BEGIN failed (or a statement followed the one that
     /// committed): the attempt fails with this error, and meanwhile the
     /// connection is in a read-only transaction, so whatever its caller
@@ -110,6 +113,10 @@ impl<'a> Transaction<'a> {
     fn begin_if_deferred(&mut self) {
         let failure = match std::mem::replace(&mut self.begun, Begun::Yes) {
             Begun::Yes => return,
+            Begun::Alone => {
+                self.begun = Begun::Alone;
+                return;
+            }
             Begun::Deferred(options, claimed) => {
                 match self.engine.begin(self.conn, &options, claimed) {
                     // Only an engine that holds no guard defers its BEGIN.

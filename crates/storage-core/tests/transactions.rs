@@ -21,7 +21,7 @@ storage_core::engine_tests!(
     non_retryable_error_is_not_retried,
     concurrent_serializable_conflict_retries_once,
     a_batch_transaction_with_a_statement_before_its_batch_is_one_transaction,
-    a_seeking_read_plans_for_seeks_in_its_own_transaction_only,
+    a_seeking_read_plans_for_seeks_on_its_own_sessions_only,
 );
 
 #[derive(QueryableByName)]
@@ -389,7 +389,7 @@ fn planner_settings(txn: &mut Transaction<'_>) -> storage_core::Result<Option<(S
     }
 }
 
-fn a_seeking_read_plans_for_seeks_in_its_own_transaction_only(t: &TestDb) {
+fn a_seeking_read_plans_for_seeks_on_its_own_sessions_only(t: &TestDb) {
     let db = setup(t);
     db.run_interaction("seed", |txn| insert(txn, "a", 1))
         .unwrap();
@@ -423,8 +423,25 @@ fn a_seeking_read_plans_for_seeks_in_its_own_transaction_only(t: &TestDb) {
             "the server refuses a seeking read's writes"
         );
     }
-    // Settings for the transaction only: every connection has its defaults
-    // after it (the pool's connections taken one after another).
+    // Where the engine has sessions of its own for seeking reads
+    // (PostgreSQL), such a read sends no BEGIN: each of its statements sees
+    // what was committed before it, here a write committed between two of
+    // them. Elsewhere the read is a transaction with one snapshot.
+    let (before, after) = db
+        .run_interaction_with("seeking_read_alone", TxnOptions::read_seeking(), |txn| {
+            let before = read_on(txn.conn(), "c");
+            db.run_interaction("between", |w| insert(w, "c", 3))?;
+            Ok((before, read_on(txn.conn(), "c")))
+        })
+        .unwrap();
+    assert_eq!(before, None);
+    assert_eq!(
+        after,
+        postgres.then_some(3),
+        "a seeking read's statements stand alone on PostgreSQL only"
+    );
+    // Settings for those sessions only: every connection of the pool has its
+    // defaults (the pool's connections taken one after another).
     for _ in 0..4 {
         defaults();
     }

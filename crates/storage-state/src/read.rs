@@ -211,7 +211,11 @@ pub(crate) fn state_for_groups(
     // Fetch a little more than asked, so that the caches get whole dictionaries.
     let db_filter = filter.return_expanded();
     let incomplete: Vec<StateGroup> = incomplete.into_iter().collect();
-    // A read of named slots seeks each through the index: planned so.
+    // A read of named slots seeks each through the index: planned so, and
+    // (PostgreSQL) its statement alone, without BEGIN and COMMIT: one
+    // statement per group ([`reads_per_slot`]), and the check for unknown
+    // groups after it needs no snapshot in common with it (groups are only
+    // ever deleted whole).
     let options = if reads_per_slot(db.engine(), &incomplete, &db_filter) {
         TxnOptions::read_seeking()
     } else {

@@ -522,9 +522,9 @@ const CHAIN_SELECT: &str = "SELECT c.root AS root, s.state_group AS state_group,
 /// The slots are rows of one bound JSON text ([`Engine::json_text_pairs`]),
 /// so that the statement's text depends only on the shape of the rest of
 /// `filter`: where that has few types (a lazy-loading read: every type but
-/// the member type), the connection keeps it prepared, and PostgreSQL, in a
-/// [seeking](storage_core::TxnOptions::seeks_only) transaction, runs it on
-/// one generic plan. Measured (callgrind of a PostgreSQL backend in
+/// the member type), the connection keeps it prepared, and PostgreSQL, on a
+/// session for [seeking](storage_core::TxnOptions::seeks_only) reads, runs it
+/// on one generic plan. Measured (callgrind of a PostgreSQL backend in
 /// single-user mode, the HQ room's lazy-loading read, instructions an
 /// execution): 30.0M planned for its values each time, with the chain walked
 /// by a hash of `state_group_edges` per hop; 19.1M on the kept generic plan,

@@ -85,14 +85,18 @@ pub struct TxnOptions {
     /// whole transaction, with no BEGIN and no COMMIT.
     pub batch: bool,
     /// A read whose statements find every row through an index, a few
-    /// seeks each (the slots of one group's chain): where the engine plans
-    /// statements for the tables' statistics (PostgreSQL), the transaction
-    /// plans them without sequential scans and runs a kept prepared
-    /// statement on its one generic plan instead of planning it anew for its
-    /// values. On a table of a few hundred rows (a server of one big room, or
-    /// the benchmark's) PostgreSQL otherwise walked a 99-hop chain of
-    /// `state_group_edges` by a hash of the whole table per hop, and planned a
-    /// statement it ran in less time than planning took.
+    /// seeks each (the slots of one group's chain), and need no snapshot in
+    /// common: where the engine plans statements for the tables' statistics
+    /// (PostgreSQL), it runs on a session of its own
+    /// ([`Engine::seeking_session`]) that plans them without sequential scans
+    /// and runs a kept prepared statement on its one generic plan instead of
+    /// planning it anew for its values, each statement alone, with no BEGIN
+    /// and no COMMIT (two round trips saved). On a table of a few hundred
+    /// rows (a server of one big room, or the benchmark's) PostgreSQL
+    /// otherwise walked a 99-hop chain of `state_group_edges` by a hash of
+    /// the whole table per hop, and planned a statement it ran in less time
+    /// than planning took. Elsewhere (SQLite) an ordinary read-only
+    /// transaction.
     pub seeks_only: bool,
 }
 
@@ -284,6 +288,17 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// Opens a new connection with this engine's per-connection settings applied.
     fn connect(&self) -> Result<Conn>;
+
+    /// What makes a new connection a session for reads of
+    /// [`TxnOptions::seeks_only`], kept in a pool of their own: statements
+    /// that set it read-only and planned for index seeks, so that such a read
+    /// needs no transaction to carry them and is its statements alone.
+    /// `None` where such reads run in a transaction as any other (SQLite,
+    /// whose BEGIN and COMMIT are no round trips and whose plans ignore
+    /// statistics).
+    fn seeking_session(&self) -> Option<&'static str> {
+        None
+    }
 
     /// Whether committed writes wait in a write-ahead log of this process's
     /// that a background thread of the writer moves into the database

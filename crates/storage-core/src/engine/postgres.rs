@@ -220,15 +220,6 @@ impl Engine for PostgresEngine {
             begin.push_str(&format!("; {}", lock_statement(table)));
             more = true;
         }
-        if options.seeks_only {
-            // Both for this transaction only. `plan_cache_mode` is read when a
-            // prepared statement runs: its generic plan, made on the first run
-            // (under these settings), serves every later one.
-            begin.push_str(
-                "; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan",
-            );
-            more = true;
-        }
         if claimed && !options.read_only {
             begin.push_str(&format!("; {}", super::postgres_claim::LOCK_ROW));
             more = true;
@@ -244,6 +235,16 @@ impl Engine for PostgresEngine {
             return Err(e);
         }
         Ok(None)
+    }
+
+    /// `plan_cache_mode` is read whenever a prepared statement runs: its
+    /// generic plan, made on the first run (under these settings), serves
+    /// every later one. Read-only as a session of [`OpenMode::ReadOnly`] is.
+    fn seeking_session(&self) -> Option<&'static str> {
+        Some(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY; \
+             SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan",
+        )
     }
 
     fn is_retryable(&self, error: &DieselError) -> bool {
