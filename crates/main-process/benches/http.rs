@@ -14,6 +14,10 @@
 //! every fifth event a state event: members joining, then admin state), each
 //! case a fresh room so that nothing is already stored. The client shares this
 //! machine's cores with the servers.
+//!
+//! `HS_BENCH_PROFILE=worker`: only PostgreSQL's single-room case and its
+//! via-worker case, and their ratio (for alternated A/B runs and profiles of
+//! the worker's path).
 
 use e2e_tests::{encode, free_port, main_process, worker, TOKEN};
 use serde_json::Value;
@@ -141,7 +145,15 @@ fn main() {
     println!(
         "http: POST events to hs-main serve on loopback; rooms of room version 10, a state event in every five"
     );
-    for db in &TestDb::for_bench("http") {
+    let worker_only = std::env::var("HS_BENCH_PROFILE").is_ok_and(|p| p == "worker");
+    let dbs = match TestDb::for_bench("http") {
+        dbs if worker_only => dbs
+            .into_iter()
+            .filter(|db| db.engine() == "postgres")
+            .collect(),
+        dbs => dbs,
+    };
+    for db in &dbs {
         let engine = db.engine();
         let main = main_process(db, free_port());
         let mut single = case(&main.url, &format!("{engine}-one"), SINGLE, 1);
@@ -149,21 +161,9 @@ fn main() {
             "{}",
             single.line(&format!("{engine} 1 event a request, 1 room"))
         );
-        let mut many = concurrent(&main.url, engine);
-        println!(
-            "{}",
-            many.line(&format!("{engine} 1 event a request, {ROOMS} rooms"))
-        );
-        let mut batched = case(
-            &main.url,
-            &format!("{engine}-batched"),
-            BATCHED,
-            PER_REQUEST,
-        );
-        println!(
-            "{}",
-            batched.line(&format!("{engine} {PER_REQUEST} events a request"))
-        );
+        if !worker_only {
+            other_cases(&main.url, engine);
+        }
         // Opened read-only just to ask: a worker needs a database that more
         // than one process can use.
         let shared = db
@@ -185,4 +185,18 @@ fn main() {
             println!("{engine} via worker: skipped (a worker needs PostgreSQL)");
         }
     }
+}
+
+/// The concurrent and the batched case.
+fn other_cases(url: &str, engine: &str) {
+    let mut many = concurrent(url, engine);
+    println!(
+        "{}",
+        many.line(&format!("{engine} 1 event a request, {ROOMS} rooms"))
+    );
+    let mut batched = case(url, &format!("{engine}-batched"), BATCHED, PER_REQUEST);
+    println!(
+        "{}",
+        batched.line(&format!("{engine} {PER_REQUEST} events a request"))
+    );
 }
