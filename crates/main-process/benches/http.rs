@@ -17,7 +17,10 @@
 //!
 //! `HS_BENCH_PROFILE=worker`: only PostgreSQL's single-room case and its
 //! via-worker case, and their ratio (for alternated A/B runs and profiles of
-//! the worker's path).
+//! the worker's path). `HS_BENCH_PROFILE=worker-interleaved`: the same two
+//! cases with their requests taken in turn (one to the main process, one
+//! through the worker, ...), each rate from its own requests' latencies, so
+//! that a loaded machine's swings fall on both sides of the ratio alike.
 
 use e2e_tests::{encode, free_port, main_process, worker, TOKEN};
 use serde_json::Value;
@@ -71,30 +74,79 @@ fn room(name: &str, events: usize) -> (String, Vec<Value>) {
     (room_id, values)
 }
 
+/// A client posting to one room, each request after the answer to the last.
+struct Poster {
+    agent: ureq::Agent,
+    target: String,
+    auth: String,
+}
+
+impl Poster {
+    fn new(url: &str, room: &str) -> Self {
+        Poster {
+            agent: ureq::Agent::new(),
+            target: format!("{url}/_hs/v1/rooms/{}/events", encode(room)),
+            auth: format!("Bearer {TOKEN}"),
+        }
+    }
+
+    /// Posts `chunk`; returns the request's latency.
+    fn post(&self, chunk: &[Value]) -> Duration {
+        let start = Instant::now();
+        let answer = self
+            .agent
+            .post(&self.target)
+            .set("Authorization", &self.auth)
+            .send_json(serde_json::json!({ "events": chunk }));
+        match answer {
+            Ok(a) => {
+                a.into_string().expect("an answer body");
+            }
+            Err(ureq::Error::Status(code, a)) => {
+                panic!("{code}: {}", a.into_string().unwrap_or_default())
+            }
+            Err(e) => panic!("posting to {}: {e}", self.target),
+        }
+        start.elapsed()
+    }
+}
+
 /// Posts `events` to `room` on `url`, `per_request` at a time, each request
 /// after the answer to the last; returns every request's latency.
 fn post_all(url: &str, room: &str, events: &[Value], per_request: usize) -> Vec<Duration> {
-    let agent = ureq::Agent::new();
-    let target = format!("{url}/_hs/v1/rooms/{}/events", encode(room));
-    let auth = format!("Bearer {TOKEN}");
+    let poster = Poster::new(url, room);
     events
         .chunks(per_request)
-        .map(|chunk| {
-            let start = Instant::now();
-            let answer = agent
-                .post(&target)
-                .set("Authorization", &auth)
-                .send_json(serde_json::json!({ "events": chunk }));
-            match answer {
-                Ok(a) => {
-                    a.into_string().expect("an answer body");
-                }
-                Err(ureq::Error::Status(code, a)) => {
-                    panic!("{code}: {}", a.into_string().unwrap_or_default())
-                }
-                Err(e) => panic!("posting to {target}: {e}"),
-            }
-            start.elapsed()
+        .map(|chunk| poster.post(chunk))
+        .collect()
+}
+
+/// [`case`] with 1 event a request on each of `urls` at once, the requests
+/// taken in turn; each run's rate is its events over the sum of its
+/// requests' latencies.
+fn interleaved(urls: &[&str], names: &[String], events: usize) -> Vec<Run> {
+    let sides: Vec<(Poster, Vec<Value>)> = urls
+        .iter()
+        .zip(names)
+        .map(|(url, name)| {
+            let (room, values) = room(name, events + 4);
+            let poster = Poster::new(url, &room);
+            poster.post(&values[..4]);
+            (poster, values)
+        })
+        .collect();
+    let mut latencies = vec![Vec::with_capacity(events); sides.len()];
+    for i in 4..events + 4 {
+        for (side, (poster, values)) in sides.iter().enumerate() {
+            latencies[side].push(poster.post(&values[i..=i]));
+        }
+    }
+    latencies
+        .into_iter()
+        .map(|latencies| Run {
+            events,
+            elapsed: latencies.iter().sum(),
+            latencies,
         })
         .collect()
 }
@@ -145,7 +197,8 @@ fn main() {
     println!(
         "http: POST events to hs-main serve on loopback; rooms of room version 10, a state event in every five"
     );
-    let worker_only = std::env::var("HS_BENCH_PROFILE").is_ok_and(|p| p == "worker");
+    let profile = std::env::var("HS_BENCH_PROFILE").unwrap_or_default();
+    let worker_only = profile.starts_with("worker");
     let dbs = match TestDb::for_bench("http") {
         dbs if worker_only => dbs
             .into_iter()
@@ -156,6 +209,24 @@ fn main() {
     for db in &dbs {
         let engine = db.engine();
         let main = main_process(db, free_port());
+        if profile == "worker-interleaved" {
+            let w = worker(db, &main.url, free_port(), "bench");
+            let names = [format!("{engine}-one"), format!("{engine}-worker")];
+            let mut runs = interleaved(&[&main.url, &w.url], &names, SINGLE);
+            println!(
+                "{}",
+                runs[0].line(&format!("{engine} 1 event a request, 1 room"))
+            );
+            println!(
+                "{}",
+                runs[1].line(&format!("{engine} 1 event a request, via worker"))
+            );
+            println!(
+                "{engine} worker / main (1 event a request, interleaved): {:.2}x",
+                runs[1].rate() / runs[0].rate()
+            );
+            continue;
+        }
         let mut single = case(&main.url, &format!("{engine}-one"), SINGLE, 1);
         println!(
             "{}",
