@@ -276,7 +276,7 @@ fn the_main_process_claim_costs_postgres_no_statement(t: &TestDb) {
     if t.engine() == "postgres" {
         let epoch = held_epoch.expect("a claimed database's epoch");
         assert!(
-            statements[0].contains("prove_main_process_claim")
+            statements[0].starts_with("WITH claim AS (SELECT epoch = coalesce(")
                 && statements[0].contains(&format!("Some({epoch})")),
             "the batch's statement proves the claim's epoch {epoch} in the server: {}",
             statements[0]

@@ -72,7 +72,8 @@ const STREAM: Sequence = Sequence {
 };
 
 /// A batch's transaction ([`TxnOptions::batch`]) whose one statement takes a
-/// stream position for a `cache_invalidations` row keyed `key`: on
+/// stream position for a `cache_invalidations` row keyed `key` (written with
+/// the batch's highest position, as a persisted batch writes its row): on
 /// PostgreSQL that statement is sent alone and commits on its own; SQLite
 /// runs it in its transaction.
 fn batch_write(db: &Database, key: &str) -> storage_core::Result<()> {
@@ -81,7 +82,7 @@ fn batch_write(db: &Database, key: &str) -> storage_core::Result<()> {
             vec![TableRows::insert(
                 "cache_invalidations",
                 vec![
-                    ("stream_ordering", Column::Position),
+                    ("stream_ordering", Column::HighestPosition),
                     ("cache_name", Column::Text(vec!["batch"])),
                     ("cache_key", Column::Text(vec![key])),
                 ],
@@ -147,7 +148,7 @@ fn a_batch_statement_committed_alone_proves_the_claim_in_the_server(t: &TestDb) 
 /// `cache_invalidations` row, which does) proves the claim before it writes
 /// anything, then writes its rows that need no position, and only then takes
 /// the stream positions lock: held by another transaction, it finds the
-/// statement waiting for that relation with its group's row already written
+/// statement waiting for that advisory lock with its group's row already written
 /// (another insert of that id has to wait for it), while one waiting for
 /// the claim's row has written nothing yet (the same insert goes through).
 /// On SQLite, which writes one batch at a time, both rows are written.
@@ -206,7 +207,10 @@ fn a_batch_statement_writes_its_rows_without_positions_before_taking_the_lock(t:
     assert_eq!((groups(&db), batch_rows(&db)), (1, 1));
     // Waiting for the stream positions lock: its group is already written.
     holder
-        .batch_execute("BEGIN; LOCK TABLE stream_positions_lock IN EXCLUSIVE MODE")
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            storage_core::engine::STREAM_POSITIONS_LOCK_KEY
+        ))
         .unwrap();
     let writer = {
         let db = db.clone();
@@ -214,7 +218,7 @@ fn a_batch_statement_writes_its_rows_without_positions_before_taking_the_lock(t:
     };
     let pid = waiting_backend(t);
     wait_until_blocked(t.url(), pid);
-    assert_eq!(waits_for(t, pid), "relation");
+    assert_eq!(waits_for(t, pid), "advisory");
     assert!(
         group_row_is_written(t, 2),
         "the lock was taken before the group's row"

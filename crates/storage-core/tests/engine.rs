@@ -88,7 +88,10 @@ fn stream_lock_is_held(t: &TestDb) -> bool {
     other
         .batch_execute("BEGIN; SET LOCAL lock_timeout = '50ms'")
         .unwrap();
-    let waited = other.batch_execute("LOCK TABLE stream_positions_lock IN EXCLUSIVE MODE");
+    let waited = other.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock({})",
+        storage_core::engine::STREAM_POSITIONS_LOCK_KEY
+    ));
     other.batch_execute("ROLLBACK").unwrap();
     match waited {
         Ok(()) => false,

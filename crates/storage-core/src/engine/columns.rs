@@ -300,10 +300,9 @@ impl<'a> TableRows<'a> {
 /// The stream positions a statement takes ([`super::Engine::insert_columns`]):
 /// `count` new ids of `sequence` (a sequence's name), under the stream
 /// positions lock. With `claimed`, the statement commits on its own (it is
-/// sent outside a transaction): the migration's `prove_main_process_claim`
-/// first, before anything is written, holds the main-process claim's row
-/// and fails, writing nothing, unless its epoch is the one given (`None`
-/// checks nothing).
+/// sent outside a transaction) and proves the main-process claim first,
+/// before anything is written: it holds the claim's row and writes nothing
+/// unless its epoch is the one given (`None` checks nothing).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TakePositions<'q> {
     pub(crate) sequence: &'q str,
@@ -315,18 +314,23 @@ pub(crate) struct TakePositions<'q> {
 /// SELECT 1`: every table's rows in one statement; `SELECT pg_notify($n,
 /// $m)` at the end instead when it also notifies. With positions to take,
 /// the tables that need none first, each answering 1 a row it wrote
-/// (`RETURNING 1`), then `positions AS (SELECT n, id FROM
-/// take_stream_positions(.., $k + 0 * (SELECT count(*) FROM (SELECT 1 FROM
-/// t0 UNION ALL ..))))` (the migration's function: it locks the stream's lock
-/// table, then takes them), which PostgreSQL cannot call before those rows
-/// are all written (a data-modifying CTE runs when first read, and otherwise
-/// only after the main query, which reads the positions first): the lock is
-/// held for the rows that need positions and the commit only. Then the
-/// tables with columns of positions fill them from it, the NOTIFY's payload
-/// follows the highest, and the statement answers them first, as an array in
-/// row order. A statement that commits on its own begins with `claim AS
-/// (SELECT prove_main_process_claim(..))`, which every table's rows and the
-/// positions wait for. `ST` is the SQL type of what it answers.
+/// (`RETURNING 1`), then `locked AS (SELECT pg_advisory_xact_lock(..) FROM
+/// (SELECT count(*) FROM (SELECT 1 FROM t0 UNION ALL ..)))` (the stream
+/// positions lock: [`super::postgres::STREAM_POSITIONS_LOCK_KEY`]), which
+/// PostgreSQL cannot take before those rows are all written (a
+/// data-modifying CTE runs when first read, and otherwise only after the
+/// main query, which reads the positions first), and `positions AS (SELECT
+/// g.n, nextval(..) FROM generate_series(1, $k + 0 * (SELECT count(*) FROM
+/// locked)))`, whose ids come after the lock: the lock is held for the rows
+/// that need positions and the commit only. Then the tables with columns of
+/// positions fill them from it, the NOTIFY's payload follows the highest,
+/// and the statement answers them first, as an array in row order. A
+/// statement that commits on its own begins with `claim AS (SELECT epoch =
+/// .. AS proven, .. FROM main_process_claim .. FOR SHARE)`, which every
+/// table's rows, the lock, the positions and the NOTIFY wait for, and
+/// answers that row. Plain SQL throughout: no function of ours is called
+/// (PL/pgSQL's calls cost the server ~80 us a message). `ST` is the SQL type
+/// of what it answers.
 struct UnnestInsert<'q, 'a, ST> {
     tables: &'q [&'q TableRows<'a>],
     positions: Option<TakePositions<'q>>,
@@ -387,17 +391,28 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
         // it cost 155,000 of the 745,000 instructions hs-main spent on a
         // message posted over HTTP.
         let claimed = self.positions.as_ref().and_then(|p| p.claimed.as_ref());
+        let (claim_columns, claim_from) = super::postgres_claim::CLAIM_ROW;
         let mut first = true;
         if let Some(epoch) = claimed {
             // Proven before anything is written: every part below reads it.
-            out.push_sql("WITH claim AS (SELECT prove_main_process_claim(");
+            // Its row is held FOR SHARE until the statement commits (a
+            // newcomer's raise of the epoch waits for it; one that committed
+            // since the statement began is the row read), and `proven` is
+            // false, which writes nothing, when the epoch is another's (a
+            // `None` epoch checks nothing). No error is raised: the statement
+            // answers the row and the caller refuses it (`expect_row`).
+            out.push_sql("WITH claim AS (SELECT epoch = coalesce(");
             out.push_bind_param::<Nullable<BigInt>, _>(epoch)?;
-            out.push_sql("::bigint) AS proven)");
+            out.push_sql("::bigint, epoch) AS proven, ");
+            out.push_sql(claim_columns);
+            out.push_sql(" FROM ");
+            out.push_sql(claim_from);
+            out.push_sql(" FOR SHARE)");
             first = false;
         }
-        // The rows that need no position first, then the positions, which
-        // read them all (so PostgreSQL writes them before it takes the lock),
-        // then the rows that need them.
+        // The rows that need no position first, then the lock and the
+        // positions, which read them all (so PostgreSQL writes them before
+        // it takes the lock), then the rows that need them.
         let free = || {
             self.tables
                 .iter()
@@ -412,15 +427,14 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
         if let Some(positions) = &self.positions {
             out.push_sql(if first { "WITH " } else { ", " });
             first = false;
-            out.push_sql("positions AS (SELECT n, id FROM take_stream_positions(");
-            out.push_bind_param::<Text, _>(positions.sequence)?;
-            out.push_sql("::regclass, ");
-            out.push_bind_param::<BigInt, _>(&positions.count)?;
-            out.push_sql("::bigint");
+            out.push_sql("locked AS (SELECT pg_advisory_xact_lock(");
+            out.push_bind_param::<BigInt, _>(&super::postgres::STREAM_POSITIONS_LOCK_KEY)?;
+            out.push_sql("::bigint)");
             if free().next().is_some() {
-                // An argument the function cannot be called without: every
-                // row above written (each answers 1 a row), none counted.
-                out.push_sql(" + 0 * (SELECT count(*) FROM (");
+                // Read once every row above is written (each answers 1 a
+                // row), so the lock is held for the rows that need positions
+                // and the commit only.
+                out.push_sql(" FROM (SELECT count(*) FROM (");
                 for (k, (i, _)) in free().enumerate() {
                     if k > 0 {
                         out.push_sql(" UNION ALL ");
@@ -428,9 +442,18 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
                     out.push_sql("SELECT 1 FROM t");
                     push_number(&mut out, i);
                 }
-                out.push_sql(") AS written)");
+                out.push_sql(") AS w) AS written");
             }
-            out.push_sql(")");
+            if claimed.is_some() {
+                out.push_sql(" WHERE (SELECT proven FROM claim)");
+            }
+            // The positions' ids, taken once the lock is held: the
+            // function's argument reads `locked` before the first row.
+            out.push_sql("), positions AS (SELECT g.n, nextval(");
+            out.push_bind_param::<Text, _>(positions.sequence)?;
+            out.push_sql("::regclass) AS id FROM generate_series(1, ");
+            out.push_bind_param::<BigInt, _>(&positions.count)?;
+            out.push_sql("::bigint + 0 * (SELECT count(*) FROM locked)) AS g(n)");
             if claimed.is_some() {
                 out.push_sql(" WHERE (SELECT proven FROM claim)");
             }
@@ -444,9 +467,10 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
         for (i, t) in positioned {
             out.push_sql(if first { "WITH " } else { ", " });
             first = false;
-            push_table(i, t, &mut out, false, false)?;
+            // Gated too: a column of the highest position would otherwise
+            // be written NULL by a statement that took none.
+            push_table(i, t, &mut out, claimed.is_some(), false)?;
         }
-        let (claim_columns, claim_from) = super::postgres_claim::CLAIM_ROW;
         out.push_sql(" SELECT ");
         let mut selected = false;
         if self.positions.is_some() {
@@ -465,19 +489,27 @@ impl<ST> QueryFragment<Pg> for UnnestInsert<'_, '_, ST> {
                 if selected {
                     out.push_sql(", ");
                 }
-                out.push_sql("pg_notify(");
+                // Not when the claim is another's: nothing was written.
+                out.push_sql(if claimed.is_some() {
+                    "CASE WHEN proven THEN pg_notify("
+                } else {
+                    "pg_notify("
+                });
                 out.push_bind_param::<Text, _>(*channel)?;
                 out.push_sql(", ");
                 if self.positions.is_some() {
                     out.push_sql("(SELECT max(id) FROM positions) || ");
                 }
                 out.push_bind_param::<Text, _>(*payload)?;
-                out.push_sql(")");
+                out.push_sql(if claimed.is_some() { ") END" } else { ")" });
             }
             None if !selected => out.push_sql("1"),
             None => {}
         }
-        if self.read_claim {
+        if claimed.is_some() {
+            // The row as the statement locked it.
+            out.push_sql(" FROM claim");
+        } else if self.read_claim {
             out.push_sql(" FROM ");
             out.push_sql(claim_from);
         }
@@ -868,14 +900,15 @@ mod tests {
         assert_eq!(
             sql,
             concat!(
-                "WITH claim AS (SELECT prove_main_process_claim($1::bigint) AS proven)",
+                "WITH claim AS (SELECT epoch = coalesce($1::bigint, epoch) AS proven, epoch, holder, claimed_at FROM main_process_claim WHERE id = 1 FOR SHARE)",
                 ", t0 AS (INSERT INTO event_json (event_id, json) SELECT * FROM unnest($2::text[], $3::text[]) WHERE (SELECT proven FROM claim) RETURNING 1)",
                 ", t1 AS (DELETE FROM current_state_events WHERE (room_id, type) IN (SELECT * FROM unnest($4::text[], $5::text[])) AND (SELECT proven FROM claim) RETURNING 1)",
                 ", t2 AS (INSERT INTO current_state_events (room_id, type, event_id, membership) SELECT * FROM unnest($6::text[], $7::text[], $8::text[], $9::text[]) WHERE (SELECT proven FROM claim) ON CONFLICT (room_id, type) DO UPDATE SET event_id = excluded.event_id, membership = excluded.membership RETURNING 1)",
-                ", positions AS (SELECT n, id FROM take_stream_positions($10::regclass, $11::bigint + 0 * (SELECT count(*) FROM (SELECT 1 FROM t0 UNION ALL SELECT 1 FROM t1 UNION ALL SELECT 1 FROM t2) AS written)) WHERE (SELECT proven FROM claim))",
-                ", t3 AS (INSERT INTO events (stream_ordering, event_id, depth) SELECT positions.id, r3.u0, r3.u1 FROM unnest($12::text[], $13::bigint[]) WITH ORDINALITY AS r3(u0, u1, ord) JOIN positions ON positions.n = r3.ord)",
-                ", t4 AS (INSERT INTO stream_marks (room_id, stream_ordering) SELECT r4.u0, (SELECT max(id) FROM positions) FROM unnest($14::text[]) WITH ORDINALITY AS r4(u0, ord) ON CONFLICT DO NOTHING)",
-                " SELECT ARRAY(SELECT id FROM positions ORDER BY n), epoch, holder, claimed_at, pg_notify($15, (SELECT max(id) FROM positions) || $16) FROM main_process_claim WHERE id = 1",
+                ", locked AS (SELECT pg_advisory_xact_lock($10::bigint) FROM (SELECT count(*) FROM (SELECT 1 FROM t0 UNION ALL SELECT 1 FROM t1 UNION ALL SELECT 1 FROM t2) AS w) AS written WHERE (SELECT proven FROM claim))",
+                ", positions AS (SELECT g.n, nextval($11::regclass) AS id FROM generate_series(1, $12::bigint + 0 * (SELECT count(*) FROM locked)) AS g(n) WHERE (SELECT proven FROM claim))",
+                ", t3 AS (INSERT INTO events (stream_ordering, event_id, depth) SELECT positions.id, r3.u0, r3.u1 FROM unnest($13::text[], $14::bigint[]) WITH ORDINALITY AS r3(u0, u1, ord) JOIN positions ON positions.n = r3.ord WHERE (SELECT proven FROM claim))",
+                ", t4 AS (INSERT INTO stream_marks (room_id, stream_ordering) SELECT r4.u0, (SELECT max(id) FROM positions) FROM unnest($15::text[]) WITH ORDINALITY AS r4(u0, ord) WHERE (SELECT proven FROM claim) ON CONFLICT DO NOTHING)",
+                " SELECT ARRAY(SELECT id FROM positions ORDER BY n), epoch, holder, claimed_at, CASE WHEN proven THEN pg_notify($16, (SELECT max(id) FROM positions) || $17) END FROM claim",
             )
         );
         // Rows alone: nothing to answer.

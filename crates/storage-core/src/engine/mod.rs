@@ -19,7 +19,7 @@ mod statement_slots;
 
 pub use columns::{Column, RowsWrite, TableRows};
 pub use listen::Listener;
-pub use postgres::PostgresEngine;
+pub use postgres::{PostgresEngine, STREAM_POSITIONS_LOCK_KEY};
 pub use postgres_claim::MAIN_PROCESS_LOCK_KEY;
 pub use sqlite::SqliteEngine;
 
@@ -365,10 +365,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// that positions become visible in the order they were taken (no reader
     /// sees a position while a lower one may still commit). Taken as late
     /// as the transaction can: other writers wait for it from then until its
-    /// COMMIT. PostgreSQL: the `take_stream_positions` function of the
-    /// migrations, which locks `stream_positions_lock` (a table no one
-    /// writes) and then takes them; SQLite: [`Self::next_ids`], a write
-    /// transaction holding the whole database already.
+    /// COMMIT. PostgreSQL: a transaction-level advisory lock
+    /// ([`STREAM_POSITIONS_LOCK_KEY`]), then `nextval`; SQLite:
+    /// [`Self::next_ids`], a write transaction holding the whole database
+    /// already.
     fn stream_positions(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
 
     /// Reads `sequence` and the highest id of its table, changing nothing.

@@ -20,6 +20,14 @@ use std::sync::Arc;
 /// start at the same time.
 const MIGRATION_LOCK_KEY: i64 = 0x6873_6d69_6772; // "hsmigr"
 
+/// Key of the transaction-level advisory lock under which stream positions
+/// are taken ([`super::Engine::stream_positions`]): held from the ids'
+/// `nextval` to COMMIT, so that positions become visible in the order they
+/// were taken. An advisory lock rather than a table's: a plain statement
+/// can take it (the batch's statement does, without calling a function of
+/// ours), and it writes nothing.
+pub const STREAM_POSITIONS_LOCK_KEY: i64 = 0x6873_7374_726d; // "hsstrm"
+
 #[derive(Debug)]
 pub struct PostgresEngine {
     config: DatabaseConfig,
@@ -64,7 +72,7 @@ impl QueryFragment<Pg> for NextIds<'_> {
 
 impl RunQueryDsl<PgConnection> for NextIds<'_> {}
 
-/// A row of `take_stream_positions` (the migrations' function).
+/// A stream position taken ([`PostgresEngine::stream_positions`]).
 #[derive(QueryableByName)]
 struct Position {
     #[diesel(sql_type = BigInt)]
@@ -289,12 +297,17 @@ impl Engine for PostgresEngine {
     }
 
     fn stream_positions(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
-        let rows: Vec<Position> =
-            diesel::sql_query("SELECT id FROM take_stream_positions($1::regclass, $2) ORDER BY n")
-                .bind::<Text, _>(sequence.name)
-                .bind::<BigInt, _>(n as i64)
-                .load(conn.postgres()?)
-                .with_context(|| format!("taking {n} stream positions from {}", sequence.name))?;
+        // The lock first (the function's argument reads it), then the ids.
+        let rows: Vec<Position> = diesel::sql_query(
+            "WITH locked AS (SELECT pg_advisory_xact_lock($1)) \
+             SELECT nextval($2::regclass) AS id \
+             FROM generate_series(1, $3 + 0 * (SELECT count(*) FROM locked)) AS g(n) ORDER BY n",
+        )
+        .bind::<BigInt, _>(STREAM_POSITIONS_LOCK_KEY)
+        .bind::<Text, _>(sequence.name)
+        .bind::<BigInt, _>(n as i64)
+        .load(conn.postgres()?)
+        .with_context(|| format!("taking {n} stream positions from {}", sequence.name))?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
@@ -421,17 +434,9 @@ impl Engine for PostgresEngine {
             notify,
             claim.is_some(),
         );
-        let inserted = match (inserted, claim) {
-            (Err(e), Some(claim)) if alone && super::postgres_claim::is_claim_taken(&e) => {
-                // Nothing was written: the claim is lost, which the row
-                // read afresh says how.
-                return Err(super::postgres_claim::prove(conn, claim)
-                    .err()
-                    .unwrap_or_else(|| e.into()));
-            }
-            (inserted, _) => inserted,
-        }
-        .with_context(|| {
+        // A claim another process raised makes the statement write nothing
+        // and answer the row it found: refused below.
+        let inserted = inserted.with_context(|| {
             let names: Vec<&str> = tables.iter().map(|t| t.table).collect();
             match positions {
                 Some((sequence, n)) => format!(

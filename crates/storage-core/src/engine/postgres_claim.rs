@@ -293,24 +293,14 @@ fn lock_holder(conn: &mut PgConnection) -> String {
 /// batch's statement: [`CLAIM_ROW`]).
 pub(super) const LOCK_ROW: &str = "SELECT 1 FROM main_process_claim WHERE id = 1 FOR SHARE";
 
-/// The claim's row, as the batch's statement reads it after its inserts
-/// (`SELECT {columns} FROM {from}`): columns in [`ClaimRow`]'s order.
+/// The claim's row, as the batch's statement reads it (`SELECT {columns}
+/// FROM {from}`: after its inserts in a transaction, which holds the row
+/// since BEGIN; first thing, `FOR SHARE`, when the statement is the whole
+/// transaction): columns in [`ClaimRow`]'s order.
 pub(super) const CLAIM_ROW: (&str, &str) = (
     "epoch, holder, claimed_at",
     "main_process_claim WHERE id = 1",
 );
-
-/// Whether `error` is `prove_main_process_claim` (the migrations)
-/// refusing a statement that commits on its own because the claim's epoch
-/// is not the one it was given: another process claimed the database.
-pub(super) fn is_claim_taken(error: &diesel::result::Error) -> bool {
-    match error {
-        diesel::result::Error::DatabaseError(_, info) => {
-            info.message().starts_with("main-process claim epoch ")
-        }
-        _ => false,
-    }
-}
 
 /// The claim proven by the row a statement read ([`CLAIM_ROW`]); none read
 /// means the row is gone, which only another process can have done.
