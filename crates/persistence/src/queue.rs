@@ -154,6 +154,13 @@ impl PersistenceQueue {
         self.inner.depth.load(Ordering::SeqCst)
     }
 
+    /// Rooms being written now (by a loop or by a lone caller of
+    /// [`write`](Self::write)): a room leaves once its last queued item is
+    /// written, which is after that item's callers got their answer.
+    pub fn rooms_writing(&self) -> usize {
+        lock(&self.inner.rooms).len()
+    }
+
     /// A new chain, for a writer whose items depend on its earlier ones.
     pub fn chain(&self) -> Chain {
         Chain(self.inner.next_chain.fetch_add(1, Ordering::SeqCst))

@@ -5,7 +5,7 @@ use persistence::queue::{BatchOutcome, PersistenceQueue};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{logging, Error, LogContext, StoreConfig};
 use storage_events::{
@@ -264,7 +264,13 @@ fn a_lone_writer_writes_its_own_item_and_hands_the_rest_to_a_loop() {
         assert!(later.wait().is_ok());
         writer.join().unwrap()
     });
-    // The loop ended with its queue: the next lone writer writes inline again.
+    // Once the loop has ended with its queue (it answers $2 first, then finds
+    // the queue empty), the next lone writer writes inline again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.rooms_writing() > 0 {
+        assert!(Instant::now() < deadline, "the loop never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     queue.write("!r", vec![event("!r", "$3", Some(1))]).unwrap();
     let calls = calls.lock().unwrap();
     let loop_ctx = "persistence loop !r";
