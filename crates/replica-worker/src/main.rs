@@ -6,11 +6,8 @@
 //! contexts and prepared groups to the main process, which writes them in the
 //! events' batch without recomputing.
 
-mod forward;
-
 use clap::{ArgAction, Parser};
 use event_context::{ContextBuilder, EventContext, Pdu};
-use forward::MainClient;
 use http_api::settings::{LogFormat, Overrides, Settings};
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter};
@@ -71,13 +68,11 @@ struct Cli {
 /// Computes contexts here, persists through the main process.
 struct ForwardingWriter {
     builder: ContextBuilder,
-    /// The main process's URL, as given (for messages).
     main: String,
-    /// `Bearer TOKEN`, when there is a token.
-    authorization: Option<String>,
-    /// Keeps connections to the main process alive between requests: a
-    /// forwarded write then costs no TCP handshake.
-    client: MainClient,
+    token: Option<String>,
+    /// Keeps connections to the main process alive between requests (ureq's
+    /// pool): a forwarded write then costs no TCP handshake.
+    agent: ureq::Agent,
     /// Told of each write being forwarded and of its commit, so that its
     /// notification is looked for at once and not taken for another
     /// process's.
@@ -126,26 +121,23 @@ impl ForwardingWriter {
                 .map(|(p, c)| ContextedEvent::new(p, c))
                 .collect(),
         };
-        let path = format!(
-            "/_hs/v1/internal/rooms/{}/events",
+        let url = format!(
+            "{}/_hs/v1/internal/rooms/{}/events",
+            self.main.trim_end_matches('/'),
             storage_core::config::percent_encode(room_id)
         );
-        let body = serde_json::to_vec(&body)
-            .map_err(|e| Error::other(format!("serializing the forwarded events: {e}")))?;
-        let mut headers = vec![("Content-Type", "application/json")];
-        if let Some(a) = &self.authorization {
-            headers.push(("Authorization", a));
+        let mut request = self.agent.post(&url);
+        if let Some(t) = &self.token {
+            request = request.set("Authorization", &format!("Bearer {t}"));
         }
-        match self.client.request("POST", &path, &headers, &body) {
-            Ok(answer) if (200..300).contains(&answer.status) => {
-                serde_json::from_slice::<WriteOutcome>(&answer.body)
-                    .map_err(|e| Error::other(format!("reading the main process's answer: {e}")))
-            }
-            Ok(answer) => {
+        match request.send_json(body) {
+            Ok(response) => response
+                .into_json::<WriteOutcome>()
+                .map_err(|e| Error::other(format!("reading the main process's answer: {e}"))),
+            Err(ureq::Error::Status(code, response)) => {
                 // The main process's verdict on the request keeps its kind, so the
                 // client sees the same 4xx it would have seen from the main process.
-                let code = answer.status;
-                let text = String::from_utf8_lossy(&answer.body).into_owned();
+                let text = response.into_string().unwrap_or_default();
                 let message = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()
                     .and_then(|v| v["error"].as_str().map(str::to_owned))
@@ -162,8 +154,7 @@ impl ForwardingWriter {
             // events may or may not have been committed. Either way a retry is
             // safe, since events already stored are skipped.
             Err(e) => Err(Error::unavailable(format!(
-                "reaching the main process at {}: {e}; retry the request (stored events are skipped)",
-                self.main
+                "reaching the main process at {url}: {e}; retry the request (stored events are skipped)"
             ))),
         }
     }
@@ -178,16 +169,12 @@ fn check_main(main: &str) -> Result<(), Error> {
             "--main {main:?}: give the main process's API as an http:// URL, e.g. http://127.0.0.1:8008"
         )));
     }
-    let health = "/_hs/v1/health";
-    let why = match MainClient::new(main).request("GET", health, &[], &[]) {
-        Ok(a) if a.status == 200 => return Ok(()),
-        Ok(a) => format!("it answered {}", a.status),
-        Err(e) => e.to_string(),
-    };
-    log::warn!(
-        "the main process does not answer at {}{health} ({why}); writes answer 503 until it does",
-        main.trim_end_matches('/')
-    );
+    let health = format!("{}/_hs/v1/health", main.trim_end_matches('/'));
+    if let Err(e) = ureq::get(&health).call() {
+        log::warn!(
+            "the main process does not answer at {health} ({e}); writes answer 503 until it does"
+        );
+    }
     Ok(())
 }
 
@@ -227,9 +214,11 @@ fn run(settings: &Settings) -> Result<(), Error> {
         position: Arc::new(move || position.position()),
         writer: Arc::new(ForwardingWriter {
             builder,
-            client: MainClient::new(&main),
             main,
-            authorization: token.as_ref().map(|t| format!("Bearer {t}")),
+            token: token.clone(),
+            agent: ureq::AgentBuilder::new()
+                .max_idle_connections_per_host(16)
+                .build(),
             replication: slaved.clone(),
         }),
         token,
