@@ -72,13 +72,6 @@ impl QueryFragment<Pg> for NextIds<'_> {
 
 impl RunQueryDsl<PgConnection> for NextIds<'_> {}
 
-/// A stream position taken ([`PostgresEngine::stream_positions`]).
-#[derive(QueryableByName)]
-struct Position {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-}
-
 #[derive(QueryableByName)]
 struct Access {
     #[diesel(sql_type = Text)]
@@ -297,18 +290,17 @@ impl Engine for PostgresEngine {
     }
 
     fn stream_positions(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
-        // The lock first (the function's argument reads it), then the ids.
-        let rows: Vec<Position> = diesel::sql_query(
-            "WITH locked AS (SELECT pg_advisory_xact_lock($1)) \
-             SELECT nextval($2::regclass) AS id \
-             FROM generate_series(1, $3 + 0 * (SELECT count(*) FROM locked)) AS g(n) ORDER BY n",
-        )
-        .bind::<BigInt, _>(STREAM_POSITIONS_LOCK_KEY)
-        .bind::<Text, _>(sequence.name)
-        .bind::<BigInt, _>(n as i64)
-        .load(conn.postgres()?)
-        .with_context(|| format!("taking {n} stream positions from {}", sequence.name))?;
-        Ok(rows.into_iter().map(|r| r.id).collect())
+        // The batch statement's positions with no table to write: the same
+        // lock, then the ids, in one place.
+        let take = super::columns::TakePositions {
+            sequence: sequence.name,
+            count: n as i64,
+            claimed: None,
+        };
+        let taken =
+            super::columns::insert_with_unnest(conn.postgres()?, &[], Some(take), None, false)
+                .with_context(|| format!("taking {n} stream positions from {}", sequence.name))?;
+        Ok(taken.positions)
     }
 
     fn inspect_sequence(&self, conn: &mut Conn, sequence: &Sequence) -> Result<SequenceHealth> {
