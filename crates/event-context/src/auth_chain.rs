@@ -30,14 +30,50 @@ pub fn auth_chain<'a>(
     fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
 ) -> EventIdSet<OwnedEventId> {
     let mut chain = EventIdSet::new();
+    walk_auth_chain(event_ids, fetch_event, |id| {
+        let new = !chain.contains(id);
+        if new {
+            chain.insert(id.clone());
+        }
+        new
+    });
+    chain
+}
+
+/// [`auth_chain`] in a set hashed with foldhash under a per-process random
+/// seed (event ids are chosen by remote servers), for a resolution's own
+/// bookkeeping: ruma's [`EventIdSet`] hashes with SipHash.
+pub(crate) fn auth_chain_set<'a>(
+    event_ids: impl IntoIterator<Item = &'a EventId>,
+    fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+) -> IdSet {
+    let mut chain = IdSet::default();
+    walk_auth_chain(event_ids, fetch_event, |id| {
+        let new = !chain.contains(id);
+        if new {
+            chain.insert(id.clone());
+        }
+        new
+    });
+    chain
+}
+
+/// Event ids hashed with foldhash under a per-process random seed.
+pub(crate) type IdSet = HashSet<OwnedEventId, foldhash::fast::RandomState>;
+
+/// Walks the auth chain of `event_ids`: `reached` is told of each event
+/// reached through `auth_events` and says whether it is new (its own auth
+/// events are then followed).
+fn walk_auth_chain<'a>(
+    event_ids: impl IntoIterator<Item = &'a EventId>,
+    fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+    mut reached: impl FnMut(&OwnedEventId) -> bool,
+) {
     let mut todo: Vec<OwnedEventId> = Vec::new();
-    let reach_from = |id: &EventId,
-                      chain: &mut EventIdSet<OwnedEventId>,
-                      todo: &mut Vec<OwnedEventId>| match fetch_event(id) {
+    let mut reach_from = |id: &EventId, todo: &mut Vec<OwnedEventId>| match fetch_event(id) {
         Some(pdu) => {
             for auth in &pdu.auth_events {
-                if !chain.contains(auth) {
-                    chain.insert(auth.clone());
+                if reached(auth) {
                     todo.push(auth.clone());
                 }
             }
@@ -45,12 +81,11 @@ pub fn auth_chain<'a>(
         None => log::warn!("auth chain: event {id} not found, not following its auth events"),
     };
     for id in event_ids {
-        reach_from(id, &mut chain, &mut todo);
+        reach_from(id, &mut todo);
     }
     while let Some(id) = todo.pop() {
-        reach_from(&id, &mut chain, &mut todo);
+        reach_from(&id, &mut todo);
     }
-    chain
 }
 
 /// The conflicted state subgraph (room version 12, MSC4297): the events that are both

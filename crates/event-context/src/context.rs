@@ -8,6 +8,7 @@
 //! stored as a group of its own. A state event that passes its auth rules gets a
 //! new group: a delta of one entry, itself, on the group before it.
 
+use crate::auth_chain::IdSet;
 use crate::conflict::{parse_event_id, ByConflict, ConflictSource, Loaded, WholeStates};
 use crate::{
     auth_types_for_pdu, check_auth_against_state, check_auth_events, resolve_state, Pdu, StateKey,
@@ -459,12 +460,12 @@ impl ContextBuilder {
     fn auth_chain_holds(
         &self,
         start: Vec<&str>,
-        targets: &HashSet<OwnedEventId>,
+        targets: &IdSet,
         pending: &PendingEvents,
-    ) -> Result<HashSet<OwnedEventId>> {
+    ) -> Result<IdSet> {
         let by_name: HashMap<&str, &OwnedEventId> =
             targets.iter().map(|t| (t.as_str(), t)).collect();
-        let mut found = HashSet::new();
+        let mut found = IdSet::default();
         let mut seen: HashSet<String> = HashSet::new();
         let mut level: Vec<String> = start
             .into_iter()

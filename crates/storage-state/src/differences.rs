@@ -73,11 +73,16 @@ pub fn of_states(states: &[&StateMap]) -> StateDifferences {
 /// Two groups' values on one slot (`None`: the group lacks it).
 type Both = (Option<Arc<str>>, Option<Arc<str>>);
 
+/// Hashed with foldhash under a per-process random seed rather than SipHash
+/// (state keys are chosen by remote servers, so the seed stays random): a
+/// comparison of the HQ forks hashes each of thousands of slots several times.
+type Hasher = foldhash::fast::RandomState;
+
 /// Two groups' values on each slot where they differ.
-type PairDifferences = HashMap<StateKey, Both>;
+type PairDifferences = HashMap<StateKey, Both, Hasher>;
 
 /// Per slot, the newest row seen: its group and its event.
-type Newest = HashMap<StateKey, (StateGroup, Arc<str>)>;
+type Newest = HashMap<StateKey, (StateGroup, Arc<str>), Hasher>;
 
 /// Keeps the row of `group` for `slot` unless a row of a higher group (a
 /// newer one on the chain) is already kept.
@@ -392,7 +397,7 @@ fn pair(
     mut side_b: Side,
 ) -> Result<PairDifferences> {
     if side_a.group == side_b.group {
-        return Ok(PairDifferences::new());
+        return Ok(PairDifferences::default());
     }
     // The highest group on both ways down, else each way's lowest group (its
     // snapshot): the bases below which nothing is read row by row. Where the
@@ -425,8 +430,8 @@ fn pair(
             })?
         }
     };
-    let above_a: HashSet<StateGroup> = side_a.rows_above(base_a).collect();
-    let above_b: HashSet<StateGroup> = side_b.rows_above(base_b).collect();
+    let above_a: HashSet<StateGroup, Hasher> = side_a.rows_above(base_a).collect();
+    let above_b: HashSet<StateGroup, Hasher> = side_b.rows_above(base_b).collect();
     let mut above: Vec<StateGroup> = above_a.iter().chain(&above_b).copied().collect();
     above.sort_unstable();
     above.dedup();
@@ -434,7 +439,7 @@ fn pair(
     // Per side, the newest row above its base for each slot: the origins'
     // rows first, then the rows read.
     let origin_rows = |side: &Side, base: StateGroup| {
-        let mut newest = Newest::new();
+        let mut newest = Newest::default();
         for (&g, (slot, event)) in &side.by_origin {
             if g <= base {
                 continue;
@@ -446,7 +451,7 @@ fn pair(
     let (origin_a, origin_b) = (origin_rows(&side_a, base_a), origin_rows(&side_b, base_b));
     let mut newest_a = origin_a.clone();
     let mut newest_b = origin_b.clone();
-    let mut bases: PairDifferences = PairDifferences::new();
+    let mut bases: PairDifferences = PairDifferences::default();
     let compared_by_server = base_a != base_b && !db.engine().round_trips_are_cheap();
     db.run_read("get_state_differences", |txn| {
         newest_a.clone_from(&origin_a);
@@ -501,7 +506,7 @@ fn pair(
     } else {
         base_values(db, side_a.real_chain(base_a), &from_base)?
     };
-    let value = |newest: &HashMap<StateKey, (StateGroup, Arc<str>)>,
+    let value = |newest: &Newest,
                  slot: &StateKey,
                  from_bases: fn(&Both) -> &Option<Arc<str>>|
      -> Option<Arc<str>> {
@@ -513,12 +518,13 @@ fn pair(
             },
         }
     };
-    let candidates: BTreeSet<&StateKey> = newest_a
+    // Unordered: what differs goes into a hash map.
+    let candidates: HashSet<&StateKey, Hasher> = newest_a
         .keys()
         .chain(newest_b.keys())
         .chain(bases.keys())
         .collect();
-    let mut out = PairDifferences::new();
+    let mut out = PairDifferences::default();
     for slot in candidates {
         let va = value(&newest_a, slot, |b| &b.0);
         let vb = value(&newest_b, slot, |b| &b.1);
@@ -543,7 +549,7 @@ fn base_values(
     let Some((&snapshot, deltas)) = chain.split_last() else {
         return Ok(StateMap::new());
     };
-    let mut newest = Newest::new();
+    let mut newest = Newest::default();
     let mut in_snapshot: Vec<(StateKey, Arc<str>)> = Vec::new();
     db.run_read("get_state_differences.base_values", |txn| {
         newest.clear();
