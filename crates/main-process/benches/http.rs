@@ -8,7 +8,9 @@
 //! - one room, 100 events a request;
 //! - one room, 1 event a request through `hs-worker` (which computes contexts
 //!   itself and forwards them to the main process), PostgreSQL only: SQLite
-//!   serves one process.
+//!   serves one process;
+//! - on SQLite, the single-room case again with `sqlite.synchronous: full`
+//!   (every commit synced before its answer): what that costs.
 //!
 //! Every room is `main_process::bench_room::linear_room` (room version 10,
 //! every fifth event a state event: members joining, then admin state), each
@@ -22,7 +24,7 @@
 //! through the worker, ...), each rate from its own requests' latencies, so
 //! that a loaded machine's swings fall on both sides of the ratio alike.
 
-use e2e_tests::{encode, free_port, main_process, worker, TOKEN};
+use e2e_tests::{encode, free_port, main_process, main_process_with, worker, TOKEN};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
@@ -254,8 +256,33 @@ fn main() {
             );
         } else {
             println!("{engine} via worker: skipped (a worker needs PostgreSQL)");
+            if !worker_only {
+                drop(main);
+                synced(db, engine);
+            }
         }
     }
+}
+
+/// SQLite's single-room case on a main process configured with
+/// `sqlite.synchronous: full` (see docs/operations.md).
+fn synced(db: &TestDb, engine: &str) {
+    let Ok(storage_core::DatabaseUrl::Sqlite(path)) = storage_core::DatabaseUrl::parse(db.url())
+    else {
+        return;
+    };
+    let config = path.with_extension("full.yaml");
+    std::fs::write(&config, "sqlite:\n  synchronous: full\n").expect("writing a config file");
+    let main = main_process_with(
+        db,
+        free_port(),
+        &["--config", config.to_str().expect("a UTF-8 path")],
+    );
+    let mut run = case(&main.url, &format!("{engine}-full"), SINGLE, 1);
+    println!(
+        "{}",
+        run.line(&format!("{engine} 1 event a request, synchronous=full"))
+    );
 }
 
 /// The concurrent and the batched case.

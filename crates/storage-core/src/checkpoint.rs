@@ -7,10 +7,12 @@
 //! Left to itself, SQLite checkpoints inside the COMMIT that takes the log
 //! past 1,000 pages: that transaction's caller waits for the copy and its
 //! fsyncs. A commit still only appends
-//! to the log, so what a commit acknowledges is as durable as before; the
-//! log is synced by each checkpoint, now within an interval of a commit
-//! rather than once 1,000 pages piled up. Should the thread fall behind, the
-//! engine's own automatic checkpoint still bounds the log, at a larger size.
+//! to the log, so what a commit acknowledges is as durable as before; with
+//! [`crate::SqliteSync::Normal`] (the default) the log is synced by each
+//! checkpoint, now within an interval of a commit rather than once 1,000
+//! pages piled up (with `Full` every commit syncs it). Should the thread
+//! fall behind, the engine's own automatic checkpoint still bounds the
+//! log, at a larger size.
 
 use crate::engine::Engine;
 use crate::error::Result;

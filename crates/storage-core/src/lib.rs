@@ -27,7 +27,7 @@ pub mod testing;
 mod transaction;
 
 pub use claim::{on_claim_lost, ClaimRow, ClaimState, DatabaseFile, MainProcessClaim, CLAIM_WAIT};
-pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, StoreConfig};
+pub use config::{DatabaseConfig, DatabaseUrl, OpenMode, SqliteSync, StoreConfig};
 pub use conn::Conn;
 pub use database::{Database, MAX_RETRIES};
 pub use engine::{

@@ -289,6 +289,38 @@ fn sqlite_is_built_without_per_call_locks() {
     }
 }
 
+/// A writer's SQLite connections leave the sync of the write-ahead log to
+/// the checkpoints (`synchronous = NORMAL`, 1) unless configured
+/// `SqliteSync::Full` (2: every commit syncs it, so an acknowledged write
+/// survives a power loss).
+#[test]
+fn sqlite_commits_are_synced_when_configured_full() {
+    #[derive(diesel::QueryableByName)]
+    struct Synchronous {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        synchronous: i32,
+    }
+    let synchronous = |db: &storage_core::Database| -> i32 {
+        db.with_connection(|_, conn| {
+            Ok(with_conn!(conn, |c| diesel::sql_query(
+                "PRAGMA synchronous"
+            )
+            .get_result::<Synchronous>(c))?)
+        })
+        .unwrap()
+        .synchronous
+    };
+    let t = TestDb::sqlite();
+    let db = t.open();
+    assert_eq!(synchronous(&db), 1, "NORMAL by default");
+    drop(db);
+    let config = DatabaseConfig::parse(t.url(), OpenMode::Writer)
+        .unwrap()
+        .with_sqlite_sync(storage_core::SqliteSync::Full);
+    let db = storage_core::Database::open(config).unwrap();
+    assert_eq!(synchronous(&db), 2, "FULL when configured");
+}
+
 /// On SQLite, what write transactions commit reaches the database file
 /// through the writer's checkpoint thread shortly after, while the
 /// write-ahead log is far smaller than the size at which SQLite would

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use storage_core::config::DEFAULT_SQLITE_PATH;
-use storage_core::{DatabaseConfig, DatabaseUrl, OpenMode};
+use storage_core::{DatabaseConfig, DatabaseUrl, OpenMode, SqliteSync};
 
 /// What the command line (flags, or the environment variables clap reads for
 /// them) says; `None` leaves the setting to the file or the default.
@@ -72,6 +72,8 @@ pub struct Settings {
     pub compress_every: Option<u64>,
     pub compress_max_rows_per_second: u64,
     pub worker: WorkerSettings,
+    /// When an SQLite commit is on disk (`sqlite.synchronous`).
+    pub sqlite_sync: SqliteSync,
 }
 
 impl std::fmt::Debug for Settings {
@@ -230,6 +232,7 @@ impl Settings {
                     .or(file.worker.listen)
                     .unwrap_or_else(|| defaults::WORKER_LISTEN.parse().expect("a valid default")),
             },
+            sqlite_sync: file.sqlite.synchronous.unwrap_or_default(),
         })
     }
 
@@ -283,7 +286,7 @@ impl Settings {
         database: &str,
         mode: OpenMode,
     ) -> storage_core::Result<DatabaseConfig> {
-        let config = DatabaseConfig::parse(database, mode)?;
+        let config = DatabaseConfig::parse(database, mode)?.with_sqlite_sync(self.sqlite_sync);
         Ok(match self.pool_size {
             Some(n) => config.with_pool_size(n),
             None => config,
@@ -386,6 +389,7 @@ impl Settings {
         }
         let _ = writeln!(out, "  name: {}", quote(&self.worker.name));
         let _ = writeln!(out, "  listen: {}", quote(&self.worker.listen.to_string()));
+        let _ = writeln!(out, "sqlite:\n  synchronous: {}", self.sqlite_sync.as_str());
         out
     }
 }
@@ -477,6 +481,32 @@ mod tests {
         assert!(text.contains("HS_API_TOKEN"), "{text}");
         // What it prints reads back as a configuration file.
         ConfigFile::parse(&text).unwrap();
+    }
+
+    /// SQLite commits leave the log's sync to checkpoints by default;
+    /// `sqlite.synchronous: full` reaches the database config, reads back
+    /// from what `config check` prints, and a wrong value names the key.
+    #[test]
+    fn sqlite_commits_are_synced_when_the_file_says_full() {
+        let mode = OpenMode::Writer;
+        let s = resolve("", &Overrides::default()).unwrap();
+        assert_eq!(s.sqlite_sync, SqliteSync::Normal);
+        assert_eq!(
+            s.database_config(mode).unwrap().sqlite_sync,
+            SqliteSync::Normal
+        );
+        let s = resolve("sqlite:\n  synchronous: full\n", &Overrides::default()).unwrap();
+        assert_eq!(
+            s.database_config(mode).unwrap().sqlite_sync,
+            SqliteSync::Full
+        );
+        let back = resolve(&s.render(), &Overrides::default()).unwrap();
+        assert_eq!(back.sqlite_sync, SqliteSync::Full);
+        let err = resolve("sqlite:\n  synchronous: off\n", &Overrides::default()).unwrap_err();
+        assert!(
+            err.contains("sqlite.synchronous") && err.contains("line 2"),
+            "{err}"
+        );
     }
 
     /// In a file of ours relative paths are relative to its folder; in a

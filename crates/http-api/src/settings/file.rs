@@ -45,6 +45,8 @@ pub struct ConfigFile {
     pub compression: Compression,
     #[serde(default)]
     pub worker: Worker,
+    #[serde(default)]
+    pub sqlite: Sqlite,
 }
 
 /// `caches:`
@@ -112,6 +114,14 @@ pub struct Worker {
     pub main: Option<String>,
     pub name: Option<String>,
     pub listen: Option<SocketAddr>,
+}
+
+/// `sqlite:` (an SQLite database only)
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sqlite {
+    /// `full` or `normal`: whether a commit is on disk before it is acknowledged.
+    pub synchronous: Option<storage_core::SqliteSync>,
 }
 
 /// `database:` either as a string of ours or as Synapse's section.

@@ -215,8 +215,9 @@ impl Engine for SqliteEngine {
         );
         if !self.read_only() {
             pragmas.push_str(&format!(
-                " PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                 PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES};"
+                " PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; \
+                 PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES};",
+                self.config.sqlite_sync.as_str()
             ));
         }
         c.batch_execute(&pragmas)
