@@ -252,7 +252,7 @@ impl PersistenceQueue {
             start_loop
         };
         self.inner.depth.fetch_add(n, Ordering::SeqCst);
-        self.publish_depth();
+        publish_depth(&self.inner);
         (Handle { rx }, start_loop)
     }
 
@@ -270,14 +270,15 @@ impl PersistenceQueue {
             }
         });
     }
+}
 
-    fn publish_depth(&self) {
-        metrics::global().set_gauge(
-            "hs_persistence_queue_depth",
-            "Events waiting in the persistence queue",
-            self.depth() as f64,
-        );
-    }
+/// Shows the queue's depth in the metrics (`hs_persistence_queue_depth`).
+fn publish_depth(inner: &Inner) {
+    metrics::global().set_gauge(
+        "hs_persistence_queue_depth",
+        "Events waiting in the persistence queue",
+        inner.depth.load(Ordering::SeqCst) as f64,
+    );
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -350,11 +351,7 @@ fn write_item(inner: &Inner, room_id: &str, item: Item) {
             .or_insert_with(|| e.clone());
     }
     inner.depth.fetch_sub(events.len(), Ordering::SeqCst);
-    metrics::global().set_gauge(
-        "hs_persistence_queue_depth",
-        "Events waiting in the persistence queue",
-        inner.depth.load(Ordering::SeqCst) as f64,
-    );
+    publish_depth(inner);
     let delivered = waiters
         .iter()
         .filter(|w| w.send(outcome.clone()).is_ok())
