@@ -493,6 +493,15 @@ impl RowVisitor for NewestRows {
                 if held.group < group {
                     held.group = group;
                     held.event_id = row.text(4, |e| Arc::<str>::from(e))?;
+                } else if held.group == group {
+                    // Two rows for one slot in one group (Synapse's table has
+                    // no unique key): the smaller event id, whichever way
+                    // the rows were read ([`keep_row`]).
+                    row.text(4, |e| {
+                        if keep_row(e, &held.event_id) {
+                            held.event_id = Arc::from(e);
+                        }
+                    })?;
                 }
                 return Ok(());
             }
@@ -528,23 +537,32 @@ fn walk_per_hop(
     for _ in 0..PER_HOP_LIMIT {
         for row in sql::group_rows(conn, current, &slots_filter(&remaining), key_arms)? {
             let slot = (row.event_type.0, row.state_key.0);
-            remaining.remove(&slot);
-            if !state.contains_key(&slot) {
-                state.insert(slot, row.event_id.0);
+            // Only slots still missing are asked for: one already in `state`
+            // is this group's own (a second row for it).
+            let held: Option<&Arc<str>> = state.get(&slot);
+            if held.is_some_and(|held| !keep_row(&row.event_id.0, held)) {
+                continue;
             }
+            remaining.remove(&slot);
+            state.insert(slot, row.event_id.0);
         }
         if remaining.is_empty() {
             return Ok(state);
         }
-        let prev: Option<i64> = with_conn!(conn, |c| edges::table
+        let prev: Vec<i64> = with_conn!(conn, |c| edges::table
             .select(edges::prev_state_group)
             .filter(edges::state_group.eq(current))
-            .first::<i64>(c)
-            .optional())?;
-        match prev {
-            // Only downwards: corrupt data cannot make the walk loop.
-            Some(p) if p < current => current = p,
-            _ => return Ok(state),
+            .limit(2)
+            .load::<i64>(c))?;
+        match prev[..] {
+            // Only downwards, as the recursive query: corrupt data cannot
+            // make the walk loop.
+            [p] if p < current => current = p,
+            [_] | [] => return Ok(state),
+            // Two prev groups (Synapse's table allows it): a slot's newest
+            // row is the highest group's of both chains, which the recursive
+            // query keeps; the rows found so far are of higher groups.
+            _ => break,
         }
     }
     let mut rest = HashMap::new();
@@ -560,6 +578,16 @@ fn walk_per_hop(
         state.extend(rest.into_state());
     }
     Ok(state)
+}
+
+/// Of two rows one group holds for one slot (Synapse's `state_groups_state`
+/// has no unique key, and old databases hold such pairs), whether `candidate`
+/// replaces `held`: the smaller event id is kept, so that every read of the
+/// group (full, filtered, per hop or per slot, on either engine, in whatever
+/// order the rows come) answers the same event. Synapse itself answers
+/// whichever row its query meets first, which differs between its engines.
+fn keep_row(candidate: &str, held: &str) -> bool {
+    candidate < held
 }
 
 fn slots_filter(slots: &HashSet<StateKey>) -> StateFilter {

@@ -362,8 +362,9 @@ fn member_type_or_null(member: &str) -> String {
 
 /// The recursive walk: for each of `groups`, every row matching `filter` on its
 /// chain down to the snapshot, tagged with the group it came from. The caller keeps,
-/// per slot, the row of the highest group (a prev group always has the smaller id).
-/// The walk only follows edges downwards, so corrupt data cannot make it loop.
+/// per slot, the row of the highest group (on the chains our writer makes, a
+/// prev group always has the smaller id). The walk only follows edges
+/// downwards, so corrupt data cannot make it loop ([`chain_cte`]).
 pub(crate) fn chain_rows(
     conn: &mut Conn,
     groups: &[StateGroup],
@@ -487,6 +488,14 @@ pub(crate) fn chain_rows_by_range(
 
 /// `chain(root, state_group)`: the groups `seeds` (placeholders) and every
 /// group down their edges, each beside the seed it came from.
+///
+/// Only edges down to a lower group are followed: our writer makes no other,
+/// nor does Synapse (a prev group is always stored before its child). An edge
+/// up (a hand-edited or corrupt table) is where the chain ends, so that a
+/// cycle cannot make the walk loop, and every read (this query, the per-hop
+/// walk, the per-slot seeks) ends the chain at the same place. A group with
+/// two prev groups (Synapse's table allows it) brings both chains; the reader
+/// keeps, per slot, the row of the highest group, as Synapse's query does.
 fn chain_cte(seeds: &str) -> String {
     format!(
         "WITH RECURSIVE chain(root, state_group) AS ( \
