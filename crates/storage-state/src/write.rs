@@ -218,6 +218,11 @@ pub(crate) fn store_txn<'a>(
     new.validate()?;
     let seq_members = caches.members.sequence();
     let seq_non_members = caches.non_members.sequence();
+    // Taken before the prev group's chain length is read: a rewrite of the
+    // chain (compression) committed meanwhile forgets every chain length
+    // after its commit, and this group's, derived from the old one, is then
+    // not remembered either.
+    let seq_chain_lengths = caches.chain_lengths.sequence();
 
     // With a usable prev group: a delta. Otherwise (none, or the chain is too
     // long): a snapshot, computing the full state if the caller gave only a delta.
@@ -304,7 +309,9 @@ pub(crate) fn store_txn<'a>(
         let derived_from = derived_from.clone();
         prefill(&caches, seqs, group, room_id, full_state, derived_from);
         caches.deltas.insert(group, delta_entry);
-        caches.chain_lengths.insert(group, chain_len);
+        caches
+            .chain_lengths
+            .insert_at(seq_chain_lengths, group, chain_len);
     });
     Ok(group)
 }

@@ -1,12 +1,14 @@
 //! Compression on both engines: every group keeps its state (read back through
 //! a store with empty caches), rows shrink and never grow, chains stay within
 //! the bound, a second run finds nothing to do, an interrupted run is resumed,
-//! a concurrent writer is undisturbed, and the writing process's caches learn
-//! of the rewrites.
+//! a concurrent writer is undisturbed (and a write racing a rewrite still cuts
+//! its chains at 100 hops), and the writing process's caches learn of the
+//! rewrites.
 
 mod common;
 
 use common::*;
+use diesel::RunQueryDsl;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +29,7 @@ storage_core::engine_tests!(
     an_interrupted_run_is_resumed,
     a_concurrent_writer_is_undisturbed,
     the_writing_process_forgets_rewritten_shapes,
+    a_write_racing_a_rewrite_cuts_chains_at_100_hops,
 );
 
 /// Stores a linear room of `n` groups: a create, then members joining, every
@@ -309,4 +312,138 @@ fn the_writing_process_forgets_rewritten_shapes(t: &TestDb) {
         changed += usize::from(cached.is_some_and(|(p, _)| p != g - 1));
     }
     assert!(changed > 0, "some prev groups changed");
+}
+
+/// Starts, inside the (one) rewrite transaction, a write of a group on `prev`
+/// on a thread of its own, and lets the rewrite commit only once that write
+/// waits for the lock the rewrite holds (PostgreSQL; SQLite has one writer,
+/// whose transaction could not begin meanwhile): the write took its prev
+/// group's chain length before the rewrite changed it, and commits after.
+struct WriteDuringRewrite {
+    store: StateStore,
+    /// The database's URL on PostgreSQL; `None` on SQLite.
+    postgres: Option<String>,
+    prev: StateGroup,
+    writer: Option<std::thread::JoinHandle<StateGroup>>,
+}
+
+impl CompressHooks for WriteDuringRewrite {
+    fn on_rewrite(&mut self, _: &mut Transaction<'_>, _: &str, _: &[StateGroup]) -> Result<()> {
+        let (None, Some(url)) = (&self.writer, &self.postgres) else {
+            return Ok(());
+        };
+        let url = url.clone();
+        let (store, prev) = (self.store.clone(), self.prev);
+        self.writer = Some(std::thread::spawn(move || {
+            write_member(&store, prev, "during")
+        }));
+        wait_for_a_lock_wait(&url);
+        Ok(())
+    }
+}
+
+/// A delta on `prev` of one member `@{name}:test`.
+fn write_member(store: &StateStore, prev: StateGroup, name: &str) -> StateGroup {
+    let event = format!("${name}");
+    let delta =
+        StateMap::from_iter([(key(MEMBER, &format!("@{name}:test")), event.as_str().into())]);
+    store
+        .store_state_group(&NewStateGroup::delta(&event, ROOM, prev, &delta))
+        .unwrap()
+}
+
+/// Waits until some session of the database at `url` waits for a lock.
+fn wait_for_a_lock_wait(url: &str) {
+    #[derive(diesel::QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let config =
+        storage_core::DatabaseConfig::parse(url, storage_core::OpenMode::ReadOnly).unwrap();
+    let db = storage_core::Database::open(config).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting = db
+            .run_read("lock waits", |txn| {
+                Ok(storage_core::with_conn!(txn.conn(), |c| {
+                    diesel::sql_query(
+                        "SELECT COUNT(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    )
+                    .get_result::<Waiting>(c)
+                })?)
+            })
+            .unwrap();
+        if waiting.n > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never waited for the rewrite"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Groups from `group` down to its snapshot, read with empty caches.
+fn chain_length(store: &StateStore, group: StateGroup) -> usize {
+    let fresh = cold(store);
+    let (mut n, mut at) = (1, group);
+    while let Some((prev, _)) = fresh.get_state_group_delta(at).unwrap() {
+        n += 1;
+        at = prev;
+    }
+    n
+}
+
+/// The online job compresses a room while the server writes it: a group
+/// written on the room's newest group while the rewrite changed that group's
+/// chain took the chain's length from before the rewrite, and committed after
+/// it. The writer must still cut its chains where they hold 100 groups, no
+/// sooner and no later: a chain length remembered from before the rewrite
+/// (here 50 groups where 4 remain) made it store a whole snapshot of the room
+/// where a delta of one row was due.
+fn a_write_racing_a_rewrite_cuts_chains_at_100_hops(t: &TestDb) {
+    let store = store(t);
+    let mut room = linear(&store, ROOM, 250);
+    let (tip, tip_state) = room.last().cloned().unwrap();
+    let before = chain_length(&store, tip);
+    let mut hooks = WriteDuringRewrite {
+        store: store.clone(),
+        postgres: (t.engine() == "postgres").then(|| t.url().to_owned()),
+        prev: tip,
+        writer: None,
+    };
+    let bound = compress::highest_state_group(store.database()).unwrap();
+    // One transaction: the write waits for the only rewrite there is.
+    compress::compress_room(&store, ROOM, bound, &CompressOptions::default(), &mut hooks).unwrap();
+    let after = chain_length(&store, tip);
+    assert_ne!(
+        before, after,
+        "the rewrite changed the newest group's chain"
+    );
+    let mut prev = match hooks.writer.take() {
+        Some(writer) => writer.join().unwrap(),
+        None => write_member(&store, tip, "during"),
+    };
+    let mut state = tip_state;
+    state.insert(key(MEMBER, "@during:test"), "$during".into());
+    let mut written = vec![(prev, state.clone())];
+    for i in 0..120 {
+        let name = format!("after{i}");
+        prev = write_member(&store, prev, &name);
+        state.insert(
+            key(MEMBER, &format!("@{name}:test")),
+            format!("${name}").into(),
+        );
+        written.push((prev, state.clone()));
+    }
+    let mut expected = after;
+    for (g, _) in &written {
+        expected = if expected < 100 { expected + 1 } else { 1 };
+        assert_eq!(chain_length(&store, *g), expected, "chain of group {g}");
+    }
+    room.extend(written);
+    assert_states(&store, &room);
 }
