@@ -1,14 +1,18 @@
 //! Writes through the main process's pipeline (contexts, then the room's
-//! persister) that fail at a point other than the batch's own statement:
-//! nothing is written, nothing prepared for them stays in memory, and the
-//! room's next write is right.
+//! persister) that fail, or seem to, at a point other than inside the
+//! batch's own statement: nothing prepared for them stays in memory, what the
+//! writer remembers agrees with the database, and the room's next write and
+//! a retry are right.
 
+use e2e_tests::{id_of, message, PgProxy, Room, ROOM as POSTED};
 use event_context::contexts_for;
 use persistence::Pipeline;
+use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
-use storage_core::StoreConfig;
+use storage_core::{Database, DatabaseConfig, OpenMode, StoreConfig};
 use storage_events::testing::assert_invariants;
-use storage_events::EventReads;
+use storage_events::{EventReads, EventsStore};
+use storage_state::StateGroupAccess;
 
 storage_core::engine_tests!(a_write_whose_read_before_its_batch_fails_keeps_no_prepared_group);
 
@@ -74,4 +78,90 @@ fn a_write_whose_read_before_its_batch_fails_keeps_no_prepared_group(t: &TestDb)
     );
     assert_eq!(state.prepared_groups_waiting(), 0);
     assert_invariants(&t.open());
+}
+
+/// A store that remembers nothing yet: what it reads is what is stored.
+fn fresh(t: &TestDb) -> EventsStore {
+    EventsStore::new(t.open(), &StoreConfig::default()).unwrap()
+}
+
+/// PostgreSQL: the answer to a batch's statement lost after the statement
+/// committed (its connection cut while the writer waited, as a network cut
+/// or a server restart would). The writer is told the database is
+/// unavailable, and what it remembers of the room is read afresh: the
+/// client's retry of the event is found stored and answered at a stream
+/// position that covers it, and the room's next event follows it.
+#[test]
+fn postgres_a_write_whose_answer_is_lost_after_its_commit() {
+    let Some(t) = TestDb::postgres() else { return };
+    t.open();
+    let proxy = PgProxy::start(&t);
+    let db =
+        Database::open(DatabaseConfig::parse(&proxy.url(&t), OpenMode::Writer).unwrap()).unwrap();
+    let pipeline = Pipeline::open(db, &StoreConfig::default()).unwrap();
+    let write = |events: &[serde_json::Value]| {
+        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
+        pipeline.persist(POSTED, &contexts)
+    };
+    let mut room = Room::default();
+    write(&room.founding("")).unwrap();
+    // A topic: a state event, its group prepared and written with it.
+    let lost = message(&mut room, "lost");
+    let id = id_of(&lost);
+    proxy.hold_answers_after(&id);
+    let error = std::thread::scope(|s| {
+        let writing = s.spawn(|| write(std::slice::from_ref(&lost)));
+        // Committed: another session sees it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fresh(&t).have_events(&[&id]).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the write never committed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        proxy.cut_held();
+        writing.join().unwrap().unwrap_err()
+    });
+    eprintln!("the writer was told: {error}");
+    let stored = fresh(&t);
+    let stored_at = stored.get_events(&[&id]).unwrap()[&id].stream_ordering;
+    let events = pipeline.builder.events();
+    assert_eq!(
+        events.forward_extremities_for_write(POSTED).unwrap(),
+        vec![id.clone()]
+    );
+    assert_eq!(
+        events.state().get_current_state_ids(POSTED).unwrap(),
+        stored.state().get_current_state_ids(POSTED).unwrap()
+    );
+    // The client sends it again.
+    let again = write(std::slice::from_ref(&lost)).unwrap();
+    assert_eq!(again.skipped, vec![id.clone()]);
+    assert!(
+        again.max_stream_ordering >= stored_at,
+        "the retry was answered at position {}, before the event's {stored_at}",
+        again.max_stream_ordering
+    );
+    assert!(events.max_stream_ordering() >= stored_at);
+    // The room goes on after it.
+    let after = message(&mut room, "after");
+    write(std::slice::from_ref(&after)).unwrap();
+    let expected = vec![id_of(&after)];
+    assert_eq!(fresh(&t).get_forward_extremities(POSTED).unwrap(), expected);
+    assert_eq!(
+        events.forward_extremities_for_write(POSTED).unwrap(),
+        expected
+    );
+    let current = fresh(&t).state().get_current_state_ids(POSTED).unwrap();
+    assert_eq!(
+        current
+            .get(&storage_state::key("m.room.topic", ""))
+            .map(|e| e.to_string()),
+        Some(id_of(&after))
+    );
+    assert_eq!(
+        events.state().get_current_state_ids(POSTED).unwrap(),
+        current
+    );
+    assert_eq!(events.state().prepared_groups_waiting(), 0);
+    assert_invariants(events.database());
 }

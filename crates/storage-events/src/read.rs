@@ -71,6 +71,7 @@ impl EventReads for EventsStore {
     fn have_events(&self, event_ids: &[&str]) -> Result<HashSet<String>> {
         self.db
             .run_read("have_events", |txn| load_existing(txn, event_ids))
+            .map(|found| found.into_keys().collect())
     }
 
     fn get_events(&self, event_ids: &[&str]) -> Result<HashMap<String, Arc<StoredEvent>>> {
@@ -295,14 +296,17 @@ impl EventsStore {
     }
 }
 
-/// Which of `ids` are stored.
-pub(crate) fn load_existing(txn: &mut Transaction<'_>, ids: &[&str]) -> Result<HashSet<String>> {
-    let mut found = HashSet::new();
+/// Which of `ids` are stored, with their stream positions.
+pub(crate) fn load_existing(
+    txn: &mut Transaction<'_>,
+    ids: &[&str],
+) -> Result<HashMap<String, i64>> {
+    let mut found = HashMap::new();
     for chunk in ids.chunks(CHUNK) {
         found.extend(with_conn!(txn.conn(), |c| events::table
-            .select(events::event_id)
+            .select((events::event_id, events::stream_ordering))
             .filter(events::event_id.eq_any(chunk))
-            .load::<String>(c))?);
+            .load::<(String, i64)>(c))?);
     }
     Ok(found)
 }

@@ -94,7 +94,7 @@ impl EventsStore {
         // process writes events, one batch of a room at a time, and an event
         // is of one room.
         let stored = if assumed_new {
-            HashSet::new()
+            HashMap::new()
         } else {
             let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
             load_existing(txn, &ids)?
@@ -119,26 +119,31 @@ impl EventsStore {
         &self,
         txn: &mut Transaction<'_>,
         batch: &RoomBatch,
-        stored: &HashSet<String>,
+        stored: &HashMap<String, i64>,
         group_rows: &mut PendingGroupRows<'_>,
     ) -> Result<PersistedBatch> {
         let mut seen = HashSet::new();
         let new: Vec<&EventToPersist> = batch
             .events
             .iter()
-            .filter(|e| !stored.contains(&e.event_id) && seen.insert(e.event_id.as_str()))
+            .filter(|e| !stored.contains_key(&e.event_id) && seen.insert(e.event_id.as_str()))
             .collect();
         let skipped: Vec<String> = batch
             .events
             .iter()
-            .filter(|e| stored.contains(&e.event_id))
+            .filter(|e| stored.contains_key(&e.event_id))
             .map(|e| e.event_id.clone())
             .collect();
         if new.is_empty() {
+            // The answer covers the events found stored: one may have been
+            // committed by an attempt whose answer was lost (its connection
+            // cut after the commit), which moved no position here.
+            let stored_max = stored.values().copied().max().unwrap_or(0);
+            self.advance_position_after_commit(txn, stored_max);
             return Ok(PersistedBatch {
                 positions: HashMap::new(),
                 skipped,
-                max_stream_ordering: self.position.load(Ordering::SeqCst),
+                max_stream_ordering: self.position.load(Ordering::SeqCst).max(stored_max),
             });
         }
         insert_rooms(txn, &new)?;
@@ -194,10 +199,7 @@ impl EventsStore {
                 &current.added,
             );
         }
-        let position = self.position.clone();
-        txn.call_after(move || {
-            report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));
-        });
+        self.advance_position_after_commit(txn, max);
         self.remember_after_commit(txn, batch, &new, &positions);
         Ok(PersistedBatch {
             positions: new
@@ -237,6 +239,14 @@ impl EventsStore {
             load_existing(txn, &ids)
         })?;
         Ok(!stored.is_empty())
+    }
+
+    /// Once committed, the highest position committed is at least `max`.
+    fn advance_position_after_commit(&self, txn: &mut Transaction<'_>, max: i64) {
+        let position = self.position.clone();
+        txn.call_after(move || {
+            report_stream_position(position.fetch_max(max, Ordering::SeqCst).max(max));
+        });
     }
 
     /// Once committed, the room's new forward extremities and those of the
