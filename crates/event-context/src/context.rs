@@ -950,7 +950,13 @@ impl ContextBuilder {
             format_version: format_version(&pdu.room_version),
             room_version: pdu.is_create().then(|| pdu.room_version.to_string()),
             outlier: context.outlier,
-            rejected: context.rejected.clone(),
+            // A column of its own, where PostgreSQL keeps no NUL: the auth
+            // rules' reasons may quote the event (the event types of a power
+            // levels event's content).
+            rejected: context
+                .rejected
+                .as_deref()
+                .map(|r| r.replace('\0', "\u{FFFD}")),
             state_group: context.state_group_after,
             membership,
             new_state_groups: context.new_state_groups.clone(),

@@ -135,7 +135,8 @@ impl Pdu {
     /// every engine: at most [`MAX_PDU_BYTES`] of canonical JSON, ids, the event type and
     /// the state key at most [`MAX_ID_BYTES`] bytes, at most [`MAX_PREV_EVENTS`] prev and
     /// [`MAX_AUTH_EVENTS`] auth events (the specification's, as Synapse and ruma apply
-    /// them), and no NUL character in a value that has a column of its own.
+    /// them), and no NUL character in a value that has a column of its own (the ids
+    /// of prev and auth events too).
     ///
     /// Not part of [`Pdu::from_json`]: events already stored (possibly by an older
     /// server that allowed more) are read back without it.
@@ -173,14 +174,22 @@ impl Pdu {
                 });
             }
         }
-        for (field, count, max) in [
-            ("prev_events", self.prev_events.len(), MAX_PREV_EVENTS),
-            ("auth_events", self.auth_events.len(), MAX_AUTH_EVENTS),
+        for (field, ids, max) in [
+            ("prev_events", &self.prev_events, MAX_PREV_EVENTS),
+            ("auth_events", &self.auth_events, MAX_AUTH_EVENTS),
         ] {
-            if count > max {
+            if ids.len() > max {
                 return Err(PduError::OverLimit {
                     field,
-                    reason: format!("{count} events, over the limit of {max}"),
+                    reason: format!("{} events, over the limit of {max}", ids.len()),
+                });
+            }
+            // Each has a row of its own (`event_edges`, `event_auth`), even
+            // one naming an event that does not exist.
+            if ids.iter().any(|id| id.as_str().contains('\0')) {
+                return Err(PduError::OverLimit {
+                    field,
+                    reason: "names an event id holding a NUL character".to_owned(),
                 });
             }
         }

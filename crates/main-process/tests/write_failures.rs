@@ -4,7 +4,7 @@
 //! writer remembers agrees with the database, and the room's next write and
 //! a retry are right.
 
-use e2e_tests::{id_of, message, PgProxy, Room, ROOM as POSTED};
+use e2e_tests::{id_of, message, PgProxy, Room, ALICE, ROOM as POSTED};
 use event_context::contexts_for;
 use persistence::Pipeline;
 use std::time::{Duration, Instant};
@@ -14,7 +14,11 @@ use storage_events::testing::assert_invariants;
 use storage_events::{EventReads, EventsStore};
 use storage_state::StateGroupAccess;
 
-storage_core::engine_tests!(a_write_whose_read_before_its_batch_fails_keeps_no_prepared_group);
+storage_core::engine_tests!(
+    a_write_whose_read_before_its_batch_fails_keeps_no_prepared_group,
+    an_event_naming_an_id_with_a_nul_is_refused_on_both_engines,
+    a_rejection_reason_naming_a_nul_is_stored_on_both_engines,
+);
 
 const ROOM: &str = "!failures:bench.test";
 
@@ -164,4 +168,90 @@ fn postgres_a_write_whose_answer_is_lost_after_its_commit() {
     );
     assert_eq!(events.state().prepared_groups_waiting(), 0);
     assert_invariants(events.database());
+}
+
+/// An event naming an auth event whose id holds a NUL character (no event
+/// has such an id: it is missing, so the event would be stored rejected, its
+/// `event_auth` row naming that id). PostgreSQL cannot store a NUL in text,
+/// so the same request was stored on SQLite and failed on PostgreSQL as a
+/// database error, failing with it the events of any other request written
+/// in the same batch. It is refused before anything is prepared or queued, on
+/// both engines, and the room goes on.
+fn an_event_naming_an_id_with_a_nul_is_refused_on_both_engines(t: &TestDb) {
+    let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
+    let write = |events: &[serde_json::Value]| {
+        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
+        pipeline.persist(POSTED, &contexts)
+    };
+    let mut room = Room::default();
+    write(&room.founding("")).unwrap();
+    let before = room.clone();
+    for field in ["auth_events", "prev_events"] {
+        let mut room = before.clone();
+        let mut bad = message(&mut room, "nul");
+        bad[field]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!(["$missing\u{0}:example.com", {"sha256": "aGFzaA"}]));
+        let error = write(std::slice::from_ref(&bad)).unwrap_err();
+        assert!(
+            matches!(error.kind(), storage_core::ErrorKind::InvalidArgument(_)),
+            "{field}: {error}"
+        );
+        assert!(error.to_string().contains("NUL"), "{field}: {error}");
+        let id = id_of(&bad);
+        let events = pipeline.builder.events();
+        assert!(events.have_events(&[&id]).unwrap().is_empty(), "{field}");
+        assert_eq!(events.state().prepared_groups_waiting(), 0);
+    }
+    let mut room = before;
+    let next = message(&mut room, "next");
+    write(std::slice::from_ref(&next)).unwrap();
+    assert_eq!(
+        fresh(t).get_forward_extremities(POSTED).unwrap(),
+        vec![id_of(&next)]
+    );
+    assert_invariants(&t.open());
+}
+
+/// A power levels event refused by the auth rules for raising an event type
+/// whose name holds a NUL character: it is stored rejected, with the rules'
+/// reason, which names that type. PostgreSQL cannot store a NUL in text: the
+/// batch failed there as a database error (with every event written with it,
+/// other requests' too), where SQLite stored it. The reason is stored with the
+/// NUL replaced, on both engines, and the other event of the same request is
+/// written too.
+fn a_rejection_reason_naming_a_nul_is_stored_on_both_engines(t: &TestDb) {
+    let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
+    let write = |events: &[serde_json::Value]| {
+        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
+        pipeline.persist(POSTED, &contexts)
+    };
+    let mut room = Room::default();
+    write(&room.founding("")).unwrap();
+    // Above Alice's own 100: refused (and so neither the room's power levels
+    // nor an extremity: the next event follows the same one).
+    let raise = room.clone().event(
+        "raise",
+        "m.room.power_levels",
+        ALICE,
+        Some(""),
+        serde_json::json!({"users": {ALICE: 100}, "events": {"org.example\u{0}type": 101}}),
+    );
+    let next = message(&mut room, "next");
+    write(&[raise.clone(), next.clone()]).unwrap();
+    let stored = fresh(t);
+    let raise = id_of(&raise);
+    let rejected = stored.get_events(&[&raise]).unwrap()[&raise]
+        .rejected
+        .clone();
+    let reason = rejected.expect("stored as rejected");
+    assert!(reason.contains("org.example\u{FFFD}type"), "{reason}");
+    assert_eq!(
+        stored.get_forward_extremities(POSTED).unwrap(),
+        vec![id_of(&next)]
+    );
+    assert_invariants(&t.open());
 }
