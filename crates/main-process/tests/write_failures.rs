@@ -18,6 +18,7 @@ storage_core::engine_tests!(
     a_write_whose_read_before_its_batch_fails_keeps_no_prepared_group,
     an_event_naming_an_id_with_a_nul_is_refused_on_both_engines,
     a_rejection_reason_naming_a_nul_is_stored_on_both_engines,
+    an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state,
 );
 
 const ROOM: &str = "!failures:bench.test";
@@ -252,6 +253,82 @@ fn a_rejection_reason_naming_a_nul_is_stored_on_both_engines(t: &TestDb) {
     assert_eq!(
         stored.get_forward_extremities(POSTED).unwrap(),
         vec![id_of(&next)]
+    );
+    assert_invariants(&t.open());
+}
+
+/// An event stored rejected (an auth event it names was missing), posted
+/// again with a new event once that auth event is stored: its new context
+/// accepts it, but what is stored of it stays (it is skipped). The room's
+/// forward extremities and current state follow what is stored: the rejected
+/// event is neither an extremity nor in the current state.
+fn an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state(t: &TestDb) {
+    let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
+    let write = |events: &[serde_json::Value]| {
+        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
+        pipeline.persist(POSTED, &contexts)
+    };
+    let mut room = Room::default();
+    write(&room.founding("")).unwrap();
+    let founded = fresh(t).get_forward_extremities(POSTED).unwrap();
+    // Alice names herself anew, and sets a topic after the founding events
+    // that cites that member event as its auth event before it is stored.
+    let mut renamed_room = room.clone();
+    let mut renamed = renamed_room.event(
+        "renamed",
+        "m.room.member",
+        ALICE,
+        Some(ALICE),
+        serde_json::json!({"membership": "join", "displayname": "Alice"}),
+    );
+    // A join (membership again) is authorised by the join rules too.
+    renamed["auth_events"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(["$rules:example.com", {"sha256": "aGFzaA"}]));
+    let mut topic = room.clone().event(
+        "topic",
+        "m.room.topic",
+        ALICE,
+        Some(""),
+        serde_json::json!({"topic": "early"}),
+    );
+    let auth = topic["auth_events"].as_array_mut().unwrap();
+    let join = auth
+        .iter_mut()
+        .find(|a| a[0] == "$alice:example.com")
+        .expect("the topic cites Alice's join");
+    join[0] = renamed["event_id"].clone();
+    let first = write(std::slice::from_ref(&topic)).unwrap();
+    assert!(first.positions.contains_key(&id_of(&topic)));
+    let stored = fresh(t);
+    let id = id_of(&topic);
+    assert!(stored.get_events(&[&id]).unwrap()[&id].rejected.is_some());
+    assert_eq!(stored.get_forward_extremities(POSTED).unwrap(), founded);
+    write(std::slice::from_ref(&renamed)).unwrap();
+    // Now every auth event of the topic is stored: its context accepts it.
+    // Sent again, with the next event after the room's tip.
+    let next = message(&mut renamed_room, "next");
+    let again = write(&[topic.clone(), next.clone()]).unwrap();
+    assert_eq!(again.skipped, vec![id.clone()]);
+    let stored = fresh(t);
+    assert!(stored.get_events(&[&id]).unwrap()[&id].rejected.is_some());
+    let expected = vec![id_of(&next)];
+    assert_eq!(stored.get_forward_extremities(POSTED).unwrap(), expected);
+    let events = pipeline.builder.events();
+    assert_eq!(
+        events.forward_extremities_for_write(POSTED).unwrap(),
+        expected
+    );
+    let current = stored.state().get_current_state_ids(POSTED).unwrap();
+    assert!(
+        !current.values().any(|e| **e == *id),
+        "the rejected topic is in the current state: {current:?}"
+    );
+    assert_eq!(
+        events.state().get_current_state_ids(POSTED).unwrap(),
+        current
     );
     assert_invariants(&t.open());
 }

@@ -65,7 +65,8 @@ impl RoomPersister {
     /// no event of the batch is stored yet, which needs no read of the
     /// batch's edges; the write transaction checks that assumption and writes
     /// nothing when it is wrong (a retried or replayed event), and the batch
-    /// is worked out again from what stored events name as their prev events.
+    /// is worked out again from what stored events name as their prev events,
+    /// without the events found stored (they are skipped, kept as stored).
     ///
     /// When it fails, wherever it does (a read before the write too), the
     /// state groups prepared for the batch are dropped: they will never be
@@ -85,31 +86,42 @@ impl RoomPersister {
         // Only when that leaves a single extremity: with several, working out
         // the current state resolves them, too dear to risk on a guess.
         if new_forward_extremities(&current, batch, &HashSet::new()).len() <= 1 {
-            let planned = self.plan(room_id, batch, &current, &HashSet::new())?;
+            let planned = self.plan(room_id, batch, batch, &current, &HashSet::new())?;
             if let Some(written) = self.events.persist_batch_of_new_events(&planned)? {
                 return Ok(written);
             }
         }
         let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
+        // The write skips the events stored already, whatever their context
+        // says now (one stored rejected may be accepted once its missing auth
+        // event is stored, one stored as an outlier is not one now): the
+        // room's extremities and state are worked out from the others.
+        let stored = self.events.have_events(&ids)?;
+        let unstored: Vec<EventToPersist> = batch
+            .iter()
+            .filter(|e| !stored.contains(&e.event_id))
+            .cloned()
+            .collect();
         let referenced = self.events.events_referenced_as_prev(&ids)?;
-        let planned = self.plan(room_id, batch, &current, &referenced)?;
+        let planned = self.plan(room_id, batch, &unstored, &current, &referenced)?;
         self.events.persist_batch(&planned)
     }
 
-    /// The batch with the extremities it leads to from `current`, and the
-    /// change of current state they make.
+    /// `batch` with the extremities its events `new` (those not stored yet)
+    /// lead to from `current`, and the change of current state they make.
     fn plan(
         &self,
         room_id: &str,
         batch: &[EventToPersist],
+        new: &[EventToPersist],
         current: &[String],
         referenced: &HashSet<String>,
     ) -> Result<RoomBatch> {
-        let new_extremities = new_forward_extremities(current, batch, referenced);
+        let new_extremities = new_forward_extremities(current, new, referenced);
         let current_state = if new_extremities == current {
             CurrentStateDelta::default()
         } else {
-            self.current_state_delta(room_id, batch, current, &new_extremities)?
+            self.current_state_delta(room_id, new, current, &new_extremities)?
         };
         Ok(RoomBatch {
             room_id: room_id.to_owned(),
