@@ -19,6 +19,7 @@ storage_core::engine_tests!(
     an_event_naming_an_id_with_a_nul_is_refused_on_both_engines,
     a_rejection_reason_naming_a_nul_is_stored_on_both_engines,
     an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state,
+    an_event_stored_as_an_outlier_and_posted_again_is_no_extremity,
 );
 
 const ROOM: &str = "!failures:bench.test";
@@ -329,6 +330,50 @@ fn an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state(t: &Tes
     assert_eq!(
         events.state().get_current_state_ids(POSTED).unwrap(),
         current
+    );
+    assert_invariants(&t.open());
+}
+
+/// An event stored as an outlier (as a worker may forward one: an auth event
+/// fetched for another, with no state of its own), posted again as a timeline
+/// event with a new event after the room's tip: it stays an outlier (skipped),
+/// and so it is no forward extremity.
+fn an_event_stored_as_an_outlier_and_posted_again_is_no_extremity(t: &TestDb) {
+    let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
+    let write = |events: &[serde_json::Value]| {
+        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
+        pipeline.persist(POSTED, &contexts)
+    };
+    let mut room = Room::default();
+    write(&room.founding("")).unwrap();
+    let aside = message(&mut room.clone(), "aside");
+    let outlier = http_api::wire::ContextedEvent {
+        room_version: "2".to_owned(),
+        pdu: aside.to_string(),
+        event_id: None,
+        outlier: true,
+        state_group_before: None,
+        state_group_after: None,
+        rejected: None,
+        new_state_groups: Vec::new(),
+    };
+    let state = pipeline.builder.state();
+    let outlier = http_api::wire::adopt_contexted(state, vec![outlier]).unwrap();
+    event_context::check_contexts(state, POSTED, &outlier).unwrap();
+    pipeline.persist(POSTED, &outlier).unwrap();
+    let next = message(&mut room, "next");
+    let again = write(&[aside.clone(), next.clone()]).unwrap();
+    assert_eq!(again.skipped, vec![id_of(&aside)]);
+    let expected = vec![id_of(&next)];
+    assert_eq!(fresh(t).get_forward_extremities(POSTED).unwrap(), expected);
+    assert_eq!(
+        pipeline
+            .builder
+            .events()
+            .forward_extremities_for_write(POSTED)
+            .unwrap(),
+        expected
     );
     assert_invariants(&t.open());
 }
