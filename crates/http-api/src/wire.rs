@@ -36,7 +36,18 @@ impl WriteOutcome {
                         .map(|r| (p.event_id.to_string(), r.clone()))
                 })
                 .collect(),
-            skipped: batch.skipped.clone(),
+            // The queue may have written other requests' events in the same
+            // batch: only this request's are named.
+            skipped: batch
+                .skipped
+                .iter()
+                .filter(|s| {
+                    events
+                        .iter()
+                        .any(|(p, _)| p.event_id.as_str() == s.as_str())
+                })
+                .cloned()
+                .collect(),
         }
     }
 }
@@ -217,6 +228,21 @@ mod tests {
             new_state_groups: Vec::new(),
         };
         (pdu, context)
+    }
+
+    /// A batch the queue shared with another request: the answer names only
+    /// this request's events among those found stored.
+    #[test]
+    fn an_answer_names_only_its_own_skipped_events() {
+        let (pdu, context) = worker_read();
+        let own = pdu.event_id.to_string();
+        let batch = PersistedBatch {
+            positions: Default::default(),
+            skipped: vec!["$another_request:wire.test".to_owned(), own.clone()],
+            max_stream_ordering: 9,
+        };
+        let outcome = WriteOutcome::new(&[(pdu, context)], &batch);
+        assert_eq!(outcome.skipped, vec![own]);
     }
 
     /// Through JSON, as a worker's request carries it: the same event, id and
