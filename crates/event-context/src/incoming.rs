@@ -113,7 +113,7 @@ fn compute_contexts(
     out: &mut Vec<(Pdu, EventContext)>,
 ) -> Result<()> {
     let mut reader = PduReader::new(builder.events().clone());
-    let mut pending = PendingEvents::default();
+    let mut read = Vec::with_capacity(pdus.len());
     for (i, text) in pdus.iter().enumerate() {
         let pdu = reader
             .read(text)
@@ -124,10 +124,26 @@ fn compute_contexts(
                 pdu.event_id, pdu.room_id
             )));
         }
+        read.push(pdu);
+    }
+    // An event stored already is skipped by the write and kept as stored
+    // (rejected, say, where this request's context of it would accept it):
+    // the events after it are worked out from what is stored of it, not from
+    // that context. One read, for a request of several events only.
+    let stored = if read.len() > 1 {
+        let ids: Vec<&str> = read.iter().map(|p| p.event_id.as_str()).collect();
+        builder.events().have_events(&ids)?
+    } else {
+        Default::default()
+    };
+    let mut pending = PendingEvents::default();
+    for pdu in read {
         let context = builder
             .compute_event_context(&pdu, false, &pending)
             .map_err(|e| e.context(format!("event {}", pdu.event_id)))?;
-        pending.insert(Arc::new(pdu.clone()), context.clone());
+        if !stored.contains(pdu.event_id.as_str()) {
+            pending.insert(Arc::new(pdu.clone()), context.clone());
+        }
         out.push((pdu, context));
     }
     Ok(())

@@ -20,6 +20,7 @@ storage_core::engine_tests!(
     a_rejection_reason_naming_a_nul_is_stored_on_both_engines,
     an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state,
     an_event_stored_as_an_outlier_and_posted_again_is_no_extremity,
+    an_event_after_one_stored_rejected_gets_the_stored_state,
 );
 
 const ROOM: &str = "!failures:bench.test";
@@ -374,6 +375,83 @@ fn an_event_stored_as_an_outlier_and_posted_again_is_no_extremity(t: &TestDb) {
             .forward_extremities_for_write(POSTED)
             .unwrap(),
         expected
+    );
+    assert_invariants(&t.open());
+}
+
+/// An event stored rejected (an auth event it names was missing), posted
+/// again followed by an event that names it as its prev event, once that auth
+/// event is stored: the request's context of it accepts it, but it is stored
+/// rejected and skipped. The event after it gets the state after it as
+/// stored (a rejected event changes no state), not as this request's context
+/// has it, and the room's current state holds no rejected event.
+fn an_event_after_one_stored_rejected_gets_the_stored_state(t: &TestDb) {
+    let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
+    let write = |events: &[serde_json::Value]| {
+        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
+        pipeline.persist(POSTED, &contexts)
+    };
+    let mut room = Room::default();
+    write(&room.founding("")).unwrap();
+    let mut renamed = room.clone().event(
+        "renamed",
+        "m.room.member",
+        ALICE,
+        Some(ALICE),
+        serde_json::json!({"membership": "join", "displayname": "Alice"}),
+    );
+    renamed["auth_events"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(["$rules:example.com", {"sha256": "aGFzaA"}]));
+    // The topic and a message after it.
+    let mut topic = room.event(
+        "topic",
+        "m.room.topic",
+        ALICE,
+        Some(""),
+        serde_json::json!({"topic": "early"}),
+    );
+    let after = room.event(
+        "after",
+        "m.room.message",
+        ALICE,
+        None,
+        serde_json::json!({"body": "after", "msgtype": "m.text"}),
+    );
+    let auth = topic["auth_events"].as_array_mut().unwrap();
+    let join = auth
+        .iter_mut()
+        .find(|a| a[0] == "$alice:example.com")
+        .expect("the topic cites Alice's join");
+    join[0] = renamed["event_id"].clone();
+    write(std::slice::from_ref(&topic)).unwrap();
+    let id = id_of(&topic);
+    assert!(fresh(t).get_events(&[&id]).unwrap()[&id].rejected.is_some());
+    write(std::slice::from_ref(&renamed)).unwrap();
+    let again = write(&[topic.clone(), after.clone()]).unwrap();
+    assert_eq!(again.skipped, vec![id.clone()]);
+    let stored = fresh(t);
+    let after = id_of(&after);
+    let group = stored
+        .state()
+        .get_state_group_for_events(&[&after])
+        .unwrap()[&after];
+    let state = stored
+        .state()
+        .get_state_for_groups(&[group], &storage_state::StateFilter::all())
+        .unwrap()
+        .remove(&group)
+        .unwrap();
+    assert!(
+        !state.values().any(|e| **e == *id),
+        "the state after the message holds the rejected topic: {state:?}"
+    );
+    let current = stored.state().get_current_state_ids(POSTED).unwrap();
+    assert!(
+        !current.values().any(|e| **e == *id),
+        "the rejected topic is in the current state: {current:?}"
     );
     assert_invariants(&t.open());
 }
