@@ -39,7 +39,8 @@ pub type PersistFn =
     dyn Fn(&str, &[EventToPersist]) -> storage_core::Result<PersistedBatch> + Send + Sync;
 
 /// Told of events the queue will never hand to [`PersistFn`] (their chain
-/// failed earlier), so that what was prepared for them can be dropped.
+/// failed earlier), or whose [`PersistFn`] panicked before it could drop what
+/// was prepared for them, so that it can be dropped.
 pub type DiscardFn = dyn Fn(&[EventToPersist]) + Send + Sync;
 
 /// A caller's claim on the outcome of the batch its events went into.
@@ -338,10 +339,13 @@ fn write_item(inner: &Inner, room_id: &str, item: Item) {
                 Ok(Err(e)) => Err(Arc::new(
                     e.context(format!("persisting {} events in {room_id}", events.len())),
                 )),
-                Err(_) => Err(Arc::new(Error::other(format!(
-                    "persisting {} events in {room_id}: the persister panicked",
-                    events.len()
-                )))),
+                Err(_) => {
+                    (inner.discard)(&events);
+                    Err(Arc::new(Error::other(format!(
+                        "persisting {} events in {room_id}: the persister panicked",
+                        events.len()
+                    ))))
+                }
             }
         }
     };

@@ -291,13 +291,22 @@ fn a_lone_writer_writes_its_own_item_and_hands_the_rest_to_a_loop() {
 fn a_panicking_persister_fails_its_callers() {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    let queue = PersistenceQueue::new(
+    // What was prepared for the panicked item is dropped (its persister
+    // never got to), and only for it.
+    let discarded = Arc::new(Mutex::new(Vec::new()));
+    let d = discarded.clone();
+    let queue = PersistenceQueue::discarding(
         10,
         Box::new(move |_, events| {
             if c.fetch_add(1, Ordering::SeqCst) == 0 {
                 panic!("persister bug");
             }
             Ok(ok_batch(events))
+        }),
+        Box::new(move |events| {
+            d.lock()
+                .unwrap()
+                .extend(events.iter().map(|e| e.event_id.clone()))
         }),
     );
     let err = queue
@@ -309,6 +318,7 @@ fn a_panicking_persister_fails_its_callers() {
         .enqueue("!p", vec![event("!p", "$2", None)])
         .wait()
         .is_ok());
+    assert_eq!(*discarded.lock().unwrap(), vec!["$1".to_owned()]);
 }
 
 /// What a short command relies on at exit: once its last handle of the queue
