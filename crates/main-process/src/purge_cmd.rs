@@ -6,15 +6,15 @@ use crate::background::BackgroundJobs;
 use crate::cli::Failure;
 use http_api::settings::Settings;
 use std::time::Duration;
-use storage_core::Database;
-use storage_state::{highest_state_group, purge_unneeded_groups};
+use storage_state::{highest_state_group, purge_unneeded_groups, StateStore};
 
 /// The command: this process holds the database's claim, so no main process
 /// is writing, and every unneeded group may go.
 pub fn run(settings: &Settings, dry_run: bool) -> Result<(), Failure> {
     let (_claim, db) = crate::open::open_as_main(settings)?;
     let up_to = highest_state_group(&db)?;
-    let report = purge_unneeded_groups(&db, up_to, dry_run)?;
+    let store = StateStore::new(db, &settings.store_config("main"))?;
+    let report = purge_unneeded_groups(&store, up_to, dry_run)?;
     if dry_run {
         println!(
             "{} state groups are needed by no event's state (nothing deleted: --dry-run)",
@@ -33,13 +33,14 @@ pub fn run(settings: &Settings, dry_run: bool) -> Result<(), Failure> {
 /// minutes), each time up to the highest group of the run before: a group
 /// younger than one interval is never a candidate, so a write in flight keeps
 /// the groups computed for it. On a thread of its own (log context "state
-/// group purge") until the server stops.
-pub fn spawn_purging(jobs: &mut BackgroundJobs, db: Database, every: Duration) {
+/// group purge") until the server stops. Through the server's own state
+/// store, whose caches forget the deleted groups.
+pub fn spawn_purging(jobs: &mut BackgroundJobs, store: StateStore, every: Duration) {
     jobs.spawn("state group purge", move |stop| {
         let mut bound = None;
         loop {
             if let Some(up_to) = bound {
-                match purge_unneeded_groups(&db, up_to, false) {
+                match purge_unneeded_groups(&store, up_to, false) {
                     Ok(r) if r.groups > 0 => log::info!(
                         "deleted {} state groups ({} rows) that no event's state needed, up to group {up_to}",
                         r.groups,
@@ -49,7 +50,7 @@ pub fn spawn_purging(jobs: &mut BackgroundJobs, db: Database, every: Duration) {
                     Err(e) => log::warn!("{e}"),
                 }
             }
-            match highest_state_group(&db) {
+            match highest_state_group(store.database()) {
                 Ok(highest) => bound = Some(highest),
                 Err(e) => log::warn!("{e}"),
             }

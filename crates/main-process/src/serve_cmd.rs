@@ -98,7 +98,7 @@ pub fn run(settings: &Settings) -> Result<(), Failure> {
     );
     crate::purge_cmd::spawn_purging(
         &mut jobs,
-        events.database().clone(),
+        events.state().clone(),
         Duration::from_secs(settings.purge_state_groups_every),
     );
     if let Some(secs) = settings.compress_every {

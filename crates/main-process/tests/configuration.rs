@@ -169,7 +169,7 @@ fn every_command_opens_with_the_configured_pool_and_cache_sizes(t: &TestDb) {
         (vec!["state", ROOM], true),
         (vec!["inspect", "--exact"], true),
         (vec!["compress"], true),
-        (vec!["purge-state-groups", "--dry-run"], false),
+        (vec!["purge-state-groups", "--dry-run"], true),
         (vec!["port", "--to", port_target.url()], true),
     ];
     for (command, has_caches) in commands {

@@ -752,9 +752,8 @@ fn a_purged_resolution_is_never_reused(t: &TestDb) {
         Some(room)
     );
     // merge1 is never persisted: its resolved group is unneeded and goes.
-    let db = pipeline.builder.events().database();
-    let up_to = storage_state::highest_state_group(db).unwrap();
-    let report = storage_state::purge_unneeded_groups(db, up_to, false).unwrap();
+    let up_to = storage_state::highest_state_group(state.database()).unwrap();
+    let report = storage_state::purge_unneeded_groups(state, up_to, false).unwrap();
     assert!(report.groups >= 1, "{report:?}");
 
     let second = merge("merge2");

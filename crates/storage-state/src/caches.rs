@@ -1,8 +1,10 @@
 //! The caches of the state store, shared by every clone of it.
 //!
-//! State groups never change once written, so the group caches (their state,
-//! delta, chain length and room) are only ever filled (after a commit, or after
-//! a read), never invalidated. The event-to-group and current-state caches are
+//! A state group's state never changes once written, so the group caches
+//! (their state, delta, chain length and room) are filled after a commit or a
+//! read, and forgotten only where a group's shape is rewritten (compression:
+//! its delta and every chain length) or the group is deleted (a purge: all of
+//! it). The event-to-group and current-state caches are
 //! different: the current state of a room changes, and its cache is invalidated
 //! after every commit that changes it (and, on replicas, from the replication
 //! stream).
@@ -81,7 +83,7 @@ impl StateCaches {
 
     /// Forgets everything cached about `group`: its state, delta, chain length
     /// and room. Groups never change, so nothing calls this on the read or write
-    /// path; it is for whoever rewrites stored groups (compressing chains).
+    /// path; it is for whoever deletes stored groups (a purge).
     pub fn invalidate_group(&self, group: StateGroup) {
         self.members.invalidate(&group);
         self.non_members.invalidate(&group);

@@ -18,10 +18,14 @@
 //! A group once referenced by an event stays referenced (events are never
 //! deleted here), so what a cache holds of a needed group stays true; the
 //! context builder checks a cached resolution's group is still needed before
-//! reusing it.
+//! reusing it. The purging store forgets each deleted group after its
+//! transaction commits: its writes take a cached group's room as proof that
+//! the group exists, and would otherwise accept a deleted group as a prev
+//! group, whose rows a delta on it would then lack.
 
 use crate::schema::{event_to_state_groups, state_group_edges, state_groups, state_groups_state};
 use crate::sql;
+use crate::store::StateStore;
 use crate::types::StateGroup;
 use diesel::prelude::*;
 use std::collections::HashSet;
@@ -52,12 +56,14 @@ pub fn highest_state_group(db: &Database) -> Result<StateGroup> {
 }
 
 /// Deletes the state groups up to `up_to` that no event's state needs (or,
-/// with `dry_run`, only counts them).
+/// with `dry_run`, only counts them), through `store`, whose caches forget
+/// each deleted group once its deletion committed.
 pub fn purge_unneeded_groups(
-    db: &Database,
+    store: &StateStore,
     up_to: StateGroup,
     dry_run: bool,
 ) -> Result<PurgeReport> {
+    let db = store.database();
     let candidates = db.run_read("find_unneeded_state_groups", |txn| {
         sql::unneeded_groups(txn.conn(), up_to)
     })?;
@@ -92,6 +98,8 @@ pub fn purge_unneeded_groups(
                 state_groups::table.filter(state_groups::id.eq_any(&deletable))
             )
             .execute(c))?;
+            let store = store.clone();
+            txn.call_after(move || store.forget_state_groups(&deletable));
             Ok((groups as u64, rows as u64))
         })?;
         report.groups += groups;

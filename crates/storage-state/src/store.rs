@@ -636,6 +636,14 @@ impl StateStore {
         self.caches.chain_lengths.invalidate_all();
     }
 
+    /// Forgets everything cached of `groups`, deleted (purged): their states,
+    /// shapes, chain lengths and rooms.
+    pub fn forget_state_groups(&self, groups: &[StateGroup]) {
+        for g in groups {
+            self.caches.invalidate_group(*g);
+        }
+    }
+
     /// Forgets every cached prev group, delta and chain length: for a replica
     /// that may have missed rewrites.
     pub fn forget_all_state_group_shapes(&self) {

@@ -363,8 +363,8 @@ pub(crate) fn prefill(
 /// The chain length of `prev` (itself included), after checking that it exists
 /// and belongs to `room_id`: read, unless the caches know its room (they
 /// hold only groups that exist: filled once a group's write committed, or
-/// from reads of stored groups; a group an event references is never
-/// purged).
+/// from reads of stored groups; a purge makes the purging store forget the
+/// groups it deleted, and only the main process purges or writes).
 fn prev_chain_length(
     txn: &mut Transaction<'_>,
     caches: &StateCaches,

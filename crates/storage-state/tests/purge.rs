@@ -1,7 +1,8 @@
 //! Purging the state groups no event's state needs: unreferenced groups go,
 //! with their rows and edges; groups that events reference, and the groups
 //! their chains pass through, stay with their state unchanged; nothing above
-//! the bound is touched. On SQLite and PostgreSQL.
+//! the bound is touched; the purging store forgets what it cached of the
+//! deleted groups. On SQLite and PostgreSQL.
 
 mod common;
 
@@ -71,11 +72,11 @@ fn unneeded_groups_go_and_needed_ones_stay(t: &TestDb) {
         .get_state_for_groups(&[g3], &StateFilter::all())
         .unwrap();
 
-    let dry = purge_unneeded_groups(store.database(), g6, true).unwrap();
+    let dry = purge_unneeded_groups(&store, g6, true).unwrap();
     assert_eq!((dry.candidates, dry.groups), (3, 0));
     assert_eq!(group_ids(t), vec![g1, g2, g3, g4, g5, g6, g7]);
 
-    let report = purge_unneeded_groups(store.database(), g6, false).unwrap();
+    let report = purge_unneeded_groups(&store, g6, false).unwrap();
     assert_eq!((report.candidates, report.groups, report.rows), (3, 3, 3));
     assert_eq!(group_ids(t), vec![g1, g2, g3, g7]);
     let after = cold(&store)
@@ -84,18 +85,32 @@ fn unneeded_groups_go_and_needed_ones_stay(t: &TestDb) {
     assert_eq!(before, after);
     assert!(!store.is_group_referenced(g2).unwrap());
     assert!(store.is_group_referenced(g3).unwrap());
+    // The purging store, which wrote the deleted groups and cached them,
+    // forgets them: a read of one is refused as a fresh store refuses it, and
+    // so is a delta on one (its state would lack the deleted group's rows).
+    for s in [&store, &cold(&store)] {
+        for g in [g4, g5, g6] {
+            let err = s
+                .get_state_for_groups(&[g], &StateFilter::all())
+                .unwrap_err();
+            assert!(err.is_not_found(), "group {g}: {err}");
+            let err = s
+                .store_state_group(&NewStateGroup::delta(
+                    "$v",
+                    ROOM,
+                    g,
+                    &state(&[(NAME, "", "$v")]),
+                ))
+                .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("unpersisted prev_group: {g}")),
+                "delta on group {g}: {err}"
+            );
+        }
+    }
     // Nothing is left to purge up to the bound; above it, g7 goes.
-    assert_eq!(
-        purge_unneeded_groups(store.database(), g6, false)
-            .unwrap()
-            .groups,
-        0
-    );
-    assert_eq!(
-        purge_unneeded_groups(store.database(), g7, false)
-            .unwrap()
-            .groups,
-        1
-    );
+    assert_eq!(purge_unneeded_groups(&store, g6, false).unwrap().groups, 0);
+    assert_eq!(purge_unneeded_groups(&store, g7, false).unwrap().groups, 1);
     assert_eq!(group_ids(t), vec![g1, g2, g3]);
 }
