@@ -192,3 +192,94 @@ fn a_restarted_server_goes_on_with_the_rooms_left(db: &TestDb) {
 }
 
 storage_core::engine_tests!(a_restarted_server_goes_on_with_the_rooms_left);
+
+/// The state after join `i` of a room that [`Room::founding`] began: the
+/// founding state and the members `0..=i`.
+fn after_join(founding: &BTreeMap<(String, String), String>, i: usize) -> Value {
+    let mut state = founding.clone();
+    for j in 0..=i {
+        state.insert(
+            ("m.room.member".to_owned(), member(j)),
+            format!("$join{j}:example.com"),
+        );
+    }
+    as_answer(&state)
+}
+
+/// The online compression job while the room it compresses is written, one
+/// event a request, alternately through the main process and through a
+/// worker (which forwards), and read through the worker meanwhile: every
+/// answer, then every event's state through both processes and a fresh
+/// store, is the state the joins imply, and the invariants hold.
+#[test]
+fn writes_and_reads_through_online_compression() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut room = Room::default();
+    let founding = room.founding("");
+    let joins: Vec<Value> = (0..300).map(|i| room.join(i)).collect();
+    {
+        let main = main_process(&db, free_port());
+        post(&main.url, founding).unwrap();
+        for batch in joins.chunks(40) {
+            post(&main.url, batch.to_vec()).unwrap();
+        }
+    }
+    let base = event_states(&db, &["$rules:example.com"], &[ROOM])["$rules:example.com"]
+        .0
+        .clone();
+    let main = compress_server(&db, free_port(), 150);
+    let worker = worker(&db, &main.url, free_port(), "writer");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut next = 300;
+    let state_at = |url: &str, i: usize| {
+        let id = format!("$join{i}:example.com");
+        let path = format!("/_hs/v1/rooms/{}/state?at={}", encode(ROOM), encode(&id));
+        get(url, &path)
+    };
+    // Until a pass compressed the room, and at least 60 joins were written.
+    while !(main.log_text().contains(": compressed: ") && next >= 360) {
+        assert!(Instant::now() < deadline, "no compression within 3 minutes");
+        let to = if next % 2 == 0 {
+            &main.url
+        } else {
+            &worker.url
+        };
+        let answer = post(to, vec![room.join(next)]).unwrap();
+        wait_for_position(&worker, answer["stream_ordering"].as_i64().unwrap());
+        for i in [next, next / 2, next * 7 % (next + 1)] {
+            assert_eq!(state_at(&worker.url, i), after_join(&base, i), "join {i}");
+        }
+        next += 1;
+    }
+    let current = get(
+        &worker.url,
+        &format!("/_hs/v1/rooms/{}/state", encode(ROOM)),
+    );
+    assert_eq!(current, after_join(&base, next - 1));
+    for i in 0..next {
+        let want = after_join(&base, i);
+        assert_eq!(
+            state_at(&worker.url, i),
+            want,
+            "join {i} through the worker"
+        );
+        assert_eq!(
+            state_at(&main.url, i),
+            want,
+            "join {i} through the main process"
+        );
+    }
+    drop(worker);
+    drop(main);
+    let ids: Vec<String> = (0..next).map(|i| format!("$join{i}:example.com")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let fresh = event_states(&db, &refs, &[ROOM]);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            as_answer(&fresh[id].0),
+            after_join(&base, i),
+            "{id} read cold"
+        );
+    }
+    assert_invariants(&db);
+}
