@@ -88,6 +88,17 @@ fn a_write_whose_read_before_its_batch_fails_keeps_no_prepared_group(t: &TestDb)
 }
 
 /// A store that remembers nothing yet: what it reads is what is stored.
+/// `events` posted in one request to the room `POSTED`, as `POST .../events`
+/// writes them: their contexts, then their batch.
+fn post(
+    pipeline: &Pipeline,
+    events: &[serde_json::Value],
+) -> storage_core::Result<std::sync::Arc<storage_events::PersistedBatch>> {
+    let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+    let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
+    pipeline.persist(POSTED, &contexts)
+}
+
 fn fresh(t: &TestDb) -> EventsStore {
     EventsStore::new(t.open(), &StoreConfig::default()).unwrap()
 }
@@ -106,11 +117,7 @@ fn postgres_a_write_whose_answer_is_lost_after_its_commit() {
     let db =
         Database::open(DatabaseConfig::parse(&proxy.url(&t), OpenMode::Writer).unwrap()).unwrap();
     let pipeline = Pipeline::open(db, &StoreConfig::default()).unwrap();
-    let write = |events: &[serde_json::Value]| {
-        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
-        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
-        pipeline.persist(POSTED, &contexts)
-    };
+    let write = |events: &[serde_json::Value]| post(&pipeline, events);
     let mut room = Room::default();
     write(&room.founding("")).unwrap();
     // A topic: a state event, its group prepared and written with it.
@@ -182,11 +189,7 @@ fn postgres_a_write_whose_answer_is_lost_after_its_commit() {
 /// both engines, and the room goes on.
 fn an_event_naming_an_id_with_a_nul_is_refused_on_both_engines(t: &TestDb) {
     let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
-    let write = |events: &[serde_json::Value]| {
-        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
-        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
-        pipeline.persist(POSTED, &contexts)
-    };
+    let write = |events: &[serde_json::Value]| post(&pipeline, events);
     let mut room = Room::default();
     write(&room.founding("")).unwrap();
     let before = room.clone();
@@ -227,11 +230,7 @@ fn an_event_naming_an_id_with_a_nul_is_refused_on_both_engines(t: &TestDb) {
 /// written too.
 fn a_rejection_reason_naming_a_nul_is_stored_on_both_engines(t: &TestDb) {
     let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
-    let write = |events: &[serde_json::Value]| {
-        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
-        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
-        pipeline.persist(POSTED, &contexts)
-    };
+    let write = |events: &[serde_json::Value]| post(&pipeline, events);
     let mut room = Room::default();
     write(&room.founding("")).unwrap();
     // Above Alice's own 100: refused (and so neither the room's power levels
@@ -266,11 +265,7 @@ fn a_rejection_reason_naming_a_nul_is_stored_on_both_engines(t: &TestDb) {
 /// event is neither an extremity nor in the current state.
 fn an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state(t: &TestDb) {
     let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
-    let write = |events: &[serde_json::Value]| {
-        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
-        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
-        pipeline.persist(POSTED, &contexts)
-    };
+    let write = |events: &[serde_json::Value]| post(&pipeline, events);
     let mut room = Room::default();
     write(&room.founding("")).unwrap();
     let founded = fresh(t).get_forward_extremities(POSTED).unwrap();
@@ -341,11 +336,7 @@ fn an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state(t: &Tes
 /// and so it is no forward extremity.
 fn an_event_stored_as_an_outlier_and_posted_again_is_no_extremity(t: &TestDb) {
     let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
-    let write = |events: &[serde_json::Value]| {
-        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
-        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
-        pipeline.persist(POSTED, &contexts)
-    };
+    let write = |events: &[serde_json::Value]| post(&pipeline, events);
     let mut room = Room::default();
     write(&room.founding("")).unwrap();
     let aside = message(&mut room.clone(), "aside");
@@ -387,11 +378,7 @@ fn an_event_stored_as_an_outlier_and_posted_again_is_no_extremity(t: &TestDb) {
 /// has it, and the room's current state holds no rejected event.
 fn an_event_after_one_stored_rejected_gets_the_stored_state(t: &TestDb) {
     let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
-    let write = |events: &[serde_json::Value]| {
-        let texts: Vec<String> = events.iter().map(|e| e.to_string()).collect();
-        let contexts = contexts_for(&pipeline.builder, POSTED, &texts)?;
-        pipeline.persist(POSTED, &contexts)
-    };
+    let write = |events: &[serde_json::Value]| post(&pipeline, events);
     let mut room = Room::default();
     write(&room.founding("")).unwrap();
     let mut renamed = room.clone().event(
