@@ -67,21 +67,9 @@ impl RoomPersister {
     /// nothing when it is wrong (a retried or replayed event), and the batch
     /// is worked out again from what stored events name as their prev events,
     /// without the events found stored (they are skipped, kept as stored).
-    ///
-    /// When it fails, wherever it does (a read before the write too), the
-    /// state groups prepared for the batch are dropped: they will never be
-    /// written.
+    /// When it fails before its write, the groups prepared for the batch are
+    /// left to the caller (the queue discards a failed item's).
     pub fn persist(&self, room_id: &str, batch: &[EventToPersist]) -> Result<PersistedBatch> {
-        let result = self.plan_and_write(room_id, batch);
-        if result.is_err() {
-            self.events
-                .state()
-                .forget_prepared_groups(batch.iter().flat_map(|e| &e.new_state_groups));
-        }
-        result
-    }
-
-    fn plan_and_write(&self, room_id: &str, batch: &[EventToPersist]) -> Result<PersistedBatch> {
         let current = self.events.forward_extremities_for_write(room_id)?;
         // Only when that leaves a single extremity: with several, working out
         // the current state resolves them, too dear to risk on a guess.

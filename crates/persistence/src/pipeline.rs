@@ -92,8 +92,9 @@ impl Pipeline {
         let queue = PersistenceQueue::discarding(
             BATCH,
             Box::new(move |room, batch| persister.persist(room, batch)),
-            // A batch after a failed one of its chain is never written: the
-            // groups prepared for it would stay in memory.
+            // An item not written (its write failed or panicked, or a failed
+            // one of its chain came before it): the groups prepared for it
+            // would otherwise stay in memory.
             Box::new(move |events| {
                 state.forget_prepared_groups(events.iter().flat_map(|e| &e.new_state_groups))
             }),

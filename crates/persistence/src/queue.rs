@@ -38,9 +38,9 @@ pub type BatchOutcome = Result<Arc<PersistedBatch>, Arc<Error>>;
 pub type PersistFn =
     dyn Fn(&str, &[EventToPersist]) -> storage_core::Result<PersistedBatch> + Send + Sync;
 
-/// Told of events the queue will never hand to [`PersistFn`] (their chain
-/// failed earlier), or whose [`PersistFn`] panicked before it could drop what
-/// was prepared for them, so that it can be dropped.
+/// Told of the events of every item the queue did not write (its
+/// [`PersistFn`] failed or panicked, or an earlier item of its chain failed),
+/// so that what was prepared for them can be dropped.
 pub type DiscardFn = dyn Fn(&[EventToPersist]) + Send + Sync;
 
 /// A caller's claim on the outcome of the batch its events went into.
@@ -134,7 +134,8 @@ impl PersistenceQueue {
     }
 
     /// Like [`new`](Self::new), and hands `discard` the events of every item
-    /// not written because an earlier item of its chain failed.
+    /// not written: its persister failed or panicked, or an earlier item of
+    /// its chain failed.
     pub fn discarding(max_batch: usize, persist: Box<PersistFn>, discard: Box<DiscardFn>) -> Self {
         PersistenceQueue {
             last: Arc::new(LastHandle(WaitGroup::new())),
@@ -336,9 +337,13 @@ fn write_item(inner: &Inner, room_id: &str, item: Item) {
                     metrics::global().record_persisted_batch(events.len());
                     Ok(Arc::new(batch))
                 }
-                Ok(Err(e)) => Err(Arc::new(
-                    e.context(format!("persisting {} events in {room_id}", events.len())),
-                )),
+                Ok(Err(e)) => {
+                    (inner.discard)(&events);
+                    Err(Arc::new(e.context(format!(
+                        "persisting {} events in {room_id}",
+                        events.len()
+                    ))))
+                }
                 Err(_) => {
                     (inner.discard)(&events);
                     Err(Arc::new(Error::other(format!(
