@@ -673,3 +673,68 @@ pub fn room_lines(n: usize) -> (Vec<String>, String) {
         events.iter().map(|e| format!("{e}\n")).collect(),
     )
 }
+
+/// Everything an operator could see change in the database of `db`: on
+/// SQLite every file in its folder, byte for byte; on PostgreSQL its
+/// relations, its settings and every row of `tables`. Sorted, to compare a
+/// before with an after.
+pub fn database_snapshot(db: &TestDb, tables: &[&str]) -> Vec<String> {
+    if let Some(path) = db.url().strip_prefix("sqlite:") {
+        let dir = std::path::Path::new(path).parent().unwrap();
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let bytes = std::fs::read(e.path()).unwrap();
+                format!(
+                    "{} {:x}",
+                    e.file_name().to_string_lossy(),
+                    fingerprint(&bytes)
+                )
+            })
+            .collect();
+        files.sort();
+        return files;
+    }
+    let mut seen = query_lines(
+        db,
+        "SELECT c.relname || ' ' || CAST(c.relkind AS TEXT) AS line FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+         AND n.nspname NOT LIKE 'pg_toast%'",
+    );
+    seen.extend(query_lines(
+        db,
+        "SELECT COALESCE(array_to_string(setconfig, ','), '') AS line FROM pg_db_role_setting \
+         WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    ));
+    for table in tables {
+        seen.extend(query_lines(
+            db,
+            &format!("SELECT '{table} ' || CAST(t.* AS TEXT) AS line FROM {table} t"),
+        ));
+    }
+    seen.sort();
+    seen
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// The column `line` (text) of every row `sql` reads, through a raw
+/// connection to `db`.
+pub fn query_lines(db: &TestDb, sql: &str) -> Vec<String> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        line: String,
+    }
+    let mut raw = db.raw_connection();
+    let rows: Vec<Line> = with_conn!(&mut raw, |c| diesel::sql_query(sql).load(c))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter().map(|r| r.line).collect()
+}

@@ -106,77 +106,27 @@ fn fill(t: &TestDb) {
         .expect("building the Synapse database");
 }
 
-/// Everything an operator could see change: on SQLite every file in the
-/// database's folder, byte for byte; on PostgreSQL the relations, the
-/// database's settings and every row of the tables we know.
+/// The tables of Synapse's that an operator could see change (see
+/// [`e2e_tests::database_snapshot`]).
+const TABLES: [&str; 6] = [
+    "state_groups",
+    "state_groups_state",
+    "state_group_edges",
+    "event_to_state_groups",
+    "events",
+    "rooms",
+];
+
+/// Everything an operator could see change, with the state group sequence.
 fn snapshot(t: &TestDb) -> Vec<String> {
-    if let Some(path) = t.url().strip_prefix("sqlite:") {
-        let dir = std::path::Path::new(path).parent().unwrap();
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                let bytes = std::fs::read(e.path()).unwrap();
-                format!(
-                    "{} {:x}",
-                    e.file_name().to_string_lossy(),
-                    fingerprint(&bytes)
-                )
-            })
-            .collect();
-        files.sort();
-        return files;
-    }
-    let mut raw = t.raw_connection();
-    let mut seen = lines(
-        &mut raw,
-        "SELECT c.relname || ' ' || CAST(c.relkind AS TEXT) AS line FROM pg_class c \
-         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
-         AND n.nspname NOT LIKE 'pg_toast%'",
-    );
-    seen.extend(lines(
-        &mut raw,
-        "SELECT COALESCE(array_to_string(setconfig, ','), '') AS line FROM pg_db_role_setting \
-         WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    ));
-    seen.extend(lines(
-        &mut raw,
-        "SELECT 'seq ' || last_value || ' ' || is_called AS line FROM state_group_id_seq",
-    ));
-    for table in [
-        "state_groups",
-        "state_groups_state",
-        "state_group_edges",
-        "event_to_state_groups",
-        "events",
-        "rooms",
-    ] {
-        seen.extend(lines(
-            &mut raw,
-            &format!("SELECT '{table} ' || CAST(t.* AS TEXT) AS line FROM {table} t"),
+    let mut seen = e2e_tests::database_snapshot(t, &TABLES);
+    if t.engine() == "postgres" {
+        seen.extend(e2e_tests::query_lines(
+            t,
+            "SELECT 'seq ' || last_value || ' ' || is_called AS line FROM state_group_id_seq",
         ));
     }
-    seen.sort();
     seen
-}
-
-fn fingerprint(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
-}
-
-fn lines(raw: &mut storage_core::Conn, sql: &str) -> Vec<String> {
-    use diesel::prelude::*;
-    #[derive(QueryableByName)]
-    struct Line {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        line: String,
-    }
-    let rows: Vec<Line> = storage_core::with_conn!(raw, |c| diesel::sql_query(sql).load(c))
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    rows.into_iter().map(|r| r.line).collect()
 }
 
 fn expected_after(event_index: usize) -> serde_json::Value {

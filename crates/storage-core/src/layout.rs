@@ -1,11 +1,14 @@
 //! What a database URL points at, read before anything is written to it: a
-//! database of ours, a new or empty one, or a database that Synapse wrote.
+//! database of ours, a new or empty one, a database that Synapse wrote, or one
+//! of another application.
 //!
 //! Our state tables have Synapse's names and columns, so a Synapse database
 //! looks half like ours; migrating it would add our tables beside Synapse's,
 //! fail on the first table that already exists, and leave an SQLite file
-//! switched to WAL. Every process that writes (or migrates) therefore calls
-//! [`refuse_foreign_database`] first: `Database::open` does for writers and
+//! switched to WAL. A database of another application (a wrong `--database`)
+//! would get our tables beside its own, or, where a name is shared (`events`,
+//! `rooms`), our migrations' first part and a failure. Every process that
+//! writes (or migrates) therefore calls [`refuse_foreign_database`] first: `Database::open` does for writers and
 //! replicas, and the main process does before it claims the database.
 //! Reading a Synapse database as it is stays allowed: `state`, `inspect`,
 //! `serve --read-only`, `port --from`.
@@ -35,14 +38,21 @@ const STATE_TABLES: [&str; 4] = [
 pub enum Layout {
     /// Nothing there yet (an SQLite file that does not exist).
     Missing,
-    /// No table of ours or Synapse's (other tables may exist).
+    /// No table at all (the engine's own aside: SQLite's `sqlite_*`,
+    /// PostgreSQL's catalogs and extensions' tables).
     Empty,
     /// Migrated by us (our migrations table is there).
     Ours,
     /// Written by Synapse: its `schema_version` table, or the state tables
     /// without our migrations table. `schema_version` when readable.
     Synapse { schema_version: Option<i64> },
+    /// Tables, but neither our migrations table nor any of Synapse's: another
+    /// application's. `tables`: the first few of them, by name.
+    Other { tables: Vec<String> },
 }
+
+/// How many of another application's tables a refusal names.
+const NAMED_TABLES: usize = 5;
 
 #[derive(QueryableByName)]
 struct Version {
@@ -74,6 +84,11 @@ pub fn detect_layout(url: &DatabaseUrl) -> Result<Layout> {
             schema_version: None,
         });
     }
+    if !tables.is_empty() {
+        return Ok(Layout::Other {
+            tables: tables.into_iter().take(NAMED_TABLES).collect(),
+        });
+    }
     Ok(Layout::Empty)
 }
 
@@ -98,6 +113,12 @@ pub fn refuse_foreign_database(config: &DatabaseConfig) -> Result<()> {
              with `hs-main state`, `hs-main inspect` or `hs-main serve --read-only`, or copy \
              its state into a new database of ours with `hs-main port --from {url} --to URL`",
             schema_version.map_or(String::new(), |v| format!(" (schema version {v})"))
+        )))),
+        Layout::Other { tables } => Err(Error::new(ErrorKind::NotOurs(format!(
+            "{url} holds tables of another application ({}), none of hs-main's or \
+             Synapse's: hs-main writes only to a database of its own or an empty one. \
+             Check the database URL",
+            tables.join(", ")
         )))),
         Layout::Missing | Layout::Empty | Layout::Ours => Ok(()),
     }

@@ -449,7 +449,9 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<(String, f64)>>;
 
     /// The names of the tables this connection sees (on PostgreSQL, those on
-    /// its search path), changing nothing.
+    /// its search path), changing nothing: the database's own, not the
+    /// engine's (SQLite's `sqlite_*`, PostgreSQL's catalogs, the tables of
+    /// extensions).
     fn table_names(&self, conn: &mut Conn) -> Result<std::collections::BTreeSet<String>>;
 
     /// Tries to claim the database for this process as its one main process:

@@ -510,7 +510,12 @@ impl Engine for PostgresEngine {
     fn table_names(&self, conn: &mut Conn) -> Result<std::collections::BTreeSet<String>> {
         diesel::sql_query(
             "SELECT c.relname AS name FROM pg_catalog.pg_class c \
-             WHERE c.relkind IN ('r', 'p') AND pg_catalog.pg_table_is_visible(c.oid)",
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND pg_catalog.pg_table_is_visible(c.oid) \
+             AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+                 WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid \
+                 AND d.deptype = 'e')",
         )
         .load::<super::TableName>(conn.postgres()?)
         .map(super::table_set)

@@ -400,10 +400,13 @@ impl Engine for SqliteEngine {
     }
 
     fn table_names(&self, conn: &mut Conn) -> Result<std::collections::BTreeSet<String>> {
-        diesel::sql_query("SELECT name FROM sqlite_master WHERE type = 'table'")
-            .load::<super::TableName>(conn.sqlite()?)
-            .map(super::table_set)
-            .context("listing the tables")
+        diesel::sql_query(
+            "SELECT name FROM sqlite_master WHERE type = 'table' \
+             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+        )
+        .load::<super::TableName>(conn.sqlite()?)
+        .map(super::table_set)
+        .context("listing the tables")
     }
 
     fn try_claim_main_process(
