@@ -83,10 +83,17 @@ pub(super) async fn room_state(
     Query(q): Query<AtQuery>,
 ) -> Result<Response, ApiError> {
     let body = blocking("GET", move || {
-        if state.read_only && q.at.is_none() {
+        if state.read_only {
             // Another process writes this database and nothing tells this
-            // one: the current state is read afresh (state groups never change).
-            state.state.invalidate_current_state(&room_id);
+            // one: the current state is read afresh, and so is which group
+            // holds the state after an event (a group never changes, but one
+            // may be deleted and its id used again: Synapse on SQLite).
+            match &q.at {
+                None => state.state.invalidate_current_state(&room_id),
+                Some(at) => {
+                    state.state.reread_event_state_group(at)?;
+                }
+            }
         }
         Ok(crate::state_json::state_json(
             &state.state,

@@ -449,3 +449,106 @@ fn serve_read_only_answers_from_a_synapse_database(t: &TestDb) {
         "serve --read-only changed the Synapse database"
     );
 }
+
+/// Synapse on SQLite takes state group ids from the highest one stored when
+/// it starts: after a purge of the room holding the highest groups and a
+/// restart, it hands those ids out again, to other groups. A read-only server
+/// beside it that cached the old groups must answer the new ones. (On
+/// PostgreSQL Synapse takes them from a sequence, which never goes back.)
+#[test]
+fn sqlite_serve_read_only_beside_a_synapse_that_reuses_purged_group_ids() {
+    let t = TestDb::sqlite();
+    fill(&t);
+    // Synapse running: its connection keeps the write-ahead log beside the
+    // file, so the server reads the file as one that changes.
+    let mut synapse = t.raw_connection();
+    synapse
+        .batch_execute("UPDATE rooms SET is_public = false")
+        .unwrap();
+    let path = t.url().strip_prefix("sqlite:").unwrap().to_owned();
+    assert!(std::path::Path::new(&format!("{path}-wal")).exists());
+    let port = e2e_tests::free_port();
+    let server = e2e_tests::start(
+        "hs-main",
+        &[
+            "--database".into(),
+            t.url().into(),
+            "serve".into(),
+            "--read-only".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        port,
+    );
+    let state_at = |room: &str, event: &str| {
+        e2e_tests::get(
+            &server.url,
+            &format!(
+                "/_hs/v1/rooms/{}/state?at={}",
+                e2e_tests::encode(room),
+                e2e_tests::encode(event)
+            ),
+        )
+    };
+    let other = "!other:test";
+    let created = serde_json::json!({"m.room.create": {"": "$other"}});
+    assert_eq!(state_at(other, "$other"), created);
+    assert_eq!(state_at(ROOM, "$bob_leave"), expected_after(6));
+
+    // The room of group 7, the highest, is purged; Synapse restarts and the
+    // room is joined again: its new group takes id 7 again.
+    let purge = |room: &str| {
+        format!(
+            "DELETE FROM state_groups_state WHERE room_id = '{room}';
+             DELETE FROM event_to_state_groups WHERE state_group IN
+               (SELECT id FROM state_groups WHERE room_id = '{room}');
+             DELETE FROM state_groups WHERE room_id = '{room}';"
+        )
+    };
+    synapse
+        .batch_execute(&format!(
+            "{}
+             INSERT INTO state_groups (id, room_id, event_id) VALUES (7, '{other}', '$carol_join');
+             INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) VALUES
+               (7, '{other}', 'm.room.create', '', '$other'),
+               (7, '{other}', 'm.room.member', '@carol:test', '$carol_join');
+             INSERT INTO event_to_state_groups (event_id, state_group) VALUES ('$carol_join', 7);",
+            purge(other)
+        ))
+        .unwrap();
+    let rejoined = serde_json::json!({
+        "m.room.create": {"": "$other"},
+        "m.room.member": {"@carol:test": "$carol_join"},
+    });
+    assert_eq!(state_at(other, "$carol_join"), rejoined);
+    let purged = ureq::get(&format!(
+        "{}/_hs/v1/rooms/{}/state?at=%24other",
+        server.url,
+        e2e_tests::encode(other)
+    ))
+    .set("Authorization", &format!("Bearer {}", e2e_tests::TOKEN))
+    .call();
+    assert!(
+        matches!(purged, Err(ureq::Error::Status(404, _))),
+        "$other was purged: {purged:?}"
+    );
+
+    // Purged again, and id 7 goes to a new room's group.
+    synapse
+        .batch_execute(&format!(
+            "{}
+             INSERT INTO state_groups (id, room_id, event_id) VALUES (7, '!new:test', '$new');
+             INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) VALUES
+               (7, '!new:test', 'm.room.create', '', '$new');
+             INSERT INTO event_to_state_groups (event_id, state_group) VALUES ('$new', 7);",
+            purge(other)
+        ))
+        .unwrap();
+    assert_eq!(
+        state_at("!new:test", "$new"),
+        serde_json::json!({"m.room.create": {"": "$new"}})
+    );
+    // What was not purged answers as before.
+    assert_eq!(state_at(ROOM, "$bob_leave"), expected_after(6));
+    drop(server);
+}

@@ -36,6 +36,11 @@ pub struct StateCaches {
     pub(crate) event_groups: LruCache<String, StateGroup>,
     /// The room of each group: every read of the state after an event checks it.
     pub(crate) group_rooms: LruCache<StateGroup, String>,
+    /// The row (room, event it was written for) of each group whose caches a
+    /// process that is not told of purges filled
+    /// ([`StateStore::reread_event_state_group`](crate::StateStore::reread_event_state_group)):
+    /// a group found with another row is another group under a reused id.
+    pub(crate) group_origins: LruCache<StateGroup, (String, String)>,
     pub(crate) current_state: LruCache<String, Arc<StateMap>>,
 }
 
@@ -72,6 +77,13 @@ impl StateCaches {
                 config.cache_size(100_000),
             )
             .counting_bytes(|_, r| size_of::<(StateGroup, String)>() + r.heap_size()),
+            group_origins: LruCache::<StateGroup, (String, String)>::new(
+                "state_group_origin_cache",
+                config.cache_size(100_000),
+            )
+            .counting_bytes(|_, (r, e)| {
+                size_of::<(StateGroup, (String, String))>() + r.heap_size() + e.heap_size()
+            }),
             current_state: LruCache::<String, Arc<StateMap>>::with_sizer(
                 "current_state_ids_cache",
                 config.cache_size(500_000),
@@ -81,9 +93,10 @@ impl StateCaches {
         }
     }
 
-    /// Forgets everything cached about `group`: its state, delta, chain length
-    /// and room. Groups never change, so nothing calls this on the read or write
-    /// path; it is for whoever deletes stored groups (a purge).
+    /// Forgets everything cached about `group`: its state, delta, chain length,
+    /// room and row. Groups never change, so nothing calls this on the read or
+    /// write path; it is for whoever deletes stored groups (a purge), or finds
+    /// one deleted and its id reused.
     pub fn invalidate_group(&self, group: StateGroup) {
         self.members.invalidate(&group);
         self.non_members.invalidate(&group);
@@ -91,6 +104,7 @@ impl StateCaches {
         self.deltas.invalidate(&group);
         self.chain_lengths.invalidate(&group);
         self.group_rooms.invalidate(&group);
+        self.group_origins.invalidate(&group);
     }
 
     /// What the state-group caches hold, in bytes (see `/metrics`).

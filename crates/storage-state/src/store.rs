@@ -644,6 +644,54 @@ impl StateStore {
         }
     }
 
+    /// The group holding the state after `event_id` (`None`: an unknown event,
+    /// or an outlier), read from the database, never the cache: for a process
+    /// that reads a database another process writes and purges without
+    /// telling it (`serve --read-only`). The writer may have deleted the
+    /// group, and Synapse on SQLite hands the ids of deleted groups out again
+    /// after a restart (it starts from the highest id left). So when the
+    /// group's row (its room, the event it was written for) is not the one its
+    /// caches were filled under, everything cached of the group is forgotten
+    /// first. One indexed read (the event's mapping with its group's row).
+    pub fn reread_event_state_group(&self, event_id: &str) -> Result<Option<StateGroup>> {
+        let row: Option<(i64, Option<String>, Option<String>)> =
+            self.db.run_read("reread_event_state_group", |txn| {
+                Ok(with_conn!(txn.conn(), |c| event_to_state_groups::table
+                    .left_join(
+                        state_groups::table
+                            .on(state_groups::id.eq(event_to_state_groups::state_group)),
+                    )
+                    .select((
+                        event_to_state_groups::state_group,
+                        state_groups::room_id.nullable(),
+                        state_groups::event_id.nullable(),
+                    ))
+                    .filter(event_to_state_groups::event_id.eq(event_id))
+                    .first(c)
+                    .optional())?)
+            })?;
+        let Some((group, room, origin)) = row else {
+            self.caches.event_groups.invalidate(&event_id.to_owned());
+            return Ok(None);
+        };
+        let row = room.zip(origin);
+        let cached = self.caches.group_origins.get(&group);
+        if row.is_none() || cached != row {
+            if cached.is_some() {
+                log::info!(
+                    "state group {group} (after {event_id}) is not the group cached under its id \
+                     (deleted, its id used again): forgetting what was cached of it"
+                );
+            }
+            self.caches.invalidate_group(group);
+            if let Some(row) = row {
+                self.caches.group_origins.insert(group, row);
+            }
+        }
+        self.caches.event_groups.insert(event_id.to_owned(), group);
+        Ok(Some(group))
+    }
+
     /// Forgets every cached prev group, delta and chain length: for a replica
     /// that may have missed rewrites.
     pub fn forget_all_state_group_shapes(&self) {
