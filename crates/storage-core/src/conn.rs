@@ -4,7 +4,7 @@
 //! [`with_conn!`]; behaviour that really differs per engine lives in
 //! [`crate::engine`], never in ad-hoc checks of which variant a connection is.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, FileStamp};
 use crate::error::{Error, Result};
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::r2d2::R2D2Connection;
@@ -167,7 +167,10 @@ impl ConnectGate {
 
     /// Runs `connect` unless the gate is closed, counted as under way
     /// meanwhile; the connection it opens is counted as open until dropped.
-    fn attempt(self: &Arc<Self>, connect: impl FnOnce() -> Result<Conn>) -> Result<Pooled> {
+    fn attempt(
+        self: &Arc<Self>,
+        connect: impl FnOnce() -> Result<(Conn, Option<FileStamp>)>,
+    ) -> Result<Pooled> {
         {
             let mut state = self.lock();
             if state.closed {
@@ -192,8 +195,10 @@ impl ConnectGate {
         }
         drop(state);
         self.changed.notify_all();
+        let (conn, stamp) = result?;
         Ok(Pooled {
-            conn: result?,
+            conn,
+            stamp,
             _open: OpenTicket(self.clone()),
         })
     }
@@ -226,7 +231,20 @@ impl ConnectGate {
 pub(crate) struct Pooled {
     // Fields drop in order: the connection is closed before the count drops.
     conn: Conn,
+    /// What the connection assumed of the database when it was opened
+    /// ([`Engine::connect_stamped`]).
+    stamp: Option<FileStamp>,
     _open: OpenTicket,
+}
+
+impl Pooled {
+    /// Whether `engine` may still read through this connection
+    /// ([`Engine::still_as_stamped`]).
+    pub(crate) fn still_usable(&self, engine: &dyn Engine) -> bool {
+        self.stamp
+            .as_ref()
+            .is_none_or(|stamp| engine.still_as_stamped(stamp))
+    }
 }
 
 impl std::ops::Deref for Pooled {
@@ -268,12 +286,12 @@ impl r2d2::ManageConnection for ConnManager {
 
     fn connect(&self) -> Result<Pooled> {
         self.gate.attempt(|| {
-            let mut conn = self.engine.connect()?;
+            let (mut conn, stamp) = self.engine.connect_stamped()?;
             if let Some(session) = self.session {
                 conn.batch_execute(session)
                     .map_err(|e| e.context("setting up a session for seeking reads"))?;
             }
-            Ok(conn)
+            Ok((conn, stamp))
         })
     }
 
@@ -354,8 +372,9 @@ mod tests {
         let gate = Arc::new(ConnectGate::default());
         let conn = gate
             .attempt(|| {
-                Ok(crate::Conn::Sqlite(
-                    diesel::SqliteConnection::establish(":memory:").unwrap(),
+                Ok((
+                    crate::Conn::Sqlite(diesel::SqliteConnection::establish(":memory:").unwrap()),
+                    None,
                 ))
             })
             .unwrap();

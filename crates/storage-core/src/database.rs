@@ -187,13 +187,41 @@ impl Database {
         self.inner.mode
     }
 
+    /// A connection of `pool` the engine may still read through: one opened on
+    /// an SQLite file taken for unchanging is discarded once a writer came
+    /// (see [`Engine::still_as_stamped`]), and another taken, opened afresh
+    /// once the pool has no more of the kind.
+    fn checkout(
+        &self,
+        pool: &r2d2::Pool<ConnManager>,
+        desc: &str,
+    ) -> Result<r2d2::PooledConnection<ConnManager>> {
+        let engine = &*self.inner.engine;
+        // Each idle connection at most once, then a new one.
+        for _ in 0..=pool.max_size() {
+            let mut conn = pool.get().with_context(|| desc.to_owned())?;
+            if conn.still_usable(engine) {
+                return Ok(conn);
+            }
+            log::info!(
+                "{}: written since this connection opened it as an unchanging file: opening it again",
+                engine.url()
+            );
+            conn.mark_broken();
+        }
+        Err(Error::unavailable(format!(
+            "{desc}: {} changes faster than connections to it open",
+            engine.url()
+        )))
+    }
+
     /// Runs `f` on a pooled connection outside any transaction managed here
     /// (migrations, checks, LISTEN). Prefer [`run_interaction`](Self::run_interaction).
     pub fn with_connection<T>(
         &self,
         f: impl FnOnce(&dyn Engine, &mut Conn) -> Result<T>,
     ) -> Result<T> {
-        let mut conn = self.inner.pool.get()?;
+        let mut conn = self.checkout(&self.inner.pool, "a connection")?;
         let result = f(&*self.inner.engine, &mut conn);
         if let Err(e) = &result {
             let gone = matches!(e.kind(), ErrorKind::Unavailable(_))
@@ -253,7 +281,7 @@ impl Database {
     /// on meanwhile; PostgreSQL keeps the row versions the snapshot may read
     /// (VACUUM waits), SQLite does not checkpoint past it.
     pub fn run_snapshot<T>(&self, desc: &str, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        let mut conn = self.inner.pool.get().with_context(|| desc.to_owned())?;
+        let mut conn = self.checkout(&self.inner.pool, desc)?;
         let engine = &*self.inner.engine;
         let guard = engine
             .begin(&mut conn, &TxnOptions::read_only(), false)
@@ -286,7 +314,7 @@ impl Database {
             Some(seeking) if options.seeks_only => seeking,
             _ => &self.inner.pool,
         };
-        let mut conn = pool.get().with_context(|| desc.to_owned())?;
+        let mut conn = self.checkout(pool, desc)?;
         metrics::global().record_pool_wait(waiting.elapsed());
         let start = Instant::now();
         let engine = &*self.inner.engine;

@@ -289,6 +289,22 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Opens a new connection with this engine's per-connection settings applied.
     fn connect(&self) -> Result<Conn>;
 
+    /// [`Self::connect`], with what the connection assumes of the database
+    /// that may stop being true while it stays open (a pooled connection):
+    /// on SQLite, that nobody writes the file, when it was opened as an
+    /// unchanging file (read-only, no writer then), stamped as it was then.
+    /// `None`: nothing assumed. See [`Self::still_as_stamped`].
+    fn connect_stamped(&self) -> Result<(Conn, Option<FileStamp>)> {
+        Ok((self.connect()?, None))
+    }
+
+    /// Whether a connection opened on `stamp` ([`Self::connect_stamped`]) may
+    /// still read: the file is as it was and nobody writes it. A pool hands
+    /// out no connection for which this is false.
+    fn still_as_stamped(&self, _stamp: &FileStamp) -> bool {
+        true
+    }
+
     /// What makes a new connection a session for reads of
     /// [`TxnOptions::seeks_only`], kept in a pool of their own: statements
     /// that set it read-only and planned for index seeks, so that such a read
@@ -493,6 +509,33 @@ fn table_set(rows: Vec<TableName>) -> std::collections::BTreeSet<String> {
 
 /// What keeps a main-process claim alive; dropping it lets go.
 pub type ClaimHandle = Box<dyn std::any::Any + Send>;
+
+/// A database file as a connection that took it for unchanging found it: its
+/// identity, size and times of change. Another stamp of the same file differs
+/// once anything wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` now.
+    pub fn of(path: &std::path::Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            device: m.dev(),
+            inode: m.ino(),
+            len: m.size(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
 
 /// The engine for a configuration.
 pub fn for_config(config: &DatabaseConfig) -> Box<dyn Engine> {

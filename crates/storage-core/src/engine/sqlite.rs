@@ -1,6 +1,8 @@
 //! The embedded default: one SQLite file, WAL, one writer at a time.
 
-use super::{Engine, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions, WriterGuard};
+use super::{
+    Engine, FileStamp, Sequence, SequenceHealth, SequenceRepair, TableRows, TxnOptions, WriterGuard,
+};
 use crate::claim::ClaimState;
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
 use crate::conn::Conn;
@@ -78,8 +80,9 @@ impl SqliteEngine {
     /// The string handed to sqlite3_open_v2: the plain path for a writer's first
     /// connection (created if missing, with its folder), a `file:` URI with
     /// `mode=rw` for its later ones; for read-only opens a `file:` URI that
-    /// creates nothing, beside the file or anywhere else (see [`read_only_uri`]).
-    fn open_target(&self) -> Result<String> {
+    /// creates nothing, beside the file or anywhere else (see [`read_only_uri`]),
+    /// with the file's stamp when it is opened as unchanging.
+    fn open_target(&self) -> Result<(String, Option<FileStamp>)> {
         let path = &self.path;
         let display = path.display();
         if self.read_only() {
@@ -89,7 +92,7 @@ impl SqliteEngine {
             return read_only_uri(path);
         }
         if self.opened.load(Ordering::SeqCst) {
-            return Ok(format!("file:{}?mode=rw", uri_escape(path)));
+            return Ok((format!("file:{}?mode=rw", uri_escape(path)), None));
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
@@ -100,9 +103,9 @@ impl SqliteEngine {
             .ok_or_else(|| Error::invalid_argument(format!("path {display} is not UTF-8")))?;
         if s.starts_with("file:") {
             // Would be read as a URI; make it an unambiguous relative path.
-            return Ok(format!("./{s}"));
+            return Ok((format!("./{s}"), None));
         }
-        Ok(s.to_owned())
+        Ok((s.to_owned(), None))
     }
 }
 
@@ -117,11 +120,20 @@ impl SqliteEngine {
 /// file alone and locks nothing. When a `-wal` file exists, a writer may be running and the
 /// file alone is not the whole database: `mode=ro` reads through the existing
 /// `-wal`/`-shm` as any reader does. A database in rollback-journal mode is
-/// opened `mode=ro`, which creates nothing either. (An immutable open does not
-/// see what a writer started later commits; a reader opened after it does.)
-fn read_only_uri(path: &Path) -> Result<String> {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
+/// opened `mode=ro`, which creates nothing either.
+///
+/// An immutable open reads the file as it is, without locks and without
+/// looking for changes, and keeps what it read: once a writer comes (the
+/// file's `hs-main`, Synapse), it would answer from pages of the file as it
+/// was mixed with pages as it is, stale or "malformed". So it comes with the
+/// file's stamp, taken before the `-wal` file was looked for, and a pool
+/// hands the connection out only while the file still matches it and no
+/// `-wal` file is there ([`Engine::still_as_stamped`]); otherwise it is
+/// opened again, `mode=ro` beside the writer or immutable on what the writer
+/// left.
+fn read_only_uri(path: &Path) -> Result<(String, Option<FileStamp>)> {
+    let stamp = FileStamp::of(path)
+        .with_context(|| format!("reading the metadata of SQLite database {}", path.display()))?;
     let mut header = [0u8; 20];
     let in_wal_mode = {
         use std::io::Read;
@@ -131,12 +143,19 @@ fn read_only_uri(path: &Path) -> Result<String> {
         // 2 for WAL. A file shorter than the header is no WAL database.
         file.read_exact(&mut header).is_ok() && header[18] == 2 && header[19] == 2
     };
-    let mode = if in_wal_mode && !Path::new(&wal).exists() {
-        "mode=ro&immutable=1"
+    let (mode, stamp) = if in_wal_mode && !wal_path(path).exists() {
+        ("mode=ro&immutable=1", Some(stamp))
     } else {
-        "mode=ro"
+        ("mode=ro", None)
     };
-    Ok(format!("file:{}?{mode}", uri_escape(path)))
+    Ok((format!("file:{}?{mode}", uri_escape(path)), stamp))
+}
+
+/// The write-ahead log beside the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
 }
 
 fn uri_escape(path: &Path) -> String {
@@ -206,7 +225,11 @@ impl Engine for SqliteEngine {
     }
 
     fn connect(&self) -> Result<Conn> {
-        let target = self.open_target()?;
+        Ok(self.connect_stamped()?.0)
+    }
+
+    fn connect_stamped(&self) -> Result<(Conn, Option<FileStamp>)> {
+        let (target, stamp) = self.open_target()?;
         let mut c = SqliteConnection::establish(&target)
             .with_context(|| format!("opening SQLite database {}", self.path.display()))?;
         let mut pragmas = format!(
@@ -223,7 +246,12 @@ impl Engine for SqliteEngine {
         c.batch_execute(&pragmas)
             .with_context(|| format!("configuring SQLite database {}", self.path.display()))?;
         self.opened.store(true, Ordering::SeqCst);
-        Ok(Conn::Sqlite(c))
+        Ok((Conn::Sqlite(c), stamp))
+    }
+
+    fn still_as_stamped(&self, stamp: &FileStamp) -> bool {
+        // The log first: a writer that came and went left the file changed.
+        !wal_path(&self.path).exists() && FileStamp::of(&self.path).is_ok_and(|now| &now == stamp)
     }
 
     fn checkpoints_in_background(&self) -> bool {
