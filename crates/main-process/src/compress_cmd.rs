@@ -15,8 +15,8 @@ use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
 use storage_core::{
-    detect_layout, Database, DatabaseUrl, Error, Layout, MainProcessClaim, OpenMode, Result,
-    ResultExt, Transaction,
+    detect_layout, refuse_foreign_database, Database, DatabaseUrl, Error, Layout, MainProcessClaim,
+    OpenMode, Result, ResultExt, Transaction,
 };
 use storage_events::EventsStore;
 use storage_state::compress::{self, CompressHooks, CompressOptions, Outcome, RoomReport};
@@ -221,11 +221,23 @@ pub fn summary_json(
 
 /// The stores a run writes through: ours, claimed as the main process (its
 /// rewrites go on the replication stream), or Synapse's tables as they are.
+/// A dry run only reads: the database opened read-only, nothing claimed,
+/// migrated or moved, so it also answers beside a running `hs-main serve`.
 fn open(
     settings: &Settings,
+    dry_run: bool,
 ) -> Result<(Option<MainProcessClaim>, StateStore, Option<EventsStore>)> {
     let config = settings.store_config("main");
-    if let Layout::Synapse { .. } = detect_layout(&DatabaseUrl::parse(&settings.database)?)? {
+    let layout = detect_layout(&DatabaseUrl::parse(&settings.database)?)?;
+    if dry_run {
+        let db_config = settings.database_config(OpenMode::ReadOnly)?;
+        if !matches!(layout, Layout::Synapse { .. }) {
+            refuse_foreign_database(&db_config)?;
+        }
+        let db = Database::open(db_config)?;
+        return Ok((None, StateStore::new(db, &config)?, None));
+    }
+    if let Layout::Synapse { .. } = layout {
         // No claim (nothing of ours may be left beside Synapse's files, and
         // our claim cannot see a running Synapse anyway: stop it first).
         let db = Database::open(settings.database_config(OpenMode::SynapseState)?)?;
@@ -242,7 +254,7 @@ fn open(
 
 pub fn run(settings: &Settings, args: &Args) -> std::result::Result<(), Failure> {
     let started = std::time::Instant::now();
-    let (_claim, state, events) = open(settings)?;
+    let (_claim, state, events) = open(settings, args.dry_run)?;
     let options = CompressOptions {
         dry_run: args.dry_run,
         max_rows_per_second: args.max_rows_per_second,

@@ -6,26 +6,35 @@ use crate::background::BackgroundJobs;
 use crate::cli::Failure;
 use http_api::settings::Settings;
 use std::time::Duration;
+use storage_core::{refuse_foreign_database, Database, OpenMode};
 use storage_state::{highest_state_group, purge_unneeded_groups, StateStore};
 
 /// The command: this process holds the database's claim, so no main process
-/// is writing, and every unneeded group may go.
+/// is writing, and every unneeded group may go. A dry run only reads: it
+/// opens the database read-only, claiming, migrating and moving nothing, so
+/// it also answers beside a running `hs-main serve`.
 pub fn run(settings: &Settings, dry_run: bool) -> Result<(), Failure> {
-    let (_claim, db) = crate::open::open_as_main(settings)?;
-    let up_to = highest_state_group(&db)?;
-    let store = StateStore::new(db, &settings.store_config("main"))?;
-    let report = purge_unneeded_groups(&store, up_to, dry_run)?;
     if dry_run {
+        let config = settings.database_config(OpenMode::ReadOnly)?;
+        refuse_foreign_database(&config)?;
+        let db = Database::open(config)?;
+        let up_to = highest_state_group(&db)?;
+        let store = StateStore::new(db, &settings.store_config("main"))?;
+        let report = purge_unneeded_groups(&store, up_to, true)?;
         println!(
             "{} state groups are needed by no event's state (nothing deleted: --dry-run)",
             report.candidates
         );
-    } else {
-        println!(
-            "deleted {} state groups ({} rows of state_groups_state) that no event's state needed",
-            report.groups, report.rows
-        );
+        return Ok(());
     }
+    let (_claim, db) = crate::open::open_as_main(settings)?;
+    let up_to = highest_state_group(&db)?;
+    let store = StateStore::new(db, &settings.store_config("main"))?;
+    let report = purge_unneeded_groups(&store, up_to, false)?;
+    println!(
+        "deleted {} state groups ({} rows of state_groups_state) that no event's state needed",
+        report.groups, report.rows
+    );
     Ok(())
 }
 
