@@ -4,7 +4,7 @@
 use crate::checkpoint::Checkpointer;
 use crate::claim::{self, ClaimState, MainProcessClaim};
 use crate::config::{DatabaseConfig, DatabaseUrl, OpenMode};
-use crate::conn::{Conn, ConnManager, ConnectGate, GateCloser};
+use crate::conn::{Conn, ConnManager, ConnectGate, GateCloser, Pooled};
 use crate::engine::{self, Engine, Sequence, SequenceRepair, TxnOptions};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::metrics;
@@ -290,7 +290,27 @@ impl Database {
         // It wrote nothing: ending it is all there is to do.
         rollback(&mut conn, desc);
         drop(guard);
+        self.read_unchanged(&mut conn)
+            .map_err(|e| e.context(desc.to_owned()))?;
         result
+    }
+
+    /// An error when `conn` read a file taken for unchanging that a writer
+    /// changed meanwhile (see [`Engine::still_as_stamped`]): what it read may
+    /// mix two states of the file, so whatever it answered (a value, or an
+    /// error such as "database disk image is malformed") is replaced by this
+    /// error, and the connection is not used again.
+    fn read_unchanged(&self, conn: &mut Pooled) -> Result<()> {
+        let engine = &*self.inner.engine;
+        if conn.still_usable(engine) {
+            return Ok(());
+        }
+        conn.mark_broken();
+        Err(Error::unavailable(format!(
+            "{} was written while this read it as an unchanging file (no writer when the \
+             read began): what was read may mix two states of it; try again",
+            engine.url()
+        )))
     }
 
     /// Runs `f` inside a transaction and returns its value.
@@ -328,7 +348,16 @@ impl Database {
             .map(|c| &**c);
         let mut attempt = 1;
         loop {
-            match run_attempt(engine, claim, &mut conn, desc, &options, attempt, &mut f) {
+            let mut outcome =
+                run_attempt(engine, claim, &mut conn, desc, &options, attempt, &mut f);
+            if options.read_only {
+                if let Err(changed) = self.read_unchanged(&mut conn) {
+                    // What was read is not to be trusted, nor its callbacks run.
+                    let on_exception = outcome.err().map(|(_, c)| c).unwrap_or_default();
+                    outcome = Err((changed, on_exception));
+                }
+            }
+            match outcome {
                 Ok((value, after)) => {
                     if !options.read_only {
                         if let Some(checkpointer) = &self.inner.checkpointer {
