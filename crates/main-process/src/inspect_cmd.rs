@@ -55,7 +55,7 @@ struct Report {
 }
 
 pub fn run(settings: &Settings, options: InspectOptions) -> Result<(), Failure> {
-    let db = Database::open(settings.database_config(OpenMode::ReadOnly)?)?;
+    let db = crate::open::open_to_read(settings.database_config(OpenMode::ReadOnly)?)?;
     let (tables, common_rooms, sequence) = db.run_read("inspect_statistics", |txn| {
         let tables = txn.table_statistics(TABLES)?;
         let common = txn.most_common_values("state_groups_state", "room_id")?;

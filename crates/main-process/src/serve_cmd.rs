@@ -159,7 +159,7 @@ pub fn run_read_only(settings: &Settings) -> Result<(), Failure> {
         .database_config(OpenMode::ReadOnly)?
         .with_pool_wait(DATABASE_WAIT)
         .with_min_idle(1);
-    let db = Database::open(config)?;
+    let db = crate::open::open_to_read(config)?;
     let events = EventsStore::new(db.clone(), &settings.store_config("main"))?;
     log::info!(
         "serving {} read-only: nothing is claimed, migrated or written",

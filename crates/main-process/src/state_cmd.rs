@@ -7,11 +7,11 @@ use crate::cli::Failure;
 use http_api::settings::Settings;
 use http_api::state_json::write_json;
 use std::io::{BufWriter, Write};
-use storage_core::{Database, Error, OpenMode};
+use storage_core::{Error, OpenMode};
 use storage_state::{room_state, StateStore};
 
 pub fn run(settings: &Settings, room_id: &str, at: Option<&str>) -> Result<(), Failure> {
-    let db = Database::open(settings.database_config(OpenMode::ReadOnly)?)?;
+    let db = crate::open::open_to_read(settings.database_config(OpenMode::ReadOnly)?)?;
     let store = StateStore::new(db, &settings.store_config("main"))?;
     let state = room_state(&store, room_id, at)?;
     // Straight from the map's strings to stdout, in 64 KiB writes.

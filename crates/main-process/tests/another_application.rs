@@ -1,8 +1,8 @@
 //! A database of another application (a wrong `--database`): every command
-//! that writes refuses it with one line saying so, before writing anything
-//! (same bytes on SQLite, nothing created beside the file; no new relation,
-//! row or setting on PostgreSQL); the commands that read leave it as it is.
-//! On SQLite and PostgreSQL.
+//! refuses it with one line saying so, before writing anything (same bytes on
+//! SQLite, nothing created beside the file; no new relation, row or setting on
+//! PostgreSQL), those that read too (there is nothing of ours or Synapse's to
+//! read). On SQLite and PostgreSQL.
 
 use e2e_tests::{database_snapshot, hs_main};
 use storage_core::testing::TestDb;
@@ -78,9 +78,19 @@ fn writers_refuse_a_database_of_another_application(t: &TestDb) {
             "port --from {from} --to {to} changed the database of another application"
         );
     }
-    // The commands that read write nothing either.
-    for args in [vec!["state", "!r:example.org"], vec!["inspect"]] {
-        let (_, _, _) = hs_main(t, &args);
+    // The commands that read refuse it the same way, changing nothing.
+    for args in [
+        vec!["state", "!r:example.org"],
+        vec!["state", "!r:example.org", "--at", "$e"],
+        vec!["inspect"],
+        vec!["serve", "--read-only", "--listen", "127.0.0.1:0"],
+    ] {
+        let (code, _, stderr) = hs_main(t, &args);
+        assert_refused(&format!("{args:?}"), code, &stderr);
+        assert!(
+            stderr.contains("nothing here to read"),
+            "{args:?}: {stderr}"
+        );
         assert_eq!(
             database_snapshot(t, &TABLES),
             before,
