@@ -129,10 +129,13 @@ fn compute_contexts(
     // An event stored already is skipped by the write and kept as stored
     // (rejected, say, where this request's context of it would accept it):
     // the events after it are worked out from what is stored of it, not from
-    // that context. One read, for a request of several events only.
+    // that context. But for an outlier the auth rules accepted, which an
+    // accepted context gives its place in the room's graph: the write does
+    // (see `EventToPersist::write_as`). One read, for a request of several
+    // events only.
     let stored = if read.len() > 1 {
         let ids: Vec<&str> = read.iter().map(|p| p.event_id.as_str()).collect();
-        builder.events().have_events(&ids)?
+        builder.events().stored_events(&ids)?
     } else {
         Default::default()
     };
@@ -141,7 +144,10 @@ fn compute_contexts(
         let context = builder
             .compute_event_context(&pdu, false, &pending)
             .map_err(|e| e.context(format!("event {}", pdu.event_id)))?;
-        if !stored.contains(pdu.event_id.as_str()) {
+        let kept_as_stored = stored
+            .get(pdu.event_id.as_str())
+            .is_some_and(|s| !(s.may_be_placed() && context.rejected.is_none()));
+        if !kept_as_stored {
             pending.insert(Arc::new(pdu.clone()), context.clone());
         }
         out.push((pdu, context));

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use storage_core::{Error, Result, ResultExt};
-use storage_events::{EventReads, EventToPersist, RefreshSchedule};
+use storage_events::{EventToPersist, Existing, RefreshSchedule};
 
 /// Lines read, parsed and checked against storage at a time.
 const CHUNK: usize = 256;
@@ -257,7 +257,7 @@ impl Importer {
         }
         let ids: Vec<String> = parsed.iter().map(|(_, p)| p.event_id.to_string()).collect();
         let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let stored = match self.pipeline.builder.events().have_events(&id_refs) {
+        let stored = match self.pipeline.builder.events().stored_events(&id_refs) {
             Ok(stored) => stored,
             Err(e) => {
                 let at = parsed.first().map(|p| p.0.clone()).or(failure.map(|f| f.0));
@@ -270,7 +270,7 @@ impl Importer {
         failure.map_or(Ok(()), Err)
     }
 
-    fn event(&mut self, pdu: Pdu, at: &Location, stored: &HashSet<String>) -> Result<()> {
+    fn event(&mut self, pdu: Pdu, at: &Location, stored: &HashMap<String, Existing>) -> Result<()> {
         let id = pdu.event_id.to_string();
         let room_id = pdu.room_id.to_string();
         let queue = &self.pipeline.queue;
@@ -291,7 +291,11 @@ impl Importer {
             room.not_imported += 1;
             return Ok(());
         }
-        if self.pending.contains(&id) || stored.contains(&id) {
+        // An event stored already is kept as stored, but for an outlier the
+        // auth rules accepted, which an accepted context gives its place in
+        // the room's graph (`EventToPersist::write_as`).
+        let stored = stored.get(&id);
+        if self.pending.contains(&id) || stored.is_some_and(|s| !s.may_be_placed()) {
             self.counts.skipped += 1;
             return Ok(());
         }
@@ -300,6 +304,15 @@ impl Importer {
             .builder
             .compute_event_context(&pdu, false, &self.pending)
             .with_context(|| format!("event {id}"))?;
+        if stored.is_some() && context.rejected.is_some() {
+            // Stays the outlier it is: nothing prepared for it is written.
+            self.pipeline
+                .builder
+                .state()
+                .forget_prepared_groups(&context.new_state_groups);
+            self.counts.skipped += 1;
+            return Ok(());
+        }
         let row = ContextBuilder::to_persist(&pdu, &context);
         self.pending.insert(Arc::new(pdu), context);
         room.buffer_start.get_or_insert_with(|| at.clone());

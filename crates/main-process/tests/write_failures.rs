@@ -331,9 +331,11 @@ fn an_event_stored_rejected_and_posted_again_stays_out_of_the_room_state(t: &Tes
 }
 
 /// An event stored as an outlier (as a worker may forward one: an auth event
-/// fetched for another, with no state of its own), posted again as a timeline
-/// event with a new event after the room's tip: it stays an outlier (skipped),
-/// and so it is no forward extremity.
+/// fetched for another, with no state of its own) that the auth rules
+/// rejected, posted again as a timeline event with a new event after the
+/// room's tip: it stays an outlier (skipped; a stored rejection stands), and
+/// so it is no forward extremity. (An accepted outlier posted so is one no
+/// longer: `posted_again.rs`.)
 fn an_event_stored_as_an_outlier_and_posted_again_is_no_extremity(t: &TestDb) {
     let pipeline = Pipeline::open(t.open(), &StoreConfig::default()).unwrap();
     let write = |events: &[serde_json::Value]| post(&pipeline, events);
@@ -347,7 +349,7 @@ fn an_event_stored_as_an_outlier_and_posted_again_is_no_extremity(t: &TestDb) {
         outlier: true,
         state_group_before: None,
         state_group_after: None,
-        rejected: None,
+        rejected: Some("its auth events were not at hand".to_owned()),
         new_state_groups: Vec::new(),
     };
     let state = pipeline.builder.state();

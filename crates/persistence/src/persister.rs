@@ -11,7 +11,7 @@ use std::sync::Arc;
 use storage_core::Result;
 use storage_events::{
     new_forward_extremities, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
-    PersistedBatch, RoomBatch,
+    PersistedBatch, RoomBatch, WriteAs,
 };
 use storage_state::{
     PreparedStateGroup, StateFilter, StateGroup, StateGroupAccess, StateKey, StateMap, MEMBER,
@@ -82,12 +82,14 @@ impl RoomPersister {
         let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
         // The write skips the events stored already, whatever their context
         // says now (one stored rejected may be accepted once its missing auth
-        // event is stored, one stored as an outlier is not one now): the
-        // room's extremities and state are worked out from the others.
-        let stored = self.events.have_events(&ids)?;
+        // event is stored), but for an outlier the auth rules accepted that
+        // this batch gives its place in the graph: the room's extremities
+        // and state are worked out from the events written, those and the
+        // new ones ([`EventToPersist::write_as`]).
+        let stored = self.events.stored_events(&ids)?;
         let unstored: Vec<EventToPersist> = batch
             .iter()
-            .filter(|e| !stored.contains(&e.event_id))
+            .filter(|e| e.write_as(stored.get(&e.event_id)) != WriteAs::Skipped)
             .cloned()
             .collect();
         let referenced = self.events.events_referenced_as_prev(&ids)?;

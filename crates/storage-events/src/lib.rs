@@ -23,8 +23,8 @@ pub use invariants::{check_invariants, Violation};
 pub use read::{EventReads, StoredEvent, StoredEventRow};
 pub use replication::{
     report_stream_position, Invalidations, Notification, ReplicationBatch, ALL_CACHES,
-    CURRENT_STATE_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
+    CURRENT_STATE_CACHE, EVENT_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 pub use statistics::{RefreshSchedule, TABLES_A_BATCH_GROWS};
 pub use store::{EventsStore, EVENTS_STREAM_SEQUENCE};
-pub use types::{CurrentStateDelta, EventToPersist, PersistedBatch, RoomBatch};
+pub use types::{CurrentStateDelta, EventToPersist, Existing, PersistedBatch, RoomBatch, WriteAs};

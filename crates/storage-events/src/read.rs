@@ -3,6 +3,7 @@
 
 use crate::schema::{event_auth, event_edges, event_forward_extremities, events, rooms};
 use crate::store::{EventsStore, CHUNK};
+use crate::types::Existing;
 use diesel::prelude::*;
 use diesel::row::Row;
 use std::collections::{HashMap, HashSet};
@@ -277,6 +278,14 @@ impl EventsStore {
         })
     }
 
+    /// What is stored of each of `event_ids` that is stored (one read): what
+    /// a writer asks to know which events a new copy leaves as they are
+    /// (those not [`Existing::may_be_placed`]).
+    pub fn stored_events(&self, event_ids: &[&str]) -> Result<HashMap<String, Existing>> {
+        self.db
+            .run_read("stored_events", |txn| load_existing(txn, event_ids))
+    }
+
     /// The forward extremities of `room_id` for the process that writes it:
     /// from memory once read or written, since only that process's batches
     /// change them (each committed batch leaves its new extremities here, a
@@ -296,17 +305,36 @@ impl EventsStore {
     }
 }
 
-/// Which of `ids` are stored, with their stream positions.
+/// Which of `ids` are stored, with their stream positions and whether they
+/// are outliers and rejected.
 pub(crate) fn load_existing(
     txn: &mut Transaction<'_>,
     ids: &[&str],
-) -> Result<HashMap<String, i64>> {
+) -> Result<HashMap<String, Existing>> {
     let mut found = HashMap::new();
     for chunk in ids.chunks(CHUNK) {
-        found.extend(with_conn!(txn.conn(), |c| events::table
-            .select((events::event_id, events::stream_ordering))
+        let rows = with_conn!(txn.conn(), |c| events::table
+            .select((
+                events::event_id,
+                events::stream_ordering,
+                events::outlier,
+                events::rejection_reason.is_not_null(),
+            ))
             .filter(events::event_id.eq_any(chunk))
-            .load::<(String, i64)>(c))?);
+            .load::<(String, i64, bool, bool)>(c))?;
+        found.extend(
+            rows.into_iter()
+                .map(|(id, stream_ordering, outlier, rejected)| {
+                    (
+                        id,
+                        Existing {
+                            stream_ordering,
+                            outlier,
+                            rejected,
+                        },
+                    )
+                }),
+        );
     }
     Ok(found)
 }

@@ -14,6 +14,10 @@ pub const REPLICATION_CHANNEL: &str = "hs_replication";
 /// The cache name under which current-state invalidations travel.
 pub const CURRENT_STATE_CACHE: &str = "current_state_ids";
 
+/// The cache name under which an event stored as an outlier and an outlier
+/// no longer travels (Synapse's `ex_outlier_stream`); the key is its id.
+pub const EVENT_CACHE: &str = "event";
+
 /// The cache name under which state groups rewritten by compression travel
 /// (their prev groups and deltas changed, never their states); the key is the
 /// group ids, separated by spaces.

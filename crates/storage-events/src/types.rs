@@ -45,6 +45,54 @@ impl EventToPersist {
     pub fn is_state(&self) -> bool {
         self.state_key.is_some()
     }
+
+    /// What a batch's write does with this event, given what is stored of
+    /// it (`None`: nothing).
+    pub fn write_as(&self, stored: Option<&Existing>) -> WriteAs {
+        match stored {
+            None => WriteAs::New,
+            Some(s) if s.may_be_placed() && !self.outlier && self.rejected.is_none() => {
+                WriteAs::NoLongerOutlier
+            }
+            Some(_) => WriteAs::Skipped,
+        }
+    }
+}
+
+/// What is stored of an event, as a write reads it before deciding what to
+/// do with a new copy of the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Existing {
+    pub stream_ordering: i64,
+    pub outlier: bool,
+    pub rejected: bool,
+}
+
+impl Existing {
+    /// Stored as an outlier the auth rules accepted: a copy with its place
+    /// in the room's graph (not an outlier, accepted) gives it that place,
+    /// as Synapse's `_update_outliers_txn` does. An outlier stored rejected
+    /// stays as stored, as every stored rejected event does.
+    pub fn may_be_placed(&self) -> bool {
+        self.outlier && !self.rejected
+    }
+}
+
+/// What a batch's write does with one of its events ([`EventToPersist::write_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAs {
+    /// Not stored: written.
+    New,
+    /// Stored as an outlier the auth rules accepted, and this copy has its
+    /// place in the room's graph and is accepted: the stored event is an
+    /// outlier no longer. Its row stays where it is in the stream (as in
+    /// Synapse); it gets its state group, its prev-event edges, and a new
+    /// stream position (Synapse's `ex_outlier_stream`), at which workers are
+    /// told to forget what they cached of it. It then counts for the room's
+    /// forward extremities and current state as a new event does.
+    NoLongerOutlier,
+    /// Stored already (what is stored of it stays): skipped.
+    Skipped,
 }
 
 /// A change to a room's current state, against what `current_state_events` holds.
@@ -80,7 +128,9 @@ pub struct RoomBatch {
 /// What a committed batch was given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PersistedBatch {
-    /// Stream position of each event written by this batch.
+    /// Stream position of each event written by this batch (for an event
+    /// that was an outlier and is one no longer, the position of that
+    /// change: its row keeps its own).
     pub positions: HashMap<String, i64>,
     /// Events of the batch that were already stored, and skipped.
     pub skipped: Vec<String>,

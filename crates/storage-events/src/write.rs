@@ -4,18 +4,18 @@
 
 use crate::read::{load_existing, StoredEvent};
 use crate::replication::{
-    now_ms, report_stream_position, Invalidations, Notification, CURRENT_STATE_CACHE,
+    now_ms, report_stream_position, Invalidations, Notification, CURRENT_STATE_CACHE, EVENT_CACHE,
     REPLICATION_CHANNEL,
 };
-use crate::schema::rooms;
+use crate::schema::{events, rooms};
 use crate::store::{EventsStore, EVENTS_STREAM_SEQUENCE};
-use crate::types::{EventToPersist, PersistedBatch, RoomBatch};
+use crate::types::{EventToPersist, Existing, PersistedBatch, RoomBatch, WriteAs};
 use diesel::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use storage_core::{with_conn, Column, Result, RowsWrite, TableRows, Transaction, TxnOptions};
-use storage_state::{PendingGroupRows, StateStore};
+use storage_state::{PendingGroupRows, PreparedStateGroup, StateGroup, StateStore};
 
 impl EventsStore {
     /// Writes one room's batch in one transaction; see [`persist_batch_txn`](Self::persist_batch_txn).
@@ -99,66 +99,91 @@ impl EventsStore {
             let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
             load_existing(txn, &ids)?
         };
-        // Every prepared group, those of events found already stored too: a
-        // later event of the batch may have its state in one of them.
-        let groups: Vec<_> = batch
-            .events
-            .iter()
-            .flat_map(|e| e.new_state_groups.iter().cloned())
-            .collect();
+        let sorted = Sorted::of(batch, &stored);
+        // The groups the written events need; a group prepared for an event
+        // that is not written (stored already) is dropped once this
+        // commits, not written with no event naming it.
+        let (groups, unneeded) = sorted.groups_needed(batch);
+        if !unneeded.is_empty() {
+            let state = self.state.clone();
+            txn.call_after(move || state.forget_prepared_groups(&unneeded));
+        }
         // Their rows go in the events' statement.
         self.state
             .store_prepared_groups_then(txn, &groups, |txn, group_rows| {
-                self.write_events_txn(txn, batch, &stored, group_rows)
+                self.write_events_txn(txn, batch, &sorted, group_rows)
             })
             .map(Some)
     }
 
-    /// The batch's events not among `stored`, and what goes with them.
+    /// The batch's events as `sorted`, and what goes with them.
     fn write_events_txn(
         &self,
         txn: &mut Transaction<'_>,
         batch: &RoomBatch,
-        stored: &HashMap<String, i64>,
+        sorted: &Sorted<'_>,
         group_rows: &mut PendingGroupRows<'_>,
     ) -> Result<PersistedBatch> {
-        let mut seen = HashSet::new();
-        let new: Vec<&EventToPersist> = batch
-            .events
-            .iter()
-            .filter(|e| !stored.contains_key(&e.event_id) && seen.insert(e.event_id.as_str()))
-            .collect();
-        let skipped: Vec<String> = batch
-            .events
-            .iter()
-            .filter(|e| stored.contains_key(&e.event_id))
-            .map(|e| e.event_id.clone())
-            .collect();
-        if new.is_empty() {
+        let Sorted {
+            new,
+            placed,
+            skipped,
+            stored_max,
+        } = sorted;
+        if new.is_empty() && placed.is_empty() {
             // The answer covers the events found stored: one may have been
             // committed by an attempt whose answer was lost (its connection
             // cut after the commit), which moved no position here.
-            let stored_max = stored.values().copied().max().unwrap_or(0);
-            self.advance_position_after_commit(txn, stored_max);
+            self.advance_position_after_commit(txn, *stored_max);
             return Ok(PersistedBatch {
                 positions: HashMap::new(),
-                skipped,
-                max_stream_ordering: self.position.load(Ordering::SeqCst).max(stored_max),
+                skipped: skipped.clone(),
+                max_stream_ordering: self.position.load(Ordering::SeqCst).max(*stored_max),
             });
         }
-        insert_rooms(txn, &new)?;
-        let mappings: Vec<(&str, i64)> = new
+        insert_rooms(txn, new)?;
+        if !placed.is_empty() {
+            // Outliers no longer (a statement of this path alone).
+            let ids: Vec<&str> = placed.iter().map(|(e, _)| e.event_id.as_str()).collect();
+            with_conn!(txn.conn(), |c| diesel::update(
+                events::table.filter(events::event_id.eq_any(&ids))
+            )
+            .set(events::outlier.eq(false))
+            .execute(c))?;
+        }
+        let written: Vec<&EventToPersist> = new
+            .iter()
+            .copied()
+            .chain(placed.iter().map(|(e, _)| *e))
+            .collect();
+        let mappings: Vec<(&str, i64)> = written
             .iter()
             .filter(|e| !e.outlier)
             .filter_map(|e| e.state_group.map(|g| (e.event_id.as_str(), g)))
             .collect();
+        // Events that were outliers take a position each where other
+        // processes follow the stream (as Synapse's `ex_outlier_stream`
+        // does), at which workers are told to forget what they cached of
+        // them. A process alone (SQLite) has no one to tell: a position of
+        // a cache invalidation alone would be handed out again after a
+        // restart, its counter seeded from the events.
+        let placed_events: Vec<&EventToPersist> = placed.iter().map(|(e, _)| *e).collect();
+        let announced = if txn.engine().supports_multiple_processes() {
+            placed_events.len()
+        } else {
+            0
+        };
+        let taking = new.len() + announced;
         // Workers apply the position and the room's current-state
         // invalidation it carries, and measure their lag from the time. Its
-        // position is the batch's highest, taken last.
+        // position is the batch's highest, taken last. Events that were
+        // outliers are told as rows to read.
         let invalidated = !batch.current_state.is_empty();
         let notification = Notification::new(
             0,
-            if invalidated {
+            if announced > 0 {
+                Invalidations::Read
+            } else if invalidated {
                 Invalidations::CurrentState(batch.room_id.clone())
             } else {
                 Invalidations::None
@@ -172,21 +197,39 @@ impl EventsStore {
         with_events.push(StateStore::event_state_group_rows(&mappings));
         with_events.extend(extremity_rows(&batch.room_id, &gone, &added));
         if invalidated {
-            with_events.push(invalidation_rows(&batch.room_id));
+            if taking > 0 {
+                with_events.push(invalidation_rows(&batch.room_id));
+            }
             with_events.extend(StateStore::current_state_rows(
                 &batch.room_id,
                 &batch.current_state.removed,
                 &batch.current_state.added,
             ));
         }
+        if announced > 0 {
+            with_events.push(no_longer_outlier_rows(&placed_events));
+        }
         let positions = insert_events(
             txn,
-            &new,
+            new,
+            &placed_events,
+            taking,
             &self.instance_name,
             with_events,
             &notification.payload_after_position(),
         )?;
-        let max = *positions.iter().max().expect("at least one new event");
+        // Without a position of their own, events that were outliers are
+        // answered with their rows'.
+        let positions: Vec<i64> = positions
+            .iter()
+            .copied()
+            .chain(placed.iter().skip(announced).map(|(_, p)| *p))
+            .collect();
+        let max = positions
+            .iter()
+            .copied()
+            .max()
+            .expect("at least one event written");
         group_rows.written();
         self.state
             .cache_event_state_groups_after_commit(txn, &mappings);
@@ -200,16 +243,96 @@ impl EventsStore {
             );
         }
         self.advance_position_after_commit(txn, max);
-        self.remember_after_commit(txn, batch, &new, &positions);
+        self.remember_after_commit(txn, batch, sorted, &positions);
         Ok(PersistedBatch {
-            positions: new
+            positions: written
                 .iter()
                 .zip(&positions)
                 .map(|(e, p)| (e.event_id.clone(), *p))
                 .collect(),
-            skipped,
+            skipped: skipped.clone(),
             max_stream_ordering: max,
         })
+    }
+}
+
+/// A batch's events by what its write does with them
+/// ([`EventToPersist::write_as`]), each event once.
+struct Sorted<'b> {
+    new: Vec<&'b EventToPersist>,
+    /// Outliers no longer, with their rows' stream positions.
+    placed: Vec<(&'b EventToPersist, i64)>,
+    skipped: Vec<String>,
+    /// The highest stream position of the events found stored.
+    stored_max: i64,
+}
+
+impl<'b> Sorted<'b> {
+    fn of(batch: &'b RoomBatch, stored: &HashMap<String, Existing>) -> Self {
+        let mut seen = HashSet::new();
+        let mut sorted = Sorted {
+            new: Vec::new(),
+            placed: Vec::new(),
+            skipped: Vec::new(),
+            stored_max: stored
+                .values()
+                .map(|s| s.stream_ordering)
+                .max()
+                .unwrap_or(0),
+        };
+        for e in &batch.events {
+            let found = stored.get(&e.event_id);
+            match e.write_as(found) {
+                // A second copy in the batch is written once.
+                _ if !seen.insert(e.event_id.as_str()) => {}
+                WriteAs::New => sorted.new.push(e),
+                WriteAs::NoLongerOutlier => sorted
+                    .placed
+                    .push((e, found.map_or(0, |s| s.stream_ordering))),
+                WriteAs::Skipped => sorted.skipped.push(e.event_id.clone()),
+            }
+        }
+        sorted
+    }
+
+    /// The batch's prepared groups that the events written need, in batch
+    /// order (a group's prev group first), and the others: the group after
+    /// each event written and, down their prev groups, the prepared groups
+    /// those are deltas on. All of them when every event is written once
+    /// (as a batch assumed new is), with nothing worked out.
+    fn groups_needed(
+        &self,
+        batch: &RoomBatch,
+    ) -> (Vec<Arc<PreparedStateGroup>>, Vec<Arc<PreparedStateGroup>>) {
+        let all = batch
+            .events
+            .iter()
+            .flat_map(|e| e.new_state_groups.iter().cloned());
+        if self.placed.is_empty() && self.new.len() == batch.events.len() {
+            return (all.collect(), Vec::new());
+        }
+        let prepared: HashMap<StateGroup, &PreparedStateGroup> = batch
+            .events
+            .iter()
+            .flat_map(|e| e.new_state_groups.iter())
+            .map(|g| (g.group, g.as_ref()))
+            .collect();
+        let mut needed = HashSet::new();
+        let written = self
+            .new
+            .iter()
+            .copied()
+            .chain(self.placed.iter().map(|(e, _)| *e));
+        for e in written.filter(|e| !e.outlier) {
+            let mut at = e.state_group;
+            while let Some(g) = at {
+                if !needed.insert(g) {
+                    break;
+                }
+                at = prepared.get(&g).and_then(|p| p.prev_group);
+            }
+        }
+        all.partition(|g| needed.contains(&g.group))
     }
 }
 
@@ -252,17 +375,22 @@ impl EventsStore {
     /// Once committed, the room's new forward extremities and those of the
     /// batch's events among them are kept in memory: the room's next batch
     /// starts from those extremities, and its events name those events as
-    /// their prev events, so neither costs a read.
+    /// their prev events, so neither costs a read. What was kept of events
+    /// that were outliers is dropped first.
     fn remember_after_commit(
         &self,
         txn: &mut Transaction<'_>,
         batch: &RoomBatch,
-        new: &[&EventToPersist],
+        sorted: &Sorted<'_>,
         positions: &[i64],
     ) {
-        let tips: Vec<Arc<StoredEvent>> = new
+        let stored_at = sorted
+            .new
             .iter()
             .zip(positions)
+            .map(|(e, p)| (*e, *p))
+            .chain(sorted.placed.iter().copied());
+        let tips: Vec<Arc<StoredEvent>> = stored_at
             .filter(|(e, _)| batch.new_extremities.contains(&e.event_id))
             .map(|(e, p)| {
                 Arc::new(StoredEvent {
@@ -272,9 +400,14 @@ impl EventsStore {
                     format_version: Some(e.format_version),
                     outlier: e.outlier,
                     rejected: e.rejected.clone(),
-                    stream_ordering: *p,
+                    stream_ordering: p,
                 })
             })
+            .collect();
+        let placed: Vec<String> = sorted
+            .placed
+            .iter()
+            .map(|(e, _)| e.event_id.clone())
             .collect();
         let caches = self.caches.clone();
         let room = batch.room_id.clone();
@@ -284,10 +417,19 @@ impl EventsStore {
             // put the old extremities back.
             caches.extremities.invalidate(&room);
             caches.extremities.insert(room, extremities);
+            for id in &placed {
+                caches.events.invalidate(id);
+            }
             for e in tips {
                 caches.events.insert(e.event_id.clone(), e);
             }
         });
+    }
+
+    /// Forgets what is cached of the event `event_id` (a worker told that
+    /// it is an outlier no longer).
+    pub fn forget_cached_event(&self, event_id: &str) {
+        self.caches.events.invalidate(&event_id.to_owned());
     }
 }
 
@@ -339,10 +481,13 @@ struct JsonRow<'a> {
 /// ([`Transaction::insert_columns_taking_positions`]: one statement on
 /// PostgreSQL, which also sends the replication notification, the highest
 /// position then `after_position`). Answers the positions, in the order of
-/// `new`.
+/// `new`, then the rest of the `taking` it took (for events that were
+/// outliers). The edges of `placed` (outliers no longer) are inserted too.
 fn insert_events<'a>(
     txn: &mut Transaction<'_>,
     new: &[&'a EventToPersist],
+    placed: &[&'a EventToPersist],
+    taking: usize,
     instance_name: &'a str,
     with_events: Vec<TableRows<'a>>,
     after_position: &str,
@@ -366,6 +511,7 @@ fn insert_events<'a>(
     let edges: Vec<(&str, &str, &str)> = new
         .iter()
         .filter(|e| !e.outlier)
+        .chain(placed)
         .flat_map(|e| {
             e.prev_events
                 .iter()
@@ -410,7 +556,7 @@ fn insert_events<'a>(
     tables.extend(with_events);
     txn.insert_columns_taking_positions(
         &EVENTS_STREAM_SEQUENCE,
-        new.len(),
+        taking,
         &tables,
         REPLICATION_CHANNEL,
         after_position,
@@ -560,6 +706,26 @@ fn extremity_rows<'a>(room_id: &'a str, gone: &[&'a str], added: &[&'a str]) -> 
             ],
         ),
     ]
+}
+
+/// The `cache_invalidations` rows telling workers to forget what they cached
+/// of `placed`, outliers no longer, at the batch's highest position (where
+/// Synapse writes an `ex_outlier_stream` row), for the events' statement.
+fn no_longer_outlier_rows<'a>(placed: &[&'a EventToPersist]) -> TableRows<'a> {
+    TableRows::insert(
+        "cache_invalidations",
+        vec![
+            ("stream_ordering", Column::HighestPosition),
+            (
+                "cache_name",
+                Column::Text(placed.iter().map(|_| EVENT_CACHE).collect()),
+            ),
+            (
+                "cache_key",
+                Column::Text(placed.iter().map(|e| e.event_id.as_str()).collect()),
+            ),
+        ],
+    )
 }
 
 /// The `cache_invalidations` row telling workers that the room's current

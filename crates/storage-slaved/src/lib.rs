@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use storage_core::{log_context, metrics, Database, Error, Result, StoreConfig};
 use storage_events::{
     report_stream_position, EventReads, EventsStore, Invalidations, Notification, ALL_CACHES,
-    CURRENT_STATE_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
+    CURRENT_STATE_CACHE, EVENT_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 use storage_state::StateStore;
 
@@ -186,6 +186,7 @@ impl SlavedStore {
         for (position, cache, key) in &batch.invalidations {
             match cache.as_str() {
                 CURRENT_STATE_CACHE => self.state().invalidate_current_state(key),
+                EVENT_CACHE => self.events.forget_cached_event(key),
                 STATE_GROUP_SHAPE_CACHE => {
                     let groups: Vec<i64> = key.split(' ').filter_map(|g| g.parse().ok()).collect();
                     self.state().forget_state_group_shapes(&groups);

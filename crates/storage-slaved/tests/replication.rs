@@ -448,3 +448,79 @@ fn reported_position_never_runs_ahead_of_current_state() {
     drop(follower);
     storage_events::testing::assert_invariants(&t.open());
 }
+
+/// An event stored as an outlier, then given its place in the room's graph
+/// (Synapse's `ex_outlier_stream`): a worker that read it as an outlier, with
+/// no state after it, learns of the change through the stream. Its position
+/// covers the change (a position of its own), it reads the event as no
+/// outlier, the state after it, and the room's new current state.
+#[test]
+fn an_outlier_no_longer_reaches_the_worker() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (main, worker) = room_with_a_cached_topic(&t);
+    let slot = ("m.room.topic", "");
+    let outlier = EventToPersist {
+        outlier: true,
+        ..testing::state_event(ROOM, "$aside", &["$topic1"], slot, None)
+    };
+    let current = main.store.get_forward_extremities(ROOM).unwrap();
+    let batch = |events: Vec<EventToPersist>, current_state| RoomBatch {
+        room_id: ROOM.into(),
+        new_extremities: new_forward_extremities(&current, &events, &Default::default()),
+        old_extremities: current.clone(),
+        current_state,
+        events,
+    };
+    let stored = main
+        .store
+        .persist_batch(&batch(vec![outlier], CurrentStateDelta::default()))
+        .unwrap();
+    assert_eq!(worker.catch_up().unwrap(), stored.max_stream_ordering);
+    assert!(worker.events().get_events(&["$aside"]).unwrap()["$aside"].outlier);
+    assert!(worker
+        .state()
+        .get_state_group_for_events(&["$aside"])
+        .unwrap()
+        .is_empty());
+
+    let delta = StateMap::from_iter([(key(slot.0, slot.1), "$aside".into())]);
+    let group = main
+        .store
+        .state()
+        .store_state_group(&NewStateGroup::delta(
+            "$aside",
+            ROOM,
+            main.group.unwrap(),
+            &delta,
+        ))
+        .unwrap();
+    let placed = testing::state_event(ROOM, "$aside", &["$topic1"], slot, Some(group));
+    let current_state = CurrentStateDelta {
+        removed: vec![],
+        added: vec![(key(slot.0, slot.1), "$aside".to_owned(), None)],
+    };
+    let written = main
+        .store
+        .persist_batch(&batch(vec![placed], current_state))
+        .unwrap();
+    let position = written.positions["$aside"];
+    assert!(position > stored.max_stream_ordering, "{written:?}");
+    assert_eq!(written.max_stream_ordering, position);
+    assert_eq!(worker.catch_up().unwrap(), position);
+    let read = worker.events().get_events(&["$aside"]).unwrap()["$aside"].clone();
+    assert!(
+        !read.outlier,
+        "the worker still has it as an outlier: {read:?}"
+    );
+    assert_eq!(read.stream_ordering, stored.positions["$aside"]);
+    assert_eq!(
+        worker
+            .state()
+            .get_state_group_for_events(&["$aside"])
+            .unwrap()
+            .get("$aside"),
+        Some(&group)
+    );
+    assert_eq!(topic(&worker).as_deref(), Some("$aside"));
+    storage_events::testing::assert_invariants(&t.open());
+}
