@@ -106,9 +106,10 @@ fn fresh(t: &TestDb) -> EventsStore {
 /// PostgreSQL: the answer to a batch's statement lost after the statement
 /// committed (its connection cut while the writer waited, as a network cut
 /// or a server restart would). The writer is told the database is
-/// unavailable, and what it remembers of the room is read afresh: the
-/// client's retry of the event is found stored and answered at a stream
-/// position that covers it, and the room's next event follows it.
+/// unavailable, and what it remembers of the room is read afresh, its
+/// stream position too (before, it stayed behind the event until the next
+/// write): the client's retry of the event is found stored and answered at a
+/// stream position that covers it, and the room's next event follows it.
 #[test]
 fn postgres_a_write_whose_answer_is_lost_after_its_commit() {
     let Some(t) = TestDb::postgres() else { return };
@@ -139,6 +140,13 @@ fn postgres_a_write_whose_answer_is_lost_after_its_commit() {
     let stored = fresh(&t);
     let stored_at = stored.get_events(&[&id]).unwrap()[&id].stream_ordering;
     let events = pipeline.builder.events();
+    // What `/stream/position` answers: the event is committed (and read in
+    // the room's state), so the position covers it, before any retry.
+    assert!(
+        events.max_stream_ordering() >= stored_at,
+        "the writer's position {} stays behind the committed event's {stored_at}",
+        events.max_stream_ordering()
+    );
     assert_eq!(
         events.forward_extremities_for_write(POSTED).unwrap(),
         vec![id.clone()]

@@ -4,8 +4,8 @@
 
 use crate::read::{load_existing, StoredEvent};
 use crate::replication::{
-    now_ms, report_stream_position, Invalidations, Notification, CURRENT_STATE_CACHE, EVENT_CACHE,
-    REPLICATION_CHANNEL,
+    now_ms, read_max_stream_ordering, report_stream_position, Invalidations, Notification,
+    CURRENT_STATE_CACHE, EVENT_CACHE, REPLICATION_CHANNEL,
 };
 use crate::schema::{events, rooms};
 use crate::store::{EventsStore, EVENTS_STREAM_SEQUENCE};
@@ -58,9 +58,22 @@ impl EventsStore {
                 .forget_prepared_groups(batch.events.iter().flat_map(|e| &e.new_state_groups));
             // The commit may have happened all the same (a connection lost
             // while it was answered): what is remembered of the room is read
-            // afresh.
+            // afresh, and so is the highest committed position, which would
+            // otherwise stay behind the batch's until the next write. Every
+            // position below it is committed or never will be: positions are
+            // taken under a lock held to COMMIT.
             self.caches.extremities.invalidate(&batch.room_id);
             self.state.invalidate_current_state(&batch.room_id);
+            match read_max_stream_ordering(&self.db) {
+                Ok(max) => {
+                    report_stream_position(self.position.fetch_max(max, Ordering::SeqCst).max(max))
+                }
+                Err(e) => log::warn!(
+                    "after the failed write of a batch of room {}, the highest committed \
+                     stream position could not be read either: {e}",
+                    batch.room_id
+                ),
+            }
         }
         result
     }
