@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use storage_core::metrics;
+use storage_state::StateLookupError;
 
 /// `{"ok": true, "database": "ok", ...}` while every check passes; otherwise
 /// 503 with `"ok": false`, each check's verdict, and the error format's
@@ -82,6 +83,10 @@ pub(super) async fn room_state(
     Path(room_id): Path<String>,
     Query(q): Query<AtQuery>,
 ) -> Result<Response, ApiError> {
+    storable_or_unknown(&room_id, StateLookupError::UnknownRoom)?;
+    if let Some(at) = &q.at {
+        storable_or_unknown(at, StateLookupError::UnknownEvent)?;
+    }
     let body = blocking("GET", move || {
         if state.read_only {
             // Another process writes this database and nothing tells this
@@ -114,6 +119,7 @@ pub(super) async fn post_events(
     Path(room_id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<WriteOutcome>, ApiError> {
+    storable_or_unknown(&room_id, StateLookupError::UnknownRoom)?;
     let pdus = posted_pdus(&body)?;
     blocking("POST", move || {
         let outcome = state.writer.write(&room_id, pdus)?;
@@ -121,6 +127,17 @@ pub(super) async fn post_events(
         Ok(Json(outcome))
     })
     .await
+}
+
+/// A room or event id from a path or query, refused as unknown if it holds a
+/// NUL: no stored id does (writes refuse them), and PostgreSQL cannot even be
+/// asked for one (its text type has no NUL: the query failed as a database
+/// error, a 500, where SQLite answered "unknown").
+fn storable_or_unknown(id: &str, unknown: fn(String) -> StateLookupError) -> Result<(), ApiError> {
+    if id.contains('\0') {
+        return Err(unknown(id.to_owned()).into());
+    }
+    Ok(())
 }
 
 /// `{"events": [PDU, ...]}`: the PDUs' texts as posted, each parsed once,
@@ -174,6 +191,7 @@ pub(super) async fn post_contexted(
     Path(room_id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<WriteOutcome>, ApiError> {
+    storable_or_unknown(&room_id, StateLookupError::UnknownRoom)?;
     let body: ContextedBody =
         serde_json::from_slice(&body).map_err(|e| bad_body(&format!("malformed body: {e}")))?;
     blocking("POST", move || {
