@@ -239,8 +239,12 @@ impl Event for Pdu {
     }
 
     fn origin_server_ts(&self) -> MilliSecondsSinceUnixEpoch {
-        // Parsing rejects negative timestamps, so the conversion succeeds.
-        MilliSecondsSinceUnixEpoch(UInt::try_from(self.origin_server_ts).unwrap_or_default())
+        // Parsing rejects negative timestamps. Room versions 1 to 5 take integers
+        // past ruma's 2^53 - 1 (canonical JSON's range binds from version 6 on),
+        // and Synapse orders events by the whole number: such a timestamp sorts
+        // after every other, as ruma's largest (before the fix it read as 0 and
+        // sorted first, so a resolution could pick another event than Synapse).
+        MilliSecondsSinceUnixEpoch(UInt::try_from(self.origin_server_ts).unwrap_or(UInt::MAX))
     }
 
     fn event_type(&self) -> &TimelineEventType {

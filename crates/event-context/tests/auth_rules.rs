@@ -180,3 +180,49 @@ fn v12_concurrent_topics_resolve_with_state_res_v2_1() {
     assert_eq!(resolved[&create_key], after_t1[&create_key]);
     assert_eq!(resolved.len(), after_t1.len());
 }
+
+/// Room versions 1 to 5 take timestamps past 2^53 (canonical JSON's integer
+/// range binds from version 6 on), and Synapse orders conflicting events of one
+/// mainline position by the whole timestamp: the later one, past ruma's
+/// largest, must still be applied last and win.
+#[test]
+fn a_timestamp_past_2_53_sorts_last_in_old_room_versions() {
+    let mut room = public_room(RoomVersionId::V2);
+    let fork = room.last.clone();
+    let state_at_fork = room.state.clone();
+    let ts_at_fork = room.ts;
+    room.ts = (1 << 60) - 1;
+    let late = room.add(&spec(
+        "T1",
+        ALICE,
+        "m.room.topic",
+        Some(""),
+        json!({ "topic": "late" }),
+    ));
+    assert_eq!(late.origin_server_ts, 1 << 60);
+    let after_late = room.state.clone();
+    room.last = fork;
+    room.state = state_at_fork;
+    room.ts = ts_at_fork;
+    let early = room.add(&spec(
+        "T2",
+        ALICE,
+        "m.room.topic",
+        Some(""),
+        json!({ "topic": "early" }),
+    ));
+    let after_early = room.state.clone();
+
+    let topic_key = storage_state::key("m.room.topic", "");
+    for sets in [
+        [after_late.clone(), after_early.clone()],
+        [after_early, after_late],
+    ] {
+        let resolved = resolve_state(&RoomVersionId::V2, &sets, room.fetch()).unwrap();
+        assert_eq!(
+            resolved[&topic_key], late.event_id,
+            "the topic of 2^60 ms must win over {}",
+            early.event_id
+        );
+    }
+}
