@@ -29,15 +29,9 @@ pub fn auth_chain<'a>(
     event_ids: impl IntoIterator<Item = &'a EventId>,
     fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
 ) -> EventIdSet<OwnedEventId> {
-    let mut chain = EventIdSet::new();
-    walk_auth_chain(event_ids, fetch_event, |id| {
-        let new = !chain.contains(id);
-        if new {
-            chain.insert(id.clone());
-        }
-        new
-    });
-    chain
+    // Only whole-state resolutions (small rooms, tests) take ruma's set; the
+    // resolution of large conflicts walks with `auth_chain_set` directly.
+    auth_chain_set(event_ids, fetch_event).into_iter().collect()
 }
 
 /// [`auth_chain`] in a set hashed with foldhash under a per-process random
@@ -48,32 +42,12 @@ pub(crate) fn auth_chain_set<'a>(
     fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
 ) -> IdSet {
     let mut chain = IdSet::default();
-    walk_auth_chain(event_ids, fetch_event, |id| {
-        let new = !chain.contains(id);
-        if new {
-            chain.insert(id.clone());
-        }
-        new
-    });
-    chain
-}
-
-/// Event ids hashed with foldhash under a per-process random seed.
-pub(crate) type IdSet = HashSet<OwnedEventId, foldhash::fast::RandomState>;
-
-/// Walks the auth chain of `event_ids`: `reached` is told of each event
-/// reached through `auth_events` and says whether it is new (its own auth
-/// events are then followed).
-fn walk_auth_chain<'a>(
-    event_ids: impl IntoIterator<Item = &'a EventId>,
-    fetch_event: impl Fn(&EventId) -> Option<Arc<Pdu>>,
-    mut reached: impl FnMut(&OwnedEventId) -> bool,
-) {
     let mut todo: Vec<OwnedEventId> = Vec::new();
     let mut reach_from = |id: &EventId, todo: &mut Vec<OwnedEventId>| match fetch_event(id) {
         Some(pdu) => {
             for auth in &pdu.auth_events {
-                if reached(auth) {
+                if !chain.contains(auth) {
+                    chain.insert(auth.clone());
                     todo.push(auth.clone());
                 }
             }
@@ -86,7 +60,11 @@ fn walk_auth_chain<'a>(
     while let Some(id) = todo.pop() {
         reach_from(&id, &mut todo);
     }
+    chain
 }
+
+/// Event ids hashed with foldhash under a per-process random seed.
+pub(crate) type IdSet = HashSet<OwnedEventId, foldhash::fast::RandomState>;
 
 /// The conflicted state subgraph (room version 12, MSC4297): the events that are both
 /// ancestors and descendants, through `auth_events`, of events in the conflicted state set.
