@@ -37,17 +37,18 @@ impl WriteOutcome {
                 })
                 .collect(),
             // The queue may have written other requests' events in the same
-            // batch: only this request's are named.
-            skipped: batch
-                .skipped
-                .iter()
-                .filter(|s| {
-                    events
-                        .iter()
-                        .any(|(p, _)| p.event_id.as_str() == s.as_str())
-                })
-                .cloned()
-                .collect(),
+            // batch, several of them copies of one event (each copy after the
+            // first is found stored): only this request's events are named,
+            // each once, in its order.
+            skipped: {
+                let mut named = std::collections::HashSet::new();
+                events
+                    .iter()
+                    .map(|(p, _)| p.event_id.as_str())
+                    .filter(|id| batch.skipped.iter().any(|s| s == id) && named.insert(*id))
+                    .map(str::to_owned)
+                    .collect()
+            },
         }
     }
 }
@@ -230,15 +231,22 @@ mod tests {
         (pdu, context)
     }
 
-    /// A batch the queue shared with another request: the answer names only
-    /// this request's events among those found stored.
+    /// A batch the queue shared with other requests: the answer names only
+    /// this request's events among those found stored, each once.
     #[test]
     fn an_answer_names_only_its_own_skipped_events() {
         let (pdu, context) = worker_read();
         let own = pdu.event_id.to_string();
         let batch = PersistedBatch {
             positions: Default::default(),
-            skipped: vec!["$another_request:wire.test".to_owned(), own.clone()],
+            // Three requests posted this event at once: the copies after the
+            // first were found stored, one entry each.
+            skipped: vec![
+                own.clone(),
+                "$another_request:wire.test".to_owned(),
+                own.clone(),
+                own.clone(),
+            ],
             max_stream_ordering: 9,
         };
         let outcome = WriteOutcome::new(&[(pdu, context)], &batch);
