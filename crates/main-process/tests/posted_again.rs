@@ -270,8 +270,8 @@ fn an_outlier_imported_with_its_place_is_an_outlier_no_longer(t: &TestDb) {
         post(&pipeline, &founding).unwrap();
         store_outlier(&pipeline, &aside, None);
     }
-    let dir = e2e_tests::tempdir("outlier-import");
-    let file = dir.join("room.jsonl");
+    let dir = e2e_tests::TempDir(e2e_tests::tempdir("outlier-import"));
+    let file = dir.0.join("room.jsonl");
     let lines: Vec<String> = [&aside, &child].iter().map(|e| e.to_string()).collect();
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let (status, out, err) = e2e_tests::hs_main(t, &["import", file.to_str().unwrap()]);
