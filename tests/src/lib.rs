@@ -121,6 +121,20 @@ pub fn main_process_with(db: &TestDb, port: u16, global: &[&str]) -> Process {
     start("hs-main", &args, port)
 }
 
+/// `hs-main serve --read-only` on the database at `url`, on a free port.
+pub fn read_only_server(url: &str) -> Process {
+    let port = free_port();
+    let args = [
+        "--database".into(),
+        url.into(),
+        "serve".into(),
+        "--read-only".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    start("hs-main", &args, port)
+}
+
 pub fn worker(db: &TestDb, main: &str, port: u16, name: &str) -> Process {
     let args = vec![
         "--database".into(),

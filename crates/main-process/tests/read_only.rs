@@ -175,19 +175,7 @@ fn postgres_reader_role(t: &TestDb, expected_state: &[u8]) {
 fn sqlite_serve_read_only_started_before_a_writer() {
     let t = TestDb::sqlite();
     assert_ok("import", &hs_main_at(t.url(), &["import", FIXTURE]));
-    let port = e2e_tests::free_port();
-    let server = e2e_tests::start(
-        "hs-main",
-        &[
-            "--database".into(),
-            t.url().into(),
-            "serve".into(),
-            "--read-only".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-        ],
-        port,
-    );
+    let server = e2e_tests::read_only_server(t.url());
     let state = |room: &str| {
         e2e_tests::get(
             &server.url,

@@ -467,19 +467,7 @@ fn sqlite_serve_read_only_beside_a_synapse_that_reuses_purged_group_ids() {
         .unwrap();
     let path = t.url().strip_prefix("sqlite:").unwrap().to_owned();
     assert!(std::path::Path::new(&format!("{path}-wal")).exists());
-    let port = e2e_tests::free_port();
-    let server = e2e_tests::start(
-        "hs-main",
-        &[
-            "--database".into(),
-            t.url().into(),
-            "serve".into(),
-            "--read-only".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-        ],
-        port,
-    );
+    let server = e2e_tests::read_only_server(t.url());
     let state_at = |room: &str, event: &str| {
         e2e_tests::get(
             &server.url,
