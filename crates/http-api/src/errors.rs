@@ -41,6 +41,17 @@ impl From<Error> for ApiError {
                 log::error!("{e:?}");
                 (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN")
             }
+            // Nothing wrong with the request either: the database's disk is
+            // full, the write left nothing, and works once there is room. An
+            // operator's problem, named in the log (its context says which
+            // write) without a backtrace: where it arose is known.
+            ErrorKind::OutOfSpace(_) => {
+                log::error!("{e}");
+                (
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "M_RESOURCE_LIMIT_EXCEEDED",
+                )
+            }
             _ => {
                 log::error!("{e:?}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN")

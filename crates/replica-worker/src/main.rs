@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use storage_core::{Database, Error, LogContext, OpenMode};
+use storage_core::{Database, Error, ErrorKind, LogContext, OpenMode};
 use storage_slaved::SlavedStore;
 
 #[derive(Debug, Parser)]
@@ -147,6 +147,7 @@ impl ForwardingWriter {
                     404 => Error::not_found(message),
                     400..=499 => Error::invalid_argument(message),
                     503 => Error::unavailable(message),
+                    507 => Error::new(ErrorKind::OutOfSpace(message)),
                     _ => Error::other(message),
                 })
             }

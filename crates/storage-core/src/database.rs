@@ -398,6 +398,13 @@ impl Database {
                         Some(e) if engine.is_disconnect(e) => Error::unavailable(format!(
                             "the database cannot be reached ({error}); try again later"
                         )),
+                        Some(e) if engine.is_out_of_space(e) => {
+                            Error::new(ErrorKind::OutOfSpace(format!(
+                                "no room left to write in {}: nothing of this write was kept; \
+                                 free space there, then try again ({error})",
+                                engine.url()
+                            )))
+                        }
                         _ => error,
                     };
                     let context = if attempt > 1 {

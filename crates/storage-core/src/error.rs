@@ -68,6 +68,11 @@ pub enum ErrorKind {
     /// reached or is stopping: the request may succeed when retried.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The database has no room left to write (SQLite's "database or disk is
+    /// full", PostgreSQL's disk_full): the write was rolled back whole, and
+    /// works again once there is room. The text names what the database said.
+    #[error("out of space: {0}")]
+    OutOfSpace(String),
     /// I/O outside the database (files, directories).
     #[error("i/o: {0}")]
     Io(#[source] std::io::Error),
@@ -145,6 +150,11 @@ impl Error {
     /// Whether this process lost its main-process claim (and must stop writing).
     pub fn is_claim_lost(&self) -> bool {
         matches!(self.kind(), ErrorKind::ClaimLost(_))
+    }
+
+    /// Whether the database had no room left to write.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self.kind(), ErrorKind::OutOfSpace(_))
     }
 
     pub fn is_not_found(&self) -> bool {

@@ -373,6 +373,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// request may succeed later, so it is reported as unavailable.
     fn is_disconnect(&self, error: &diesel::result::Error) -> bool;
 
+    /// Whether `error` says the database has no room left to write (its disk
+    /// or volume is full): reported as [`crate::ErrorKind::OutOfSpace`].
+    fn is_out_of_space(&self, error: &diesel::result::Error) -> bool;
+
     /// `n` new ids from `sequence`, ascending, inside the caller's transaction.
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>>;
 

@@ -277,6 +277,16 @@ impl Engine for PostgresEngine {
         }
     }
 
+    fn is_out_of_space(&self, error: &DieselError) -> bool {
+        // SQLSTATE 53100 (disk_full) reaches diesel as Unknown. The server
+        // raises it for a file it could not extend or write ("could not
+        // extend file ...: No space left on device", hinting "Check free
+        // disk space."); both recognised in English, as above.
+        matches!(error, DieselError::DatabaseError(_, info)
+            if info.message().contains("No space left on device")
+                || info.hint().is_some_and(|h| h.contains("Check free disk space")))
+    }
+
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
         let rows: Vec<Id> = NextIds {
             sequence: sequence.name,

@@ -296,6 +296,13 @@ impl Engine for SqliteEngine {
         false
     }
 
+    fn is_out_of_space(&self, error: &DieselError) -> bool {
+        // SQLITE_FULL reaches diesel as Unknown; its message is a fixed
+        // string in SQLite itself.
+        matches!(error, DieselError::DatabaseError(_, info)
+            if info.message().contains("database or disk is full"))
+    }
+
     fn next_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
         let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         let last = match counters.get(sequence.name) {
