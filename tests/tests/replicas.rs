@@ -147,6 +147,12 @@ fn main_and_two_workers_agree() {
         assert!(err.contains("$nope:example.com"), "{url}: {err}");
     }
 
+    // An event of another room than the path's: the same 400 from a worker
+    // as from the main process.
+    for url in [&main.url, &w1.url] {
+        room_mismatch_refused_first(url, &room);
+    }
+
     // A worker killed and restarted catches up.
     drop(w2);
     let mut late = Vec::new();
@@ -274,6 +280,44 @@ fn main_and_two_workers_agree() {
 }
 
 storage_core::engine_tests!(http_contract);
+
+/// An event whose `room_id` is not the path's room is refused 400 for that,
+/// before anything about either room: whether the path's room or the
+/// event's is known or not (Synapse: "Room ID in body does not match that in
+/// request path" before it looks the room up). It answered 404 "unknown
+/// room" when the event's room was unknown. `room` is [`ROOM`], founded.
+fn room_mismatch_refused_first(url: &str, room: &Room) {
+    let unknown = "!nowhere:example.com";
+    let other_unknown = "!elsewhere:example.com";
+    for (what, path_room, event_room) in [
+        ("to a known room, of an unknown one", ROOM, unknown),
+        ("to an unknown room, of a known one", unknown, ROOM),
+        (
+            "to an unknown room, of another unknown one",
+            unknown,
+            other_unknown,
+        ),
+    ] {
+        let mut e = room.clone().event(
+            "astray",
+            "m.room.message",
+            ALICE,
+            None,
+            json!({"body": "?"}),
+        );
+        e["room_id"] = json!(event_room);
+        let answer = post_to(url, path_room, vec![e]).unwrap_err();
+        let (code, body) = answer.split_once(": ").unwrap();
+        assert_eq!(code, "400", "{url}, {what}: {answer}");
+        let error: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(error["errcode"], "M_BAD_JSON", "{url}, {what}: {answer}");
+        let text = error["error"].as_str().unwrap();
+        assert!(
+            text.contains(&format!("in room {event_room}, not {path_room}")),
+            "{url}, {what}: {answer}"
+        );
+    }
+}
 
 /// The HTTP contract's rules: the token, the error format, health and metrics
 /// without a token, and no start on a non-loopback address without a token.
@@ -412,6 +456,7 @@ fn http_contract(db: &TestDb) {
         json!({"creator": ALICE, "room_version": "2"}),
     );
     post(&main.url, vec![create]).unwrap();
+    room_mismatch_refused_first(&main.url, &room);
     let group = {
         use diesel::prelude::*;
         #[derive(QueryableByName)]

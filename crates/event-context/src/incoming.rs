@@ -53,12 +53,31 @@ impl PduReader {
     /// [`Pdu::check_limits`]. An event of a room with no create event yet is a
     /// not-found error naming the room.
     pub fn read(&mut self, text: &str) -> Result<Pdu> {
+        self.read_checked(text, None)
+    }
+
+    /// [`Self::read`] of an event posted to `room_id`: one whose `room_id`
+    /// names another room is refused as such (invalid, not "unknown room")
+    /// before its room is looked up, as Synapse refuses a body whose room
+    /// differs from the request path's before it looks the room up.
+    pub fn read_in_room(&mut self, text: &str, room_id: &str) -> Result<Pdu> {
+        self.read_checked(text, Some(room_id))
+    }
+
+    fn read_checked(&mut self, text: &str, posted_to: Option<&str>) -> Result<Pdu> {
         // Read once: what decides the version here, the event from the same
         // tree next.
         let tree: serde_json::Value = serde_json::from_str(text).map_err(|e| {
             Error::invalid_argument(format!("malformed event: not valid JSON: {e}"))
         })?;
         let field = |name: &str| tree.get(name).and_then(|v| v.as_str());
+        if let (Some(posted_to), Some(room_id)) = (posted_to, field("room_id")) {
+            if room_id != posted_to {
+                return Err(Error::invalid_argument(format!(
+                    "the event is in room {room_id}, not {posted_to}"
+                )));
+            }
+        }
         let is_create = field("type") == Some("m.room.create") && field("state_key") == Some("");
         let version = if is_create {
             // A create event carries its own version.
@@ -116,14 +135,9 @@ fn compute_contexts(
     let mut read = Vec::with_capacity(pdus.len());
     for (i, text) in pdus.iter().enumerate() {
         let pdu = reader
-            .read(text)
+            .read_in_room(text, room_id)
             .map_err(|e| e.context(format!("event #{i}")))?;
-        if pdu.room_id.as_str() != room_id {
-            return Err(Error::invalid_argument(format!(
-                "event #{i} ({}) is in room {}, not {room_id}",
-                pdu.event_id, pdu.room_id
-            )));
-        }
+        debug_assert_eq!(pdu.room_id.as_str(), room_id, "read_in_room checked it");
         read.push(pdu);
     }
     // An event stored already is skipped by the write and kept as stored
