@@ -496,11 +496,24 @@ pub(crate) fn chain_rows_by_range(
 /// walk, the per-slot seeks) ends the chain at the same place. A group with
 /// two prev groups (Synapse's table allows it) brings both chains; the reader
 /// keeps, per slot, the row of the highest group, as Synapse's query does.
+///
+/// `UNION`, not `UNION ALL`: each group once per seed, however many paths
+/// lead to it. Where groups stack with two prev groups each (i on i-1 and
+/// i-2), `UNION ALL` followed every path down, as Synapse's query does:
+/// their number grows as the Fibonacci numbers (`hs-main state --at`,
+/// SQLite: 0.10 s at 20 groups, 0.98 s at 26; sixty never finish). The
+/// dedup costs SQLite ~2,800 instructions a group walked (its index of the
+/// rows so far; callgrind, the HQ room's 99-hop chain: +0.27M of a full
+/// read's 300.6M, +0.25M of a lazy-loading read's 6.1M). Checking each hop
+/// for a second prev edge instead, so that only a fork needs the dedup,
+/// costs a seek a hop, as much (sqlite3 shell, the 100-group chain alone:
+/// 0.67M instructions a statement with `UNION ALL`, 0.94M with `UNION`,
+/// 0.92M with that check).
 fn chain_cte(seeds: &str) -> String {
     format!(
         "WITH RECURSIVE chain(root, state_group) AS ( \
              SELECT id, id FROM state_groups WHERE id IN ({seeds}) \
-             UNION ALL \
+             UNION \
              SELECT c.root, e.prev_state_group FROM state_group_edges e \
              JOIN chain c ON e.state_group = c.state_group \
              WHERE e.prev_state_group < c.state_group \
@@ -664,7 +677,7 @@ pub(crate) fn origin_chain(
              SELECT e.prev_state_group FROM origin o \
              CROSS JOIN state_group_edges e WHERE e.state_group = o.prev \
                  AND e.prev_state_group < o.prev \
-             UNION ALL \
+             UNION \
              SELECT e.prev_state_group FROM state_group_edges e \
              JOIN chain c ON e.state_group = c.state_group \
              WHERE e.prev_state_group < c.state_group \
@@ -835,7 +848,7 @@ pub(crate) fn chain_length(conn: &mut Conn, group: StateGroup, limit: usize) -> 
     st.sql = format!(
         "WITH RECURSIVE chain(state_group) AS ( \
              SELECT id FROM state_groups WHERE id = {g} \
-             UNION ALL \
+             UNION \
              SELECT e.prev_state_group FROM state_group_edges e \
              JOIN chain c ON e.state_group = c.state_group \
              WHERE e.prev_state_group < c.state_group \
@@ -856,6 +869,13 @@ pub(crate) struct ChainStats {
 
 /// The longest chain and the average chain length over all groups, where a
 /// group's chain length counts the groups from it down to its snapshot.
+///
+/// The walk goes up from the snapshots, and into a group only from the
+/// highest of its prev groups (Synapse's table allows several): so each
+/// group is met once, and its length counts that way down. Followed from
+/// every prev group, a walk met a group once per path up to it (a number
+/// that grows as the Fibonacci numbers where groups stack on the two below
+/// them).
 pub(crate) fn chain_stats(conn: &mut Conn) -> Result<ChainStats> {
     let st = Statement {
         sql: "WITH RECURSIVE depth(state_group, n) AS ( \
@@ -865,6 +885,10 @@ pub(crate) fn chain_stats(conn: &mut Conn) -> Result<ChainStats> {
                   SELECT e.state_group, d.n + 1 FROM state_group_edges e \
                   JOIN depth d ON e.prev_state_group = d.state_group \
                   WHERE e.state_group > d.state_group \
+                      AND NOT EXISTS (SELECT 1 FROM state_group_edges h \
+                          WHERE h.state_group = e.state_group \
+                              AND h.prev_state_group > e.prev_state_group \
+                              AND h.prev_state_group < e.state_group) \
               ) \
               SELECT CAST(COALESCE(MAX(n), 0) AS BIGINT) AS longest, \
                      CAST(COALESCE(AVG(n), 0) AS DOUBLE PRECISION) AS average FROM depth"
@@ -1039,5 +1063,91 @@ mod tests {
             "SELECT x FROM s WHERE 1 = 1 AND s.type = $1 AND s.state_key = $2 UNION ALL \
              SELECT x FROM s WHERE 1 = 1 AND s.type = $3"
         );
+    }
+}
+
+/// The recursive walks on a group whose edges form a diamond at every
+/// level (Synapse's table allows several prev groups): each group is
+/// walked once, where a `UNION ALL` recursion walked each path down (the
+/// Fibonacci numbers: 28,656 paths below group 24).
+#[cfg(test)]
+mod diamonds {
+    use super::*;
+    use diesel::connection::SimpleConnection;
+    use storage_core::testing::TestDb;
+
+    storage_core::engine_tests!(each_walk_meets_each_group_once);
+
+    const TOP: i64 = 24;
+
+    /// Groups 1..=TOP, each from the third with edges to the two below it;
+    /// group 100 a snapshot written for the state event `$s`, whose one prev
+    /// event `$p` has group TOP.
+    fn stacked(t: &TestDb) -> Conn {
+        let _migrated = t.open();
+        let mut conn = t.raw_connection();
+        let groups: Vec<String> = (1..=TOP)
+            .chain([100])
+            .map(|g| format!("({g}, '!r:test', '$g{g}')"))
+            .collect();
+        let mut edges = vec!["(2, 1)".to_owned()];
+        for g in 3..=TOP {
+            edges.push(format!("({g}, {})", g - 1));
+            edges.push(format!("({g}, {})", g - 2));
+        }
+        let sql = format!(
+            "INSERT INTO state_groups (id, room_id, event_id) VALUES {}; \
+             UPDATE state_groups SET event_id = '$s' WHERE id = 100; \
+             INSERT INTO state_group_edges (state_group, prev_state_group) VALUES {}; \
+             INSERT INTO events (stream_ordering, topological_ordering, event_id, type, \
+                 room_id, outlier, state_key) \
+             VALUES (1, 1, '$p', 'm.room.message', '!r:test', FALSE, NULL), \
+                 (2, 2, '$s', 'm.room.name', '!r:test', FALSE, ''); \
+             INSERT INTO event_edges (event_id, prev_event_id, room_id) \
+             VALUES ('$s', '$p', '!r:test'); \
+             INSERT INTO event_to_state_groups (event_id, state_group) \
+             VALUES ('$p', {TOP}), ('$s', 100)",
+            groups.join(", "),
+            edges.join(", "),
+        );
+        with_conn!(&mut conn, |c| c.batch_execute(&sql)).expect("the stacked groups");
+        conn
+    }
+
+    fn each_walk_meets_each_group_once(t: &TestDb) {
+        let mut conn = stacked(t);
+        let mut walked = chain_groups(&mut conn, &[TOP, TOP - 1]).unwrap();
+        let mut below = Vec::new();
+        origin_chain(&mut conn, 100, |row| below.push(row.state_group)).unwrap();
+        let stats = chain_stats(&mut conn).unwrap();
+        // Groups 1..=TOP with chain lengths 1..=TOP, and the snapshot 100.
+        let average = ((1..=TOP).sum::<i64>() + 1) as f64 / (TOP + 1) as f64;
+        let top = TOP as usize;
+        assert_eq!(
+            [
+                ("chain_groups rows", walked.len()),
+                ("chain_length", chain_length(&mut conn, TOP, 1000).unwrap()),
+                ("origin_chain rows", below.len()),
+                ("chain_stats longest", stats.longest as usize),
+            ],
+            [
+                ("chain_groups rows", 2 * top - 1),
+                ("chain_length", top),
+                // The origin's row (its prev group, TOP), then each group below.
+                ("origin_chain rows", top),
+                ("chain_stats longest", top),
+            ]
+        );
+        assert_eq!(stats.average, average, "chain_stats average");
+        walked.sort_unstable();
+        let expected: Vec<(i64, i64)> = [TOP, TOP - 1]
+            .iter()
+            .flat_map(|&root| (1..=root).map(move |g| (root, g)))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(walked, expected, "chain_groups");
+        below.sort_unstable();
+        assert_eq!(below, (1..=TOP).collect::<Vec<_>>(), "origin_chain");
     }
 }
