@@ -279,6 +279,47 @@ fn main_and_two_workers_agree() {
     storage_events::testing::assert_invariants(&db.open_mode(storage_core::OpenMode::ReadOnly));
 }
 
+/// A client that posted through a worker reads its write back from that
+/// worker at once: the worker answers only once it has applied the stream
+/// position the main process committed the write at (a Synapse worker waits
+/// for that position, too). Before, the worker answered as soon as the main
+/// process did, and one read in a few still gave the state before the write.
+#[test]
+fn a_worker_answers_a_write_once_it_reads_it() {
+    let Some(db) = TestDb::postgres() else { return };
+    let main = main_process(&db, free_port());
+    let w = worker(&db, &main.url, free_port(), "w");
+    let mut room = Room::default();
+    post(&w.url, room.founding("")).unwrap();
+    let current = format!("/_hs/v1/rooms/{}/state", encode(ROOM));
+    for i in 0..40 {
+        let e = room.event(
+            &format!("topic{i}"),
+            "m.room.topic",
+            ALICE,
+            Some(""),
+            json!({"topic": format!("t{i}")}),
+        );
+        let answer = post(&w.url, vec![e.clone()]).unwrap();
+        let position = answer["stream_ordering"].as_i64().unwrap();
+        let seen = get(&w.url, "/_hs/v1/stream/position")["events"]
+            .as_i64()
+            .unwrap();
+        assert!(
+            seen >= position,
+            "write #{i} was answered at position {position}, the worker is at {seen}"
+        );
+        assert_eq!(
+            get(&w.url, &current)["m.room.topic"][""],
+            e["event_id"],
+            "the worker's current state after write #{i}"
+        );
+    }
+    drop(w);
+    drop(main);
+    storage_events::testing::assert_invariants(&db.open_mode(storage_core::OpenMode::ReadOnly));
+}
+
 storage_core::engine_tests!(http_contract);
 
 /// An event whose `room_id` is not the path's room is refused 400 for that,

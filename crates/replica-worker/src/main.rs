@@ -86,7 +86,22 @@ impl EventWriter for ForwardingWriter {
         let outcome = self.forward(room_id, &events);
         match &outcome {
             Ok(outcome) => {
-                forwarding.committed_at(outcome.stream_ordering);
+                let position = outcome.stream_ordering;
+                forwarding.committed_at(position);
+                // Answered once applied here, so that the client reads its write
+                // back from this worker; a worker that cannot follow the stream
+                // for that long is unhealthy, and the write is committed anyway.
+                if !self
+                    .replication
+                    .wait_until_applied(position, storage_slaved::STALE_AFTER)
+                {
+                    log::warn!(
+                        "answering a write committed at stream position {position} before this \
+                         worker applied it (still at {} after {:?}): a read here may not show it yet",
+                        self.replication.position(),
+                        storage_slaved::STALE_AFTER
+                    );
+                }
                 let skipped = outcome.skipped.iter().map(String::as_str).collect();
                 self.builder.remember_written_elsewhere(&events, &skipped);
             }

@@ -10,7 +10,9 @@
 //! woken by LISTEN/NOTIFY, and also polls, so a lost notification only delays it.
 //! A write this process forwarded wakes it at once when the main process
 //! answers ([`SlavedStore::forwarding`]): the notification of that commit is on
-//! its way, and the thread need not look for it every millisecond.
+//! its way, and the thread need not look for it every millisecond. The writer
+//! then waits until that position is applied ([`SlavedStore::wait_until_applied`])
+//! before it answers, so that its client reads its write back from this worker.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -60,12 +62,14 @@ pub struct SlavedStore {
 }
 
 /// The highest stream position that writes this process forwarded were
-/// committed at, how many are still awaiting the main process's answer, and
-/// the wake-up of the replication thread when the position rises.
+/// committed at, how many are still awaiting the main process's answer, the
+/// wake-up of the replication thread when that position rises, and the
+/// wake-up of the writers waiting for the applied position to rise.
 #[derive(Debug, Default)]
 struct Expected {
     forwards: Mutex<Forwards>,
     risen: Condvar,
+    applied: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +99,14 @@ impl Expected {
     fn is_another_process_commit(&self, position: Option<i64>) -> bool {
         let forwards = self.lock();
         forwards.in_flight == 0 && position.is_none_or(|p| p > forwards.up_to)
+    }
+
+    /// Wakes the writers waiting in [`SlavedStore::wait_until_applied`]; the
+    /// applied position is stored before, so a writer that looked at it under
+    /// the lock before it rose is waiting already and is woken.
+    fn announce_applied(&self) {
+        let _forwards = self.lock();
+        self.applied.notify_all();
     }
 
     /// Waits `nap`, or less once the position rises above `seen`.
@@ -179,6 +191,28 @@ impl SlavedStore {
         self.position.load(Ordering::SeqCst)
     }
 
+    /// Waits until the position `position` is applied, for at most `limit`;
+    /// whether it was. A write forwarded from here answers only then, so that
+    /// its client's next read here sees it, as a Synapse worker waits for the
+    /// stream position of the events it sent to the main process.
+    pub fn wait_until_applied(&self, position: i64, limit: Duration) -> bool {
+        let forwards = self.expected.lock();
+        let (_forwards, timeout) = self
+            .expected
+            .applied
+            .wait_timeout_while(forwards, limit, |_| self.position() < position)
+            .unwrap_or_else(|p| p.into_inner());
+        !timeout.timed_out()
+    }
+
+    /// Takes `position` as applied (the caches are right up to it) if it is
+    /// higher than the one taken so far.
+    fn applied_up_to(&self, position: i64) {
+        let previous = self.position.fetch_max(position, Ordering::SeqCst);
+        report_stream_position(previous.max(position));
+        self.expected.announce_applied();
+    }
+
     /// Applies everything committed since the current position; returns the new one.
     pub fn catch_up(&self) -> Result<i64> {
         let from = self.position();
@@ -203,8 +237,7 @@ impl SlavedStore {
             }
         }
         if batch.position > from {
-            let previous = self.position.fetch_max(batch.position, Ordering::SeqCst);
-            report_stream_position(previous.max(batch.position));
+            self.applied_up_to(batch.position);
         }
         self.caught_up_at.store(now_ms(), Ordering::SeqCst);
         Ok(self.position())
@@ -235,8 +268,7 @@ impl SlavedStore {
             }
         }
         if let Some(highest) = notifications.iter().map(|n| n.position).max() {
-            let previous = self.position.fetch_max(highest, Ordering::SeqCst);
-            report_stream_position(previous.max(highest));
+            self.applied_up_to(highest);
         }
         self.caught_up_at.store(now_ms(), Ordering::SeqCst);
         Ok(self.position())
