@@ -5,6 +5,9 @@
 //! - every event's room exists and has a create event;
 //! - every current-state row names a stored event of that room;
 //! - every event that is not an outlier has a state group of its room;
+//! - every state group edge names an older, stored prev group (reads end a
+//!   chain at any other edge, so a group read through it lacks the rows
+//!   below; Synapse's schema allows a group two prev groups, which is fine);
 //! - no prev event is missing, unless the event citing it is an outlier;
 //! - the forward extremities are exactly the accepted (neither outlier nor
 //!   rejected) events that no accepted event names as a prev event, which is
@@ -74,6 +77,13 @@ const CHECKS: &[(&str, &str)] = &[
          WHERE NOT e.outlier AND NOT EXISTS (SELECT 1 FROM event_to_state_groups s \
            JOIN state_groups g ON g.id = s.state_group \
            WHERE s.event_id = e.event_id AND g.room_id = e.room_id)",
+    ),
+    (
+        "every state group edge names an older, stored prev group",
+        "SELECT CAST(e.state_group AS TEXT) AS a, CAST(e.prev_state_group AS TEXT) AS b \
+         FROM state_group_edges e \
+         WHERE e.prev_state_group >= e.state_group \
+           OR NOT EXISTS (SELECT 1 FROM state_groups g WHERE g.id = e.prev_state_group)",
     ),
     (
         "no prev event is missing (unless the event citing it is an outlier)",
