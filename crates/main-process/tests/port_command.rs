@@ -269,3 +269,30 @@ fn killed_port_resumes_to_the_same_result() {
     assert_eq!(dump(&mut straight.raw_connection()), whole);
     testing::assert_invariants(&interrupted.open());
 }
+
+/// A source event mapped to a state group that is not stored (a damaged
+/// database): the port copies it as it is, and its check stops, naming the
+/// side it could not read, the event and the group.
+#[test]
+fn a_damaged_source_fails_the_check_naming_the_event() {
+    let source = TestDb::sqlite();
+    fill_source(&source, 12);
+    {
+        use diesel::prelude::*;
+        use storage_state::schema::event_to_state_groups as etsg;
+        with_conn!(&mut source.raw_connection(), |c| diesel::update(
+            etsg::table.filter(etsg::event_id.eq("$e00007"))
+        )
+        .set(etsg::state_group.eq(4242))
+        .execute(c))
+        .unwrap();
+    }
+    let target = TestDb::sqlite();
+    let out = hs_main_output(&["--database", source.url(), "port", "--to", target.url()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in the source") && stderr.contains("$e00007") && stderr.contains("4242"),
+        "{stderr}"
+    );
+}

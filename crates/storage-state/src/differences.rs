@@ -45,7 +45,7 @@ use crate::types::{StateGroup, StateKey, StateMap};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use storage_core::{Conn, Database, Error, Result};
+use storage_core::{Conn, Database, Result};
 
 /// Per slot on which some of the groups asked about disagree, each group's
 /// value there (`None`: the group lacks the slot), in the order the groups were
@@ -271,9 +271,9 @@ pub(crate) fn read(
         .filter(|g| !chains.contains_key(g))
         .collect();
     if !unknown.is_empty() {
-        return Err(Error::not_found(format!(
-            "unknown state group(s) {unknown:?}"
-        )));
+        return Err(db.run_read("unknown_state_groups", |txn| {
+            read::unknown_groups(txn.conn(), &unknown)
+        })?);
     }
     let pairs: Vec<PairDifferences> = rest
         .iter()

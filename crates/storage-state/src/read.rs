@@ -337,9 +337,7 @@ fn fetch_split(
         .collect();
         let unknown: Vec<StateGroup> = empty.into_iter().filter(|g| !known.contains(g)).collect();
         if !unknown.is_empty() {
-            return Err(Error::not_found(format!(
-                "unknown state group(s) {unknown:?}"
-            )));
+            return Err(unknown_groups(txn.conn(), &unknown)?);
         }
     }
     for &group in groups {
@@ -363,6 +361,34 @@ fn reads_per_slot(engine: &dyn Engine, groups: &[StateGroup], filter: &StateFilt
     !reads_per_hop(engine, filter)
         && filter.has_concrete_slots()
         && (groups.len() == 1 || engine.round_trips_are_cheap())
+}
+
+/// The error for `unknown`, groups asked for that are not stored: not
+/// found, unless an event maps to one of them. That is damage (the event's
+/// state is gone; a caller that took the group from the event, such as the
+/// context of a new event over it, has nothing wrong with its request):
+/// inconsistent data, naming the first few such events.
+pub(crate) fn unknown_groups(conn: &mut Conn, unknown: &[StateGroup]) -> Result<Error> {
+    use crate::schema::event_to_state_groups as etsg;
+    let mapped: Vec<(String, i64)> = with_conn!(conn, |c| etsg::table
+        .select((etsg::event_id, etsg::state_group))
+        .filter(etsg::state_group.eq_any(unknown))
+        .order((etsg::state_group, etsg::event_id))
+        .limit(3)
+        .load(c))?;
+    if mapped.is_empty() {
+        return Ok(Error::not_found(format!(
+            "unknown state group(s) {unknown:?}"
+        )));
+    }
+    let events: Vec<String> = mapped
+        .iter()
+        .map(|(event, group)| format!("{event} to {group}"))
+        .collect();
+    Ok(Error::corrupt(format!(
+        "state group(s) {unknown:?} do not exist, though events map to them: {}",
+        events.join(", ")
+    )))
 }
 
 fn split(state: StateMap) -> SplitState {

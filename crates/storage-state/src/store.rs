@@ -808,7 +808,9 @@ impl StateGroupAccess for StateStore {
                     "no state group for unknown or outlier event {event_id}"
                 ))
             })?;
-        let mut states = self.get_state_for_groups(&[group], filter)?;
+        let mut states = self
+            .get_state_for_groups(&[group], filter)
+            .map_err(|e| e.context(format!("the state after event {event_id}, group {group}")))?;
         Ok(states.remove(&group).unwrap_or_default())
     }
 

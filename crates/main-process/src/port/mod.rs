@@ -599,8 +599,12 @@ fn check(
     );
     for id in &sampled {
         let (x, y) = (
-            src_state.get_state_for_event(id, &StateFilter::all())?,
-            dst_state.get_state_for_event(id, &StateFilter::all())?,
+            src_state
+                .get_state_for_event(id, &StateFilter::all())
+                .map_err(|e| e.context("checking the state after sampled events in the source"))?,
+            dst_state
+                .get_state_for_event(id, &StateFilter::all())
+                .map_err(|e| e.context("checking the state after sampled events in the target"))?,
         );
         if x != y {
             return Err(Error::corrupt(format!(
