@@ -5,9 +5,10 @@ use event_context::ruma::RoomVersionId;
 use event_context::{EventContext, Pdu};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 use storage_core::{Error, Result};
 use storage_events::PersistedBatch;
-use storage_state::{key, NewStateGroup, PreparedStateGroup, StateMap, StateStore};
+use storage_state::{key, NewStateGroup, PreparedStateGroup, StateGroup, StateMap, StateStore};
 
 /// What a write of events answers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -120,8 +121,9 @@ impl ForwardedGroup {
     }
 
     /// Kept readable in `state` until its batch writes it (see
-    /// [`StateStore::adopt_prepared_group`]).
-    fn adopt(&self, state: &StateStore) -> Result<Arc<PreparedStateGroup>> {
+    /// [`StateStore::adopt_prepared_group`]); `None` when a group of its id
+    /// is prepared there already.
+    fn adopt(&self, state: &StateStore) -> Result<Option<Arc<PreparedStateGroup>>> {
         let delta = self.delta_ids.as_deref().map(state_map);
         let current = self.current_state_ids.as_deref().map(state_map);
         let new = NewStateGroup {
@@ -142,30 +144,89 @@ impl ForwardedGroup {
 
 /// Reads a worker's events and adopts the groups it prepared for them (see
 /// [`ForwardedGroup::adopt`]), in order. When one fails, none stays adopted.
+///
+/// A group prepared here already was adopted by an earlier delivery of the
+/// same request (ids come from the shared sequence: a worker's retry, a
+/// proxy's second delivery) whose batch is not done: this delivery waits
+/// for that one's outcome, holding none of its groups meanwhile, then adopts
+/// them again. After a commit its events are found stored and skipped (the
+/// first delivery's answer); after a failure it writes them itself. It waits
+/// at most [`crate::REQUEST_TIMEOUT`], then answers 503.
 pub fn adopt_contexted(
     state: &StateStore,
     events: Vec<ContextedEvent>,
 ) -> Result<Vec<(Pdu, EventContext)>> {
-    let mut out: Vec<(Pdu, EventContext)> = Vec::with_capacity(events.len());
-    let mut adopted = Vec::new();
-    let read = || -> Result<()> {
-        for mut event in events {
-            let groups = std::mem::take(&mut event.new_state_groups);
-            let (pdu, mut context) = event.into_parts()?;
-            for g in &groups {
-                let prepared = g.adopt(state)?;
-                adopted.push(prepared.clone());
-                context.new_state_groups.push(prepared);
+    let mut read = Vec::with_capacity(events.len());
+    for mut event in events {
+        let groups = std::mem::take(&mut event.new_state_groups);
+        let (pdu, context) = event.into_parts()?;
+        read.push((pdu, context, groups));
+    }
+    let mut deadline = None;
+    loop {
+        let busy = match adopt_all(state, &read)? {
+            Adopted::All(mut adopted) => {
+                return Ok(read
+                    .into_iter()
+                    .map(|(pdu, mut context, groups)| {
+                        context.new_state_groups = adopted.drain(..groups.len()).collect();
+                        (pdu, context)
+                    })
+                    .collect())
             }
-            out.push((pdu, context));
+            Adopted::Busy(group) => group,
+        };
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + crate::REQUEST_TIMEOUT);
+        if !state.wait_for_prepared_groups(&[busy], deadline) {
+            return Err(Error::unavailable(format!(
+                "state group {busy} of this request is still being written by an earlier \
+                 delivery of it after {} s; try again",
+                crate::REQUEST_TIMEOUT.as_secs()
+            )));
         }
-        Ok(())
-    };
-    match read() {
-        Ok(()) => Ok(out),
-        Err(e) => {
+    }
+}
+
+/// What [`adopt_all`] did.
+enum Adopted {
+    /// Every group, in order.
+    All(Vec<Arc<PreparedStateGroup>>),
+    /// None: this group is prepared here by another request.
+    Busy(StateGroup),
+}
+
+/// Adopts every group of `read`, in order, or none.
+fn adopt_all(
+    state: &StateStore,
+    read: &[(Pdu, EventContext, Vec<ForwardedGroup>)],
+) -> Result<Adopted> {
+    let mut adopted: Vec<Arc<PreparedStateGroup>> = Vec::new();
+    let mut outcome = Ok(None);
+    for g in read.iter().flat_map(|(_, _, groups)| groups) {
+        match g.adopt(state) {
+            Ok(Some(prepared)) => adopted.push(prepared),
+            Ok(None) if adopted.iter().any(|p| p.group == g.id) => {
+                outcome = Err(Error::invalid_argument(format!(
+                    "state group {} of event {}: its id is given twice in the request",
+                    g.id, g.event_id
+                )));
+                break;
+            }
+            Ok(None) => {
+                outcome = Ok(Some(g.id));
+                break;
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    match outcome {
+        Ok(None) => Ok(Adopted::All(adopted)),
+        other => {
             state.forget_prepared_groups(&adopted);
-            Err(e)
+            other.map(|busy| Adopted::Busy(busy.expect("only a busy group stops early")))
         }
     }
 }

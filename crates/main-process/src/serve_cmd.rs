@@ -31,15 +31,26 @@ impl EventWriter for MainWriter {
         room_id: &str,
         events: Vec<ContextedEvent>,
     ) -> Result<WriteOutcome, Error> {
-        let state = self.pipeline.builder.state();
-        let events = http_api::wire::adopt_contexted(state, events)?;
-        if let Err(e) = event_context::check_contexts(state, room_id, &events) {
-            state.forget_prepared_groups(events.iter().flat_map(|(_, c)| &c.new_state_groups));
-            return Err(e);
-        }
-        let batch = self.pipeline.persist(room_id, &events)?;
-        Ok(WriteOutcome::new(&events, &batch))
+        write_contexted(&self.pipeline, room_id, events)
     }
+}
+
+/// Persists a worker's request: its groups adopted (a second delivery of a
+/// request waits for the first one's outcome there), its contexts checked,
+/// then its batch.
+pub fn write_contexted(
+    pipeline: &Pipeline,
+    room_id: &str,
+    events: Vec<ContextedEvent>,
+) -> Result<WriteOutcome, Error> {
+    let state = pipeline.builder.state();
+    let events = http_api::wire::adopt_contexted(state, events)?;
+    if let Err(e) = event_context::check_contexts(state, room_id, &events) {
+        state.forget_prepared_groups(events.iter().flat_map(|(_, c)| &c.new_state_groups));
+        return Err(e);
+    }
+    let batch = pipeline.persist(room_id, &events)?;
+    Ok(WriteOutcome::new(&events, &batch))
 }
 
 /// Prunes the replication stream's invalidations now and every `every`,

@@ -23,6 +23,8 @@ storage_core::engine_tests!(
     an_outlier_imported_with_its_place_is_an_outlier_no_longer,
     a_stored_event_posted_again_writes_no_state_group,
     a_forwarded_request_delivered_twice_gets_the_same_answer,
+    a_second_delivery_during_the_first_gets_the_same_answer,
+    a_second_delivery_during_a_first_that_fails_writes_the_events,
 );
 
 fn pipeline(t: &TestDb) -> Pipeline {
@@ -45,14 +47,7 @@ fn write_forwarded(
     pipeline: &Pipeline,
     events: Vec<ContextedEvent>,
 ) -> storage_core::Result<WriteOutcome> {
-    let state = pipeline.builder.state();
-    let events = adopt_contexted(state, events)?;
-    if let Err(e) = event_context::check_contexts(state, ROOM, &events) {
-        state.forget_prepared_groups(events.iter().flat_map(|(_, c)| &c.new_state_groups));
-        return Err(e);
-    }
-    let batch = pipeline.persist(ROOM, &events)?;
-    Ok(WriteOutcome::new(&events, &batch))
+    main_process::serve_cmd::write_contexted(pipeline, ROOM, events)
 }
 
 /// `event` stored as an outlier, as a worker forwards one (an auth event
@@ -322,10 +317,11 @@ fn a_stored_event_posted_again_writes_no_state_group(t: &TestDb) {
 /// prepared state groups. The second used to fail on the groups' ids, stored
 /// by the first; it gets the first's answer (its events named as skipped),
 /// and the room goes on.
-fn a_forwarded_request_delivered_twice_gets_the_same_answer(t: &TestDb) {
-    let pipeline = pipeline(t);
+/// A founded room, and a worker's request of a topic (a state group
+/// prepared for it) and a message after it.
+fn forwarded_request(pipeline: &Pipeline) -> (Room, Vec<ContextedEvent>) {
     let mut room = Room::default();
-    post(&pipeline, &room.founding("")).unwrap();
+    post(pipeline, &room.founding("")).unwrap();
     let topic = message(&mut room, "topic");
     let message_after = room.event(
         "said",
@@ -347,6 +343,12 @@ fn a_forwarded_request_delivered_twice_gets_the_same_answer(t: &TestDb) {
         .builder
         .state()
         .forget_prepared_groups(contexts.iter().flat_map(|(_, c)| &c.new_state_groups));
+    (room, request)
+}
+
+fn a_forwarded_request_delivered_twice_gets_the_same_answer(t: &TestDb) {
+    let pipeline = pipeline(t);
+    let (mut room, request) = forwarded_request(&pipeline);
     let first = write_forwarded(&pipeline, request.clone()).unwrap();
     let groups = state_group_rows(t);
     let second = write_forwarded(&pipeline, request).unwrap();
@@ -356,6 +358,91 @@ fn a_forwarded_request_delivered_twice_gets_the_same_answer(t: &TestDb) {
     assert_eq!(second.skipped, first.event_ids);
     assert_eq!(state_group_rows(t), groups);
     assert_eq!(pipeline.builder.state().prepared_groups_waiting(), 0);
+    let next = message(&mut room, "next");
+    post(&pipeline, std::slice::from_ref(&next)).unwrap();
+    assert_eq!(
+        room_now(&pipeline),
+        (vec![id_of(&next)], Some(id_of(&next)))
+    );
+    assert_invariants(&t.open());
+}
+
+/// Runs a second delivery of `request` on a thread of its own while the
+/// first one, whose groups `first` adopted, is not written yet, and lets
+/// `finish_first` go on with the first once the second waits for it (or,
+/// before the fix, once the second has answered). The second's answer.
+fn second_delivery_during_the_first<T>(
+    pipeline: &Pipeline,
+    request: Vec<ContextedEvent>,
+    finish_first: impl FnOnce() -> T,
+) -> (T, storage_core::Result<WriteOutcome>) {
+    let state = pipeline.builder.state();
+    std::thread::scope(|s| {
+        let second = s.spawn(|| write_forwarded(pipeline, request));
+        // An ordering the store shows, not a time: the second delivery is
+        // waiting for the groups the first one holds.
+        while state.prepared_group_waiters() == 0 && !second.is_finished() {
+            std::thread::yield_now();
+        }
+        let first = finish_first();
+        (first, second.join().unwrap())
+    })
+}
+
+/// A worker's request delivered again while its first delivery is still
+/// being written (a retry after a timeout, a proxy's second delivery): the
+/// second waits for the first one's outcome and answers as a delivery after
+/// it does, the same events, named as skipped. It answered 400 "state group
+/// N is already prepared here: its id was given twice".
+fn a_second_delivery_during_the_first_gets_the_same_answer(t: &TestDb) {
+    let pipeline = pipeline(t);
+    let (mut room, request) = forwarded_request(&pipeline);
+    let state = pipeline.builder.state();
+    // The first delivery: its groups adopted, its batch not written yet.
+    let first_events = adopt_contexted(state, request.clone()).unwrap();
+    let groups = state_group_rows(t);
+    let (first, second) = second_delivery_during_the_first(&pipeline, request, || {
+        event_context::check_contexts(state, ROOM, &first_events).unwrap();
+        let batch = pipeline.persist(ROOM, &first_events).unwrap();
+        WriteOutcome::new(&first_events, &batch)
+    });
+    let second = second.unwrap();
+    assert_eq!(second.event_ids, first.event_ids);
+    assert_eq!(second.rejected, first.rejected);
+    assert!(second.stream_ordering >= first.stream_ordering);
+    assert!(first.skipped.is_empty(), "{first:?}");
+    assert_eq!(second.skipped, first.event_ids);
+    assert_eq!(state_group_rows(t), groups + 1, "the topic's group, once");
+    assert_eq!(state.prepared_groups_waiting(), 0);
+    assert_eq!(state.prepared_group_waiters(), 0);
+    let next = message(&mut room, "next");
+    post(&pipeline, std::slice::from_ref(&next)).unwrap();
+    assert_eq!(
+        room_now(&pipeline),
+        (vec![id_of(&next)], Some(id_of(&next)))
+    );
+    assert_invariants(&t.open());
+}
+
+/// As above, but the first delivery fails before its batch (its groups
+/// dropped, as when its contexts are refused): the second, which waited,
+/// then writes the events itself.
+fn a_second_delivery_during_a_first_that_fails_writes_the_events(t: &TestDb) {
+    let pipeline = pipeline(t);
+    let (mut room, request) = forwarded_request(&pipeline);
+    let state = pipeline.builder.state();
+    let first_events = adopt_contexted(state, request.clone()).unwrap();
+    let ((), second) = second_delivery_during_the_first(&pipeline, request, || {
+        state.forget_prepared_groups(first_events.iter().flat_map(|(_, c)| &c.new_state_groups));
+    });
+    let second = second.unwrap();
+    let ids: Vec<String> = first_events
+        .iter()
+        .map(|(p, _)| p.event_id.to_string())
+        .collect();
+    assert_eq!(second.event_ids, ids);
+    assert!(second.skipped.is_empty(), "{second:?}");
+    assert_eq!(state.prepared_groups_waiting(), 0);
     let next = message(&mut room, "next");
     post(&pipeline, std::slice::from_ref(&next)).unwrap();
     assert_eq!(

@@ -16,6 +16,7 @@ use crate::write::{self, GroupRows, NewStateGroup, StoredInTxn, STATE_GROUP_SEQU
 use diesel::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 use storage_core::{
     with_conn, Column, Database, Error, InternedText, OpenMode, Result, RowsWrite, SharedText,
     StoreConfig, TableRows, Transaction,
@@ -236,21 +237,32 @@ impl StateStore {
     /// replica worker) prepared under `group`, an id it took from the shared
     /// sequence: kept readable here until the batch carrying it writes it.
     /// Reads nothing when the prev group is prepared or cached in full.
+    /// `None`, adopting nothing, when a group of that id is prepared here
+    /// already (by an earlier delivery of the same request, say: see
+    /// [`Self::wait_for_prepared_groups`]).
     pub fn adopt_prepared_group(
         &self,
         group: StateGroup,
         new: &NewStateGroup<'_>,
-    ) -> Result<Arc<PreparedStateGroup>> {
+    ) -> Result<Option<Arc<PreparedStateGroup>>> {
         new.validate()?;
-        if self.unwritten.contains(group) {
-            return Err(Error::invalid_argument(format!(
-                "state group {group} is already prepared here: its id was given twice"
-            )));
-        }
         let state = self.full_state_of(new);
         let prepared = Arc::new(PreparedStateGroup::new(group, new, state));
-        self.unwritten.insert(prepared.clone());
-        Ok(prepared)
+        Ok(self
+            .unwritten
+            .insert_new(prepared.clone())
+            .then_some(prepared))
+    }
+
+    /// Waits until none of `groups` is prepared here (each written by its
+    /// batch, or dropped), at most until `deadline`: whether none is.
+    pub fn wait_for_prepared_groups(&self, groups: &[StateGroup], deadline: Instant) -> bool {
+        self.unwritten.wait_until_none_of(groups, deadline)
+    }
+
+    /// How many callers wait in [`Self::wait_for_prepared_groups`] now.
+    pub fn prepared_group_waiters(&self) -> usize {
+        self.unwritten.waiting()
     }
 
     /// The full state of the group `new` describes when it costs no read:

@@ -21,8 +21,11 @@
 use crate::filter::StateFilter;
 use crate::types::{Slot, StateGroup, StateMap};
 use crate::write::NewStateGroup;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 /// A state group given its id and waiting for its event's batch to write it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +87,12 @@ impl PreparedStateGroup {
 #[derive(Debug, Default)]
 pub(crate) struct UnwrittenGroups {
     groups: Mutex<HashMap<StateGroup, Arc<PreparedStateGroup>>>,
+    /// Told of removals, for whoever waits for a group to go
+    /// ([`Self::wait_until_none_of`]).
+    removed: Condvar,
+    /// How many wait: a removal with nobody waiting tells nobody (no system
+    /// call on the write path).
+    waiting: AtomicUsize,
 }
 
 impl UnwrittenGroups {
@@ -95,11 +104,52 @@ impl UnwrittenGroups {
         self.lock().insert(group.group, group);
     }
 
+    /// Inserts `group` unless a group of its id is held: whether it did.
+    pub(crate) fn insert_new(&self, group: Arc<PreparedStateGroup>) -> bool {
+        match self.lock().entry(group.group) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(slot) => {
+                slot.insert(group);
+                true
+            }
+        }
+    }
+
     pub(crate) fn remove(&self, groups: impl IntoIterator<Item = StateGroup>) {
         let mut map = self.lock();
         for g in groups {
             map.remove(&g);
         }
+        // Read under the lock a waiter counts itself under.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.removed.notify_all();
+        }
+    }
+
+    /// Waits until none of `groups` is held here, or `deadline` passes:
+    /// whether none is.
+    pub(crate) fn wait_until_none_of(&self, groups: &[StateGroup], deadline: Instant) -> bool {
+        let mut map = self.lock();
+        loop {
+            if !groups.iter().any(|g| map.contains_key(g)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            map = match self.removed.wait_timeout(map, left) {
+                Ok((map, _)) => map,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// How many wait in [`Self::wait_until_none_of`] now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
