@@ -12,6 +12,8 @@ use storage_core::testing::TestDb;
 storage_core::engine_tests!(
     a_message_costs_a_fixed_number_of_statements,
     a_state_event_costs_a_fixed_number_of_statements,
+    a_fork_costs_a_fixed_number_of_statements,
+    an_event_stored_already_costs_a_fixed_number_of_statements,
     a_forwarded_write_costs_the_worker_at_most_the_group_id,
     the_main_process_claim_costs_postgres_no_statement,
 );
@@ -228,6 +230,70 @@ fn a_state_event_costs_a_fixed_number_of_statements(t: &TestDb) {
     );
 }
 
+/// Line 22 of `lines` (a message) with line 20 as its prev event instead of
+/// line 21: written after line 21, the room's second forward extremity.
+fn fork_of(lines: &[String]) -> String {
+    use event_context::ruma::RoomVersionId;
+    let id = |line: &str| {
+        event_context::Pdu::from_json(line, Some(&RoomVersionId::V10))
+            .unwrap()
+            .event_id
+            .to_string()
+    };
+    let mut fork: serde_json::Value = serde_json::from_str(&lines[22]).unwrap();
+    fork["prev_events"] = serde_json::json!([id(&lines[20])]);
+    fork["content"]["body"] = serde_json::json!("a fork");
+    fork.to_string()
+}
+
+/// A message that forks the room (the batch leaves two extremities, so it
+/// is not written on the guess that none of its events is stored): which
+/// of its events are stored and which stored events name them as prev
+/// events are read before its transaction, and that transaction reads
+/// nothing again (on PostgreSQL it is then the batch's one statement); the
+/// current state after both extremities is resolved from groups in memory.
+fn a_fork_costs_a_fixed_number_of_statements(t: &TestDb) {
+    let lines = room();
+    let statements = statements_of_one_write(t, &lines[..22], &fork_of(&lines));
+    assert_eq!(
+        statements.len(),
+        expected_fork(t),
+        "statements of a fork on {}:\n{}",
+        t.engine(),
+        statements.join("\n")
+    );
+    storage_events::testing::assert_invariants(&t.open());
+}
+
+/// A request of an event stored already and a new message after it: the
+/// guess that none is stored fails (its statement, on the event id's
+/// uniqueness), what is stored of them is read once, then which stored
+/// events name them, and the write reads nothing again.
+fn an_event_stored_already_costs_a_fixed_number_of_statements(t: &TestDb) {
+    let lines = room();
+    install();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let pipeline =
+        persistence::Pipeline::open(t.open(), &storage_core::StoreConfig::default()).unwrap();
+    let write = |l: &[String]| {
+        let events = event_context::contexts_for(&pipeline.builder, ROOM, l).unwrap();
+        pipeline.persist(ROOM, &events).unwrap()
+    };
+    for l in &lines[..22] {
+        write(std::slice::from_ref(l));
+    }
+    let (batch, statements) = recording(|| write(&lines[21..23]));
+    assert_eq!(batch.skipped.len(), 1, "{batch:?}");
+    assert_eq!(
+        statements.len(),
+        expected_stored_already(t),
+        "statements of an event stored already and a new one on {}:\n{}",
+        t.engine(),
+        statements.join("\n")
+    );
+    storage_events::testing::assert_invariants(&t.open());
+}
+
 /// As `hs-main` writes, under the main-process claim: a message costs what it
 /// costs unclaimed plus the claim's proof, which on PostgreSQL is no
 /// statement of its own (the batch's statement, sent alone, holds its row
@@ -325,6 +391,30 @@ fn expected(t: &TestDb) -> (usize, usize) {
     match t.engine() {
         "sqlite" => (9, 14),
         _ => (1, 2),
+    }
+}
+
+/// A fork's statements: one read transaction (BEGIN, which of the batch's
+/// events are stored, which stored events name them, COMMIT), then the
+/// write, which reads nothing: on PostgreSQL the batch's one statement; on
+/// SQLite a message's (9) less the DELETE of a replaced extremity (none is).
+/// Before the write stopped reading what its caller had read: 10 and 15.
+fn expected_fork(t: &TestDb) -> usize {
+    match t.engine() {
+        "sqlite" => 12,
+        _ => 5,
+    }
+}
+
+/// An event stored already and a new one: the request's read of which are
+/// stored (its contexts), the failed guess, which are stored (read once
+/// the guess failed), which stored events name them, then the write, which
+/// reads nothing. Before the write stopped reading what its caller had
+/// read, which were stored was read three times: 25 and 17.
+fn expected_stored_already(t: &TestDb) -> usize {
+    match t.engine() {
+        "sqlite" => 21,
+        _ => 11,
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use storage_core::Result;
 use storage_events::{
     new_forward_extremities, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
-    PersistedBatch, RoomBatch, WriteAs,
+    NewEventsWrite, PersistedBatch, RoomBatch, WriteAs,
 };
 use storage_state::{
     PreparedStateGroup, StateFilter, StateGroup, StateGroupAccess, StateKey, StateMap, MEMBER,
@@ -71,30 +71,38 @@ impl RoomPersister {
     /// left to the caller (the queue discards a failed item's).
     pub fn persist(&self, room_id: &str, batch: &[EventToPersist]) -> Result<PersistedBatch> {
         let current = self.events.forward_extremities_for_write(room_id)?;
+        let ids = || -> Vec<&str> { batch.iter().map(|e| e.event_id.as_str()).collect() };
+        // Which of the batch's events are stored, and which stored events
+        // name them as prev events, read once each (the write reads neither
+        // again).
         // Only when that leaves a single extremity: with several, working out
         // the current state resolves them, too dear to risk on a guess.
-        if new_forward_extremities(&current, batch, &HashSet::new()).len() <= 1 {
-            let planned = self.plan(room_id, batch, batch, &current, &HashSet::new())?;
-            if let Some(written) = self.events.persist_batch_of_new_events(&planned)? {
-                return Ok(written);
-            }
-        }
-        let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
+        let (stored, referenced) =
+            if new_forward_extremities(&current, batch, &HashSet::new()).len() <= 1 {
+                let planned = self.plan(room_id, batch, batch, &current, &HashSet::new())?;
+                match self.events.persist_batch_of_new_events(&planned)? {
+                    NewEventsWrite::Written(written) => return Ok(written),
+                    // Read once the guess failed.
+                    NewEventsWrite::SomeStored(stored) => {
+                        (stored, self.events.events_referenced_as_prev(&ids())?)
+                    }
+                }
+            } else {
+                self.events.stored_and_referenced_as_prev(&ids())?
+            };
         // The write skips the events stored already, whatever their context
         // says now (one stored rejected may be accepted once its missing auth
         // event is stored), but for an outlier the auth rules accepted that
         // this batch gives its place in the graph: the room's extremities
         // and state are worked out from the events written, those and the
         // new ones ([`EventToPersist::write_as`]).
-        let stored = self.events.stored_events(&ids)?;
         let unstored: Vec<EventToPersist> = batch
             .iter()
             .filter(|e| e.write_as(stored.get(&e.event_id)) != WriteAs::Skipped)
             .cloned()
             .collect();
-        let referenced = self.events.events_referenced_as_prev(&ids)?;
         let planned = self.plan(room_id, batch, &unstored, &current, &referenced)?;
-        self.events.persist_batch(&planned)
+        self.events.persist_batch_knowing(&planned, &stored)
     }
 
     /// `batch` with the extremities its events `new` (those not stored yet)

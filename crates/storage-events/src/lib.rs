@@ -28,3 +28,4 @@ pub use replication::{
 pub use statistics::{RefreshSchedule, TABLES_A_BATCH_GROWS};
 pub use store::{EventsStore, EVENTS_STREAM_SEQUENCE};
 pub use types::{CurrentStateDelta, EventToPersist, Existing, PersistedBatch, RoomBatch, WriteAs};
+pub use write::NewEventsWrite;

@@ -132,34 +132,7 @@ impl EventReads for EventsStore {
 
     fn events_referenced_as_prev(&self, event_ids: &[&str]) -> Result<HashSet<String>> {
         self.db.run_read("events_referenced_as_prev", |txn| {
-            // (child, prev) edges naming the events; then which children count:
-            // only accepted ones (neither outliers nor rejected), as in Synapse's
-            // `_get_events_which_are_prevs`.
-            let mut edges: Vec<(String, String)> = Vec::new();
-            for chunk in event_ids.chunks(CHUNK) {
-                edges.extend(with_conn!(txn.conn(), |c| event_edges::table
-                    .select((event_edges::event_id, event_edges::prev_event_id))
-                    .filter(event_edges::prev_event_id.eq_any(chunk))
-                    .load::<(String, String)>(c))?);
-            }
-            if edges.is_empty() {
-                return Ok(HashSet::new());
-            }
-            let children: Vec<&str> = edges.iter().map(|(c, _)| c.as_str()).collect();
-            let mut accepted = HashSet::new();
-            for chunk in children.chunks(CHUNK) {
-                accepted.extend(with_conn!(txn.conn(), |c| events::table
-                    .select(events::event_id)
-                    .filter(events::event_id.eq_any(chunk))
-                    .filter(events::outlier.eq(false))
-                    .filter(events::rejection_reason.is_null())
-                    .load::<String>(c))?);
-            }
-            Ok(edges
-                .into_iter()
-                .filter(|(child, _)| accepted.contains(child))
-                .map(|(_, prev)| prev)
-                .collect())
+            referenced_as_prev(txn, event_ids)
         })
     }
 
@@ -286,6 +259,20 @@ impl EventsStore {
             .run_read("stored_events", |txn| load_existing(txn, event_ids))
     }
 
+    /// [`Self::stored_events`] and [`EventReads::events_referenced_as_prev`]
+    /// of `event_ids`, in one read transaction.
+    pub fn stored_and_referenced_as_prev(
+        &self,
+        event_ids: &[&str],
+    ) -> Result<(HashMap<String, Existing>, HashSet<String>)> {
+        self.db.run_read("stored_and_referenced_as_prev", |txn| {
+            Ok((
+                load_existing(txn, event_ids)?,
+                referenced_as_prev(txn, event_ids)?,
+            ))
+        })
+    }
+
     /// The forward extremities of `room_id` for the process that writes it:
     /// from memory once read or written, since only that process's batches
     /// change them (each committed batch leaves its new extremities here, a
@@ -303,6 +290,38 @@ impl EventsStore {
             .insert_at(seq, key, Arc::new(ids.clone()));
         Ok(ids)
     }
+}
+
+/// Which of `event_ids` some stored, accepted event names as a prev event.
+fn referenced_as_prev(txn: &mut Transaction<'_>, event_ids: &[&str]) -> Result<HashSet<String>> {
+    // (child, prev) edges naming the events; then which children count:
+    // only accepted ones (neither outliers nor rejected), as in Synapse's
+    // `_get_events_which_are_prevs`.
+    let mut edges: Vec<(String, String)> = Vec::new();
+    for chunk in event_ids.chunks(CHUNK) {
+        edges.extend(with_conn!(txn.conn(), |c| event_edges::table
+            .select((event_edges::event_id, event_edges::prev_event_id))
+            .filter(event_edges::prev_event_id.eq_any(chunk))
+            .load::<(String, String)>(c))?);
+    }
+    if edges.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let children: Vec<&str> = edges.iter().map(|(c, _)| c.as_str()).collect();
+    let mut accepted = HashSet::new();
+    for chunk in children.chunks(CHUNK) {
+        accepted.extend(with_conn!(txn.conn(), |c| events::table
+            .select(events::event_id)
+            .filter(events::event_id.eq_any(chunk))
+            .filter(events::outlier.eq(false))
+            .filter(events::rejection_reason.is_null())
+            .load::<String>(c))?);
+    }
+    Ok(edges
+        .into_iter()
+        .filter(|(child, _)| accepted.contains(child))
+        .map(|(_, prev)| prev)
+        .collect())
 }
 
 /// Which of `ids` are stored, with their stream positions and whether they

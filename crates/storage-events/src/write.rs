@@ -11,6 +11,7 @@ use crate::schema::{events, rooms};
 use crate::store::{EventsStore, EVENTS_STREAM_SEQUENCE};
 use crate::types::{EventToPersist, Existing, PersistedBatch, RoomBatch, WriteAs};
 use diesel::prelude::*;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,35 +23,47 @@ impl EventsStore {
     /// When it fails, the batch's prepared state groups are dropped: they will
     /// never be written.
     pub fn persist_batch(&self, batch: &RoomBatch) -> Result<PersistedBatch> {
-        Ok(self
-            .write_batch(batch, false)?
-            .expect("a batch not assumed new is always written"))
+        Ok(self.write_batch(batch, Stored::ToRead)?.written())
     }
 
     /// Like [`persist_batch`](Self::persist_batch), for a batch whose
     /// extremities were worked out assuming that none of its events is stored
     /// yet, and so that no stored event names one of them as a prev event
     /// (a stored event's prev events are all stored: the invariants). Writes
-    /// nothing and answers `None` when some are stored after all; the caller
-    /// works the extremities out again knowing which stored events name them
-    /// (its prepared groups are kept for that).
-    pub fn persist_batch_of_new_events(&self, batch: &RoomBatch) -> Result<Option<PersistedBatch>> {
-        self.write_batch(batch, true)
+    /// nothing and answers which are stored when some are after all; the
+    /// caller works the extremities out again knowing which stored events
+    /// name them (its prepared groups are kept for that) and writes it with
+    /// [`persist_batch_knowing`](Self::persist_batch_knowing).
+    pub fn persist_batch_of_new_events(&self, batch: &RoomBatch) -> Result<NewEventsWrite> {
+        self.write_batch(batch, Stored::AssumedNone)
     }
 
-    fn write_batch(&self, batch: &RoomBatch, assumed_new: bool) -> Result<Option<PersistedBatch>> {
+    /// [`persist_batch`](Self::persist_batch) of a batch whose caller, the
+    /// room's writer, read which of its events are stored (`stored`: from
+    /// [`stored_events`](Self::stored_events), or
+    /// [`NewEventsWrite::SomeStored`]): the transaction does not read it
+    /// again, and on PostgreSQL it is then the batch's one statement.
+    pub fn persist_batch_knowing(
+        &self,
+        batch: &RoomBatch,
+        stored: &HashMap<String, Existing>,
+    ) -> Result<PersistedBatch> {
+        Ok(self.write_batch(batch, Stored::Known(stored))?.written())
+    }
+
+    fn write_batch(&self, batch: &RoomBatch, stored: Stored<'_>) -> Result<NewEventsWrite> {
         // On PostgreSQL a batch that reads nothing first is its one
         // statement, committed on its own: no BEGIN, no COMMIT.
         let result = self
             .db
             .run_interaction_with("persist_events", TxnOptions::batch(), |txn| {
-                self.write_batch_txn(txn, batch, assumed_new)
+                self.write_batch_txn(txn, batch, stored)
             });
         if let Err(e) = &result {
-            if assumed_new && self.some_stored_after_all(e, batch)? {
+            if let Some(found) = self.stored_after_all(e, batch, stored)? {
                 // Nothing was written; the caller works the batch out again
                 // with its prepared groups.
-                return Ok(None);
+                return Ok(NewEventsWrite::SomeStored(found));
             }
         }
         if result.is_err() {
@@ -75,7 +88,7 @@ impl EventsStore {
                 ),
             }
         }
-        result
+        result.map(NewEventsWrite::Written)
     }
 
     /// Writes a batch: the state groups prepared for its events, events, their
@@ -89,28 +102,28 @@ impl EventsStore {
         txn: &mut Transaction<'_>,
         batch: &RoomBatch,
     ) -> Result<PersistedBatch> {
-        Ok(self
-            .write_batch_txn(txn, batch, false)?
-            .expect("a batch not assumed new is always written"))
+        self.write_batch_txn(txn, batch, Stored::ToRead)
     }
 
     fn write_batch_txn(
         &self,
         txn: &mut Transaction<'_>,
         batch: &RoomBatch,
-        assumed_new: bool,
-    ) -> Result<Option<PersistedBatch>> {
+        stored: Stored<'_>,
+    ) -> Result<PersistedBatch> {
         // A batch assumed new reads nothing: should one of its events be
         // stored after all, inserting it again breaks the uniqueness of
-        // event ids and the transaction fails (see `some_stored_after_all`).
-        // Otherwise which are stored is read, with no lock held: only this
-        // process writes events, one batch of a room at a time, and an event
-        // is of one room.
-        let stored = if assumed_new {
-            HashMap::new()
-        } else {
-            let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
-            load_existing(txn, &ids)?
+        // event ids and the transaction fails (see `stored_after_all`).
+        // Otherwise which are stored is read (or was, by the caller), with
+        // no lock held: only this process writes events, one batch of a
+        // room at a time, and an event is of one room.
+        let stored = match stored {
+            Stored::AssumedNone => Cow::Owned(HashMap::new()),
+            Stored::Known(stored) => Cow::Borrowed(stored),
+            Stored::ToRead => {
+                let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
+                Cow::Owned(load_existing(txn, &ids)?)
+            }
         };
         let sorted = Sorted::of(batch, &stored);
         // The groups the written events need; a group prepared for an event
@@ -126,7 +139,6 @@ impl EventsStore {
             .store_prepared_groups_then(txn, &groups, |txn, group_rows| {
                 self.write_events_txn(txn, batch, &sorted, group_rows)
             })
-            .map(Some)
     }
 
     /// The batch's events as `sorted`, and what goes with them.
@@ -269,6 +281,36 @@ impl EventsStore {
     }
 }
 
+/// What a batch's transaction knows of which of its events are stored.
+#[derive(Clone, Copy)]
+enum Stored<'a> {
+    /// None, assumed: the uniqueness of event ids checks it.
+    AssumedNone,
+    /// Read by the transaction.
+    ToRead,
+    /// Read by the caller, the room's writer, before.
+    Known(&'a HashMap<String, Existing>),
+}
+
+/// What a write of a batch assumed new did.
+#[derive(Debug)]
+pub enum NewEventsWrite {
+    Written(PersistedBatch),
+    /// Nothing: these of its events are stored after all.
+    SomeStored(HashMap<String, Existing>),
+}
+
+impl NewEventsWrite {
+    fn written(self) -> PersistedBatch {
+        match self {
+            NewEventsWrite::Written(written) => written,
+            NewEventsWrite::SomeStored(_) => {
+                unreachable!("only a batch assumed new finds events stored after all")
+            }
+        }
+    }
+}
+
 /// A batch's events by what its write does with them
 /// ([`EventToPersist::write_as`]), each event once.
 struct Sorted<'b> {
@@ -353,12 +395,16 @@ impl EventsStore {
     /// Whether the failure `error` of a batch assumed new came of some of its
     /// events being stored after all (a retried or replayed event): an event
     /// id that is not unique, and stored events among the batch's, read
-    /// afresh.
-    fn some_stored_after_all(
+    /// afresh, which it answers.
+    fn stored_after_all(
         &self,
         error: &storage_core::Error,
         batch: &RoomBatch,
-    ) -> Result<bool> {
+        stored: Stored<'_>,
+    ) -> Result<Option<HashMap<String, Existing>>> {
+        if !matches!(stored, Stored::AssumedNone) {
+            return Ok(None);
+        }
         use diesel::result::{DatabaseErrorKind, Error as DieselError};
         let unique = matches!(
             error.database_error(),
@@ -368,13 +414,13 @@ impl EventsStore {
             ))
         );
         if !unique {
-            return Ok(false);
+            return Ok(None);
         }
         let ids: Vec<&str> = batch.events.iter().map(|e| e.event_id.as_str()).collect();
         let stored = self.db.run_read("persist_events.stored_after_all", |txn| {
             load_existing(txn, &ids)
         })?;
-        Ok(!stored.is_empty())
+        Ok((!stored.is_empty()).then_some(stored))
     }
 
     /// Once committed, the highest position committed is at least `max`.
