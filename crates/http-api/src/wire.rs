@@ -201,34 +201,25 @@ fn adopt_all(
     read: &[(Pdu, EventContext, Vec<ForwardedGroup>)],
 ) -> Result<Adopted> {
     let mut adopted: Vec<Arc<PreparedStateGroup>> = Vec::new();
-    let mut outcome = Ok(None);
     for g in read.iter().flat_map(|(_, _, groups)| groups) {
-        match g.adopt(state) {
-            Ok(Some(prepared)) => adopted.push(prepared),
+        let stopped = match g.adopt(state) {
+            Ok(Some(prepared)) => {
+                adopted.push(prepared);
+                continue;
+            }
             Ok(None) if adopted.iter().any(|p| p.group == g.id) => {
-                outcome = Err(Error::invalid_argument(format!(
+                Err(Error::invalid_argument(format!(
                     "state group {} of event {}: its id is given twice in the request",
                     g.id, g.event_id
-                )));
-                break;
+                )))
             }
-            Ok(None) => {
-                outcome = Ok(Some(g.id));
-                break;
-            }
-            Err(e) => {
-                outcome = Err(e);
-                break;
-            }
-        }
+            Ok(None) => Ok(Adopted::Busy(g.id)),
+            Err(e) => Err(e),
+        };
+        state.forget_prepared_groups(&adopted);
+        return stopped;
     }
-    match outcome {
-        Ok(None) => Ok(Adopted::All(adopted)),
-        other => {
-            state.forget_prepared_groups(&adopted);
-            other.map(|busy| Adopted::Busy(busy.expect("only a busy group stops early")))
-        }
-    }
+    Ok(Adopted::All(adopted))
 }
 
 impl ContextedEvent {

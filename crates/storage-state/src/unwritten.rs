@@ -129,22 +129,19 @@ impl UnwrittenGroups {
     /// Waits until none of `groups` is held here, or `deadline` passes:
     /// whether none is.
     pub(crate) fn wait_until_none_of(&self, groups: &[StateGroup], deadline: Instant) -> bool {
-        let mut map = self.lock();
-        loop {
-            if !groups.iter().any(|g| map.contains_key(g)) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            map = match self.removed.wait_timeout(map, left) {
-                Ok((map, _)) => map,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
+        let map = self.lock();
+        // Counted under the lock a removal reads the count under.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let (_map, timeout) = self
+            .removed
+            .wait_timeout_while(
+                map,
+                deadline.saturating_duration_since(Instant::now()),
+                |map| groups.iter().any(|g| map.contains_key(g)),
+            )
+            .unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        !timeout.timed_out()
     }
 
     /// How many wait in [`Self::wait_until_none_of`] now.
