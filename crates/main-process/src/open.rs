@@ -7,8 +7,8 @@
 
 use http_api::settings::Settings;
 use storage_core::{
-    detect_layout, refuse_foreign_database, Database, DatabaseConfig, Error, Layout,
-    MainProcessClaim, OpenMode, Result, ResultExt, CLAIM_WAIT,
+    refuse_foreign_database, refuse_unreadable_database, Database, DatabaseConfig,
+    MainProcessClaim, OpenMode, Result, CLAIM_WAIT,
 };
 
 /// Exit status of `hs-main` when it stopped because it lost its claim on the
@@ -34,21 +34,9 @@ pub fn open_config_as_main(config: DatabaseConfig) -> Result<(MainProcessClaim, 
 }
 
 /// Opens the database read-only for a command that only reads it (`state`,
-/// `inspect`, `serve --read-only`): ours or Synapse's as it is. A database of
-/// another application holds nothing such a command could read: it is
-/// refused with one line naming a few of its tables, rather than with the
-/// first table a statement does not find.
+/// `inspect`, `serve --read-only`), once [`refuse_unreadable_database`] let it.
 pub fn open_to_read(config: DatabaseConfig) -> Result<Database> {
-    let url = config.url.redacted();
-    let layout =
-        detect_layout(&config.url).with_context(|| format!("checking what database {url} is"))?;
-    if let Layout::Other { tables } = layout {
-        return Err(Error::invalid_argument(format!(
-            "{url} holds tables of another application ({}), none of hs-main's or \
-             Synapse's: there is nothing here to read. Check the database URL",
-            tables.join(", ")
-        )));
-    }
+    refuse_unreadable_database(&config)?;
     Database::open(config)
 }
 

@@ -104,9 +104,7 @@ fn synapse_schema_version(conn: &mut crate::Conn) -> Option<i64> {
 /// that is not ours: one line saying what it is and what can be done. What
 /// every writer calls before it opens, claims or migrates a database.
 pub fn refuse_foreign_database(config: &DatabaseConfig) -> Result<()> {
-    let url = config.url.redacted();
-    let layout =
-        detect_layout(&config.url).with_context(|| format!("checking what database {url} is"))?;
+    let (url, layout) = layout_of(config)?;
     match layout {
         Layout::Synapse { schema_version } => Err(Error::new(ErrorKind::NotOurs(format!(
             "{url} is a Synapse database{}: hs-main never writes to it. Read it as it is \
@@ -128,11 +126,35 @@ pub fn refuse_foreign_database(config: &DatabaseConfig) -> Result<()> {
 /// ([`OpenMode::SynapseState`], `hs-main compress`): refuses any database that
 /// Synapse did not write.
 pub fn require_synapse_database(config: &DatabaseConfig) -> Result<()> {
-    let url = config.url.redacted();
-    match detect_layout(&config.url).with_context(|| format!("checking what database {url} is"))? {
+    let (url, layout) = layout_of(config)?;
+    match layout {
         Layout::Synapse { .. } => Ok(()),
         other => Err(Error::invalid_argument(format!(
             "{url} is not a Synapse database ({other:?}): open it as its main process"
         ))),
     }
+}
+
+/// For a command that only reads (`state`, `inspect`, `serve --read-only`),
+/// which reads ours or Synapse's as it is: refuses a database of another
+/// application with one line naming a few of its tables, rather than with the
+/// first table a statement does not find.
+pub fn refuse_unreadable_database(config: &DatabaseConfig) -> Result<()> {
+    let (url, layout) = layout_of(config)?;
+    match layout {
+        Layout::Other { tables } => Err(Error::invalid_argument(format!(
+            "{url} holds tables of another application ({}), none of hs-main's or \
+             Synapse's: there is nothing here to read. Check the database URL",
+            tables.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The database's URL as logs may show it, and its layout.
+fn layout_of(config: &DatabaseConfig) -> Result<(String, Layout)> {
+    let url = config.url.redacted();
+    let layout =
+        detect_layout(&config.url).with_context(|| format!("checking what database {url} is"))?;
+    Ok((url, layout))
 }

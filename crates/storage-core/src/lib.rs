@@ -35,7 +35,10 @@ pub use engine::{
     SequenceRepair, TableRows, TableStatistics, TxnOptions,
 };
 pub use error::{Error, ErrorKind, Result, ResultExt};
-pub use layout::{detect_layout, refuse_foreign_database, require_synapse_database, Layout};
+pub use layout::{
+    detect_layout, refuse_foreign_database, refuse_unreadable_database, require_synapse_database,
+    Layout,
+};
 pub use log_context::LogContext;
 pub use raw_rows::{visit_rows, RawBackend, RawRow, RowVisitor};
 pub use shared_text::{intern, InternedText, SharedText};
