@@ -3,7 +3,8 @@
 //! - `cargo xtask test [-- CARGO-TEST-ARGS]`: the crate graph and migrations
 //!   checked against the architecture's layers, format check, clippy with warnings as
 //!   errors, then the whole test suite on SQLite and on a throwaway PostgreSQL
-//!   cluster started here and removed afterwards (also when the run fails).
+//!   cluster started here and removed afterwards (also when the run fails). Built
+//!   without incremental caches, to keep a fresh build's disk use down.
 //! - `cargo xtask check`: only the crate-graph and migrations checks.
 //! - `cargo xtask bench [NAME]`: the benchmarks (release build), on both engines.
 //! - `cargo xtask postgres`: start a throwaway cluster, print its URL, keep it
@@ -72,6 +73,17 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Cargo for the whole suite. A whole run builds every crate once, so incremental
+/// compilation's caches (gigabytes for our crates) would only fill the disk, which is
+/// what a fresh CI build can least spare. A caller's own `CARGO_INCREMENTAL` wins.
+fn suite_cargo() -> Command {
+    let mut cmd = cargo();
+    if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
+    cmd
+}
+
 /// Runs a command, failing with its description when it fails.
 fn run(what: &str, cmd: &mut Command) -> Result {
     eprintln!("xtask: {what}");
@@ -98,11 +110,11 @@ fn test(args: &[String]) -> Result {
     checks()?;
     run(
         "cargo fmt --check",
-        cargo().args(["fmt", "--all", "--", "--check"]),
+        suite_cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
     run(
         "cargo clippy (warnings are errors)",
-        cargo().args([
+        suite_cargo().args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -116,14 +128,14 @@ fn test(args: &[String]) -> Result {
     // the binaries too, which the end-to-end tests run as processes.
     run(
         "building the binaries",
-        cargo().args(["build", "--workspace", "--bins", "--locked"]),
+        suite_cargo().args(["build", "--workspace", "--bins", "--locked"]),
     )?;
     run(
         "building the tests",
-        cargo().args(["test", "--workspace", "--locked", "--no-run"]),
+        suite_cargo().args(["test", "--workspace", "--locked", "--no-run"]),
     )?;
     let cluster = postgres::Cluster::start()?;
-    let mut cmd = cargo();
+    let mut cmd = suite_cargo();
     cmd.args(["test", "--workspace", "--locked"])
         .args(&extra)
         .env(POSTGRES_URL_VAR, cluster.url("postgres"));
