@@ -21,6 +21,23 @@ pub struct WriteOutcome {
     /// (what is stored for them may differ from what the request said).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
+    /// Only in the main process's answer to a worker's request
+    /// ([`WriteOutcome::forwarded`]): the batch's commit as the replication
+    /// stream tells it, for the worker to apply at once when it has applied
+    /// every position below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replicated>,
+}
+
+/// A batch's commit as the replication stream tells it
+/// ([`storage_events::Announced`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Replicated {
+    /// The lowest stream position the batch took.
+    pub first: i64,
+    /// The payload of its notification, which names the highest
+    /// ([`storage_events::Notification::parse`]).
+    pub notification: String,
 }
 
 impl WriteOutcome {
@@ -50,6 +67,19 @@ impl WriteOutcome {
                     .map(str::to_owned)
                     .collect()
             },
+            replication: None,
+        }
+    }
+
+    /// [`WriteOutcome::new`], answering a worker's request: with the batch's
+    /// commit as the replication stream tells it.
+    pub fn forwarded(events: &[(Pdu, EventContext)], batch: &PersistedBatch) -> Self {
+        WriteOutcome {
+            replication: batch.announced.as_ref().map(|a| Replicated {
+                first: a.first,
+                notification: a.notification.payload(),
+            }),
+            ..WriteOutcome::new(events, batch)
         }
     }
 }
@@ -300,6 +330,7 @@ mod tests {
                 own.clone(),
             ],
             max_stream_ordering: 9,
+            announced: None,
         };
         let outcome = WriteOutcome::new(&[(pdu, context)], &batch);
         assert_eq!(outcome.skipped, vec![own]);

@@ -50,7 +50,7 @@ pub fn write_contexted(
         return Err(e);
     }
     let batch = pipeline.persist(room_id, &events)?;
-    Ok(WriteOutcome::new(&events, &batch))
+    Ok(WriteOutcome::forwarded(&events, &batch))
 }
 
 /// Prunes the replication stream's invalidations now and every `every`,

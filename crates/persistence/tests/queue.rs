@@ -27,6 +27,7 @@ fn ok_batch(events: &[EventToPersist]) -> PersistedBatch {
             .collect(),
         skipped: vec![],
         max_stream_ordering: events.len() as i64,
+        announced: None,
     }
 }
 

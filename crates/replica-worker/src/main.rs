@@ -87,10 +87,20 @@ impl EventWriter for ForwardingWriter {
         match &outcome {
             Ok(outcome) => {
                 let position = outcome.stream_ordering;
-                forwarding.committed_at(position);
                 // Answered once applied here, so that the client reads its write
-                // back from this worker; a worker that cannot follow the stream
-                // for that long is unhealthy, and the write is committed anyway.
+                // back from this worker: by this thread when nothing below it is
+                // missing (then the wait returns at once), else by the following
+                // thread, in order. A worker that cannot follow the stream for
+                // that long is unhealthy, and the write is committed anyway.
+                let applied_here = outcome
+                    .replication
+                    .as_ref()
+                    .is_some_and(|r| self.replication.apply_own_commit(r.first, &r.notification));
+                if applied_here {
+                    forwarding.applied_here(position);
+                } else {
+                    forwarding.committed_at(position);
+                }
                 if !self
                     .replication
                     .wait_until_applied(position, storage_slaved::STALE_AFTER)

@@ -22,7 +22,7 @@ pub use extremities::new_forward_extremities;
 pub use invariants::{check_invariants, Violation};
 pub use read::{EventReads, StoredEvent, StoredEventRow};
 pub use replication::{
-    report_stream_position, Invalidations, Notification, ReplicationBatch, ALL_CACHES,
+    report_stream_position, Announced, Invalidations, Notification, ReplicationBatch, ALL_CACHES,
     CURRENT_STATE_CACHE, EVENT_CACHE, REPLICATION_CHANNEL, STATE_GROUP_SHAPE_CACHE,
 };
 pub use statistics::{RefreshSchedule, TABLES_A_BATCH_GROWS};

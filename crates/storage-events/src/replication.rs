@@ -56,6 +56,18 @@ pub enum Invalidations {
     Read,
 }
 
+/// A batch's commit as the replication stream tells it: the stream positions
+/// it took, `first` up to its notification's, all of them this one commit's
+/// (they are taken under a lock held to COMMIT), and that notification. A
+/// worker that forwarded the batch's request, and has applied every position
+/// below `first`, applies it from the main process's answer
+/// (`SlavedStore::apply_own_commit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    pub first: i64,
+    pub notification: Notification,
+}
+
 /// PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more; a room id
 /// longer than this (the spec allows 255) travels as [`Invalidations::Read`].
 const MAX_CARRIED_ROOM_ID: usize = 1_000;

@@ -4,6 +4,7 @@
 //! state groups computed, and the current-state change worked out by the
 //! persistence loop, so the transaction only writes.
 
+use crate::replication::Announced;
 use std::collections::HashMap;
 use std::sync::Arc;
 use storage_state::{PreparedStateGroup, StateGroup, StateKey};
@@ -136,4 +137,7 @@ pub struct PersistedBatch {
     pub skipped: Vec<String>,
     /// The highest committed stream position once the batch committed.
     pub max_stream_ordering: i64,
+    /// What the batch's commit told workers, with the positions it took;
+    /// `None` when it took none.
+    pub announced: Option<Announced>,
 }

@@ -4,8 +4,8 @@
 
 use crate::read::{load_existing, StoredEvent};
 use crate::replication::{
-    now_ms, read_max_stream_ordering, report_stream_position, Invalidations, Notification,
-    CURRENT_STATE_CACHE, EVENT_CACHE, REPLICATION_CHANNEL,
+    now_ms, read_max_stream_ordering, report_stream_position, Announced, Invalidations,
+    Notification, CURRENT_STATE_CACHE, EVENT_CACHE, REPLICATION_CHANNEL,
 };
 use crate::schema::{events, rooms};
 use crate::store::{EventsStore, EVENTS_STREAM_SEQUENCE};
@@ -164,6 +164,7 @@ impl EventsStore {
                 positions: HashMap::new(),
                 skipped: skipped.clone(),
                 max_stream_ordering: self.position.load(Ordering::SeqCst).max(*stored_max),
+                announced: None,
             });
         }
         insert_rooms(txn, new)?;
@@ -243,6 +244,14 @@ impl EventsStore {
             with_events,
             &notification.payload_after_position(),
         )?;
+        // The NOTIFY names the highest position taken.
+        let told = positions.iter().min().map(|first| Announced {
+            first: *first,
+            notification: Notification {
+                position: positions.iter().copied().max().unwrap_or(*first),
+                ..notification
+            },
+        });
         // Without a position of their own, events that were outliers are
         // answered with their rows'.
         let positions: Vec<i64> = positions
@@ -277,6 +286,7 @@ impl EventsStore {
                 .collect(),
             skipped: skipped.clone(),
             max_stream_ordering: max,
+            announced: told,
         })
     }
 }

@@ -13,6 +13,9 @@
 //! its way, and the thread need not look for it every millisecond. The writer
 //! then waits until that position is applied ([`SlavedStore::wait_until_applied`])
 //! before it answers, so that its client reads its write back from this worker.
+//! When every position below the write's is applied already, the writer applies
+//! the write's own from the main process's answer
+//! ([`SlavedStore::apply_own_commit`]) and neither waits nor wakes the thread.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -140,6 +143,15 @@ impl Forwarding<'_> {
             self.expected.risen.notify_all();
         }
     }
+
+    /// The main process committed the write at stream position `position`,
+    /// and the writer applied it itself ([`SlavedStore::apply_own_commit`]):
+    /// its notification, when it comes, is this process's own, and the
+    /// following thread has nothing to look for now.
+    pub fn applied_here(self, position: i64) {
+        let mut forwards = self.expected.lock();
+        forwards.up_to = forwards.up_to.max(position);
+    }
 }
 
 impl Drop for Forwarding<'_> {
@@ -205,6 +217,30 @@ impl SlavedStore {
         !timeout.timed_out()
     }
 
+    /// Applies the commit of a write this process forwarded, from the main
+    /// process's answer: the stream positions it took, `first` up to that of
+    /// `notification` (its NOTIFY's payload). Only when every position below
+    /// `first` is applied already (positions follow commit order, so nothing
+    /// else can come between) and the notification carries its invalidations;
+    /// whether it did. Otherwise the following thread applies it in order
+    /// ([`Self::wait_until_applied`]).
+    pub fn apply_own_commit(&self, first: i64, notification: &str) -> bool {
+        let Some(n) = Notification::parse(notification) else {
+            return false;
+        };
+        if n.invalidations == Invalidations::Read
+            || n.position < first
+            || self.position() < first - 1
+        {
+            return false;
+        }
+        if let Invalidations::CurrentState(room) = &n.invalidations {
+            self.state().invalidate_current_state(room);
+        }
+        self.applied_up_to(n.position);
+        true
+    }
+
     /// Takes `position` as applied (the caches are right up to it) if it is
     /// higher than the one taken so far.
     fn applied_up_to(&self, position: i64) {
@@ -262,7 +298,10 @@ impl SlavedStore {
         {
             return self.catch_up();
         }
-        for n in &notifications {
+        // Those at or below the position are applied already (a forwarded
+        // write's, by its writer: `apply_own_commit`).
+        let applied = self.position();
+        for n in notifications.iter().filter(|n| n.position > applied) {
             if let Invalidations::CurrentState(room) = &n.invalidations {
                 self.state().invalidate_current_state(room);
             }

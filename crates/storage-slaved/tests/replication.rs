@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use storage_core::testing::TestDb;
 use storage_core::{with_conn, OpenMode, StoreConfig};
 use storage_events::{
-    new_forward_extremities, testing, CurrentStateDelta, EventReads, EventToPersist, EventsStore,
-    Invalidations, Notification, RoomBatch,
+    new_forward_extremities, testing, Announced, CurrentStateDelta, EventReads, EventToPersist,
+    EventsStore, Invalidations, Notification, RoomBatch,
 };
 use storage_slaved::{SlavedStore, APPLICATION_NAME};
 use storage_state::{key, NewStateGroup, StateGroupAccess, StateMap};
@@ -22,6 +22,8 @@ struct Main {
     store: EventsStore,
     group: Option<i64>,
     last: Option<String>,
+    /// What the last batch's commit told workers.
+    announced: Option<Announced>,
 }
 
 impl Main {
@@ -32,6 +34,7 @@ impl Main {
             store: EventsStore::new(db, &config).unwrap(),
             group: None,
             last: None,
+            announced: None,
         }
     }
 
@@ -81,6 +84,7 @@ impl Main {
             })
             .unwrap();
         self.last = Some(id.to_owned());
+        self.announced = persisted.announced;
         persisted.max_stream_ordering
     }
 }
@@ -373,6 +377,54 @@ fn position_never_goes_backwards() {
     assert!(next > position);
     assert_eq!(worker.catch_up().unwrap(), next);
     assert_eq!(topic(&worker).as_deref(), Some("$topic2"));
+}
+
+/// A write this worker forwarded is applied from the main process's answer
+/// (the positions its batch took, and its notification) when every position
+/// below them is applied here: the room's cached current state goes and the
+/// position moves. With one below missing (another process's commit not
+/// applied yet) it is left to the stream, which applies both in order.
+#[test]
+fn an_own_commit_is_applied_from_its_answer_only_with_nothing_missing_below() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (mut main, worker) = room_with_a_cached_topic(&t);
+    let before = worker.position();
+    let answer = |main: &Main| {
+        let a = main.announced.clone().expect("a batch that took positions");
+        (a.first, a.notification.payload())
+    };
+    // Another process's commit, then this worker's: one below is missing.
+    main.write("$topic2", ("m.room.topic", ""));
+    main.write("$topic3", ("m.room.topic", ""));
+    let (first, notification) = answer(&main);
+    assert!(!worker.apply_own_commit(first, &notification));
+    assert_eq!(worker.position(), before);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic1"));
+    let caught_up = worker.catch_up().unwrap();
+    assert_eq!(topic(&worker).as_deref(), Some("$topic3"));
+    // Nothing missing below: applied from the answer.
+    let position = main.write("$topic4", ("m.room.topic", ""));
+    let (first, notification) = answer(&main);
+    assert_eq!((first, caught_up + 1), (position, position));
+    assert!(worker.apply_own_commit(first, &notification));
+    assert_eq!(worker.position(), position);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic4"));
+    // A message invalidates nothing; its position is taken all the same.
+    let position = main.message("$message");
+    let (first, message) = answer(&main);
+    assert!(worker.apply_own_commit(first, &message));
+    assert_eq!(worker.position(), position);
+    assert_eq!(topic(&worker).as_deref(), Some("$topic4"));
+    // The stream's copies of those notifications, when they come, are
+    // applied already.
+    assert_eq!(
+        worker
+            .apply_notifications(&[notification, message])
+            .unwrap(),
+        position
+    );
+    assert_eq!(topic(&worker).as_deref(), Some("$topic4"));
+    storage_events::testing::assert_invariants(&t.open());
 }
 
 /// A worker further behind than the invalidations the main process keeps
