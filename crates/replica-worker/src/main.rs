@@ -11,6 +11,7 @@ use event_context::{ContextBuilder, EventContext, Pdu};
 use http_api::settings::{LogFormat, Overrides, Settings};
 use http_api::wire::{ContextedEvent, WriteOutcome};
 use http_api::{self as http, ApiState, EventWriter};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,9 +157,7 @@ impl ForwardingWriter {
             request = request.set("Authorization", &format!("Bearer {t}"));
         }
         match request.send_json(body) {
-            Ok(response) => response
-                .into_json::<WriteOutcome>()
-                .map_err(|e| Error::other(format!("reading the main process's answer: {e}"))),
+            Ok(response) => read_answer(response),
             Err(ureq::Error::Status(code, response)) => {
                 // The main process's verdict on the request keeps its kind, so the
                 // client sees the same 4xx it would have seen from the main process.
@@ -184,6 +183,19 @@ impl ForwardingWriter {
             ))),
         }
     }
+}
+
+/// The main process's answer to a forwarded write, read whole and then parsed
+/// in memory: parsed from the stream (ureq's `into_json`), every byte went
+/// through ureq's readers one call at a time.
+fn read_answer(response: ureq::Response) -> Result<WriteOutcome, Error> {
+    let unreadable = |e: String| Error::other(format!("reading the main process's answer: {e}"));
+    let mut answer = Vec::new();
+    response
+        .into_reader()
+        .read_to_end(&mut answer)
+        .map_err(|e| unreadable(e.to_string()))?;
+    serde_json::from_slice(&answer).map_err(|e| unreadable(e.to_string()))
 }
 
 /// `--main` must be a plain-HTTP URL (the main process's API, on loopback or
