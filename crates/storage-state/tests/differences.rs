@@ -24,6 +24,7 @@ use storage_state::{
 storage_core::engine_tests!(
     forks_on_a_shared_chain,
     forks_on_snapshots_of_their_own,
+    snapshots_with_two_rows_for_one_slot,
     forks_through_snapshot_origins,
     stored_origins_are_what_the_events_vouch_for,
     unknown_groups_are_an_error,
@@ -169,6 +170,57 @@ fn forks_on_snapshots_of_their_own(t: &TestDb) {
     let c = delta(&store, a, "$c1", &[(MEMBER, "@u1:test", "$leave1")]);
     check(&store, &[a, b, c]);
     check(&store, &[c, snap_b, a]);
+}
+
+/// Two snapshots compared by their rows where one or both hold two rows for
+/// one slot (Synapse's `state_groups_state` has no unique key): each group's
+/// value there is its smaller event id, as every read of a group takes it,
+/// however the rows are compared (PostgreSQL compares the two snapshots
+/// itself, SQLite reads both whole).
+fn snapshots_with_two_rows_for_one_slot(t: &TestDb) {
+    let store = store(t);
+    let base = room_state();
+    let snap_a = store
+        .store_state_group(&NewStateGroup::snapshot("$sa", ROOM, &base))
+        .unwrap();
+    let mut sb = base.clone();
+    sb.insert(storage_state::key(NAME, ""), "$name-b".into());
+    let snap_b = store
+        .store_state_group(&NewStateGroup::snapshot("$sb", ROOM, &sb))
+        .unwrap();
+    // a: a second row for @u1 with a larger id (a still holds $join1, as b
+    // does); a second name row with a larger id (a's name stays $name0,
+    // b's is $name-b); both: a second row for @u2 with a larger id (both
+    // hold $join2).
+    let row =
+        |g: StateGroup, k: &str, e: &str| format!("({g}, '{ROOM}', '{MEMBER}', '{k}', '{e}')");
+    execute(
+        &store,
+        &format!(
+            "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) \
+             VALUES {}, {}, {}, ({snap_a}, '{ROOM}', '{NAME}', '', '$name9')",
+            row(snap_a, "@u1:test", "$join9"),
+            row(snap_a, "@u2:test", "$join9"),
+            row(snap_b, "@u2:test", "$join9"),
+        ),
+    );
+    let got = check(&store, &[snap_a, snap_b]);
+    let name = storage_state::key(NAME, "");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        [&name],
+        "only the name differs: {got:?}"
+    );
+    assert_eq!(
+        got[&name],
+        [Some("$name0".into()), Some("$name-b".into())],
+        "each snapshot's smaller event id"
+    );
+    // With deltas above each.
+    let a = delta(&store, snap_a, "$a1", &[(MEMBER, "@u3:test", "$leave3")]);
+    let b = delta(&store, snap_b, "$b1", &[(MEMBER, "@u4:test", "$leave4")]);
+    check(&store, &[a, b]);
+    check(&store, &[b, a]);
 }
 
 /// Snapshot origins given by the test, each asked for counted.
