@@ -42,6 +42,7 @@ use crate::filter::StateFilter;
 use crate::read;
 use crate::sql;
 use crate::types::{StateGroup, StateKey, StateMap};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -85,10 +86,18 @@ type PairDifferences = HashMap<StateKey, Both, Hasher>;
 type Newest = HashMap<StateKey, (StateGroup, Arc<str>), Hasher>;
 
 /// Keeps the row of `group` for `slot` unless a row of a higher group (a
-/// newer one on the chain) is already kept.
+/// newer one on the chain) is already kept; of two rows of one group for
+/// the slot (Synapse's table has no unique key), the smaller event id, as
+/// every read of the group keeps it ([`read::keep_row`]), whichever comes
+/// first.
 fn keep_newest(newest: &mut Newest, slot: &StateKey, group: StateGroup, event: &Arc<str>) {
-    match newest.get(slot) {
-        Some((g, _)) if *g >= group => {}
+    match newest.get_mut(slot) {
+        Some((g, _)) if *g > group => {}
+        Some((g, held)) if *g == group => {
+            if read::keep_row(event, held) {
+                *held = event.clone();
+            }
+        }
         _ => {
             newest.insert(slot.clone(), (group, event.clone()));
         }
@@ -550,7 +559,8 @@ fn base_values(
         return Ok(StateMap::new());
     };
     let mut newest = Newest::default();
-    let mut in_snapshot: Vec<(StateKey, Arc<str>)> = Vec::new();
+    // Per slot the snapshot's smaller event id where it holds two rows.
+    let mut in_snapshot: HashMap<StateKey, Arc<str>, Hasher> = HashMap::default();
     db.run_read("get_state_differences.base_values", |txn| {
         newest.clear();
         in_snapshot.clear();
@@ -567,11 +577,21 @@ fn base_values(
             .filter(|s| !newest.contains_key(*s))
             .collect();
         sql::rows_of_slots(txn.conn(), db.engine(), snapshot, &rest, |row| {
-            in_snapshot.push(((row.event_type.0, row.state_key.0), row.event_id.0));
+            let event = row.event_id.0;
+            match in_snapshot.entry((row.event_type.0, row.state_key.0)) {
+                Entry::Occupied(mut held) => {
+                    if read::keep_row(&event, held.get()) {
+                        held.insert(event);
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(event);
+                }
+            }
         })?;
         Ok(())
     })?;
-    let mut out: StateMap = in_snapshot.drain(..).collect();
+    let mut out: StateMap = in_snapshot.drain().collect();
     out.extend(newest.into_iter().map(|(slot, (_, event))| (slot, event)));
     Ok(out)
 }

@@ -612,7 +612,7 @@ fn walk_per_hop(
 /// group (full, filtered, per hop or per slot, on either engine, in whatever
 /// order the rows come) answers the same event. Synapse itself answers
 /// whichever row its query meets first, which differs between its engines.
-fn keep_row(candidate: &str, held: &str) -> bool {
+pub(crate) fn keep_row(candidate: &str, held: &str) -> bool {
     candidate < held
 }
 

@@ -25,6 +25,7 @@ storage_core::engine_tests!(
     forks_on_a_shared_chain,
     forks_on_snapshots_of_their_own,
     snapshots_with_two_rows_for_one_slot,
+    forks_with_two_rows_for_one_slot_in_a_group,
     forks_through_snapshot_origins,
     stored_origins_are_what_the_events_vouch_for,
     unknown_groups_are_an_error,
@@ -220,6 +221,56 @@ fn snapshots_with_two_rows_for_one_slot(t: &TestDb) {
     let a = delta(&store, snap_a, "$a1", &[(MEMBER, "@u3:test", "$leave3")]);
     let b = delta(&store, snap_b, "$b1", &[(MEMBER, "@u4:test", "$leave4")]);
     check(&store, &[a, b]);
+    check(&store, &[b, a]);
+}
+
+/// Forks on a shared chain where a group holds two rows for one slot: a
+/// delta above the shared group (the smaller id written second), and the
+/// snapshot below it, read for the slots only one fork changed (more than a
+/// filtered read takes, so sought slot by slot in the snapshot; the larger
+/// id written second). Each group's value is its smaller event id, whatever
+/// order its rows come in.
+fn forks_with_two_rows_for_one_slot_in_a_group(t: &TestDb) {
+    let store = store(t);
+    let root = store
+        .store_state_group(&NewStateGroup::snapshot("$root", ROOM, &room_state()))
+        .unwrap();
+    let shared = delta(&store, root, "$s1", &[(NAME, "", "$name1")]);
+    // Fork a: seventy new members and @u5 leaves; fork b: @u7 leaves.
+    let joins: Vec<(String, String)> = (0..70)
+        .map(|v| (format!("@v{v}:test"), format!("$joinv{v}")))
+        .collect();
+    let mut changes: Vec<(&str, &str, &str)> = joins
+        .iter()
+        .map(|(k, e)| (MEMBER, k.as_str(), e.as_str()))
+        .collect();
+    changes.push((MEMBER, "@u5:test", "$leave5"));
+    let a = delta(&store, shared, "$a1", &changes);
+    let b = delta(&store, shared, "$b1", &[(MEMBER, "@u7:test", "$leave7-z")]);
+    let row =
+        |g: StateGroup, k: &str, e: &str| format!("({g}, '{ROOM}', '{MEMBER}', '{k}', '{e}')");
+    execute(
+        &store,
+        &format!(
+            "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) \
+             VALUES {}, {}",
+            row(b, "@u7:test", "$leave7-a"),
+            row(root, "@u5:test", "$join5-z"),
+        ),
+    );
+    let got = check(&store, &[a, b]);
+    let u5 = storage_state::key(MEMBER, "@u5:test");
+    let u7 = storage_state::key(MEMBER, "@u7:test");
+    assert_eq!(
+        got[&u5],
+        [Some("$leave5".into()), Some("$join5".into())],
+        "b holds the snapshot's smaller id"
+    );
+    assert_eq!(
+        got[&u7],
+        [Some("$join7".into()), Some("$leave7-a".into())],
+        "b's delta's smaller id"
+    );
     check(&store, &[b, a]);
 }
 
