@@ -133,10 +133,16 @@ pub(crate) struct ConnManager {
 /// leaves its `-wal` and `-shm` files behind; and a process must not exit
 /// while a pool thread is inside the client library (libpq's Kerberos code
 /// aborts the whole process when its library is torn down under it).
+///
+/// The gate also counts the times the server was seen to end a session (a
+/// restart ends them all). A connection idle in the pool does not know its
+/// session is gone until a statement fails on it; one opened before the last
+/// such loss is checked before it is handed out ([`Pooled::still_connected`]).
 #[derive(Debug, Default)]
 pub(crate) struct ConnectGate {
     state: std::sync::Mutex<GateState>,
     changed: std::sync::Condvar,
+    server_losses: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +160,18 @@ impl ConnectGate {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+
+    /// Notes that the server ended a session of this pool: every connection
+    /// opened before now is suspect until checked.
+    pub(crate) fn note_server_lost(&self) {
+        self.server_losses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn server_losses(&self) -> u64 {
+        self.server_losses
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -178,6 +196,8 @@ impl ConnectGate {
             }
             state.connecting += 1;
         }
+        // Read before connecting: a loss noted meanwhile makes it suspect.
+        let known_good_after = self.server_losses();
         let result = connect();
         let mut state = self.lock();
         // Closed meanwhile: nobody will use the connection. It is closed here,
@@ -199,7 +219,8 @@ impl ConnectGate {
         Ok(Pooled {
             conn,
             stamp,
-            _open: OpenTicket(self.clone()),
+            known_good_after,
+            ticket: OpenTicket(self.clone()),
         })
     }
 
@@ -234,7 +255,10 @@ pub(crate) struct Pooled {
     /// What the connection assumed of the database when it was opened
     /// ([`Engine::connect_stamped`]).
     stamp: Option<FileStamp>,
-    _open: OpenTicket,
+    /// The gate's count of server losses when this connection was last known
+    /// to have its session.
+    known_good_after: u64,
+    ticket: OpenTicket,
 }
 
 impl Pooled {
@@ -244,6 +268,23 @@ impl Pooled {
         self.stamp
             .as_ref()
             .is_none_or(|stamp| engine.still_as_stamped(stamp))
+    }
+
+    /// Whether the server still holds this connection's session. Free while no
+    /// loss of the server was noted since the connection was last known good;
+    /// after one, a round trip (diesel learns that a session is gone only from a
+    /// statement that failed on it, and a statement that writes may not be sent
+    /// twice).
+    pub(crate) fn still_connected(&mut self) -> bool {
+        let losses = self.ticket.0.server_losses();
+        if self.known_good_after == losses {
+            return true;
+        }
+        if self.conn.ping().is_err() {
+            return false;
+        }
+        self.known_good_after = losses;
+        true
     }
 }
 

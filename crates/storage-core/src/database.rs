@@ -39,7 +39,7 @@ struct Inner {
     checkpointer: Option<Checkpointer>,
     /// Last: fields drop in order, and the gate waits, once the pool is gone,
     /// for the connections its threads still hold to be closed.
-    _gate: GateCloser,
+    gate: GateCloser,
 }
 
 impl Database {
@@ -123,6 +123,8 @@ impl Database {
                 .min_idle(Some(min_idle.min(max_size)))
                 // Broken connections are detected on return instead (`has_broken`):
                 // a test query on every checkout costs a round trip per transaction.
+                // After the server was seen to end a session, each connection opened
+                // before that is checked once (`Database::checkout`).
                 .test_on_check_out(false)
                 .connection_timeout(config.pool_wait)
                 .error_handler(Box::new(PoolErrorLogger { gate: gate.clone() }))
@@ -151,7 +153,7 @@ impl Database {
                 mode: config.mode,
                 claim: OnceLock::new(),
                 checkpointer,
-                _gate: GateCloser(gate),
+                gate: GateCloser(gate),
             }),
         };
         match config.mode {
@@ -200,19 +202,40 @@ impl Database {
         // Each idle connection at most once, then a new one.
         for _ in 0..=pool.max_size() {
             let mut conn = pool.get().with_context(|| desc.to_owned())?;
-            if conn.still_usable(engine) {
+            if !conn.still_usable(engine) {
+                log::info!(
+                    "{}: written since this connection opened it as an unchanging file: \
+                     opening it again",
+                    engine.url()
+                );
+            } else if !conn.still_connected() {
+                log::info!(
+                    "{desc}: the server ended this pooled connection's session: opening another"
+                );
+            } else {
                 return Ok(conn);
             }
-            log::info!(
-                "{}: written since this connection opened it as an unchanging file: opening it again",
-                engine.url()
-            );
             conn.mark_broken();
         }
         Err(Error::unavailable(format!(
-            "{desc}: {} changes faster than connections to it open",
+            "{desc}: connections to {} go bad faster than they open",
             engine.url()
         )))
+    }
+
+    /// Whether `error` says that the server ended `conn`'s session (a restart,
+    /// a terminated backend, a cut). Then `conn` is not handed out again, and
+    /// every pooled connection opened before now is checked before its next
+    /// use: a restart ended their sessions too.
+    fn server_lost(&self, conn: &mut Conn, error: &Error) -> bool {
+        let lost = error
+            .database_error()
+            .is_some_and(|d| self.inner.engine.is_disconnect(d));
+        if lost {
+            self.inner.gate.0.note_server_lost();
+            conn.mark_broken();
+        }
+        lost
     }
 
     /// Runs `f` on a pooled connection outside any transaction managed here
@@ -222,12 +245,17 @@ impl Database {
         f: impl FnOnce(&dyn Engine, &mut Conn) -> Result<T>,
     ) -> Result<T> {
         let mut conn = self.checkout(&self.inner.pool, "a connection")?;
-        let result = f(&*self.inner.engine, &mut conn);
+        let result = f(&*self.inner.engine, &mut conn).map_err(|e| {
+            if self.server_lost(&mut conn, &e) {
+                Error::unavailable(format!(
+                    "the database cannot be reached ({e}); try again later"
+                ))
+            } else {
+                e
+            }
+        });
         if let Err(e) = &result {
-            let gone = matches!(e.kind(), ErrorKind::Unavailable(_))
-                || e.database_error()
-                    .is_some_and(|d| self.inner.engine.is_disconnect(d));
-            if gone {
+            if matches!(e.kind(), ErrorKind::Unavailable(_)) {
                 // diesel notices a dead connection only when a statement was
                 // sent; a kept-prepared statement's first use fails in its
                 // PREPARE, which it does not count, and the pool would hand
@@ -240,18 +268,31 @@ impl Database {
 
     /// Whether the database answers a trivial statement within about `wait`
     /// (a health check): an error naming why not otherwise. Cheap on a pooled
-    /// connection; a connection that fails it is discarded by the pool.
+    /// connection. A connection whose session the server ended is discarded
+    /// and the check asked again on another, as [`Self::checkout`] does: a
+    /// server that restarted answers, and a probe must not count its pool's
+    /// dead connections one by one.
     pub fn check_reachable(&self, wait: Duration) -> Result<()> {
-        let mut conn = self.inner.pool.get_timeout(wait).map_err(|e| {
-            Error::unavailable(format!("no database connection within {wait:?}: {e}"))
-        })?;
-        conn.batch_execute("SELECT 1")
-            .map_err(|e| match e.database_error() {
-                Some(d) if self.inner.engine.is_disconnect(d) => {
-                    Error::unavailable(format!("the database cannot be reached: {e}"))
-                }
-                _ => e,
-            })
+        let pool = &self.inner.pool;
+        let mut last = None;
+        for _ in 0..=pool.max_size() {
+            let mut conn = pool.get_timeout(wait).map_err(|e| {
+                Error::unavailable(format!("no database connection within {wait:?}: {e}"))
+            })?;
+            if !conn.still_connected() {
+                conn.mark_broken();
+                continue;
+            }
+            match conn.batch_execute("SELECT 1") {
+                Ok(()) => return Ok(()),
+                Err(e) if self.server_lost(&mut conn, &e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::unavailable(match last {
+            Some(e) => format!("the database cannot be reached: {e}"),
+            None => "the database cannot be reached: its connections keep failing".to_owned(),
+        }))
     }
 
     /// Runs `f` in a read-write transaction and returns its value; see
@@ -353,8 +394,8 @@ impl Database {
             if options.read_only {
                 if let Err(changed) = self.read_unchanged(&mut conn) {
                     // What was read is not to be trusted, nor its callbacks run.
-                    let on_exception = outcome.err().map(|(_, c)| c).unwrap_or_default();
-                    outcome = Err((changed, on_exception));
+                    let on_exception = outcome.err().map(|f| f.on_exception).unwrap_or_default();
+                    outcome = Err(AttemptFailure::after_begin(changed, on_exception));
                 }
             }
             match outcome {
@@ -375,7 +416,11 @@ impl Database {
                     }
                     return Ok(value);
                 }
-                Err((error, on_exception)) => {
+                Err(AttemptFailure {
+                    error,
+                    on_exception,
+                    began,
+                }) => {
                     for callback in on_exception {
                         callback();
                     }
@@ -385,6 +430,25 @@ impl Database {
                     if retryable && attempt <= MAX_RETRIES {
                         log::warn!("{desc}: attempt {attempt} failed, retrying: {error}");
                         std::thread::sleep(backoff(attempt));
+                        attempt += 1;
+                        continue;
+                    }
+                    // A session the server ended (a restart ends every idle one in the
+                    // pool): a read changed nothing and an attempt whose BEGIN failed
+                    // sent nothing else, so either runs again on a connection that is
+                    // checked first. A write that got further may have committed;
+                    // its caller hears that the database could not be reached.
+                    if self.server_lost(&mut conn, &error)
+                        && (options.read_only || !began)
+                        && attempt <= MAX_RETRIES
+                    {
+                        log::warn!(
+                            "{desc}: the server ended the connection's session, running it \
+                             again on another: {error}"
+                        );
+                        // Given back first: the pool may hold no other.
+                        drop(conn);
+                        conn = self.checkout(pool, desc)?;
                         attempt += 1;
                         continue;
                     }
@@ -464,8 +528,26 @@ impl Database {
     }
 }
 
-type AttemptResult<T> =
-    std::result::Result<(T, Vec<Box<dyn FnOnce()>>), (Error, Vec<Box<dyn FnOnce()>>)>;
+type AttemptResult<T> = std::result::Result<(T, Vec<Box<dyn FnOnce()>>), AttemptFailure>;
+
+/// A failed attempt: its error, its `call_on_exception` callbacks, and whether
+/// anything but the BEGIN was sent (an attempt whose BEGIN failed changed
+/// nothing, whatever it would have written).
+struct AttemptFailure {
+    error: Error,
+    on_exception: Vec<Box<dyn FnOnce()>>,
+    began: bool,
+}
+
+impl AttemptFailure {
+    fn after_begin(error: Error, on_exception: Vec<Box<dyn FnOnce()>>) -> Self {
+        AttemptFailure {
+            error,
+            on_exception,
+            began: true,
+        }
+    }
+}
 
 fn run_attempt<T>(
     engine: &dyn Engine,
@@ -493,10 +575,11 @@ fn run_attempt<T>(
         match engine.begin(conn, options, claim.is_some()) {
             Ok(guard) => guard,
             Err(e) => {
-                return Err((
-                    Error::from(e).context("beginning the transaction"),
-                    Vec::new(),
-                ))
+                return Err(AttemptFailure {
+                    error: Error::from(e).context("beginning the transaction"),
+                    on_exception: Vec::new(),
+                    began: false,
+                })
             }
         }
     };
@@ -548,16 +631,19 @@ fn run_attempt<T>(
             // A commit that did not land where the claim says is not acknowledged.
             Ok(()) => match claim.map_or(Ok(()), |c| engine.confirm_claim_after_commit(c)) {
                 Ok(()) => Ok((value, callbacks.after)),
-                Err(e) => Err((e, callbacks.on_exception)),
+                Err(e) => Err(AttemptFailure::after_begin(e, callbacks.on_exception)),
             },
             Err(e) => {
                 rollback(conn, desc);
-                Err((Error::from(e).context("committing"), callbacks.on_exception))
+                Err(AttemptFailure::after_begin(
+                    Error::from(e).context("committing"),
+                    callbacks.on_exception,
+                ))
             }
         },
         Err(e) => {
             rollback(conn, desc);
-            Err((e, callbacks.on_exception))
+            Err(AttemptFailure::after_begin(e, callbacks.on_exception))
         }
     };
     drop(guard);

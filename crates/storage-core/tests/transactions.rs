@@ -9,7 +9,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use storage_core::cache::LruCache;
 use storage_core::testing::TestDb;
 use storage_core::{
-    with_conn, Column, Conn, Database, Error, Sequence, TableRows, Transaction, TxnOptions,
+    with_conn, Column, Conn, Database, DatabaseConfig, Error, OpenMode, Sequence, TableRows,
+    Transaction, TxnOptions,
 };
 
 storage_core::engine_tests!(
@@ -51,13 +52,16 @@ fn insert(txn: &mut Transaction<'_>, k: &str, v: i64) -> storage_core::Result<()
 }
 
 fn read_on(conn: &mut Conn, k: &str) -> Option<i64> {
+    fetch(conn, k).expect("reading the test table")
+}
+
+fn fetch(conn: &mut Conn, k: &str) -> storage_core::Result<Option<i64>> {
     let rows: Vec<Value> = with_conn!(conn, |c| diesel::sql_query(
         "SELECT v FROM core_test_kv WHERE k = $1"
     )
     .bind::<Text, _>(k)
-    .load(c))
-    .expect("reading the test table");
-    rows.first().map(|r| r.v)
+    .load(c))?;
+    Ok(rows.first().map(|r| r.v))
 }
 
 fn read(db: &Database, k: &str) -> Option<i64> {
@@ -445,4 +449,164 @@ fn a_seeking_read_plans_for_seeks_on_its_own_sessions_only(t: &TestDb) {
     for _ in 0..4 {
         defaults();
     }
+}
+
+/// The sessions on the test database's server other than the asking one.
+fn server_sessions(t: &TestDb) -> i64 {
+    let mut admin = t.raw_connection();
+    with_conn!(&mut admin, |c| diesel::sql_query(
+        "SELECT COUNT(*) AS v FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    .get_result::<Value>(c))
+    .expect("counting sessions")
+    .v
+}
+
+/// Ends every session on the test database but the asking one, as a server
+/// restart does, until none is left: the pool may still be opening connections
+/// to keep its idle minimum, and those must end too.
+fn end_all_sessions(t: &TestDb) {
+    wait_for_sessions(t, "the sessions ending", |n| {
+        n == 0 || {
+            with_conn!(&mut t.raw_connection(), |c| diesel::sql_query(
+                "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) AS v \
+                 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid()"
+            )
+            .get_result::<Value>(c))
+            .expect("ending sessions");
+            false
+        }
+    });
+}
+
+/// Waits, a bounded time, until the server shows sessions as `wanted` says.
+fn wait_for_sessions(t: &TestDb, what: &str, wanted: impl Fn(i64) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n = server_sessions(t);
+        if wanted(n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: still {n} sessions"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// What a PostgreSQL restart does to an open pool: every pooled session is
+/// ended by the server, and neither the pool nor diesel knows until a
+/// statement fails on one. A read, a seeking read and a write each still
+/// succeed: the failed read runs again, and so does the write, whose BEGIN was
+/// all it sent; the other connections opened before the loss are checked
+/// before use. The pool holds more of them than a transaction has retries.
+/// (Before: "get_test: unavailable: the database cannot be reached
+/// (beginning the transaction: ... server closed the connection unexpectedly".)
+#[test]
+fn a_restarted_server_fails_no_transaction() {
+    let Some(t) = TestDb::postgres() else {
+        return;
+    };
+    restarts_under_a_pool_of(&t, storage_core::MAX_RETRIES + 5);
+    // A pool of one: the dead connection is given back before another is taken.
+    // (Before, after 30 s: "pool of 1, round 0: write: write_test: connection
+    // pool: timed out waiting for connection".)
+    restarts_under_a_pool_of(&t.fresh(), 1);
+}
+
+fn restarts_under_a_pool_of(t: &TestDb, pool: u32) {
+    let mut config = DatabaseConfig::parse(t.url(), OpenMode::Writer).unwrap();
+    config.pool_size = pool;
+    config.min_idle = pool;
+    let db = Database::open(config).unwrap();
+    db.run_interaction("create_test_table", |txn| {
+        txn.conn()
+            .batch_execute("CREATE TABLE core_test_kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL)")
+    })
+    .unwrap();
+    let seeking_read = |k: &str| {
+        db.run_interaction_with("seeking_read", TxnOptions::read_seeking(), |txn| {
+            fetch(txn.conn(), k)
+        })
+    };
+    for round in 0..4i64 {
+        // The first time, every connection of the pool is open and idle.
+        let open = if round == 0 { i64::from(pool) } else { 1 };
+        wait_for_sessions(t, "the pool's connections opening", |n| n >= open);
+        end_all_sessions(t);
+        // Each in turn is the first to meet a dead session: the write, a read,
+        // a seeking read, the health check.
+        let read = |k: &str| db.run_read("read_test", |txn| fetch(txn.conn(), k));
+        match round {
+            0 => {}
+            1 => assert_eq!(read("k0").unwrap(), Some(0), "round {round}: read"),
+            2 => assert_eq!(seeking_read("k0").unwrap(), Some(0), "round {round}: seek"),
+            _ => db
+                .check_reachable(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("pool of {pool}, round {round}: health: {e}")),
+        }
+        let key = format!("k{round}");
+        db.run_interaction("write_test", |txn| insert(txn, &key, round))
+            .unwrap_or_else(|e| panic!("pool of {pool}, round {round}: write: {e}"));
+        assert_eq!(read(&key).unwrap(), Some(round), "round {round}: read back");
+        assert_eq!(
+            seeking_read(&key).unwrap(),
+            Some(round),
+            "round {round}: seek back"
+        );
+    }
+}
+
+/// What may run again after the server ended the session, and what may not:
+/// a write whose session ended after its BEGIN may have committed (here it
+/// did not), so it runs once and its caller hears that the database could not
+/// be reached; a read runs again.
+#[test]
+fn a_write_cut_after_its_begin_runs_once_and_a_read_again() {
+    let Some(t) = TestDb::postgres() else {
+        return;
+    };
+    let db = setup(&t);
+    let end_own_session = |txn: &mut Transaction<'_>| -> storage_core::Result<()> {
+        with_conn!(txn.conn(), |c| diesel::sql_query(
+            "SELECT pg_terminate_backend(pg_backend_pid())"
+        )
+        .execute(c))?;
+        Ok(())
+    };
+    let writes = AtomicU32::new(0);
+    let err = db
+        .run_interaction("cut_write", |txn| {
+            writes.fetch_add(1, Ordering::SeqCst);
+            insert(txn, "cut", 1)?;
+            end_own_session(txn)
+        })
+        .unwrap_err();
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        1,
+        "the write ran again: {err}"
+    );
+    assert!(
+        matches!(err.kind(), storage_core::ErrorKind::Unavailable(_)),
+        "{err}"
+    );
+    assert_eq!(read(&db, "cut"), None, "nothing of the write stayed");
+    let reads = AtomicU32::new(0);
+    let v = db
+        .run_read("cut_read", |txn| {
+            if reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                end_own_session(txn)?;
+            }
+            fetch(txn.conn(), "cut")
+        })
+        .unwrap();
+    assert_eq!(
+        (reads.load(Ordering::SeqCst), v),
+        (2, None),
+        "the read ran again"
+    );
 }

@@ -212,19 +212,10 @@ impl StateStore {
         let state = self.full_state_of(new);
         // Often the first statement of a write (everything before it is
         // served from memory): a connection the server dropped shows here,
-        // and is told as the database being unavailable, as in a transaction.
+        // told as the database being unavailable (`with_connection`).
         let group = self
             .db
-            .with_connection(|engine, c| {
-                engine
-                    .next_ids(c, &STATE_GROUP_SEQUENCE, 1)
-                    .map_err(|e| match e.database_error() {
-                        Some(d) if engine.is_disconnect(d) => Error::unavailable(format!(
-                            "the database cannot be reached ({e}); try again later"
-                        )),
-                        _ => e,
-                    })
-            })?
+            .with_connection(|engine, c| engine.next_ids(c, &STATE_GROUP_SEQUENCE, 1))?
             .into_iter()
             .next()
             .ok_or_else(|| Error::other("the state group sequence gave no id"))?;
