@@ -247,9 +247,7 @@ impl Database {
         let mut conn = self.checkout(&self.inner.pool, "a connection")?;
         let result = f(&*self.inner.engine, &mut conn).map_err(|e| {
             if self.server_lost(&mut conn, &e) {
-                Error::unavailable(format!(
-                    "the database cannot be reached ({e}); try again later"
-                ))
+                cannot_be_reached(&e)
             } else {
                 e
             }
@@ -438,10 +436,8 @@ impl Database {
                     // sent nothing else, so either runs again on a connection that is
                     // checked first. A write that got further may have committed;
                     // its caller hears that the database could not be reached.
-                    if self.server_lost(&mut conn, &error)
-                        && (options.read_only || !began)
-                        && attempt <= MAX_RETRIES
-                    {
+                    let lost = self.server_lost(&mut conn, &error);
+                    if lost && (options.read_only || !began) && attempt <= MAX_RETRIES {
                         log::warn!(
                             "{desc}: the server ended the connection's session, running it \
                              again on another: {error}"
@@ -459,9 +455,7 @@ impl Database {
                         start.elapsed(),
                     );
                     let error = match error.database_error() {
-                        Some(e) if engine.is_disconnect(e) => Error::unavailable(format!(
-                            "the database cannot be reached ({error}); try again later"
-                        )),
+                        _ if lost => cannot_be_reached(&error),
                         Some(e) if engine.is_out_of_space(e) => {
                             Error::new(ErrorKind::OutOfSpace(format!(
                                 "no room left to write in {}: nothing of this write was kept; \
@@ -526,6 +520,14 @@ impl Database {
         self.with_connection(|engine, conn| engine.sync_sequence(conn, sequence))
             .with_context(|| format!("checking sequence {}", sequence.name))
     }
+}
+
+/// What a caller hears of a session the server ended: the database is
+/// unavailable for now, with the driver's own words.
+fn cannot_be_reached(error: &Error) -> Error {
+    Error::unavailable(format!(
+        "the database cannot be reached ({error}); try again later"
+    ))
 }
 
 type AttemptResult<T> = std::result::Result<(T, Vec<Box<dyn FnOnce()>>), AttemptFailure>;
