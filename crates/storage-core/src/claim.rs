@@ -35,7 +35,7 @@
 //! keeps such a process out (`engine/sqlite_claim.rs`).
 
 use crate::config::DatabaseConfig;
-use crate::conn::Conn;
+use crate::conn::{Conn, ConnectGate};
 use crate::engine::{self, ClaimHandle};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use diesel::prelude::*;
@@ -89,6 +89,11 @@ pub struct ClaimState {
     lost: OnceLock<String>,
     /// Set by engines that claim a file (SQLite).
     pub(crate) file: OnceLock<DatabaseFile>,
+    /// The pool of the database opened under this claim. Told when the
+    /// claim's keeper finds the claim's own session ended: what ended it (a
+    /// server restart) ended the pool's idle sessions too, and a write whose
+    /// one statement meets a dead session cannot be sent again.
+    pub(crate) pool: OnceLock<Arc<ConnectGate>>,
 }
 
 /// Called once, on whichever thread finds out first, when this process has lost
@@ -109,6 +114,7 @@ impl ClaimState {
             epoch: OnceLock::new(),
             lost: OnceLock::new(),
             file: OnceLock::new(),
+            pool: OnceLock::new(),
         }
     }
 
@@ -120,6 +126,15 @@ impl ClaimState {
     /// The epoch this process raised; `None` until it has.
     pub fn epoch(&self) -> Option<i64> {
         self.epoch.get().copied()
+    }
+
+    /// Notes, for the pool of the claimed database, that the server ended a
+    /// session: its connections opened before now are checked before their
+    /// next use ([`ConnectGate::note_server_lost`]).
+    pub(crate) fn note_server_lost(&self) {
+        if let Some(pool) = self.pool.get() {
+            pool.note_server_lost();
+        }
     }
 
     /// The error every write gets once the claim is lost, `Ok` before.

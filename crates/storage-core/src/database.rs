@@ -74,6 +74,7 @@ impl Database {
             claim.set_epoch(epoch)?;
             let state = claim.state().clone();
             db.engine().confirm_claim_after_commit(&state)?;
+            let _ = state.pool.set(db.inner.gate.0.clone());
             let _ = db.inner.claim.set(state);
             log::info!("main process of {url}, claim epoch {epoch}");
             Ok(db)
@@ -262,6 +263,56 @@ impl Database {
             }
         }
         result
+    }
+
+    /// Takes `n` ids from `sequence` on a pooled connection, outside any
+    /// transaction. Often a write's first statement, so the first to meet a
+    /// session the server ended (a restart): then it runs once more on a
+    /// connection checked first. The ids the lost attempt may have taken are a
+    /// gap, as a failed write's are.
+    pub fn next_ids(&self, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        let mut conn = self.checkout(&self.inner.pool, "taking ids")?;
+        match self.take_ids(&mut conn, sequence, n) {
+            Err(e) if self.server_lost(&mut conn, &e) => {
+                log::warn!(
+                    "taking ids from {}: the server ended the connection's session, taking \
+                     them on another: {e}",
+                    sequence.name
+                );
+                drop(conn);
+                self.with_connection(|_, conn| self.take_ids(conn, sequence, n))
+            }
+            taken => taken,
+        }
+    }
+
+    /// [`Engine::next_ids`], with a server's refusal as read-only told so.
+    fn take_ids(&self, conn: &mut Conn, sequence: &Sequence, n: usize) -> Result<Vec<i64>> {
+        self.inner
+            .engine
+            .next_ids(conn, sequence, n)
+            .map_err(|e| self.refused_write(conn, &e).unwrap_or(e))
+    }
+
+    /// `error`, a write refused on `conn` because the server takes none
+    /// ([`refused_as_read_only`]), told as such; `None` for any other error,
+    /// and on a handle that opened its sessions read-only itself (refused
+    /// there, a write is its caller's mistake, not the server's state).
+    fn refused_write(&self, conn: &mut Conn, error: &Error) -> Option<Error> {
+        let refused = matches!(self.inner.mode, OpenMode::Writer | OpenMode::Replica)
+            && error.database_error().is_some_and(refused_as_read_only);
+        if !refused {
+            return None;
+        }
+        // Started read-only: a server that takes writes again does so on new
+        // sessions only.
+        conn.mark_broken();
+        Some(Error::unavailable(format!(
+            "{} takes no writes: it is read-only (a standby, or default_transaction_read_only \
+             is on). Nothing of this write was kept; point this process at the primary, or make \
+             the database writable, then try again ({error})",
+            self.inner.engine.url()
+        )))
     }
 
     /// Whether the database answers a trivial statement within about `wait`
@@ -454,16 +505,25 @@ impl Database {
                         u64::from(attempt - 1),
                         start.elapsed(),
                     );
-                    let error = match error.database_error() {
-                        _ if lost => cannot_be_reached(&error),
-                        Some(e) if engine.is_out_of_space(e) => {
-                            Error::new(ErrorKind::OutOfSpace(format!(
-                                "no room left to write in {}: nothing of this write was kept; \
-                                 free space there, then try again ({error})",
-                                engine.url()
-                            )))
+                    let writes = !options.read_only && !options.seeks_only;
+                    let error = if lost {
+                        cannot_be_reached(&error)
+                    } else if let Some(refused) = writes
+                        .then(|| self.refused_write(&mut conn, &error))
+                        .flatten()
+                    {
+                        refused
+                    } else {
+                        match error.database_error() {
+                            Some(e) if engine.is_out_of_space(e) => {
+                                Error::new(ErrorKind::OutOfSpace(format!(
+                                    "no room left to write in {}: nothing of this write was \
+                                     kept; free space there, then try again ({error})",
+                                    engine.url()
+                                )))
+                            }
+                            _ => error,
                         }
-                        _ => error,
                     };
                     let context = if attempt > 1 {
                         format!("{desc} (after {attempt} attempts)")
@@ -528,6 +588,19 @@ fn cannot_be_reached(error: &Error) -> Error {
     Error::unavailable(format!(
         "the database cannot be reached ({error}); try again later"
     ))
+}
+
+/// Whether the database refused a write because it takes none (PostgreSQL's
+/// read_only_sql_transaction: a standby after a failover, or
+/// `default_transaction_read_only` set by an operator).
+fn refused_as_read_only(error: &diesel::result::Error) -> bool {
+    matches!(
+        error,
+        diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ReadOnlyTransaction,
+            _
+        )
+    )
 }
 
 type AttemptResult<T> = std::result::Result<(T, Vec<Box<dyn FnOnce()>>), AttemptFailure>;
@@ -615,9 +688,16 @@ fn run_attempt<T>(
         }
         Err(e) => (Err(e), crate::transaction::Callbacks::default()),
     };
+    let mut began = true;
     let (outcome, open) = match callbacks.begun {
         // The attempt fails whatever `f` made of it.
-        Some(Begun::Failed(e)) => (Err(e), true),
+        Some(Begun::Failed {
+            error,
+            wrote_nothing,
+        }) => {
+            began = !wrote_nothing;
+            (Err(error), true)
+        }
         // Committed by its one statement, or nothing sent at all.
         Some(Begun::Committed | Begun::Deferred(..) | Begun::Alone) => (outcome, false),
         Some(Begun::Yes) | None => (outcome, true),
@@ -645,7 +725,11 @@ fn run_attempt<T>(
         },
         Err(e) => {
             rollback(conn, desc);
-            Err(AttemptFailure::after_begin(e, callbacks.on_exception))
+            Err(AttemptFailure {
+                error: e,
+                on_exception: callbacks.on_exception,
+                began,
+            })
         }
     };
     drop(guard);

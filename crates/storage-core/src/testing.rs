@@ -149,6 +149,60 @@ impl TestDb {
             .expect("terminating a session");
     }
 
+    /// PostgreSQL: the sessions (backend pids) on the test database, the
+    /// asking one aside.
+    pub fn session_pids(&self) -> Vec<i32> {
+        #[derive(diesel::QueryableByName)]
+        struct Pid {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            pid: i32,
+        }
+        let mut conn = self.raw_connection();
+        let rows: Vec<Pid> = diesel::sql_query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .load(conn.postgres().expect("a PostgreSQL test database"))
+        .expect("listing sessions");
+        rows.into_iter().map(|r| r.pid).collect()
+    }
+
+    /// PostgreSQL: waits (20 s at most) until the number of sessions on the
+    /// test database, the asking one aside, is as `wanted` says; `what` names
+    /// the wait in the failure.
+    pub fn wait_for_sessions(&self, what: &str, mut wanted: impl FnMut(usize) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let n = self.session_pids().len();
+            if wanted(n) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: still {n} sessions"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// PostgreSQL: ends every session on the test database but the asking one,
+    /// as a server restart does, until none is left: a pool may still be
+    /// opening connections to keep its idle minimum, and those end too.
+    pub fn end_every_session(&self) {
+        self.wait_for_sessions("the sessions ending", |n| {
+            n == 0 || {
+                let mut conn = self.raw_connection();
+                diesel::sql_query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+                .execute(conn.postgres().expect("a PostgreSQL test database"))
+                .expect("ending sessions");
+                false
+            }
+        });
+    }
+
     /// The databases a benchmark runs on, one per engine: a new SQLite
     /// database, then a new PostgreSQL one when [`POSTGRES_URL_VAR`] names a
     /// server; without it a line says that PostgreSQL was skipped and that

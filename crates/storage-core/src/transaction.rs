@@ -22,8 +22,9 @@ pub(crate) enum Begun {
     /// A deferred BEGIN failed (or a statement followed the one that
     /// committed): the attempt fails with this error, and meanwhile the
     /// connection is in a read-only transaction, so whatever its caller
-    /// sends writes nothing.
-    Failed(Error),
+    /// sends writes nothing. `wrote_nothing`: the failed BEGIN came first, so
+    /// the attempt changed nothing and may run again.
+    Failed { error: Error, wrote_nothing: bool },
 }
 
 /// One attempt at a transaction: its connection, and the callbacks it registered.
@@ -111,7 +112,7 @@ impl<'a> Transaction<'a> {
 
     /// Sends a deferred BEGIN ([`Begun::Deferred`]) before a statement.
     fn begin_if_deferred(&mut self) {
-        let failure = match std::mem::replace(&mut self.begun, Begun::Yes) {
+        let (error, wrote_nothing) = match std::mem::replace(&mut self.begun, Begun::Yes) {
             Begun::Yes => return,
             Begun::Alone => {
                 self.begun = Begun::Alone;
@@ -121,22 +122,28 @@ impl<'a> Transaction<'a> {
                 match self.engine.begin(self.conn, &options, claimed) {
                     // Only an engine that holds no guard defers its BEGIN.
                     Ok(_) => return,
-                    Err(e) => Error::from(e).context("beginning the transaction"),
+                    Err(e) => (Error::from(e).context("beginning the transaction"), true),
                 }
             }
-            Begun::Committed => Error::other(format!(
-                "internal: {}: a statement after the one that committed the transaction",
-                self.desc
-            )),
-            Begun::Failed(e) => {
-                self.begun = Begun::Failed(e);
+            Begun::Committed => (
+                Error::other(format!(
+                    "internal: {}: a statement after the one that committed the transaction",
+                    self.desc
+                )),
+                false,
+            ),
+            failed @ Begun::Failed { .. } => {
+                self.begun = failed;
                 return;
             }
         };
         // What the caller sends next must write nothing: the error is the
         // attempt's outcome whatever it does.
         let _ = self.conn.begin_with("BEGIN READ ONLY");
-        self.begun = Begun::Failed(failure);
+        self.begun = Begun::Failed {
+            error,
+            wrote_nothing,
+        };
     }
 
     pub fn engine(&self) -> &'a dyn Engine {
@@ -252,13 +259,16 @@ impl<'a> Transaction<'a> {
         if !alone {
             self.begin_if_deferred();
         }
+        if alone {
+            // Sent alone, it may commit whatever its answer says: nothing may
+            // follow it, even after a failure (which then is no BEGIN that
+            // failed having written nothing).
+            self.begun = Begun::Committed;
+        }
         let inserted = self
             .engine
             .insert_columns(self.conn, tables, positions, notify, self.claim, alone)?;
         self.claim = None;
-        if alone {
-            self.begun = Begun::Committed;
-        }
         Ok(inserted)
     }
 

@@ -652,6 +652,46 @@ fn postgres_a_claim_session_killed_with_nobody_waiting_is_taken_again() {
     assert_eq!(groups(&db), 3);
 }
 
+/// A server restart seen first by the claim's keeper: every session of the
+/// process ended (its pool's idle ones and the claim's), and the keeper took
+/// the claim again before any statement of the pool met a dead session. The
+/// next write is a batch's statement sent alone, which cannot be sent twice;
+/// it still goes through, because the keeper told the pool to check its
+/// connections. (Before: "batch_write: unavailable: the database cannot be
+/// reached (inserting rows into cache_invalidations, taking 1 stream positions
+/// from events_stream_seq: database error: terminating connection due to
+/// administrator command)".)
+#[test]
+fn postgres_a_write_after_a_restart_the_claim_keeper_saw_meets_no_dead_session() {
+    let Some(t) = TestDb::postgres() else { return };
+    let (_claim, db) = claimed(t.url());
+    batch_write(&db, "before").unwrap();
+    let claim_before = t.claim_sessions();
+    let ended = t.session_pids();
+    assert!(ended.len() >= 2, "the pool's and the claim's: {ended:?}");
+    for pid in &ended {
+        t.terminate_session(*pid);
+    }
+    // Until every ended session is gone and the keeper holds the claim on a
+    // new one, the only session of the database besides ours.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = t.session_pids();
+        let claim = t.claim_sessions();
+        if claim.len() == 1 && now == claim && !ended.contains(&claim[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the claim was not taken again alone: sessions {now:?}, claim {claim:?}, \
+             before {claim_before:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    batch_write(&db, "after").unwrap_or_else(|e| panic!("the write after the restart: {e}"));
+    assert_eq!(batch_rows(&db), 2);
+}
+
 /// The claim's session killed while another session waits for the lock (a
 /// newcomer): the newcomer gets it, and the old holder gives up once its grace
 /// has passed, without the newcomer raising anything. Its writes meanwhile

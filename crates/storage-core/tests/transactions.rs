@@ -451,52 +451,6 @@ fn a_seeking_read_plans_for_seeks_on_its_own_sessions_only(t: &TestDb) {
     }
 }
 
-/// The sessions on the test database's server other than the asking one.
-fn server_sessions(t: &TestDb) -> i64 {
-    let mut admin = t.raw_connection();
-    with_conn!(&mut admin, |c| diesel::sql_query(
-        "SELECT COUNT(*) AS v FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    )
-    .get_result::<Value>(c))
-    .expect("counting sessions")
-    .v
-}
-
-/// Ends every session on the test database but the asking one, as a server
-/// restart does, until none is left: the pool may still be opening connections
-/// to keep its idle minimum, and those must end too.
-fn end_all_sessions(t: &TestDb) {
-    wait_for_sessions(t, "the sessions ending", |n| {
-        n == 0 || {
-            with_conn!(&mut t.raw_connection(), |c| diesel::sql_query(
-                "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) AS v \
-                 FROM pg_stat_activity WHERE datname = current_database() \
-                 AND pid <> pg_backend_pid()"
-            )
-            .get_result::<Value>(c))
-            .expect("ending sessions");
-            false
-        }
-    });
-}
-
-/// Waits, a bounded time, until the server shows sessions as `wanted` says.
-fn wait_for_sessions(t: &TestDb, what: &str, wanted: impl Fn(i64) -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let n = server_sessions(t);
-        if wanted(n) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: still {n} sessions"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 /// What a PostgreSQL restart does to an open pool: every pooled session is
 /// ended by the server, and neither the pool nor diesel knows until a
 /// statement fails on one. A read, a seeking read and a write each still
@@ -504,7 +458,11 @@ fn wait_for_sessions(t: &TestDb, what: &str, wanted: impl Fn(i64) -> bool) {
 /// all it sent; the other connections opened before the loss are checked
 /// before use. The pool holds more of them than a transaction has retries.
 /// (Before: "get_test: unavailable: the database cannot be reached
-/// (beginning the transaction: ... server closed the connection unexpectedly".)
+/// (beginning the transaction: ... server closed the connection unexpectedly".
+/// A batch's transaction, whose BEGIN waits for its first statement, failed
+/// so until a failed deferred BEGIN counted as sending nothing: "pool of 10,
+/// round 4: batch: batch_test: unavailable: the database cannot be reached
+/// (beginning the transaction: ...".)
 #[test]
 fn a_restarted_server_fails_no_transaction() {
     let Some(t) = TestDb::postgres() else {
@@ -532,21 +490,29 @@ fn restarts_under_a_pool_of(t: &TestDb, pool: u32) {
             fetch(txn.conn(), k)
         })
     };
-    for round in 0..4i64 {
-        // The first time, every connection of the pool is open and idle.
-        let open = if round == 0 { i64::from(pool) } else { 1 };
-        wait_for_sessions(t, "the pool's connections opening", |n| n >= open);
-        end_all_sessions(t);
+    for round in 0..5i64 {
+        // Every connection of the pool open and idle (the pool reopens those
+        // it discarded), so that each is ended.
+        t.wait_for_sessions("the pool's connections opening", |n| n >= pool as usize);
+        t.end_every_session();
         // Each in turn is the first to meet a dead session: the write, a read,
-        // a seeking read, the health check.
+        // a seeking read, the health check, a batch's write whose deferred
+        // BEGIN is all it sent.
         let read = |k: &str| db.run_read("read_test", |txn| fetch(txn.conn(), k));
         match round {
             0 => {}
             1 => assert_eq!(read("k0").unwrap(), Some(0), "round {round}: read"),
             2 => assert_eq!(seeking_read("k0").unwrap(), Some(0), "round {round}: seek"),
-            _ => db
+            3 => db
                 .check_reachable(std::time::Duration::from_secs(30))
                 .unwrap_or_else(|e| panic!("pool of {pool}, round {round}: health: {e}")),
+            _ => {
+                db.run_interaction_with("batch_test", TxnOptions::batch(), |txn| {
+                    insert(txn, "batch", round)
+                })
+                .unwrap_or_else(|e| panic!("pool of {pool}, round {round}: batch: {e}"));
+                assert_eq!(read("batch").unwrap(), Some(round), "round {round}: batch");
+            }
         }
         let key = format!("k{round}");
         db.run_interaction("write_test", |txn| insert(txn, &key, round))
@@ -609,4 +575,74 @@ fn a_write_cut_after_its_begin_runs_once_and_a_read_again() {
         (2, None),
         "the read ran again"
     );
+}
+
+/// A database that turns read-only under a writer (a failover to a standby,
+/// or an operator's `default_transaction_read_only`): a write transaction and
+/// the taking of ids both fail as unavailable, saying that the database takes
+/// no writes and what to do, and keep nothing; reads go on. A connection that
+/// was refused a write is replaced: a database setting reaches only sessions
+/// started after it, so once the database takes writes again, the write after
+/// the one that met the last read-only session goes through. (Before:
+/// "write_test (after 2 attempts): database error: cannot execute INSERT in a
+/// read-only transaction", an error of no kind, answered 500.)
+#[test]
+fn a_database_turned_read_only_refuses_writes_as_unavailable() {
+    let Some(t) = TestDb::postgres() else {
+        return;
+    };
+    // One connection, so which session each statement meets is known.
+    let mut config = DatabaseConfig::parse(t.url(), OpenMode::Writer).unwrap();
+    config.pool_size = 1;
+    config.min_idle = 1;
+    let db = Database::open(config).unwrap();
+    db.run_interaction("create_test_table", |txn| {
+        txn.conn()
+            .batch_execute("CREATE TABLE core_test_kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL)")
+    })
+    .unwrap();
+    db.run_interaction("write_test", |txn| insert(txn, "before", 1))
+        .unwrap();
+    let set_read_only = |on: &str| {
+        let mut admin = t.raw_connection();
+        // Apart: one query string would be one transaction, begun read-only.
+        admin
+            .batch_execute("SET default_transaction_read_only = off")
+            .unwrap();
+        admin
+            .batch_execute(&format!(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET \
+                 default_transaction_read_only = {on}', current_database()); END $$"
+            ))
+            .unwrap();
+    };
+    set_read_only("on");
+    // As a failover does: the sessions end, and new ones start read-only.
+    t.end_every_session();
+    let sequence = Sequence {
+        name: "state_group_id_seq",
+        table: "state_groups",
+        column: "id",
+    };
+    let write = |k: &str, v: i64| db.run_interaction("write_test", |txn| insert(txn, k, v));
+    let assert_refused = |result: storage_core::Result<()>, what: &str| {
+        let err = result.expect_err(what);
+        assert!(
+            matches!(err.kind(), storage_core::ErrorKind::Unavailable(_)),
+            "{what}: {err}"
+        );
+        assert!(
+            err.to_string().contains("takes no writes: it is read-only"),
+            "{what}: {err}"
+        );
+    };
+    assert_refused(write("during", 2), "a write");
+    assert_refused(db.next_ids(&sequence, 1).map(drop), "taking ids");
+    assert_eq!(read(&db, "before"), Some(1), "reads go on");
+    assert_eq!(read(&db, "during"), None, "nothing of the write was kept");
+    // Writable again; the pool's one session started read-only.
+    set_read_only("off");
+    assert_refused(write("after", 3), "the last read-only session");
+    write("after", 3).unwrap();
+    assert_eq!(read(&db, "after"), Some(3));
 }

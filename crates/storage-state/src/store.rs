@@ -211,11 +211,10 @@ impl StateStore {
         new.validate()?;
         let state = self.full_state_of(new);
         // Often the first statement of a write (everything before it is
-        // served from memory): a connection the server dropped shows here,
-        // told as the database being unavailable (`with_connection`).
+        // served from memory): a session the server ended shows here first.
         let group = self
             .db
-            .with_connection(|engine, c| engine.next_ids(c, &STATE_GROUP_SEQUENCE, 1))?
+            .next_ids(&STATE_GROUP_SEQUENCE, 1)?
             .into_iter()
             .next()
             .ok_or_else(|| Error::other("the state group sequence gave no id"))?;

@@ -351,3 +351,36 @@ fn snapshots_of_thousands_of_rows_are_stored_by_a_few_kept_statements(t: &TestDb
         kept.len()
     );
 }
+
+/// Taking a new group's id is often a write's first statement (the rest is
+/// served from memory). After a server restart ended every idle session of
+/// the pool, it is taken again on a live session instead of failing the
+/// write. (Before: "unavailable: the database cannot be reached (allocating
+/// 1 ids from state_group_id_seq: ... terminating connection due to
+/// administrator command)".)
+#[test]
+fn postgres_a_group_prepared_after_a_restart_takes_its_id_on_a_live_session() {
+    let Some(t) = TestDb::postgres() else { return };
+    let store = store(&t);
+    let snapshot = store
+        .store_state_group(&NewStateGroup::snapshot("$root", ROOM, &room(3)))
+        .unwrap();
+    t.end_every_session();
+    let g1 = prepare(
+        &store,
+        "$leave1",
+        snapshot,
+        &[(MEMBER, "@u1:test", "$leave1")],
+    );
+    assert!(g1.group > snapshot, "{} after {snapshot}", g1.group);
+    check_reads(
+        &store,
+        g1.group,
+        &{
+            let mut s = room(3);
+            s.insert(key(MEMBER, "@u1:test"), "$leave1".into());
+            s
+        },
+        "after the restart",
+    );
+}

@@ -175,6 +175,7 @@ impl Watcher {
             let Err(e) = conn.batch_execute("SELECT 1") else {
                 continue;
             };
+            self.claim.note_server_lost();
             log::warn!(
                 "lost the session holding the main-process claim on {} ({e}); taking the claim \
                  again. Writes go on meanwhile: each one proves the claim's epoch first",
