@@ -23,6 +23,12 @@
 //! cases with their requests taken in turn (one to the main process, one
 //! through the worker, ...), each rate from its own requests' latencies, so
 //! that a loaded machine's swings fall on both sides of the ratio alike.
+//! `HS_BENCH_PROFILE=floors`: a single-event write against the floors below
+//! it, with what each request costs the server, PostgreSQL and the client
+//! (`floors`).
+
+#[path = "http/floors.rs"]
+mod floors;
 
 use e2e_tests::{encode, free_port, main_process, main_process_with, worker, TOKEN};
 use serde_json::Value;
@@ -209,6 +215,10 @@ fn main() {
         dbs => dbs,
     };
     for db in &dbs {
+        if profile == "floors" {
+            floors::run(db);
+            continue;
+        }
         let engine = db.engine();
         let main = main_process(db, free_port());
         if profile == "worker-interleaved" {
