@@ -693,6 +693,19 @@ pub(crate) fn origin_chain(
 
 /// The rows of `groups` themselves (no chain walked). The groups are one bound JSON array, as the slots of
 /// [`rows_of_slots`] are: one statement for any number, kept prepared.
+///
+/// Where the engine joins such a list ([`Engine::joins_value_lists`]:
+/// SQLite), the list is of runs of consecutive ids instead, each run one
+/// range of the index on `state_group`: a run holds only ids asked for, so
+/// its range holds the rows of those groups and no other. A fork's groups
+/// come in long runs (the HQ forks' 1,696 groups above where they meet, in
+/// runs of up to 99 between the snapshots they cross), and each group sought
+/// through `IN` cost SQLite a seek in the list's own B-tree and one in the
+/// index (those 1,696 groups, the statement alone in sqlite3 3.40: 11.0M
+/// instructions against 4.4M by runs; three HQ merges: 1,033.7M against
+/// 1,002.8M, callgrind). PostgreSQL reads the index once for an `= ANY` list.
+///
+/// [`Engine::joins_value_lists`]: storage_core::Engine::joins_value_lists
 pub(crate) fn rows_of_groups(
     conn: &mut Conn,
     engine: &dyn storage_core::Engine,
@@ -706,6 +719,24 @@ pub(crate) fn rows_of_groups(
         prepared: true,
         ..Statement::default()
     };
+    let select = "SELECT s.state_group AS state_group, s.type AS type_, \
+         s.state_key AS state_key, s.event_id AS event_id";
+    if engine.joins_value_lists() {
+        let runs: Vec<(String, String)> = id_runs(groups)
+            .into_iter()
+            .map(|(lo, hi)| (lo.to_string(), hi.to_string()))
+            .collect();
+        let pairs: Vec<(&str, &str)> = runs.iter().map(|(a, b)| (&**a, &**b)).collect();
+        let list = format!("${}", st.binds.len() + 1);
+        let (runs, json) = engine.json_text_pairs(&list, "lo", "hi", &pairs);
+        st.placeholder(Bind::Text(json));
+        st.sql = format!(
+            "WITH runs(lo, hi) AS ({runs}) \
+             {select} FROM runs r CROSS JOIN state_groups_state s \
+             WHERE s.state_group BETWEEN CAST(r.lo AS BIGINT) AND CAST(r.hi AS BIGINT)"
+        );
+        return st.for_each_row::<GroupRowType, GroupRow>(conn, each);
+    }
     let ids: Vec<String> = groups.iter().map(i64::to_string).collect();
     let list = st.placeholder(Bind::Text(storage_core::json_texts(
         ids.iter().map(String::as_str),
@@ -715,12 +746,26 @@ pub(crate) fn rows_of_groups(
         engine.json_texts(&list, "state_group")
     );
     st.sql = format!(
-        "SELECT s.state_group AS state_group, s.type AS type_, \
-             s.state_key AS state_key, s.event_id AS event_id \
-         FROM state_groups_state s WHERE {}",
+        "{select} FROM state_groups_state s WHERE {}",
         engine.seeking_each_of("s.state_group", &groups)
     );
     st.for_each_row::<GroupRowType, GroupRow>(conn, each)
+}
+
+/// `ids` as runs of consecutive ids, each `(first, last)`, in order; each id
+/// once.
+fn id_runs(ids: &[StateGroup]) -> Vec<(StateGroup, StateGroup)> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(StateGroup, StateGroup)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(id) => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
 }
 
 /// The own rows of `group` (no chain walked) on `slots`, each sought
@@ -981,6 +1026,20 @@ pub(crate) fn unreferenced_groups(conn: &mut Conn) -> Result<(i64, i64)> {
 mod tests {
     use super::*;
     use crate::types::MEMBER;
+
+    #[test]
+    fn id_runs_hold_each_id_once_and_nothing_else() {
+        assert_eq!(id_runs(&[]), vec![]);
+        assert_eq!(id_runs(&[7]), vec![(7, 7)]);
+        assert_eq!(
+            id_runs(&[9, 3, 4, 5, 9, 11, 12, 1]),
+            vec![(1, 1), (3, 5), (9, 9), (11, 12)]
+        );
+        assert_eq!(
+            id_runs(&[i64::MAX, i64::MAX - 1, i64::MIN]),
+            vec![(i64::MIN, i64::MIN), (i64::MAX - 1, i64::MAX)]
+        );
+    }
 
     fn arms(filter: &StateFilter) -> (Vec<String>, usize) {
         let mut st = Statement::default();
