@@ -4,7 +4,10 @@
 //! with Retry-After, a health check that says so (the database on the main
 //! process, the database and replication on a worker), and recovery after.
 
-use e2e_tests::{encode, free_port, start, PgProxy, Process, ROOM, TOKEN};
+use e2e_tests::{
+    assert_all_stored, encode, founded_room, free_port, id_of, main_process, message, post, start,
+    PgProxy, Process, ROOM, TOKEN,
+};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -242,4 +245,39 @@ fn a_database_outage_is_503_and_unhealthy_until_it_ends() {
             "{answer:?}"
         );
     }
+}
+
+/// A write that waits longer than the request timeout (an operator's
+/// `LOCK TABLE events IN ACCESS EXCLUSIVE MODE`, held past it) is answered 503
+/// "no answer within 30 s" while the lock is still held; once the lock goes,
+/// posting it again is answered 200 and the event is stored. Takes the timeout's 30 s. (With each connection's storage work
+/// run on its own runtime's thread, as c6a47d2 did, the timer could not fire:
+/// no answer came while the lock was held.)
+#[test]
+fn postgres_a_write_held_past_the_request_timeout_is_answered_503() {
+    let Some(db) = TestDb::postgres() else { return };
+    let server = main_process(&db, free_port());
+    let (mut room, _) = founded_room(&server.url);
+    let mut lock = db.raw_connection();
+    lock.batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let event = message(&mut room, "held");
+    let (answered, answer) = std::sync::mpsc::channel();
+    {
+        let (url, event) = (server.url.clone(), event.clone());
+        std::thread::spawn(move || answered.send(post(&url, vec![event])));
+    }
+    // Bounded, so that a server that never answers fails the test.
+    let first = answer
+        .recv_timeout(Duration::from_secs(90))
+        .expect("no answer while the lock was held");
+    let err = first.expect_err("answered 200 while the lock was held");
+    assert!(
+        err.starts_with("503: ") && err.contains("no answer within 30 s"),
+        "{err}"
+    );
+    lock.batch_execute("COMMIT").unwrap();
+    // Posting it again is safe whether or not the first write landed yet.
+    post(&server.url, vec![event.clone()]).unwrap();
+    assert_all_stored(db.url(), &[id_of(&event)]);
 }

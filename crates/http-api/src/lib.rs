@@ -1,8 +1,7 @@
 //! The HTTP API of `hs-main serve` and `hs-worker` (docs/http.md): the
 //! same read API on both, writes through whichever [`EventWriter`] the process
-//! has. axum on tokio, each connection on a thread of its own (`server`),
-//! where its requests' storage calls run, each under a log context of its
-//! own request.
+//! has. axum on tokio; every storage call runs on a blocking thread under a log
+//! context of its own request.
 //!
 //! `access` logs one line per request and times it for `/metrics`,
 //! `handlers` answers the endpoints, `guards` runs before them (the token rule,
@@ -65,7 +64,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DATABASE_WAIT: Duration = Duration::from_secs(5);
 
 /// A part of the process that `/_hs/v1/health` checks, by name: `Ok`, or why
-/// it is unhealthy. Runs on the request's thread; must answer within seconds.
+/// it is unhealthy. Runs on a blocking thread; must answer within seconds.
 pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Writes events for the HTTP API: the main process persists them itself, a
@@ -124,31 +123,20 @@ impl std::fmt::Debug for ApiState {
     }
 }
 
-/// Runs `f` under the request's log context (the one its access line
-/// names), or a fresh one outside a request, on the calling thread: the
-/// connection's own (see `server`), which has nothing else to do meanwhile.
-/// A panic in `f` is answered 500.
-async fn blocking<T>(
+/// Runs `f` on a blocking thread under the request's log context (the one
+/// its access line names), or a fresh one outside a request.
+async fn blocking<T: Send + 'static>(
     kind: &'static str,
-    f: impl FnOnce() -> Result<T, ApiError>,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let ctx = access::request_context().unwrap_or_else(|| LogContext::request(kind));
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.scope(f))).map_err(|panic| {
-        ApiError {
+    tokio::task::spawn_blocking(move || ctx.scope(f))
+        .await
+        .map_err(|e| ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             errcode: "M_UNKNOWN",
-            error: format!("request task failed: {}", panic_message(&*panic)),
-        }
-    })?
-}
-
-/// What a panic said, when it said it as text.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("panicked")
+            error: format!("request task failed: {e}"),
+        })?
 }
 
 /// The router: health and metrics open, everything else under the token rule;
@@ -219,13 +207,11 @@ pub fn serve(addr: SocketAddr, router: Router, limits: Limits) -> Result<(), Err
     // The runtime's threads log under the process's context ("serve", or the
     // worker's name); each request's storage work under a context of its own.
     let process = LogContext::current().unwrap_or_else(|| LogContext::new("http"));
-    // Every connection's thread takes this thread's context (see `server`).
-    process.set_for_thread();
-    // This thread accepts connections (and hands each to a thread of its
-    // own, see `server`) and waits for the signals to stop. Each hand-off of
-    // a request's storage work from the thread that read it to a blocking
-    // thread and back was a wake-up of a sleeping thread: 4.4 context
-    // switches a single-event write on PostgreSQL, ~1.7 without.
+    // One thread runs every connection's async part (reading, routing,
+    // answering: little work a request); each request's storage work runs on
+    // a blocking thread (`blocking`). With the multi-threaded scheduler each
+    // hand-off between the two also woke the other, idle, worker thread to
+    // look for work: 7.5 context switches a single-event write, 4.4 now.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .on_thread_start(move || process.set_for_thread())
         .enable_all()

@@ -15,12 +15,12 @@ use super::parse_errors::JsonParseErrors;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use storage_core::{Error, LogContext};
+use storage_core::Error;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -54,15 +54,11 @@ impl Default for Limits {
 /// connections, the SQLite file, logs, the listener.
 const RESERVED_FDS: usize = 256;
 
-/// File descriptors a connection holds: its socket, and its thread's
-/// runtime's poller and wake-up descriptor (epoll, eventfd).
-const FDS_PER_CONNECTION: usize = 3;
-
 /// The connection limit for this process: [`MAX_CONNECTIONS`], or fewer when
 /// the open-files limit would run out first.
 pub fn connection_limit() -> usize {
     let soft = open_files_limit().unwrap_or(1024);
-    (soft.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION).clamp(16, MAX_CONNECTIONS)
+    soft.saturating_sub(RESERVED_FDS).clamp(16, MAX_CONNECTIONS)
 }
 
 /// The soft open-files limit, as the kernel reports it (Linux).
@@ -70,55 +66,6 @@ fn open_files_limit() -> Option<usize> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// One accepted connection, to be served on a thread of its own.
-struct Connection {
-    stream: std::net::TcpStream,
-    router: Router,
-    http: hyper::server::conn::http1::Builder,
-    watcher: Watcher,
-}
-
-impl Connection {
-    /// Serves the connection's requests, one after the other, until it
-    /// closes (or the server shuts down), on a runtime of this thread's own,
-    /// whose only task it is: a request's storage work runs right here
-    /// (`blocking`) and blocks no other connection.
-    fn serve(self) {
-        let Connection {
-            stream,
-            router,
-            http,
-            watcher,
-        } = self;
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime,
-            Err(e) => {
-                log::warn!("starting a connection's runtime: {e}; closing it");
-                return;
-            }
-        };
-        runtime.block_on(async move {
-            let stream = match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(e) => {
-                    log::warn!("serving a connection: {e}; closing it");
-                    return;
-                }
-            };
-            let service = TowerToHyperService::new(
-                router.map_request(|r: axum::http::Request<Incoming>| r.map(axum::body::Body::new)),
-            );
-            let io = JsonParseErrors::new(TokioIo::new(stream));
-            if let Err(e) = watcher.watch(http.serve_connection(io, service)).await {
-                log::debug!("connection ended: {e}");
-            }
-        });
-    }
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops
@@ -138,8 +85,6 @@ pub async fn serve_until(
         // own error answers whole.
         .writev(false);
     let graceful = GracefulShutdown::new();
-    // Each connection's thread logs under the process's context, as this one.
-    let process = LogContext::current();
     log::info!(
         "at most {limit} connections; {} s to send headers or between requests",
         limits.header_read_timeout.as_secs_f32()
@@ -164,36 +109,19 @@ pub async fn serve_until(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        // Taken off this runtime: the connection's thread serves it on a
-        // runtime of its own.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("handing a connection to its thread: {e}; closing it");
-                continue;
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .map_request(|r: axum::http::Request<Incoming>| r.map(axum::body::Body::new)),
+        );
+        let io = JsonParseErrors::new(TokioIo::new(stream));
+        let connection = graceful.watch(http.serve_connection(io, service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::debug!("connection ended: {e}");
             }
-        };
-        let connection = Connection {
-            stream,
-            router: router.clone(),
-            http: http.clone(),
-            watcher: graceful.watcher(),
-        };
-        let process = process.clone();
-        let started = std::thread::Builder::new()
-            .name("http-connection".into())
-            .spawn(move || {
-                if let Some(process) = process {
-                    process.set_for_thread();
-                }
-                connection.serve();
-                drop(slot);
-            });
-        if let Err(e) = started {
-            // The closure, and with it the connection and its slot, is
-            // dropped: the client sees the connection closed.
-            log::warn!("starting a thread for a connection: {e}; closing it");
-        }
+            drop(slot);
+        });
     }
     drop(listener);
     graceful.shutdown().await;

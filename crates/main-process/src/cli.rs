@@ -154,8 +154,7 @@ enum Command {
         #[arg(long)]
         read_only: bool,
         /// Connections served at once; more wait to be accepted. Default: 10,000,
-        /// or fewer where the open-files limit is lower (three file descriptors a
-        /// connection, 256 kept for the rest).
+        /// or fewer where the open-files limit is lower (256 kept for the rest).
         #[arg(long)]
         max_connections: Option<usize>,
         /// Seconds a client may take to send a request's headers, and a
