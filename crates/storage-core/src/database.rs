@@ -688,19 +688,15 @@ fn run_attempt<T>(
         }
         Err(e) => (Err(e), crate::transaction::Callbacks::default()),
     };
-    let mut began = true;
-    let (outcome, open) = match callbacks.begun {
+    let (outcome, open, began) = match callbacks.begun {
         // The attempt fails whatever `f` made of it.
         Some(Begun::Failed {
             error,
             wrote_nothing,
-        }) => {
-            began = !wrote_nothing;
-            (Err(error), true)
-        }
+        }) => (Err(error), true, !wrote_nothing),
         // Committed by its one statement, or nothing sent at all.
-        Some(Begun::Committed | Begun::Deferred(..) | Begun::Alone) => (outcome, false),
-        Some(Begun::Yes) | None => (outcome, true),
+        Some(Begun::Committed | Begun::Deferred(..) | Begun::Alone) => (outcome, false, true),
+        Some(Begun::Yes) | None => (outcome, true, true),
     };
     let outcome = match (outcome, before_commit) {
         (Ok(value), Some(c)) if callbacks.claim_unproven && open => {

@@ -173,6 +173,25 @@ fn forks_on_snapshots_of_their_own(t: &TestDb) {
     check(&store, &[c, snap_b, a]);
 }
 
+/// Rows `(group, type, state key, event id)` of [`ROOM`] written straight into
+/// `state_groups_state`, beside the store's own: second rows for slots the
+/// groups hold already, as an old Synapse database may (its table has no
+/// unique key).
+fn insert_second_rows(store: &StateStore, rows: &[(StateGroup, &str, &str, &str)]) {
+    let values: Vec<String> = rows
+        .iter()
+        .map(|(g, ty, k, e)| format!("({g}, '{ROOM}', '{ty}', '{k}', '{e}')"))
+        .collect();
+    execute(
+        store,
+        &format!(
+            "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) \
+             VALUES {}",
+            values.join(", ")
+        ),
+    );
+}
+
 /// Two snapshots compared by their rows where one or both hold two rows for
 /// one slot (Synapse's `state_groups_state` has no unique key): each group's
 /// value there is its smaller event id, as every read of a group takes it,
@@ -193,17 +212,14 @@ fn snapshots_with_two_rows_for_one_slot(t: &TestDb) {
     // does); a second name row with a larger id (a's name stays $name0,
     // b's is $name-b); both: a second row for @u2 with a larger id (both
     // hold $join2).
-    let row =
-        |g: StateGroup, k: &str, e: &str| format!("({g}, '{ROOM}', '{MEMBER}', '{k}', '{e}')");
-    execute(
+    insert_second_rows(
         &store,
-        &format!(
-            "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) \
-             VALUES {}, {}, {}, ({snap_a}, '{ROOM}', '{NAME}', '', '$name9')",
-            row(snap_a, "@u1:test", "$join9"),
-            row(snap_a, "@u2:test", "$join9"),
-            row(snap_b, "@u2:test", "$join9"),
-        ),
+        &[
+            (snap_a, MEMBER, "@u1:test", "$join9"),
+            (snap_a, MEMBER, "@u2:test", "$join9"),
+            (snap_b, MEMBER, "@u2:test", "$join9"),
+            (snap_a, NAME, "", "$name9"),
+        ],
     );
     let got = check(&store, &[snap_a, snap_b]);
     let name = storage_state::key(NAME, "");
@@ -247,16 +263,12 @@ fn forks_with_two_rows_for_one_slot_in_a_group(t: &TestDb) {
     changes.push((MEMBER, "@u5:test", "$leave5"));
     let a = delta(&store, shared, "$a1", &changes);
     let b = delta(&store, shared, "$b1", &[(MEMBER, "@u7:test", "$leave7-z")]);
-    let row =
-        |g: StateGroup, k: &str, e: &str| format!("({g}, '{ROOM}', '{MEMBER}', '{k}', '{e}')");
-    execute(
+    insert_second_rows(
         &store,
-        &format!(
-            "INSERT INTO state_groups_state (state_group, room_id, type, state_key, event_id) \
-             VALUES {}, {}",
-            row(b, "@u7:test", "$leave7-a"),
-            row(root, "@u5:test", "$join5-z"),
-        ),
+        &[
+            (b, MEMBER, "@u7:test", "$leave7-a"),
+            (root, MEMBER, "@u5:test", "$join5-z"),
+        ],
     );
     let got = check(&store, &[a, b]);
     let u5 = storage_state::key(MEMBER, "@u5:test");
